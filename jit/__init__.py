@@ -1,0 +1,1 @@
+"""numba kernels of vhost-iommu, installed as ``vhost_iommu.jit``."""

@@ -1,0 +1,89 @@
+"""The seam between the vhost-user machinery and a device.
+
+The server (``vhost_iommu.server``) owns sockets, fds, the protocol state machine, guest memory and the
+ring state of every queue. A device implements :class:`VhostUserBackend` and never touches sockets; it
+talks back to the server only through the :class:`BackendContext` it is given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from vhost_iommu.memory import GuestMemory
+    from vhost_iommu.virtqueue import SplitQueue
+
+
+class BackendContext(Protocol):
+    """What the server lends a back-end for the life of one connection."""
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory as the front-end last described it."""
+        ...
+
+    def queue(self, index: int) -> SplitQueue | None:
+        """The ring of queue ``index`` while it is started, else None."""
+        ...
+
+    def signal_used(self, index: int) -> None:
+        """Write queue ``index``'s call eventfd (the caller has decided a notification is due)."""
+        ...
+
+    def config_changed(self) -> None:
+        """Tell the front-end that the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG)."""
+        ...
+
+    def device_broken(self, reason: str) -> None:
+        """Enter NEEDS_RESET: set the status bit, signal the error fds, stop serving the queues."""
+        ...
+
+
+class VhostUserBackend(Protocol):
+    """A device served over vhost-user. Methods are called from the event loop, one at a time."""
+
+    num_queues: int
+    max_queue_size: int
+
+    def device_features(self) -> int:
+        """Virtio feature bits offered (device and ring bits; the server adds PROTOCOL_FEATURES)."""
+        ...
+
+    def set_features(self, acked: int) -> None:
+        """The driver's accepted feature bits (PROTOCOL_FEATURES bit stripped)."""
+        ...
+
+    @property
+    def config_size(self) -> int: ...
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of config space at ``offset``; raises ValueError when out of range."""
+        ...
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Write config space; raises ValueError for a write the device refuses."""
+        ...
+
+    def attach(self, context: BackendContext) -> None:
+        """Called once per connection before any other call but the feature queries."""
+        ...
+
+    def memory_changed(self) -> None:
+        """The memory table changed (SET_MEM_TABLE, ADD/REM_MEM_REG)."""
+        ...
+
+    def queue_started(self, index: int) -> None:
+        """Queue ``index`` is started and enabled: buffers may already be waiting."""
+        ...
+
+    def queue_stopped(self, index: int) -> None:
+        """Queue ``index`` was stopped (GET_VRING_BASE) or disabled; do not touch its ring any more."""
+        ...
+
+    def queue_kicked(self, index: int) -> None:
+        """The driver made buffers available on a started, enabled queue."""
+        ...
+
+    def reset(self) -> None:
+        """Device reset (RESET_DEVICE, RESET_OWNER, status 0, disconnect): back to the initial state."""
+        ...

@@ -1,0 +1,426 @@
+"""The vhost-user codec: bytes and fds in, typed messages out; typed messages in, bytes out. No I/O.
+
+A :class:`Decoder` reads one of the four message streams of a vhost-user connection (see :class:`Stream`).
+Feed it what the socket gave (``feed(data, fds)``) and take complete messages with ``next_message()``; it
+returns ``None`` when it needs more bytes. :func:`encode` turns a code and a payload into bytes.
+
+Errors
+------
+Every problem is a :class:`ProtocolError`; its subclass says what the caller must do:
+
+* :class:`FramingError` (``fatal``): the byte stream can no longer be trusted to be split into messages
+  (bad version bits, a payload larger than :data:`MAX_PAYLOAD_SIZE`, an fd count no message can carry,
+  end of stream inside a message, a malformed reply). Close the connection. The decoder stays broken and
+  raises the same error again.
+* :class:`RequestRejected` (not fatal): one well-framed request was refused (unknown or unsupported code,
+  reserved flag bits, the REPLY bit on a request, a payload of the wrong size or with invalid fields, fds on
+  a request that takes none or the wrong number). The decoder has consumed the message and closed its fds;
+  it keeps decoding what follows. The caller answers with the spec's failure reply (see
+  :attr:`RequestRejected.reply_required`).
+
+File descriptors: who owns which fd
+-----------------------------------
+* Once passed to :meth:`Decoder.feed`, an fd belongs to the decoder. fds arriving with any byte of a message
+  belong to that message (a stream socket delivers a message's fds with its first bytes when the sender
+  sent it in one ``sendmsg``; read at most :meth:`Decoder.bytes_needed` bytes per ``recvmsg`` so that one
+  read never spans two messages).
+* The decoder closes every fd of a message it rejects, every fd the spec says to close unused
+  (REM_MEM_REG), and every fd it still holds when :meth:`Decoder.close` is called or a
+  :class:`FramingError` is raised.
+* An fd in a returned :class:`Message` belongs to the caller, who must close it or hand it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from vhost_iommu.protocol.constants import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAX_FDS_PER_MESSAGE,
+    MAX_PAYLOAD_SIZE,
+    VERSION,
+    VERSION_MASK,
+    BackendRequest,
+    FrontendRequest,
+)
+from vhost_iommu.protocol.messages import (
+    U64,
+    ConfigSpace,
+    Empty,
+    MemoryTable,
+    Payload,
+    PayloadError,
+    SingleMemoryRegion,
+    VringAddress,
+    VringFile,
+    VringState,
+)
+
+_HEADER = struct.Struct("=III")
+assert _HEADER.size == HEADER_SIZE
+
+RequestCode = FrontendRequest | BackendRequest
+
+
+class ProtocolError(Exception):
+    """The peer broke the vhost-user protocol."""
+
+    fatal: bool = True
+
+
+class FramingError(ProtocolError):
+    """Message boundaries are lost or the peer is not speaking vhost-user: close the connection."""
+
+    fatal = True
+
+
+class RequestRejected(ProtocolError):
+    """One well-framed request was refused; its fds are closed and decoding continues.
+
+    ``reply_required`` is True when the request has a reply of its own (a GET_* request): the front-end is
+    blocked waiting for it whatever ``need_reply`` says.
+    """
+
+    fatal = False
+
+    def __init__(self, message: str, *, code: int, flags: int, reply_required: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.flags = flags
+        self.reply_required = reply_required
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+
+class Stream(enum.Enum):
+    """The four message streams of one vhost-user connection, named by who sends what."""
+
+    #: Main socket, read by the back-end.
+    FRONTEND_REQUESTS = "front-end requests"
+    #: Main socket, read by the front-end.
+    BACKEND_REPLIES = "back-end replies"
+    #: Back-end channel (SET_BACKEND_REQ_FD), read by the front-end.
+    BACKEND_REQUESTS = "back-end requests"
+    #: Back-end channel, read by the back-end.
+    FRONTEND_REPLIES = "front-end replies"
+
+    @property
+    def carries_replies(self) -> bool:
+        return self in (Stream.BACKEND_REPLIES, Stream.FRONTEND_REPLIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded (or to-be-encoded) message. Its fds belong to whoever holds the message."""
+
+    code: RequestCode
+    flags: int
+    payload: Payload
+    fds: tuple[int, ...] = field(default=())
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & FLAG_NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def close_fds(self) -> None:
+        close_fds(self.fds)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd, ignoring ones already closed (EBADF): used on every error path."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def encode(
+    code: int, payload: Payload | None = None, *, reply: bool = False, need_reply: bool = False
+) -> bytes:
+    """The bytes of one message (fds travel beside them, in the ``sendmsg`` ancillary data)."""
+    body = payload.pack() if payload is not None else b""
+    flags = VERSION | (FLAG_REPLY if reply else 0) | (FLAG_NEED_REPLY if need_reply else 0)
+    return _HEADER.pack(code, flags, len(body)) + body
+
+
+def encode_reply(code: int, payload: Payload | None = None) -> bytes:
+    """A reply from the peer that received request ``code``."""
+    return encode(code, payload, reply=True)
+
+
+def encode_ack(code: int, success: bool) -> bytes:
+    """A REPLY_ACK: u64 zero on success, non-zero on failure."""
+    return encode_reply(code, U64(0 if success else 1))
+
+
+# -- what each request carries ----------------------------------------------------------------------------
+
+FdRule = Callable[[Payload], range]
+_NO_FDS: FdRule = lambda _payload: range(0, 1)  # noqa: E731
+_ONE_FD: FdRule = lambda _payload: range(1, 2)  # noqa: E731
+
+
+def _vring_file_fds(payload: Payload) -> range:
+    assert isinstance(payload, VringFile)
+    return range(1, 2) if payload.has_fd else range(0, 1)
+
+
+def _mem_table_fds(payload: Payload) -> range:
+    assert isinstance(payload, MemoryTable)
+    count = len(payload.regions)
+    return range(count, count + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestSpec:
+    parse: Callable[[bytes], Payload]
+    fds: FdRule = _NO_FDS
+    has_own_reply: bool = False
+    #: fds the spec allows but says to close without using (REM_MEM_REG's legacy fd).
+    discard_fds: bool = False
+
+
+_REQUESTS: dict[int, _RequestSpec] = {
+    FrontendRequest.GET_FEATURES: _RequestSpec(Empty.unpack, has_own_reply=True),
+    FrontendRequest.SET_FEATURES: _RequestSpec(U64.unpack),
+    FrontendRequest.SET_OWNER: _RequestSpec(Empty.unpack),
+    FrontendRequest.RESET_OWNER: _RequestSpec(Empty.unpack),
+    FrontendRequest.SET_MEM_TABLE: _RequestSpec(MemoryTable.unpack, fds=_mem_table_fds),
+    FrontendRequest.SET_VRING_NUM: _RequestSpec(VringState.unpack),
+    FrontendRequest.SET_VRING_ADDR: _RequestSpec(VringAddress.unpack),
+    FrontendRequest.SET_VRING_BASE: _RequestSpec(VringState.unpack),
+    FrontendRequest.GET_VRING_BASE: _RequestSpec(VringState.unpack, has_own_reply=True),
+    FrontendRequest.SET_VRING_KICK: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
+    FrontendRequest.SET_VRING_CALL: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
+    FrontendRequest.SET_VRING_ERR: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
+    FrontendRequest.GET_PROTOCOL_FEATURES: _RequestSpec(Empty.unpack, has_own_reply=True),
+    FrontendRequest.SET_PROTOCOL_FEATURES: _RequestSpec(U64.unpack),
+    FrontendRequest.GET_QUEUE_NUM: _RequestSpec(Empty.unpack, has_own_reply=True),
+    FrontendRequest.SET_VRING_ENABLE: _RequestSpec(VringState.unpack),
+    FrontendRequest.SET_BACKEND_REQ_FD: _RequestSpec(Empty.unpack, fds=_ONE_FD),
+    FrontendRequest.GET_CONFIG: _RequestSpec(ConfigSpace.unpack, has_own_reply=True),
+    FrontendRequest.SET_CONFIG: _RequestSpec(ConfigSpace.unpack),
+    FrontendRequest.RESET_DEVICE: _RequestSpec(Empty.unpack),
+    FrontendRequest.GET_MAX_MEM_SLOTS: _RequestSpec(Empty.unpack, has_own_reply=True),
+    FrontendRequest.ADD_MEM_REG: _RequestSpec(SingleMemoryRegion.unpack, fds=_ONE_FD),
+    FrontendRequest.REM_MEM_REG: _RequestSpec(
+        SingleMemoryRegion.unpack, fds=lambda _payload: range(0, 2), discard_fds=True
+    ),
+    FrontendRequest.SET_STATUS: _RequestSpec(U64.unpack),
+    FrontendRequest.GET_STATUS: _RequestSpec(Empty.unpack, has_own_reply=True),
+}
+
+#: Requests that always get a reply of their own, supported or not (the front-end blocks on them).
+_OWN_REPLY_CODES = frozenset(
+    {
+        FrontendRequest.GET_FEATURES,
+        FrontendRequest.GET_PROTOCOL_FEATURES,
+        FrontendRequest.GET_VRING_BASE,
+        FrontendRequest.GET_QUEUE_NUM,
+        FrontendRequest.GET_CONFIG,
+        FrontendRequest.GET_MAX_MEM_SLOTS,
+        FrontendRequest.GET_STATUS,
+        FrontendRequest.GET_INFLIGHT_FD,
+        FrontendRequest.POSTCOPY_ADVISE,
+        FrontendRequest.POSTCOPY_END,
+        FrontendRequest.GET_SHARED_OBJECT,
+        FrontendRequest.SET_DEVICE_STATE_FD,
+        FrontendRequest.CHECK_DEVICE_STATE,
+        FrontendRequest.IOTLB_MSG,
+        FrontendRequest.CREATE_CRYPTO_SESSION,
+    }
+)
+
+_BACKEND_REQUESTS: dict[int, _RequestSpec] = {
+    BackendRequest.CONFIG_CHANGE_MSG: _RequestSpec(Empty.unpack),
+    BackendRequest.VRING_CALL: _RequestSpec(VringState.unpack),
+    BackendRequest.VRING_ERR: _RequestSpec(VringState.unpack),
+}
+
+
+def request_has_own_reply(code: int) -> bool:
+    """Whether front-end request ``code`` is answered by a reply of its own rather than a REPLY_ACK."""
+    return code in _OWN_REPLY_CODES
+
+
+def _parse_backend_reply(code: FrontendRequest, data: bytes) -> Payload:
+    if code is FrontendRequest.GET_VRING_BASE:
+        return VringState.unpack(data)
+    if code is FrontendRequest.GET_CONFIG:
+        # A zero-length GET_CONFIG reply is the spec's way of saying the read failed.
+        return Empty() if not data else ConfigSpace.unpack(data)
+    return U64.unpack(data)
+
+
+class Decoder:
+    """Splits one stream into :class:`Message` objects. See the module docstring for errors and fds."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+        self._header: tuple[int, int, int] | None = None
+        self._broken: FramingError | None = None
+        self._eof = False
+
+    # -- input ----------------------------------------------------------------------------------------------
+
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the header or payload now being read (at least 1)."""
+        if self._header is None:
+            return max(1, HEADER_SIZE - len(self._buffer))
+        return max(1, HEADER_SIZE + self._header[2] - len(self._buffer))
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Add received bytes and the fds that arrived with them (the decoder now owns those fds)."""
+        if self._broken is not None or self._eof:
+            close_fds(fds)
+            return
+        self._fds.extend(fds)
+        self._buffer += data
+        if len(self._fds) > MAX_FDS_PER_MESSAGE:
+            self._fail(f"{len(self._fds)} fds arrived with one message, no message carries more than "
+                       f"{MAX_FDS_PER_MESSAGE}")
+
+    def feed_eof(self) -> None:
+        """The peer closed the stream; a partial message left behind becomes a :class:`FramingError`."""
+        self._eof = True
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial message is buffered."""
+        return not self._buffer and not self._fds
+
+    def close(self) -> None:
+        """Release every fd still held (call when the connection ends)."""
+        self._drop_fds()
+        self._buffer.clear()
+
+    # -- output ---------------------------------------------------------------------------------------------
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive.
+
+        Raises :class:`FramingError` (fatal) or :class:`RequestRejected` (that message is dropped).
+        """
+        if self._broken is not None:
+            raise self._broken
+        if self._header is None:
+            if len(self._buffer) < HEADER_SIZE:
+                self._check_eof()
+                return None
+            self._header = _HEADER.unpack_from(self._buffer)
+            self._check_header(*self._header)
+        code, flags, size = self._header
+        if len(self._buffer) < HEADER_SIZE + size:
+            self._check_eof()
+            return None
+        body = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + size])
+        del self._buffer[: HEADER_SIZE + size]
+        self._header = None
+        fds, self._fds = tuple(self._fds), []
+        return self._build(code, flags, body, fds)
+
+    def messages(self) -> list[Message]:
+        """Every complete message buffered now (stops at, and raises, the first error)."""
+        found: list[Message] = []
+        while (message := self.next_message()) is not None:
+            found.append(message)
+        return found
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _check_eof(self) -> None:
+        if self._eof and (self._buffer or self._fds):
+            self._fail(f"stream ended inside a message ({len(self._buffer)} bytes buffered)")
+
+    def _check_header(self, code: int, flags: int, size: int) -> None:
+        if flags & VERSION_MASK != VERSION:
+            self._fail(f"request {code}: protocol version {flags & VERSION_MASK}, only {VERSION} is spoken")
+        if size > MAX_PAYLOAD_SIZE:
+            self._fail(f"request {code}: payload size {size} exceeds the {MAX_PAYLOAD_SIZE}-byte limit")
+        if self.stream.carries_replies and flags != VERSION | FLAG_REPLY:
+            self._fail(f"reply to request {code} has flags {flags:#x}, expected {VERSION | FLAG_REPLY:#x}")
+
+    def _fail(self, reason: str) -> NoReturn:
+        self._drop_fds()
+        self._broken = FramingError(f"{self.stream.value}: {reason}")
+        raise self._broken
+
+    def _drop_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        close_fds(fds)
+
+    def _build(self, code: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
+        if self.stream is Stream.FRONTEND_REQUESTS:
+            return self._build_request(code, flags, body, fds, FrontendRequest, _REQUESTS)
+        if self.stream is Stream.BACKEND_REQUESTS:
+            return self._build_request(code, flags, body, fds, BackendRequest, _BACKEND_REQUESTS)
+        return self._build_reply(code, flags, body, fds)
+
+    def _build_request(
+        self,
+        code: int,
+        flags: int,
+        body: bytes,
+        fds: tuple[int, ...],
+        codes: type[FrontendRequest] | type[BackendRequest],
+        specs: Mapping[int, _RequestSpec],
+    ) -> Message:
+        own_reply = codes is FrontendRequest and request_has_own_reply(code)
+
+        def reject(reason: str) -> RequestRejected:
+            close_fds(fds)
+            name = codes(code).name if code in codes._value2member_map_ else f"request {code}"
+            return RequestRejected(
+                f"{self.stream.value}: {name}: {reason}", code=code, flags=flags, reply_required=own_reply
+            )
+
+        if flags & ~KNOWN_FLAGS:
+            raise reject(f"reserved header flag bits {flags & ~KNOWN_FLAGS:#x} are set")
+        if flags & FLAG_REPLY:
+            raise reject("the reply flag is set on a request")
+        if code not in codes._value2member_map_:
+            raise reject("unknown request code")
+        request = codes(code)
+        spec = specs.get(request)
+        if spec is None:
+            raise reject("not supported by this implementation")
+        try:
+            payload = spec.parse(body)
+        except PayloadError as exc:
+            raise reject(str(exc)) from None
+        allowed = spec.fds(payload)
+        if len(fds) not in allowed:
+            expected = " or ".join(str(n) for n in allowed)
+            raise reject(f"carries {len(fds)} fds, expected {expected}")
+        if spec.discard_fds:
+            close_fds(fds)
+            fds = ()
+        return Message(request, flags, payload, fds)
+
+    def _build_reply(self, code: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
+        if fds:
+            close_fds(fds)
+            self._fail(f"reply to request {code} carries {len(fds)} fds; no supported reply carries any")
+        try:
+            if self.stream is Stream.BACKEND_REPLIES:
+                request = FrontendRequest(code)
+                return Message(request, flags, _parse_backend_reply(request, body))
+            return Message(BackendRequest(code), flags, U64.unpack(body))
+        except ValueError as exc:  # PayloadError is a ValueError, as is an unknown enum value
+            self._fail(f"malformed reply to request {code}: {exc}")

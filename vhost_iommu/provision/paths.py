@@ -1,0 +1,21 @@
+"""Where provisioned artefacts live: a per-user cache outside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "VHOST_IOMMU_CACHE"
+
+
+def cache_root() -> Path:
+    """``$VHOST_IOMMU_CACHE`` when set, else ``~/.cache/vhost-iommu`` (not created here)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser().resolve()
+    return Path.home() / ".cache" / "vhost-iommu"
+
+
+def repo_root() -> Path:
+    """The source checkout this package was imported from (it is installed editable)."""
+    return Path(__file__).resolve().parents[2]

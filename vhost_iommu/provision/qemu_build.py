@@ -1,0 +1,320 @@
+"""Finding or building a QEMU that has the generic vhost-user device (QEMU >= 10.2).
+
+Search order (:func:`find_qemu`): ``$QEMU`` when new enough, then ``qemu-system-x86_64`` on PATH when
+new enough, then this project's cached build. :func:`ensure_qemu` builds when none is found: from
+``$QEMU_SRC`` (a QEMU source tree) when set, else from Debian's ``qemu`` source package of sid/forky
+fetched through a private apt state. Only ``x86_64-softmmu`` is built, with the few features the
+tests need, in the cache (never in the repository).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhost_iommu.provision.apt import PrivateApt, compare_debian_versions
+from vhost_iommu.provision.debian import project_apt
+from vhost_iommu.provision.errors import ProvisionError
+from vhost_iommu.provision.host import ensure_packages
+from vhost_iommu.provision.paths import cache_root
+from vhost_iommu.provision.progress import console, phase, run_logged
+
+GENERIC_DEVICE = "vhost-user-test-device-pci"
+BINARY_NAME = "qemu-system-x86_64"
+QEMU_ENV = "QEMU"
+QEMU_SRC_ENV = "QEMU_SRC"
+GET_QEMU_HINT = "run scripts/get-qemu (it builds QEMU >= 10.2 into the cache), or set $QEMU to such a binary"
+
+# Debian's versions carry an epoch; anything from 10.2 on has the user-creatable generic device.
+MINIMUM_DEBIAN_VERSION = "1:10.2~"
+
+FIRMWARE_PACKAGES = ("seabios", "qemu-system-data")
+FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
+
+BUILD_PACKAGES = (
+    "build-essential", "ninja-build", "libglib2.0-dev", "libpixman-1-dev", "libfdt-dev", "flex", "bison",
+    "pkg-config", "libslirp-dev", "python3-venv", "device-tree-compiler", "dpkg-dev", "xz-utils",
+)  # fmt: skip
+
+# The build system's own Python tools, pinned: these versions built QEMU 10.2 here. They live in a venv of
+# the cache, never in the project's environment.
+BUILD_PYTHON_TOOLS = ("meson==1.5.0", "pycotap==1.3.1")
+
+CONFIGURE_OPTIONS = (
+    "--target-list=x86_64-softmmu",
+    "--disable-docs", "--disable-werror", "--enable-vhost-user", "--disable-install-blobs",
+    "--disable-rust", "--disable-tools", "--disable-guest-agent",
+    "--disable-gtk", "--disable-sdl", "--disable-vnc", "--disable-opengl", "--disable-spice",
+    "--disable-curses", "--disable-xen",
+)  # fmt: skip
+
+
+def qemu_cache() -> Path:
+    return cache_root() / "qemu"
+
+
+def cached_binary_link() -> Path:
+    """A symlink to the last successful build, so later runs find it without rebuilding."""
+    return qemu_cache() / "bin" / BINARY_NAME
+
+
+def firmware_args() -> list[str]:
+    """``-L`` options for the BIOS and option ROMs of Debian's ``seabios`` and ``qemu-system-data``."""
+    args: list[str] = []
+    for directory in FIRMWARE_DIRS:
+        args += ["-L", str(directory)]
+    return args
+
+
+def has_generic_device(binary: Path) -> bool:
+    """Whether ``binary`` runs and lists the generic vhost-user device as creatable."""
+    try:
+        completed = subprocess.run(
+            [str(binary), "-device", "help"], check=False, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return completed.returncode == 0 and f'"{GENERIC_DEVICE}"' in completed.stdout
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place a QEMU binary may come from, and whether it is good enough."""
+
+    origin: str
+    path: Path | None
+    usable: bool
+    note: str
+
+
+def candidates() -> Iterator[Candidate]:
+    """Each place :func:`find_qemu` looks, in order, with the verdict for each (stops at the first usable)."""
+    from_env = os.environ.get(QEMU_ENV)
+    if from_env:
+        path = Path(from_env)
+        usable = has_generic_device(path)
+        yield Candidate(f"${QEMU_ENV}", path, usable, "" if usable else f"lacks -device {GENERIC_DEVICE}")
+        if usable:
+            return
+    on_path = shutil.which(BINARY_NAME)
+    if on_path:
+        path = Path(on_path)
+        usable = has_generic_device(path)
+        yield Candidate(
+            "PATH", path, usable, "" if usable else f"lacks -device {GENERIC_DEVICE} (QEMU < 10.2)"
+        )
+        if usable:
+            return
+    link = cached_binary_link()
+    if link.exists():
+        usable = has_generic_device(link)
+        yield Candidate("cache", link.resolve(), usable, "" if usable else "cached build does not run")
+    else:
+        yield Candidate("cache", None, False, f"no build in {qemu_cache()}")
+
+
+def find_qemu() -> Path:
+    """A QEMU binary with the generic vhost-user device; raises :class:`ProvisionError` naming the fix."""
+    verdicts: list[str] = []
+    for candidate in candidates():
+        if candidate.usable and candidate.path is not None:
+            return candidate.path
+        where = f" ({candidate.path})" if candidate.path else ""
+        verdicts.append(f"{candidate.origin}{where}: {candidate.note}")
+    raise ProvisionError("no QEMU >= 10.2 found:\n  " + "\n  ".join(verdicts) + f"\n{GET_QEMU_HINT}")
+
+
+def ensure_firmware() -> None:
+    """Install the BIOS and option ROM packages QEMU needs at run time when they are missing."""
+    ensure_packages(FIRMWARE_PACKAGES, why="running QEMU (BIOS and option ROMs)")
+
+
+def ensure_qemu() -> Path:
+    """:func:`find_qemu`, building into the cache when nothing usable exists; firmware installed too."""
+    ensure_firmware()
+    try:
+        return find_qemu()
+    except ProvisionError:
+        pass
+    with _cache_lock():
+        # Another process may have finished a build while this one waited for the lock.
+        try:
+            return find_qemu()
+        except ProvisionError:
+            pass
+        source_override = os.environ.get(QEMU_SRC_ENV)
+        if source_override:
+            source = Path(source_override).resolve()
+            if not (source / "configure").is_file():
+                raise ProvisionError(
+                    f"${QEMU_SRC_ENV}={source_override} is not a QEMU source tree (no configure)"
+                )
+            label = "src-" + hashlib.sha256(str(source).encode()).hexdigest()[:12]
+        else:
+            source, label = fetch_debian_source(project_apt())
+        binary = build_qemu(source, qemu_cache() / label)
+    return binary
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    qemu_cache().mkdir(parents=True, exist_ok=True)
+    with (qemu_cache() / ".lock").open("w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def qemu_source_versions(apt: PrivateApt) -> list[str]:
+    """Listed versions of Debian's ``qemu`` source package that are at least 10.2, newest first."""
+    listed = apt.source_versions("qemu")
+    return [version for version in listed if compare_debian_versions(version, MINIMUM_DEBIAN_VERSION) >= 0]
+
+
+def _unpacked_tree(directory: Path) -> Path | None:
+    trees = [path.parent for path in directory.glob("*/configure")]
+    return trees[0] if len(trees) == 1 else None
+
+
+def fetch_debian_source(apt: PrivateApt) -> tuple[Path, str]:
+    """Download and unpack the newest obtainable qemu >= 10.2 source; returns (tree, cache label)."""
+    ensure_packages(("dpkg-dev", "xz-utils"), why="unpacking a Debian source package")
+    apt.update()
+    versions = qemu_source_versions(apt)
+    if not versions:
+        raise ProvisionError("the sid/forky indexes list no qemu source >= 10.2; is the mirror reachable?")
+    console.print(f"qemu source versions listed: {', '.join(versions)}")
+
+    def download(version: str) -> None:
+        target = qemu_cache() / _label_for(version) / "source"
+        if _unpacked_tree(target) is None:
+            apt.download_source("qemu", version, target)
+
+    version = apt.try_versions_newest_first(versions, download)
+    directory = qemu_cache() / _label_for(version) / "source"
+    tree = _unpacked_tree(directory)
+    if tree is None:
+        dsc = sorted(directory.glob("qemu_*.dsc"))
+        if not dsc:
+            raise ProvisionError(f"no .dsc downloaded into {directory}")
+        run_logged(
+            ["dpkg-source", "-x", dsc[-1].name, "qemu-src"],
+            title=f"unpacking qemu {version}",
+            log=directory / "unpack.log",
+            cwd=directory,
+        )
+        tree = directory / "qemu-src"
+    return tree, _label_for(version)
+
+
+def _label_for(version: str) -> str:
+    return "debian-" + re.sub(r"[^A-Za-z0-9.+-]", "_", version)
+
+
+def prepare_source_tree(source: Path) -> None:
+    """Adapt a tree that lacks what Debian's ``+ds`` tarball strips (firmware blobs): skip unpacking them."""
+    meson_build = source / "meson.build"
+    text = meson_build.read_text()
+    blobs_dir = source / "pc-bios" / "edk2-x86_64-code.fd.bz2"
+    if not blobs_dir.exists() and "unpack_edk2_blobs = true" in text:
+        meson_build.write_text(text.replace("unpack_edk2_blobs = true", "unpack_edk2_blobs = false"))
+
+
+def build_python(work: Path) -> Path:
+    """A venv of the cache holding the build system's Python tools; returns its interpreter."""
+    venv = work / "venv"
+    python = venv / "bin" / "python3"
+    stamp = venv / ".tools"
+    wanted = "\n".join(BUILD_PYTHON_TOOLS)
+    if python.is_file() and stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    base_python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    log = work / "build.log"
+    run_logged([base_python, "-m", "venv", "--clear", venv], title="build: creating the build venv", log=log)
+    run_logged(
+        [python, "-m", "pip", "install", "--disable-pip-version-check", *BUILD_PYTHON_TOOLS],
+        title=f"build: installing {' '.join(BUILD_PYTHON_TOOLS)} into it",
+        log=log,
+    )
+    stamp.write_text(wanted)
+    return python
+
+
+def build_qemu(source: Path, work: Path) -> Path:
+    """Configure and build ``qemu-system-x86_64`` from ``source`` in ``work``; link it as the cached build."""
+    ensure_packages(BUILD_PACKAGES, why="building QEMU")
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "build.log"
+    console.print(f"building QEMU from {source} in {work} (log: {log})")
+    python = build_python(work)
+    prepare_source_tree(source)
+    build_dir = work / "build"
+    env = dict(os.environ, PATH=f"{python.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    if not (build_dir / "build.ninja").is_file():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        run_logged(
+            [source / "configure", f"--python={python}", *CONFIGURE_OPTIONS],
+            title="build: configure (x86_64-softmmu, minimal features)",
+            log=log,
+            cwd=build_dir,
+            env=env,
+        )
+    jobs = str(os.cpu_count() or 1)
+    run_logged(
+        ["ninja", "-j", jobs, BINARY_NAME],
+        title=f"build: ninja {BINARY_NAME}",
+        log=log,
+        cwd=build_dir,
+        env=env,
+    )
+    binary = build_dir / BINARY_NAME
+    with phase(f"checking that the build has -device {GENERIC_DEVICE}"):
+        if not has_generic_device(binary):
+            raise ProvisionError(
+                f"{binary} was built but lacks -device {GENERIC_DEVICE}; is the source >= 10.2?"
+            )
+    link = cached_binary_link()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    temporary = link.with_name(link.name + ".new")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(binary)
+    temporary.replace(link)
+    return binary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/get-qemu``: find or build QEMU, install firmware, print the binary's path on stdout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="get-qemu",
+        description=f"Find or build a QEMU >= 10.2 (with -device {GENERIC_DEVICE}) and print its path.",
+        epilog=f"Order: ${QEMU_ENV}, {BINARY_NAME} on PATH, the cache ({qemu_cache()}), a build from "
+        f"${QEMU_SRC_ENV}, a build from Debian's qemu source package. $VHOST_IOMMU_CACHE moves the cache.",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only look; never build or install (exit 1 if none)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        binary = find_qemu() if args.check else ensure_qemu()
+    except ProvisionError as error:
+        console.print(f"[red]get-qemu:[/red] {error}")
+        return 1
+    print(binary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""QEMU command lines for a guest behind vhost-iommu (or behind QEMU's built-in virtio-iommu, to compare).
+
+:func:`build_command` turns a :class:`QemuSetup` into a :class:`QemuCommand`: argument groups, each with a
+comment saying why it is there. ``QemuCommand.argv`` is the list for ``subprocess``; ``shell_script()`` is
+the same command as a commented bash script (the form kept in ``qemu-configs/``).
+
+What the choices are for:
+
+- q35 + TCG: ``/dev/kvm`` on these machines cannot run an ordinary kernel, and TCG is deterministic enough
+  for tests. Guest RAM is a shared memfd because a vhost-user back-end maps guest memory itself.
+- The IOMMU is QEMU's generic vhost-user device with virtio ID 23. QEMU builds an ACPI VIOT only for its own
+  ``virtio-iommu-pci``, so the topology reaches the guest as a whole table (``-acpitable file=``). No
+  ``reconnect-ms`` on the chardev: with it the generic device fails to realize (the socket is not yet
+  connected when the device is realized).
+- QEMU does the DMA of the devices it emulates without asking a vhost-user device for translations, so an
+  endpoint that must DMA needs an identity domain in the guest (``iommu.passthrough=1``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from vhost_iommu.viot import ViotTopology, default_topology, format_bdf
+
+DEFAULT_MEMORY_MIB = 1024
+DEFAULT_FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
+DEFAULT_CHARDEV_ID = "viommu"
+
+# virtio-iommu: requestq and eventq; its config space (struct virtio_iommu_config) is 40 bytes.
+VIRTIO_IOMMU_ID = 23
+VIRTIO_IOMMU_QUEUES = 2
+VIRTIO_IOMMU_CONFIG_SIZE = 40
+
+# The guest's serial console on stdio; panic=-1 reboots at once on a panic, which -no-reboot turns into exit.
+BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1")
+
+
+class CommandError(ValueError):
+    """A setup that cannot work (clashing PCI slots, an endpoint outside the IOMMU's ranges...)."""
+
+
+class IommuKind(Enum):
+    VHOST_USER = "vhost-user"  # our back-end, through -device vhost-user-test-device-pci
+    BUILTIN = "builtin"  # QEMU's own -device virtio-iommu-pci (for comparisons)
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class PciTestDevice:
+    """QEMU's ``pci-testdev``: BARs, no DMA; a harmless device for guest VFIO to own."""
+
+    slot: int
+    function: int = 0
+
+
+@dataclass(frozen=True)
+class VirtioBlockDevice:
+    """A virtio-blk-pci disk backed by a raw ``image``; it does real DMA (identity domain needed)."""
+
+    slot: int
+    image: Path
+    function: int = 0
+    read_only: bool = False
+    # With ACCESS_PLATFORM the guest driver goes through the DMA API (and so through the IOMMU's domain);
+    # without it, virtio bypasses the IOMMU entirely in the guest.
+    iommu_platform: bool = True
+
+
+Endpoint = PciTestDevice | VirtioBlockDevice
+
+
+@dataclass(frozen=True)
+class QemuSetup:
+    """Everything that varies between the command lines this project runs."""
+
+    qemu: Path
+    kernel: Path
+    initrd: Path
+    kernel_args: Sequence[str] = ()
+    iommu: IommuKind = IommuKind.VHOST_USER
+    socket_path: Path | None = None  # the back-end's listening socket (VHOST_USER only)
+    viot_path: Path | None = None  # the table from vhost_iommu.viot (VHOST_USER only)
+    topology: ViotTopology = field(default_factory=default_topology)
+    endpoints: Sequence[Endpoint] = ()
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = 1
+    firmware_dirs: Sequence[Path] = DEFAULT_FIRMWARE_DIRS
+    qmp_socket: Path | None = None
+    chardev_id: str = DEFAULT_CHARDEV_ID
+    extra_args: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class ArgGroup:
+    """Arguments that belong together, and why they are there."""
+
+    comment: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QemuCommand:
+    binary: str
+    groups: tuple[ArgGroup, ...]
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.binary, *(arg for group in self.groups for arg in group.args)]
+
+    def shell_script(self, title: str = "") -> str:
+        """This command as a bash script, each group under its comment (bash allows comments in arrays)."""
+        lines = ["#!/usr/bin/env bash"]
+        if title:
+            lines += [f"# {line}" if line else "#" for line in title.splitlines()]
+        lines += ["set -euo pipefail", "args=("]
+        for group in self.groups:
+            lines += [f"    # {line}" for line in group.comment.splitlines()]
+            lines += _wrap_args(group.args)
+        lines += [")", f'exec {shlex.quote(self.binary)} "${{args[@]}}" "$@"', ""]
+        return "\n".join(lines)
+
+
+def _wrap_args(args: Sequence[str]) -> list[str]:
+    """Options with their values on one line: ``-device X`` stays together."""
+    lines: list[str] = []
+    index = 0
+    while index < len(args):
+        option = args[index]
+        if option.startswith("-") and index + 1 < len(args) and not args[index + 1].startswith("-"):
+            lines.append(f"    {shlex.quote(option)} {shlex.quote(args[index + 1])}")
+            index += 2
+        else:
+            lines.append(f"    {shlex.quote(option)}")
+            index += 1
+    return lines
+
+
+def _pci_address(slot: int, function: int) -> str:
+    if not (0 <= slot <= 0x1F and 0 <= function <= 7):
+        raise CommandError(f"PCI slot {slot:#x}.{function} is not a valid device/function on the root bus")
+    return f"addr={slot:#x}.{function}" if function else f"addr={slot:#x}"
+
+
+def _requester_id(slot: int, function: int) -> int:
+    return (slot << 3) | function
+
+
+def iommu_slot(topology: ViotTopology) -> tuple[int, int]:
+    """(slot, function) of the IOMMU on the q35 root bus (bus 0, segment 0: all this machine has)."""
+    if topology.iommu_segment != 0 or topology.iommu_bdf >> 8 != 0:
+        raise CommandError(
+            f"the IOMMU at {format_bdf(topology.iommu_segment, topology.iommu_bdf)} is not on the q35 root "
+            "bus (segment 0, bus 0), the only place these command lines put devices"
+        )
+    return (topology.iommu_bdf >> 3) & 0x1F, topology.iommu_bdf & 7
+
+
+def machine_group(setup: QemuSetup) -> list[ArgGroup]:
+    if setup.memory_mib <= 0 or setup.cpus <= 0:
+        raise CommandError(f"memory ({setup.memory_mib} MiB) and cpus ({setup.cpus}) must be positive")
+    size = f"{setup.memory_mib}M"
+    return [
+        ArgGroup(
+            "q35 under TCG; guest RAM is a shared memfd so a vhost-user back-end can map it",
+            (
+                "-M",
+                "q35,accel=tcg,memory-backend=mem",
+                "-object",
+                f"memory-backend-memfd,id=mem,size={size},share=on",
+                "-m",
+                size,
+                "-smp",
+                str(setup.cpus),
+            ),
+        ),
+        ArgGroup(
+            "serial console on stdio, no display, no NIC (its option ROM is not shipped), exit on reboot",
+            ("-nographic", "-vga", "none", "-nic", "none", "-no-reboot"),
+        ),
+        ArgGroup(
+            "BIOS and option ROMs from Debian's seabios and qemu-system-data",
+            tuple(arg for directory in setup.firmware_dirs for arg in ("-L", str(directory))),
+        ),
+    ]
+
+
+def iommu_group(setup: QemuSetup) -> list[ArgGroup]:
+    slot, function = iommu_slot(setup.topology)
+    address = _pci_address(slot, function)
+    if setup.iommu is IommuKind.VHOST_USER:
+        if setup.socket_path is None or setup.viot_path is None:
+            raise CommandError("a vhost-user IOMMU needs socket_path (the back-end's socket) and viot_path")
+        return [
+            ArgGroup(
+                "the virtio-iommu (ID 23, requestq + eventq, 40-byte config) served by vhost-iommu;\n"
+                "no reconnect-ms: with it the generic device fails to realize",
+                (
+                    "-chardev",
+                    f"socket,id={setup.chardev_id},path={setup.socket_path}",
+                    "-device",
+                    f"vhost-user-test-device-pci,chardev={setup.chardev_id},virtio-id={VIRTIO_IOMMU_ID},"
+                    f"num_vqs={VIRTIO_IOMMU_QUEUES},config_size={VIRTIO_IOMMU_CONFIG_SIZE},{address}",
+                ),
+            ),
+            ArgGroup(
+                "the ACPI VIOT telling the guest which endpoints the IOMMU manages (QEMU builds none for it)",
+                ("-acpitable", f"file={setup.viot_path}"),
+            ),
+        ]
+    if setup.iommu is IommuKind.BUILTIN:
+        return [
+            ArgGroup(
+                "QEMU's built-in virtio-iommu, for comparison; QEMU writes its own VIOT (whole root bus)",
+                ("-device", f"virtio-iommu-pci,{address}"),
+            )
+        ]
+    return []
+
+
+def endpoint_groups(setup: QemuSetup) -> list[ArgGroup]:
+    iommu_address = iommu_slot(setup.topology) if setup.iommu is not IommuKind.NONE else None
+    taken: dict[tuple[int, int], str] = {}
+    if iommu_address is not None:
+        taken[iommu_address] = "the IOMMU"
+    groups: list[ArgGroup] = []
+    for index, endpoint in enumerate(setup.endpoints):
+        where = (endpoint.slot, endpoint.function)
+        address = _pci_address(*where)
+        if where in taken:
+            raise CommandError(
+                f"endpoint {index} wants slot {where[0]:#x}.{where[1]}, taken by {taken[where]}"
+            )
+        taken[where] = f"endpoint {index}"
+        if (
+            setup.iommu is IommuKind.VHOST_USER
+            and setup.topology.endpoint_id(0, _requester_id(*where)) is None
+        ):
+            raise CommandError(
+                f"endpoint {index} at {format_bdf(0, _requester_id(*where))} lies outside the IOMMU's "
+                "PCI ranges"
+            )
+        if isinstance(endpoint, PciTestDevice):
+            groups.append(
+                ArgGroup(
+                    "pci-testdev: BARs and no DMA, for guest VFIO (real MAP/UNMAP traffic, no device DMA)",
+                    ("-device", f"pci-testdev,{address}"),
+                )
+            )
+        else:
+            drive = f"blk{index}"
+            read_only = ",readonly=on" if endpoint.read_only else ""
+            platform = ",iommu_platform=on" if endpoint.iommu_platform else ""
+            groups.append(
+                ArgGroup(
+                    "virtio-blk: real DMA, done by QEMU itself with guest-physical addresses,\n"
+                    "so the guest must give it an identity domain (iommu.passthrough=1)",
+                    (
+                        "-drive", f"file={endpoint.image},format=raw,if=none,id={drive},cache=unsafe"
+                        + read_only,
+                        "-device", f"virtio-blk-pci,drive={drive},{address}{platform}",
+                    ),
+                )
+            )  # fmt: skip
+    return groups
+
+
+def kernel_group(setup: QemuSetup) -> list[ArgGroup]:
+    needs_identity = any(isinstance(endpoint, VirtioBlockDevice) for endpoint in setup.endpoints)
+    kernel_args = list(BASE_KERNEL_ARGS)
+    if (
+        needs_identity
+        and setup.iommu is IommuKind.VHOST_USER
+        and not any(arg.startswith("iommu.passthrough=") for arg in setup.kernel_args)
+    ):
+        kernel_args.append("iommu.passthrough=1")
+    kernel_args += list(setup.kernel_args)
+    return [
+        ArgGroup(
+            "the guest: kernel, busybox initramfs, and its command line (the job to run is vhost_iommu.job=)",
+            ("-kernel", str(setup.kernel), "-initrd", str(setup.initrd), "-append", " ".join(kernel_args)),
+        )
+    ]
+
+
+def build_command(setup: QemuSetup) -> QemuCommand:
+    """The complete QEMU command line for ``setup``; :class:`CommandError` for a setup that cannot work."""
+    groups = machine_group(setup) + iommu_group(setup) + endpoint_groups(setup) + kernel_group(setup)
+    if setup.qmp_socket is not None:
+        groups.append(
+            ArgGroup(
+                "QMP, for scripts (quit, query-pci...)",
+                ("-qmp", f"unix:{setup.qmp_socket},server=on,wait=off"),
+            )
+        )
+    if setup.extra_args:
+        groups.append(ArgGroup("extra arguments", tuple(setup.extra_args)))
+    return QemuCommand(str(setup.qemu), tuple(groups))

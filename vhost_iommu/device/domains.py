@@ -1,0 +1,265 @@
+"""Domain and endpoint policy: ATTACH, DETACH, the life of a domain, reserved regions per domain.
+
+The state MAP and UNMAP read is kept in flat numpy arrays indexed by ``domain - domain_range.start`` (does
+the domain exist, is it a bypass domain, how many endpoints and mappings it has, which merged set of
+reserved regions applies to it), so a compiled batch kernel can reach it without Python objects. The
+rules that change it (ATTACH, DETACH, reset) are cold and stay plain Python.
+
+A domain exists from the ATTACH that names it until its last endpoint leaves (DETACH, or ATTACH of that
+endpoint elsewhere); its mappings go with it, as the spec says a domain "ceases to exist and its ID can be
+reused by the driver for another domain".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from vhost_iommu.device.layout import Status
+from vhost_iommu.device.mapping import MappingStore
+from vhost_iommu.device.topology import ReservedRegion, Topology
+
+NO_DOMAIN = -1
+
+
+class RegionSets:
+    """Interned sets of merged reserved intervals: one per distinct endpoint set, one per domain mix.
+
+    A MAP is refused when it overlaps a reserved region of any endpoint attached to the domain, so each
+    domain points at the union of its endpoints' regions. Unions are memoised: endpoints of one PCI range
+    share one set and a domain of such endpoints shares it too.
+    Flat arrays (``starts``, ``ends``, ``offsets``) hold the same data for compiled code.
+    """
+
+    def __init__(self) -> None:
+        self._intervals: list[tuple[tuple[int, int], ...]] = []
+        self._ids: dict[tuple[tuple[int, int], ...], int] = {}
+        self._unions: dict[frozenset[int], int] = {}
+        self.starts = np.zeros(0, np.uint64)
+        self.ends = np.zeros(0, np.uint64)
+        self.offsets = np.zeros(1, np.int64)
+        self.empty = self.intern(())
+
+    def intern(self, intervals: tuple[tuple[int, int], ...]) -> int:
+        merged = _merge(intervals)
+        found = self._ids.get(merged)
+        if found is not None:
+            return found
+        set_id = len(self._intervals)
+        self._intervals.append(merged)
+        self._ids[merged] = set_id
+        self.starts = np.concatenate([self.starts, np.array([s for s, _ in merged], np.uint64)])
+        self.ends = np.concatenate([self.ends, np.array([e for _, e in merged], np.uint64)])
+        self.offsets = np.append(self.offsets, len(self.starts))
+        return set_id
+
+    def union(self, set_ids: frozenset[int]) -> int:
+        if len(set_ids) == 1:
+            return next(iter(set_ids))
+        found = self._unions.get(set_ids)
+        if found is None:
+            found = self.intern(tuple(interval for i in set_ids for interval in self._intervals[i]))
+            self._unions[set_ids] = found
+        return found
+
+    def intervals(self, set_id: int) -> tuple[tuple[int, int], ...]:
+        return self._intervals[set_id]
+
+    def overlaps(self, set_id: int, start: int, last: int) -> bool:
+        return any(low <= last and start <= high for low, high in self._intervals[set_id])
+
+
+def _merge(intervals: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """A snapshot of one domain, for tools and tests."""
+
+    domain: int
+    bypass: bool
+    endpoints: tuple[int, ...]
+    mapping_count: int
+    reserved: tuple[tuple[int, int], ...]
+
+
+class Domains:
+    def __init__(self, topology: Topology, store: MappingStore, *, max_domains: int) -> None:
+        self.store = store
+        self.first = topology.domain_start
+        self.last = topology.domain_end
+        self.max_domains = max_domains
+        size = self.last - self.first + 1
+        self.exists: npt.NDArray[np.bool_] = np.zeros(size, np.bool_)
+        self.bypass: npt.NDArray[np.bool_] = np.zeros(size, np.bool_)
+        self.endpoint_count: npt.NDArray[np.int32] = np.zeros(size, np.int32)
+        self.mapping_count: npt.NDArray[np.int64] = np.zeros(size, np.int64)
+        self.resv_set: npt.NDArray[np.int32] = np.zeros(size, np.int32)
+        self.live = 0
+
+        self.regions = RegionSets()
+        ids = topology.endpoint_ids()
+        self.endpoint_ids: npt.NDArray[np.uint32] = np.array(ids, np.uint32)
+        self._slots = {endpoint: slot for slot, endpoint in enumerate(ids)}
+        self.endpoint_domain: npt.NDArray[np.int64] = np.full(len(ids), NO_DOMAIN, np.int64)
+        self.endpoint_regions: list[tuple[ReservedRegion, ...]] = [topology.reserved_regions(e) for e in ids]
+        self.endpoint_resv_set: npt.NDArray[np.int32] = np.array(
+            [self.regions.intern(tuple((r.start, r.end) for r in rs)) for rs in self.endpoint_regions],
+            np.int32,
+        )
+        # Per existing domain: how many of its endpoints use each region set (cold-path bookkeeping).
+        self._members: dict[int, Counter[int]] = {}
+
+    # -- lookups -----------------------------------------------------------------------------------------
+
+    def slot(self, endpoint: int) -> int | None:
+        return self._slots.get(endpoint)
+
+    def in_range(self, domain: int) -> bool:
+        return self.first <= domain <= self.last
+
+    def domain_exists(self, domain: int) -> bool:
+        return self.in_range(domain) and bool(self.exists[domain - self.first])
+
+    def domain_of(self, endpoint: int) -> int | None:
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            return None
+        domain = int(self.endpoint_domain[slot])
+        return None if domain == NO_DOMAIN else domain
+
+    def endpoints_of(self, domain: int) -> tuple[int, ...]:
+        attached = np.flatnonzero(self.endpoint_domain == domain)
+        return tuple(int(self.endpoint_ids[slot]) for slot in attached)
+
+    def existing(self) -> list[int]:
+        return [int(index) + self.first for index in np.flatnonzero(self.exists)]
+
+    def info(self, domain: int) -> DomainInfo:
+        index = domain - self.first
+        if not self.domain_exists(domain):
+            raise KeyError(f"domain {domain} does not exist")
+        return DomainInfo(
+            domain,
+            bool(self.bypass[index]),
+            self.endpoints_of(domain),
+            int(self.mapping_count[index]),
+            self.regions.intervals(int(self.resv_set[index])),
+        )
+
+    def reserved_overlap(self, domain: int, start: int, last: int) -> bool:
+        """Does [start, last] touch a reserved region of an endpoint attached to ``domain``?"""
+        return self.regions.overlaps(int(self.resv_set[domain - self.first]), start, last)
+
+    # -- ATTACH / DETACH ---------------------------------------------------------------------------------
+
+    def attach(self, endpoint: int, domain: int, bypass: bool) -> Status:
+        """Attach ``endpoint`` to ``domain`` (creating it), moving it from its current domain.
+
+        Every refusal happens before any state changes, so a refused ATTACH leaves the endpoint where it was.
+        """
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            return Status.NOENT
+        if not self.in_range(domain):
+            return Status.RANGE
+        index = domain - self.first
+        current = int(self.endpoint_domain[slot])
+        if self.exists[index]:
+            if bool(self.bypass[index]) != bypass:
+                return Status.INVAL
+            if current == domain:
+                return Status.OK
+            if not bypass and self._maps_over_regions(domain, self.endpoint_regions[slot]):
+                # The endpoint's reserved regions are incompatible with mappings the domain already has
+                # ("If properties of the endpoint ... are compatible ... Otherwise ... UNSUPP").
+                return Status.UNSUPP
+        else:
+            frees_one = current != NO_DOMAIN and int(self.endpoint_count[current - self.first]) == 1
+            if self.live - frees_one >= self.max_domains:
+                return Status.NOMEM
+        if current != NO_DOMAIN:
+            self._leave(slot, current)
+        if not self.exists[index]:
+            self.exists[index] = True
+            self.bypass[index] = bypass
+            self.endpoint_count[index] = 0
+            self.mapping_count[index] = 0
+            self._members[domain] = Counter()
+            self.live += 1
+        self._join(slot, domain)
+        return Status.OK
+
+    def detach(self, endpoint: int, domain: int) -> Status:
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            return Status.NOENT
+        if not self.in_range(domain):
+            return Status.RANGE
+        if int(self.endpoint_domain[slot]) != domain:
+            # "If the domain identified by domain doesn't exist, or if the endpoint identified by endpoint
+            # isn't attached to this domain, then the device MAY set the request status to INVAL."
+            return Status.INVAL
+        self._leave(slot, domain)
+        return Status.OK
+
+    def clear(self) -> None:
+        """Device reset: every endpoint detached, every domain and its mappings gone."""
+        for domain in self.existing():
+            self.store.remove_domain(domain)
+        self.exists[:] = False
+        self.bypass[:] = False
+        self.endpoint_count[:] = 0
+        self.mapping_count[:] = 0
+        self.resv_set[:] = self.regions.empty
+        self.endpoint_domain[:] = NO_DOMAIN
+        self._members.clear()
+        self.live = 0
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _join(self, slot: int, domain: int) -> None:
+        index = domain - self.first
+        self.endpoint_domain[slot] = domain
+        self.endpoint_count[index] += 1
+        members = self._members[domain]
+        members[int(self.endpoint_resv_set[slot])] += 1
+        self.resv_set[index] = self.regions.union(frozenset(members))
+
+    def _leave(self, slot: int, domain: int) -> None:
+        index = domain - self.first
+        self.endpoint_domain[slot] = NO_DOMAIN
+        self.endpoint_count[index] -= 1
+        if self.endpoint_count[index] == 0:
+            self.store.remove_domain(domain)
+            self.exists[index] = False
+            self.bypass[index] = False
+            self.mapping_count[index] = 0
+            self.resv_set[index] = self.regions.empty
+            del self._members[domain]
+            self.live -= 1
+            return
+        members = self._members[domain]
+        set_id = int(self.endpoint_resv_set[slot])
+        members[set_id] -= 1
+        if members[set_id] == 0:
+            del members[set_id]
+        self.resv_set[index] = self.regions.union(frozenset(members))
+
+    def _maps_over_regions(self, domain: int, regions: tuple[ReservedRegion, ...]) -> bool:
+        for region in regions:
+            # The first mapping ending at or after the region's start overlaps it iff it starts by its end.
+            for start, _last, _phys, _flags in self.store.mappings(domain, region.start, 1):
+                if start <= region.end:
+                    return True
+        return False

@@ -233,6 +233,8 @@ class SplitQueue:
         self._signalled_used = self.used_idx
         self._signalled_used_valid = False
         self._pushed_since_check = 0
+        # Whatever a previous back-end left in used->flags or avail_event, ask for kicks from here on.
+        self.set_notification(True)
 
     # --- binding to memory ------------------------------------------------------------------------
 

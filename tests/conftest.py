@@ -1,0 +1,1 @@
+pytest_plugins = ["vhost_iommu.harness.pytest_plugin"]

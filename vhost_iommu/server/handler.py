@@ -1,0 +1,685 @@
+"""The vhost-user protocol state machine of one connection.
+
+:class:`ConnectionHandler` takes decoded :class:`~vhost_iommu.protocol.Message` objects and answers them
+through a ``send`` callable; it owns the negotiated features, the status byte, the guest memory, one
+:class:`~vhost_iommu.server.vring.VringSlot` per queue, the back-end channel, and the kick fd watches (on the
+event loop it is given). It is the :class:`~vhost_iommu.backend.BackendContext` of its back-end.
+
+Failure policy (the decoder's :class:`~vhost_iommu.protocol.RequestRejected` and a handler's own refusals
+are treated alike):
+
+* a request with a reply of its own gets that reply's failure form where the spec defines one (GET_CONFIG:
+  an empty payload); where it defines none (GET_VRING_BASE of a ring that does not exist, a malformed GET_*)
+  the connection is closed, because the front-end is blocked waiting for an answer we cannot give honestly;
+* any other request gets REPLY_ACK with a non-zero u64 if it asked for a reply (need_reply), and is
+  otherwise logged and ignored: the spec leaves the back-end no way to report it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
+from vhost_iommu.protocol import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    BackendRequest,
+    ConfigSpace,
+    Decoder,
+    FrontendRequest,
+    MemoryRegion,
+    MemoryTable,
+    Message,
+    Payload,
+    ProtocolError,
+    ProtocolFeature,
+    RequestRejected,
+    SingleMemoryRegion,
+    Stream,
+    VringAddress,
+    VringFile,
+    VringState,
+    close_fds,
+    encode,
+    encode_ack,
+    encode_reply,
+    request_has_own_reply,
+)
+from vhost_iommu.protocol.constants import CONFIG_FLAG_MIGRATION, CONFIG_FLAG_WRITABLE, VRING_F_LOG
+from vhost_iommu.server.vring import VringSlot
+from vhost_iommu.virtqueue import QueueError, SplitQueue
+
+log = logging.getLogger(__name__)
+
+#: Protocol features this back-end offers.
+OFFERED_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+    | ProtocolFeature.RESET_DEVICE
+)
+
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
+
+
+class RequestFailed(Exception):
+    """A well-formed request this back-end refuses (bad index, wrong state, unusable memory, ...)."""
+
+
+class ConnectionFatal(ProtocolError):
+    """The connection must be closed (raised out of :meth:`ConnectionHandler.handle`)."""
+
+    fatal = True
+
+
+def _set_nonblocking(fd: int) -> None:
+    # The fd's open file description is shared with the front-end; eventfds from QEMU are already
+    # non-blocking, and for anything else blocking would let a front-end hang our event loop.
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+@contextmanager
+def _closed_on_error(fds: Sequence[int]) -> Iterator[None]:
+    """Close ``fds`` if the block raises: until a handler has handed an fd on, it must not leak."""
+    try:
+        yield
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def _region_desc(region: MemoryRegion) -> MemoryRegionDesc:
+    return MemoryRegionDesc(
+        guest_phys_addr=region.guest_phys_addr,
+        memory_size=region.memory_size,
+        userspace_addr=region.userspace_addr,
+        mmap_offset=region.mmap_offset,
+    )
+
+
+class BackendChannel:
+    """The back-end -> front-end socket from SET_BACKEND_REQ_FD: sends requests, reads their REPLY_ACKs."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._name = name
+        self._decoder = Decoder(Stream.FRONTEND_REPLIES)
+        self.acks_pending = 0
+        self.failures = 0
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    @property
+    def open(self) -> bool:
+        return self._sock.fileno() >= 0
+
+    def send(self, code: BackendRequest, need_reply: bool) -> None:
+        data = encode(code, need_reply=need_reply)
+        try:
+            sent = self._sock.send(data)
+        except OSError as exc:
+            log.warning("%s: back-end channel send failed (%s); closing the channel", self._name, exc)
+            self.close()
+            return
+        if sent != len(data):
+            # A 12-byte message only fails to fit when the front-end stopped reading long ago.
+            log.warning("%s: back-end channel full; closing it", self._name)
+            self.close()
+            return
+        if need_reply:
+            self.acks_pending += 1
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("%s: back-end channel read failed (%s)", self._name, exc)
+            self.close()
+            return
+        if not data:
+            log.info("%s: front-end closed the back-end channel", self._name)
+            self.close()
+            return
+        self._decoder.feed(data)
+        try:
+            for reply in self._decoder.messages():
+                self.acks_pending = max(0, self.acks_pending - 1)
+                assert isinstance(reply.payload, U64)
+                if reply.payload.value != 0:
+                    self.failures += 1
+                    log.warning("%s: front-end answered %s with failure %d", self._name, reply.code.name,
+                                reply.payload.value)
+        except ProtocolError as exc:
+            log.warning("%s: bad reply on the back-end channel (%s); closing it", self._name, exc)
+            self.close()
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        self._decoder.close()
+
+
+class ConnectionHandler:
+    """Protocol state of one front-end connection; also the BackendContext of its back-end."""
+
+    def __init__(
+        self,
+        backend: VhostUserBackend,
+        loop: asyncio.AbstractEventLoop,
+        send: Callable[[bytes], None],
+        *,
+        name: str = "connection",
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        self._loop = loop
+        self._send = send
+        self._on_fatal = on_fatal
+        self._memory = GuestMemory()
+        self.slots = [VringSlot(index) for index in range(backend.num_queues)]
+        self.owner = False
+        self.acked_features = 0
+        self.protocol_features = ProtocolFeature(0)
+        self.status = 0
+        self.broken_reason: str | None = None
+        self.channel: BackendChannel | None = None
+        self.closed = False
+        backend.attach(self)
+        self._dispatch: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
+            FrontendRequest.GET_FEATURES: self._get_features,
+            FrontendRequest.SET_FEATURES: self._set_features,
+            FrontendRequest.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendRequest.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendRequest.SET_OWNER: self._set_owner,
+            FrontendRequest.RESET_OWNER: self._reset_owner,
+            FrontendRequest.SET_MEM_TABLE: self._set_mem_table,
+            FrontendRequest.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendRequest.ADD_MEM_REG: self._add_mem_reg,
+            FrontendRequest.REM_MEM_REG: self._rem_mem_reg,
+            FrontendRequest.SET_VRING_NUM: self._set_vring_num,
+            FrontendRequest.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendRequest.SET_VRING_BASE: self._set_vring_base,
+            FrontendRequest.GET_VRING_BASE: self._get_vring_base,
+            FrontendRequest.SET_VRING_KICK: self._set_vring_kick,
+            FrontendRequest.SET_VRING_CALL: self._set_vring_call,
+            FrontendRequest.SET_VRING_ERR: self._set_vring_err,
+            FrontendRequest.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendRequest.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendRequest.GET_CONFIG: self._get_config,
+            FrontendRequest.SET_CONFIG: self._set_config,
+            FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            FrontendRequest.GET_STATUS: self._get_status,
+            FrontendRequest.SET_STATUS: self._set_status,
+            FrontendRequest.RESET_DEVICE: self._reset_device,
+        }
+
+    # -- entry points ---------------------------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        """Apply one request and send its reply or REPLY_ACK. Raises ConnectionFatal to end the connection."""
+        assert isinstance(message.code, FrontendRequest)
+        handler = self._dispatch[message.code]
+        try:
+            reply = handler(message)
+        except (RequestFailed, GuestMemoryError, QueueError) as exc:
+            self._fail(message.code, message.flags, str(exc))
+            return
+        if reply is not None:
+            self._send(encode_reply(message.code, reply))
+        elif message.need_reply:
+            self._send(encode_ack(message.code, success=True))
+
+    def reject(self, error: RequestRejected) -> None:
+        """Answer a request the decoder refused (its fds are already closed)."""
+        self._fail(error.code, error.flags, str(error))
+
+    def close(self) -> None:
+        """The connection ended: stop serving, reset the device, release every fd and mapping."""
+        if self.closed:
+            return
+        self.closed = True
+        for slot in self.slots:
+            self._stop_ring(slot)
+        try:
+            self.backend.reset()
+        finally:
+            for slot in self.slots:
+                slot.close_fds()
+            if self.channel is not None:
+                self.channel.close()
+                self.channel = None
+            self._memory.close()
+
+    # -- BackendContext -------------------------------------------------------------------------------------
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    def queue(self, index: int) -> SplitQueue | None:
+        if self.broken_reason is not None or not 0 <= index < len(self.slots):
+            return None
+        return self.slots[index].queue
+
+    def signal_used(self, index: int) -> None:
+        fd = self.slots[index].call_fd
+        if fd is not None:
+            self._write_eventfd(fd, f"call fd of ring {index}")
+
+    def config_changed(self) -> None:
+        if self.channel is None or not self.channel.open:
+            log.debug("%s: config changed, but there is no back-end channel to say so", self.name)
+            return
+        if not self.protocol_features & ProtocolFeature.CONFIG:
+            log.debug("%s: config changed, but CONFIG was not negotiated", self.name)
+            return
+        need_reply = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+        self.channel.send(BackendRequest.CONFIG_CHANGE_MSG, need_reply)
+
+    def device_broken(self, reason: str) -> None:
+        if self.broken_reason is not None:
+            return
+        self.broken_reason = reason
+        log.error("%s: device needs reset: %s", self.name, reason)
+        for slot in self.slots:
+            if slot.err_fd is not None:
+                self._write_eventfd(slot.err_fd, f"err fd of ring {slot.index}")
+        self.config_changed()
+        # The back-end may be inside one of its own callbacks: tell it its queues stopped afterwards.
+        self._loop.call_soon(self._refresh_all)
+
+    # -- failures -------------------------------------------------------------------------------------------
+
+    def _fail(self, code: int, flags: int, reason: str) -> None:
+        need_reply = bool(flags & 0x8)
+        if code == FrontendRequest.GET_CONFIG:
+            log.warning("%s: %s; answering with an empty config (the spec's failure form)", self.name, reason)
+            self._send(encode_reply(code))
+            return
+        if request_has_own_reply(code):
+            raise ConnectionFatal(f"{reason}; the spec defines no failure reply, closing the connection")
+        if need_reply:
+            log.warning("%s: %s", self.name, reason)
+            self._send(encode_ack(code, success=False))
+        else:
+            log.warning("%s: %s (the front-end asked for no reply: ignored)", self.name, reason)
+
+    def _write_eventfd(self, fd: int, what: str) -> None:
+        try:
+            os.write(fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the front-end has a notification pending anyway
+        except OSError as exc:
+            log.warning("%s: writing the %s failed: %s", self.name, what, exc)
+
+    # -- features -------------------------------------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        return self.backend.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
+
+    def _get_features(self, _message: Message) -> Payload:
+        return U64(self.offered_features())
+
+    def _set_features(self, message: Message) -> None:
+        acked = _u64(message)
+        unknown = acked & ~self.offered_features()
+        if unknown:
+            raise RequestFailed(f"SET_FEATURES acks feature bits {unknown:#x} that were not offered")
+        self.acked_features = acked
+        self.backend.set_features(acked & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        if not acked & VHOST_USER_F_PROTOCOL_FEATURES:
+            # vhost-user.rst: without protocol features every ring is enabled at once.
+            for slot in self.slots:
+                self._enable(slot, True)
+
+    def _get_protocol_features(self, _message: Message) -> Payload:
+        return U64(int(OFFERED_PROTOCOL_FEATURES))
+
+    def _set_protocol_features(self, message: Message) -> None:
+        requested = _u64(message)
+        unknown = requested & ~int(OFFERED_PROTOCOL_FEATURES)
+        if unknown:
+            raise RequestFailed(f"SET_PROTOCOL_FEATURES asks for bits {unknown:#x} that were not offered")
+        self.protocol_features = ProtocolFeature(requested)
+
+    def _set_owner(self, _message: Message) -> None:
+        if self.owner:
+            raise RequestFailed("SET_OWNER: this connection already has an owner")
+        self.owner = True
+
+    def _reset_owner(self, _message: Message) -> None:
+        # Deprecated; vhost-user.rst recommends ignoring it or disabling all rings. Resetting connection
+        # state here is the misreading the spec warns leads to bugs.
+        for slot in self.slots:
+            self._enable(slot, False)
+
+    # -- memory ---------------------------------------------------------------------------------------------
+
+    def _set_mem_table(self, message: Message) -> None:
+        assert isinstance(message.payload, MemoryTable)
+        table = zip(message.payload.regions, message.fds, strict=True)
+        regions = [(_region_desc(region), fd) for region, fd in table]
+        self._memory.replace(regions)  # closes the fds whatever happens
+        self._memory_changed()
+
+    def _get_max_mem_slots(self, _message: Message) -> Payload:
+        return U64(self._memory.max_regions)
+
+    def _add_mem_reg(self, message: Message) -> None:
+        assert isinstance(message.payload, SingleMemoryRegion)
+        self._memory.add_region(_region_desc(message.payload.region), message.fds[0])  # closes the fd
+        self._memory_changed()
+
+    def _rem_mem_reg(self, message: Message) -> None:
+        assert isinstance(message.payload, SingleMemoryRegion)
+        self._memory.remove_region(_region_desc(message.payload.region))
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        for slot in self.slots:
+            if slot.queue is not None:
+                try:
+                    slot.queue.rebind(self._memory)
+                except (QueueError, GuestMemoryError) as exc:
+                    self.device_broken(f"ring {slot.index} after a memory table change: {exc}")
+        self.backend.memory_changed()
+
+    # -- rings ----------------------------------------------------------------------------------------------
+
+    def _slot(self, index: int) -> VringSlot:
+        if not 0 <= index < len(self.slots):
+            raise RequestFailed(f"ring index {index} out of range: the device has {len(self.slots)} queues")
+        return self.slots[index]
+
+    def _stopped_slot(self, index: int, what: str) -> VringSlot:
+        slot = self._slot(index)
+        if slot.started:
+            raise RequestFailed(f"{what} on {slot.describe()}: stop it with GET_VRING_BASE first")
+        return slot
+
+    def _set_vring_num(self, message: Message) -> None:
+        state = _state(message)
+        slot = self._stopped_slot(state.index, "SET_VRING_NUM")
+        size = state.num
+        if not 1 <= size <= self.backend.max_queue_size or size & (size - 1):
+            raise RequestFailed(
+                f"SET_VRING_NUM {size} for ring {state.index}: not a power of 2 between 1 and "
+                f"{self.backend.max_queue_size}"
+            )
+        slot.size = size
+
+    def _set_vring_addr(self, message: Message) -> None:
+        assert isinstance(message.payload, VringAddress)
+        slot = self._stopped_slot(message.payload.index, "SET_VRING_ADDR")
+        if message.payload.flags & VRING_F_LOG:
+            raise RequestFailed("SET_VRING_ADDR asks for used-ring logging, which is not supported")
+        slot.address = message.payload
+
+    def _set_vring_base(self, message: Message) -> None:
+        state = _state(message)
+        slot = self._stopped_slot(state.index, "SET_VRING_BASE")
+        if state.num > 0xFFFF:
+            raise RequestFailed(f"SET_VRING_BASE {state.num:#x}: a split ring's index is 16 bits")
+        slot.base = state.num
+
+    def _get_vring_base(self, message: Message) -> Payload:
+        state = _state(message)
+        slot = self._slot(state.index)
+        self._stop_ring(slot)
+        return VringState(slot.index, slot.base)
+
+    def _set_vring_kick(self, message: Message) -> None:
+        with _closed_on_error(message.fds):
+            vring_file = _file(message)
+            slot = self._slot(vring_file.index)
+            if not vring_file.has_fd:
+                raise RequestFailed("SET_VRING_KICK without an fd asks for polling, which is not supported")
+            fd = message.fds[0]
+            queue = slot.queue if slot.queue is not None else self._make_queue(slot)
+            _set_nonblocking(fd)
+            try:
+                self._loop.add_reader(fd, self._on_kick, slot.index)
+            except (OSError, ValueError) as exc:
+                raise RequestFailed(f"kick fd {fd} of ring {slot.index} cannot be watched: {exc}") from None
+        if slot.kick_fd is not None:
+            self._loop.remove_reader(slot.kick_fd)
+        slot.replace_fd("kick", fd)
+        slot.queue = queue
+        self._refresh(slot)
+
+    def _make_queue(self, slot: VringSlot) -> SplitQueue:
+        if slot.size is None or slot.address is None:
+            raise RequestFailed(f"ring {slot.index} cannot start before SET_VRING_NUM and SET_VRING_ADDR")
+        address = slot.address
+        return SplitQueue(
+            self._memory,
+            slot.size,
+            address.descriptor,
+            address.available,
+            address.used,
+            next_avail=slot.base,
+            event_idx=bool(self.acked_features & VIRTIO_RING_F_EVENT_IDX),
+            indirect=bool(self.acked_features & VIRTIO_RING_F_INDIRECT_DESC),
+        )
+
+    def _set_vring_call(self, message: Message) -> None:
+        self._set_notifier(message, "call")
+
+    def _set_vring_err(self, message: Message) -> None:
+        self._set_notifier(message, "err")
+
+    def _set_notifier(self, message: Message, which: str) -> None:
+        with _closed_on_error(message.fds):
+            vring_file = _file(message)
+            slot = self._slot(vring_file.index)
+            fd = message.fds[0] if vring_file.has_fd else None
+            if fd is not None:
+                _set_nonblocking(fd)
+        slot.replace_fd(which, fd)
+
+    def _set_vring_enable(self, message: Message) -> None:
+        state = _state(message)
+        slot = self._slot(state.index)
+        if state.num not in (0, 1):
+            raise RequestFailed(f"SET_VRING_ENABLE {state.num} for ring {state.index}: must be 0 or 1")
+        self._enable(slot, bool(state.num))
+
+    def _get_queue_num(self, _message: Message) -> Payload:
+        return U64(self.backend.num_queues)
+
+    def _enable(self, slot: VringSlot, enabled: bool) -> None:
+        slot.enabled = enabled
+        self._refresh(slot)
+
+    def _stop_ring(self, slot: VringSlot) -> None:
+        if slot.queue is not None:
+            slot.base = slot.queue.next_avail
+        slot.queue = None
+        slot.kick_pending = False
+        if slot.kick_fd is not None:
+            self._loop.remove_reader(slot.kick_fd)
+            slot.replace_fd("kick", None)
+        self._refresh(slot)
+
+    def _active(self, slot: VringSlot) -> bool:
+        return slot.started and slot.enabled and self.broken_reason is None and not self.closed
+
+    def _refresh_all(self) -> None:
+        for slot in self.slots:
+            self._refresh(slot)
+
+    def _refresh(self, slot: VringSlot) -> None:
+        """Tell the back-end when a ring becomes served or stops being served; replay a held kick."""
+        active = self._active(slot)
+        if active and not slot.served:
+            slot.served = True
+            self._call_backend(self.backend.queue_started, slot.index)
+        elif not active and slot.served:
+            slot.served = False
+            self.backend.queue_stopped(slot.index)
+        if self._active(slot) and slot.kick_pending:
+            slot.kick_pending = False
+            self._call_backend(self.backend.queue_kicked, slot.index)
+
+    def _on_kick(self, index: int) -> None:
+        slot = self.slots[index]
+        fd = slot.kick_fd
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, 8)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                log.warning("%s: reading the kick fd of ring %d failed: %s", self.name, index, exc)
+                self._loop.remove_reader(fd)
+            return
+        if not data:
+            log.warning("%s: kick fd of ring %d reached end of file; no longer watched", self.name, index)
+            self._loop.remove_reader(fd)
+            return
+        if self.broken_reason is not None or not slot.started:
+            return
+        if not slot.enabled:
+            slot.kick_pending = True
+            return
+        self._call_backend(self.backend.queue_kicked, index)
+
+    def _call_backend(self, method: Callable[[int], None], index: int) -> None:
+        try:
+            method(index)
+        except (QueueError, GuestMemoryError) as exc:
+            self.device_broken(f"ring {index}: {exc}")
+        except Exception as exc:
+            if self._on_fatal is None:
+                raise
+            self._on_fatal(exc)
+
+    # -- config, status, reset ------------------------------------------------------------------------------
+
+    def _get_config(self, message: Message) -> Payload:
+        assert isinstance(message.payload, ConfigSpace)
+        request = message.payload
+        if request.offset + request.size > self.backend.config_size:
+            raise RequestFailed(
+                f"GET_CONFIG {request.offset}+{request.size} is beyond the "
+                f"{self.backend.config_size}-byte config"
+            )
+        try:
+            data = self.backend.get_config(request.offset, request.size)
+        except ValueError as exc:
+            raise RequestFailed(f"GET_CONFIG {request.offset}+{request.size}: {exc}") from None
+        if len(data) != request.size:
+            raise RequestFailed(f"GET_CONFIG: the device returned {len(data)} bytes for {request.size}")
+        return ConfigSpace(request.offset, request.flags, bytes(data))
+
+    def _set_config(self, message: Message) -> None:
+        assert isinstance(message.payload, ConfigSpace)
+        request = message.payload
+        if request.flags == CONFIG_FLAG_MIGRATION:
+            raise RequestFailed("SET_CONFIG for live migration is not supported")
+        if request.flags != CONFIG_FLAG_WRITABLE:
+            raise RequestFailed(f"SET_CONFIG flags {request.flags:#x} are not defined by the spec")
+        if request.offset + request.size > self.backend.config_size:
+            raise RequestFailed(
+                f"SET_CONFIG {request.offset}+{request.size} is beyond the "
+                f"{self.backend.config_size}-byte config"
+            )
+        try:
+            self.backend.set_config(request.offset, request.data)
+        except ValueError as exc:
+            raise RequestFailed(f"SET_CONFIG {request.offset}+{request.size} refused: {exc}") from None
+
+    def _set_backend_req_fd(self, message: Message) -> None:
+        fd = message.fds[0]
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            close_fds(message.fds)
+            raise RequestFailed(f"SET_BACKEND_REQ_FD: fd {fd} is not a socket: {exc}") from None
+        if sock.family != socket.AF_UNIX:
+            sock.close()
+            raise RequestFailed("SET_BACKEND_REQ_FD: the back-end channel must be a unix socket")
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = BackendChannel(sock, self._loop, self.name)
+
+    def _get_status(self, _message: Message) -> Payload:
+        needs_reset = VIRTIO_CONFIG_S_NEEDS_RESET if self.broken_reason is not None else 0
+        return U64(self.status | needs_reset)
+
+    def _set_status(self, message: Message) -> None:
+        status = _u64(message)
+        if status > 0xFF:
+            raise RequestFailed(f"SET_STATUS {status:#x}: the virtio status is 8 bits")
+        if status == 0:
+            self._reset()
+        else:
+            self.status = status
+
+    def _reset_device(self, _message: Message) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Virtio device reset: rings stopped and disabled, status and features cleared, back-end reset.
+
+        Call and err fds, the memory table and the back-end channel are vhost-user connection state, not
+        device state: QEMU does not send them again before restarting the device, so they are kept.
+        """
+        for slot in self.slots:
+            self._stop_ring(slot)
+            slot.enabled = False
+            slot.size = None
+            slot.address = None
+            slot.base = 0
+        self.status = 0
+        self.acked_features = 0
+        self.broken_reason = None
+        self.backend.reset()
+
+
+def _u64(message: Message) -> int:
+    assert isinstance(message.payload, U64)
+    return message.payload.value
+
+
+def _state(message: Message) -> VringState:
+    assert isinstance(message.payload, VringState)
+    return message.payload
+
+
+def _file(message: Message) -> VringFile:
+    assert isinstance(message.payload, VringFile)
+    return message.payload
+
+
+__all__ = [
+    "OFFERED_PROTOCOL_FEATURES",
+    "BackendChannel",
+    "ConnectionFatal",
+    "ConnectionHandler",
+    "RequestFailed",
+]
+

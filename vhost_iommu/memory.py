@@ -243,8 +243,12 @@ class GuestMemory:
     def __init__(self) -> None:
         self._by_gpa: list[MemoryRegion] = []
         self._gpa_starts: list[int] = []
+        self._gpa_ends: list[int] = []
+        self._gpa_data: list[ByteView] = []
         self._by_uva: list[MemoryRegion] = []
         self._uva_starts: list[int] = []
+        self._uva_ends: list[int] = []
+        self._uva_data: list[ByteView] = []
         self.generation = 0
         """Bumped on every change of the region set, so holders of views can tell theirs are stale."""
 
@@ -302,10 +306,15 @@ class GuestMemory:
         self._install([])
 
     def _install(self, regions: list[MemoryRegion]) -> None:
+        # Parallel lists of plain ints and arrays: the lookups below are on the per-descriptor path.
         self._by_gpa = sorted(regions, key=lambda r: r.gpa_start)
         self._gpa_starts = [r.gpa_start for r in self._by_gpa]
+        self._gpa_ends = [r.gpa_start + r.size for r in self._by_gpa]
+        self._gpa_data = [r.data for r in self._by_gpa]
         self._by_uva = sorted(regions, key=lambda r: r.uva_start)
         self._uva_starts = [r.uva_start for r in self._by_uva]
+        self._uva_ends = [r.uva_start + r.size for r in self._by_uva]
+        self._uva_data = [r.data for r in self._by_uva]
         self.generation += 1
 
     # --- inspection --------------------------------------------------------------------------------
@@ -332,14 +341,22 @@ class GuestMemory:
 
         Raises GuestMemoryError unless the range lies wholly inside one region.
         """
-        return self._view(self._by_uva, self._uva_starts, uva, size, "front-end address")
+        index = bisect.bisect_right(self._uva_starts, uva) - 1
+        if index >= 0 and size > 0 and uva + size <= self._uva_ends[index]:
+            offset = uva - self._uva_starts[index]
+            return self._uva_data[index][offset : offset + size]
+        raise GuestMemoryError(f"front-end address range {uva:#x}+{size:#x} is not inside one memory region")
 
     def gpa_view(self, gpa: int, size: int) -> ByteView:
         """A uint8 view of ``size`` bytes at guest-physical address ``gpa`` (buffers); no copy.
 
         Raises GuestMemoryError unless the range lies wholly inside one region.
         """
-        return self._view(self._by_gpa, self._gpa_starts, gpa, size, "guest-physical address")
+        index = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        if index >= 0 and size > 0 and gpa + size <= self._gpa_ends[index]:
+            offset = gpa - self._gpa_starts[index]
+            return self._gpa_data[index][offset : offset + size]
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not inside one memory region")
 
     def gpa_segments(self, gpa: int, size: int) -> list[ByteView]:
         """Views covering ``size`` bytes at ``gpa``, split where the range crosses from one region into
@@ -347,33 +364,23 @@ class GuestMemory:
 
         Raises GuestMemoryError if any byte of the range is outside guest memory.
         """
-        if size <= 0 or gpa < 0 or gpa + size > U64_LIMIT:
-            raise GuestMemoryError(f"bad guest-physical range {gpa:#x}+{size:#x}")
-        index = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        starts, ends = self._gpa_starts, self._gpa_ends
+        index = bisect.bisect_right(starts, gpa) - 1
+        if index >= 0 and size > 0 and gpa + size <= ends[index]:  # the usual case: one region
+            offset = gpa - starts[index]
+            return [self._gpa_data[index][offset : offset + size]]
+        if size <= 0:
+            raise GuestMemoryError(f"empty guest-physical range at {gpa:#x}")
         segments: list[ByteView] = []
-        position, remaining = gpa, size
-        while remaining:
-            if index < 0 or index >= len(self._by_gpa):
+        position, end = gpa, gpa + size
+        while position < end:
+            # Regions do not overlap, so the next region can only continue the range if it starts
+            # exactly where the previous one ended.
+            if index < 0 or index >= len(starts) or not starts[index] <= position < ends[index]:
                 raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not in guest memory")
-            region = self._by_gpa[index]
-            offset = position - region.gpa_start
-            if offset < 0 or offset >= region.size:
-                raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not in guest memory")
-            take = min(remaining, region.size - offset)
-            segments.append(region.data[offset : offset + take])
-            position += take
-            remaining -= take
+            take_end = min(end, ends[index])
+            offset = position - starts[index]
+            segments.append(self._gpa_data[index][offset : offset + take_end - position])
+            position = take_end
             index += 1
         return segments
-
-    @staticmethod
-    def _view(ordered: list[MemoryRegion], starts: list[int], address: int, size: int, what: str) -> ByteView:
-        if size <= 0 or address < 0 or address + size > U64_LIMIT:
-            raise GuestMemoryError(f"bad {what} range {address:#x}+{size:#x}")
-        index = bisect.bisect_right(starts, address) - 1
-        if index >= 0:
-            region = ordered[index]
-            offset = address - starts[index]
-            if offset + size <= region.size:
-                return region.data[offset : offset + size]
-        raise GuestMemoryError(f"{what} range {address:#x}+{size:#x} is not inside one memory region")

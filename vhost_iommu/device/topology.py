@@ -85,8 +85,10 @@ class Topology:
     domain_end: int = 0xFFFF
     probe_size: int = 512
     boot_bypass: bool = True
-    source: str = "<default>"
-    _regions: dict[int, tuple[ReservedRegion, ...]] = field(default_factory=dict, init=False, repr=False)
+    source: str = field(default="<default>", compare=False)
+    _regions: dict[int, tuple[ReservedRegion, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         problems = list(_check(self))

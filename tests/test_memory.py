@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from vhost_iommu.harness.guest_ram import GuestRam, GuestRamError
 from vhost_iommu.memory import MAX_MEM_SLOTS, GuestMemory, GuestMemoryError, MemoryRegionDesc
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -327,3 +328,52 @@ def test_flat_tables_for_compiled_code(memfd: Memfd, memory: GuestMemory) -> Non
     assert list(sizes) == [2 * PAGE, PAGE]
     assert [len(a) for a in arrays] == [2 * PAGE, PAGE]
     assert bytes(arrays[1][:8]) == memfd.pread(PAGE, 8)
+
+
+# --- the fake guest RAM the harness builds on ---------------------------------------------------------
+
+
+def test_guest_ram_is_seen_by_guest_memory_at_both_addresses() -> None:
+    with GuestRam(1 << 20, gpa_base=0x8000_0000) as ram:
+        memory = ram.guest_memory()
+        try:
+            assert ram.uva_base != ram.gpa_base
+            gpa = ram.alloc(32)
+            ram.write(gpa, b"shared")
+            assert bytes(memory.gpa_view(gpa, 6)) == b"shared"
+            assert bytes(memory.uva_view(ram.gpa_to_uva(gpa), 6)) == b"shared"
+            memory.gpa_view(gpa, 6)[:] = np.frombuffer(b"SHARED", dtype=np.uint8)
+            assert ram.read(gpa, 6) == b"SHARED"
+            assert ram.uva_to_gpa(ram.gpa_to_uva(gpa)) == gpa
+        finally:
+            memory.close()
+
+
+def test_guest_ram_allocator_aligns_reuses_and_refuses() -> None:
+    with GuestRam(4 * PAGE, gpa_base=0x1008) as ram:  # a base that is not itself aligned
+        blocks = [ram.alloc(100, 64) for _ in range(8)]
+        assert all(gpa % 64 == 0 for gpa in blocks)
+        assert len(set(blocks)) == 8
+        assert all(b - a >= 100 for a, b in itertools.pairwise(sorted(blocks)))
+        with pytest.raises(GuestRamError, match="out of guest RAM"):
+            ram.alloc(4 * PAGE)
+        for gpa in blocks:
+            ram.free(gpa)
+        with pytest.raises(GuestRamError, match="not an allocated block"):
+            ram.free(blocks[0])
+        assert ram.free_bytes == 4 * PAGE
+        whole = ram.alloc(4 * PAGE, 1)  # freed blocks coalesced back into one
+        assert whole == ram.gpa_base
+        with pytest.raises(GuestRamError):
+            ram.view(ram.gpa_base + 4 * PAGE - 1, 2)
+        with pytest.raises(GuestRamError):
+            ram.alloc(8, 3)
+
+
+def test_guest_ram_closes_its_memfd() -> None:
+    before = open_fds()
+    ram = GuestRam(PAGE)
+    assert str(ram.fd) in open_fds()
+    ram.close()
+    ram.close()
+    assert open_fds() == before

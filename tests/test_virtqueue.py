@@ -733,3 +733,29 @@ def test_a_new_queue_asks_for_kicks_whatever_was_left_in_the_ring(ram: GuestRam,
     assert event_driver.avail_event == 40
     event_driver.post([b"a"], [1])
     assert event_driver.needs_kick()
+
+
+def test_driver_queue_refuses_to_overfill_the_ring(ram: GuestRam, memory: GuestMemory) -> None:
+    driver, device = make_pair(ram, memory, size=4)
+    driver.post([b"a", b"b"], [1])  # three of the four descriptors
+    with pytest.raises(DriverQueueError, match="queue full"):
+        driver.post([b"c"], [1])
+    driver.post([b"c", b"d"], [1, 1], indirect=True)  # an indirect chain takes one descriptor
+    with pytest.raises(DriverQueueError, match="queue full"):
+        driver.post([b"e"], [1], indirect=True)
+    while (chain := device.pop()) is not None:
+        device.push_used(chain.head, 1)
+    assert len(driver.used()) == 2
+    assert driver.outstanding == 0
+    driver.post([b"a"], [1, 1, 1])  # everything came back
+    with pytest.raises(DriverQueueError, match="longer than the queue size"):
+        driver.post([b"a"] * 5, [], indirect=True)
+
+
+def test_driver_side_catches_a_device_overstating_the_length(ram: GuestRam, memory: GuestMemory) -> None:
+    driver, _ = make_pair(ram, memory)
+    head = driver.post([b"a"], [2])
+    ram.view(driver.used_gpa + 4, 8).view("<u4")[:] = (head, 3)
+    ram.view(driver.used_gpa + 2, 2).view("<u2")[0] = 1
+    with pytest.raises(DriverQueueError, match="writable size"):
+        driver.used()

@@ -156,6 +156,11 @@ class DriverQueue:
             raise DriverQueueError("a chain needs at least one buffer")
         if any(len(data) == 0 for data in readable) or any(size <= 0 for size in writable_sizes):
             raise DriverQueueError("buffers must not be empty (use write_desc for hostile descriptors)")
+        if count > self.size:
+            raise DriverQueueError(
+                f"{count} buffers: the spec forbids chains longer than the queue size {self.size}, "
+                "indirect or not (use write_desc/write_indirect_table for hostile chains)"
+            )
         needed = 1 if indirect else count
         if needed > len(self._free_descriptors):
             raise DriverQueueError(

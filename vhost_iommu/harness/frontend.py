@@ -225,7 +225,7 @@ class Frontend:
 
     def request(
         self,
-        code: FrontendRequest,
+        code: int,
         payload: Payload | None = None,
         fds: Sequence[int] = (),
         *,
@@ -244,12 +244,12 @@ class Frontend:
         if not own_reply and not need_reply:
             return None
         reply = self.receive()
-        if reply.code is not code:
-            raise FrontendError(f"expected a reply to {code.name}, got one to {reply.code.name}")
+        if reply.code != code:
+            raise FrontendError(f"expected a reply to {code!r}, got one to {reply.code!r}")
         if not own_reply:
             assert isinstance(reply.payload, U64)
             if reply.payload.value != 0:
-                raise RequestFailedError(f"{code.name} failed (REPLY_ACK {reply.payload.value})")
+                raise RequestFailedError(f"{code!r} failed (REPLY_ACK {reply.payload.value})")
         return reply
 
     def _get_u64(self, code: FrontendRequest) -> int:

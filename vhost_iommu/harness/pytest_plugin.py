@@ -79,6 +79,15 @@ class RunningServer:
     def connect(self, timeout: float = 5.0) -> Frontend:
         return Frontend.connect(self.path, timeout=timeout)
 
+    def wait_all_closed(self, timeout: float = 5.0) -> None:
+        """Wait until the server has finished closing every connection (front-ends that went away)."""
+
+        async def closed() -> None:
+            while self.server.connections:
+                await asyncio.gather(*(c.wait_closed() for c in list(self.server.connections)))
+
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(closed(), timeout), self.loop).result(timeout + 1)
+
     def connection_count(self) -> int:
         return self.call(lambda: len(self.server.connections))
 

@@ -124,7 +124,8 @@ class Stream(enum.Enum):
 class Message:
     """One decoded (or to-be-encoded) message. Its fds belong to whoever holds the message."""
 
-    code: RequestCode
+    #: A FrontendRequest or BackendRequest member; a plain int only in a reply to an unknown request.
+    code: int
     flags: int
     payload: Payload
     fds: tuple[int, ...] = field(default=())
@@ -418,9 +419,12 @@ class Decoder:
             close_fds(fds)
             self._fail(f"reply to request {code} carries {len(fds)} fds; no supported reply carries any")
         try:
-            if self.stream is Stream.BACKEND_REPLIES:
+            if self.stream is Stream.BACKEND_REPLIES and code in FrontendRequest._value2member_map_:
                 request = FrontendRequest(code)
                 return Message(request, flags, _parse_backend_reply(request, body))
-            return Message(BackendRequest(code), flags, U64.unpack(body))
+            if self.stream is Stream.FRONTEND_REPLIES and code in BackendRequest._value2member_map_:
+                return Message(BackendRequest(code), flags, U64.unpack(body))
+            # A reply to a request the receiver does not know can only be a REPLY_ACK.
+            return Message(code, flags, U64.unpack(body))
         except ValueError as exc:  # PayloadError is a ValueError, as is an unknown enum value
             self._fail(f"malformed reply to request {code}: {exc}")

@@ -113,7 +113,7 @@ class Connection:
                 continue
             if message is None:
                 return
-            log.debug("%s: %s %s fds=%s", self.name, message.code.name, message.payload, message.fds)
+            log.debug("%s: %r %s fds=%s", self.name, message.code, message.payload, message.fds)
             self.handler.handle(message)
 
     # -- writing --------------------------------------------------------------------------------------------

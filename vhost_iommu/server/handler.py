@@ -166,7 +166,7 @@ class BackendChannel:
                 assert isinstance(reply.payload, U64)
                 if reply.payload.value != 0:
                     self.failures += 1
-                    log.warning("%s: front-end answered %s with failure %d", self._name, reply.code.name,
+                    log.warning("%s: front-end answered %r with failure %d", self._name, reply.code,
                                 reply.payload.value)
         except ProtocolError as exc:
             log.warning("%s: bad reply on the back-end channel (%s); closing it", self._name, exc)

@@ -70,13 +70,17 @@ class Fault:
         return encode_fault(self.reason, self.flags, self.endpoint, self.address)
 
 
+# A plain int: the complement of an IntFlag stays within the flag's own bits.
+ACCESS_MASK = int(Access.READ | Access.WRITE | Access.EXEC)
+
+
 def check_access(iova: int, size: int, access: int) -> int:
     """Validate the caller's arguments; returns the last byte's address."""
     if size <= 0:
         raise ValueError(f"access size {size} must be positive")
     if not 0 <= iova <= U64_MAX or iova + size - 1 > U64_MAX:
         raise ValueError(f"access of {size} bytes at {iova:#x} is not within the 64-bit address space")
-    if access == 0 or access & ~(Access.READ | Access.WRITE | Access.EXEC):
+    if access == 0 or access & ~ACCESS_MASK:
         raise ValueError(f"access {access:#x} must be a non-empty combination of READ, WRITE and EXEC")
     return iova + size - 1
 

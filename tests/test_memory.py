@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhost_iommu.harness.guest_ram import GuestRam, GuestRamError
 from vhost_iommu.memory import MAX_MEM_SLOTS, GuestMemory, GuestMemoryError, MemoryRegionDesc
@@ -377,3 +379,48 @@ def test_guest_ram_closes_its_memfd() -> None:
     ram.close()
     ram.close()
     assert open_fds() == before
+
+
+# --- random region tables -------------------------------------------------------------------------------
+
+region_descs = st.builds(
+    MemoryRegionDesc,
+    guest_phys_addr=st.one_of(st.integers(0, 64).map(lambda n: n * 512), st.integers(0, (1 << 64) - 1)),
+    memory_size=st.one_of(st.integers(0, 32).map(lambda n: n * 512), st.integers(0, 1 << 64)),
+    userspace_addr=st.one_of(st.integers(0, 64).map(lambda n: UVA + n * 512), st.integers(0, (1 << 64) - 1)),
+    mmap_offset=st.one_of(st.integers(0, 16 * PAGE), st.integers(0, (1 << 64) - 1)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(table=st.lists(region_descs, max_size=5))
+def test_any_region_table_is_mapped_faithfully_or_refused_whole(table: list[MemoryRegionDesc]) -> None:
+    file = Memfd(16 * PAGE)
+    memory = GuestMemory()
+    try:
+        memory.add_region(MemoryRegionDesc(1 << 40, PAGE, 1 << 50, 0), file.dup())
+        old = [region.desc for region in memory.regions]
+        before = open_fds()
+        try:
+            memory.replace([(desc, file.dup()) for desc in table])
+        except GuestMemoryError:
+            assert [region.desc for region in memory.regions] == old
+        else:
+            regions = memory.regions
+            assert [r.desc for r in regions] == sorted(table, key=lambda d: d.guest_phys_addr)
+            for a, b in itertools.combinations(regions, 2):
+                assert a.desc.gpa_end <= b.gpa_start or b.desc.gpa_end <= a.gpa_start
+                assert a.desc.uva_end <= b.uva_start or b.desc.uva_end <= a.uva_start
+            for desc in table:
+                assert bytes(memory.gpa_view(desc.guest_phys_addr, desc.memory_size)) == file.pread(
+                    desc.mmap_offset, desc.memory_size
+                )
+                assert bytes(memory.uva_view(desc.uva_end - 1, 1)) == file.pread(
+                    desc.mmap_offset + desc.memory_size - 1, 1
+                )
+            del regions  # regions hold views, which hold the mappings
+        assert open_fds() == before
+    finally:
+        memory.close()
+        file.close()
+    assert mappings_of(file.name) == 0

@@ -6,7 +6,10 @@ import signal
 from collections.abc import Iterator
 from types import FrameType
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhost_iommu import virtqueue
 from vhost_iommu.harness.driver_queue import DriverQueue, DriverQueueError
@@ -759,3 +762,70 @@ def test_driver_side_catches_a_device_overstating_the_length(ram: GuestRam, memo
     ram.view(driver.used_gpa + 2, 2).view("<u2")[0] = 1
     with pytest.raises(DriverQueueError, match="writable size"):
         driver.used()
+
+
+# --- random drivers -----------------------------------------------------------------------------------------
+
+FUZZ_QUEUE_SIZE = 8
+FUZZ_TABLE_ENTRIES = 10
+
+# Biased towards well-formed pieces, so that valid chains, and chains broken in one place only, are common.
+addresses = st.one_of(
+    st.integers(GPA_BASE, GPA_BASE + RAM_SIZE - 1),  # in memory (the rings live there too)
+    st.integers(GPA_BASE, GPA_BASE + 4096),
+    st.sampled_from([0, GPA_BASE - 1, GPA_BASE + RAM_SIZE, GPA_BASE + RAM_SIZE - 8, (1 << 64) - 16]),
+    st.integers(0, (1 << 64) - 1),
+)
+lengths = st.one_of(st.integers(1, 64), st.sampled_from([0, 16, 32, 48, 160, 1 << 31, (1 << 32) - 1]))
+flag_sets = st.sampled_from([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3, 4, 5, 6, 7])
+descriptors = st.tuples(addresses, lengths, flag_sets, st.integers(0, FUZZ_TABLE_ENTRIES))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    table=st.lists(descriptors, min_size=FUZZ_QUEUE_SIZE, max_size=FUZZ_QUEUE_SIZE),
+    indirect_table=st.lists(descriptors, min_size=FUZZ_TABLE_ENTRIES, max_size=FUZZ_TABLE_ENTRIES),
+    pointer_to_table=st.lists(st.booleans(), min_size=FUZZ_QUEUE_SIZE, max_size=FUZZ_QUEUE_SIZE),
+    heads=st.lists(st.integers(0, FUZZ_QUEUE_SIZE + 1), min_size=1, max_size=FUZZ_QUEUE_SIZE),
+    published=st.one_of(st.none(), st.integers(0, 0xFFFF)),
+    event_idx=st.booleans(),
+)
+def test_any_driver_input_gives_a_valid_chain_none_or_queue_error(
+    table: list[tuple[int, int, int, int]],
+    indirect_table: list[tuple[int, int, int, int]],
+    pointer_to_table: list[bool],
+    heads: list[int],
+    published: int | None,
+    event_idx: bool,
+) -> None:
+    with GuestRam(RAM_SIZE, gpa_base=GPA_BASE) as ram:
+        memory = ram.guest_memory()
+        try:
+            driver, device = make_pair(ram, memory, size=FUZZ_QUEUE_SIZE, event_idx=event_idx)
+            table_gpa = ram.alloc(FUZZ_TABLE_ENTRIES * 16, 16)
+            driver.write_indirect_table(table_gpa, indirect_table)
+            for index, (address, length, flags, next_index) in enumerate(table):
+                if pointer_to_table[index]:  # sometimes aim at the (equally random) indirect table
+                    address = table_gpa + 16 * (next_index % 3)
+                driver.write_desc(index, address, length, flags, next_index)
+            for head in heads:
+                driver.make_available(head, publish=False)
+            driver.set_avail_idx(len(heads) if published is None else published)
+            for _ in range(FUZZ_QUEUE_SIZE + 1):
+                try:
+                    chain = device.pop()
+                except QueueError:
+                    break
+                if chain is None:
+                    break
+                # Whatever came out is inside guest memory and adds up.
+                region = memory.regions[0].data
+                for segment in chain.readable + chain.writable:
+                    assert len(segment) > 0 and np.shares_memory(segment, region)
+                assert chain.readable_len == sum(len(s) for s in chain.readable)
+                assert chain.writable_len == sum(len(s) for s in chain.writable)
+                assert chain.readable_len + chain.writable_len <= 1 << 32
+                assert 0 <= chain.head < FUZZ_QUEUE_SIZE
+                device.push_used(chain.head, 0)
+        finally:
+            memory.close()

@@ -65,6 +65,9 @@ from vhost_iommu.device.translation import Fault, Translation, translate
 
 _STATUS_TAILS = {status: bytes((status, 0, 0, 0)) for status in Status}
 _ZERO4 = bytes(4)
+# Plain ints for the per-request dispatch (comparisons with IntEnum members cost a Python call each).
+_ATTACH, _DETACH, _MAP, _UNMAP, _PROBE = (int(kind) for kind in RequestType)
+_READABLE_SIZES = {int(kind): size for kind, size in READABLE_SIZE.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +151,11 @@ class IommuDevice:
             self.request_counts[0] += 1
             return b"", 0
         request_type = request[0]
-        if not RequestType.ATTACH <= request_type <= RequestType.PROBE or (
-            request_type == RequestType.PROBE and not self.topology.probe_size
-        ):
+        readable_size = _READABLE_SIZES.get(request_type)
+        if readable_size is None or (request_type == _PROBE and not self.topology.probe_size):
             self.request_counts[0] += 1
             return b"", 0
-        if request_type == RequestType.PROBE:
+        if request_type == _PROBE:
             if not TAIL_SIZE <= writable_size <= self.topology.probe_size + TAIL_SIZE:
                 self.request_counts[0] += 1
                 return b"", 0
@@ -162,22 +164,22 @@ class IommuDevice:
             return b"", 0
         self.request_counts[request_type] += 1
 
-        if request_type == RequestType.PROBE:
+        if request_type == _PROBE:
             properties_size = writable_size - TAIL_SIZE
-            if len(request) != READABLE_SIZE[request_type]:
+            if len(request) != readable_size:
                 properties, status = bytes(properties_size), Status.IOERR
             else:
                 properties, status = self._probe(request, properties_size)
             self.status_counts[status] += 1
             return properties + _STATUS_TAILS[status], writable_size
 
-        if len(request) != READABLE_SIZE[request_type]:
+        if len(request) != readable_size:
             status = Status.IOERR
-        elif request_type == RequestType.MAP:
+        elif request_type == _MAP:
             status = self._map(request)
-        elif request_type == RequestType.UNMAP:
+        elif request_type == _UNMAP:
             status = self._unmap(request)
-        elif request_type == RequestType.ATTACH:
+        elif request_type == _ATTACH:
             status = self._attach(request)
         else:
             status = self._detach(request)

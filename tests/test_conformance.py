@@ -302,6 +302,7 @@ def test_domain_outside_domain_range(driver: Driver) -> None:
         assert driver.attach(domain) == Status.RANGE
         assert driver.map(domain, 0, PAGE - 1, 0) == Status.RANGE
         assert driver.unmap(domain, 0, PAGE - 1) == Status.RANGE
+        assert driver.detach(domain) == Status.RANGE
     assert driver.device.domain_of(EP) is None
 
 

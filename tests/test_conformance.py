@@ -367,6 +367,23 @@ def test_attach_second_endpoint_to_domain(driver: Driver) -> None:
         assert isinstance(result, Translation) and result.phys == 0x80010
 
 
+def test_endpoints_of_different_domains_are_isolated(driver: Driver) -> None:
+    """ATTACH request: "Multiple endpoints can be attached to the same domain. An endpoint can be attached to
+    a single domain at a time. Endpoints attached to different domains are isolated from each other." """
+    no_bypass(driver)
+    assert driver.attach(1, EP) == Status.OK
+    assert driver.attach(2, EP2) == Status.OK
+    assert driver.map(1, 0x10000, 0x10FFF, 0x80000) == Status.OK
+    assert driver.map(2, 0x20000, 0x20FFF, 0x90000) == Status.OK
+    assert isinstance(driver.device.translate(EP, 0x10000, 4, Access.READ), Translation)
+    assert isinstance(driver.device.translate(EP, 0x20000, 4, Access.READ), Fault)
+    assert isinstance(driver.device.translate(EP2, 0x10000, 4, Access.READ), Fault)
+    assert isinstance(driver.device.translate(EP2, 0x20000, 4, Access.READ), Translation)
+    # Attaching again to the domain it is in changes nothing.
+    assert driver.attach(1, EP) == Status.OK
+    assert driver.device.domain_of(EP) == 1 and driver.mapped(1) == [(0x10000, 0x10FFF)]
+
+
 def test_attach_bypass_mismatch_refused_before_anything_changes(driver: Driver) -> None:
     """ATTACH request, device normative: "If the domain already exists and the VIRTIO_IOMMU_ATTACH_F_BYPASS
     flag is not consistent with that domain, the device SHOULD reject the request and set status to

@@ -92,6 +92,27 @@ def test_mmap_offset_not_page_aligned_is_honoured(memfd: Memfd, memory: GuestMem
     assert bytes(last) == memfd.pread(PAGE + 123 + 4 * PAGE - 8, 8)
 
 
+def free_huge_pages() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(free_huge_pages() < 2, reason="needs two free huge pages (vm.nr_hugepages)")
+def test_hugetlbfs_offset_inside_a_huge_page(memory: GuestMemory) -> None:
+    fd = os.memfd_create("vhost-iommu-huge", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    try:
+        huge = os.fstat(fd).st_blksize
+        os.ftruncate(fd, 2 * huge)
+        os.pwrite(fd, b"huge", huge + PAGE)
+        memory.add_region(MemoryRegionDesc(0, huge - PAGE, UVA, huge + PAGE), os.dup(fd))
+        assert bytes(memory.gpa_view(0, 4)) == b"huge"
+    finally:
+        os.close(fd)
+
+
 def test_view_must_lie_in_one_region(memfd: Memfd, memory: GuestMemory) -> None:
     memory.add_region(MemoryRegionDesc(0x10000, PAGE, UVA, 0), memfd.dup())
     memory.gpa_view(0x10000, PAGE)
@@ -406,11 +427,11 @@ def test_any_region_table_is_mapped_faithfully_or_refused_whole(table: list[Memo
         except GuestMemoryError:
             assert [region.desc for region in memory.regions] == old
         else:
-            regions = memory.regions
-            assert [r.desc for r in regions] == sorted(table, key=lambda d: d.guest_phys_addr)
-            for a, b in itertools.combinations(regions, 2):
-                assert a.desc.gpa_end <= b.gpa_start or b.desc.gpa_end <= a.gpa_start
-                assert a.desc.uva_end <= b.uva_start or b.desc.uva_end <= a.uva_start
+            descs = [region.desc for region in memory.regions]  # descs only: regions hold views
+            assert descs == sorted(table, key=lambda d: d.guest_phys_addr)
+            for a, b in itertools.combinations(descs, 2):
+                assert a.gpa_end <= b.guest_phys_addr or b.gpa_end <= a.guest_phys_addr
+                assert a.uva_end <= b.userspace_addr or b.uva_end <= a.userspace_addr
             for desc in table:
                 assert bytes(memory.gpa_view(desc.guest_phys_addr, desc.memory_size)) == file.pread(
                     desc.mmap_offset, desc.memory_size
@@ -418,7 +439,6 @@ def test_any_region_table_is_mapped_faithfully_or_refused_whole(table: list[Memo
                 assert bytes(memory.uva_view(desc.uva_end - 1, 1)) == file.pread(
                     desc.mmap_offset + desc.memory_size - 1, 1
                 )
-            del regions  # regions hold views, which hold the mappings
         assert open_fds() == before
     finally:
         memory.close()

@@ -207,9 +207,14 @@ def _map_region(desc: MemoryRegionDesc, fd: int) -> MemoryRegion:
             f"memory region {desc}: mmap_offset + memory_size = {desc.mmap_offset + desc.memory_size:#x} "
             f"is beyond the end of the file ({st.st_size:#x} bytes)"
         )
-    # mmap wants a page-aligned offset: map the aligned superset and start the view inside it.
-    lead = desc.mmap_offset % PAGE_SIZE
-    mapping = _Mapping(fd, desc.memory_size + lead, desc.mmap_offset - lead)
+    # mmap wants an offset aligned to the file's page size (the huge page size on hugetlbfs, which
+    # st_blksize reports): map the aligned superset and start the view inside it.
+    granule = (
+        st.st_blksize if st.st_blksize > PAGE_SIZE and not st.st_blksize & (st.st_blksize - 1) else PAGE_SIZE
+    )
+    lead = desc.mmap_offset % granule
+    length = -(-(desc.memory_size + lead) // granule) * granule  # hugetlbfs wants whole pages to unmap
+    mapping = _Mapping(fd, length, desc.mmap_offset - lead)
     whole: ByteView = np.asarray(mapping, dtype=np.uint8)
     return MemoryRegion(desc, whole[lead : lead + desc.memory_size])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhost_iommu.device import IommuDevice, Status, Topology
+from vhost_iommu.device import IommuDevice, ResvMemType, Status, Topology
 from vhost_iommu.device.domains import NO_DOMAIN
 from vhost_iommu.device.layout import (
     ATTACH_F_BYPASS,
@@ -17,7 +17,7 @@ from vhost_iommu.device.layout import (
     encode_map,
     encode_unmap,
 )
-from vhost_iommu.device.topology import PciRange, ReservedRegion, ResvMemType
+from vhost_iommu.device.topology import PciRange, ReservedRegion
 
 PAGE = 0x1000
 ENDPOINTS = [0x20, 0x21, 0x22, 0x23, 0x24]

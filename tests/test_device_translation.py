@@ -172,6 +172,7 @@ def test_events_come_out_in_order_and_overflow_is_counted() -> None:
     results = [device.translate(EP, page * PAGE, 4, Access.READ) for page in range(5)]
     assert [faulted(result).reported for result in results] == [True, True, True, False, False]
     assert device.dropped_event_count == 2 and device.fault_counters()["DROPPED"] == 2
+    assert [event.address for event in device.pending_events()] == [0, PAGE, 2 * PAGE]
     assert [decode_fault(device.take_event() or b"").address for _ in range(3)] == [0, PAGE, 2 * PAGE]
     assert device.take_event() is None
     assert faulted(device.translate(EP, 0, 4, Access.READ)).reported

@@ -40,7 +40,9 @@ def test_default_is_the_q35_layout() -> None:
 
 
 def test_shipped_default_file_equals_default() -> None:
-    assert Topology.load(TOPOLOGIES / "default.toml") == Topology.default()
+    loaded = Topology.load(TOPOLOGIES / "default.toml")
+    assert loaded == Topology.default()
+    assert hash(loaded) == hash(Topology.default())
 
 
 @pytest.mark.parametrize("path", sorted(TOPOLOGIES.glob("*.toml")), ids=lambda p: p.name)

@@ -53,9 +53,11 @@ from vhost_iommu.device.layout import (
     TAIL_SIZE,
     U64_MAX,
     UNMAP,
+    FaultEvent,
     FaultReason,
     RequestType,
     Status,
+    decode_fault,
     encode_fault,
     encode_resv_mem,
 )
@@ -298,6 +300,10 @@ class IommuDevice:
     def take_event(self) -> bytes | None:
         """The oldest pending 24-byte fault event, for the next eventq buffer."""
         return self.events.take()
+
+    def pending_events(self) -> list[FaultEvent]:
+        """The events waiting for eventq buffers, oldest first, decoded (they stay queued)."""
+        return [decode_fault(event) for event in self.events.peek_all()]
 
     @property
     def pending_event_count(self) -> int:

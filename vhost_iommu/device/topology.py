@@ -77,7 +77,7 @@ class Topology:
     iommu_bdf: int = 0x18  # 00:03.0
     pci_ranges: tuple[PciRange, ...] = ()
     # Extra regions for single endpoints, on top of those of their range.
-    endpoint_reserved: Mapping[int, tuple[ReservedRegion, ...]] = field(default_factory=dict)
+    endpoint_reserved: Mapping[int, tuple[ReservedRegion, ...]] = field(default_factory=dict, hash=False)
     page_size_mask: int = 0xFFFF_FFFF_FFFF_F000
     input_start: int = 0
     input_end: int = (1 << 48) - 1

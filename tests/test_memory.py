@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import itertools
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -106,7 +107,8 @@ def test_hugetlbfs_offset_inside_a_huge_page(memory: GuestMemory) -> None:
     try:
         huge = os.fstat(fd).st_blksize
         os.ftruncate(fd, 2 * huge)
-        os.pwrite(fd, b"huge", huge + PAGE)
+        with mmap.mmap(fd, 2 * huge) as writer:  # hugetlbfs has no write(2)
+            writer[huge + PAGE : huge + PAGE + 4] = b"huge"
         memory.add_region(MemoryRegionDesc(0, huge - PAGE, UVA, huge + PAGE), os.dup(fd))
         assert bytes(memory.gpa_view(0, 4)) == b"huge"
     finally:

@@ -71,6 +71,7 @@ class Harness:
         self.device.set_config(offset, data)
 
     def reset(self) -> None:
+        """Device reset, as the transport does it; features must be negotiated again after it."""
         self.device.reset()
 
     def negotiate(self, features: int) -> None:
@@ -856,7 +857,7 @@ def test_events_wait_for_buffers_bounded(make_harness: MakeHarness) -> None:
     drop the event." Events wait in a bounded queue; what does not fit is counted, not silently lost."""
     harness = make_harness()
     device = harness.device
-    device.set_config(CONFIG_BYPASS, b"\x00")
+    harness.write_config(CONFIG_BYPASS, b"\x00")
     capacity = device.events.capacity
     for page in range(capacity + 5):
         device.translate(EP, page * PAGE, 4, Access.READ)

@@ -284,7 +284,7 @@ class IommuDevice:
     def translate(
         self, endpoint: int, iova: int, size: int, access: int, *, report: bool = True
     ) -> Translation | Fault:
-        """Translate a DMA access by ``endpoint``; a Fault goes to the eventq queue unless report=False."""
+        """Translate a DMA access by ``endpoint``; a Fault is queued for the eventq unless report=False."""
         result = translate(self.domain_table, self.bypass, endpoint, iova, size, access)
         if isinstance(result, Translation):
             return result

@@ -346,13 +346,16 @@ def test_replace_closes_a_repeated_fd_once(memfd: Memfd, memory: GuestMemory) ->
 
 
 def test_flat_tables_for_compiled_code(memfd: Memfd, memory: GuestMemory) -> None:
-    memory.add_region(MemoryRegionDesc(0x9000, PAGE, UVA, PAGE), memfd.dup())
+    memory.add_region(MemoryRegionDesc((1 << 64) - PAGE, PAGE, UVA, PAGE), memfd.dup())  # ends at 2**64
     memory.add_region(MemoryRegionDesc(0x1000, 2 * PAGE, UVA + PAGE, 0), memfd.dup())
-    starts, sizes, arrays = memory.flat_tables()
-    assert starts.dtype == np.uint64 and list(starts) == [0x1000, 0x9000]
-    assert list(sizes) == [2 * PAGE, PAGE]
-    assert [len(a) for a in arrays] == [2 * PAGE, PAGE]
-    assert bytes(arrays[1][:8]) == memfd.pread(PAGE, 8)
+    flat = memory.flat_tables()
+    assert flat.gpa_starts.dtype == flat.gpa_lasts.dtype == flat.host_addresses.dtype == np.uint64
+    assert list(flat.gpa_starts) == [0x1000, (1 << 64) - PAGE]
+    assert list(flat.gpa_lasts) == [0x1000 + 2 * PAGE - 1, (1 << 64) - 1]
+    assert [len(a) for a in flat.arrays] == [2 * PAGE, PAGE]
+    assert bytes(flat.arrays[1][:8]) == memfd.pread(PAGE, 8)
+    assert [int(a) for a in flat.host_addresses] == [a.ctypes.data for a in flat.arrays]
+    assert bytes(memory.gpa_view((1 << 64) - 8, 8)) == memfd.pread(2 * PAGE - 8, 8)  # the very top
 
 
 # --- the fake guest RAM the harness builds on ---------------------------------------------------------
@@ -430,6 +433,7 @@ def test_any_region_table_is_mapped_faithfully_or_refused_whole(table: list[Memo
             assert [region.desc for region in memory.regions] == old
         else:
             descs = [region.desc for region in memory.regions]  # descs only: regions hold views
+            assert len(memory.flat_tables().gpa_starts) == len(descs)
             assert descs == sorted(table, key=lambda d: d.guest_phys_addr)
             for a, b in itertools.combinations(descs, 2):
                 assert a.gpa_end <= b.guest_phys_addr or b.gpa_end <= a.guest_phys_addr

@@ -37,13 +37,14 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "MAX_MEM_SLOTS",
+    "FlatRegions",
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
@@ -232,6 +233,15 @@ def _check_no_overlap(descs: Sequence[MemoryRegionDesc]) -> None:
                 raise GuestMemoryError(f"memory regions {before} and {after} overlap in {space} space")
 
 
+class FlatRegions(NamedTuple):
+    """Guest-physical layout as plain arrays (what a numba kernel can take)."""
+
+    gpa_starts: npt.NDArray[np.uint64]
+    gpa_lasts: npt.NDArray[np.uint64]  # inclusive: a region may end exactly at 2**64, which no u64 holds
+    host_addresses: npt.NDArray[np.uint64]  # where each region's first byte is mapped in this process
+    arrays: tuple[ByteView, ...]
+
+
 class GuestMemory:
     """The guest's memory regions, their mappings, and translation of uva and gpa to numpy views.
 
@@ -332,12 +342,16 @@ class GuestMemory:
     def __len__(self) -> int:
         return len(self._by_gpa)
 
-    def flat_tables(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], tuple[ByteView, ...]]:
-        """The regions as flat arrays for compiled code: (gpa starts, sizes, per-region uint8 arrays),
-        all sorted by gpa, so a kernel can bisect the starts and index the matching array."""
-        starts = np.array(self._gpa_starts, dtype=np.uint64)
-        sizes = np.array([r.size for r in self._by_gpa], dtype=np.uint64)
-        return starts, sizes, tuple(r.data for r in self._by_gpa)
+    def flat_tables(self) -> FlatRegions:
+        """The regions as flat arrays for compiled code, sorted by gpa (a kernel bisects ``gpa_starts``
+        and indexes ``arrays``, or builds its own view from ``host_addresses``). Valid until the next
+        change of the region set (see ``generation``); the arrays keep their mappings alive."""
+        return FlatRegions(
+            gpa_starts=np.array(self._gpa_starts, dtype=np.uint64),
+            gpa_lasts=np.array([end - 1 for end in self._gpa_ends], dtype=np.uint64),
+            host_addresses=np.array([data.ctypes.data for data in self._gpa_data], dtype=np.uint64),
+            arrays=tuple(self._gpa_data),
+        )
 
     # --- translation -------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from vhost_iommu.protocol import (
 )
 
 HEADER = struct.Struct("=III")
+#: How long to wait for something that must NOT happen.
+QUIET_PERIOD = 0.3
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 
@@ -384,12 +386,19 @@ def test_ring_layout_cannot_change_while_started(
 # -- config and status -----------------------------------------------------------------------------
 
 
-def test_config_read_write_and_change_notification(negotiated: Frontend) -> None:
-    assert negotiated.get_config(0, ECHO_CONFIG_SIZE) == b"ECHOECHO"
-    negotiated.set_config(2, b"xy")
-    assert negotiated.get_config(0, ECHO_CONFIG_SIZE) == b"ECxyECHO"
-    assert negotiated.get_config(6, 2) == b"HO"
-    assert negotiated.wait_config_changes(1, timeout=5)
+def test_config_read_write_and_change_notification(frontend: Frontend, ram: GuestRam) -> None:
+    frontend.negotiate(2)
+    assert frontend.get_config(0, ECHO_CONFIG_SIZE) == b"ECHOECHO"
+    frontend.set_config(2, b"xy")
+    assert frontend.get_config(0, ECHO_CONFIG_SIZE) == b"ECxyECHO"
+    assert frontend.get_config(6, 2) == b"HO"
+    # Every ring is stopped: the device is suspended and must not message the front-end yet.
+    assert not frontend.wait_config_changes(1, timeout=QUIET_PERIOD)
+    frontend.start_rings(ram, [DriverQueue(ram, 64), DriverQueue(ram, 64)], driver_features=0)
+    assert frontend.wait_config_changes(1, timeout=5)
+    frontend.set_config(0, b"z")
+    assert frontend.wait_config_changes(2, timeout=5)
+    assert frontend.channel is not None and frontend.channel.error is None
 
 
 def test_config_access_out_of_range_fails_the_spec_way(

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
+    FLAG_NEED_REPLY,
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -204,6 +205,8 @@ class ConnectionHandler:
         self.status = 0
         self.broken_reason: str | None = None
         self.channel: BackendChannel | None = None
+        #: A config change to announce once the device is no longer suspended (all rings stopped).
+        self.config_change_pending = False
         self.closed = False
         backend.attach(self)
         self._dispatch: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
@@ -288,6 +291,12 @@ class ConnectionHandler:
             self._write_eventfd(fd, f"call fd of ring {index}")
 
     def config_changed(self) -> None:
+        if not any(slot.started for slot in self.slots):
+            # vhost-user.rst "Suspended device state": with every ring stopped the back-end must not
+            # send messages to the front-end. The change is announced when a ring starts.
+            self.config_change_pending = True
+            return
+        self.config_change_pending = False
         if self.channel is None or not self.channel.open:
             log.debug("%s: config changed, but there is no back-end channel to say so", self.name)
             return
@@ -312,7 +321,7 @@ class ConnectionHandler:
     # -- failures -------------------------------------------------------------------------------------------
 
     def _fail(self, code: int, flags: int, reason: str) -> None:
-        need_reply = bool(flags & 0x8)
+        need_reply = bool(flags & FLAG_NEED_REPLY)
         if code == FrontendRequest.GET_CONFIG:
             log.warning("%s: %s; answering with an empty config (the spec's failure form)", self.name, reason)
             self._send(encode_reply(code))
@@ -467,6 +476,8 @@ class ConnectionHandler:
         slot.replace_fd("kick", fd)
         slot.queue = queue
         self._refresh(slot)
+        if self.config_change_pending:
+            self.config_changed()
 
     def _make_queue(self, slot: VringSlot) -> SplitQueue:
         if slot.size is None or slot.address is None:
@@ -657,6 +668,7 @@ class ConnectionHandler:
         self.status = 0
         self.acked_features = 0
         self.broken_reason = None
+        self.config_change_pending = False
         self.backend.reset()
 
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -48,6 +48,9 @@ class RunningServer:
         self.server = VhostUserServer(recording_factory)
         self._listener = bind_unix_socket(path)
         self.loop = new_event_loop()
+        #: Exceptions that escaped a callback on the server's loop: a server bug, reported at stop().
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
         self._serving: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name="vhost-user server", daemon=True)
         self._thread.start()
@@ -107,6 +110,8 @@ class RunningServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self._serving.result(0)
+        if self.loop_errors:
+            raise RuntimeError(f"unhandled errors on the server's event loop: {self.loop_errors}")
 
 
 def open_fds() -> dict[int, str]:

@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import socket
 import stat
 import sys
@@ -104,7 +105,8 @@ def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
             raise SocketPathError(f"{path} is in use by a running server")
         log.info("replacing stale socket %s", path)
     directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    # Short, so that a path near the 108-byte limit of unix socket addresses still fits.
+    temporary = os.path.join(directory, f".{os.getpid()}.{secrets.token_hex(2)}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -103,7 +103,7 @@ class Domains:
         self.first = topology.domain_start
         self.last = topology.domain_end
         self.max_domains = max_domains
-        size = self.last - self.first + 1
+        self.size = size = self.last - self.first + 1
         self.exists: npt.NDArray[np.bool_] = np.zeros(size, np.bool_)
         self.bypass: npt.NDArray[np.bool_] = np.zeros(size, np.bool_)
         self.endpoint_count: npt.NDArray[np.int32] = np.zeros(size, np.int32)

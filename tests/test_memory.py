@@ -450,3 +450,19 @@ def test_any_region_table_is_mapped_faithfully_or_refused_whole(table: list[Memo
         memory.close()
         file.close()
     assert mappings_of(file.name) == 0
+
+
+def test_several_guest_rams_fit_in_one_memory_table() -> None:
+    with GuestRam(PAGE, gpa_base=0) as low, GuestRam(3 * PAGE, gpa_base=1 << 32) as high:
+        assert low.uva_base != high.uva_base
+        with GuestRam(PAGE) as third:
+            assert third.uva_base not in (low.uva_base, high.uva_base)
+        with GuestRam(PAGE) as fourth:
+            assert fourth.uva_base == third.uva_base  # closed RAMs give their range back
+        memory = GuestMemory()
+        try:
+            memory.replace([(low.region_desc(), low.dup_fd()), (high.region_desc(), high.dup_fd())])
+            high.write(high.gpa_base + 2 * PAGE, b"high")
+            assert bytes(memory.uva_view(high.gpa_to_uva(high.gpa_base + 2 * PAGE), 4)) == b"high"
+        finally:
+            memory.close()

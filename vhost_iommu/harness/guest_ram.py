@@ -26,7 +26,9 @@ import bisect
 import contextlib
 import mmap
 import os
+import weakref
 from types import TracebackType
+from typing import ClassVar
 
 import numpy as np
 
@@ -35,6 +37,7 @@ from vhost_iommu.memory import ByteView, GuestMemory, MemoryRegionDesc
 __all__ = ["GuestRam", "GuestRamError"]
 
 DEFAULT_UVA_BASE = 0x7F00_0000_0000
+UVA_STRIDE = 1 << 30
 
 
 class GuestRamError(Exception):
@@ -42,17 +45,23 @@ class GuestRamError(Exception):
 
 
 class GuestRam:
-    """``size`` bytes of shared memory at guest-physical ``gpa_base`` and front-end address ``uva_base``.
+    """``size`` bytes of shared memory at guest-physical ``gpa_base`` and front-end address ``uva_base``
+    (by default the lowest range from 0x7f00_0000_0000 up that overlaps no other open GuestRam's).
 
     ``fd`` stays open (and owned by this object) until :meth:`close`; give :meth:`dup_fd` to anything
     that takes ownership of an fd.
     """
 
+    # Front-end address ranges of the RAMs not yet closed, for choosing a default uva_base.
+    _live_uva_ranges: ClassVar[dict[int, tuple[int, int]]] = {}
+
     def __init__(
-        self, size: int, *, gpa_base: int = 0, uva_base: int = DEFAULT_UVA_BASE, name: str = "guest-ram"
+        self, size: int, *, gpa_base: int = 0, uva_base: int | None = None, name: str = "guest-ram"
     ) -> None:
         if size <= 0:
             raise GuestRamError(f"RAM size must be positive, not {size}")
+        if uva_base is None:
+            uva_base = self._free_uva_base(size)
         if gpa_base < 0 or uva_base < 0 or gpa_base + size > 1 << 64 or uva_base + size > 1 << 64:
             raise GuestRamError("RAM does not fit in a 64-bit address space")
         self.size = size
@@ -71,6 +80,20 @@ class GuestRam:
         self._free_sizes: list[int] = [size]
         self._allocated: dict[int, int] = {}
         self.closed = False
+        GuestRam._live_uva_ranges[id(self)] = (uva_base, uva_base + size)
+        # A RAM dropped without close() gives its range back too.
+        weakref.finalize(self, GuestRam._live_uva_ranges.pop, id(self), None)
+
+    @staticmethod
+    def _free_uva_base(size: int) -> int:
+        """The lowest 1 GiB-aligned front-end address from 0x7f00_0000_0000 up whose range (plus a gap)
+        overlaps no open RAM's, so that RAMs open together can share a memory table."""
+        candidate = DEFAULT_UVA_BASE
+        for start, end in sorted(GuestRam._live_uva_ranges.values()):
+            if candidate + size + UVA_STRIDE <= start:
+                break
+            candidate = max(candidate, -(-end // UVA_STRIDE) * UVA_STRIDE + UVA_STRIDE)
+        return candidate
 
     # --- description for the back-end ---------------------------------------------------------------
 
@@ -180,6 +203,7 @@ class GuestRam:
         if self.closed:
             return
         self.closed = True
+        GuestRam._live_uva_ranges.pop(id(self), None)
         os.close(self.fd)
         del self.data
         # While views are alive close() raises BufferError; the mapping then goes with the last of them.

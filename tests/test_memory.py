@@ -466,3 +466,11 @@ def test_several_guest_rams_fit_in_one_memory_table() -> None:
             assert bytes(memory.uva_view(high.gpa_to_uva(high.gpa_base + 2 * PAGE), 4)) == b"high"
         finally:
             memory.close()
+
+
+def test_a_guest_ram_dropped_without_close_releases_its_memfd() -> None:
+    before = open_fds()
+    ram = GuestRam(PAGE)
+    del ram
+    gc.collect()
+    assert open_fds() == before

@@ -420,7 +420,9 @@ class SplitQueue:
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed since the last call.
 
-        Honours VIRTQ_AVAIL_F_NO_INTERRUPT, or with EVENT_IDX the driver's used_event.
+        Honours VIRTQ_AVAIL_F_NO_INTERRUPT, or with EVENT_IDX the driver's used_event. With EVENT_IDX
+        the first decision of a new queue is always yes: what the driver saw before is unknown, and a
+        spurious interrupt is harmless where a missing one hangs the driver.
         """
         pushed = self._pushed_since_check
         old, new = self._signalled_used, self.used_idx

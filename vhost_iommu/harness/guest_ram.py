@@ -40,6 +40,11 @@ DEFAULT_UVA_BASE = 0x7F00_0000_0000
 UVA_STRIDE = 1 << 30
 
 
+def _release(key: int, fd: int) -> None:
+    GuestRam._live_uva_ranges.pop(key, None)
+    os.close(fd)
+
+
 class GuestRamError(Exception):
     """Misuse of the fake RAM (out of range, out of memory, double free)."""
 
@@ -81,8 +86,8 @@ class GuestRam:
         self._allocated: dict[int, int] = {}
         self.closed = False
         GuestRam._live_uva_ranges[id(self)] = (uva_base, uva_base + size)
-        # A RAM dropped without close() gives its range back too.
-        weakref.finalize(self, GuestRam._live_uva_ranges.pop, id(self), None)
+        # Runs once: at close(), or when a RAM dropped without close() is collected.
+        self._release = weakref.finalize(self, _release, id(self), self.fd)
 
     @staticmethod
     def _free_uva_base(size: int) -> int:
@@ -203,8 +208,7 @@ class GuestRam:
         if self.closed:
             return
         self.closed = True
-        GuestRam._live_uva_ranges.pop(id(self), None)
-        os.close(self.fd)
+        self._release()
         del self.data
         # While views are alive close() raises BufferError; the mapping then goes with the last of them.
         with contextlib.suppress(BufferError):

@@ -165,8 +165,9 @@ def test_offers_map_unmap(harness: Harness) -> None:
 
 
 def test_never_offers_legacy_bypass(harness: Harness) -> None:
-    """Feature bits, device normative: "New devices SHOULD NOT offer VIRTIO_IOMMU_F_BYPASS. Devices SHOULD
-    NOT offer both VIRTIO_IOMMU_F_BYPASS and VIRTIO_IOMMU_F_BYPASS_CONFIG." """
+    """Feature bits, device normative: "The VIRTIO_IOMMU_F_BYPASS_CONFIG feature supersedes
+    VIRTIO_IOMMU_F_BYPASS. New devices SHOULD NOT offer VIRTIO_IOMMU_F_BYPASS. Devices SHOULD NOT offer both
+    VIRTIO_IOMMU_F_BYPASS and VIRTIO_IOMMU_F_BYPASS_CONFIG." """
     features = harness.device.device_features()
     assert not features & F_BYPASS
     assert features & F_BYPASS_CONFIG
@@ -177,10 +178,12 @@ def test_never_offers_legacy_bypass(harness: Harness) -> None:
 
 def test_page_size_mask_has_a_bit(harness: Harness) -> None:
     """Device configuration layout, device normative: "The device MUST set at least one bit in
-    page_size_mask, describing the page granularity." """
+    page_size_mask, describing the page granularity. The device MAY set more than one bit in
+    page_size_mask." (Every power of two from the 4 KiB granule up.)"""
     config = decode_config(harness.read_config(0, 40))
     assert config.page_size_mask != 0
     assert config.page_size_mask & -config.page_size_mask == PAGE
+    assert config.page_size_mask == (2**64 - 1) ^ (PAGE - 1)
 
 
 def test_bypass_initialised_to_boot_value(make_harness: MakeHarness) -> None:
@@ -358,7 +361,8 @@ def test_attach_unknown_endpoint(driver: Driver, endpoint: int) -> None:
 
 def test_attach_second_endpoint_to_domain(driver: Driver) -> None:
     """ATTACH request, device normative: "If another endpoint is already attached to the domain identified
-    by domain, then the device MAY attach the endpoint identified by endpoint to the domain." (We do.)"""
+    by domain, then the device MAY attach the endpoint identified by endpoint to the domain. If it cannot do
+    so, the device MUST reject the request and set status to VIRTIO_IOMMU_S_UNSUPP." (We always can.)"""
     assert driver.attach(1, EP) == Status.OK
     assert driver.map(1, 0x10000, 0x10FFF, 0x80000, MAP_F_READ) == Status.OK
     assert driver.attach(1, EP2) == Status.OK
@@ -403,7 +407,8 @@ def test_reattach_moves_endpoint(driver: Driver) -> None:
     """ATTACH request, device normative: "If the endpoint identified by endpoint is already attached to
     another domain, then the device SHOULD first detach it from that domain and attach it to the one
     identified by domain. In that case the device SHOULD behave as if the driver issued a DETACH request
-    with this endpoint, followed by the ATTACH request." """
+    with this endpoint, followed by the ATTACH request. If the device cannot do so, it MUST reject the
+    request and set status to VIRTIO_IOMMU_S_UNSUPP." (We always can.)"""
     assert driver.attach(1, EP) == Status.OK
     assert driver.map(1, 0, PAGE - 1, 0x5000) == Status.OK
     assert driver.attach(2, EP) == Status.OK
@@ -562,8 +567,9 @@ def test_map_unknown_flag(driver: Driver, flags: int) -> None:
 
 
 def test_map_mmio_flag_needs_mmio_feature(make_harness: MakeHarness) -> None:
-    """MAP request: "The VIRTIO_IOMMU_MAP_F_MMIO flag ... is only available when the VIRTIO_IOMMU_F_MMIO
-    feature has been negotiated." Without it, it is a flag the device does not recognize (S_INVAL)."""
+    """MAP request: "The VIRTIO_IOMMU_MAP_F_MMIO flag is a memory type rather than a protection flag. It is
+    only available when the VIRTIO_IOMMU_F_MMIO feature has been negotiated." Without it, it is a flag the
+    device does not recognize (S_INVAL)."""
     without = Driver(make_harness(features=F_MAP_UNMAP | F_PROBE | F_BYPASS_CONFIG))
     assert without.attach(1) == Status.OK
     assert without.map(1, 0, PAGE - 1, 0, MAP_F_WRITE | MAP_F_MMIO) == Status.INVAL
@@ -599,7 +605,9 @@ def test_map_on_bypass_domain(driver: Driver) -> None:
 
 def test_no_write_without_write_flag(driver: Driver) -> None:
     """MAP request, device normative: "The device MUST NOT allow writes to a range mapped without the
-    VIRTIO_IOMMU_MAP_F_WRITE flag." """
+    VIRTIO_IOMMU_MAP_F_WRITE flag. However, if the underlying architecture does not support write-only
+    mappings, the device MAY allow reads to a range mapped with VIRTIO_IOMMU_MAP_F_WRITE but not
+    VIRTIO_IOMMU_MAP_F_READ." (This device supports write-only mappings: reads of them fault.)"""
     no_bypass(driver)
     assert driver.attach(1) == Status.OK
     assert driver.map(1, 0x4000, 0x4FFF, 0x9000, MAP_F_READ) == Status.OK
@@ -607,11 +615,14 @@ def test_no_write_without_write_flag(driver: Driver) -> None:
     fault = driver.device.translate(EP, 0x4FFC, 4, Access.WRITE)
     assert isinstance(fault, Fault) and fault.reason == FaultReason.MAPPING and fault.address == 0x4FFC
     assert decode_fault(driver.device.take_event() or b"").flags == FAULT_F_WRITE | FAULT_F_ADDRESS
+    assert driver.map(1, 0x5000, 0x5FFF, 0xA000, MAP_F_WRITE) == Status.OK
+    assert isinstance(driver.device.translate(EP, 0x5000, 4, Access.WRITE), Translation)
+    assert isinstance(driver.device.translate(EP, 0x5000, 4, Access.READ), Fault)
 
 
 def test_map_translates_as_the_spec_computes(driver: Driver) -> None:
-    """MAP request: "if an endpoint accesses address VA in [virt_start; virt_end], the device (or the
-    physical IOMMU) translates the address: PA = VA - virt_start + phys_start." """
+    r"""MAP request: "For example, if an endpoint accesses address $VA \in [virt\_start; virt\_end]$, the
+    device (or the physical IOMMU) translates the address: $PA = VA - virt\_start + phys\_start$." """
     no_bypass(driver)
     assert driver.attach(1) == Status.OK
     assert driver.map(1, 0x20_0000, 0x3F_FFFF, 0x7_0000_0000) == Status.OK
@@ -732,7 +743,7 @@ def test_probe_property_layout(make_harness: MakeHarness) -> None:
     """PROBE request, device normative: "The device SHOULD set field reserved of a property to zero." "The
     device MUST write the size of a property without the struct virtio_iommu_probe_property header, in bytes,
     into length." "When two properties follow each other, the device MUST put the second property exactly
-    (length + 4) bytes after the beginning of the first one." """
+    $(length + 4)$ bytes after the beginning of the first one." """
     regions = (
         ReservedRegion(ResvMemType.RESERVED, 0x1000, 0x1FFF),
         ReservedRegion(ResvMemType.MSI, MSI_START, MSI_END),
@@ -833,7 +844,9 @@ def test_reserved_region_accesses_stay_with_the_endpoint(make_harness: MakeHarne
 
 def test_fault_report_fields(driver: Driver) -> None:
     """Fault reporting, device normative: "The device SHOULD set reserved and reserved1 to zero." "The
-    device SHOULD set undefined flags to zero." "The device SHOULD write a valid endpoint ID in endpoint." """
+    device SHOULD set undefined flags to zero." "The device SHOULD write a valid endpoint ID in endpoint."
+    "The device MAY omit setting VIRTIO_IOMMU_FAULT_F_ADDRESS and writing address in any fault report,
+    regardless of the reason." (It never omits them.)"""
     no_bypass(driver)
     driver.device.translate(EP2, 0x5000, 4, Access.READ)  # not attached
     assert driver.attach(1) == Status.OK
@@ -865,3 +878,17 @@ def test_events_wait_for_buffers_bounded(make_harness: MakeHarness) -> None:
     assert device.dropped_event_count == 5
     first = decode_fault(device.take_event() or b"")
     assert first.address == 0  # the oldest waits at the head
+
+
+def test_fault_report_is_one_whole_record(harness: Harness) -> None:
+    """Fault reporting, device normative: "If a buffer is too small to contain the fault report, the device
+    SHOULD NOT use multiple buffers to describe it. The device MAY fall back to using an older fault report
+    format that fits in the buffer." The core hands out each report as one 24-byte record (there is no older
+    format); the ring glue gives a smaller eventq buffer back unused rather than split a report."""
+    device = harness.device
+    harness.write_config(CONFIG_BYPASS, b"\x00")
+    device.translate(EP, 0x7000, 4, Access.READ)
+    device.translate(EP2, 0x8000, 4, Access.WRITE)
+    first, second = device.take_event(), device.take_event()
+    assert first is not None and second is not None and len(first) == len(second) == 24
+    assert decode_fault(first).address == 0x7000 and decode_fault(second).address == 0x8000

@@ -315,7 +315,8 @@ class IommuDevice:
 
     def reset(self) -> None:
         """Device reset: every endpoint detached, every domain (and its mappings) dropped, pending events
-        dropped, features forgotten. ``bypass`` keeps its value."""
+        dropped, features forgotten. ``bypass`` keeps its value; the counters are lifetime statistics and
+        keep theirs."""
         self.domain_table.clear()
         self.events.clear()
         self.acked_features = 0

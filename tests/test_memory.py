@@ -194,6 +194,15 @@ def test_fd_that_is_not_a_regular_file_is_refused_and_closed(memory: GuestMemory
         os.close(write_end)
 
 
+def test_read_only_fd_is_refused_and_closed(memfd: Memfd, memory: GuestMemory) -> None:
+    read_only = os.open(f"/proc/self/fd/{memfd.fd}", os.O_RDONLY)
+    before = open_fds() - {str(read_only)}
+    with pytest.raises(GuestMemoryError, match="mmap"):
+        memory.add_region(MemoryRegionDesc(0, PAGE, UVA, 0), read_only)
+    assert open_fds() == before
+    assert len(memory) == 0
+
+
 def test_closed_fd_gives_an_error_not_a_crash(memory: GuestMemory) -> None:
     fd = os.memfd_create("gone")
     os.close(fd)

@@ -432,7 +432,7 @@ class Frontend:
         driver_features: int | None = None,
         use_mem_slots: bool | None = None,
     ) -> None:
-        """Connect-to-DRIVER_OK as QEMU 10.2 does it for vhost-user-test-device-pci.
+        """Connection set-up and device start, as QEMU 10.2 does them for vhost-user-test-device-pci.
 
         ``driver_features`` defaults to everything the device offers (EVENT_IDX only if the first queue
         was built with ``event_idx``); memory goes by ADD_MEM_REG when CONFIGURE_MEM_SLOTS was negotiated,
@@ -453,8 +453,15 @@ class Frontend:
         *,
         driver_features: int,
         use_mem_slots: bool | None = None,
+        driver_ok_status: bool = False,
     ) -> None:
-        """QEMU's ``vhost_dev_start``: features, memory, every ring, enable, DRIVER_OK."""
+        """QEMU's ``vhost_dev_start``, in the order QEMU 10.2.2 sends it for vhost-user-test-device-pci.
+
+        Observed from a real guest boot: SET_FEATURES, GET_STATUS + SET_STATUS(FEATURES_OK), ADD_MEM_REG,
+        per ring NUM/BASE/ADDR/KICK/CALL, SET_VRING_ENABLE 1 for every ring, then SET_VRING_CALL again for
+        every ring (``vub_start`` unmasking the notifiers). That device never sends DRIVER_OK through
+        SET_STATUS; ``driver_ok_status`` adds it the way other vhost-user devices do.
+        """
         self.set_features(driver_features | VHOST_USER_F_PROTOCOL_FEATURES)
         if self.protocol_features & ProtocolFeature.STATUS:
             self.add_status(VIRTIO_CONFIG_S_FEATURES_OK)
@@ -472,15 +479,18 @@ class Frontend:
             self.set_vring_call(index)
         for index in range(len(queues)):
             self.set_vring_enable(index, True)
-        if self.protocol_features & ProtocolFeature.STATUS:
+        for index in range(len(queues)):
+            self.set_vring_call(index)
+        if driver_ok_status and self.protocol_features & ProtocolFeature.STATUS:
             self.add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK)
 
-    def stop_device(self, num_queues: int) -> list[int]:
-        """QEMU's ``vhost_dev_stop``: disable, GET_VRING_BASE every ring, status 0. Returns the bases."""
+    def stop_device(self, num_queues: int, *, reset_status: bool = False) -> list[int]:
+        """QEMU's ``vhost_dev_stop``: SET_VRING_ENABLE 0 then GET_VRING_BASE for every ring (QEMU 10.2.2's
+        generic device sends no SET_STATUS 0; ``reset_status`` adds it). Returns the rings' next avail."""
         for index in range(num_queues):
             self.set_vring_enable(index, False)
         bases = [self.get_vring_base(index) for index in range(num_queues)]
-        if self.protocol_features & ProtocolFeature.STATUS:
+        if reset_status and self.protocol_features & ProtocolFeature.STATUS:
             self.set_status(0)
         return bases
 

@@ -278,3 +278,33 @@ def test_counters(device: IommuDevice) -> None:
     assert (requests["ATTACH"], requests["MAP"], requests["UNSERVED"], requests["PROBE"]) == (2, 2, 1, 0)
     statuses = device.status_counters()
     assert (statuses["OK"], statuses["NOENT"], statuses["INVAL"]) == (2, 1, 1)
+
+
+# -- injected answers ----------------------------------------------------------------------------------------
+
+
+def test_injected_status_answers_without_touching_state(device: IommuDevice) -> None:
+    assert status(device, encode_attach(1, EP)) == Status.OK
+    device.inject(RequestType.MAP, Status.DEVERR, times=2)
+    assert status(device, encode_map(1, 0, PAGE - 1, 0)) == Status.DEVERR
+    assert status(device, encode_map(1, 0, PAGE - 1, 0)) == Status.DEVERR
+    assert device.mappings(1) == []
+    assert status(device, encode_map(1, 0, PAGE - 1, 0)) == Status.OK  # used up
+    assert status(device, encode_unmap(1, 0, PAGE - 1)) == Status.OK  # other types untouched
+    assert device.injected_count == 2
+
+
+def test_injected_silence_and_probe(device: IommuDevice) -> None:
+    device.inject(RequestType.ATTACH, None)
+    device.inject(RequestType.PROBE, Status.NOMEM)
+    assert device.handle_request(encode_attach(1, EP), TAIL_SIZE) == (b"", 0)
+    assert device.domain_of(EP) is None
+    response, used = device.handle_request(encode_probe(EP), 512 + TAIL_SIZE)
+    assert used == 516 and response == bytes(512) + bytes([Status.NOMEM, 0, 0, 0])
+    # A chain whose tail cannot be found is still refused as such, not given the injected answer.
+    device.inject(RequestType.MAP, Status.OK)
+    assert device.handle_request(encode_map(1, 0, PAGE - 1, 0), 8) == (b"", 0)
+    device.clear_injections()
+    assert status(device, encode_map(1, 0, PAGE - 1, 0)) == Status.NOENT
+    with pytest.raises(ValueError):
+        device.inject(RequestType.MAP, Status.OK, times=0)

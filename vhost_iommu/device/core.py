@@ -115,6 +115,9 @@ class IommuDevice:
         self.request_counts: list[int] = [0] * (len(RequestType) + 1)
         self.status_counts: list[int] = [0] * len(Status)
         self.fault_counts: list[int] = [0] * len(FaultReason)
+        # Answers forced on upcoming requests by `inject`: request type -> [(status or None, remaining)].
+        self._injected: dict[int, list[tuple[Status | None, int]]] = {}
+        self.injected_count = 0
 
     # -- features and config -----------------------------------------------------------------------------
 
@@ -163,6 +166,8 @@ class IommuDevice:
             self.request_counts[0] += 1
             return b"", 0
         self.request_counts[request_type] += 1
+        if self._injected and request_type in self._injected:
+            return self._forced_answer(request_type, writable_size)
 
         if request_type == _PROBE:
             properties_size = writable_size - TAIL_SIZE
@@ -185,6 +190,34 @@ class IommuDevice:
             status = self._detach(request)
         self.status_counts[status] += 1
         return _STATUS_TAILS[status], writable_size
+
+    # -- breaking things on purpose ----------------------------------------------------------------------
+
+    def inject(self, request_type: RequestType, status: Status | None, *, times: int = 1) -> None:
+        """Answer the next ``times`` requests of ``request_type`` whose tail can be found with ``status``
+        instead of serving them (no state changes); ``status=None`` returns their buffers unwritten (used
+        length 0), as for a request the device could not parse. For provoking a driver's error paths."""
+        if times < 1:
+            raise ValueError(f"times {times} must be at least 1")
+        self._injected.setdefault(int(request_type), []).append((status, times))
+
+    def clear_injections(self) -> None:
+        self._injected.clear()
+
+    def _forced_answer(self, request_type: int, writable_size: int) -> tuple[bytes, int]:
+        queue = self._injected[request_type]
+        status, remaining = queue[0]
+        if remaining > 1:
+            queue[0] = (status, remaining - 1)
+        else:
+            queue.pop(0)
+            if not queue:
+                del self._injected[request_type]
+        self.injected_count += 1
+        if status is None:
+            return b"", 0
+        self.status_counts[status] += 1
+        return bytes(writable_size - TAIL_SIZE) + _STATUS_TAILS[status], writable_size
 
     def _attach(self, request: bytes | memoryview) -> Status:
         _type, _head_reserved, domain, endpoint, flags, reserved = ATTACH.unpack(request)

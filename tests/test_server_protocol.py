@@ -453,3 +453,17 @@ def test_reset_owner_disables_the_rings(
     events = backend.events_snapshot()
     assert ("queue_stopped", 0) in events and ("queue_stopped", 1) in events
     assert ("reset", -1) not in events
+
+
+def test_a_front_end_that_never_reads_its_replies_is_disconnected(
+    vhost_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vhost_iommu.server.connection.MAX_PENDING_OUTPUT", 1 << 16)
+    with vhost_server.connect() as greedy:
+        burst = encode(FrontendRequest.GET_FEATURES) * 1000
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(100):  # far more replies than the socket and the server's buffer hold
+                greedy.send(burst)
+        assert greedy.wait_disconnected(timeout=10)
+    with vhost_server.connect() as fresh:
+        assert fresh.get_queue_num() == 2

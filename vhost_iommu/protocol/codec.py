@@ -68,9 +68,6 @@ from vhost_iommu.protocol.messages import (
 _HEADER = struct.Struct("=III")
 assert _HEADER.size == HEADER_SIZE
 
-RequestCode = FrontendRequest | BackendRequest
-
-
 class ProtocolError(Exception):
     """The peer broke the vhost-user protocol."""
 

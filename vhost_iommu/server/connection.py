@@ -30,6 +30,9 @@ _FD_SIZE = array.array("i").itemsize
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 #: Messages handled per readiness callback before yielding to other connections and kick fds.
 _MESSAGES_PER_WAKEUP = 64
+#: Replies buffered for a front-end that stopped reading them; past this the connection is closed
+#: rather than letting one peer grow our memory without bound.
+MAX_PENDING_OUTPUT = 1 << 20
 
 
 def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
@@ -132,6 +135,10 @@ class Connection:
                 return
             data = data[sent:]
         if data:
+            if len(self._outgoing) + len(data) > MAX_PENDING_OUTPUT:
+                log.warning("%s: the front-end is not reading its replies; closing", self.name)
+                self._loop.call_soon(self.close)
+                return
             self._outgoing += data
             if not self._writer_armed:
                 self._writer_armed = True

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import signal
+import textwrap
 from collections.abc import Iterator
-from types import FrameType
+from types import FrameType, ModuleType
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhost_iommu import virtqueue
+from vhost_iommu.harness import driver_queue as driver_queue_module
+from vhost_iommu.harness import guest_ram as guest_ram_module
 from vhost_iommu.harness.driver_queue import DriverQueue, DriverQueueError
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.memory import GuestMemory, MemoryRegionDesc
@@ -829,3 +832,11 @@ def test_any_driver_input_gives_a_valid_chain_none_or_queue_error(
                 device.push_used(chain.head, 0)
         finally:
             memory.close()
+
+
+@pytest.mark.parametrize("module", [driver_queue_module, guest_ram_module])
+def test_the_harness_examples_in_the_docs_run(module: ModuleType) -> None:
+    doc = module.__doc__ or ""
+    example = textwrap.dedent(doc.split("::\n", 1)[1])
+    assert "with GuestRam(" in example
+    exec(compile(example, f"{module.__name__} docstring", "exec"), dict(vars(module)))

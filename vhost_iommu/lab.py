@@ -1,0 +1,174 @@
+"""A Linux guest under QEMU whose IOMMU is a vhost-iommu back-end served from this process.
+
+:class:`Lab` puts the pieces together for the main job, the end-to-end tests and the benchmarks: it serves
+the back-end on a private socket (its event loop on a thread), writes the topology's ACPI VIOT table, starts
+QEMU with the guest and a job, and hands out both sides: the guest's console
+(:class:`~vhost_iommu.provision.boot.GuestSession`) and the device the guest is talking to, inspected on the
+server's own loop so no state is read while a request is half applied. Everything it starts is stopped when
+the ``with`` block ends, whatever happened.
+
+With ``iommu=IommuKind.BUILTIN`` the same guest runs behind QEMU's own virtio-iommu-pci (for comparisons)
+and no back-end is served.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+from vhost_iommu.device import IommuDevice, Topology
+from vhost_iommu.harness.pytest_plugin import RunningServer
+from vhost_iommu.jit.tables import warm_up
+from vhost_iommu.provision.boot import GuestSession
+from vhost_iommu.provision.guest import GuestImage, ensure_guest
+from vhost_iommu.provision.qemu_build import ensure_qemu
+from vhost_iommu.qemu import Endpoint, IommuKind, PciTestDevice, QemuCommand, QemuSetup, build_command
+from vhost_iommu.viot import viot_from_topology, viot_topology_from
+from vhost_iommu.virtio_iommu import VirtioIommuBackend
+
+T = TypeVar("T")
+
+# The first endpoint slot of the default topology (00:04.0): where the VFIO jobs look for their device.
+DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = (PciTestDevice(slot=4),)
+
+
+class LabError(RuntimeError):
+    """The lab could not be set up or the back-end never saw QEMU connect."""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """What varies between guest runs."""
+
+    job: str = "probe"
+    # vhost_iommu.NAME=VALUE parameters of the guest's /init (count, bench, dev, blk_mb...).
+    params: Mapping[str, str] = field(default_factory=dict)
+    kernel_args: Sequence[str] = ()
+    topology: Topology = field(default_factory=Topology.default)
+    endpoints: Sequence[Endpoint] = DEFAULT_ENDPOINTS
+    iommu: IommuKind = IommuKind.VHOST_USER
+    memory_mib: int = 1024
+    extra_qemu_args: Sequence[str] = ()
+    # Build the back-end for one connection; the default is the virtio-iommu device on `topology`.
+    backend_factory: Callable[[Topology], VirtioIommuBackend] | None = None
+
+
+class Lab:
+    """One guest and, for a vhost-user IOMMU, the back-end it talks to. Use it as a context manager."""
+
+    def __init__(
+        self,
+        config: LabConfig,
+        *,
+        qemu: Path | None = None,
+        guest: GuestImage | None = None,
+        log: Path | None = None,
+        echo: bool = False,
+    ) -> None:
+        self.config = config
+        self._qemu = qemu
+        self._guest = guest
+        self._log = log
+        self._echo = echo
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._server: RunningServer | None = None
+        self._connected = threading.Event()
+        self._backends: list[VirtioIommuBackend] = []
+        self.session: GuestSession | None = None
+        self.command: QemuCommand | None = None
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        config = self.config
+        qemu = self._qemu or ensure_qemu()
+        guest = self._guest or ensure_guest()
+        # A short directory: unix socket paths are limited to 108 bytes.
+        self._scratch = tempfile.TemporaryDirectory(prefix="vhost-iommu-lab-")
+        scratch = Path(self._scratch.name)
+        socket_path = viot_path = None
+        if config.iommu is IommuKind.VHOST_USER:
+            # Compile (or load from numba's cache) every kernel before QEMU starts: a first MAP that had to
+            # compile would stall the guest's synchronous request for seconds.
+            warm_up()
+            socket_path = scratch / "viommu.sock"
+            viot_path = scratch / "viot.bin"
+            viot_path.write_bytes(viot_from_topology(config.topology))
+            self._server = RunningServer(self._new_backend, str(socket_path))
+        setup = QemuSetup(
+            qemu=qemu,
+            kernel=guest.kernel,
+            initrd=guest.initrd,
+            kernel_args=[
+                f"vhost_iommu.job={config.job}",
+                *(f"vhost_iommu.{name}={value}" for name, value in config.params.items()),
+                *config.kernel_args,
+            ],
+            iommu=config.iommu,
+            socket_path=socket_path,
+            viot_path=viot_path,
+            topology=viot_topology_from(config.topology),
+            endpoints=config.endpoints,
+            memory_mib=config.memory_mib,
+            extra_args=config.extra_qemu_args,
+        )
+        self.command = build_command(setup)
+        self.session = GuestSession(self.command.argv, log=self._log, echo=self._echo)
+
+    def close(self) -> None:
+        """Stop QEMU, then the back-end; remove the scratch files. Safe to call twice."""
+        if self.session is not None:
+            self.session.close()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def _new_backend(self) -> VirtioIommuBackend:
+        factory = self.config.backend_factory or (lambda topology: VirtioIommuBackend(topology))
+        backend = factory(self.config.topology)
+        self._backends.append(backend)
+        self._connected.set()
+        return backend
+
+    # -- the two sides ----------------------------------------------------------------------------------
+
+    @property
+    def guest(self) -> GuestSession:
+        if self.session is None:
+            raise LabError("the lab is not started")
+        return self.session
+
+    def backend(self, timeout: float = 30.0) -> VirtioIommuBackend:
+        """The back-end of QEMU's connection (waits for QEMU to connect)."""
+        if self._server is None:
+            raise LabError("this lab serves no back-end (the IOMMU is QEMU's own)")
+        if not self._connected.wait(timeout):
+            raise LabError(f"QEMU did not connect to the back-end within {timeout:.0f} s")
+        return self._backends[-1]
+
+    def inspect(self, query: Callable[[IommuDevice], T], timeout: float = 10.0) -> T:
+        """Run ``query`` on the device, on the server's loop, between two requests."""
+        device = self.backend().device
+        assert self._server is not None
+        return self._server.call(lambda: query(device), timeout)

@@ -98,6 +98,14 @@ class DomainInfo:
 
 
 class Domains:
+    """Domains and endpoint attachments of one device.
+
+    Arrays indexed by ``domain - first`` (what MAP/UNMAP read): ``exists``, ``bypass``, ``endpoint_count``,
+    ``mapping_count`` and ``resv_set`` (the `RegionSets` id of the union of its endpoints' reserved
+    regions). Arrays indexed by endpoint slot (endpoints in ascending ID order, ``endpoint_ids``):
+    ``endpoint_domain`` (NO_DOMAIN when detached) and ``endpoint_resv_set``.
+    """
+
     def __init__(self, topology: Topology, store: MappingStore, *, max_domains: int) -> None:
         self.store = store
         self.first = topology.domain_start

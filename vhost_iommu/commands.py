@@ -1,0 +1,221 @@
+"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args`` and ``run``.
+
+``run`` is the project's main job: it boots the default guest under QEMU against an in-process back-end and
+shows, from the back-end's own state, the driver's requests, the endpoints attached and a VFIO mapping
+made by a guest program. The heavy imports (numba, the provisioning code) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vhost_iommu.cli import CliError, Command, register_command
+
+if TYPE_CHECKING:
+    from vhost_iommu.device import IommuDevice, Topology
+    from vhost_iommu.lab import Lab
+
+
+def _load_topology(path: str | None) -> Topology:
+    from vhost_iommu.device import Topology
+
+    if path is None:
+        return Topology.default()
+    try:
+        return Topology.load(path)
+    except OSError as exc:
+        raise CliError(f"--topology: {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # TopologyError names the file and the field
+        raise CliError(f"--topology: {exc}") from None
+
+
+def _topology_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topology", metavar="FILE", help="the IOMMU's topology (default: x86 q35)")
+
+
+# -- warm-up ------------------------------------------------------------------------------------------------
+
+
+def warm_up(args: argparse.Namespace) -> int:
+    """Compile every numba kernel into numba's cache, so the back-end starts without compiling."""
+    from vhost_iommu.jit.tables import warm_up as warm_up_tables
+
+    started = time.monotonic()
+    warm_up_tables()
+    print(f"numba kernels ready in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+register_command(Command("warm-up", warm_up.__doc__ or "", lambda parser: None, warm_up))
+
+
+# -- viot ---------------------------------------------------------------------------------------------------
+
+
+def _configure_viot(parser: argparse.ArgumentParser) -> None:
+    _topology_argument(parser)
+    parser.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the table")
+
+
+def viot(args: argparse.Namespace) -> int:
+    """Write the ACPI VIOT table of the topology, for QEMU's ``-acpitable file=...``."""
+    from vhost_iommu.viot import describe_viot, viot_from_topology
+
+    table = viot_from_topology(_load_topology(args.topology))
+    try:
+        Path(args.output).write_bytes(table)
+    except OSError as exc:
+        raise CliError(f"--output: {args.output}: {exc.strerror or exc}") from None
+    print(describe_viot(table))
+    return 0
+
+
+register_command(Command("viot", viot.__doc__ or "", _configure_viot, viot))
+
+
+# -- qemu-args ----------------------------------------------------------------------------------------------
+
+
+def _configure_qemu_args(parser: argparse.ArgumentParser) -> None:
+    _topology_argument(parser)
+    parser.add_argument("--socket-path", metavar="PATH", required=True, help="the back-end's socket")
+    parser.add_argument(
+        "--viot", metavar="FILE", default="viot.bin", help="the VIOT table (vhost-iommu viot)"
+    )
+    parser.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    parser.add_argument("--kernel", metavar="FILE", default="vmlinuz")
+    parser.add_argument("--initrd", metavar="FILE", default="initrd.gz")
+    parser.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest RAM in MiB")
+    parser.add_argument("--append", action="append", default=[], metavar="ARG", help="a kernel argument")
+
+
+def qemu_args(args: argparse.Namespace) -> int:
+    """Print a complete, commented QEMU command line for a guest behind this back-end."""
+    from vhost_iommu.qemu import CommandError, IommuKind, QemuSetup, build_command
+    from vhost_iommu.viot import viot_topology_from
+
+    setup = QemuSetup(
+        qemu=Path(args.qemu),
+        kernel=Path(args.kernel),
+        initrd=Path(args.initrd),
+        kernel_args=args.append,
+        iommu=IommuKind.VHOST_USER,
+        socket_path=Path(args.socket_path),
+        viot_path=Path(args.viot),
+        topology=viot_topology_from(_load_topology(args.topology)),
+        memory_mib=args.memory,
+    )
+    try:
+        command = build_command(setup)
+    except CommandError as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.write(
+        command.shell_script("QEMU for a guest behind vhost-iommu (made by vhost-iommu qemu-args)")
+    )
+    return 0
+
+
+register_command(Command("qemu-args", qemu_args.__doc__ or "", _configure_qemu_args, qemu_args))
+
+
+# -- run: the main job --------------------------------------------------------------------------------------
+
+# What the demo asks the guest's VFIO program to map, then unmap: 64 KiB read-write and 8 KiB read-only.
+DEMO_MAPPINGS = ((0x1_0000_0000, 0x1_0000, "rw"), (0x1_0010_0000, 0x2000, "r"))
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    _topology_argument(parser)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for the guest to boot")
+    parser.add_argument("--console", action="store_true", help="show the guest's console as it runs")
+
+
+def _state_tables(lab: Lab, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def snapshot(device: IommuDevice) -> tuple[list[tuple[int, int, bool, int, int]], dict[str, int]]:
+        attached = [
+            (info.domain, endpoint.endpoint, info.bypass, info.mapping_count, endpoint.bdf)
+            for info in device.domains()
+            for endpoint in device.endpoints()
+            if endpoint.domain == info.domain
+        ]
+        return attached, device.request_counters()
+
+    attached, counters = lab.inspect(snapshot)
+    console = Console()
+    table = Table(title=f"{title}: the back-end's own state")
+    for column in ("endpoint", "PCI", "domain", "kind", "mappings"):
+        table.add_column(column)
+    for domain, endpoint, bypass, mappings, bdf in attached:
+        pci = f"00:{bdf >> 3 & 0x1F:02x}.{bdf & 7}"
+        table.add_row(
+            f"{endpoint:#x}", pci, str(domain), "identity (bypass)" if bypass else "paging", str(mappings)
+        )
+    if not attached:
+        table.add_row("-", "-", "-", "no endpoint attached", "-")
+    console.print(table)
+    console.print("requests served: " + ", ".join(f"{name} {count}" for name, count in counters.items()))
+
+
+def _show_mappings(lab: Lab, endpoint: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def mappings(device: IommuDevice) -> list[tuple[int, int, int, int]]:
+        domain = device.domain_of(endpoint)
+        return [] if domain is None else device.mappings(domain)
+
+    table = Table(title=f"mappings of endpoint {endpoint:#x}'s domain, as the back-end holds them")
+    for column in ("IOVA start", "IOVA end", "guest-physical", "flags"):
+        table.add_column(column)
+    for start, last, phys, flags in lab.inspect(mappings):
+        names = "".join(name for bit, name in ((1, "R"), (2, "W"), (4, "M")) if flags & bit)
+        table.add_row(f"{start:#x}", f"{last:#x}", f"{phys:#x}", names)
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Boot the default guest under QEMU (TCG) against vhost-iommu; show the driver bound and endpoints
+    attached, and a guest VFIO program's mappings, from the back-end's own state."""
+    from vhost_iommu.lab import Lab, LabConfig
+    from vhost_iommu.provision.boot import GuestTimeout, parse_fields
+    from vhost_iommu.provision.errors import ProvisionError
+
+    config = LabConfig(job="vfio-steps", params={"hold": "1"}, topology=_load_topology(args.topology))
+    testdev = 0x20
+    started = time.monotonic()
+    try:
+        with Lab(config, echo=args.console) as lab:
+            lab.guest.expect(r"VFIO_STEP_READY seq=0", args.timeout)
+            booted = time.monotonic() - started
+            print(f"guest booted and bound 00:04.0 to vfio-pci in {booted:.1f} s")
+            for line in lab.guest.run.lines:
+                if "virtio_iommu" in line:
+                    print("  guest:", line.strip())
+            _state_tables(lab, "after boot")
+            for sequence, (iova, size, permissions) in enumerate(DEMO_MAPPINGS, start=1):
+                lab.guest.send(f"map {iova:#x} {size:#x} {permissions}")
+                step = parse_fields(lab.guest.expect(rf"VFIO_STEP seq={sequence} .*", 60)[0])
+                lab.guest.expect(rf"VFIO_STEP_READY seq={sequence}", 60)
+                print(
+                    f"  guest: VFIO MAP_DMA iova={iova:#x} size={size:#x} {permissions}: rc={step['rc']}"
+                )
+            _show_mappings(lab, testdev)
+            lab.guest.send("quit")
+            lab.guest.expect(r"VHOST_IOMMU_HOLD", 60)
+            _state_tables(lab, "after the VFIO program exited")
+            lab.guest.send("")
+            result = lab.guest.wait(60)
+    except (GuestTimeout, ProvisionError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"guest job finished with rc={result.job_rc} in {time.monotonic() - started:.1f} s")
+    return 0 if result.job_rc == 0 else 1
+
+
+register_command(Command("run", run.__doc__ or "", _configure_run, run))

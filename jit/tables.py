@@ -37,7 +37,7 @@ calls again. Statuses are plain ints; no kernel raises.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -141,6 +141,12 @@ DIRECTORY_MAX_LOAD_DEN: Final = 2
 BATCH_GROUP: Final = 16
 """Queries that translate_batch walks down the trees in lockstep, so their cache misses overlap."""
 
+Int = int | np.integer[Any]
+"""Any integer a kernel takes or returns: numba compiles one specialisation per argument type, and the
+kernels convert to int64 (rows, counts) or uint64 (addresses) before mixing them, since numba would
+otherwise compute int64 op uint64 in float64."""
+Address = int | np.uint64
+
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
 U32Array = npt.NDArray[np.uint32]
@@ -156,13 +162,13 @@ _SHIFT32 = np.uint64(32)
 
 
 @njit(cache=True)
-def _home_slot(domain: int, mask: int) -> int:
+def _home_slot(domain: Int, mask: Int) -> Int:
     mixed = (np.uint64(domain) * HASH_MULTIPLIER) >> _SHIFT32
     return np.int64(mixed) & mask
 
 
 @njit(cache=True)
-def directory_find(directory: I64Array, domain: int) -> int:
+def directory_find(directory: I64Array, domain: Int) -> Int:
     """Row of ``domain`` in the directory, or -1 if the domain has no mappings."""
     mask = directory.shape[0] - 1
     slot = _home_slot(domain, mask)
@@ -178,7 +184,7 @@ def directory_find(directory: I64Array, domain: int) -> int:
 
 
 @njit(cache=True)
-def _directory_insert(directory: I64Array, meta: I64Array, domain: int, root: int) -> int:
+def _directory_insert(directory: I64Array, meta: I64Array, domain: Int, root: Int) -> Int:
     mask = directory.shape[0] - 1
     slot = _home_slot(domain, mask)
     while directory[slot, D_DOMAIN] != EMPTY_SLOT:
@@ -192,7 +198,7 @@ def _directory_insert(directory: I64Array, meta: I64Array, domain: int, root: in
 
 
 @njit(cache=True)
-def _directory_delete(directory: I64Array, meta: I64Array, slot: int) -> None:
+def _directory_delete(directory: I64Array, meta: I64Array, slot: Int) -> None:
     mask = directory.shape[0] - 1
     hole = slot
     probe = slot
@@ -235,19 +241,19 @@ def directory_rebuild(old: I64Array, new: I64Array) -> None:
 
 
 @njit(cache=True)
-def free_leaves(leaves: U64Array, meta: I64Array) -> int:
+def free_leaves(leaves: U64Array, meta: I64Array) -> Int:
     """Leaf rows that can still be allocated without growing ``leaves``."""
-    return leaves.shape[0] - meta[M_LEAF_HIGH] + meta[M_LEAF_FREE_COUNT]
+    return np.int64(leaves.shape[0] - meta[M_LEAF_HIGH] + meta[M_LEAF_FREE_COUNT])
 
 
 @njit(cache=True)
-def free_nodes(nodes: U64Array, meta: I64Array) -> int:
+def free_nodes(nodes: U64Array, meta: I64Array) -> Int:
     """Internal-node rows that can still be allocated without growing ``nodes``."""
-    return nodes.shape[0] - meta[M_NODE_HIGH] + meta[M_NODE_FREE_COUNT]
+    return np.int64(nodes.shape[0] - meta[M_NODE_HIGH] + meta[M_NODE_FREE_COUNT])
 
 
 @njit(cache=True)
-def _alloc_leaf(leaves: U64Array, meta: I64Array, domain: int) -> int:
+def _alloc_leaf(leaves: U64Array, meta: I64Array, domain: Int) -> Int:
     if meta[M_LEAF_FREE_COUNT] > 0:
         leaf = meta[M_LEAF_FREE_HEAD]
         meta[M_LEAF_FREE_HEAD] = np.int64(leaves[leaf, L_NEXT])
@@ -260,11 +266,11 @@ def _alloc_leaf(leaves: U64Array, meta: I64Array, domain: int) -> int:
     leaves[leaf, L_DOMAIN] = np.uint64(domain)
     for i in range(LEAF_CAPACITY):
         leaves[leaf, L_STARTS + i] = UNUSED_KEY
-    return leaf
+    return np.int64(leaf)
 
 
 @njit(cache=True)
-def _free_leaf(leaves: U64Array, meta: I64Array, leaf: int) -> None:
+def _free_leaf(leaves: U64Array, meta: I64Array, leaf: Int) -> None:
     leaves[leaf, L_COUNT] = 0
     leaves[leaf, L_NEXT] = np.uint64(meta[M_LEAF_FREE_HEAD])
     meta[M_LEAF_FREE_HEAD] = leaf
@@ -272,7 +278,7 @@ def _free_leaf(leaves: U64Array, meta: I64Array, leaf: int) -> None:
 
 
 @njit(cache=True)
-def _alloc_node(nodes: U64Array, meta: I64Array) -> int:
+def _alloc_node(nodes: U64Array, meta: I64Array) -> Int:
     if meta[M_NODE_FREE_COUNT] > 0:
         node = meta[M_NODE_FREE_HEAD]
         meta[M_NODE_FREE_HEAD] = np.int64(nodes[node, N_CHILDREN])
@@ -283,11 +289,11 @@ def _alloc_node(nodes: U64Array, meta: I64Array) -> int:
     nodes[node, N_COUNT] = 0
     for i in range(NODE_FANOUT):
         nodes[node, N_KEYS + i] = UNUSED_KEY
-    return node
+    return np.int64(node)
 
 
 @njit(cache=True)
-def _free_node(nodes: U64Array, meta: I64Array, node: int) -> None:
+def _free_node(nodes: U64Array, meta: I64Array, node: Int) -> None:
     nodes[node, N_COUNT] = 0
     nodes[node, N_CHILDREN] = np.uint64(meta[M_NODE_FREE_HEAD])
     meta[M_NODE_FREE_HEAD] = node
@@ -299,17 +305,17 @@ def _free_node(nodes: U64Array, meta: I64Array, node: int) -> None:
 
 
 @njit(cache=True)
-def _leaf_count(leaves: U64Array, leaf: int) -> int:
+def _leaf_count(leaves: U64Array, leaf: Int) -> Int:
     return np.int64(leaves[leaf, L_COUNT])
 
 
 @njit(cache=True)
-def _node_count(nodes: U64Array, node: int) -> int:
+def _node_count(nodes: U64Array, node: Int) -> Int:
     return np.int64(nodes[node, N_COUNT])
 
 
 @njit(cache=True)
-def _child(nodes: U64Array, node: int, index: int) -> int:
+def _child(nodes: U64Array, node: Int, index: Int) -> Int:
     return np.int64(nodes[node, N_CHILDREN + index])
 
 
@@ -320,7 +326,7 @@ def _child(nodes: U64Array, node: int, index: int) -> int:
 
 
 @njit(cache=True)
-def _leaf_upper_bound(leaves: U64Array, leaf: int, count: int, key: np.uint64) -> int:
+def _leaf_upper_bound(leaves: U64Array, leaf: Int, count: Int, key: np.uint64) -> Int:
     """Number of entries of ``leaf`` whose start is <= key."""
     below = 0
     for i in range(LEAF_CAPACITY):
@@ -330,7 +336,7 @@ def _leaf_upper_bound(leaves: U64Array, leaf: int, count: int, key: np.uint64) -
 
 
 @njit(cache=True)
-def _leaf_lower_bound(leaves: U64Array, leaf: int, count: int, key: np.uint64) -> int:
+def _leaf_lower_bound(leaves: U64Array, leaf: Int, count: Int, key: np.uint64) -> Int:
     """Number of entries of ``leaf`` whose start is < key."""
     below = 0
     for i in range(LEAF_CAPACITY):
@@ -339,7 +345,7 @@ def _leaf_lower_bound(leaves: U64Array, leaf: int, count: int, key: np.uint64) -
 
 
 @njit(cache=True)
-def _route(nodes: U64Array, node: int, count: int, key: np.uint64) -> int:
+def _route(nodes: U64Array, node: Int, count: Int, key: np.uint64) -> Int:
     """Child of ``node`` whose subtree holds ``key``: the last child whose separator is <= key, else 0."""
     index = 0
     for i in range(1, NODE_FANOUT):
@@ -349,8 +355,8 @@ def _route(nodes: U64Array, node: int, count: int, key: np.uint64) -> int:
 
 @njit(cache=True)
 def _descend(
-    nodes: U64Array, root: int, height: int, key: np.uint64, path_nodes: I64Array, path_index: I64Array
-) -> int:
+    nodes: U64Array, root: Int, height: Int, key: np.uint64, path_nodes: I64Array, path_index: I64Array
+) -> Int:
     """Leaf whose range holds ``key``, recording the internal nodes and child indices on the way."""
     node = root
     for level in range(height):
@@ -362,7 +368,7 @@ def _descend(
 
 
 @njit(cache=True)
-def _find_leaf(nodes: U64Array, root: int, height: int, key: np.uint64) -> int:
+def _find_leaf(nodes: U64Array, root: Int, height: Int, key: np.uint64) -> Int:
     node = root
     for _ in range(height):
         node = _child(nodes, node, _route(nodes, node, _node_count(nodes, node), key))
@@ -371,8 +377,8 @@ def _find_leaf(nodes: U64Array, root: int, height: int, key: np.uint64) -> int:
 
 @njit(cache=True)
 def _predecessor(
-    leaves: U64Array, nodes: U64Array, root: int, height: int, key: np.uint64
-) -> tuple[int, int]:
+    leaves: U64Array, nodes: U64Array, root: Int, height: Int, key: np.uint64
+) -> tuple[Int, Int]:
     """(leaf, index) of the entry with the largest start <= key, or (-1, -1) if there is none."""
     leaf = _find_leaf(nodes, root, height, key)
     index = _leaf_upper_bound(leaves, leaf, _leaf_count(leaves, leaf), key) - 1
@@ -387,7 +393,7 @@ def _predecessor(
 
 
 @njit(cache=True)
-def _move_entries(leaves: U64Array, source: int, source_at: int, target: int, target_at: int, n: int) -> None:
+def _move_entries(leaves: U64Array, source: Int, source_at: Int, target: Int, target_at: Int, n: Int) -> None:
     """Copy n entries; correct when source and target rows are the same and the ranges overlap."""
     if source == target and target_at > source_at:
         for i in range(n - 1, -1, -1):
@@ -406,7 +412,7 @@ def _move_entries(leaves: U64Array, source: int, source_at: int, target: int, ta
 
 
 @njit(cache=True)
-def _clear_entries(leaves: U64Array, leaf: int, begin: int, end: int) -> None:
+def _clear_entries(leaves: U64Array, leaf: Int, begin: Int, end: Int) -> None:
     # Unused slots hold UNUSED_KEY so that fixed-length branch-free searches never stop in them.
     for i in range(begin, end):
         leaves[leaf, L_STARTS + i] = UNUSED_KEY
@@ -414,7 +420,7 @@ def _clear_entries(leaves: U64Array, leaf: int, begin: int, end: int) -> None:
 
 @njit(cache=True)
 def _insert_entry(
-    leaves: U64Array, leaf: int, at: int, start: np.uint64, last: np.uint64, phys_flags: np.uint64
+    leaves: U64Array, leaf: Int, at: Int, start: np.uint64, last: np.uint64, phys_flags: np.uint64
 ) -> None:
     count = _leaf_count(leaves, leaf)
     _move_entries(leaves, leaf, at, leaf, at + 1, count - at)
@@ -425,7 +431,7 @@ def _insert_entry(
 
 
 @njit(cache=True)
-def _move_children(nodes: U64Array, source: int, source_at: int, target: int, target_at: int, n: int) -> None:
+def _move_children(nodes: U64Array, source: Int, source_at: Int, target: Int, target_at: Int, n: Int) -> None:
     if source == target and target_at > source_at:
         for i in range(n - 1, -1, -1):
             nodes[target, N_KEYS + target_at + i] = nodes[source, N_KEYS + source_at + i]
@@ -437,13 +443,13 @@ def _move_children(nodes: U64Array, source: int, source_at: int, target: int, ta
 
 
 @njit(cache=True)
-def _clear_children(nodes: U64Array, node: int, begin: int, end: int) -> None:
+def _clear_children(nodes: U64Array, node: Int, begin: Int, end: Int) -> None:
     for i in range(begin, end):
         nodes[node, N_KEYS + i] = UNUSED_KEY
 
 
 @njit(cache=True)
-def _insert_child(nodes: U64Array, node: int, at: int, key: np.uint64, child: int) -> None:
+def _insert_child(nodes: U64Array, node: Int, at: Int, key: np.uint64, child: Int) -> None:
     count = _node_count(nodes, node)
     _move_children(nodes, node, at, node, at + 1, count - at)
     nodes[node, N_KEYS + at] = key
@@ -452,7 +458,7 @@ def _insert_child(nodes: U64Array, node: int, at: int, key: np.uint64, child: in
 
 
 @njit(cache=True)
-def _remove_child(nodes: U64Array, node: int, at: int) -> None:
+def _remove_child(nodes: U64Array, node: Int, at: Int) -> None:
     count = _node_count(nodes, node)
     _move_children(nodes, node, at + 1, node, at, count - at - 1)
     _clear_children(nodes, node, count - 1, count)
@@ -461,7 +467,7 @@ def _remove_child(nodes: U64Array, node: int, at: int) -> None:
 
 @njit(cache=True)
 def _set_subtree_minimum(
-    nodes: U64Array, path_nodes: I64Array, path_index: I64Array, level: int, minimum: np.uint64
+    nodes: U64Array, path_nodes: I64Array, path_index: I64Array, level: Int, minimum: np.uint64
 ) -> None:
     """Record a new smallest start for the subtree hanging at path depth ``level``.
 
@@ -483,16 +489,16 @@ def _insert_into_parents(
     nodes: U64Array,
     directory: I64Array,
     meta: I64Array,
-    slot: int,
+    slot: Int,
     path_nodes: I64Array,
     path_index: I64Array,
-    height: int,
+    height: Int,
     separator: np.uint64,
-    new_child: int,
+    new_child: Int,
 ) -> None:
     """Hang ``new_child`` right of the path's child at the lowest level, splitting nodes upwards."""
     for level in range(height - 1, -1, -1):
-        node = path_nodes[level]
+        node = path_nodes[int(level)]
         at = path_index[level] + 1
         count = _node_count(nodes, node)
         if count < NODE_FANOUT:
@@ -530,17 +536,17 @@ def _shift_into_sibling(
     nodes: U64Array,
     path_nodes: I64Array,
     path_index: I64Array,
-    height: int,
-    leaf: int,
-    at: int,
+    height: Int,
+    leaf: Int,
+    at: Int,
     start: np.uint64,
     last: np.uint64,
     phys_flags: np.uint64,
 ) -> bool:
     """Make room in a full leaf by moving entries to a sibling under the same parent (B*-tree style,
     which keeps leaves fuller than plain splitting), then insert. False if both siblings are full."""
-    parent = path_nodes[height - 1]
-    index = path_index[height - 1]
+    parent = path_nodes[int(height) - 1]
+    index = path_index[int(height) - 1]
     parent_count = _node_count(nodes, parent)
     count = _leaf_count(leaves, leaf)
     if index + 1 < parent_count:
@@ -585,12 +591,12 @@ def table_map(
     nodes: U64Array,
     directory: I64Array,
     meta: I64Array,
-    domain: int,
-    start: int,
-    last: int,
-    phys: int,
-    flags: int,
-) -> int:
+    domain: Int,
+    start: Address,
+    last: Address,
+    phys: Address,
+    flags: Address,
+) -> Int:
     """Add the mapping [start, last] -> phys with ``flags`` to ``domain``.
 
     Returns OK, OVERLAP (touches an existing mapping of the domain), LIMIT, INVALID or NEED_SPACE;
@@ -692,14 +698,14 @@ def _rebalance_nodes(
     nodes: U64Array,
     directory: I64Array,
     meta: I64Array,
-    slot: int,
+    slot: Int,
     path_nodes: I64Array,
     path_index: I64Array,
-    level: int,
+    level: Int,
 ) -> None:
     """Restore the fill rule of internal node ``path_nodes[level]`` and of its ancestors."""
     while level >= 0:
-        node = path_nodes[level]
+        node = path_nodes[int(level)]
         count = _node_count(nodes, node)
         if level == 0:
             if count == 1:
@@ -709,8 +715,8 @@ def _rebalance_nodes(
             return
         if count >= NODE_MIN:
             return
-        parent = path_nodes[level - 1]
-        index = path_index[level - 1]
+        parent = path_nodes[int(level) - 1]
+        index = path_index[int(level) - 1]
         left_index = index - 1 if index > 0 else 0
         left = _child(nodes, parent, left_index)
         right = _child(nodes, parent, left_index + 1)
@@ -752,11 +758,11 @@ def _rebalance_leaf(
     nodes: U64Array,
     directory: I64Array,
     meta: I64Array,
-    slot: int,
+    slot: Int,
     path_nodes: I64Array,
     path_index: I64Array,
-    height: int,
-    leaf: int,
+    height: Int,
+    leaf: Int,
 ) -> None:
     """After entries left ``leaf``: free it if the domain is empty, else merge or refill it from a
     sibling if it fell below LEAF_MIN, so that unmapped memory returns to the pool."""
@@ -768,8 +774,8 @@ def _rebalance_leaf(
         return
     if count >= LEAF_MIN:
         return
-    parent = path_nodes[height - 1]
-    index = path_index[height - 1]
+    parent = path_nodes[int(height) - 1]
+    index = path_index[int(height) - 1]
     left_index = index - 1 if index > 0 else 0
     left = _child(nodes, parent, left_index)
     right = _child(nodes, parent, left_index + 1)
@@ -809,10 +815,10 @@ def table_unmap(
     nodes: U64Array,
     directory: I64Array,
     meta: I64Array,
-    domain: int,
-    start: int,
-    last: int,
-) -> tuple[int, int]:
+    domain: Int,
+    start: Address,
+    last: Address,
+) -> tuple[Int, Int]:
     """Remove every mapping of ``domain`` lying wholly inside [start, last].
 
     Returns (status, removed): (SPLIT, 0) if a mapping straddles start or last, and then nothing is
@@ -894,8 +900,8 @@ def table_unmap(
 
 @njit(cache=True)
 def table_translate(
-    leaves: U64Array, nodes: U64Array, directory: I64Array, domain: int, iova: int
-) -> tuple[bool, np.uint64, int, np.uint64, np.uint64]:
+    leaves: U64Array, nodes: U64Array, directory: I64Array, domain: Int, iova: Address
+) -> tuple[bool, np.uint64, np.int64, np.uint64, np.uint64]:
     """(hit, phys, flags, map_start, map_last) for one address; on a miss hit is False and the rest 0."""
     domain = np.int64(domain)
     iova = np.uint64(iova)
@@ -910,7 +916,7 @@ def table_translate(
                 phys_flags = leaves[leaf, L_VALUES + 2 * index + 1]
                 phys = (phys_flags & PHYS_MASK) + (iova - map_start)
                 return True, phys, np.int64(phys_flags & FLAG_BITS), map_start, map_last
-    return False, _ZERO, 0, _ZERO, _ZERO
+    return False, _ZERO, np.int64(0), _ZERO, _ZERO
 
 
 @njit(cache=True)
@@ -922,7 +928,7 @@ def table_translate_batch(
     iovas: U64Array,
     out_phys: U64Array,
     out_flags: I32Array,
-) -> int:
+) -> Int:
     """Translate ``iovas[i]`` in ``domains[i]`` for every i; returns the number of hits.
 
     Misses get out_phys 0 and out_flags MISS. Queries go down the trees in groups of BATCH_GROUP, one
@@ -938,18 +944,19 @@ def table_translate_batch(
     cached_height = np.int64(0)
     for group_start in range(0, total, BATCH_GROUP):
         size = min(BATCH_GROUP, total - group_start)
-        deepest = 0
+        deepest = np.int64(0)
         for q in range(size):
             domain = np.int64(domains[group_start + q])
             # Batches are mostly one domain: skip the directory probe when it repeats.
             if domain != cached_domain:
                 slot = directory_find(directory, domain)
                 cached_domain = domain
-                cached_root = directory[slot, D_ROOT] if slot >= 0 else NIL
-                cached_height = directory[slot, D_HEIGHT] if slot >= 0 else 0
+                cached_root = np.int64(directory[slot, D_ROOT] if slot >= 0 else NIL)
+                cached_height = np.int64(directory[slot, D_HEIGHT] if slot >= 0 else 0)
             row[q] = cached_root
             levels[q] = cached_height
-            deepest = max(deepest, cached_height)
+            if cached_height > deepest:
+                deepest = cached_height
         for level in range(deepest):
             for q in range(size):
                 if levels[q] > level:
@@ -983,13 +990,13 @@ def table_list(
     leaves: U64Array,
     nodes: U64Array,
     directory: I64Array,
-    domain: int,
-    start: int,
+    domain: Int,
+    start: Address,
     out_starts: U64Array,
     out_lasts: U64Array,
     out_phys: U64Array,
     out_flags: I32Array,
-) -> int:
+) -> Int:
     """Copy the mappings of ``domain`` that end at or after ``start``, in address order, into the out
     arrays (as many as fit); returns how many were copied."""
     domain = np.int64(domain)
@@ -1020,18 +1027,18 @@ def table_list(
 
 
 @njit(cache=True)
-def table_count(directory: I64Array, meta: I64Array, domain: int) -> int:
+def table_count(directory: I64Array, meta: I64Array, domain: Int) -> Int:
     """Mappings of ``domain``; of the whole table if domain < 0."""
     if domain < 0:
-        return meta[M_TOTAL]
+        return np.int64(meta[M_TOTAL])
     slot = directory_find(directory, np.int64(domain))
     return 0 if slot < 0 else directory[slot, D_COUNT]
 
 
 @njit(cache=True)
 def table_remove_domain(
-    leaves: U64Array, nodes: U64Array, directory: I64Array, meta: I64Array, domain: int
-) -> int:
+    leaves: U64Array, nodes: U64Array, directory: I64Array, meta: I64Array, domain: Int
+) -> Int:
     """Remove every mapping of ``domain`` and return its rows to the pools; returns how many."""
     domain = np.int64(domain)
     slot = directory_find(directory, domain)
@@ -1066,7 +1073,7 @@ def table_remove_domain(
                 stack_next[depth] = 0
     _directory_delete(directory, meta, slot)
     meta[M_TOTAL] -= removed
-    return removed
+    return np.int64(removed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1251,7 +1258,7 @@ class MappingTable:
             np.uint64(flags),
         )
         for _ in range(3):
-            status: int = table_map(self._leaves, self._nodes, self._directory, self._meta, *arguments)
+            status = int(table_map(self._leaves, self._nodes, self._directory, self._meta, *arguments))
             if status != NEED_SPACE:
                 return status
             self._grow()

@@ -423,7 +423,7 @@ def test_translate_batch_matches_single_translations_across_domains(table: Mappi
     hits = table.translate_batch(domains, iovas, out_phys, out_flags)
     expected_hits = 0
     for domain, iova, phys, flags in zip(
-        domains.tolist(), iovas.tolist(), out_phys.tolist(), out_flags.tolist()
+        domains.tolist(), iovas.tolist(), out_phys.tolist(), out_flags.tolist(), strict=True
     ):
         single = table.translate(domain, iova)
         if single is None:
@@ -677,15 +677,17 @@ class TableMachine(RuleBasedStateMachine):
         out_flags = np.empty(len(queries), np.int32)
         hits = self.table.translate_batch(domains, iovas, out_phys, out_flags)
         expected_hits = 0
-        for (domain, address), phys, flags in zip(queries, out_phys.tolist(), out_flags.tolist()):
+        for (domain, address), phys, flags in zip(
+            queries, out_phys.tolist(), out_flags.tolist(), strict=True
+        ):
             model = self.model[domain]
-            holder = model.containing(address)
-            if holder is None:
+            map_start = model.containing(address)
+            if map_start is None:
                 assert (phys, flags) == (0, MISS)
             else:
                 expected_hits += 1
-                _last, map_phys, map_flags = model.entries[holder]
-                assert (phys, flags) == (map_phys + address - holder, map_flags)
+                _last, map_phys, map_flags = model.entries[map_start]
+                assert (phys, flags) == (map_phys + address - map_start, map_flags)
         assert hits == expected_hits
 
     @rule(domain=domain_ids, number=page_numbers, limit=st.integers(1, 2000))

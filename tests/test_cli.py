@@ -151,8 +151,9 @@ def test_serves_until_sigterm_then_removes_its_socket(directory: str) -> None:
             assert frontend.get_config(0, 8) == b"ECHOECHO"
             process.send_signal(signal.SIGTERM)
             assert frontend.wait_disconnected(timeout=10)
+        status = process.wait(timeout=10)
     finally:
-        status = stop(process)
+        stop(process)
     assert status == 0
     assert not os.path.exists(path)
 

@@ -213,6 +213,10 @@ def serve(args: argparse.Namespace) -> int:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        # Closing the loop restores the default handlers; a repeated SIGTERM from a supervisor between
+        # here and exit must not turn a clean shutdown into death by signal.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         loop.close()
     return 0
 

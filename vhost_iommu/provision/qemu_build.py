@@ -39,6 +39,7 @@ MINIMUM_DEBIAN_VERSION = "1:10.2~"
 
 FIRMWARE_PACKAGES = ("seabios", "qemu-system-data")
 FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
+FIRMWARE_FILES = (Path("/usr/share/qemu/qboot.rom"), Path("/usr/share/seabios/bios-256k.bin"))
 
 BUILD_PACKAGES = (
     "build-essential", "ninja-build", "libglib2.0-dev", "libpixman-1-dev", "libfdt-dev", "flex", "bison",
@@ -136,6 +137,11 @@ def find_qemu() -> Path:
 def ensure_firmware() -> None:
     """Install the BIOS and option ROM packages QEMU needs at run time when they are missing."""
     ensure_packages(FIRMWARE_PACKAGES, why="running QEMU (BIOS and option ROMs)")
+    missing = [str(path) for path in FIRMWARE_FILES if not path.is_file()]
+    if missing:
+        raise ProvisionError(
+            f"firmware missing after installing {' '.join(FIRMWARE_PACKAGES)}: {' '.join(missing)}"
+        )
 
 
 def ensure_qemu() -> Path:

@@ -1,0 +1,425 @@
+/*
+ * vfio-dma: drive VFIO type1 DMA mappings from guest user space, to exercise and time a virtio-iommu.
+ *
+ * Every VFIO MAP_DMA/UNMAP_DMA becomes virtio-iommu MAP/UNMAP requests from the guest's driver, with no
+ * device DMA at all, so this works with any endpoint bound to vfio-pci (QEMU's pci-testdev is enough).
+ *
+ *   vfio-dma DEVICE pairs N       N x (map one 4 KiB page, unmap it); per-pair latency statistics
+ *   vfio-dma DEVICE bulk N        N single-page maps, then one UNMAP_DMA over all of them
+ *   vfio-dma DEVICE mixed N       N map+unmap of sizes from 4 KiB to 2 MiB (size-aligned IOVAs)
+ *   vfio-dma DEVICE steps         commands from stdin, one result line each (see usage())
+ *   vfio-dma DEVICE info          the type1 IOMMU's page sizes and usable IOVA ranges
+ *
+ * DEVICE is a PCI address (0000:00:04.0) already bound to vfio-pci. Output lines start with "VFIO_" and
+ * are key=value pairs, for scripts. Exit status: 0 on success, 1 on a failed operation, 2 on bad usage.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/vfio.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096ULL
+/* Far from guest RAM and from the x86 MSI window, inside the 48-bit input range every IOMMU here offers. */
+#define IOVA_BASE 0x100000000ULL
+#define MAX_COUNT 1000000UL
+
+struct vfio {
+	int container;
+	int group;
+	int device;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void usage(void)
+{
+	fprintf(stderr,
+		"usage: vfio-dma DEVICE pairs|bulk|mixed N\n"
+		"       vfio-dma DEVICE steps|info\n"
+		"steps reads commands from stdin, one per line:\n"
+		"  map IOVA SIZE r|w|rw     VFIO_IOMMU_MAP_DMA (numbers in C syntax: 0x1000, 4096)\n"
+		"  unmap IOVA SIZE          VFIO_IOMMU_UNMAP_DMA\n"
+		"  quit                     stop (end of input does too)\n"
+		"after each command it prints one VFIO_STEP line, then VFIO_STEP_READY, then waits for the next.\n");
+}
+
+static int fail(const char *what)
+{
+	printf("VFIO_ERROR op=%s errno=%d msg=\"%s\"\n", what, errno, strerror(errno));
+	fflush(stdout);
+	return 1;
+}
+
+static int open_vfio(const char *device, struct vfio *vfio)
+{
+	char path[PATH_MAX + 32], link[PATH_MAX];
+	struct vfio_group_status status = { .argsz = sizeof(status) };
+	const char *group_name;
+	ssize_t length;
+
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", device);
+	length = readlink(path, link, sizeof(link) - 1);
+	if (length < 0)
+		return fail("find-iommu-group");
+	link[length] = '\0';
+	group_name = strrchr(link, '/');
+	group_name = group_name ? group_name + 1 : link;
+
+	vfio->container = open("/dev/vfio/vfio", O_RDWR);
+	if (vfio->container < 0)
+		return fail("open-container");
+	if (ioctl(vfio->container, VFIO_GET_API_VERSION) != VFIO_API_VERSION) {
+		errno = EINVAL;
+		return fail("api-version");
+	}
+	if (ioctl(vfio->container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1) {
+		errno = ENOTSUP;
+		return fail("check-type1v2");
+	}
+	snprintf(path, sizeof(path), "/dev/vfio/%s", group_name);
+	vfio->group = open(path, O_RDWR);
+	if (vfio->group < 0)
+		return fail("open-group");
+	if (ioctl(vfio->group, VFIO_GROUP_GET_STATUS, &status) < 0)
+		return fail("group-status");
+	if (!(status.flags & VFIO_GROUP_FLAGS_VIABLE)) {
+		/* Another device of the group is bound to a host driver. */
+		errno = EBUSY;
+		return fail("group-not-viable");
+	}
+	if (ioctl(vfio->group, VFIO_GROUP_SET_CONTAINER, &vfio->container) < 0)
+		return fail("set-container");
+	/* EPERM here means vfio_iommu_type1 lacks allow_unsafe_interrupts=1 (no interrupt remapping). */
+	if (ioctl(vfio->container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0)
+		return fail("set-iommu");
+	vfio->device = ioctl(vfio->group, VFIO_GROUP_GET_DEVICE_FD, device);
+	if (vfio->device < 0)
+		return fail("get-device-fd");
+	printf("VFIO_OPEN device=%s group=%s\n", device, group_name);
+	fflush(stdout);
+	return 0;
+}
+
+static int map_dma(int container, uint64_t vaddr, uint64_t iova, uint64_t size, uint32_t flags)
+{
+	struct vfio_iommu_type1_dma_map map = {
+		.argsz = sizeof(map), .flags = flags, .vaddr = vaddr, .iova = iova, .size = size,
+	};
+
+	return ioctl(container, VFIO_IOMMU_MAP_DMA, &map);
+}
+
+/* Returns the number of bytes unmapped, or -1. */
+static int64_t unmap_dma(int container, uint64_t iova, uint64_t size)
+{
+	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof(unmap), .iova = iova, .size = size };
+
+	if (ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap) < 0)
+		return -1;
+	return (int64_t)unmap.size;
+}
+
+static void *buffer(uint64_t size)
+{
+	/* Over-allocate to align on 2 MiB, so the largest mixed size is physically plausible as one block. */
+	uint64_t align = 2ULL << 20;
+	uint8_t *raw = mmap(NULL, size + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint8_t *aligned;
+
+	if (raw == MAP_FAILED)
+		return NULL;
+	aligned = (uint8_t *)(((uintptr_t)raw + align - 1) & ~(uintptr_t)(align - 1));
+	memset(aligned, 0x5a, size); /* fault the pages in now rather than inside the timed pins */
+	return aligned;
+}
+
+static int compare_u64(const void *left, const void *right)
+{
+	uint64_t a = *(const uint64_t *)left, b = *(const uint64_t *)right;
+
+	return (a > b) - (a < b);
+}
+
+static void print_stats(const char *tag, const char *extra, uint64_t *samples, unsigned long count)
+{
+	uint64_t total = 0;
+	unsigned long i;
+
+	for (i = 0; i < count; i++)
+		total += samples[i];
+	qsort(samples, count, sizeof(*samples), compare_u64);
+	printf("%s %s n=%lu mean_ns=%llu min_ns=%llu p50_ns=%llu p99_ns=%llu max_ns=%llu total_ns=%llu\n",
+	       tag, extra, count, (unsigned long long)(total / count), (unsigned long long)samples[0],
+	       (unsigned long long)samples[count / 2], (unsigned long long)samples[(count * 99) / 100],
+	       (unsigned long long)samples[count - 1], (unsigned long long)total);
+	fflush(stdout);
+}
+
+static int run_pairs(struct vfio *vfio, unsigned long count)
+{
+	uint64_t *samples = calloc(count, sizeof(*samples));
+	void *page = buffer(PAGE);
+	unsigned long i;
+
+	if (!samples || !page)
+		return fail("alloc");
+	for (i = 0; i < count; i++) {
+		uint64_t start = now_ns();
+
+		if (map_dma(vfio->container, (uintptr_t)page, IOVA_BASE, PAGE,
+			    VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) < 0)
+			return fail("map");
+		if (unmap_dma(vfio->container, IOVA_BASE, PAGE) != (int64_t)PAGE)
+			return fail("unmap");
+		samples[i] = now_ns() - start;
+	}
+	print_stats("VFIO_PAIRS", "size=4096", samples, count);
+	free(samples);
+	return 0;
+}
+
+static int run_bulk(struct vfio *vfio, unsigned long count)
+{
+	uint64_t *samples = calloc(count, sizeof(*samples));
+	uint8_t *pages = buffer(count * PAGE);
+	uint64_t start, unmap_ns;
+	int64_t unmapped;
+	unsigned long i;
+
+	if (!samples || !pages)
+		return fail("alloc");
+	for (i = 0; i < count; i++) {
+		start = now_ns();
+		if (map_dma(vfio->container, (uintptr_t)(pages + i * PAGE), IOVA_BASE + i * PAGE, PAGE,
+			    VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) < 0)
+			return fail("map");
+		samples[i] = now_ns() - start;
+	}
+	start = now_ns();
+	unmapped = unmap_dma(vfio->container, IOVA_BASE, count * PAGE);
+	unmap_ns = now_ns() - start;
+	if (unmapped != (int64_t)(count * PAGE))
+		return fail("unmap-all");
+	print_stats("VFIO_BULK_MAP", "size=4096", samples, count);
+	printf("VFIO_BULK_UNMAP n=%lu bytes=%llu unmap_ns=%llu\n", count, (unsigned long long)unmapped,
+	       (unsigned long long)unmap_ns);
+	fflush(stdout);
+	free(samples);
+	return 0;
+}
+
+static int run_mixed(struct vfio *vfio, unsigned long count)
+{
+	static const uint64_t sizes[] = { 4096, 8192, 16384, 65536, 262144, 1048576, 2097152 };
+	const unsigned kinds = sizeof(sizes) / sizeof(sizes[0]);
+	uint64_t *samples[sizeof(sizes) / sizeof(sizes[0])];
+	unsigned long done[sizeof(sizes) / sizeof(sizes[0])] = { 0 };
+	uint8_t *block = buffer(sizes[kinds - 1]);
+	unsigned seed = 12345, k;
+	unsigned long i;
+	char extra[32];
+
+	if (!block)
+		return fail("alloc");
+	for (k = 0; k < kinds; k++) {
+		samples[k] = calloc(count, sizeof(uint64_t));
+		if (!samples[k])
+			return fail("alloc");
+	}
+	for (i = 0; i < count; i++) {
+		/* A fixed pseudo-random order, so runs are comparable but sizes interleave. */
+		uint64_t size, iova, start;
+
+		seed = seed * 1103515245u + 12345u;
+		k = (seed >> 16) % kinds;
+		size = sizes[k];
+		iova = IOVA_BASE + (uint64_t)(i % 64) * (2ULL << 20);
+		start = now_ns();
+		if (map_dma(vfio->container, (uintptr_t)block, iova, size,
+			    VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) < 0)
+			return fail("map");
+		if (unmap_dma(vfio->container, iova, size) != (int64_t)size)
+			return fail("unmap");
+		samples[k][done[k]++] = now_ns() - start;
+	}
+	for (k = 0; k < kinds; k++) {
+		if (!done[k])
+			continue;
+		snprintf(extra, sizeof(extra), "size=%llu", (unsigned long long)sizes[k]);
+		print_stats("VFIO_MIXED", extra, samples[k], done[k]);
+		free(samples[k]);
+	}
+	return 0;
+}
+
+static int parse_u64(const char *text, uint64_t *value)
+{
+	char *end;
+
+	if (!text)
+		return -1;
+	errno = 0;
+	*value = strtoull(text, &end, 0);
+	return (errno || *end || end == text) ? -1 : 0;
+}
+
+static int run_steps(struct vfio *vfio)
+{
+	/* One page-aligned buffer backs every mapping; steps may map it at many IOVAs. */
+	const uint64_t backing_size = 64ULL << 20;
+	uint8_t *backing = buffer(backing_size);
+	char line[256];
+	unsigned long sequence = 0;
+	int failures = 0;
+
+	if (!backing)
+		return fail("alloc");
+	printf("VFIO_STEP_READY seq=0\n");
+	fflush(stdout);
+	while (fgets(line, sizeof(line), stdin)) {
+		char *op = strtok(line, " \t\r\n");
+		char *arg1 = strtok(NULL, " \t\r\n"), *arg2 = strtok(NULL, " \t\r\n"), *arg3 = strtok(NULL, " \t\r\n");
+		uint64_t iova, size, start, took;
+		uint32_t flags = 0;
+		int64_t result;
+		int saved_errno;
+
+		if (!op)
+			continue;
+		if (!strcmp(op, "quit"))
+			break;
+		sequence++;
+		if (parse_u64(arg1, &iova) || parse_u64(arg2, &size)) {
+			printf("VFIO_STEP seq=%lu op=%s rc=-1 errno=%d error=bad-arguments\n", sequence, op, EINVAL);
+			failures++;
+		} else if (!strcmp(op, "map")) {
+			if (!arg3 || (strcmp(arg3, "r") && strcmp(arg3, "w") && strcmp(arg3, "rw"))) {
+				printf("VFIO_STEP seq=%lu op=map rc=-1 errno=%d error=bad-permissions\n", sequence,
+				       EINVAL);
+				failures++;
+			} else if (size == 0 || size > backing_size) {
+				printf("VFIO_STEP seq=%lu op=map rc=-1 errno=%d error=size-beyond-backing-%llu\n",
+				       sequence, EINVAL, (unsigned long long)backing_size);
+				failures++;
+			} else {
+				if (strchr(arg3, 'r'))
+					flags |= VFIO_DMA_MAP_FLAG_READ;
+				if (strchr(arg3, 'w'))
+					flags |= VFIO_DMA_MAP_FLAG_WRITE;
+				start = now_ns();
+				result = map_dma(vfio->container, (uintptr_t)backing, iova, size, flags);
+				saved_errno = result < 0 ? errno : 0;
+				took = now_ns() - start;
+				printf("VFIO_STEP seq=%lu op=map iova=0x%llx size=0x%llx perm=%s rc=%d errno=%d ns=%llu\n",
+				       sequence, (unsigned long long)iova, (unsigned long long)size, arg3,
+				       result < 0 ? -1 : 0, saved_errno, (unsigned long long)took);
+				failures += result < 0;
+			}
+		} else if (!strcmp(op, "unmap")) {
+			start = now_ns();
+			result = unmap_dma(vfio->container, iova, size);
+			saved_errno = result < 0 ? errno : 0;
+			took = now_ns() - start;
+			printf("VFIO_STEP seq=%lu op=unmap iova=0x%llx size=0x%llx unmapped=0x%llx rc=%d errno=%d "
+			       "ns=%llu\n",
+			       sequence, (unsigned long long)iova, (unsigned long long)size,
+			       (unsigned long long)(result < 0 ? 0 : result), result < 0 ? -1 : 0, saved_errno,
+			       (unsigned long long)took);
+			failures += result < 0;
+		} else {
+			printf("VFIO_STEP seq=%lu op=%s rc=-1 errno=%d error=unknown-command\n", sequence, op, EINVAL);
+			failures++;
+		}
+		printf("VFIO_STEP_READY seq=%lu\n", sequence);
+		fflush(stdout);
+	}
+	printf("VFIO_STEPS_DONE steps=%lu failures=%d\n", sequence, failures);
+	fflush(stdout);
+	return failures ? 1 : 0;
+}
+
+static int run_info(struct vfio *vfio)
+{
+	/* Ask for the size first: the capability chain follows the fixed part. */
+	struct vfio_iommu_type1_info probe = { .argsz = sizeof(probe) };
+	struct vfio_iommu_type1_info *info;
+	struct vfio_info_cap_header *header;
+	uint32_t offset;
+
+	if (ioctl(vfio->container, VFIO_IOMMU_GET_INFO, &probe) < 0)
+		return fail("get-info");
+	info = calloc(1, probe.argsz);
+	if (!info)
+		return fail("alloc");
+	info->argsz = probe.argsz;
+	if (ioctl(vfio->container, VFIO_IOMMU_GET_INFO, info) < 0)
+		return fail("get-info");
+	printf("VFIO_INFO pgsizes=0x%llx\n", (unsigned long long)info->iova_pgsizes);
+	offset = (info->flags & VFIO_IOMMU_INFO_CAPS) ? info->cap_offset : 0;
+	while (offset && offset + sizeof(*header) <= info->argsz) {
+		header = (struct vfio_info_cap_header *)((uint8_t *)info + offset);
+		if (header->id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE) {
+			struct vfio_iommu_type1_info_cap_iova_range *ranges = (void *)header;
+			uint32_t i;
+
+			for (i = 0; i < ranges->nr_iovas; i++)
+				printf("VFIO_IOVA_RANGE start=0x%llx end=0x%llx\n",
+				       (unsigned long long)ranges->iova_ranges[i].start,
+				       (unsigned long long)ranges->iova_ranges[i].end);
+		}
+		offset = header->next;
+	}
+	fflush(stdout);
+	free(info);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct vfio vfio = { -1, -1, -1 };
+	unsigned long count = 0;
+	uint64_t parsed;
+	const char *mode;
+
+	if (argc < 3) {
+		usage();
+		return 2;
+	}
+	mode = argv[2];
+	if (!strcmp(mode, "pairs") || !strcmp(mode, "bulk") || !strcmp(mode, "mixed")) {
+		if (argc != 4 || parse_u64(argv[3], &parsed) || parsed == 0 || parsed > MAX_COUNT) {
+			fprintf(stderr, "vfio-dma: %s needs a count N, 1 <= N <= %lu\n", mode, MAX_COUNT);
+			return 2;
+		}
+		count = (unsigned long)parsed;
+	} else if ((strcmp(mode, "steps") && strcmp(mode, "info")) || argc != 3) {
+		usage();
+		return 2;
+	}
+	if (open_vfio(argv[1], &vfio))
+		return 1;
+	if (!strcmp(mode, "pairs"))
+		return run_pairs(&vfio, count);
+	if (!strcmp(mode, "bulk"))
+		return run_bulk(&vfio, count);
+	if (!strcmp(mode, "mixed"))
+		return run_mixed(&vfio, count);
+	if (!strcmp(mode, "steps"))
+		return run_steps(&vfio);
+	return run_info(&vfio);
+}

@@ -1,0 +1,459 @@
+"""The test guest: a Debian kernel and a busybox initramfs with the IOMMU/VFIO modules and guest programs.
+
+The kernel is Debian trixie's ``linux-image-amd64`` (6.12: VIRTIO_IOMMU=m, ACPI_VIOT=y, VFIO=m, VFIO_PCI=m),
+downloaded through the private apt state and unpacked with ``dpkg-deb`` (never installed on the host), or
+a kernel and modules directory the user gives. The initramfs (cpio newc, gzip) holds busybox-static, the
+modules the jobs need with their dependencies (decompressed: busybox ``insmod`` reads plain ``.ko``),
+``guest/init`` and the programs of ``guest/*.c`` compiled with ``gcc -static``.
+
+Everything lands in ``<cache>/guest/<key>/``, ``key`` a digest of every input, so editing ``guest/``
+rebuilds and nothing else does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhost_iommu.provision.apt import PrivateApt
+from vhost_iommu.provision.debian import project_apt
+from vhost_iommu.provision.errors import ProvisionError
+from vhost_iommu.provision.host import ensure_packages
+from vhost_iommu.provision.paths import cache_root, repo_root
+from vhost_iommu.provision.progress import console, phase, run_logged
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+# Bump when the layout of the image changes in a way the inputs' digest cannot see.
+IMAGE_FORMAT = 1
+
+# Loaded in this order after their dependencies; a module the kernel has built in is skipped.
+REQUIRED_MODULES = ("virtio_iommu", "irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+OPTIONAL_MODULES = ("virtio_blk",)
+# virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM.
+MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
+
+GUEST_PROGRAMS = ("vfio-dma",)
+HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev")
+BUSYBOX = Path("/bin/busybox")
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A bootable guest: pass ``-kernel kernel -initrd initrd``."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+
+
+@dataclass(frozen=True)
+class KernelTree:
+    """A kernel image and the ``lib/modules/<version>`` directory that goes with it."""
+
+    image: Path
+    modules_dir: Path
+    origin: str
+
+    @property
+    def version(self) -> str:
+        return self.modules_dir.name
+
+
+def guest_cache() -> Path:
+    return cache_root() / "guest"
+
+
+def guest_sources() -> Path:
+    return repo_root() / "guest"
+
+
+# --- modules and their dependencies ---
+# Debian's package ships no modules.dep (depmod writes it at install time), so dependencies come from each
+# module's own .modinfo "depends=" entry, read only for the modules the guest needs.
+
+
+def module_name(path: str) -> str:
+    """``kernel/drivers/vfio/pci/vfio-pci.ko.xz`` -> ``vfio_pci`` (the kernel treats - and _ alike)."""
+    base = path.rsplit("/", 1)[-1]
+    base = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", base)
+    return base.replace("-", "_")
+
+
+def module_index(modules_dir: Path) -> dict[str, Path]:
+    """Every loadable module under ``modules_dir`` by name."""
+    index: dict[str, Path] = {}
+    for directory, _, files in os.walk(modules_dir):
+        for file in files:
+            if re.search(r"\.ko(\.(xz|zst|gz))?$", file):
+                index[module_name(file)] = Path(directory) / file
+    return index
+
+
+def parse_modules_builtin(text: str) -> set[str]:
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+_DEPENDS = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
+
+
+def modinfo_depends(elf: bytes) -> list[str]:
+    """The names in a module's ``depends=`` modinfo entry (empty when it depends on nothing)."""
+    match = _DEPENDS.search(elf)
+    if not match:
+        return []
+    return [module_name(name) for name in match.group(1).decode(errors="replace").split(",") if name]
+
+
+def load_order(
+    wanted: Sequence[str],
+    optional: Sequence[str],
+    depends_of: Callable[[str], list[str] | None],
+    builtin: set[str],
+) -> list[str]:
+    """Modules to insmod, each after everything it depends on; built-in ones left out.
+
+    ``depends_of(name)`` gives a module's dependencies, or None when the kernel has no such module. A
+    wanted module that is neither a module nor built in is an error; an optional one is skipped.
+    """
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in order or name in builtin:
+            return
+        if name in visiting:
+            raise ProvisionError(f"module dependency cycle: {' -> '.join((*chain, name))}")
+        dependencies = depends_of(name)
+        if dependencies is None:
+            needed_by = " -> ".join(chain) or "the guest"
+            raise ProvisionError(f"module {name} (needed by {needed_by}) is not in this kernel")
+        visiting.add(name)
+        for dependency in dependencies:
+            visit(dependency, (*chain, name))
+        visiting.discard(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    for name in optional:
+        if name not in builtin and depends_of(name) is not None:
+            visit(name, ())
+    return order
+
+
+# --- the kernel ---
+
+
+def kernel_tree_from(kernel: Path, modules: Path) -> KernelTree:
+    """A user-given kernel image and modules directory (``/lib/modules/<version>``), checked."""
+    if not kernel.is_file():
+        raise ProvisionError(f"--kernel {kernel}: no such file")
+    if not (modules / "modules.order").is_file() and not (modules / "modules.builtin").is_file():
+        raise ProvisionError(f"--modules {modules}: not a lib/modules/<version> directory (no modules.order)")
+    return KernelTree(kernel.resolve(), modules.resolve(), f"given: {kernel}")
+
+
+def _kernel_package_of(apt: PrivateApt, meta_version: str) -> str:
+    """The versioned image package the meta-package depends on (linux-image-6.12.x+debNN-amd64)."""
+    shown = apt.query("show", f"{KERNEL_META_PACKAGE}={meta_version}")
+    match = re.search(r"^Depends:\s*(linux-image-[^\s,|(]+)", shown, re.MULTILINE)
+    if not match:
+        raise ProvisionError(f"{KERNEL_META_PACKAGE} {meta_version} names no linux-image package in Depends")
+    return match.group(1)
+
+
+def fetch_debian_kernel(apt: PrivateApt) -> KernelTree:
+    """Debian trixie's current kernel, downloaded and unpacked into the cache (once)."""
+    apt.update()
+    meta_versions = apt.binary_versions(KERNEL_META_PACKAGE)
+    if not meta_versions:
+        raise ProvisionError(f"the trixie index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?")
+    chosen: dict[str, KernelTree] = {}
+
+    def fetch(meta_version: str) -> None:
+        package = _kernel_package_of(apt, meta_version)
+        versions = apt.binary_versions(package)
+        if not versions:
+            raise ProvisionError(f"{package} is not in the index")
+        unpacked = guest_cache() / "kernels" / f"{package}_{versions[0]}"
+        if not (unpacked / ".complete").is_file():
+            downloads = guest_cache() / "downloads"
+            deb = apt.download_binary(package, versions[0], downloads)
+            shutil.rmtree(unpacked, ignore_errors=True)
+            (unpacked / "root").mkdir(parents=True)
+            run_logged(
+                ["dpkg-deb", "-x", deb, unpacked / "root"],
+                title=f"unpacking {deb.name}",
+                log=guest_cache() / "build.log",
+            )
+            (unpacked / ".complete").touch()
+            deb.unlink()
+        chosen["tree"] = _kernel_tree_in(unpacked / "root", f"{package} {versions[0]}")
+
+    apt.try_versions_newest_first(meta_versions, fetch)
+    return chosen["tree"]
+
+
+def _kernel_tree_in(root: Path, origin: str) -> KernelTree:
+    images = sorted((root / "boot").glob("vmlinuz-*"))
+    module_dirs = sorted(path.parent for path in root.glob("lib/modules/*/modules.order"))
+    module_dirs += sorted(path.parent for path in root.glob("usr/lib/modules/*/modules.order"))
+    if len(images) != 1 or len(module_dirs) != 1:
+        raise ProvisionError(
+            f"{root}: expected one boot/vmlinuz-* and one lib/modules/<version>/modules.order"
+        )
+    return KernelTree(images[0], module_dirs[0], origin)
+
+
+# --- the initramfs ---
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    name: str  # path inside the archive, no leading slash
+    mode: int  # st_mode, type bits included
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def cpio_newc(entries: Iterable[CpioEntry]) -> bytes:
+    """A cpio archive in the "newc" format the kernel unpacks; owner root, mtime 0 (reproducible)."""
+    out = bytearray()
+
+    def pad() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    def record(inode: int, entry: CpioEntry) -> None:
+        name = entry.name.encode() + b"\0"
+        fields = (
+            inode, entry.mode, 0, 0, 2 if stat.S_ISDIR(entry.mode) else 1, 0, len(entry.data),
+            0, 0, entry.rdev[0], entry.rdev[1], len(name), 0,
+        )  # fmt: skip
+        out.extend(b"070701" + b"".join(f"{value:08X}".encode() for value in fields))
+        out.extend(name)
+        pad()
+        out.extend(entry.data)
+        pad()
+
+    inode = 0
+    for inode, entry in enumerate(entries, start=1):
+        record(inode, entry)
+    record(inode + 1, CpioEntry("TRAILER!!!", 0))
+    return bytes(out)
+
+
+def decompress_module(path: Path) -> bytes:
+    """A module's plain ELF bytes, whatever Debian compressed it with."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        completed = subprocess.run(["zstd", "-dc", str(path)], check=False, capture_output=True)
+        if completed.returncode != 0:
+            raise ProvisionError(f"cannot decompress {path}: {completed.stderr.decode(errors='replace')}")
+        return completed.stdout
+    return data
+
+
+def compile_programs(out_dir: Path, log: Path) -> dict[str, Path]:
+    """``gcc -static`` every guest program; returns {name: binary}."""
+    binaries: dict[str, Path] = {}
+    for name in GUEST_PROGRAMS:
+        source = guest_sources() / f"{name}.c"
+        binary = out_dir / name
+        run_logged(
+            ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", binary, source],
+            title=f"compiling guest/{name}.c (gcc -static)",
+            log=log,
+        )
+        binaries[name] = binary
+    return binaries
+
+
+def _digest_of(paths: Iterable[Path], extra: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for text in extra:
+        digest.update(text.encode() + b"\0")
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _tool_version(argv: Sequence[str]) -> str:
+    try:
+        completed = subprocess.run(list(argv), check=False, capture_output=True, text=True)
+    except OSError:
+        return "missing"
+    return (
+        (completed.stdout or completed.stderr).splitlines()[0]
+        if (completed.stdout or completed.stderr)
+        else ""
+    )
+
+
+def image_key(tree: KernelTree) -> str:
+    """A digest of every input of the image: guest sources, kernel, busybox, compiler, format."""
+    sources = [path for path in guest_sources().iterdir() if path.is_file()]
+    extra = [
+        f"format={IMAGE_FORMAT}",
+        f"kernel={tree.image}:{tree.image.stat().st_size}:{tree.image.stat().st_mtime_ns}",
+        f"modules={tree.modules_dir}",
+        f"required={','.join(REQUIRED_MODULES)} optional={','.join(OPTIONAL_MODULES)}",
+        f"params={MODULE_PARAMETERS}",
+        f"busybox={BUSYBOX.stat().st_size}:{BUSYBOX.stat().st_mtime_ns}",
+        f"gcc={_tool_version(['gcc', '--version'])}",
+    ]
+    return _digest_of(sources, extra)
+
+
+def build_initramfs(tree: KernelTree, work: Path) -> Path:
+    """Assemble ``initrd.gz`` in ``work`` for ``tree``'s modules."""
+    log = work / "build.log"
+    index = module_index(tree.modules_dir)
+    builtin_file = tree.modules_dir / "modules.builtin"
+    builtin = parse_modules_builtin(builtin_file.read_text()) if builtin_file.is_file() else set()
+    elves: dict[str, bytes] = {}
+
+    def depends_of(name: str) -> list[str] | None:
+        if name not in index:
+            return None
+        if name not in elves:
+            elves[name] = decompress_module(index[name])
+        return modinfo_depends(elves[name])
+
+    order = load_order(REQUIRED_MODULES, OPTIONAL_MODULES, depends_of, builtin)
+    console.print(f"guest modules, in load order: {' '.join(order) or '(all built in)'}")
+
+    entries = [CpioEntry(name, stat.S_IFDIR | 0o755) for name in ("bin", "dev", "etc", "lib", "lib/modules",
+                                                                   "proc", "sys", "tmp", "root")]  # fmt: skip
+    # The kernel opens /dev/console for init before devtmpfs is mounted: it must exist in the archive.
+    entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
+    entries.append(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
+    entries.append(CpioEntry("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
+    entries.append(CpioEntry("init", stat.S_IFREG | 0o755, (guest_sources() / "init").read_bytes()))
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        for name, binary in compile_programs(Path(scratch), log).items():
+            entries.append(CpioEntry(f"bin/{name}", stat.S_IFREG | 0o755, binary.read_bytes()))
+    load_lines = []
+    for name in order:
+        entries.append(CpioEntry(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, elves[name]))
+        load_lines.append(f"{name}.ko {MODULE_PARAMETERS.get(name, '')}".rstrip())
+    entries.append(
+        CpioEntry("etc/modules.load", stat.S_IFREG | 0o644, ("\n".join(load_lines) + "\n").encode())
+    )
+
+    initrd = work / "initrd.gz"
+    temporary = initrd.with_suffix(".tmp")
+    with (
+        temporary.open("wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as packed,
+    ):
+        packed.write(cpio_newc(entries))
+    temporary.replace(initrd)
+    return initrd
+
+
+def find_guest(kernel: Path | None = None, modules: Path | None = None) -> GuestImage | None:
+    """The cached image for these inputs, or None (nothing is downloaded or built)."""
+    tree = _tree_without_download(kernel, modules)
+    if tree is None:
+        return None
+    return _cached_image(tree)
+
+
+def _tree_without_download(kernel: Path | None, modules: Path | None) -> KernelTree | None:
+    if kernel is not None or modules is not None:
+        if kernel is None or modules is None:
+            raise ProvisionError("give both --kernel and --modules, or neither")
+        return kernel_tree_from(kernel, modules)
+    trees = sorted(guest_cache().glob("kernels/*/.complete"))
+    if not trees:
+        return None
+    return _kernel_tree_in(trees[-1].parent / "root", trees[-1].parent.name)
+
+
+def _cached_image(tree: KernelTree) -> GuestImage | None:
+    work = guest_cache() / image_key(tree)
+    manifest = work / "manifest.json"
+    if not manifest.is_file() or not (work / "initrd.gz").is_file():
+        return None
+    return GuestImage(tree.image, work / "initrd.gz", tree.version)
+
+
+def ensure_guest(
+    kernel: Path | None = None, modules: Path | None = None, *, rebuild: bool = False
+) -> GuestImage:
+    """The guest image for these inputs, downloading the kernel and building the initramfs when needed."""
+    ensure_packages(HOST_PACKAGES, why="building the guest initramfs")
+    if kernel is not None or modules is not None:
+        tree = _tree_without_download(kernel, modules)
+        assert tree is not None
+    else:
+        tree = _tree_without_download(None, None) or fetch_debian_kernel(project_apt())
+    if not rebuild:
+        cached = _cached_image(tree)
+        if cached is not None:
+            return cached
+    work = guest_cache() / image_key(tree)
+    work.mkdir(parents=True, exist_ok=True)
+    with phase(f"building the initramfs for {tree.version}"):
+        initrd = build_initramfs(tree, work)
+    manifest = {
+        "kernel": str(tree.image),
+        "kernel_version": tree.version,
+        "kernel_origin": tree.origin,
+        "initrd": str(initrd),
+        "key": work.name,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return GuestImage(tree.image, initrd, tree.version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/build-guest``: print ``kernel=PATH`` and ``initrd=PATH`` of a ready guest image."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="build-guest",
+        description="Build (or find in the cache) the test guest: Debian trixie's kernel and a busybox "
+        "initramfs with the virtio-iommu/VFIO modules and the programs of guest/.",
+    )
+    parser.add_argument("--kernel", type=Path, help="a kernel image to use instead of Debian's")
+    parser.add_argument("--modules", type=Path, help="its lib/modules/<version> directory")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the initramfs even if cached")
+    parser.add_argument("--check", action="store_true", help="only look in the cache (exit 1 if not there)")
+    args = parser.parse_args(argv)
+    try:
+        image = (
+            find_guest(args.kernel, args.modules)
+            if args.check
+            else ensure_guest(args.kernel, args.modules, rebuild=args.rebuild)
+        )
+    except ProvisionError as error:
+        console.print(f"[red]build-guest:[/red] {error}")
+        return 1
+    if image is None:
+        console.print("[red]build-guest:[/red] no cached guest image; run scripts/build-guest")
+        return 1
+    print(f"kernel={image.kernel}")
+    print(f"initrd={image.initrd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

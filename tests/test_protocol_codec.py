@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhost_iommu.protocol import (
     U64,
@@ -20,6 +24,7 @@ from vhost_iommu.protocol import (
     MemoryTable,
     Message,
     PayloadError,
+    ProtocolError,
     RequestRejected,
     SingleMemoryRegion,
     Stream,
@@ -374,3 +379,57 @@ def test_payload_objects_refuse_invalid_fields() -> None:
         ConfigSpace(250, 0, bytes(8))
     with pytest.raises(PayloadError):
         MemoryTable((REGION, REGION))
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+u32 = st.integers(0, (1 << 32) - 1)
+u64 = st.integers(0, (1 << 64) - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.sampled_from(list(Stream)),
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=8),
+)
+def test_any_bytes_in_any_chunks_give_messages_or_protocol_errors(
+    stream: Stream, data: bytes, cuts: list[int]
+) -> None:
+    decoder = Decoder(stream)
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    for start, end in itertools.pairwise(bounds):
+        decoder.feed(data[start:end])
+        try:
+            while decoder.next_message() is not None:
+                pass
+        except RequestRejected:
+            continue
+        except ProtocolError:
+            return
+    decoder.feed_eof()
+    with contextlib.suppress(ProtocolError):
+        decoder.messages()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    index=u32,
+    num=u32,
+    addresses=st.tuples(u64, u64, u64, u64),
+    config=st.binary(max_size=64),
+    offset=st.integers(0, 192),
+    value=u64,
+)
+def test_encoded_requests_decode_to_equal_payloads(
+    index: int, num: int, addresses: tuple[int, int, int, int], config: bytes, offset: int, value: int
+) -> None:
+    decoder = Decoder(Stream.FRONTEND_REQUESTS)
+    sent = [
+        (FrontendRequest.SET_VRING_NUM, VringState(index, num)),
+        (FrontendRequest.SET_VRING_ADDR, VringAddress(index, 0, *addresses)),
+        (FrontendRequest.SET_CONFIG, ConfigSpace(offset, 0, config)),
+        (FrontendRequest.SET_FEATURES, U64(value)),
+    ]
+    decoder.feed(b"".join(encode(code, payload) for code, payload in sent))
+    assert [(m.code, m.payload) for m in decoder.messages()] == sent

@@ -9,6 +9,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.echo import ECHO_CONFIG_SIZE, EchoBackend
@@ -465,5 +467,29 @@ def test_a_front_end_that_never_reads_its_replies_is_disconnected(
             for _ in range(100):  # far more replies than the socket and the server's buffer hold
                 greedy.send(burst)
         assert greedy.wait_disconnected(timeout=10)
+    with vhost_server.connect() as fresh:
+        assert fresh.get_queue_num() == 2
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    garbage=st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=64),
+            st.builds(
+                lambda code, flags, body: HEADER.pack(code, flags, len(body)) + body,
+                st.integers(0, 50),
+                st.sampled_from([1, 1 | 0x8, 0, 5, 0x109]),
+                st.binary(max_size=48),
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_garbage_never_takes_the_server_down(vhost_server: RunningServer, garbage: list[bytes]) -> None:
+    with vhost_server.connect(timeout=2) as hostile, contextlib.suppress(OSError):
+        for chunk in garbage:
+            hostile.send(chunk)
     with vhost_server.connect() as fresh:
         assert fresh.get_queue_num() == 2

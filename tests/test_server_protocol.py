@@ -12,11 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.echo import ECHO_CONFIG_SIZE, EchoBackend
 from vhost_iommu.harness.frontend import Frontend, RequestFailedError, region_of
 from vhost_iommu.harness.guest_ram import GuestRam
-from vhost_iommu.harness.pytest_plugin import RunningServer, open_fds
+from vhost_iommu.harness.pytest_plugin import open_fds
 from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,

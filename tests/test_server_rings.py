@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
-from vhost_iommu.harness.pytest_plugin import RunningServer
 from vhost_iommu.protocol import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_CONFIG_S_NEEDS_RESET
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")

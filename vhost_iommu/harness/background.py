@@ -1,0 +1,104 @@
+"""A vhost-user server on a background thread with its own event loop, for tests, scripts and the lab.
+
+:class:`RunningServer` binds a socket, serves every connection with a fresh back-end from the factory on a
+private event loop (uvloop when available) in a daemon thread, and lets the caller inspect server state
+on that loop (:meth:`RunningServer.call`). :meth:`RunningServer.stop` closes every connection, joins the
+thread and removes the socket. No pytest here: the program's own ``run`` path may use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.server import VhostUserServer, bind_unix_socket, new_event_loop
+
+T = TypeVar("T")
+
+
+class RunningServer:
+    """A :class:`VhostUserServer` accepting on ``path``, run by its own event loop in a thread."""
+
+    def __init__(self, backend_factory: Callable[[], VhostUserBackend], path: str) -> None:
+        self.path = path
+        self.backends: list[VhostUserBackend] = []
+
+        def recording_factory() -> VhostUserBackend:
+            backend = backend_factory()
+            self.backends.append(backend)
+            return backend
+
+        self.server = VhostUserServer(recording_factory)
+        self._listener = bind_unix_socket(path)
+        self.loop = new_event_loop()
+        #: Exceptions that escaped a callback on the server's loop: a server bug, reported at stop().
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
+        self._serving: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name="vhost-user server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        task = self.loop.create_task(self.server.serve_listener(self._listener))
+        self._task = task
+        try:
+            self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self._serving.set_exception(exc)
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+            if not self._serving.done():
+                self._serving.set_result(None)
+
+    def call(self, function: Callable[[], T], timeout: float = 5.0) -> T:
+        """Run ``function`` on the server's loop (to inspect server state safely) and return its result."""
+
+        async def run() -> T:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def connect(self, timeout: float = 5.0) -> Frontend:
+        return Frontend.connect(self.path, timeout=timeout)
+
+    def wait_all_closed(self, timeout: float = 5.0) -> None:
+        """Wait until the server has finished closing every connection (front-ends that went away)."""
+
+        async def closed() -> None:
+            while self.server.connections:
+                await asyncio.gather(*(c.wait_closed() for c in list(self.server.connections)))
+
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(closed(), timeout), self.loop).result(timeout + 1)
+
+    def connection_count(self) -> int:
+        return self.call(lambda: len(self.server.connections))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every connection, stop accepting, join the thread, remove the socket."""
+        if self._thread.is_alive():
+
+            def shutdown() -> None:
+                self.server.close()
+                self._task.cancel()
+
+            self.loop.call_soon_threadsafe(shutdown)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("the vhost-user server thread did not stop")
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._serving.result(0)
+        if self.loop_errors:
+            raise RuntimeError(f"unhandled errors on the server's event loop: {self.loop_errors}")

@@ -1,0 +1,184 @@
+"""QEMU command lines: what each setup asks QEMU for, what is refused, and a shell form that runs the same."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vhost_iommu.qemu import (
+    CommandError,
+    IommuKind,
+    PciTestDevice,
+    QemuSetup,
+    VirtioBlockDevice,
+    build_command,
+)
+from vhost_iommu.viot import PciRange, ViotTopology
+
+SOCKET = Path("/run/viommu.sock")
+VIOT = Path("/tmp/viot.bin")
+
+
+def setup(**overrides: object) -> QemuSetup:
+    values: dict[str, object] = {
+        "qemu": Path("/opt/qemu/bin/qemu-system-x86_64"),
+        "kernel": Path("/boot/vmlinuz"),
+        "initrd": Path("/boot/initrd.gz"),
+        "socket_path": SOCKET,
+        "viot_path": VIOT,
+    }
+    values.update(overrides)
+    return QemuSetup(**values)  # type: ignore[arg-type]
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[index + 1] for index, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def test_vhost_user_iommu_command_has_every_part() -> None:
+    argv = build_command(setup(kernel_args=["vhost_iommu.job=probe"], endpoints=[PciTestDevice(4)])).argv
+
+    assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
+    assert option_values(argv, "-M") == ["q35,accel=tcg,memory-backend=mem"]
+    # The back-end maps guest RAM: it must be a shared memfd as large as -m.
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=1024M,share=on"]
+    assert option_values(argv, "-m") == ["1024M"]
+    assert option_values(argv, "-chardev") == [f"socket,id=viommu,path={SOCKET}"]
+    assert option_values(argv, "-device") == [
+        "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=0x3",
+        "pci-testdev,addr=0x4",
+    ]
+    assert option_values(argv, "-acpitable") == [f"file={VIOT}"]
+    for flag in ("-nographic", "-no-reboot"):
+        assert flag in argv
+    assert option_values(argv, "-vga") == ["none"] and option_values(argv, "-nic") == ["none"]
+    assert option_values(argv, "-L") == ["/usr/share/qemu", "/usr/share/seabios"]
+    assert option_values(argv, "-bios") == ["/usr/share/qemu/qboot.rom"]
+    assert option_values(argv, "-kernel") == ["/boot/vmlinuz"]
+    assert option_values(argv, "-initrd") == ["/boot/initrd.gz"]
+    assert option_values(argv, "-append") == ["console=ttyS0 panic=-1 vhost_iommu.job=probe"]
+
+
+def test_no_reconnect_option_on_the_chardev() -> None:
+    """With reconnect-ms QEMU 10.2's generic vhost-user device fails to realize."""
+    argv = build_command(setup()).argv
+    assert not any("reconnect" in arg for arg in argv)
+
+
+def test_memory_size_follows_the_setup() -> None:
+    argv = build_command(setup(memory_mib=2048, cpus=2)).argv
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=2048M,share=on"]
+    assert option_values(argv, "-m") == ["2048M"]
+    assert option_values(argv, "-smp") == ["2"]
+
+
+def test_iommu_address_comes_from_the_topology() -> None:
+    topology = ViotTopology(0, (5 << 3) | 2, (PciRange(0, 0x30, 0x3F, 0x30),))
+    argv = build_command(setup(topology=topology, endpoints=[PciTestDevice(6, 1)])).argv
+    devices = option_values(argv, "-device")
+    assert devices[0].endswith(",addr=0x5.2")
+    assert devices[1] == "pci-testdev,addr=0x6.1"
+
+
+def test_builtin_variant_uses_qemus_own_device_and_no_viot() -> None:
+    argv = build_command(setup(iommu=IommuKind.BUILTIN, socket_path=None, viot_path=None)).argv
+    assert option_values(argv, "-device") == ["virtio-iommu-pci,addr=0x3"]
+    assert "-acpitable" not in argv and "-chardev" not in argv
+    # Same machine otherwise: comparisons must only differ by the IOMMU.
+    vhost = build_command(setup()).argv
+    assert option_values(argv, "-object") == option_values(vhost, "-object")
+
+
+def test_block_endpoint_gets_an_identity_domain_behind_vhost_user() -> None:
+    disk = Path("/var/tmp/disk.img")
+    argv = build_command(setup(endpoints=[VirtioBlockDevice(5, disk)])).argv
+    assert option_values(argv, "-drive") == [f"file={disk},format=raw,if=none,id=blk0,cache=unsafe"]
+    assert (
+        option_values(argv, "-device")[1]
+        == "virtio-blk-pci,drive=blk0,addr=0x5,disable-legacy=on,iommu_platform=on"
+    )
+    assert option_values(argv, "-append")[0].split().count("iommu.passthrough=1") == 1
+
+
+def test_identity_domain_not_forced_where_qemu_translates_or_the_user_chose() -> None:
+    disk = Path("/var/tmp/disk.img")
+    builtin = build_command(
+        setup(
+            iommu=IommuKind.BUILTIN, socket_path=None, viot_path=None, endpoints=[VirtioBlockDevice(5, disk)]
+        )
+    ).argv
+    assert "iommu.passthrough" not in option_values(builtin, "-append")[0]
+    chosen = build_command(
+        setup(endpoints=[VirtioBlockDevice(5, disk)], kernel_args=["iommu.passthrough=0"])
+    ).argv
+    assert option_values(chosen, "-append")[0].split()[-1] == "iommu.passthrough=0"
+    assert "iommu.passthrough=1" not in option_values(chosen, "-append")[0]
+
+
+def test_read_only_legacy_block_device() -> None:
+    argv = build_command(
+        setup(endpoints=[VirtioBlockDevice(5, Path("/d.img"), read_only=True, iommu_platform=False)])
+    ).argv
+    assert option_values(argv, "-drive")[0].endswith(",readonly=on")
+    assert option_values(argv, "-device")[1] == "virtio-blk-pci,drive=blk0,addr=0x5"
+
+
+def test_seabios_when_asked_and_qmp_and_extra_arguments() -> None:
+    argv = build_command(
+        setup(bios=None, qmp_socket=Path("/run/qmp.sock"), extra_args=["-d", "guest_errors"])
+    ).argv
+    assert "-bios" not in argv
+    assert option_values(argv, "-qmp") == ["unix:/run/qmp.sock,server=on,wait=off"]
+    assert argv[-2:] == ["-d", "guest_errors"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"socket_path": None}, "socket_path"),
+        ({"viot_path": None}, "viot_path"),
+        ({"endpoints": [PciTestDevice(3)]}, "taken by the IOMMU"),
+        ({"endpoints": [PciTestDevice(4), PciTestDevice(4)]}, "taken by endpoint 0"),
+        ({"endpoints": [PciTestDevice(0x1F)]}, "outside the IOMMU's PCI ranges"),
+        ({"endpoints": [PciTestDevice(0x20)]}, "not a valid device"),
+        ({"endpoints": [PciTestDevice(4, 8)]}, "not a valid device"),
+        ({"memory_mib": 0}, "must be positive"),
+        ({"cpus": 0}, "must be positive"),
+        ({"topology": ViotTopology(0, 0x118, (PciRange(0, 0x20, 0x27, 0x20),))}, "not on the q35 root bus"),
+        ({"topology": ViotTopology(1, 0x18, (PciRange(0, 0x20, 0x27, 0x20),))}, "not on the q35 root bus"),
+    ],
+)
+def test_setups_that_cannot_work_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        build_command(setup(**overrides))
+
+
+def test_endpoint_outside_ranges_is_fine_without_our_iommu() -> None:
+    argv = build_command(setup(iommu=IommuKind.NONE, socket_path=None, endpoints=[PciTestDevice(0x1E)])).argv
+    assert option_values(argv, "-device") == ["pci-testdev,addr=0x1e"]
+
+
+def test_shell_form_runs_exactly_the_same_command(tmp_path: Path) -> None:
+    """The commented script in qemu-configs/ must pass QEMU the very same arguments, quoting included."""
+    recorder = tmp_path / "fake-qemu"
+    recorded = tmp_path / "args"
+    recorder.write_text(f'#!/bin/sh\nfor arg in "$@"; do printf "%s\\0" "$arg"; done > {recorded}\n')
+    recorder.chmod(0o755)
+    command = build_command(
+        setup(
+            qemu=recorder,
+            kernel=tmp_path / "a kernel with spaces",
+            kernel_args=["vhost_iommu.job=probe", "quote='x'"],
+            endpoints=[PciTestDevice(4), VirtioBlockDevice(5, tmp_path / "disk $HOME.img")],
+        )
+    )
+    script = tmp_path / "run.sh"
+    script.write_text(command.shell_script("a title\nover two lines"))
+    subprocess.run(["bash", str(script)], check=True, env={"PATH": os.environ["PATH"]}, timeout=30)
+    assert recorded.read_bytes().split(b"\0")[:-1] == [arg.encode() for arg in command.argv[1:]]
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n# a title\n# over two lines\n")
+    assert "    # the virtio-iommu (ID 23" in text

@@ -82,7 +82,8 @@ def test_qemu_start_up_then_a_chain_is_echoed(frontend: Frontend, ram: GuestRam,
     echo_round_trip(frontend, queues[0], 0, b"ping")
     echo_round_trip(frontend, queues[1], 1, b"pong on the second queue")
     assert frontend.get_status() == 0x08  # FEATURES_OK: all QEMU 10.2's generic device sets
-    assert frontend.stop_device(2) == [1, 1]
+    assert frontend.stop_device(2, reset_status=False) == [1, 1]
+    assert frontend.get_status() == 0x08  # stopped, not reset: a paused VM resumes where it was
 
 
 def test_event_idx_and_indirect_chains_are_served(frontend: Frontend, ram: GuestRam) -> None:

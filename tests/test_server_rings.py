@@ -212,7 +212,7 @@ def test_status_zero_resets_the_device(
     queues = two_queues(ram)
     frontend.start_device(ram, queues)
     frontend.set_config(0, b"CHANGED!")
-    frontend.stop_device(2, reset_status=True)
+    frontend.stop_device(2)
     assert frontend.get_status() == 0
     assert frontend.get_config(0, 8) == b"ECHOECHO"
     assert ("reset", -1) in echo_backend(vhost_server).events_snapshot()

@@ -1,0 +1,385 @@
+"""Provisioning: the private apt state, the QEMU search order, the initramfs pieces, and (e2e) real boots
+of the guest behind QEMU's built-in virtio-iommu, the reference the back-end is compared with."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhost_iommu.provision import apt, qemu_build
+from vhost_iommu.provision.apt import Mirror, PrivateApt, SourceLine
+from vhost_iommu.provision.boot import GuestSession, parse_fields, run_job
+from vhost_iommu.provision.errors import ProvisionError
+from vhost_iommu.provision.guest import (
+    CpioEntry,
+    GuestImage,
+    cpio_newc,
+    decompress_module,
+    ensure_guest,
+    load_order,
+    modinfo_depends,
+    module_name,
+)
+from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, VirtioBlockDevice, build_command
+
+HOST_SOURCES = """\
+Types: deb
+# http://snapshot.example/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+# --- the mirror and the private apt state ---
+
+
+def test_mirror_is_the_main_archive_of_the_hosts_sources() -> None:
+    mirror = apt.parse_debian_mirror(HOST_SOURCES)
+    assert mirror == Mirror("http://mirror.example/debian", "/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+def test_disabled_and_security_stanzas_are_not_mirrors() -> None:
+    text = (
+        "Types: deb\nURIs: http://a.example/debian\nSuites: x\nEnabled: no\n\n"
+        + HOST_SOURCES.split("\n\n")[1]
+    )
+    with pytest.raises(ProvisionError, match="no Debian archive"):
+        apt.parse_debian_mirror(text)
+
+
+def test_one_line_sources_list() -> None:
+    text = "# comment\ndeb http://s.example/debian-security bookworm-security main\n" + (
+        "deb [arch=amd64 signed-by=/k.gpg] http://m.example/debian/ bookworm main\n"
+    )
+    assert apt.parse_one_line_mirror(text) == Mirror("http://m.example/debian", "/k.gpg")
+    assert apt.parse_one_line_mirror("# nothing\n") is None
+
+
+def test_private_state_diverts_every_piece_of_apt_state(tmp_path: Path) -> None:
+    state = PrivateApt(
+        tmp_path, [SourceLine("deb-src", "sid")], mirror=Mirror("http://m.example/debian", "/k.gpg")
+    )
+    options = state.options()
+    pairs = dict(option.split("=", 1) for option in options[1::2])
+    assert pairs["Dir::Etc::sourcelist"] == str(tmp_path / "sources.list")
+    assert pairs["Dir::Etc::sourceparts"] == "-"
+    assert pairs["Dir::State::Lists"] == str(tmp_path / "lists")
+    assert pairs["Dir::Cache"] == str(tmp_path / "cache")
+    assert all(flag == "-o" for flag in options[0::2])
+    state._prepare()
+    assert state.sources_file.read_text() == "deb-src [signed-by=/k.gpg] http://m.example/debian sid main\n"
+    assert (tmp_path / "lists" / "partial").is_dir()
+
+
+def test_versions_sort_the_way_debian_does() -> None:
+    assert apt.newest_first(["1:10.2.2+ds-1", "1:11.1.2+ds-3", "1:11.1.3+ds-1", "1:10.2.2+ds-1"]) == [
+        "1:11.1.3+ds-1", "1:11.1.2+ds-3", "1:10.2.2+ds-1",
+    ]  # fmt: skip
+    assert apt.newest_first(["10.2~rc1", "10.2", "9.9"]) == ["10.2", "10.2~rc1", "9.9"]
+    assert apt.compare_debian_versions("1:7.2", "10.2") == 1  # the epoch wins
+
+
+def test_showsrc_versions_of_one_package_only() -> None:
+    text = (
+        "Package: qemu\nVersion: 1:10.2.2+ds-1\n\n"
+        "Package: qemu-web\nVersion: 5\n\n"
+        "Package: qemu\nVersion: 1:11.1\n"
+    )
+    assert apt.parse_showsrc_versions(text, "qemu") == ["1:10.2.2+ds-1", "1:11.1"]
+
+
+def test_versions_the_pool_lacks_are_skipped_newest_first(tmp_path: Path) -> None:
+    state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))
+    tried: list[str] = []
+
+    def fetch(version: str) -> None:
+        tried.append(version)
+        if version != "10.2":
+            raise ProvisionError(f"404 for {version}")
+
+    assert state.try_versions_newest_first(["11.1.3", "11.1.2", "10.2", "9.0"], fetch) == "10.2"
+    assert tried == ["11.1.3", "11.1.2", "10.2"]
+    with pytest.raises(ProvisionError, match=r"11\.1\.3: 404 for 11\.1\.3"):
+        state.try_versions_newest_first(["11.1.3"], fetch)
+
+
+# --- where QEMU comes from ---
+
+
+def fake_qemu(path: Path, *, new_enough: bool) -> Path:
+    device = '"vhost-user-test-device-pci"' if new_enough else '"vhost-user-blk-pci"'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho 'name {device}, bus PCI'\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VHOST_IOMMU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + ":/usr/bin:/bin")
+    monkeypatch.delenv("QEMU", raising=False)
+    return tmp_path
+
+
+def test_qemu_from_the_environment_wins_when_new_enough(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_qemu(isolated / "bin" / "qemu-system-x86_64", new_enough=True)
+    chosen = fake_qemu(isolated / "env-qemu", new_enough=True)
+    monkeypatch.setenv("QEMU", str(chosen))
+    assert qemu_build.find_qemu() == chosen
+
+
+def test_too_old_qemu_is_passed_over_for_the_next(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QEMU", str(fake_qemu(isolated / "old", new_enough=False)))
+    fake_qemu(isolated / "bin" / "qemu-system-x86_64", new_enough=False)
+    cached = fake_qemu(isolated / "cache" / "qemu" / "x" / "qemu-system-x86_64", new_enough=True)
+    link = qemu_build.cached_binary_link()
+    link.parent.mkdir(parents=True)
+    link.symlink_to(cached)
+    assert qemu_build.find_qemu() == cached
+
+
+def test_no_qemu_names_the_script_to_run(isolated: Path) -> None:
+    fake_qemu(isolated / "bin" / "qemu-system-x86_64", new_enough=False)
+    with pytest.raises(ProvisionError, match="scripts/get-qemu") as raised:
+        qemu_build.find_qemu()
+    assert "QEMU < 10.2" in str(raised.value)
+
+
+def test_qemu_that_cannot_run_is_not_new_enough(tmp_path: Path) -> None:
+    broken = tmp_path / "qemu"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    assert not qemu_build.has_generic_device(broken)
+    assert not qemu_build.has_generic_device(tmp_path / "missing")
+
+
+def test_ensure_qemu_refuses_a_source_override_that_is_no_source_tree(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu_build, "ensure_firmware", lambda: None)
+    monkeypatch.setenv("QEMU_SRC", str(isolated))
+    with pytest.raises(ProvisionError, match="not a QEMU source tree"):
+        qemu_build.ensure_qemu()
+
+
+def test_plus_ds_tree_is_told_not_to_unpack_the_firmware_it_lacks(tmp_path: Path) -> None:
+    (tmp_path / "meson.build").write_text("x = 1\nunpack_edk2_blobs = true\n")
+    qemu_build.prepare_source_tree(tmp_path)
+    assert "unpack_edk2_blobs = false" in (tmp_path / "meson.build").read_text()
+
+
+# --- the initramfs ---
+
+
+def test_module_names_normalise_paths_and_dashes() -> None:
+    assert module_name("kernel/drivers/vfio/pci/vfio-pci.ko.xz") == "vfio_pci"
+    assert module_name("virtio_iommu.ko") == "virtio_iommu"
+
+
+def test_dependencies_come_from_modinfo() -> None:
+    elf = b"\x7fELF...\0license=GPL\0depends=vfio,irqbypass\0vermagic=6.12\0"
+    assert modinfo_depends(elf) == ["vfio", "irqbypass"]
+    assert modinfo_depends(b"\0depends=\0name=x\0") == []
+    assert modinfo_depends(b"no modinfo at all") == []
+
+
+DEPENDENCIES = {
+    "vfio_pci": ["vfio_pci_core", "vfio"],
+    "vfio_pci_core": ["vfio", "irqbypass"],
+    "vfio": [],
+    "irqbypass": [],
+    "virtio_iommu": [],
+    "virtio_blk": [],
+}
+
+
+def test_load_order_puts_dependencies_first_and_skips_built_ins() -> None:
+    order = load_order(
+        ["virtio_iommu", "vfio_pci"], ["virtio_blk", "absent"], DEPENDENCIES.get, {"irqbypass"}
+    )
+    assert order == ["virtio_iommu", "vfio", "vfio_pci_core", "vfio_pci", "virtio_blk"]
+    assert load_order(["vfio_pci"], [], DEPENDENCIES.get, {"vfio_pci"}) == []
+
+
+def test_load_order_reports_missing_modules_and_cycles() -> None:
+    with pytest.raises(ProvisionError, match=r"vfio .*needed by vfio_pci"):
+        load_order(["vfio_pci"], [], {"vfio_pci": ["vfio"]}.get, set())
+    with pytest.raises(ProvisionError, match="cycle"):
+        load_order(["a"], [], {"a": ["b"], "b": ["a"]}.get, set())
+
+
+def read_cpio(archive: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
+    """A minimal newc reader, independent of the writer: (name, mode, data, rdev) per entry."""
+    entries: list[tuple[str, int, bytes, tuple[int, int]]] = []
+    offset = 0
+    while True:
+        assert archive[offset : offset + 6] == b"070701"
+        fields = [int(archive[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
+        name_size, file_size = fields[11], fields[6]
+        name_start = offset + 110
+        name = archive[name_start : name_start + name_size - 1].decode()
+        data_start = (name_start + name_size + 3) & ~3
+        data = archive[data_start : data_start + file_size]
+        offset = (data_start + file_size + 3) & ~3
+        if name == "TRAILER!!!":
+            assert offset == len(archive)
+            return entries
+        entries.append((name, fields[1], data, (fields[9], fields[10])))
+
+
+def test_cpio_archive_holds_files_directories_and_device_nodes() -> None:
+    entries = [
+        CpioEntry("dev", stat.S_IFDIR | 0o755),
+        CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        CpioEntry("init", stat.S_IFREG | 0o755, b"#!/bin/sh\necho odd length\n"),
+        CpioEntry("bin/x", stat.S_IFREG | 0o644, b"12345"),
+    ]
+    archive = cpio_newc(entries)
+    assert len(archive) % 4 == 0
+    assert read_cpio(archive) == [(e.name, e.mode, e.data, e.rdev) for e in entries]
+    assert cpio_newc(entries) == archive  # reproducible: no timestamps, no host owners
+
+
+def test_compressed_modules_are_decompressed(tmp_path: Path) -> None:
+    elf = b"\x7fELF" + bytes(100)
+    (tmp_path / "a.ko.xz").write_bytes(lzma.compress(elf, format=lzma.FORMAT_XZ))
+    (tmp_path / "b.ko.gz").write_bytes(gzip.compress(elf))
+    (tmp_path / "c.ko").write_bytes(elf)
+    for name in ("a.ko.xz", "b.ko.gz", "c.ko"):
+        assert decompress_module(tmp_path / name) == elf
+
+
+def test_guest_init_is_a_valid_shell_script() -> None:
+    import subprocess
+
+    init = Path(__file__).resolve().parents[1] / "guest" / "init"
+    subprocess.run(["sh", "-n", str(init)], check=True, timeout=10)
+    text = init.read_text()
+    for job in ("probe", "shell", "vfio-steps", "vfio-bench", "blk-io"):
+        assert f"    {job})" in text, f"/init has no {job} job"
+
+
+def test_parse_fields_of_a_marker_line() -> None:
+    fields = parse_fields('VFIO_STEP seq=3 op=map iova=0x1000 rc=-1 errno=17 msg="File exists"')
+    assert fields == {
+        "seq": "3",
+        "op": "map",
+        "iova": "0x1000",
+        "rc": "-1",
+        "errno": "17",
+        "msg": "File exists",
+    }
+
+
+def test_session_times_out_on_silence_and_reports_an_early_exit(tmp_path: Path) -> None:
+    from vhost_iommu.provision.boot import GuestTimeout
+
+    with GuestSession(["sh", "-c", "echo hello; read line; echo got:$line; exit 3"]) as session:
+        session.expect("hello", 10)
+        with pytest.raises(GuestTimeout, match="within 0 s"):
+            session.expect("never", 0.2)
+        session.send("42")
+        assert session.expect(r"got:(\d+)", 10).group(1) == "42"
+        with pytest.raises(GuestTimeout, match="exited"):
+            session.expect("never", 10)
+    assert session.run.returncode == 3
+
+
+# --- e2e: the guest behind QEMU's built-in virtio-iommu (the comparison baseline) ---
+
+BOOT_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def tools() -> Iterator[tuple[Path, GuestImage]]:
+    yield qemu_build.ensure_qemu(), ensure_guest()
+
+
+def builtin_setup(qemu: Path, image: GuestImage, job: str, *extra: str, **overrides: object) -> QemuSetup:
+    values: dict[str, object] = {
+        "qemu": qemu,
+        "kernel": image.kernel,
+        "initrd": image.initrd,
+        "kernel_args": [f"vhost_iommu.job={job}", *extra],
+        "iommu": IommuKind.BUILTIN,
+        "endpoints": [PciTestDevice(4)],
+    }
+    values.update(overrides)
+    return QemuSetup(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.e2e
+def test_builtin_iommu_vfio_steps(tools: tuple[Path, GuestImage]) -> None:
+    qemu, image = tools
+    argv = build_command(builtin_setup(qemu, image, "vfio-steps")).argv
+    with GuestSession(argv) as session:
+        session.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
+        results = []
+        for sequence, command in enumerate(
+            [
+                "map 0x100000000 0x4000 rw",
+                "map 0x100002000 0x1000 r",
+                "unmap 0x100000000 0x4000",
+                "map 1 2 x",
+            ],
+            start=1,
+        ):
+            session.send(command)
+            results.append(parse_fields(session.expect(rf"VFIO_STEP seq={sequence} .*", 60)[0]))
+            session.expect(rf"VFIO_STEP_READY seq={sequence}", 60)
+        session.send("quit")
+        run = session.wait(60)
+    assert "virtio_iommu virtio0: input address" in run.output
+    assert [(r["rc"], r["errno"]) for r in results] == [("0", "0"), ("-1", "17"), ("0", "0"), ("-1", "22")]
+    assert results[0]["perm"] == "rw" and results[2]["unmapped"] == "0x4000"
+    assert run.marker_lines("VHOST_IOMMU_VFIO_BOUND dev=0000:00:04.0")
+    assert run.job_rc == 1  # two steps failed on purpose
+    assert run.marker_lines("VHOST_IOMMU_KLOG_END")
+
+
+@pytest.mark.e2e
+def test_builtin_iommu_translates_virtio_blk_dma(tools: tuple[Path, GuestImage], tmp_path: Path) -> None:
+    qemu, image = tools
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 << 20))
+    endpoints = [PciTestDevice(4), VirtioBlockDevice(5, disk)]
+    run = run_job(
+        build_command(builtin_setup(qemu, image, "blk-io", "vhost_iommu.blk_mb=4", endpoints=endpoints)).argv,
+        timeout=BOOT_TIMEOUT,
+    )
+    (disk_info,) = run.records("VHOST_IOMMU_BLK_DISK")
+    (io,) = run.records("VHOST_IOMMU_BLK ")
+    assert disk_info["pci"] == "0000:00:05.0"
+    assert disk_info["domain"].startswith("DMA"), "QEMU's own IOMMU translates: the disk gets a DMA domain"
+    assert io["match"] == "1"
+    assert run.job_rc == 0
+    # What was written is on the host's image: the DMA went through the IOMMU to the right pages.
+    assert disk.read_bytes()[: 4 << 20] != bytes(4 << 20)
+
+
+@pytest.mark.e2e
+def test_probe_reports_the_table_the_guest_was_given(tools: tuple[Path, GuestImage]) -> None:
+    qemu, image = tools
+    run = run_job(build_command(builtin_setup(qemu, image, "probe")).argv, timeout=BOOT_TIMEOUT)
+    (viot,) = run.records("VHOST_IOMMU_VIOT")
+    table = bytes.fromhex(viot["hex"])
+    assert table[:4] == b"VIOT" and struct.unpack_from("<H", table, 54)[0] == 0x18
+    assert run.records("VHOST_IOMMU_IOMMU")[0]["name"] == "0000:00:03.0"
+    assert run.job_rc == 0

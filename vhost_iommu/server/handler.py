@@ -13,6 +13,17 @@ are treated alike):
   the connection is closed, because the front-end is blocked waiting for an answer we cannot give honestly;
 * any other request gets REPLY_ACK with a non-zero u64 if it asked for a reply (need_reply), and is
   otherwise logged and ignored: the spec leaves the back-end no way to report it.
+
+Choices where the spec leaves room:
+
+* need_reply is honoured on every request without a reply of its own, whether or not REPLY_ACK was
+  negotiated (a front-end that sets the flag is waiting for the answer);
+* a kick on a started but disabled ring is held and delivered when the ring is enabled, rather than the
+  ring being processed "without side effects" (a device has no side-effect-free way to process requests);
+* RESET_OWNER (deprecated) disables every ring and nothing else, as vhost-user.rst recommends;
+* SET_STATUS 0 and RESET_DEVICE reset the device; call/err fds, memory table and back-end channel are
+  connection state and survive (QEMU does not send them again before the next start);
+* polling (SET_VRING_KICK without an fd), used-ring logging and live-migration config writes are refused.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from vhost_iommu import cli
 from vhost_iommu.harness.frontend import Frontend
 
 STARTUP_TIMEOUT = 30.0  # importing numpy and numba in a fresh interpreter on a loaded 2-core machine
@@ -232,3 +234,27 @@ def test_inherited_listening_fd_accepts_connections(directory: str) -> None:
                 assert frontend.get_config(0, 8) == b"changed!"
     finally:
         assert stop(process) == 0
+
+
+def test_serve_is_also_an_explicit_sub_command() -> None:
+    result = run(["serve", "--frobnicate"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("vhost-iommu serve: error: ") and result.stderr.count("\n") == 1
+
+
+def test_registered_commands_get_their_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--colour", required=True)
+
+    def execute(args: argparse.Namespace) -> int:
+        seen.append(args.colour)
+        return 7
+
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    cli.register_command(cli.Command("paint", "paints", configure, execute))
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register_command(cli.Command("paint", "again", configure, execute))
+    assert cli.main(["paint", "--colour=blue"]) == 7
+    assert seen == ["blue"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -233,12 +234,26 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format=f"{PROGRAM}: %(levelname)s: %(message)s")
 
 
+#: Modules that register sub-commands when imported (kept light: heavy imports go inside the commands).
+COMMAND_MODULES = ("vhost_iommu.commands",)
+
+
+def _load_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # the module exists but something it imports does not: a real error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if "--print-capabilities" in arguments:
         # The convention: print, exit successfully, ignore every other option.
         print(json.dumps(CAPABILITIES))
         return 0
+    _load_command_modules()
     command = SERVE
     if arguments and arguments[0] in COMMANDS:
         command = COMMANDS[arguments.pop(0)]

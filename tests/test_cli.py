@@ -19,6 +19,7 @@ import pytest
 from vhost_iommu import cli
 from vhost_iommu.harness.frontend import Frontend
 
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
 STARTUP_TIMEOUT = 30.0  # importing numpy and numba in a fresh interpreter on a loaded 2-core machine
 
 

@@ -281,3 +281,39 @@ def test_a_backend_bug_closes_only_its_connection(
         assert doomed.wait_disconnected(timeout=5)
     with vhost_server.connect() as survivor:
         assert survivor.get_queue_num() == 2
+
+
+class HoldingBackend(EchoBackend):
+    """Keeps every chain it pops (as the eventq keeps buffers for future events) until its ring stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[int, list[int]] = {0: [], 1: []}
+
+    def _drain(self, index: int) -> None:
+        assert self.context is not None
+        queue = self.context.queue(index)
+        while queue is not None and (chain := queue.pop()) is not None:
+            self.held[index].append(chain.head)
+
+    def queue_stopped(self, index: int) -> None:
+        super().queue_stopped(index)
+        assert self.context is not None
+        queue = self.context.queue(index)
+        assert queue is not None, "the ring must still be bound while queue_stopped runs"
+        for head in self.held[index]:
+            queue.push_used(head, 0)
+        self.held[index].clear()
+
+
+@pytest.mark.parametrize("backend_factory", [HoldingBackend])
+def test_a_backend_returns_held_chains_before_get_vring_base_answers(
+    frontend: Frontend, ram: GuestRam, backend_factory: Callable[[], VhostUserBackend]
+) -> None:
+    queues = two_queues(ram)
+    frontend.start_device(ram, queues)
+    heads = [queues[1].post([b"event buffer"], [8]) for _ in range(3)]
+    frontend.kick(1)
+    assert not frontend.wait_used(1, timeout=QUIET_PERIOD)  # held, not returned
+    assert frontend.get_vring_base(1) == 3
+    assert queues[1].used() == [(head, 0) for head in heads]

@@ -535,14 +535,18 @@ class ConnectionHandler:
         self._refresh(slot)
 
     def _stop_ring(self, slot: VringSlot) -> None:
+        slot.kick_pending = False
+        if slot.served:
+            # Told while the ring is still bound, so that a back-end holding chains (eventq buffers
+            # waiting for an event) can return them before next_avail is read for GET_VRING_BASE.
+            slot.served = False
+            self.backend.queue_stopped(slot.index)
         if slot.queue is not None:
             slot.base = slot.queue.next_avail
         slot.queue = None
-        slot.kick_pending = False
         if slot.kick_fd is not None:
             self._loop.remove_reader(slot.kick_fd)
             slot.replace_fd("kick", None)
-        self._refresh(slot)
 
     def _active(self, slot: VringSlot) -> bool:
         return slot.started and slot.enabled and self.broken_reason is None and not self.closed

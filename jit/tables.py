@@ -43,6 +43,8 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
+from vhost_iommu.jit.prefetch import prefetch
+
 # ----------------------------------------------------------------------------------------------------
 # Public constants
 
@@ -931,57 +933,86 @@ def table_translate_batch(
 ) -> Int:
     """Translate ``iovas[i]`` in ``domains[i]`` for every i; returns the number of hits.
 
-    Misses get out_phys 0 and out_flags MISS. Queries go down the trees in groups of BATCH_GROUP, one
-    level for the whole group at a time: the searches of a group are independent, so the processor
-    overlaps their cache misses instead of waiting for each in turn.
+    Misses get out_phys 0 and out_flags MISS. At a million mappings the leaves outgrow the caches and a
+    lookup is mostly waiting for memory, so queries go through in groups of BATCH_GROUP along a
+    three-stage pipeline: while one group walks the (cached) internal nodes and prefetches the key lines
+    of its leaves, the group before it searches its keys, already on their way, and prefetches its
+    entries, and the group before that reads them.
     """
     total = min(domains.shape[0], iovas.shape[0], out_phys.shape[0], out_flags.shape[0])
-    row = np.empty(BATCH_GROUP, np.int64)
+    descending = np.empty(BATCH_GROUP, np.int64)
+    searching = np.empty(BATCH_GROUP, np.int64)
+    reading = np.empty(BATCH_GROUP, np.int64)
+    found_index = np.empty(BATCH_GROUP, np.int64)
     levels = np.empty(BATCH_GROUP, np.int64)
+    groups = (total + BATCH_GROUP - 1) // BATCH_GROUP
     hits = 0
     cached_domain = np.int64(-1)
     cached_root = np.int64(NIL)
     cached_height = np.int64(0)
-    for group_start in range(0, total, BATCH_GROUP):
-        size = min(BATCH_GROUP, total - group_start)
-        deepest = np.int64(0)
-        for q in range(size):
-            domain = np.int64(domains[group_start + q])
-            # Batches are mostly one domain: skip the directory probe when it repeats.
-            if domain != cached_domain:
-                slot = directory_find(directory, domain)
-                cached_domain = domain
-                cached_root = np.int64(directory[slot, D_ROOT] if slot >= 0 else NIL)
-                cached_height = np.int64(directory[slot, D_HEIGHT] if slot >= 0 else 0)
-            row[q] = cached_root
-            levels[q] = cached_height
-            if cached_height > deepest:
-                deepest = cached_height
-        for level in range(deepest):
+    for step in range(groups + 2):
+        # Stage 3, group step - 2: read the entries found, now in cache.
+        if step >= 2:
+            first = (step - 2) * BATCH_GROUP
+            for q in range(min(BATCH_GROUP, total - first)):
+                out = first + q
+                iova = iovas[out]
+                leaf = reading[q]
+                index = found_index[q]
+                if index >= 0 and iova <= leaves[leaf, L_VALUES + 2 * index]:
+                    map_start = leaves[leaf, L_STARTS + index]
+                    phys_flags = leaves[leaf, L_VALUES + 2 * index + 1]
+                    out_phys[out] = (phys_flags & PHYS_MASK) + (iova - map_start)
+                    out_flags[out] = np.int32(phys_flags & FLAG_BITS)
+                    hits += 1
+                else:
+                    out_phys[out] = _ZERO
+                    out_flags[out] = MISS
+        # Stage 2, group step - 1: search the leaves' keys; ask for the entries' line.
+        if 1 <= step <= groups:
+            first = (step - 1) * BATCH_GROUP
+            for q in range(min(BATCH_GROUP, total - first)):
+                iova = iovas[first + q]
+                leaf = searching[q]
+                index = -1
+                if leaf >= 0:
+                    index = _leaf_upper_bound(leaves, leaf, LEAF_CAPACITY, iova) - 1
+                    if iova == UNUSED_KEY:
+                        index = _leaf_count(leaves, leaf) - 1
+                    if index >= 0:
+                        prefetch(leaves, leaf, L_VALUES + 2 * index)
+                found_index[q] = index
+        # Stage 1, group step: walk the internal nodes; ask for the leaves' key lines.
+        if step < groups:
+            first = step * BATCH_GROUP
+            size = min(BATCH_GROUP, total - first)
+            deepest = np.int64(0)
             for q in range(size):
-                if levels[q] > level:
-                    node = row[q]
-                    row[q] = _child(nodes, node, _route(nodes, node, NODE_FANOUT, iovas[group_start + q]))
-                    if iovas[group_start + q] == UNUSED_KEY:
-                        row[q] = _child(nodes, node, _node_count(nodes, node) - 1)
-        for q in range(size):
-            out = group_start + q
-            iova = iovas[out]
-            leaf = row[q]
-            index = -1
-            if leaf >= 0:
-                index = _leaf_upper_bound(leaves, leaf, LEAF_CAPACITY, iova) - 1
-                if iova == UNUSED_KEY:
-                    index = _leaf_count(leaves, leaf) - 1
-            if index >= 0 and iova <= leaves[leaf, L_VALUES + 2 * index]:
-                map_start = leaves[leaf, L_STARTS + index]
-                phys_flags = leaves[leaf, L_VALUES + 2 * index + 1]
-                out_phys[out] = (phys_flags & PHYS_MASK) + (iova - map_start)
-                out_flags[out] = np.int32(phys_flags & FLAG_BITS)
-                hits += 1
-            else:
-                out_phys[out] = _ZERO
-                out_flags[out] = MISS
+                domain = np.int64(domains[first + q])
+                # Batches are mostly one domain: skip the directory probe when it repeats.
+                if domain != cached_domain:
+                    slot = directory_find(directory, domain)
+                    cached_domain = domain
+                    cached_root = np.int64(directory[slot, D_ROOT] if slot >= 0 else NIL)
+                    cached_height = np.int64(directory[slot, D_HEIGHT] if slot >= 0 else 0)
+                descending[q] = cached_root
+                levels[q] = cached_height
+                if cached_height > deepest:
+                    deepest = cached_height
+            for level in range(deepest):
+                for q in range(size):
+                    if levels[q] > level:
+                        node = descending[q]
+                        iova = iovas[first + q]
+                        index = _route(nodes, node, NODE_FANOUT, iova)
+                        if iova == UNUSED_KEY:
+                            index = _node_count(nodes, node) - 1
+                        descending[q] = _child(nodes, node, index)
+            for q in range(size):
+                if descending[q] >= 0:
+                    for line in range(0, LEAF_CAPACITY, 8):
+                        prefetch(leaves, descending[q], L_STARTS + line)
+        descending, searching, reading = reading, descending, searching
     return hits
 
 

@@ -182,3 +182,57 @@ def test_shell_form_runs_exactly_the_same_command(tmp_path: Path) -> None:
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n# a title\n# over two lines\n")
     assert "    # the virtio-iommu (ID 23" in text
+
+
+def test_qemu_configs_are_what_the_code_builds() -> None:
+    """qemu-configs/ is generated; a hand edit or a code change without regenerating shows up here."""
+    from vhost_iommu.provision.configs import config_files, configs_dir, render
+
+    for config in config_files():
+        path = configs_dir() / config.name
+        assert path.read_text() == render(config), (
+            f"regenerate: python -m vhost_iommu.provision.configs ({path})"
+        )
+        assert os.access(path, os.X_OK)
+
+
+def test_a_config_script_expands_its_variables(tmp_path: Path) -> None:
+    from vhost_iommu.provision.configs import configs_dir
+
+    recorder = tmp_path / "fake-qemu"
+    recorded = tmp_path / "args"
+    recorder.write_text(f'#!/bin/sh\nfor arg in "$@"; do printf "%s\\0" "$arg"; done > {recorded}\n')
+    recorder.chmod(0o755)
+    environment = {
+        "PATH": os.environ["PATH"],
+        "QEMU": str(recorder),
+        "KERNEL": "/k/vmlinuz",
+        "INITRD": "/k/initrd.gz",
+        "SOCK": "/run/my sock",
+        "VIOT": "/t/viot.bin",
+        "DISK": "/d/disk.img",
+        "MEM": "512",
+    }
+    subprocess.run(
+        ["bash", str(configs_dir() / "q35-virtio-blk-identity.sh"), "-d", "guest_errors"],
+        check=True,
+        env=environment,
+        timeout=30,
+    )
+    argv = recorded.read_bytes().decode().split("\0")[:-1]
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option_values(argv, "-m") == ["512M"]
+    assert option_values(argv, "-chardev") == ["socket,id=viommu,path=/run/my sock"]
+    assert option_values(argv, "-acpitable") == ["file=/t/viot.bin"]
+    assert option_values(argv, "-drive")[0].startswith("file=/d/disk.img,")
+    assert option_values(argv, "-kernel") == ["/k/vmlinuz"]
+    assert "iommu.passthrough=1" in option_values(argv, "-append")[0].split()
+    assert argv[-2:] == ["-d", "guest_errors"]
+    missing = subprocess.run(
+        ["bash", str(configs_dir() / "q35-vhost-iommu.sh")],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode != 0 and "set KERNEL" in missing.stderr

@@ -18,8 +18,9 @@ What the choices are for:
 
 from __future__ import annotations
 
+import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -115,30 +116,54 @@ class QemuCommand:
     def argv(self) -> list[str]:
         return [self.binary, *(arg for group in self.groups for arg in group.args)]
 
-    def shell_script(self, title: str = "") -> str:
-        """This command as a bash script, each group under its comment (bash allows comments in arrays)."""
+    def shell_script(self, title: str = "", variables: Mapping[str, str] | None = None) -> str:
+        """This command as a bash script, each group under its comment (bash allows comments in arrays).
+
+        ``variables`` maps NAME to the line that gives it a value (``: "${NAME:=default}"``); every
+        ``@NAME@`` in an argument (or the binary) becomes ``${NAME}`` in the script, so one script serves
+        any paths.
+        """
+        variables = variables or {}
         lines = ["#!/usr/bin/env bash"]
         if title:
             lines += [f"# {line}" if line else "#" for line in title.splitlines()]
-        lines += ["set -euo pipefail", "args=("]
+        lines += ["set -euo pipefail", *variables.values(), "args=("]
         for group in self.groups:
             lines += [f"    # {line}" for line in group.comment.splitlines()]
-            lines += _wrap_args(group.args)
-        lines += [")", f'exec {shlex.quote(self.binary)} "${{args[@]}}" "$@"', ""]
+            lines += _wrap_args([_shell_word(arg, variables) for arg in group.args])
+        lines += [")", f'exec {_shell_word(self.binary, variables)} "${{args[@]}}" "$@"', ""]
         return "\n".join(lines)
 
 
-def _wrap_args(args: Sequence[str]) -> list[str]:
-    """Options with their values on one line: ``-device X`` stays together."""
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
+
+
+def _shell_word(arg: str, variables: Mapping[str, str]) -> str:
+    """``arg`` quoted for bash; ``@NAME@`` of a known variable expands to ``${NAME}``."""
+    names = [name for name in _PLACEHOLDER.findall(arg) if name in variables]
+    if not names:
+        return shlex.quote(arg)
+    pieces = _PLACEHOLDER.split(arg)
+    quoted = []
+    for index, piece in enumerate(pieces):
+        if index % 2:
+            quoted.append(f"${{{piece}}}" if piece in variables else f"@{piece}@")
+        else:
+            quoted.append(re.sub(r'([$`"\\])', r"\\\1", piece))
+    return '"' + "".join(quoted) + '"'
+
+
+def _wrap_args(words: Sequence[str]) -> list[str]:
+    """Options with their values on one line (``-device X`` stays together); words are already quoted."""
     lines: list[str] = []
     index = 0
-    while index < len(args):
-        option = args[index]
-        if option.startswith("-") and index + 1 < len(args) and not args[index + 1].startswith("-"):
-            lines.append(f"    {shlex.quote(option)} {shlex.quote(args[index + 1])}")
+    while index < len(words):
+        option = words[index]
+        if option.startswith("-") and index + 1 < len(words) and not words[index + 1].startswith("-"):
+            lines.append(f"    {option} {words[index + 1]}")
             index += 2
         else:
-            lines.append(f"    {shlex.quote(option)}")
+            lines.append(f"    {option}")
             index += 1
     return lines
 

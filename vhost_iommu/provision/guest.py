@@ -18,6 +18,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -425,7 +426,7 @@ def ensure_guest(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``scripts/build-guest``: print ``kernel=PATH`` and ``initrd=PATH`` of a ready guest image."""
+    """``scripts/build-guest``: print ``KERNEL=PATH`` and ``INITRD=PATH`` of a ready guest image."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -450,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if image is None:
         console.print("[red]build-guest:[/red] no cached guest image; run scripts/build-guest")
         return 1
-    print(f"kernel={image.kernel}")
-    print(f"initrd={image.initrd}")
+    # Shell assignments, so that `eval "$(scripts/build-guest)"` sets KERNEL and INITRD.
+    print(f"KERNEL={shlex.quote(str(image.kernel))}")
+    print(f"INITRD={shlex.quote(str(image.initrd))}")
     return 0
 
 

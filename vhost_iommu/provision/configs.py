@@ -1,0 +1,133 @@
+"""The ready-made command lines of ``qemu-configs/``, generated from :mod:`vhost_iommu.qemu` so they never
+drift from what the project itself runs (a test compares the files with this output).
+
+``python -m vhost_iommu.provision.configs`` rewrites them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhost_iommu.provision.paths import repo_root
+from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, VirtioBlockDevice, build_command
+
+_HOW_TO_GET = (
+    "Set QEMU, KERNEL and INITRD first, e.g. from the repository:\n"
+    '  export QEMU=$(scripts/get-qemu); eval "$(scripts/build-guest)"; export KERNEL INITRD\n'
+    "Arguments given to this script go to QEMU."
+)
+
+_VARIABLES = {
+    "QEMU": ': "${QEMU:=qemu-system-x86_64}"  # QEMU >= 10.2 (scripts/get-qemu prints one)',
+    "KERNEL": ': "${KERNEL:?set KERNEL to the guest kernel (scripts/build-guest prints it)}"',
+    "INITRD": ': "${INITRD:?set INITRD to the guest initramfs (scripts/build-guest prints it)}"',
+    "MEM": ': "${MEM:=1024}"  # MiB of guest RAM',
+}
+_BACKEND_VARIABLES = {
+    "SOCK": ': "${SOCK:=/tmp/vhost-iommu.sock}"  # vhost-iommu --socket-path=$SOCK must be listening',
+    "VIOT": ': "${VIOT:=viot.bin}"  # made by: vhost-iommu viot -o $VIOT',
+}
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    name: str
+    title: str
+    setup: QemuSetup
+    variables: dict[str, str]
+
+
+def _setup(job: str, **fields: object) -> QemuSetup:
+    values: dict[str, object] = {
+        "qemu": Path("@QEMU@"),
+        "kernel": Path("@KERNEL@"),
+        "initrd": Path("@INITRD@"),
+        "kernel_args": [f"vhost_iommu.job={job}"],
+        "socket_path": Path("@SOCK@"),
+        "viot_path": Path("@VIOT@"),
+        "endpoints": [PciTestDevice(4)],
+    }
+    values.update(fields)
+    return QemuSetup(**values)  # type: ignore[arg-type]
+
+
+def config_files() -> list[ConfigFile]:
+    """Every file of ``qemu-configs/`` but the README and the topologies."""
+    job = {"JOB": ': "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io'}
+    backend = {**_VARIABLES, **_BACKEND_VARIABLES}
+    return [
+        ConfigFile(
+            "q35-vhost-iommu.sh",
+            "x86 q35 guest whose virtio-iommu is vhost-iommu (the default topology: IOMMU at 00:03.0,\n"
+            "endpoints 00:04.0-00:1e.7), with a pci-testdev at 00:04.0.\n"
+            "The guest runs the job $JOB (guest/init).",
+            _setup("@JOB@"),
+            {**backend, **job},
+        ),
+        ConfigFile(
+            "q35-builtin-virtio-iommu.sh",
+            "The same guest and machine behind QEMU's built-in virtio-iommu-pci, for comparisons.\n"
+            "QEMU builds its own VIOT (one range over the whole root bus), so no table and no back-end.\n"
+            "The guest runs the job $JOB (guest/init).",
+            _setup("@JOB@", iommu=IommuKind.BUILTIN, socket_path=None, viot_path=None),
+            {**_VARIABLES, **job},
+        ),
+        ConfigFile(
+            "q35-vfio-testdev.sh",
+            "Guest VFIO behind vhost-iommu: /init binds the pci-testdev at 00:04.0 to vfio-pci and runs\n"
+            "vfio-dma's workloads ($BENCH, $COUNT times each): real MAP/UNMAP traffic, no device DMA.",
+            _setup(
+                "vfio-bench",
+                kernel_args=[
+                    "vhost_iommu.job=vfio-bench",
+                    "vhost_iommu.count=@COUNT@",
+                    "vhost_iommu.bench=@BENCH@",
+                ],
+            ),
+            {
+                **backend,
+                "COUNT": ': "${COUNT:=1000}"',
+                "BENCH": ': "${BENCH:=pairs,bulk,mixed}"',
+            },
+        ),
+        ConfigFile(
+            "q35-virtio-blk-identity.sh",
+            "A DMA-doing endpoint behind vhost-iommu: virtio-blk at 00:05.0 on the raw image $DISK.\n"
+            "QEMU does the disk's DMA itself with guest-physical addresses and never asks a vhost-user\n"
+            "device for translations, so the guest gives it an identity domain (iommu.passthrough=1).",
+            _setup(
+                "blk-io",
+                endpoints=[PciTestDevice(4), VirtioBlockDevice(5, Path("@DISK@"))],
+            ),
+            {**backend, "DISK": ': "${DISK:?set DISK to a raw disk image, e.g. truncate -s 64M disk.img}"'},
+        ),
+    ]
+
+
+def render(config: ConfigFile) -> str:
+    setup = config.setup
+    # The memory size is a variable too: the memfd must stay as large as -m.
+    command = build_command(setup)
+    text = command.shell_script(f"{config.title}\n\n{_HOW_TO_GET}", config.variables)
+    return text.replace(f"size={setup.memory_mib}M", "size=${MEM}M").replace(
+        f"-m {setup.memory_mib}M", '-m "${MEM}M"'
+    )
+
+
+def configs_dir() -> Path:
+    return repo_root() / "qemu-configs"
+
+
+def main() -> int:
+    for config in config_files():
+        path = configs_dir() / config.name
+        path.write_text(render(config))
+        path.chmod(0o755)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

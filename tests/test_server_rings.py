@@ -317,3 +317,21 @@ def test_a_backend_returns_held_chains_before_get_vring_base_answers(
     assert not frontend.wait_used(1, timeout=QUIET_PERIOD)  # held, not returned
     assert frontend.get_vring_base(1) == 3
     assert queues[1].used() == [(head, 0) for head in heads]
+
+
+def test_new_memory_table_while_running_keeps_the_rings_served(frontend: Frontend, ram: GuestRam) -> None:
+    queues = two_queues(ram)
+    frontend.start_device(ram, queues)  # memory by ADD_MEM_REG
+    with GuestRam(1 << 16, gpa_base=1 << 32) as extra:
+        frontend.set_mem_table([ram, extra])
+        head = post_and_kick(frontend, queues[0], 0, b"after the new table")
+        assert frontend.wait_used(0, timeout=5)
+        assert queues[0].used() == [(head, 19)]
+
+
+def test_removing_the_memory_under_a_running_ring_needs_reset(frontend: Frontend, ram: GuestRam) -> None:
+    queues = two_queues(ram)
+    frontend.start_device(ram, queues)
+    frontend.rem_mem_reg(ram)
+    assert frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert frontend.wait_error(0, timeout=5)

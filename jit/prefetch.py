@@ -7,12 +7,16 @@ never faults and never changes results, even for an address outside the array.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from llvmlite import ir
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic
+
+# numba's code-generation helpers carry no annotations.
+cgutils: Any = _cgutils
 
 _READ = 0
 _KEEP_IN_ALL_CACHE_LEVELS = 3
@@ -20,8 +24,7 @@ _DATA = 1
 
 
 @intrinsic
-def prefetch(typing_context: Any, array: Any, row: Any, column: Any) -> Any:
-    """Hint that ``array[row, column]`` (a 2-D C-contiguous array) will be read soon."""
+def _prefetch(typing_context: Any, array: Any, row: Any, column: Any) -> Any:
     if not (isinstance(array, types.Array) and array.ndim == 2):
         return None
     if not (isinstance(row, types.Integer) and isinstance(column, types.Integer)):
@@ -62,3 +65,8 @@ def prefetch(typing_context: Any, array: Any, row: Any, column: Any) -> Any:
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+prefetch = cast(Callable[[Any, Any, Any], None], _prefetch)
+"""``prefetch(array, row, column)`` in a kernel: hint that ``array[row, column]`` (a 2-D array) will be
+read soon."""

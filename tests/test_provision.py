@@ -383,3 +383,36 @@ def test_probe_reports_the_table_the_guest_was_given(tools: tuple[Path, GuestIma
     assert table[:4] == b"VIOT" and struct.unpack_from("<H", table, 54)[0] == 0x18
     assert run.records("VHOST_IOMMU_IOMMU")[0]["name"] == "0000:00:03.0"
     assert run.job_rc == 0
+
+
+def test_image_key_follows_every_guest_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vhost_iommu.provision import guest
+
+    sources = tmp_path / "guest"
+    sources.mkdir()
+    (sources / "init").write_text("#!/bin/sh\n")
+    (sources / "vfio-dma.c").write_text("int main(void) { return 0; }\n")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    monkeypatch.setattr(guest, "guest_sources", lambda: sources)
+    tree = guest.KernelTree(kernel, tmp_path, "test")
+    first = guest.image_key(tree)
+    assert guest.image_key(tree) == first
+    (sources / "vfio-dma.c").write_text("int main(void) { return 1; }\n")
+    second = guest.image_key(tree)
+    assert second != first
+    (sources / "helper.c").write_text("")
+    assert guest.image_key(tree) not in (first, second)
+
+
+def test_a_given_kernel_needs_its_modules_directory(tmp_path: Path) -> None:
+    from vhost_iommu.provision.guest import kernel_tree_from
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    with pytest.raises(ProvisionError, match="no such file"):
+        kernel_tree_from(tmp_path / "missing", tmp_path)
+    with pytest.raises(ProvisionError, match="not a lib/modules"):
+        kernel_tree_from(kernel, tmp_path)
+    (tmp_path / "modules.order").write_text("kernel/drivers/iommu/virtio-iommu.ko\n")
+    assert kernel_tree_from(kernel, tmp_path).modules_dir == tmp_path.resolve()

@@ -128,6 +128,9 @@ def find_qemu() -> Path:
     verdicts: list[str] = []
     for candidate in candidates():
         if candidate.usable and candidate.path is not None:
+            for passed_over in verdicts:
+                # Someone who set $QEMU or has a QEMU on PATH wants to know why another one runs.
+                console.print(f"[yellow]passed over[/yellow] {passed_over}")
             return candidate.path
         where = f" ({candidate.path})" if candidate.path else ""
         verdicts.append(f"{candidate.origin}{where}: {candidate.note}")

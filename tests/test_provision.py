@@ -299,6 +299,8 @@ def test_session_times_out_on_silence_and_reports_an_early_exit(tmp_path: Path) 
         assert session.expect(r"got:(\d+)", 10).group(1) == "42"
         with pytest.raises(GuestTimeout, match="exited"):
             session.expect("never", 10)
+        with pytest.raises(ProvisionError, match="not running|exited"):
+            session.send("too late")
     assert session.run.returncode == 3
 
 

@@ -137,8 +137,11 @@ class GuestSession:
         """Type ``line`` (and Enter) on the guest's console."""
         if self._process.stdin is None or self._process.poll() is not None:
             raise ProvisionError("the guest is not running")
-        self._process.stdin.write(line.encode() + b"\n")
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(line.encode() + b"\n")
+            self._process.stdin.flush()
+        except BrokenPipeError as error:
+            raise ProvisionError(f"the guest exited before reading {line!r}\n{self._tail()}") from error
 
     def wait(self, timeout: float) -> GuestRun:
         """Read to the end of the job (or QEMU's exit) and return the run; :class:`GuestTimeout` if late."""
@@ -178,10 +181,11 @@ class GuestSession:
         self._process.wait()
         self.run.returncode = self._process.returncode
         self.run.elapsed = time.monotonic() - self._started
+        # QEMU is gone, so the reader meets the end of its output; let it finish before closing the pipe.
+        self._reader.join(timeout=5)
         for stream in (self._process.stdin, self._process.stdout):
             if stream is not None:
                 stream.close()
-        self._reader.join(timeout=5)
         if self._log is not None:
             self._log.close()
             self._log = None

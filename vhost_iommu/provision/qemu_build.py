@@ -231,15 +231,6 @@ def _label_for(version: str) -> str:
     return "debian-" + re.sub(r"[^A-Za-z0-9.+-]", "_", version)
 
 
-def prepare_source_tree(source: Path) -> None:
-    """Adapt a tree that lacks what Debian's ``+ds`` tarball strips (firmware blobs): skip unpacking them."""
-    meson_build = source / "meson.build"
-    text = meson_build.read_text()
-    blobs_dir = source / "pc-bios" / "edk2-x86_64-code.fd.bz2"
-    if not blobs_dir.exists() and "unpack_edk2_blobs = true" in text:
-        meson_build.write_text(text.replace("unpack_edk2_blobs = true", "unpack_edk2_blobs = false"))
-
-
 def build_python(work: Path) -> Path:
     """A venv of the cache holding the build system's Python tools; returns its interpreter."""
     venv = work / "venv"
@@ -261,13 +252,16 @@ def build_python(work: Path) -> Path:
 
 
 def build_qemu(source: Path, work: Path) -> Path:
-    """Configure and build ``qemu-system-x86_64`` from ``source`` in ``work``; link it as the cached build."""
+    """Configure and build ``qemu-system-x86_64`` from ``source`` in ``work``; link it as the cached build.
+
+    Only that one ninja target is built, so the firmware blobs Debian's ``+ds`` tarball lacks (edk2) are
+    never needed and the source tree is used as it is.
+    """
     ensure_packages(BUILD_PACKAGES, why="building QEMU")
     work.mkdir(parents=True, exist_ok=True)
     log = work / "build.log"
     console.print(f"building QEMU from {source} in {work} (log: {log})")
     python = build_python(work)
-    prepare_source_tree(source)
     build_dir = work / "build"
     env = dict(os.environ, PATH=f"{python.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     if not (build_dir / "build.ninja").is_file():

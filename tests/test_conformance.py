@@ -12,7 +12,10 @@ Addresses scale the spec's byte examples to the default 4 KiB granule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -47,6 +50,11 @@ from vhost_iommu.device.layout import (
     encode_unmap,
 )
 from vhost_iommu.device.topology import PciRange, ReservedRegion
+from vhost_iommu.harness import RequestFailedError
+from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.pytest_plugin import RunningServer
+from vhost_iommu.virtio_iommu import RING_FEATURES, VIRTIO_F_VERSION_1, VirtioIommuBackend
 
 PAGE = 0x1000
 EP = 0x20  # 0000:00:04.0 in the default topology
@@ -81,16 +89,80 @@ class Harness:
 MakeHarness = Callable[..., Harness]
 
 
-@pytest.fixture
-def make_harness() -> MakeHarness:
-    """The seam: ``make(topology=None, features=None)`` -> Harness with ``features`` negotiated."""
+class VhostUserHarness(Harness):
+    """The same device behind the real vhost-user path: a server thread, a unix socket, memfd guest RAM,
+    split rings with EVENT_IDX, eventfds. ``submit`` posts one chain on the requestq, kicks, waits for the
+    call eventfd and reads the used entry back; config goes through GET/SET_CONFIG."""
 
-    def make(topology: Topology | None = None, *, features: int | None = None) -> Harness:
-        device = IommuDevice(topology if topology is not None else Topology.default())
-        device.set_features(device.device_features() if features is None else features)
-        return Harness(device, device.handle_request)
+    def __init__(self, topology: Topology, features: int | None, stack: ExitStack) -> None:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-conf-"))
+        self.server = RunningServer(lambda: VirtioIommuBackend(topology), os.path.join(directory, "sock"))
+        stack.callback(self.server.stop)
+        self.frontend = stack.enter_context(self.server.connect())
+        self.ram = GuestRam(4 << 20)
+        stack.callback(self.ram.close)
+        self.frontend.negotiate(2)
+        self._started = False
+        backend = self.server.backends[0]
+        assert isinstance(backend, VirtioIommuBackend)
+        super().__init__(backend.device, self._submit)
+        self.negotiate(self.device.device_features() if features is None else features)
 
-    return make
+    def _submit(self, request: bytes, writable_size: int) -> tuple[bytes, int]:
+        if not request and not writable_size:
+            pytest.skip("a chain of no buffers cannot be put on a ring")
+        head = self.requests.post([request] if request else [], [writable_size] if writable_size else [])
+        self.frontend.kick(0)
+        assert self.frontend.wait_used(0), "the device did not return the request"
+        self.requests.used_event = self.requests.used_idx
+        [(used_head, used_length)] = self.requests.used()
+        assert used_head == head
+        return self.requests.written(head)[:used_length] if writable_size else b"", used_length
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.frontend.get_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        try:
+            self.frontend.set_config(offset, data)
+        except RequestFailedError as error:
+            raise ValueError(str(error)) from error
+
+    def reset(self) -> None:
+        # What QEMU 10.2 does when the guest resets the device: the rings are disabled and stopped, and
+        # nothing else is said; the device learns of the reset when the rings restart elsewhere.
+        self.frontend.stop_device(2, reset_status=False)
+
+    def negotiate(self, features: int) -> None:
+        # A device (re)start as QEMU does it, on fresh rings as a driver sets them up after a reset.
+        self.requests = DriverQueue(self.ram, 64, event_idx=True)
+        self.events = DriverQueue(self.ram, 64, event_idx=True)
+        # After a reset the memory table goes again as a whole (SET_MEM_TABLE): an ADD_MEM_REG of a
+        # region the back-end already holds is refused as an overlap.
+        self.frontend.start_rings(
+            self.ram,
+            [self.requests, self.events],
+            driver_features=features | VIRTIO_F_VERSION_1 | RING_FEATURES,
+            use_mem_slots=not self._started,
+        )
+        self._started = True
+
+
+@pytest.fixture(params=["device", "vhost-user"])
+def make_harness(request: pytest.FixtureRequest) -> Iterator[MakeHarness]:
+    """The seam: ``make(topology=None, features=None)`` -> Harness with ``features`` negotiated, either
+    straight on `IommuDevice.handle_request` or through the whole vhost-user path."""
+    with ExitStack() as stack:
+
+        def make(topology: Topology | None = None, *, features: int | None = None) -> Harness:
+            topology = topology if topology is not None else Topology.default()
+            if request.param == "vhost-user":
+                return VhostUserHarness(topology, features, stack)
+            device = IommuDevice(topology)
+            device.set_features(device.device_features() if features is None else features)
+            return Harness(device, device.handle_request)
+
+        yield make
 
 
 class Driver:

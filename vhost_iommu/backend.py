@@ -77,7 +77,8 @@ class VhostUserBackend(Protocol):
         ...
 
     def queue_stopped(self, index: int) -> None:
-        """Queue ``index`` was stopped (GET_VRING_BASE) or disabled; do not touch its ring any more."""
+        """Queue ``index`` is being stopped (GET_VRING_BASE) or disabled. Called while ``context.queue``
+        still returns the ring, so that held chains can be returned; after it, the ring is not touched."""
         ...
 
     def queue_kicked(self, index: int) -> None:
@@ -85,5 +86,7 @@ class VhostUserBackend(Protocol):
         ...
 
     def reset(self) -> None:
-        """Device reset (RESET_DEVICE, RESET_OWNER, status 0, disconnect): back to the initial state."""
+        """Device reset: back to the initial state. Called for RESET_DEVICE, SET_STATUS 0, and when the
+        rings restart at a new layout after a stop (how a guest reset shows with QEMU's generic device).
+        RESET_OWNER only disables the rings (vhost-user.rst); a disconnect drops the whole back-end."""
         ...

@@ -203,9 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 lab.guest.send(f"map {iova:#x} {size:#x} {permissions}")
                 step = parse_fields(lab.guest.expect(rf"VFIO_STEP seq={sequence} .*", 60)[0])
                 lab.guest.expect(rf"VFIO_STEP_READY seq={sequence}", 60)
-                print(
-                    f"  guest: VFIO MAP_DMA iova={iova:#x} size={size:#x} {permissions}: rc={step['rc']}"
-                )
+                print(f"  guest: VFIO MAP_DMA iova={iova:#x} size={size:#x} {permissions}: rc={step['rc']}")
             _show_mappings(lab, testdev)
             lab.guest.send("quit")
             lab.guest.expect(r"VHOST_IOMMU_HOLD", 60)

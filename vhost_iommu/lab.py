@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from vhost_iommu.device import IommuDevice, Topology
-from vhost_iommu.harness.pytest_plugin import RunningServer
+from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit.tables import warm_up
 from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.guest import GuestImage, ensure_guest

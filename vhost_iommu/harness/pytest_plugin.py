@@ -76,5 +76,3 @@ def vhost_server(backend_factory: Callable[[], VhostUserBackend]) -> Iterator[Ru
 def frontend(vhost_server: RunningServer) -> Iterator[Frontend]:
     with vhost_server.connect() as connected:
         yield connected
-
-

@@ -68,6 +68,7 @@ from vhost_iommu.protocol.messages import (
 _HEADER = struct.Struct("=III")
 assert _HEADER.size == HEADER_SIZE
 
+
 class ProtocolError(Exception):
     """The peer broke the vhost-user protocol."""
 
@@ -291,8 +292,10 @@ class Decoder:
         self._fds.extend(fds)
         self._buffer += data
         if len(self._fds) > MAX_FDS_PER_MESSAGE:
-            self._fail(f"{len(self._fds)} fds arrived with one message, no message carries more than "
-                       f"{MAX_FDS_PER_MESSAGE}")
+            self._fail(
+                f"{len(self._fds)} fds arrived with one message, no message carries more than "
+                f"{MAX_FDS_PER_MESSAGE}"
+            )
 
     def feed_eof(self) -> None:
         """The peer closed the stream; a partial message left behind becomes a :class:`FramingError`."""

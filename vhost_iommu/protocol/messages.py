@@ -117,9 +117,7 @@ class VringAddress:
             _check_uint(f"vring {name} address", getattr(self, name), 64)
 
     def pack(self) -> bytes:
-        return self._FORMAT.pack(
-            self.index, self.flags, self.descriptor, self.used, self.available, self.log
-        )
+        return self._FORMAT.pack(self.index, self.flags, self.descriptor, self.used, self.available, self.log)
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
@@ -238,9 +236,7 @@ class MemoryTable:
             raise PayloadError(f"memory table has {count} regions, at most {MAX_MEM_TABLE_REGIONS} allowed")
         expected = cls._HEAD.size + MemoryRegion.SIZE * count
         if len(data) != expected:
-            raise PayloadError(
-                f"memory table of {count} regions must be {expected} bytes, got {len(data)}"
-            )
+            raise PayloadError(f"memory table of {count} regions must be {expected} bytes, got {len(data)}")
         regions = tuple(
             MemoryRegion.unpack(data[offset : offset + MemoryRegion.SIZE])
             for offset in range(cls._HEAD.size, expected, MemoryRegion.SIZE)

@@ -178,8 +178,12 @@ class BackendChannel:
                 assert isinstance(reply.payload, U64)
                 if reply.payload.value != 0:
                     self.failures += 1
-                    log.warning("%s: front-end answered %r with failure %d", self._name, reply.code,
-                                reply.payload.value)
+                    log.warning(
+                        "%s: front-end answered %r with failure %d",
+                        self._name,
+                        reply.code,
+                        reply.payload.value,
+                    )
         except ProtocolError as exc:
             log.warning("%s: bad reply on the back-end channel (%s); closing it", self._name, exc)
             self.close()
@@ -493,6 +497,9 @@ class ConnectionHandler:
     def _make_queue(self, slot: VringSlot) -> SplitQueue:
         if slot.size is None or slot.address is None:
             raise RequestFailed(f"ring {slot.index} cannot start before SET_VRING_NUM and SET_VRING_ADDR")
+        if slot.stopped_layout is not None and slot.stopped_layout != slot.layout:
+            self._reset_on_ring_restart(slot)
+        slot.stopped_layout = None
         address = slot.address
         return SplitQueue(
             self._memory,
@@ -543,6 +550,7 @@ class ConnectionHandler:
             self.backend.queue_stopped(slot.index)
         if slot.queue is not None:
             slot.base = slot.queue.next_avail
+            slot.stopped_layout = slot.layout
         slot.queue = None
         if slot.kick_fd is not None:
             self._loop.remove_reader(slot.kick_fd)
@@ -668,6 +676,24 @@ class ConnectionHandler:
     def _reset_device(self, _message: Message) -> None:
         self._reset()
 
+    def _reset_on_ring_restart(self, slot: VringSlot) -> None:
+        """A ring restarts elsewhere than where GET_VRING_BASE stopped it: the guest reset the device.
+
+        QEMU 10.2's generic vhost-user device tells the back-end nothing when the guest resets the device
+        (no SET_STATUS 0, no RESET_DEVICE): it stops the rings with GET_VRING_BASE and, once the driver
+        has set the device up again, restarts them — exactly what it does around a VM pause, except that a
+        pause resumes every ring where it stopped, while a reset re-creates them (new addresses, index 0).
+        A reset that re-creates a ring at the very address and index it stopped at (a driver that had used
+        a multiple of 65536 buffers and re-allocated its rings in place) is indistinguishable from a pause.
+        """
+        log.info("%s: %s restarts at a new layout: the guest reset the device", self.name, slot.describe())
+        for other in self.slots:
+            other.stopped_layout = None
+        self.broken_reason = None
+        self.config_change_pending = False
+        self.backend.reset()
+        self.backend.set_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+
     def _reset(self) -> None:
         """Virtio device reset: rings stopped and disabled, status and features cleared, back-end reset.
 
@@ -709,4 +735,3 @@ __all__ = [
     "ConnectionHandler",
     "RequestFailed",
 ]
-

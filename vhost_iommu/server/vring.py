@@ -33,6 +33,13 @@ class VringSlot:
     kick_pending: bool = False
     #: Whether the back-end was last told queue_started (True) or queue_stopped (False).
     served: bool = field(default=False)
+    #: (size, next avail, addresses) of the ring when GET_VRING_BASE last stopped it, until it restarts:
+    #: a restart with another layout means the front-end re-created the rings, i.e. a device reset.
+    stopped_layout: tuple[int | None, int, VringAddress | None] | None = None
+
+    @property
+    def layout(self) -> tuple[int | None, int, VringAddress | None]:
+        return (self.size, self.base, self.address)
 
     @property
     def started(self) -> bool:

@@ -195,6 +195,12 @@ def serve(args: argparse.Namespace) -> int:
     from vhost_iommu.server import SocketPathError, bind_unix_socket, new_event_loop
 
     factory = make_backend_factory(args)
+    if args.backend == "iommu":
+        # Before the socket exists: a front-end must never wait for numba to compile a kernel (a warm
+        # cache makes this a fraction of a second; `vhost-iommu warm-up` fills it ahead of time).
+        from vhost_iommu.jit import warm_up
+
+        warm_up()
     if args.fd is not None:
         sock = _inherited_socket(args.fd)
         path = None

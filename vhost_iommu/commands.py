@@ -42,10 +42,10 @@ def _topology_argument(parser: argparse.ArgumentParser) -> None:
 
 def warm_up(args: argparse.Namespace) -> int:
     """Compile every numba kernel into numba's cache, so the back-end starts without compiling."""
-    from vhost_iommu.jit.tables import warm_up as warm_up_tables
+    from vhost_iommu.jit import warm_up as warm_up_kernels
 
     started = time.monotonic()
-    warm_up_tables()
+    warm_up_kernels()
     print(f"numba kernels ready in {time.monotonic() - started:.1f} s")
     return 0
 

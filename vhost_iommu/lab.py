@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.harness.background import RunningServer
-from vhost_iommu.jit.tables import warm_up
+from vhost_iommu.jit import warm_up
 from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
 from vhost_iommu.provision.qemu_build import ensure_qemu

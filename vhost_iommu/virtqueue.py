@@ -31,13 +31,11 @@ a full fence is issued (a numba-compiled ``fence seq_cst``, ``lock or`` on x86).
 from __future__ import annotations
 
 import platform
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit, types
-from numba.extending import intrinsic
 
+from vhost_iommu.jit.barriers import full_fence as _full_fence
 from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
 
 __all__ = [
@@ -72,22 +70,8 @@ MAX_CHAIN_BYTES = 1 << 32
 _STRONGLY_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-@intrinsic
-def _fence_intrinsic(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
-@njit(cache=True)
-def _full_fence() -> None:
-    _fence_intrinsic()  # type: ignore[call-arg]  # numba supplies typingctx
-
-
 def full_fence() -> None:
-    """A full memory barrier (store-load included), callable from Python and from numba code."""
+    """A full memory barrier (store-load included)."""
     _full_fence()
 
 

@@ -513,6 +513,28 @@ def test_verify_reports_corruption(table: MappingTable) -> None:
         table.verify()
 
 
+def test_kernels_answer_need_space_without_changing_anything_and_succeed_after_grow() -> None:
+    # The protocol of a compiled request path: call the kernel on the arrays; on NEED_SPACE, grow
+    # through the owner, fetch the arrays again and retry.
+    table = MappingTable()
+    need_space_seen = 0
+    for number in range(1500):
+        start, last = page(number * 3)
+        while True:
+            arrays = table.arrays
+            before = [array.copy() for array in arrays]
+            status = tables.table_map(*arrays, 1, start, last, start, READ)
+            if status != tables.NEED_SPACE:
+                break
+            need_space_seen += 1
+            assert all(np.array_equal(old, new) for old, new in zip(before, arrays, strict=True))
+            table.grow()
+        assert status == OK
+    assert need_space_seen > 0
+    assert table.count() == 1500
+    table.verify()
+
+
 def test_warm_up_compiles_every_entry_point() -> None:
     tables.warm_up()
     for kernel in (

@@ -280,7 +280,7 @@ static int parse_u64(const char *text, uint64_t *value)
 
 static int run_steps(struct vfio *vfio)
 {
-	/* One page-aligned buffer backs every mapping; steps may map it at many IOVAs. */
+	/* One 64 MiB buffer backs every mapping; a map uses the part at its IOVA modulo the size. */
 	const uint64_t backing_size = 64ULL << 20;
 	uint8_t *backing = buffer(backing_size);
 	char line[256];
@@ -321,13 +321,21 @@ static int run_steps(struct vfio *vfio)
 					flags |= VFIO_DMA_MAP_FLAG_READ;
 				if (strchr(arg3, 'w'))
 					flags |= VFIO_DMA_MAP_FLAG_WRITE;
+				/* Distinct IOVAs get distinct pages of the buffer where they fit, so the
+				 * host can tell the mappings apart by their guest-physical addresses. */
+				uint64_t offset = (iova % backing_size) & ~(PAGE - 1);
+
+				if (offset + size > backing_size)
+					offset = 0;
 				start = now_ns();
-				result = map_dma(vfio->container, (uintptr_t)backing, iova, size, flags);
+				result = map_dma(vfio->container, (uintptr_t)(backing + offset), iova, size, flags);
 				saved_errno = result < 0 ? errno : 0;
 				took = now_ns() - start;
-				printf("VFIO_STEP seq=%lu op=map iova=0x%llx size=0x%llx perm=%s rc=%d errno=%d ns=%llu\n",
+				printf("VFIO_STEP seq=%lu op=map iova=0x%llx size=0x%llx perm=%s buffer_offset=0x%llx rc=%d "
+				       "errno=%d ns=%llu\n",
 				       sequence, (unsigned long long)iova, (unsigned long long)size, arg3,
-				       result < 0 ? -1 : 0, saved_errno, (unsigned long long)took);
+				       (unsigned long long)offset, result < 0 ? -1 : 0, saved_errno,
+				       (unsigned long long)took);
 				failures += result < 0;
 			}
 		} else if (!strcmp(op, "unmap")) {

@@ -354,6 +354,7 @@ def test_no_interrupt_flag_without_event_idx(ram: GuestRam, memory: GuestMemory)
 
 def test_used_event_decides_with_event_idx(ram: GuestRam, memory: GuestMemory) -> None:
     driver, device = make_pair(ram, memory, event_idx=True)
+    driver.auto_used_event = False  # this test moves used_event itself
     driver.avail_flags = VIRTQ_AVAIL_F_NO_INTERRUPT  # must be ignored with EVENT_IDX
     driver.used_event = 0
     complete(driver, device, 1)  # used.idx 0 -> 1 passes used_event 0
@@ -372,6 +373,7 @@ def test_used_event_decides_with_event_idx(ram: GuestRam, memory: GuestMemory) -
 
 def test_used_event_across_u16_wraparound(ram: GuestRam, memory: GuestMemory) -> None:
     driver, device = make_pair(ram, memory, event_idx=True, start_index=0xFFFC)
+    driver.auto_used_event = False  # this test moves used_event itself
     driver.used_event = 0xFFFC
     complete(driver, device, 1)
     assert device.needs_notification()  # first decision: the entry at 0xFFFC was written

@@ -69,7 +69,15 @@ class DriverQueue:
     ``desc_uva``/``avail_uva``/``used_uva`` (front-end addresses, for SET_VRING_ADDR).
     """
 
-    def __init__(self, ram: GuestRam, size: int, *, event_idx: bool = False, start_index: int = 0) -> None:
+    def __init__(
+        self,
+        ram: GuestRam,
+        size: int,
+        *,
+        event_idx: bool = False,
+        start_index: int = 0,
+        auto_used_event: bool = True,
+    ) -> None:
         if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise DriverQueueError(f"queue size {size} is not a power of 2 between 1 and {MAX_QUEUE_SIZE}")
         if not 0 <= start_index <= 0xFFFF:
@@ -105,6 +113,11 @@ class DriverQueue:
         self._last_used = start_index
         self._avail16[1] = start_index
         self._used16[1] = start_index
+        # Like Linux's virtqueue_get_buf/enable_cb: with EVENT_IDX, ask to be notified of the very next used
+        # entry after each harvest. Tests of notification suppression turn this off and set used_event.
+        self.auto_used_event = auto_used_event
+        if event_idx and auto_used_event:
+            self.used_event = start_index
 
     # --- addresses ----------------------------------------------------------------------------------
 
@@ -267,6 +280,8 @@ class DriverQueue:
             for gpa in posted.blocks:
                 self.ram.free(gpa)
             entries.append((head, length))
+        if self.event_idx and self.auto_used_event and entries:
+            self.used_event = self._last_used
         return entries
 
     def used_with_data(self) -> list[tuple[int, int, bytes]]:

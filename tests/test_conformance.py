@@ -114,7 +114,6 @@ class VhostUserHarness(Harness):
         head = self.requests.post([request] if request else [], [writable_size] if writable_size else [])
         self.frontend.kick(0)
         assert self.frontend.wait_used(0), "the device did not return the request"
-        self.requests.used_event = self.requests.used_idx
         [(used_head, used_length)] = self.requests.used()
         assert used_head == head
         return self.requests.written(head)[:used_length] if writable_size else b"", used_length

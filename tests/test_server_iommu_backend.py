@@ -51,7 +51,6 @@ def _attach(frontend: Frontend, queue: DriverQueue, domain: int, endpoint: int) 
     head = queue.post([encode_attach(domain, endpoint)], [4])
     frontend.kick(0)
     assert frontend.wait_used(0, timeout=10)
-    queue.used_event = queue.used_idx
     [(used_head, _length)] = queue.used()
     assert used_head == head
     return queue.written(head)[0]

@@ -111,10 +111,10 @@ def test_versions_the_pool_lacks_are_skipped_newest_first(tmp_path: Path) -> Non
         if version != "10.2":
             raise ProvisionError(f"404 for {version}")
 
-    assert state.try_versions_newest_first(["11.1.3", "11.1.2", "10.2", "9.0"], fetch) == "10.2"
+    assert state.first_fetchable(["11.1.3", "11.1.2", "10.2", "9.0"], fetch) == "10.2"
     assert tried == ["11.1.3", "11.1.2", "10.2"]
     with pytest.raises(ProvisionError, match=r"11\.1\.3: 404 for 11\.1\.3"):
-        state.try_versions_newest_first(["11.1.3"], fetch)
+        state.first_fetchable(["11.1.3"], fetch)
 
 
 # --- where QEMU comes from ---
@@ -412,3 +412,50 @@ def test_a_given_kernel_needs_its_modules_directory(tmp_path: Path) -> None:
         kernel_tree_from(kernel, tmp_path)
     (tmp_path / "modules.order").write_text("kernel/drivers/iommu/virtio-iommu.ko\n")
     assert kernel_tree_from(kernel, tmp_path).modules_dir == tmp_path.resolve()
+
+
+def test_stale_indexes_are_fetched_again_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Indexes from an earlier run list only versions the pool dropped; a refresh lists the new one."""
+    state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))
+    updates: list[bool] = []
+    index = {"versions": ["1.0"]}
+
+    def update(*, force: bool = False) -> bool:
+        updates.append(force)
+        if force:
+            index["versions"] = ["2.0", "1.0"]
+        return force  # without force: the indexes on disk are kept
+
+    def fetch(version: str) -> None:
+        if version != "2.0":
+            raise ProvisionError(f"404 for {version}")
+
+    monkeypatch.setattr(state, "update", update)
+    assert state.fetch_listed(lambda: index["versions"], fetch) == "2.0"
+    assert updates == [False, True]
+
+
+def test_fresh_indexes_are_not_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))
+    updates: list[bool] = []
+
+    def update(*, force: bool = False) -> bool:
+        updates.append(force)
+        return True  # fetched just now
+
+    def fetch(version: str) -> None:
+        raise ProvisionError("404")
+
+    monkeypatch.setattr(state, "update", update)
+    with pytest.raises(ProvisionError, match="no listed version"):
+        state.fetch_listed(lambda: ["1.0"], fetch)
+    assert updates == [False]
+
+
+def test_qemu_10_2_series_is_tried_before_newer_ones(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))
+    listed = ["1:11.1.3+ds-1", "1:10.2.2+ds-1", "1:9.2.0+ds-1", "1:10.2.1+ds-2", "1:10.2~rc3+ds-1"]
+    monkeypatch.setattr(state, "source_versions", lambda package: apt.newest_first(listed))
+    assert qemu_build.qemu_source_versions(state) == [
+        "1:10.2.2+ds-1", "1:10.2.1+ds-2", "1:10.2~rc3+ds-1", "1:11.1.3+ds-1",
+    ]  # fmt: skip

@@ -186,16 +186,17 @@ class PrivateApt:
             # A changed source list invalidates the lists fetched for the old one.
             (self.state_dir / "updated").unlink(missing_ok=True)
 
-    def update(self, *, force: bool = False) -> None:
-        """Fetch the indexes once (again only when ``force`` or the source list changed)."""
+    def update(self, *, force: bool = False) -> bool:
+        """Fetch the indexes once (again only when ``force`` or the source list changed); True if fetched."""
         self._prepare()
         stamp = self.state_dir / "updated"
         if stamp.is_file() and not force:
-            return
+            return False
         run_logged(
             ["apt-get", *self.options(), "update"], title="apt: fetching package indexes", log=self.log
         )
         stamp.touch()
+        return True
 
     def query(self, *args: str) -> str:
         """Run ``apt-cache`` against the private state and return its stdout."""
@@ -244,9 +245,9 @@ class PrivateApt:
             raise ProvisionError(f"apt-get download {package}={version} produced no .deb in {into}")
         return fetched[-1]
 
-    def try_versions_newest_first(self, versions: Sequence[str], fetch: Callable[[str], None]) -> str:
-        """Call ``fetch(version)`` for each version until one succeeds: the index can list versions the
-        pool no longer has, so a 404 on the newest is not the end."""
+    def first_fetchable(self, versions: Sequence[str], fetch: Callable[[str], None]) -> str:
+        """Call ``fetch(version)`` for each version in turn until one succeeds: the index can list versions
+        the pool no longer has, so a 404 on the first is not the end."""
         failures: list[str] = []
         for version in versions:
             try:
@@ -258,3 +259,15 @@ class PrivateApt:
         raise ProvisionError(
             "no listed version could be downloaded:\n  " + "\n  ".join(failures or ["none listed"])
         )
+
+    def fetch_listed(self, list_versions: Callable[[], list[str]], fetch: Callable[[str], None]) -> str:
+        """:meth:`first_fetchable` over ``list_versions()``; when every version fails with indexes fetched
+        by an earlier run, the indexes may be stale: fetch them again and retry once."""
+        fetched_now = self.update()
+        try:
+            return self.first_fetchable(list_versions(), fetch)
+        except ProvisionError:
+            if fetched_now:
+                raise
+        self.update(force=True)
+        return self.first_fetchable(list_versions(), fetch)

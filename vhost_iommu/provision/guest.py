@@ -177,11 +177,13 @@ def _kernel_package_of(apt: PrivateApt, meta_version: str) -> str:
 
 def fetch_debian_kernel(apt: PrivateApt) -> KernelTree:
     """Debian trixie's current kernel, downloaded and unpacked into the cache (once)."""
-    apt.update()
-    meta_versions = apt.binary_versions(KERNEL_META_PACKAGE)
-    if not meta_versions:
-        raise ProvisionError(f"the trixie index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?")
     chosen: dict[str, KernelTree] = {}
+
+    def listed() -> list[str]:
+        versions = apt.binary_versions(KERNEL_META_PACKAGE)
+        if not versions:
+            raise ProvisionError(f"the trixie index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?")
+        return versions
 
     def fetch(meta_version: str) -> None:
         package = _kernel_package_of(apt, meta_version)
@@ -203,7 +205,7 @@ def fetch_debian_kernel(apt: PrivateApt) -> KernelTree:
             deb.unlink()
         chosen["tree"] = _kernel_tree_in(unpacked / "root", f"{package} {versions[0]}")
 
-    apt.try_versions_newest_first(meta_versions, fetch)
+    apt.fetch_listed(listed, fetch)
     return chosen["tree"]
 
 

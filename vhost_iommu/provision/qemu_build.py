@@ -36,6 +36,7 @@ GET_QEMU_HINT = "run scripts/get-qemu (it builds QEMU >= 10.2 into the cache), o
 
 # Debian's versions carry an epoch; anything from 10.2 on has the user-creatable generic device.
 MINIMUM_DEBIAN_VERSION = "1:10.2~"
+NEXT_SERIES_VERSION = "1:10.3~"
 
 FIRMWARE_PACKAGES = ("seabios", "qemu-system-data")
 FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
@@ -186,9 +187,12 @@ def _cache_lock() -> Iterator[None]:
 
 
 def qemu_source_versions(apt: PrivateApt) -> list[str]:
-    """Listed versions of Debian's ``qemu`` source package that are at least 10.2, newest first."""
+    """Listed versions of Debian's ``qemu`` source package from 10.2 on: 10.2.x first (the series this
+    project was verified with), newest first, then later series, newest first."""
     listed = apt.source_versions("qemu")
-    return [version for version in listed if compare_debian_versions(version, MINIMUM_DEBIAN_VERSION) >= 0]
+    usable = [version for version in listed if compare_debian_versions(version, MINIMUM_DEBIAN_VERSION) >= 0]
+    preferred = [version for version in usable if compare_debian_versions(version, NEXT_SERIES_VERSION) < 0]
+    return preferred + [version for version in usable if version not in preferred]
 
 
 def _unpacked_tree(directory: Path) -> Path | None:
@@ -199,18 +203,22 @@ def _unpacked_tree(directory: Path) -> Path | None:
 def fetch_debian_source(apt: PrivateApt) -> tuple[Path, str]:
     """Download and unpack the newest obtainable qemu >= 10.2 source; returns (tree, cache label)."""
     ensure_packages(("dpkg-dev", "xz-utils"), why="unpacking a Debian source package")
-    apt.update()
-    versions = qemu_source_versions(apt)
-    if not versions:
-        raise ProvisionError("the sid/forky indexes list no qemu source >= 10.2; is the mirror reachable?")
-    console.print(f"qemu source versions listed: {', '.join(versions)}")
+
+    def listed() -> list[str]:
+        versions = qemu_source_versions(apt)
+        if not versions:
+            raise ProvisionError(
+                "the sid/forky indexes list no qemu source >= 10.2; is the mirror reachable?"
+            )
+        console.print(f"qemu source versions listed, in the order tried: {', '.join(versions)}")
+        return versions
 
     def download(version: str) -> None:
         target = qemu_cache() / _label_for(version) / "source"
         if _unpacked_tree(target) is None:
             apt.download_source("qemu", version, target)
 
-    version = apt.try_versions_newest_first(versions, download)
+    version = apt.fetch_listed(listed, download)
     directory = qemu_cache() / _label_for(version) / "source"
     tree = _unpacked_tree(directory)
     if tree is None:

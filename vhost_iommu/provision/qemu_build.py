@@ -195,9 +195,13 @@ def qemu_source_versions(apt: PrivateApt) -> list[str]:
     return preferred + [version for version in usable if version not in preferred]
 
 
+UNPACKED_TREE = "qemu-src"
+
+
 def _unpacked_tree(directory: Path) -> Path | None:
-    trees = [path.parent for path in directory.glob("*/configure")]
-    return trees[0] if len(trees) == 1 else None
+    """The complete source tree in ``directory``; it only gets its name once fully unpacked."""
+    tree = directory / UNPACKED_TREE
+    return tree if (tree / "configure").is_file() else None
 
 
 def fetch_debian_source(apt: PrivateApt) -> tuple[Path, str]:
@@ -225,13 +229,15 @@ def fetch_debian_source(apt: PrivateApt) -> tuple[Path, str]:
         dsc = sorted(directory.glob("qemu_*.dsc"))
         if not dsc:
             raise ProvisionError(f"no .dsc downloaded into {directory}")
+        partial = directory / (UNPACKED_TREE + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         run_logged(
-            ["dpkg-source", "-x", dsc[-1].name, "qemu-src"],
+            ["dpkg-source", "-x", dsc[-1].name, partial.name],
             title=f"unpacking qemu {version}",
             log=directory / "unpack.log",
             cwd=directory,
         )
-        tree = directory / "qemu-src"
+        tree = partial.rename(directory / UNPACKED_TREE)
     return tree, _label_for(version)
 
 

@@ -11,6 +11,7 @@ between steps. Every wait has a deadline; QEMU is killed when the session ends, 
 from __future__ import annotations
 
 import contextlib
+import argparse
 import queue
 import re
 import subprocess
@@ -208,22 +209,14 @@ def run_job(argv: Sequence[str], *, timeout: float, log: Path | None = None, ech
 
 def main(argv: list[str] | None = None) -> int:
     """Boot the guest once with a chosen IOMMU and job; print the console and the timings."""
-    import argparse
-
-    from vhost_iommu.provision.guest import ensure_guest
-    from vhost_iommu.provision.qemu_build import ensure_qemu
-    from vhost_iommu.qemu import (
-        IommuKind,
-        PciTestDevice,
-        QemuSetup,
-        VirtioBlockDevice,
-        build_command,
-    )
-    from vhost_iommu.viot import default_topology, write_viot
+    from vhost_iommu.qemu import CommandError, IommuKind
 
     parser = argparse.ArgumentParser(prog="python -m vhost_iommu.provision.boot", description=main.__doc__)
     parser.add_argument("--iommu", choices=[kind.value for kind in IommuKind], default="builtin")
     parser.add_argument("--socket-path", type=Path, help="the back-end's socket (--iommu vhost-user)")
+    parser.add_argument(
+        "--viot", type=Path, help="where to write the VIOT (--iommu vhost-user; default: a temp file)"
+    )
     parser.add_argument(
         "--job", default="probe", help="probe, vfio-bench, vfio-steps, vfio-info, blk-io, shell"
     )
@@ -236,39 +229,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--print-command", action="store_true", help="print the command as a script and stop")
     args = parser.parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vhost-iommu-boot-") as scratch:
+            return _boot(args, Path(scratch))
+    except (ProvisionError, CommandError, OSError) as error:
+        print(f"boot: {error}", file=sys.stderr)
+        return 2
+
+
+def _boot(args: argparse.Namespace, scratch: Path) -> int:
+    from vhost_iommu.provision.guest import ensure_guest
+    from vhost_iommu.provision.qemu_build import ensure_qemu
+    from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, VirtioBlockDevice, build_command
+    from vhost_iommu.viot import default_topology, write_viot
 
     endpoints: list[PciTestDevice | VirtioBlockDevice] = [PciTestDevice(args.testdev_slot)]
     if args.blk_image:
         endpoints.append(VirtioBlockDevice(5, args.blk_image))
     kind = IommuKind(args.iommu)
+    viot = None
+    if kind is IommuKind.VHOST_USER:
+        viot = write_viot(default_topology(), args.viot or scratch / "viot.bin")
     image = ensure_guest()
-    with tempfile.TemporaryDirectory(prefix="vhost-iommu-boot-") as scratch:
-        viot = (
-            write_viot(default_topology(), Path(scratch) / "viot.bin")
-            if kind is IommuKind.VHOST_USER
-            else None
-        )
-        setup = QemuSetup(
-            qemu=ensure_qemu(),
-            kernel=image.kernel,
-            initrd=image.initrd,
-            kernel_args=[
-                f"vhost_iommu.job={args.job}",
-                *(f"vhost_iommu.{p}" for p in args.param),
-                *args.kernel_arg,
-            ],
-            iommu=kind,
-            socket_path=args.socket_path,
-            viot_path=viot,
-            endpoints=endpoints,
-        )
-        command = build_command(setup)
-        if args.print_command:
-            print(command.shell_script())
-            return 0
-        if args.job == "shell":
-            return subprocess.call(command.argv)
-        run = run_job(command.argv, timeout=args.timeout, echo=True)
+    setup = QemuSetup(
+        qemu=ensure_qemu(),
+        kernel=image.kernel,
+        initrd=image.initrd,
+        kernel_args=[
+            f"vhost_iommu.job={args.job}",
+            *(f"vhost_iommu.{parameter}" for parameter in args.param),
+            *args.kernel_arg,
+        ],
+        iommu=kind,
+        socket_path=args.socket_path,
+        viot_path=viot,
+        endpoints=endpoints,
+    )
+    command = build_command(setup)
+    if args.print_command:
+        print(command.shell_script())
+        return 0
+    if args.job == "shell":
+        return subprocess.call(command.argv)
+    run = run_job(command.argv, timeout=args.timeout, echo=True)
     marks = ", ".join(
         f"{name.removeprefix('VHOST_IOMMU_').lower()} {when:.1f} s" for name, when in run.marks.items()
     )

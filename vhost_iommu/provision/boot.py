@@ -10,8 +10,8 @@ between steps. Every wait has a deadline; QEMU is killed when the session ends, 
 
 from __future__ import annotations
 
-import contextlib
 import argparse
+import contextlib
 import queue
 import re
 import subprocess

@@ -83,6 +83,7 @@ MISS: Final = -1
 MAX_ADDRESS: Final = 2**64 - 1
 MAX_DOMAIN: Final = 2**32 - 1
 DEFAULT_LIMIT: Final = 1 << 24
+MAX_LIMIT: Final = 2**63 - 1
 
 # ----------------------------------------------------------------------------------------------------
 # Layout (compile-time constants of the kernels; changing one changes the persisted format)
@@ -1199,6 +1200,12 @@ def _check_u64(name: str, value: int) -> int:
     return value
 
 
+def _check_limit(limit: int) -> int:
+    if not 0 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit {limit} is outside 0..{MAX_LIMIT}")
+    return limit
+
+
 def _check_domain(domain: int) -> int:
     if not 0 <= domain <= MAX_DOMAIN:
         raise ValueError(f"domain {domain} is not a 32-bit unsigned value")
@@ -1221,9 +1228,7 @@ class MappingTable:
     """
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
-        if limit < 0:
-            raise ValueError(f"limit {limit} is negative")
-        self._limit = limit
+        self._limit = _check_limit(limit)
         self.clear()
 
     # -- state ---------------------------------------------------------------------------------------
@@ -1252,9 +1257,7 @@ class MappingTable:
     @limit.setter
     def limit(self, value: int) -> None:
         """Lowering the limit below the current count refuses new maps; it removes nothing."""
-        if value < 0:
-            raise ValueError(f"limit {value} is negative")
-        self._limit = value
+        self._limit = _check_limit(value)
         self._meta[M_LIMIT] = value
 
     @property
@@ -1276,7 +1279,11 @@ class MappingTable:
 
     def reserve(self, mappings: int) -> None:
         """Grow the pools ahead for ``mappings`` more mappings added in ascending or descending order
-        (random order needs up to about a fifth more; growth on demand covers it)."""
+        (random order needs up to about a fifth more; growth on demand covers it). Never reserves
+        beyond the limit, so a wild argument cannot exhaust memory."""
+        if mappings < 0:
+            raise ValueError(f"cannot reserve {mappings} mappings")
+        mappings = min(mappings, max(0, self._limit - self.count()))
         leaves_needed = int(self._meta[M_LEAF_HIGH]) + -(-mappings // LEAF_CAPACITY) + LEAF_RESERVE
         if leaves_needed > self._leaves.shape[0]:
             self._resize_leaves(leaves_needed)

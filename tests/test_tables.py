@@ -301,6 +301,28 @@ def test_overlap_is_reported_before_limit() -> None:
     assert table.map(1, *page(1), 0, READ) == LIMIT
 
 
+def test_limit_zero_refuses_everything_and_limits_are_range_checked() -> None:
+    table = MappingTable(limit=0)
+    assert table.map(1, 0, 0xFFF, 0, READ) == LIMIT
+    assert table.count() == 0
+    with pytest.raises(ValueError):
+        MappingTable(limit=-1)
+    with pytest.raises(ValueError):
+        MappingTable(limit=1 << 64)
+
+
+def test_reserve_never_goes_beyond_the_limit() -> None:
+    table = MappingTable(limit=1000)
+    table.reserve(10**15)  # would be petabytes if taken at its word
+    assert table.nbytes < 1_000_000
+    with pytest.raises(ValueError):
+        table.reserve(-1)
+    table.reserve(1000)
+    before = table.nbytes
+    map_pages(table, 1, list(range(1000)))
+    assert table.nbytes == before  # ascending maps fit in what was reserved
+
+
 def test_lowering_the_limit_refuses_new_maps_but_keeps_old_ones() -> None:
     table = MappingTable(limit=100)
     map_pages(table, 1, list(range(10)))

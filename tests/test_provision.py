@@ -459,3 +459,22 @@ def test_qemu_10_2_series_is_tried_before_newer_ones(monkeypatch: pytest.MonkeyP
     assert qemu_build.qemu_source_versions(state) == [
         "1:10.2.2+ds-1", "1:10.2.1+ds-2", "1:10.2~rc3+ds-1", "1:11.1.3+ds-1",
     ]  # fmt: skip
+
+
+def test_wait_returns_when_qemu_exits_early_and_raises_on_a_hang() -> None:
+    from vhost_iommu.provision.boot import GuestTimeout
+
+    with GuestSession(["sh", "-c", "echo 'qemu: cannot open the disk'; exit 1"]) as early:
+        run = early.wait(30)
+    assert run.job_rc is None and run.returncode == 1
+    assert run.marker_lines("qemu: cannot open") == ["qemu: cannot open the disk"]
+    with GuestSession(["sh", "-c", "echo booting; exec sleep 60"]) as hung, pytest.raises(GuestTimeout):
+        hung.wait(0.5)
+
+
+def test_wait_collects_the_job_result() -> None:
+    script = "echo 'VHOST_IOMMU_BOOTED uptime_ms=1'; echo 'VHOST_IOMMU_JOB_DONE rc=4 uptime_ms=2'; echo bye"
+    run = run_job(["sh", "-c", script], timeout=30)
+    assert run.job_rc == 4 and run.returncode == 0
+    assert run.lines[-1] == "bye"
+    assert set(run.marks) == {"VHOST_IOMMU_BOOTED", "VHOST_IOMMU_JOB_DONE"}

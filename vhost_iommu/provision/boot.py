@@ -73,6 +73,7 @@ class GuestSession:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._started = time.monotonic()
         self._echo = echo
+        self._console_closed = False
         self._log = log.open("w") if log is not None else None
         try:
             self._process = subprocess.Popen(
@@ -127,6 +128,7 @@ class GuestSession:
             except queue.Empty:
                 continue
             if line is None:
+                self._console_closed = True
                 self._lines.put(None)  # keep the end visible to later calls
                 raise GuestTimeout(f"QEMU exited before a line matched {regex.pattern!r}\n{self._tail()}")
             self._take(line)
@@ -136,7 +138,8 @@ class GuestSession:
 
     def send(self, line: str) -> None:
         """Type ``line`` (and Enter) on the guest's console."""
-        if self._process.stdin is None or self._process.poll() is not None:
+        # Once the console has closed QEMU is exiting, though it may not be reaped yet (poll() says running).
+        if self._process.stdin is None or self._console_closed or self._process.poll() is not None:
             raise ProvisionError("the guest is not running")
         try:
             self._process.stdin.write(line.encode() + b"\n")
@@ -149,12 +152,12 @@ class GuestSession:
         try:
             self.expect(JOB_DONE, timeout)
         except GuestTimeout:
-            # The console closes a moment before QEMU can be reaped; an exit is an answer, a hang is not.
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+            if not self._console_closed:
                 raise
-            self.run.returncode = self._process.returncode
+            # QEMU exited before the job's end (it printed why): that is an answer, a hang is not. Its
+            # console closes a moment before it can be reaped.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.run.returncode = self._process.wait(timeout=10)
             return self.run
         self._drain(deadline=time.monotonic() + 30)
         return self.run

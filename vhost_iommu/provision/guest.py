@@ -46,7 +46,7 @@ OPTIONAL_MODULES = ("virtio_blk",)
 MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
 
 GUEST_PROGRAMS = ("vfio-dma",)
-HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev")
+HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev", "zstd")  # zstd: for kernels with .ko.zst modules
 BUSYBOX = Path("/bin/busybox")
 
 

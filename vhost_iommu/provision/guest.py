@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProvisionError as error:
         console.print(f"[red]build-guest:[/red] {error}")
         return 1
+    except OSError as error:  # an unwritable cache, a full disk...
+        console.print(
+            f"[red]build-guest:[/red] {error} (the cache is {cache_root()}; $VHOST_IOMMU_CACHE moves it)"
+        )
+        return 1
     if image is None:
         console.print("[red]build-guest:[/red] no cached guest image; run scripts/build-guest")
         return 1

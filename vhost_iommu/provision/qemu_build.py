@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProvisionError as error:
         console.print(f"[red]get-qemu:[/red] {error}")
         return 1
+    except OSError as error:  # an unwritable cache, a full disk...
+        console.print(
+            f"[red]get-qemu:[/red] {error} (the cache is {cache_root()}; $VHOST_IOMMU_CACHE moves it)"
+        )
+        return 1
     print(binary)
     return 0
 

@@ -6,8 +6,8 @@ the same command as a commented bash script (the form kept in ``qemu-configs/``)
 
 What the choices are for:
 
-- q35 + TCG: ``/dev/kvm`` on these machines cannot run an ordinary kernel, and TCG is deterministic enough
-  for tests. Guest RAM is a shared memfd because a vhost-user back-end maps guest memory itself.
+- q35 + TCG: ``/dev/kvm`` on these machines (a PVM flavour) cannot run an ordinary kernel. Guest RAM is a
+  shared memfd because a vhost-user back-end maps guest memory itself.
 - The IOMMU is QEMU's generic vhost-user device with virtio ID 23. QEMU builds an ACPI VIOT only for its own
   ``virtio-iommu-pci``, so the topology reaches the guest as a whole table (``-acpitable file=``). No
   ``reconnect-ms`` on the chardev: with it the generic device fails to realize (the socket is not yet
@@ -30,7 +30,7 @@ from vhost_iommu.viot import ViotTopology, default_topology, format_bdf
 DEFAULT_MEMORY_MIB = 1024
 DEFAULT_FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
 # qboot (Debian's qemu-system-data) boots -kernel directly. Measured here under TCG: SeaBIOS 1.16.2 spends
-# about 32 s between its banner and "Booting from ROM"; with qboot a whole boot-to-job-done takes about 8 s.
+# about 32 s between its banner and "Booting from ROM"; with qboot a whole boot-to-job-done takes 5-8 s.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 DEFAULT_CHARDEV_ID = "viommu"
 

@@ -1624,11 +1624,13 @@ class _Verifier:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel with the argument types the owner uses."""
+    """Compile (or load from numba's cache) every kernel with the argument types the owner and the
+    documented kernel API use: int64 domains, uint64 addresses."""
     table = MappingTable(limit=1 << 20)
     for page in range(3 * LEAF_CAPACITY):
         table.map(1, page << 12, (page << 12) | 0xFFF, page << 12, READ | WRITE)
-    table.map(2, 0, 0xFFF, 0, READ)
+    for domain in range(2, 2 + _INITIAL_DIRECTORY):  # enough domains to grow the directory
+        table.map(domain, 0, 0xFFF, 0, READ)
     table.translate(1, 0x1234)
     domains = np.ones(4, np.uint32)
     iovas = np.arange(4, dtype=np.uint64) << np.uint64(12)
@@ -1637,5 +1639,13 @@ def warm_up() -> None:
     list(table.mappings(1, 0, 2))
     table.unmap(1, 0, 0x3FFF)
     table.unmap(1, 0x800, 0x1FFF)
-    table.remove_domain(1)
-    table.remove_domain(2)
+    leaves, nodes, directory, meta = table.arrays
+    domain = np.int64(3)
+    address = np.uint64(0x5000)
+    table_map(
+        leaves, nodes, directory, meta, domain, address, address | np.uint64(0xFFF), address, np.uint64(1)
+    )
+    table_translate(leaves, nodes, directory, domain, address)
+    table_unmap(leaves, nodes, directory, meta, domain, address, address)
+    table_remove_domain(leaves, nodes, directory, meta, domain)
+    table.clear()

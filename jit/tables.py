@@ -1629,8 +1629,8 @@ def warm_up() -> None:
     table = MappingTable(limit=1 << 20)
     for page in range(3 * LEAF_CAPACITY):
         table.map(1, page << 12, (page << 12) | 0xFFF, page << 12, READ | WRITE)
-    for domain in range(2, 2 + _INITIAL_DIRECTORY):  # enough domains to grow the directory
-        table.map(domain, 0, 0xFFF, 0, READ)
+    for extra in range(2, 2 + _INITIAL_DIRECTORY):  # enough domains to grow the directory
+        table.map(extra, 0, 0xFFF, 0, READ)
     table.translate(1, 0x1234)
     domains = np.ones(4, np.uint32)
     iovas = np.arange(4, dtype=np.uint64) << np.uint64(12)

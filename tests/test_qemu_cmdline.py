@@ -236,3 +236,49 @@ def test_a_config_script_expands_its_variables(tmp_path: Path) -> None:
         timeout=30,
     )
     assert missing.returncode != 0 and "set KERNEL" in missing.stderr
+
+
+@pytest.mark.e2e
+def test_vfio_config_script_against_the_vhost_iommu_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path qemu-configs/README.md documents: the vhost-iommu program on a socket, its VIOT, a script."""
+    import signal
+    import socket
+    import sys
+
+    from vhost_iommu.provision.boot import run_job
+    from vhost_iommu.provision.configs import configs_dir
+    from vhost_iommu.provision.guest import ensure_guest
+    from vhost_iommu.provision.qemu_build import ensure_qemu
+    from vhost_iommu.viot import build_viot, default_topology
+
+    image = ensure_guest()
+    monkeypatch.setenv("QEMU", str(ensure_qemu()))
+    monkeypatch.setenv("KERNEL", str(image.kernel))
+    monkeypatch.setenv("INITRD", str(image.initrd))
+    monkeypatch.setenv("SOCK", str(tmp_path / "viommu.sock"))
+    monkeypatch.setenv("VIOT", str(tmp_path / "viot.bin"))
+    monkeypatch.setenv("COUNT", "200")
+    monkeypatch.setenv("BENCH", "pairs,bulk")
+    (tmp_path / "viot.bin").write_bytes(build_viot(default_topology()))
+    # Listening before the back-end starts: QEMU's connection waits in the backlog, no start-up race.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "viommu.sock"))
+    listener.listen(1)
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "vhost_iommu", f"--fd={listener.fileno()}"], pass_fds=[listener.fileno()]
+    )
+    listener.close()
+    try:
+        run = run_job(["bash", str(configs_dir() / "q35-vfio-testdev.sh")], timeout=240)
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        backend.wait(timeout=60)
+    (pairs,) = run.records("VFIO_PAIRS")
+    (unmap,) = run.records("VFIO_BULK_UNMAP")
+    assert "virtio_iommu virtio0: input address: 48 bits" in run.output
+    assert pairs["n"] == "200" and int(pairs["mean_ns"]) > 0
+    assert unmap["bytes"] == str(200 * 4096)
+    assert run.job_rc == 0
+    assert backend.returncode == 0

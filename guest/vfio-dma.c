@@ -5,6 +5,7 @@
  * device DMA at all, so this works with any endpoint bound to vfio-pci (QEMU's pci-testdev is enough).
  *
  *   vfio-dma DEVICE pairs N       N x (map one 4 KiB page, unmap it); per-pair latency statistics
+ *                                 (and every pair's latency when $VFIO_DMA_EACH is set)
  *   vfio-dma DEVICE bulk N        N single-page maps, then one UNMAP_DMA over all of them
  *   vfio-dma DEVICE mixed N       N map+unmap of sizes from 4 KiB to 2 MiB (size-aligned IOVAs)
  *   vfio-dma DEVICE steps         commands from stdin, one result line each (see usage())
@@ -187,6 +188,11 @@ static int run_pairs(struct vfio *vfio, unsigned long count)
 		if (unmap_dma(vfio->container, IOVA_BASE, PAGE) != (int64_t)PAGE)
 			return fail("unmap");
 		samples[i] = now_ns() - start;
+	}
+	if (getenv("VFIO_DMA_EACH")) {
+		/* Every pair's latency, in order, for histograms (before print_stats sorts them). */
+		for (i = 0; i < count; i++)
+			printf("VFIO_PAIR i=%lu ns=%llu\n", i, (unsigned long long)samples[i]);
 	}
 	print_stats("VFIO_PAIRS", "size=4096", samples, count);
 	free(samples);

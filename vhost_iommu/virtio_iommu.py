@@ -35,7 +35,7 @@ class VirtioIommuBackend:
 
     def __init__(self, topology: Topology | None = None, *, device: IommuDevice | None = None) -> None:
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
-        self._context: BackendContext | None = None
+        self.context: BackendContext | None = None
         self.acked_features = 0
 
     # -- features and config ----------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class VirtioIommuBackend:
     # -- lifetime ---------------------------------------------------------------------------------------
 
     def attach(self, context: BackendContext) -> None:
-        self._context = context
+        self.context = context
 
     def memory_changed(self) -> None:
         pass
@@ -106,7 +106,7 @@ class VirtioIommuBackend:
         self.deliver_events()
 
     def _ring(self, index: int) -> SplitQueue | None:
-        return self._context.queue(index) if self._context is not None else None
+        return self.context.queue(index) if self.context is not None else None
 
     def _serve_requests(self) -> None:
         ring = self._ring(REQUEST_QUEUE)
@@ -156,10 +156,10 @@ class VirtioIommuBackend:
             self._signal(EVENT_QUEUE)
 
     def _signal(self, index: int) -> None:
-        if self._context is not None:
-            self._context.signal_used(index)
+        if self.context is not None:
+            self.context.signal_used(index)
 
     def _broken(self, reason: str) -> None:
         log.warning("device broken: %s", reason)
-        if self._context is not None:
-            self._context.device_broken(reason)
+        if self.context is not None:
+            self.context.device_broken(reason)

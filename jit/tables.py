@@ -156,7 +156,6 @@ U32Array = npt.NDArray[np.uint32]
 I32Array = npt.NDArray[np.int32]
 
 _ZERO = np.uint64(0)
-_ONE = np.uint64(1)
 _SHIFT32 = np.uint64(32)
 
 
@@ -593,6 +592,50 @@ def _shift_into_sibling(
 
 
 @njit(cache=True)
+def _split_two_into_three(
+    leaves: U64Array,
+    nodes: U64Array,
+    directory: I64Array,
+    meta: I64Array,
+    slot: Int,
+    path_nodes: I64Array,
+    path_index: I64Array,
+    height: Int,
+    leaf: Int,
+    domain: Int,
+) -> None:
+    """Spread ``leaf`` and a neighbour under the same parent (both nearly full) over three leaves, a
+    new one in the middle, each about two thirds full."""
+    parent = path_nodes[int(height) - 1]
+    index = path_index[int(height) - 1]
+    # (left, right) are the pair; the new leaf goes between them, at right's place in the parent.
+    right_index = index + 1 if index + 1 < _node_count(nodes, parent) else index
+    left = _child(nodes, parent, right_index - 1)
+    right = _child(nodes, parent, right_index)
+    left_count = _leaf_count(leaves, left)
+    right_count = _leaf_count(leaves, right)
+    third = (left_count + right_count) // 3
+    from_left = left_count - third
+    from_right = third - from_left
+    middle = _alloc_leaf(leaves, meta, domain)
+    _move_entries(leaves, left, third, middle, 0, from_left)
+    _clear_entries(leaves, left, third, left_count)
+    _move_entries(leaves, right, 0, middle, from_left, from_right)
+    _move_entries(leaves, right, from_right, right, 0, right_count - from_right)
+    _clear_entries(leaves, right, right_count - from_right, right_count)
+    leaves[left, L_COUNT] = third
+    leaves[middle, L_COUNT] = third
+    leaves[right, L_COUNT] = right_count - from_right
+    leaves[middle, L_NEXT] = np.uint64(right)
+    leaves[left, L_NEXT] = np.uint64(middle)
+    nodes[parent, N_KEYS + right_index] = leaves[right, L_STARTS]
+    path_index[int(height) - 1] = right_index - 1
+    _insert_into_parents(
+        nodes, directory, meta, slot, path_nodes, path_index, height, leaves[middle, L_STARTS], middle
+    )
+
+
+@njit(cache=True)
 def table_map(
     leaves: U64Array,
     nodes: U64Array,
@@ -653,44 +696,57 @@ def table_map(
     if meta[M_TOTAL] >= meta[M_LIMIT]:
         return LIMIT
 
+    if count == LEAF_CAPACITY:
+        if free_leaves(leaves, meta) < LEAF_RESERVE or free_nodes(nodes, meta) < height + 1:
+            return NEED_SPACE
+        if height > 0:
+            if _shift_into_sibling(
+                leaves, nodes, path_nodes, path_index, height, leaf, at, start, last, phys_flags
+            ):
+                directory[slot, D_COUNT] += 1
+                meta[M_TOTAL] += 1
+                return OK
+            if 0 < at < count:
+                # Both neighbours are full too: spread this leaf and one neighbour over three leaves
+                # (two thirds full each, where splitting one leaf would leave two halves), then insert
+                # into whichever now holds the place.
+                _split_two_into_three(
+                    leaves, nodes, directory, meta, slot, path_nodes, path_index, height, leaf, domain
+                )
+                height = directory[slot, D_HEIGHT]
+                leaf = _descend(nodes, directory[slot, D_ROOT], height, start, path_nodes, path_index)
+                count = _leaf_count(leaves, leaf)
+                at = _leaf_upper_bound(leaves, leaf, count, start)
     if count < LEAF_CAPACITY:
         _insert_entry(leaves, leaf, at, start, last, phys_flags)
     else:
-        if free_leaves(leaves, meta) < LEAF_RESERVE or free_nodes(nodes, meta) < height + 1:
-            return NEED_SPACE
-        shifted = False
-        if height > 0:
-            shifted = _shift_into_sibling(
-                leaves, nodes, path_nodes, path_index, height, leaf, at, start, last, phys_flags
-            )
-        if not shifted:
-            # Both neighbours are full (or absent). Inserting at an edge of the leaf, split right there
-            # so that ascending and descending runs (Linux allocates IOVAs top-down) fill leaves
-            # completely; elsewhere split in the middle. An edge split leaves a one-entry leaf, but only
-            # next to full ones, since a neighbour with room would have taken entries above.
-            sibling = _alloc_leaf(leaves, meta, domain)
-            middle = at if at == 0 or at == count else count // 2
-            _move_entries(leaves, leaf, middle, sibling, 0, count - middle)
-            _clear_entries(leaves, leaf, middle, count)
-            leaves[leaf, L_COUNT] = middle
-            leaves[sibling, L_COUNT] = count - middle
-            if at <= middle < count:
-                _insert_entry(leaves, leaf, at, start, last, phys_flags)
-            else:
-                _insert_entry(leaves, sibling, at - middle, start, last, phys_flags)
-            leaves[sibling, L_NEXT] = leaves[leaf, L_NEXT]
-            leaves[leaf, L_NEXT] = np.uint64(sibling)
-            _insert_into_parents(
-                nodes,
-                directory,
-                meta,
-                slot,
-                path_nodes,
-                path_index,
-                height,
-                leaves[sibling, L_STARTS],
-                sibling,
-            )
+        # Inserting at an edge of the leaf (ascending and descending runs: Linux allocates IOVAs
+        # top-down), split right there so that runs fill leaves completely; a lone root leaf splits in
+        # the middle otherwise. An edge split leaves a one-entry leaf, but only next to full ones, since
+        # a neighbour with room would have taken entries above.
+        sibling = _alloc_leaf(leaves, meta, domain)
+        middle = at if at == 0 or at == count else count // 2
+        _move_entries(leaves, leaf, middle, sibling, 0, count - middle)
+        _clear_entries(leaves, leaf, middle, count)
+        leaves[leaf, L_COUNT] = middle
+        leaves[sibling, L_COUNT] = count - middle
+        if at <= middle < count:
+            _insert_entry(leaves, leaf, at, start, last, phys_flags)
+        else:
+            _insert_entry(leaves, sibling, at - middle, start, last, phys_flags)
+        leaves[sibling, L_NEXT] = leaves[leaf, L_NEXT]
+        leaves[leaf, L_NEXT] = np.uint64(sibling)
+        _insert_into_parents(
+            nodes,
+            directory,
+            meta,
+            slot,
+            path_nodes,
+            path_index,
+            height,
+            leaves[sibling, L_STARTS],
+            sibling,
+        )
     directory[slot, D_COUNT] += 1
     meta[M_TOTAL] += 1
     return OK

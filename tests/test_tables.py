@@ -505,6 +505,32 @@ def test_random_order_stays_within_the_memory_budget() -> None:
     table.verify()
 
 
+def leaf_counts(table: MappingTable, domain: int) -> list[int]:
+    """Entries per leaf of ``domain``, in address order (read from the arrays)."""
+    arrays = table.arrays
+    slot = tables.directory_find(arrays.directory, domain)
+    row = int(arrays.directory[slot, tables.D_ROOT])
+    for _ in range(int(arrays.directory[slot, tables.D_HEIGHT])):
+        row = int(arrays.nodes[row, tables.N_CHILDREN])
+    counts = []
+    while row != tables.NIL:
+        counts.append(int(arrays.leaves[row, tables.L_COUNT]))
+        row = int(np.int64(arrays.leaves[row, tables.L_NEXT]))
+    return counts
+
+
+def test_inserting_between_full_leaves_spreads_two_leaves_over_three() -> None:
+    table = MappingTable()
+    map_pages(table, 1, list(range(0, 8 * LEAF_CAPACITY, 2)))
+    assert leaf_counts(table, 1) == [LEAF_CAPACITY] * 4
+    map_pages(table, 1, [2 * LEAF_CAPACITY + 1])  # the middle of the second leaf
+    counts = leaf_counts(table, 1)
+    # Splitting one leaf would leave two halves; spreading two full leaves over three leaves thirds.
+    assert len(counts) == 5 and min(counts) >= (2 * LEAF_CAPACITY) // 3
+    assert sum(counts) == 4 * LEAF_CAPACITY + 1
+    table.verify()
+
+
 def test_descending_runs_into_gaps_cannot_blow_up_memory() -> None:
     # Each new page lands just below the previous one, between two full leaves: an edge split that
     # ignored its neighbours would give every page a leaf of its own.

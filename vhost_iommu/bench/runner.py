@@ -1,0 +1,194 @@
+"""One guest boot per back-end kind running the VFIO workloads; what it printed, checked.
+
+Every kind boots the same guest on the same QEMU with the same endpoint (pci-testdev at 00:04.0 bound to
+vfio-pci) and the IOMMU at the same address; only the IOMMU differs:
+
+- ``builtin``: QEMU's own ``virtio-iommu-pci``, whose requests run in the vCPU thread that notifies;
+- ``vhost-iommu``: the vhost-user device served from this process (:class:`VirtioIommuBackend`);
+- ``empty``: the same vhost-user path with a device that does no work (:class:`EmptyBackend`).
+
+QEMU's built-in device has 256-entry queues while the generic vhost-user device defaults to 64; the
+vhost-user runs get ``vq_size`` (256 by default) so that both batch the same number of requests per
+notification when the driver fills the ring.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vhost_iommu.bench.empty import EmptyBackend
+from vhost_iommu.bench.results import (
+    BUILTIN,
+    EMPTY,
+    VHOST_IOMMU,
+    Figure,
+    Metric,
+    figures_from_lines,
+    kernel_warnings,
+    stalls,
+)
+from vhost_iommu.device import Topology
+from vhost_iommu.lab import Lab, LabConfig, LabError
+from vhost_iommu.provision.errors import ProvisionError
+from vhost_iommu.qemu import CommandError, IommuKind
+from vhost_iommu.virtio_iommu import VirtioIommuBackend
+
+WORKLOADS = ("pairs", "bulk", "mixed")
+# The lines that end a workload (VFIO_MIXED: the first of its per-size lines), or the job.
+_PROGRESS = re.compile(
+    r"(?P<marker>VHOST_IOMMU_JOB_START|VHOST_IOMMU_JOB_DONE"
+    r"|VFIO_PAIRS |VFIO_BULK_UNMAP |VFIO_MIXED |VFIO_ERROR )"
+)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What each boot runs: the guest's vfio-bench items (``workload:count``) in order."""
+
+    pairs: int = 2000
+    bulk: Sequence[int] = (4096, 65536)
+    mixed: int = 700
+    workloads: Sequence[str] = WORKLOADS
+    vq_size: int = 256
+    # Seconds the guest may stay silent between two workload lines (a boot included).
+    step_timeout: float = 300.0
+
+    def items(self) -> list[str]:
+        """The guest's ``vhost_iommu.bench`` items, one per workload run."""
+        items: list[str] = []
+        for workload in self.workloads:
+            if workload == "pairs":
+                items.append(f"pairs:{self.pairs}")
+            elif workload == "bulk":
+                items += [f"bulk:{count}" for count in self.bulk]
+            elif workload == "mixed":
+                items.append(f"mixed:{self.mixed}")
+            else:
+                raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+        return items
+
+
+def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
+    """The lab of one back-end kind; the guest side is identical for all of them."""
+    params = {"count": str(plan.pairs), "bench": ",".join(plan.items())}
+    if backend == BUILTIN:
+        return LabConfig(job="vfio-bench", params=params, iommu=IommuKind.BUILTIN)
+    factories: dict[str, Callable[[Topology], VirtioIommuBackend]] = {
+        VHOST_IOMMU: VirtioIommuBackend,
+        EMPTY: EmptyBackend,
+    }
+    if backend not in factories:
+        raise ValueError(f"unknown back-end {backend!r}")
+    # -global reaches the vhost-user-test-device inside the -pci proxy, which has no vq_size of its own.
+    queue_size = ("-global", f"vhost-user-test-device.vq_size={plan.vq_size}") if plan.vq_size else ()
+    return LabConfig(
+        job="vfio-bench",
+        params=params,
+        iommu=IommuKind.VHOST_USER,
+        backend_factory=factories[backend],
+        extra_qemu_args=queue_size,
+    )
+
+
+@dataclass
+class RunOutcome:
+    """One boot of one back-end kind: its figures, the kernel's warnings, and what went wrong if anything."""
+
+    backend: str
+    repeat: int
+    figures: dict[Metric, Figure] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    stalls: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    job_rc: int | None = None
+    seconds: float = 0.0
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    request_counters: dict[str, int] = field(default_factory=dict)
+    # The requestq size the vhost-user device was given (0: not a vhost-user run, or never seen).
+    queue_size: int = 0
+    log: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors or self.stalls) or self.job_rc != 0
+
+
+def check(outcome: RunOutcome, lines: Sequence[str], plan: BenchPlan) -> None:
+    """Fill in the figures and warnings from the console, and every reason to call the run failed."""
+    outcome.figures = figures_from_lines(lines)
+    outcome.warnings = kernel_warnings(lines)
+    outcome.stalls = stalls(outcome.warnings)
+    for marker in ("VFIO_ERROR", "VHOST_IOMMU_ERROR"):
+        outcome.errors += [line[line.index(marker) :] for line in lines if marker in line]
+    workloads = {metric.workload for metric in outcome.figures}
+    expected = {"pairs": ["pairs"], "bulk": ["bulk-map", "bulk-unmap"], "mixed": ["mixed"]}
+    for workload in plan.workloads:
+        missing = [name for name in expected[workload] if name not in workloads]
+        if missing:
+            outcome.errors.append(f"no {', '.join(missing)} figures in the guest's output")
+    if outcome.job_rc is None:
+        outcome.errors.append("the guest never reported the end of its job")
+    elif outcome.job_rc != 0:
+        outcome.errors.append(f"the guest's job failed (rc={outcome.job_rc})")
+
+
+def _request_queue_size(lab: Lab) -> int:
+    # The guest has bound the IOMMU driver by the job's start, so the ring is set up; the size is a plain
+    # attribute set once per ring, read here from the caller's thread.
+    context = lab.backend().context
+    ring = context.queue(0) if context is not None else None
+    return ring.size if ring is not None else 0
+
+
+def run_once(
+    backend: str,
+    plan: BenchPlan,
+    repeat: int,
+    *,
+    log: Path | None = None,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> RunOutcome:
+    """Boot the guest with ``backend``, run the plan's workloads to the end of the job, power off.
+
+    ``on_step`` is told what the guest is doing now ("booting", then the workload item running). Failures
+    of QEMU, the guest or the back-end are recorded in the outcome, not raised.
+    """
+    outcome = RunOutcome(backend=backend, repeat=repeat, log=log, load_before=os.getloadavg())
+    started = time.monotonic()
+    items = plan.items()
+    lines: Sequence[str] = ()
+    on_step("booting")
+    try:
+        with Lab(lab_config(backend, plan), log=log) as lab:
+            finished = 0
+            previous = ""
+            try:
+                while True:
+                    marker = lab.guest.expect(_PROGRESS, plan.step_timeout)["marker"].strip()
+                    if marker == "VHOST_IOMMU_JOB_DONE":
+                        break
+                    if marker == "VFIO_MIXED" and previous == "VFIO_MIXED":
+                        continue  # the same workload's next size
+                    if marker == "VHOST_IOMMU_JOB_START":
+                        outcome.queue_size = _request_queue_size(lab) if backend != BUILTIN else 0
+                    else:
+                        finished += 1
+                    previous = marker
+                    on_step(items[finished] if finished < len(items) else "finishing")
+            finally:
+                lines = lab.guest.run.lines
+                outcome.job_rc = lab.guest.run.job_rc
+            if backend != BUILTIN:
+                outcome.request_counters = lab.inspect(lambda device: device.request_counters())
+    except (ProvisionError, LabError, CommandError, OSError, TimeoutError) as error:
+        outcome.errors.append(f"{type(error).__name__}: {error}")
+    outcome.seconds = time.monotonic() - started
+    outcome.load_after = os.getloadavg()
+    check(outcome, lines, plan)
+    return outcome

@@ -112,6 +112,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--topology", metavar="FILE", help="endpoints and reserved regions of the IOMMU")
     parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="serve the control channel (vhost-iommu ctl, docs/control.md) on this unix socket (mode 0600)",
+    )
+    parser.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the back-end capabilities as JSON and exit",
@@ -160,16 +165,33 @@ def _inherited_socket(fd: int) -> socket.socket:
     return sock
 
 
-async def _serve_until_signal(sock: socket.socket, factory: BackendFactory, where: str) -> None:
-    from vhost_iommu.server import VhostUserServer
+async def _serve_until_signal(
+    sock: socket.socket, factory: BackendFactory, where: str, control_path: str | None = None
+) -> None:
+    from vhost_iommu.server import SocketPathError, VhostUserServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    control = None
+    if control_path is None:
+        server = VhostUserServer(factory)
+    else:
+        from vhost_iommu.control.server import ControlServer
+        from vhost_iommu.control.service import ControlService
+
+        service = ControlService()
+        server = VhostUserServer(service.track(factory))
+        service.server = server
+        try:
+            control = ControlServer(service, control_path)
+        except SocketPathError as exc:
+            raise CliError(f"--control-socket: {exc}") from None
+        await control.start()
+        log.info("control channel on %s", control_path)
     # Said only now that a signal would be handled: a supervisor may act on this line.
     log.info("listening on %s", where)
-    server = VhostUserServer(factory)
     serving = asyncio.create_task(server.serve_socket(sock))
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -184,6 +206,8 @@ async def _serve_until_signal(sock: socket.socket, factory: BackendFactory, wher
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if control is not None:
+            await control.close()
         # The signal handlers stay until the loop is closed: a second SIGTERM during clean-up must not
         # kill the process before it has removed its socket.
 
@@ -214,7 +238,7 @@ def serve(args: argparse.Namespace) -> int:
         where = path
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serve_until_signal(sock, factory, where))
+        loop.run_until_complete(_serve_until_signal(sock, factory, where, args.control_socket))
     finally:
         sock.close()
         if path is not None:

@@ -1,4 +1,4 @@
-"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args`` and ``run``.
+"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args``, ``run``, ``ctl``.
 
 ``run`` is the project's main job: it boots the default guest under QEMU against an in-process back-end and
 shows, from the back-end's own state, the driver's requests, the endpoints attached and a VFIO mapping
@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vhost_iommu.cli import CliError, Command, register_command
+
+# Light: the client side only (no numba), so `vhost-iommu ctl` answers at once.
+from vhost_iommu.control.ctl import CTL
 
 if TYPE_CHECKING:
     from vhost_iommu.device import IommuDevice, Topology
@@ -217,3 +220,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 register_command(Command("run", run.__doc__ or "", _configure_run, run))
+
+
+# -- ctl ----------------------------------------------------------------------------------------------------
+
+register_command(CTL)

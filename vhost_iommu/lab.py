@@ -13,14 +13,17 @@ and no back-end is served.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from vhost_iommu.control.server import ControlServer
+from vhost_iommu.control.service import ControlService
 from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
@@ -79,6 +82,9 @@ class Lab:
         self._server: RunningServer | None = None
         self._connected = threading.Event()
         self._backends: list[VirtioIommuBackend] = []
+        self._control: ControlServer | None = None
+        #: The back-end's control socket (docs/control.md), for `vhost-iommu ctl` and ControlClient.
+        self.control_path: Path | None = None
         self.session: GuestSession | None = None
         self.command: QemuCommand | None = None
 
@@ -112,7 +118,11 @@ class Lab:
             socket_path = scratch / "viommu.sock"
             viot_path = scratch / "viot.bin"
             viot_path.write_bytes(viot_from_topology(config.topology))
-            self._server = RunningServer(self._new_backend, str(socket_path))
+            service = ControlService()
+            self._server = RunningServer(service.track(self._new_backend), str(socket_path))
+            service.server = self._server.server
+            self.control_path = scratch / "control.sock"
+            self._control = self._on_server_loop(self._start_control(service, str(self.control_path)))
         setup = QemuSetup(
             qemu=qemu,
             kernel=guest.kernel,
@@ -137,12 +147,25 @@ class Lab:
         """Stop QEMU, then the back-end; remove the scratch files. Safe to call twice."""
         if self.session is not None:
             self.session.close()
+        if self._control is not None and self._server is not None:
+            self._on_server_loop(self._control.close())
+            self._control = None
         if self._server is not None:
             self._server.stop()
             self._server = None
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+    @staticmethod
+    async def _start_control(service: ControlService, path: str) -> ControlServer:
+        control = ControlServer(service, path)
+        await control.start()
+        return control
+
+    def _on_server_loop(self, coroutine: Coroutine[None, None, T], timeout: float = 10.0) -> T:
+        assert self._server is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server.loop).result(timeout)
 
     def _new_backend(self) -> VirtioIommuBackend:
         factory = self.config.backend_factory or (lambda topology: VirtioIommuBackend(topology))

@@ -1,0 +1,569 @@
+"""The control commands: inspection and injection on the back-ends of one VhostUserServer.
+
+:class:`ControlService` runs on the server's own event loop; every command is a plain synchronous call, so
+it reads or changes device state between two requests, never in the middle of one. It reaches the device
+only through the back-end's public attributes (``backend.device``, ``backend.context``,
+``backend.deliver_events``) and the server's public connection state (``server.connections``, each
+connection's ``handler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import random
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from vhost_iommu import __version__
+from vhost_iommu.control.instrument import ConnectionTools, RateInjection
+from vhost_iommu.control.protocol import (
+    BAD_ARGUMENT,
+    NO_CONNECTION,
+    NOT_FOUND,
+    U32_MAX,
+    UNAVAILABLE,
+    UNKNOWN_COMMAND,
+    VERSION,
+    Arguments,
+    ControlError,
+    Request,
+)
+from vhost_iommu.device import (
+    Access,
+    FaultReason,
+    RequestType,
+    ReservedRegion,
+    ResvMemType,
+    Status,
+    Translation,
+)
+from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
+from vhost_iommu.device.topology import TopologyError
+from vhost_iommu.protocol.constants import ProtocolFeature
+
+if TYPE_CHECKING:
+    from vhost_iommu.backend import VhostUserBackend
+    from vhost_iommu.server import Connection, VhostUserServer
+    from vhost_iommu.virtio_iommu import VirtioIommuBackend
+
+#: Names of the transport feature bits the device's own table does not name.
+TRANSPORT_FEATURE_NAMES = {28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX", 30: "PROTOCOL_FEATURES"}
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10000
+MAX_DELAY_US = 10_000_000  # 10 s: longer would only trip the guest's soft-lockup detector
+MAX_REGIONS = 64
+MAX_FAULTS_PER_REQUEST = 4096
+
+STATUS_CHOICES: dict[str, Status | None] = {status.name: status for status in Status}
+STATUS_CHOICES["NONE"] = None  # buffers returned unwritten, used length 0
+TYPE_CHOICES = {kind.name: kind for kind in RequestType}
+REASON_CHOICES = {reason.name: int(reason) for reason in FaultReason}
+RESV_CHOICES = {kind.name: kind for kind in ResvMemType}
+
+
+def _names(features: int) -> list[str]:
+    names = []
+    for name in feature_names(features):
+        if name.startswith("bit "):
+            bit = int(name[4:])
+            name = TRANSPORT_FEATURE_NAMES.get(bit, name)
+        names.append(name)
+    return names
+
+
+def _access(text: str, name: str = "access") -> int:
+    letters = {"r": Access.READ, "w": Access.WRITE, "x": Access.EXEC}
+    if not isinstance(text, str) or not text or any(letter not in letters for letter in text.lower()):
+        raise ControlError(BAD_ARGUMENT, f"{name}: {text!r} is not a combination of r, w and x")
+    access = 0
+    for letter in text.lower():
+        access |= letters[letter]
+    return access
+
+
+def _region(region: ReservedRegion) -> dict[str, object]:
+    return {"type": region.kind.name, "start": region.start, "end": region.end}
+
+
+class ControlService:
+    """Serves control requests for the connections of ``server``; call :meth:`track` on its factory."""
+
+    def __init__(self, server: VhostUserServer | None = None) -> None:
+        self.server = server
+        self._numbers = itertools.count(1)
+        # Tools live as long as their back-end (the back-end's wrapper holds them); gone connections fall
+        # out of the registry with it.
+        self._tools: weakref.WeakValueDictionary[int, ConnectionTools] = weakref.WeakValueDictionary()
+        self._commands: dict[str, Callable[[Arguments], object]] = {
+            "hello": self.hello,
+            "connections": self.connections,
+            "endpoints": self.endpoints,
+            "domains": self.domains,
+            "mappings": self.mappings,
+            "counters": self.counters,
+            "latency-reset": self.latency_reset,
+            "features": self.features,
+            "queues": self.queues,
+            "config": self.config,
+            "events": self.events,
+            "fault": self.fault,
+            "events-clear": self.events_clear,
+            "translate": self.translate,
+            "inject": self.inject,
+            "inject-rate": self.inject_rate,
+            "inject-clear": self.inject_clear,
+            "delay": self.delay,
+            "bypass": self.bypass,
+            "resv": self.resv,
+            "resv-clear": self.resv_clear,
+        }
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+
+    def track(self, factory: Callable[[], VhostUserBackend]) -> Callable[[], VhostUserBackend]:
+        """Wrap a back-end factory so every virtio-iommu back-end it makes gets the control's tools."""
+
+        def tracked() -> VhostUserBackend:
+            backend = factory()
+            if hasattr(backend, "device") and hasattr(backend, "deliver_events"):
+                tools = ConnectionTools(next(self._numbers), backend, asyncio.get_running_loop())  # type: ignore[arg-type]
+                self._tools[tools.number] = tools
+            return backend
+
+        return tracked
+
+    def handle(self, request: Request) -> object:
+        """Run one request; raises ControlError for anything the client got wrong."""
+        command = self._commands.get(request.command)
+        if command is None:
+            raise ControlError(UNKNOWN_COMMAND, f"unknown command {request.command!r}; try 'hello'")
+        result = command(request.arguments)
+        request.arguments.check_used(request.command)
+        return result
+
+    def _live(self) -> list[tuple[ConnectionTools, Connection]]:
+        found: list[tuple[ConnectionTools, Connection]] = []
+        if self.server is None:
+            return found
+        by_backend = {id(tools.backend): tools for tools in list(self._tools.values())}
+        for connection in self.server.connections:
+            tools = by_backend.get(id(connection.handler.backend))
+            if tools is not None and not connection.done.done():
+                found.append((tools, connection))
+        return sorted(found, key=lambda pair: pair[0].number)
+
+    def _select(self, arguments: Arguments) -> tuple[ConnectionTools, Connection]:
+        wanted = arguments.optional_integer("connection", low=0, high=U32_MAX)
+        live = self._live()
+        if wanted is None:
+            if not live:
+                raise ControlError(NO_CONNECTION, "no front-end is connected")
+            if len(live) > 1:
+                numbers = ", ".join(str(tools.number) for tools, _ in live)
+                raise ControlError(BAD_ARGUMENT, f"connection: several front-ends ({numbers}); choose one")
+            return live[0]
+        for tools, connection in live:
+            if tools.number == wanted:
+                return tools, connection
+        raise ControlError(NO_CONNECTION, f"connection {wanted} does not exist (see 'connections')")
+
+    def _backend(self, arguments: Arguments) -> tuple[VirtioIommuBackend, ConnectionTools]:
+        tools, _connection = self._select(arguments)
+        return tools.backend, tools
+
+    # -- inspection -----------------------------------------------------------------------------------------
+
+    def hello(self, arguments: Arguments) -> object:
+        return {
+            "version": VERSION,
+            "program": "vhost-iommu",
+            "program_version": __version__,
+            "pid": os.getpid(),
+            "commands": sorted(self._commands),
+        }
+
+    def connections(self, arguments: Arguments) -> object:
+        rows = []
+        for tools, connection in self._live():
+            handler = connection.handler
+            device = tools.backend.device
+            rows.append(
+                {
+                    "connection": tools.number,
+                    "name": connection.name,
+                    "since": tools.created,
+                    "started_queues": sum(1 for slot in handler.slots if slot.started),
+                    "broken": handler.broken_reason,
+                    "attached_endpoints": sum(1 for e in device.endpoints() if e.domain is not None),
+                    "domains": len(device.domains()),
+                    "requests": sum(device.request_counters().values()),
+                }
+            )
+        return rows
+
+    def endpoints(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        rows = []
+        for info in backend.device.endpoints():
+            rows.append(
+                {
+                    "endpoint": info.endpoint,
+                    "segment": info.segment,
+                    "bdf": info.bdf,
+                    "domain": info.domain,
+                    "reserved": [_region(region) for region in info.reserved],
+                }
+            )
+        return rows
+
+    def domains(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        return [
+            {
+                "domain": info.domain,
+                "bypass": info.bypass,
+                "endpoints": list(info.endpoints),
+                "mappings": info.mapping_count,
+                "reserved": [list(interval) for interval in info.reserved],
+            }
+            for info in backend.device.domains()
+        ]
+
+    def mappings(self, arguments: Arguments) -> object:
+        """Mappings by (domain, IOVA), filtered, one page at a time; ``next`` resumes after this page."""
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        domain = arguments.optional_integer("domain", high=U32_MAX)
+        endpoint = arguments.optional_integer("endpoint", high=U32_MAX)
+        low = arguments.integer("iova_start", default=0)
+        high = arguments.integer("iova_end", default=(1 << 64) - 1)
+        limit = arguments.integer("limit", default=DEFAULT_PAGE, low=1, high=MAX_PAGE)
+        after = arguments._get("after")
+        if low > high:
+            raise ControlError(BAD_ARGUMENT, "iova_start: after iova_end")
+        existing = sorted(info.domain for info in device.domains())
+        if endpoint is not None:
+            if not device.topology.has_endpoint(endpoint):
+                raise ControlError(NOT_FOUND, f"endpoint {endpoint:#x} is not managed by this IOMMU")
+            attached = device.domain_of(endpoint)
+            if domain is not None and attached != domain:
+                existing = []
+            else:
+                existing = [attached] if attached is not None else []
+        if domain is not None:
+            if domain not in existing and endpoint is None:
+                raise ControlError(NOT_FOUND, f"domain {domain} does not exist")
+            existing = [d for d in existing if d == domain]
+        cursor_domain, cursor_iova = -1, -1
+        if after is not None:
+            if (
+                not isinstance(after, list)
+                or len(after) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in after)
+            ):
+                raise ControlError(BAD_ARGUMENT, "after: must be [domain, iova] from a previous 'next'")
+            cursor_domain, cursor_iova = after
+        rows: list[dict[str, int]] = []
+        next_cursor: list[int] | None = None
+        for current in existing:
+            if current < cursor_domain:
+                continue
+            start = low
+            if current == cursor_domain:
+                if cursor_iova >= high:
+                    continue
+                start = max(low, cursor_iova + 1)
+            # One more than the page needs: tells whether a next page exists.
+            for virt_start, virt_end, phys, flags in device.store.mappings(current, start, limit + 1):
+                virt_start, virt_end = int(virt_start), int(virt_end)
+                if virt_start > high:
+                    break
+                if current == cursor_domain and virt_start <= cursor_iova:
+                    continue
+                if len(rows) == limit:
+                    next_cursor = [rows[-1]["domain"], rows[-1]["iova_start"]]
+                    break
+                rows.append(
+                    {
+                        "domain": current,
+                        "iova_start": virt_start,
+                        "iova_end": virt_end,
+                        "phys": int(phys),
+                        "flags": int(flags),
+                    }
+                )
+            if next_cursor is not None:
+                break
+            if len(rows) == limit:
+                # The page is full at a domain boundary: another domain may still have mappings.
+                later = [d for d in existing if d > current]
+                if later:
+                    next_cursor = [rows[-1]["domain"], rows[-1]["iova_start"]]
+                break
+        return {"mappings": rows, "next": next_cursor}
+
+    def counters(self, arguments: Arguments) -> object:
+        backend, tools = self._backend(arguments)
+        device = backend.device
+        return {
+            "requests": device.request_counters(),
+            "statuses": device.status_counters(),
+            "faults": device.fault_counters(),
+            "injected": device.injected_count,
+            "latency": {name: histogram.summary() for name, histogram in sorted(tools.latency.items())},
+            "batches": tools.batches.summary(),
+            "delay_us": tools.delay_us,
+            "delayed_batches": tools.delayed_batches,
+            "rate": None
+            if tools.rate is None
+            else {
+                "type": tools.rate.request_type.name,
+                "status": tools.rate.status.name if tools.rate.status is not None else "NONE",
+                "rate": tools.rate.rate,
+                "seed": tools.rate.seed,
+                "seen": tools.rate.seen,
+                "forced": tools.rate.forced,
+            },
+        }
+
+    def latency_reset(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        tools.reset_latency()
+        return {}
+
+    def features(self, arguments: Arguments) -> object:
+        tools, connection = self._select(arguments)
+        handler = connection.handler
+        offered = handler.offered_features()
+        acked = handler.acked_features
+        return {
+            "offered": offered,
+            "offered_names": _names(offered),
+            "acked": acked,
+            "acked_names": _names(acked),
+            "driver_wrote": tools.backend.device.driver_features,
+            "protocol": int(handler.protocol_features),
+            "protocol_names": [f.name for f in ProtocolFeature if f & handler.protocol_features and f.name],
+        }
+
+    def queues(self, arguments: Arguments) -> object:
+        _tools, connection = self._select(arguments)
+        handler = connection.handler
+        rows = []
+        for slot in handler.slots:
+            ring = slot.queue
+            rows.append(
+                {
+                    "index": slot.index,
+                    "size": slot.size,
+                    "started": slot.started,
+                    "enabled": slot.enabled,
+                    "next_avail": ring.next_avail if ring is not None else slot.base,
+                    "used_idx": ring.used_idx if ring is not None else None,
+                    "in_flight": ring.in_flight if ring is not None else 0,
+                    "event_idx": ring.event_idx if ring is not None else None,
+                    "kick_pending": slot.kick_pending,
+                    "broken": handler.broken_reason,
+                }
+            )
+        return rows
+
+    def config(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        fields = decode_config(device.get_config(0, device.config_size))
+        decoded = dataclasses.asdict(fields)
+        decoded["reserved"] = fields.reserved.hex()
+        decoded["boot_bypass"] = device.config.boot_bypass
+        return decoded
+
+    def events(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        return {
+            "pending": [
+                {"reason": e.reason, "flags": e.flags, "endpoint": e.endpoint, "address": e.address}
+                for e in device.pending_events()
+            ],
+            "queued_total": device.events.queued_count,
+            "dropped": device.dropped_event_count,
+            "capacity": device.events.capacity,
+        }
+
+    # -- injection ------------------------------------------------------------------------------------------
+
+    def fault(self, arguments: Arguments) -> object:
+        """Queue fault events and deliver them to the eventq buffers the driver posted."""
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        reason_value = arguments._get("reason")
+        if isinstance(reason_value, int) and not isinstance(reason_value, bool):
+            if not 0 <= reason_value <= 0xFF:
+                raise ControlError(BAD_ARGUMENT, f"reason: {reason_value} is not a u8")
+            reason = reason_value
+        else:
+            arguments._used.discard("reason")
+            reason = arguments.choice("reason", REASON_CHOICES, default="MAPPING")
+        endpoint = arguments.integer("endpoint", high=U32_MAX)
+        address = arguments.optional_integer("address")
+        access = _access(arguments._get("access") or "r")
+        extra = arguments.integer("flags", default=0, high=U32_MAX)
+        count = arguments.integer("count", default=1, low=1, high=MAX_FAULTS_PER_REQUEST)
+        flags = access | extra | (FAULT_F_ADDRESS if address is not None else 0)
+        queued = sum(1 for _ in range(count) if device.report_fault(reason, flags, endpoint, address or 0))
+        backend.deliver_events()
+        return {
+            "queued": queued,
+            "dropped": count - queued,
+            "pending": device.pending_event_count,
+            "flags": flags,
+        }
+
+    def events_clear(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        dropped = backend.device.pending_event_count
+        backend.device.events.clear()
+        return {"cleared": dropped}
+
+    def translate(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        endpoint = arguments.integer("endpoint", high=U32_MAX)
+        iova = arguments.integer("iova")
+        size = arguments.integer("size", default=1, low=1, high=1 << 48)
+        access = _access(arguments._get("access") or "r")
+        report = arguments.boolean("report", default=False)
+        try:
+            result = device.translate(endpoint, iova, size, access, report=report)
+        except ValueError as exc:
+            raise ControlError(BAD_ARGUMENT, str(exc)) from None
+        if isinstance(result, Translation):
+            return {
+                "translated": True,
+                "iova": iova,
+                "size": size,
+                "bypass": result.bypass,
+                "segments": [list(segment) for segment in result.segments],
+            }
+        if result.reported:
+            backend.deliver_events()
+        return {
+            "translated": False,
+            "reason": result.reason.name,
+            "flags": result.flags,
+            "endpoint": result.endpoint,
+            "address": result.address,
+            "reported": result.reported,
+        }
+
+    def inject(self, arguments: Arguments) -> object:
+        backend, _tools = self._backend(arguments)
+        kind = arguments.choice("type", TYPE_CHOICES)
+        status = arguments.choice("status", STATUS_CHOICES)
+        times = arguments.integer("times", default=1, low=1, high=1 << 31)
+        backend.device.inject(kind, status, times=times)
+        return {"type": kind.name, "status": status.name if status is not None else "NONE", "times": times}
+
+    def inject_rate(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        kind = arguments.choice("type", TYPE_CHOICES)
+        status = arguments.choice("status", STATUS_CHOICES)
+        rate = arguments.number("rate", low=0.0, high=1.0)
+        seed = arguments.integer("seed", default=random.randrange(1 << 32), high=(1 << 63) - 1)
+        if rate == 0.0:
+            tools.set_rate(None)
+        else:
+            tools.set_rate(RateInjection(kind, status, rate, seed, random.Random(seed)))
+        return {"type": kind.name, "rate": rate, "seed": seed}
+
+    def inject_clear(self, arguments: Arguments) -> object:
+        """Every forced answer off: pending count injections, the rate injection, the added latency."""
+        backend, tools = self._backend(arguments)
+        backend.device.clear_injections()
+        tools.set_rate(None)
+        tools.set_delay(0)
+        return {}
+
+    def delay(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        microseconds = arguments.integer("us", high=MAX_DELAY_US)
+        tools.set_delay(microseconds)
+        return {"us": microseconds}
+
+    def bypass(self, arguments: Arguments) -> object:
+        """Set config.bypass (or restore its boot value) and tell the driver the config changed."""
+        backend, _tools = self._backend(arguments)
+        device = backend.device
+        if arguments.boolean("boot", default=False):
+            value = device.config.boot_bypass
+            arguments._get("value")
+        else:
+            value = arguments.integer("value", high=1)
+        device.config.bypass = value
+        if backend.context is None:
+            raise ControlError(UNAVAILABLE, "the back-end is not attached to a connection")
+        backend.context.config_changed()
+        return {"bypass": value}
+
+    def resv(self, arguments: Arguments) -> object:
+        """Replace an endpoint's reserved regions as the next PROBE reports them."""
+        backend, tools = self._backend(arguments)
+        device = backend.device
+        endpoint = arguments.integer("endpoint", high=U32_MAX)
+        if not device.topology.has_endpoint(endpoint):
+            raise ControlError(NOT_FOUND, f"endpoint {endpoint:#x} is not managed by this IOMMU")
+        regions = []
+        for index, item in enumerate(arguments.list_of_objects("regions", most=MAX_REGIONS)):
+            kind = item.choice("type", RESV_CHOICES)
+            start = item.integer("start")
+            end = item.integer("end")
+            item.check_used(f"regions[{index}]")
+            if end < start:
+                raise ControlError(BAD_ARGUMENT, f"regions[{index}]: end before start")
+            regions.append(ReservedRegion(kind, start, end))
+        return self._set_regions(tools, endpoint, tuple(regions))
+
+    def resv_clear(self, arguments: Arguments) -> object:
+        backend, tools = self._backend(arguments)
+        endpoint = arguments.optional_integer("endpoint", high=U32_MAX)
+        original = tools.original_topology
+        if endpoint is None:
+            backend.device.topology = original
+            return {"restored": "all"}
+        if not original.has_endpoint(endpoint):
+            raise ControlError(NOT_FOUND, f"endpoint {endpoint:#x} is not managed by this IOMMU")
+        return self._set_regions(tools, endpoint, original.reserved_regions(endpoint))
+
+    def _set_regions(
+        self, tools: ConnectionTools, endpoint: int, regions: tuple[ReservedRegion, ...]
+    ) -> dict[str, Any]:
+        device = tools.backend.device
+        current = device.topology
+        # Regions of the endpoint's range stay in the range; the override replaces what this endpoint
+        # reports, so the range's own regions are subtracted by giving the endpoint its own range entry.
+        pci_ranges = []
+        for pci_range in current.pci_ranges:
+            if pci_range.endpoint_start <= endpoint <= pci_range.endpoint_end and pci_range.reserved:
+                # Move the range's regions onto every other endpoint of the range explicitly.
+                pci_ranges.append(dataclasses.replace(pci_range, reserved=()))
+            else:
+                pci_ranges.append(pci_range)
+        per_endpoint = dict(current.endpoint_reserved)
+        for pci_range in current.pci_ranges:
+            if pci_range.endpoint_start <= endpoint <= pci_range.endpoint_end and pci_range.reserved:
+                for other in range(pci_range.endpoint_start, pci_range.endpoint_end + 1):
+                    if other != endpoint:
+                        per_endpoint[other] = current.reserved_regions(other)
+        per_endpoint[endpoint] = regions
+        try:
+            changed = dataclasses.replace(
+                current, pci_ranges=tuple(pci_ranges), endpoint_reserved=per_endpoint
+            )
+        except TopologyError as exc:
+            raise ControlError(BAD_ARGUMENT, f"regions: {exc}") from None
+        device.topology = changed
+        return {"endpoint": endpoint, "reserved": [_region(r) for r in changed.reserved_regions(endpoint)]}

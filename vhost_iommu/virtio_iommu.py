@@ -8,10 +8,19 @@ the server lends it the rings and a way to signal the front-end.
 from __future__ import annotations
 
 import logging
+import platform
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
 
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, Topology
-from vhost_iommu.memory import GuestMemoryError
+from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
+from vhost_iommu.jit import requests as kernel
+from vhost_iommu.jit.tables import MappingTable
+from vhost_iommu.memory import FlatRegions, GuestMemory, GuestMemoryError
 from vhost_iommu.virtqueue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,152 @@ RING_FEATURES = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
 FAULT_EVENT_SIZE = 24  # struct virtio_iommu_fault
 
 
+_WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+
+
+class CompiledRequestPath:
+    """Serves the requestq with `vhost_iommu.jit.requests.serve_requests`, handing the chains the kernel
+    does not serve to a Python callback one at a time.
+
+    The kernel works on raw addresses of the ring views and of guest memory; this class takes them from
+    the live numpy views and holds those views (through the ring and `FlatRegions`) for as long as it
+    uses the addresses. The ring's indices live in the `SplitQueue` between calls and in the kernel's
+    parameter array during one.
+
+    It relies on this back-end completing every chain before it returns (no chain stays in flight), so
+    the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
+    """
+
+    def __init__(self, device: IommuDevice) -> None:
+        self.device = device
+        self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
+        self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
+        self._ring_key: tuple[object, ...] = ()
+        self._memory_generation = -1
+        self._memory_table: npt.NDArray[np.uint64] = np.zeros((0, 3), np.uint64)
+        self._memory_flat: FlatRegions | None = None
+        #: How many times the kernel stopped for each reason (STOP_* codes): for tests and benchmarks.
+        self.stops = [0] * len(kernel.STOP_NAMES)
+
+    def usable(self) -> bool:
+        """The kernel serves what the Python path would: the real table, no injected answers (rare,
+        tool-driven states the device core keeps in Python), and ``handle_request`` not wrapped on this
+        device (tools such as the control layer wrap it to watch or alter every request)."""
+        device = self.device
+        return (
+            isinstance(device.store, MappingTable)
+            and not device.has_injections
+            and "handle_request" not in vars(device)
+        )
+
+    def _bind_ring(self, ring: SplitQueue) -> None:
+        # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind), so
+        # their identity tells whether the addresses below are still those of the live views.
+        views = (ring._desc_table, ring._avail16, ring._used16)
+        key = (ring, *views)
+        if len(key) == len(self._ring_key) and all(a is b for a, b in zip(key, self._ring_key, strict=True)):
+            return
+        params = self._ring_params
+        params[kernel.R_DESC] = views[0].ctypes.data
+        params[kernel.R_AVAIL] = views[1].ctypes.data
+        params[kernel.R_USED] = views[2].ctypes.data
+        params[kernel.R_SIZE] = ring.size
+        self._ring_key = key
+
+    def _bind_memory(self, memory: GuestMemory) -> None:
+        if memory.generation == self._memory_generation:
+            return
+        flat = memory.flat_tables()
+        table = np.empty((len(flat.gpa_starts), 3), np.uint64)
+        table[:, kernel.M_GPA_START] = flat.gpa_starts
+        table[:, kernel.M_GPA_LAST] = flat.gpa_lasts
+        table[:, kernel.M_HOST] = flat.host_addresses
+        self._memory_flat = flat  # keeps the mappings behind host_addresses alive
+        self._memory_table = table
+        self._memory_generation = memory.generation
+
+    def serve(self, ring: SplitQueue, memory: GuestMemory, serve_one: Callable[[SplitQueue], bool]) -> int:
+        """Serve every available chain; returns how many were completed. Raises QueueError (from
+        ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring."""
+        self._bind_ring(ring)
+        self._bind_memory(memory)
+        device = self.device
+        store = device.store
+        assert isinstance(store, MappingTable)
+        domains = device.domain_table
+        regions = domains.regions
+        topology = device.topology
+        params = self._ring_params
+        flags = kernel.RF_NOTIFY if ring._notifications_enabled else 0
+        if ring.event_idx:
+            flags |= kernel.RF_EVENT_IDX
+        if ring.indirect:
+            flags |= kernel.RF_INDIRECT
+        if _WEAK_ORDER:
+            flags |= kernel.RF_WEAK_ORDER
+        if device.acked_features & F_MAP_UNMAP:
+            flags |= kernel.RF_MAP_UNMAP
+        if device.acked_features & F_MMIO:
+            flags |= kernel.RF_MMIO
+        params[kernel.R_FLAGS] = flags
+        params[kernel.R_DOMAIN_FIRST] = domains.first
+        params[kernel.R_GRANULE] = device.granule
+        params[kernel.R_INPUT_START] = topology.input_start
+        params[kernel.R_INPUT_END] = topology.input_end
+        counts = self._counts
+        completed = 0
+        try:
+            while True:
+                params[kernel.R_NEXT_AVAIL] = ring.next_avail
+                params[kernel.R_USED_IDX] = ring.used_idx
+                leaves, nodes, directory, meta = store.arrays
+                reason = kernel.serve_requests(
+                    params,
+                    self._memory_table,
+                    domains.exists,
+                    domains.bypass,
+                    domains.mapping_count,
+                    domains.resv_set,
+                    regions.starts,
+                    regions.ends,
+                    regions.offsets,
+                    leaves,
+                    nodes,
+                    directory,
+                    meta,
+                    counts,
+                )
+                done = int(params[kernel.R_COMPLETED])
+                ring.next_avail = int(params[kernel.R_NEXT_AVAIL])
+                ring.used_idx = int(params[kernel.R_USED_IDX])
+                ring._pushed_since_check += done
+                completed += done
+                self.stops[reason] += 1
+                if reason == kernel.STOP_EMPTY:
+                    return completed
+                if reason == kernel.STOP_GROW:
+                    store.grow()
+                    continue
+                # STOP_PYTHON or STOP_BROKEN: the chain goes through the Python path, whose walk raises
+                # QueueError for a broken one. The call may change domains (ATTACH), which the next
+                # kernel call sees through the arrays fetched again above.
+                if serve_one(ring):
+                    completed += 1
+        finally:
+            self._merge_counts()
+
+    def _merge_counts(self) -> None:
+        counts = self._counts
+        if not counts.any():
+            return
+        device = self.device
+        for kind in range(len(device.request_counts)):
+            device.request_counts[kind] += int(counts[kernel.C_REQUEST + kind])
+        for status in range(len(device.status_counts)):
+            device.status_counts[status] += int(counts[kernel.C_STATUS + status])
+        counts[:] = 0
+
+
 class VirtioIommuBackend:
     """One virtio-iommu device, for the life of one front-end connection."""
 
@@ -33,10 +188,23 @@ class VirtioIommuBackend:
     # The spec's largest split ring; QEMU's generic device asks for 64 unless told `vq_size=`.
     max_queue_size = 32768
 
-    def __init__(self, topology: Topology | None = None, *, device: IommuDevice | None = None) -> None:
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        *,
+        device: IommuDevice | None = None,
+        request_path: Literal["compiled", "python"] = "compiled",
+    ) -> None:
+        """``request_path`` picks how the requestq is served: "compiled" (a numba kernel serves MAP and
+        UNMAP in batches, everything else goes through the device core) or "python" (every chain through
+        ``SplitQueue.pop`` and ``IommuDevice.handle_request``). Both give the same answers."""
+        if request_path not in ("compiled", "python"):
+            raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None
         self.acked_features = 0
+        self.request_path = request_path
+        self._compiled = CompiledRequestPath(self.device) if request_path == "compiled" else None
 
     # -- features and config ----------------------------------------------------------------------------
 
@@ -114,17 +282,28 @@ class VirtioIommuBackend:
             return
         completed = 0
         try:
-            while (chain := ring.pop()) is not None:
-                response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
-                if response:
-                    chain.write(response)
-                ring.push_used(chain.head, used_length)
-                completed += 1
+            if self._compiled is not None and self.context is not None and self._compiled.usable():
+                completed = self._compiled.serve(ring, self.context.memory, self._serve_one)
+            else:
+                while self._serve_one(ring):
+                    completed += 1
         except (QueueError, GuestMemoryError) as error:
             self._broken(f"requestq: {error}")
             return
         if completed and ring.needs_notification():
             self._signal(REQUEST_QUEUE)
+
+    def _serve_one(self, ring: SplitQueue) -> bool:
+        """Pop and serve one chain through the device core; False if none is available.
+        Raises QueueError if the driver broke the ring."""
+        chain = ring.pop()
+        if chain is None:
+            return False
+        response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
+        if response:
+            chain.write(response)
+        ring.push_used(chain.head, used_length)
+        return True
 
     def deliver_events(self) -> None:
         """Move pending fault events into the buffers the driver posted on the eventq."""

@@ -204,6 +204,12 @@ class IommuDevice:
     def clear_injections(self) -> None:
         self._injected.clear()
 
+    @property
+    def has_injections(self) -> bool:
+        """Whether answers are waiting to be forced on upcoming requests (a compiled request path must
+        then leave those requests to `handle_request`)."""
+        return bool(self._injected)
+
     def _forced_answer(self, request_type: int, writable_size: int) -> tuple[bytes, int]:
         queue = self._injected[request_type]
         status, remaining = queue[0]

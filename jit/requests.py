@@ -1,0 +1,648 @@
+"""The compiled request path: one kernel walks, validates and serves a batch of requestq chains.
+
+``serve_requests`` pops chains from a split ring (the same validation as
+:class:`vhost_iommu.virtqueue.SplitQueue`), decodes MAP and UNMAP requests, applies them to the domain
+arrays of :class:`vhost_iommu.device.domains.Domains` and to the mapping table of
+:mod:`vhost_iommu.jit.tables` (the same checks and statuses as :class:`vhost_iommu.device.IommuDevice`),
+writes each status tail and used entry, and keeps ``avail_event`` up to date. It creates no Python object
+per request.
+
+It stops early, *without consuming the chain it stopped at*, when that chain is not one it serves:
+
+``STOP_PYTHON``  a well-formed chain whose request it does not serve (ATTACH, DETACH, PROBE, unknown
+                 types, fewer than 4 readable bytes): the caller pops it with ``SplitQueue.pop`` and serves
+                 it through the device core, then calls again;
+``STOP_BROKEN``  the ring or the chain breaks a rule: the caller pops it with ``SplitQueue.pop``, which
+                 raises ``QueueError`` with the reason (the device goes to NEEDS_RESET). Letting the Python
+                 walk find the reason keeps one wording of every error, and a driver that rewrote the chain
+                 meanwhile gets the same treatment it would have had from the Python path;
+``STOP_GROW``    a MAP needs more rows in the table's pools: the caller grows the table and calls again.
+
+Rings and buffers are reached through raw host addresses that the caller took from live numpy views
+(the ring views of the ``SplitQueue``, the regions of ``GuestMemory.flat_tables()``) and keeps alive for
+the call; a buffer's guest-physical range is checked against the region table before any byte of it is
+touched, so no guest value makes the kernel read or write outside guest memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.extending import intrinsic
+
+from vhost_iommu.jit.barriers import full_fence
+from vhost_iommu.jit.tables import LIMIT, NEED_SPACE, OK, OVERLAP, SPLIT, table_map, table_unmap
+
+U64Array = npt.NDArray[np.uint64]
+I64Array = npt.NDArray[np.int64]
+I32Array = npt.NDArray[np.int32]
+BoolArray = npt.NDArray[np.bool_]
+
+# -- why the kernel stopped ------------------------------------------------------------------------------
+
+STOP_EMPTY: Final = 0
+"""Every available chain was served."""
+STOP_PYTHON: Final = 1
+"""The next chain is well formed but not a MAP/UNMAP the kernel serves; pop it in Python."""
+STOP_BROKEN: Final = 2
+"""The ring or the next chain is broken; ``SplitQueue.pop`` raises the reason."""
+STOP_GROW: Final = 3
+"""The next chain is a MAP that needs room in the mapping table; grow it and call again."""
+
+STOP_NAMES: Final[dict[int, str]] = {
+    STOP_EMPTY: "empty",
+    STOP_PYTHON: "python",
+    STOP_BROKEN: "broken",
+    STOP_GROW: "grow",
+}
+
+# -- the ``ring`` parameter array (uint64) --------------------------------------------------------------
+
+R_DESC: Final = 0
+"""Host address of the descriptor table."""
+R_AVAIL: Final = 1
+"""Host address of the available ring."""
+R_USED: Final = 2
+"""Host address of the used ring."""
+R_SIZE: Final = 3
+R_NEXT_AVAIL: Final = 4
+"""In and out: the free-running u16 index of the next available entry."""
+R_USED_IDX: Final = 5
+"""In and out: the free-running u16 index of the next used entry."""
+R_FLAGS: Final = 6
+"""``RF_*`` bits."""
+R_DOMAIN_FIRST: Final = 7
+R_GRANULE: Final = 8
+R_INPUT_START: Final = 9
+R_INPUT_END: Final = 10
+R_COMPLETED: Final = 11
+"""Out: chains completed by this call."""
+RING_WORDS: Final = 16
+
+RF_EVENT_IDX: Final = 1
+RF_INDIRECT: Final = 2
+RF_WEAK_ORDER: Final = 4
+"""The CPU may reorder loads and stores visibly to another CPU (not x86): fence where SplitQueue does."""
+RF_MAP_UNMAP: Final = 8
+RF_MMIO: Final = 16
+RF_NOTIFY: Final = 32
+"""Kicks are wanted: with EVENT_IDX, keep avail_event at the next available index."""
+
+# -- the ``counts`` array (int64): what the device counts, added to its own counters by the caller ------
+
+C_REQUEST: Final = 0
+"""counts[C_REQUEST + type] for type 1..5; counts[C_REQUEST] counts requests not served (tail not found)."""
+C_STATUS: Final = 8
+"""counts[C_STATUS + status]."""
+COUNT_WORDS: Final = 24
+
+# -- the guest memory table: uint64[n, 3] rows (gpa start, gpa last inclusive, host address) by gpa ------
+
+M_GPA_START: Final = 0
+M_GPA_LAST: Final = 1
+M_HOST: Final = 2
+
+# -- wire constants (virtio 1.x split ring, virtio-iommu requests) --------------------------------------
+
+_F_NEXT: Final = 1
+_F_WRITE: Final = 2
+_F_INDIRECT: Final = 4
+_DESC_SIZE: Final = 16
+_MAX_CHAIN_BYTES: Final = 1 << 32
+_T_MAP: Final = 3
+_T_UNMAP: Final = 4
+_MAP_SIZE: Final = 36
+_UNMAP_SIZE: Final = 28
+_TAIL_SIZE: Final = 4
+_SCRATCH: Final = 64
+"""Readable bytes gathered per chain: more than any request the kernel serves."""
+_MAX_WRITABLE_SEGMENTS: Final = _TAIL_SIZE
+"""A 4-byte tail spans at most 4 segments (none is empty)."""
+
+_S_OK: Final = 0
+_S_IOERR: Final = 1
+_S_UNSUPP: Final = 2
+_S_DEVERR: Final = 3
+_S_INVAL: Final = 4
+_S_RANGE: Final = 5
+_S_NOENT: Final = 6
+_S_NOMEM: Final = 8
+
+_MAP_F_READ: Final = 1
+_MAP_F_WRITE: Final = 2
+_MAP_F_MMIO: Final = 4
+
+_U64_MAX: Final = np.uint64(2**64 - 1)
+_ZERO: Final = np.uint64(0)
+_ONE: Final = np.uint64(1)
+
+
+# -- raw loads and stores at host addresses ---------------------------------------------------------------
+# Guest structures are little-endian and need not be aligned (a request may start at any byte), so every
+# access is an align-1 load or store; x86 and arm64 do those in one instruction.
+
+
+def _pointer_codegen(width: int, store: bool) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        pointer = builder.inttoptr(args[0], ir.IntType(width).as_pointer())
+        if store:
+            builder.store(builder.trunc(args[1], ir.IntType(width)), pointer, align=1)
+            return context.get_dummy_value()
+        value = builder.load(pointer, align=1)
+        return builder.zext(value, ir.IntType(64)) if width < 64 else value
+
+    return codegen
+
+
+def _load8_typer(typingctx: Any, address: Any) -> Any:
+    return types.uint64(types.uint64), _pointer_codegen(8, False)
+
+
+def _load16_typer(typingctx: Any, address: Any) -> Any:
+    return types.uint64(types.uint64), _pointer_codegen(16, False)
+
+
+def _load32_typer(typingctx: Any, address: Any) -> Any:
+    return types.uint64(types.uint64), _pointer_codegen(32, False)
+
+
+def _load64_typer(typingctx: Any, address: Any) -> Any:
+    return types.uint64(types.uint64), _pointer_codegen(64, False)
+
+
+def _store8_typer(typingctx: Any, address: Any, value: Any) -> Any:
+    return types.void(types.uint64, types.uint64), _pointer_codegen(8, True)
+
+
+def _store16_typer(typingctx: Any, address: Any, value: Any) -> Any:
+    return types.void(types.uint64, types.uint64), _pointer_codegen(16, True)
+
+
+def _store64_typer(typingctx: Any, address: Any, value: Any) -> Any:
+    return types.void(types.uint64, types.uint64), _pointer_codegen(64, True)
+
+
+# Typed as Any: numba supplies the typing context argument, so the Python-level signatures mislead mypy.
+_load8: Any = intrinsic(_load8_typer)
+_load16: Any = intrinsic(_load16_typer)
+_load32: Any = intrinsic(_load32_typer)
+_load64: Any = intrinsic(_load64_typer)
+_store8: Any = intrinsic(_store8_typer)
+_store16: Any = intrinsic(_store16_typer)
+_store64: Any = intrinsic(_store64_typer)
+
+
+# -- guest memory ----------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _region_of(memory: U64Array, gpa: np.uint64) -> int:
+    """Row of the region holding ``gpa``, or -1."""
+    low = 0
+    high = memory.shape[0]
+    while low < high:  # the first region starting after gpa
+        middle = (low + high) >> 1
+        if memory[middle, M_GPA_START] <= gpa:
+            low = middle + 1
+        else:
+            high = middle
+    row = low - 1
+    if row >= 0 and gpa <= memory[row, M_GPA_LAST]:
+        return row
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _host_address_in_one_region(memory: U64Array, gpa: np.uint64, length: np.uint64) -> np.uint64:
+    """Host address of [gpa, gpa + length) if it lies inside one region (length > 0), else 0."""
+    last = gpa + (length - _ONE)
+    if last < gpa:
+        return _ZERO
+    row = _region_of(memory, gpa)
+    if row < 0 or last > memory[row, M_GPA_LAST]:
+        return _ZERO
+    host: np.uint64 = memory[row, M_HOST] + (gpa - memory[row, M_GPA_START])
+    return host
+
+
+@njit(cache=True, nogil=True)
+def _resolve(
+    memory: U64Array,
+    gpa: np.uint64,
+    length: np.uint64,
+    seg_hosts: U64Array,
+    seg_lengths: U64Array,
+) -> int:
+    """Split [gpa, gpa + length) (length > 0) into host segments, one per region it crosses; regions
+    must follow each other without a gap. Returns the number of segments, or -1 if any byte is outside
+    guest memory. ``seg_*`` hold one entry per row of ``memory``, the most a range can cross."""
+    last = gpa + (length - _ONE)
+    if last < gpa:
+        return -1
+    row = _region_of(memory, gpa)
+    if row < 0:
+        return -1
+    count = 0
+    position = gpa
+    while True:
+        if row >= memory.shape[0] or not memory[row, M_GPA_START] <= position <= memory[row, M_GPA_LAST]:
+            return -1
+        region_last = memory[row, M_GPA_LAST]
+        take_last = last if last < region_last else region_last
+        seg_hosts[count] = memory[row, M_HOST] + (position - memory[row, M_GPA_START])
+        seg_lengths[count] = take_last - position + _ONE
+        count += 1
+        if take_last == last:
+            return count
+        position = take_last + _ONE
+        row += 1
+
+
+# -- the device's rules -----------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _reserved_overlap(
+    set_id: int, start: np.uint64, last: np.uint64, starts: U64Array, ends: U64Array, offsets: I64Array
+) -> bool:
+    for k in range(offsets[set_id], offsets[set_id + 1]):  # noqa: SIM110 (numba compiles loops, not any())
+        if starts[k] <= last and start <= ends[k]:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _map(
+    request: npt.NDArray[np.uint8],
+    ring: U64Array,
+    exists: BoolArray,
+    bypass: BoolArray,
+    mapping_count: I64Array,
+    resv_set: I32Array,
+    resv_starts: U64Array,
+    resv_ends: U64Array,
+    resv_offsets: I64Array,
+    leaves: U64Array,
+    nodes: U64Array,
+    directory: I64Array,
+    meta: I64Array,
+) -> int:
+    """Status of one MAP (``IommuDevice._map``, check for check), or -1 when the table needs room."""
+    flags_word = ring[R_FLAGS]
+    if not flags_word & RF_MAP_UNMAP:
+        return _S_UNSUPP
+    domain = np.int64(_le(request, 4, 4))
+    virt_start = _le(request, 8, 8)
+    virt_end = _le(request, 16, 8)
+    phys_start = _le(request, 24, 8)
+    flags = _le(request, 32, 4)
+    known = np.uint64(_MAP_F_READ | _MAP_F_WRITE)
+    if flags_word & RF_MMIO:
+        known |= np.uint64(_MAP_F_MMIO)
+    if flags & ~known:
+        return _S_INVAL
+    index = domain - np.int64(ring[R_DOMAIN_FIRST])
+    if not 0 <= index < exists.shape[0]:
+        return _S_RANGE
+    if not exists[index]:
+        return _S_NOENT
+    if bypass[index]:
+        return _S_INVAL
+    if virt_end < virt_start:
+        return _S_INVAL
+    granule_mask = ring[R_GRANULE] - _ONE
+    if virt_start & granule_mask or phys_start & granule_mask or (virt_end + _ONE) & granule_mask:
+        return _S_RANGE
+    if virt_start < ring[R_INPUT_START] or virt_end > ring[R_INPUT_END]:
+        return _S_RANGE
+    if phys_start > _U64_MAX - (virt_end - virt_start):
+        return _S_RANGE
+    if _reserved_overlap(resv_set[index], virt_start, virt_end, resv_starts, resv_ends, resv_offsets):
+        return _S_RANGE
+    result = table_map(leaves, nodes, directory, meta, domain, virt_start, virt_end, phys_start, flags)
+    if result == OK:
+        mapping_count[index] += 1
+        return _S_OK
+    if result == OVERLAP:
+        return _S_INVAL
+    if result == LIMIT:
+        return _S_NOMEM
+    if result == NEED_SPACE:
+        return -1
+    return _S_DEVERR
+
+
+@njit(cache=True, nogil=True)
+def _unmap(
+    request: npt.NDArray[np.uint8],
+    ring: U64Array,
+    exists: BoolArray,
+    bypass: BoolArray,
+    mapping_count: I64Array,
+    leaves: U64Array,
+    nodes: U64Array,
+    directory: I64Array,
+    meta: I64Array,
+) -> int:
+    """Status of one UNMAP (``IommuDevice._unmap``, check for check)."""
+    if not ring[R_FLAGS] & RF_MAP_UNMAP:
+        return _S_UNSUPP
+    if _le(request, 24, 4) != _ZERO:
+        return _S_INVAL  # reserved bytes: refused with no side effect, as the device core does
+    domain = np.int64(_le(request, 4, 4))
+    virt_start = _le(request, 8, 8)
+    virt_end = _le(request, 16, 8)
+    index = domain - np.int64(ring[R_DOMAIN_FIRST])
+    if not 0 <= index < exists.shape[0]:
+        return _S_RANGE
+    if not exists[index]:
+        return _S_NOENT
+    if bypass[index]:
+        return _S_INVAL
+    if virt_end < virt_start:
+        return _S_INVAL
+    result, removed = table_unmap(leaves, nodes, directory, meta, domain, virt_start, virt_end)
+    if result == OK:
+        mapping_count[index] -= removed
+        return _S_OK
+    if result == SPLIT:
+        return _S_RANGE
+    return _S_DEVERR
+
+
+@njit(cache=True, nogil=True)
+def _le(buffer: npt.NDArray[np.uint8], offset: int, width: int) -> np.uint64:
+    value: np.uint64 = _ZERO
+    for k in range(width - 1, -1, -1):
+        value = (value << np.uint64(8)) | np.uint64(buffer[offset + k])
+    return value
+
+
+@njit(cache=True, nogil=True)
+def _i64(value: Any) -> int:
+    """``value`` as a signed 64-bit int: numba's int() keeps uint64, and mixing int64 with uint64 in
+    numba arithmetic goes through float64."""
+    return int(np.int64(value))
+
+
+# -- the kernel ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def serve_requests(
+    ring: U64Array,
+    memory: U64Array,
+    exists: BoolArray,
+    bypass: BoolArray,
+    mapping_count: I64Array,
+    resv_set: I32Array,
+    resv_starts: U64Array,
+    resv_ends: U64Array,
+    resv_offsets: I64Array,
+    leaves: U64Array,
+    nodes: U64Array,
+    directory: I64Array,
+    meta: I64Array,
+    counts: I64Array,
+) -> int:
+    """Serve the available chains of a requestq until it is empty or a chain needs the caller.
+
+    ``ring`` (``R_*`` words) carries the ring's addresses and indices in and the indices and
+    ``R_COMPLETED`` out; ``memory`` is the guest's region table (``M_*`` columns, sorted by gpa); the
+    domain arrays are ``Domains``' (indexed by domain - R_DOMAIN_FIRST) and its ``RegionSets`` arrays;
+    the table arrays are ``MappingTable.arrays``. ``counts`` (``C_*``) accumulates request and status
+    counts. Returns a ``STOP_*`` code; the chain it stopped at is left available.
+    """
+    desc = ring[R_DESC]
+    avail = ring[R_AVAIL]
+    used = ring[R_USED]
+    size = _i64(ring[R_SIZE])
+    mask = size - 1
+    size64 = np.uint64(size)
+    flags_word = ring[R_FLAGS]
+    event_idx = (flags_word & RF_EVENT_IDX) != _ZERO
+    indirect_allowed = (flags_word & RF_INDIRECT) != _ZERO
+    weak_order = (flags_word & RF_WEAK_ORDER) != _ZERO
+    keep_avail_event = event_idx and (flags_word & RF_NOTIFY) != _ZERO
+    avail_event = used + np.uint64(4 + 8 * size)
+    next_avail = _i64(ring[R_NEXT_AVAIL])
+    used_idx = _i64(ring[R_USED_IDX])
+    completed = 0
+
+    request = np.zeros(_SCRATCH, np.uint8)
+    regions = memory.shape[0]
+    seg_hosts = np.empty(max(regions, 1), np.uint64)
+    seg_lengths = np.empty(max(regions, 1), np.uint64)
+    tail_hosts = np.empty(_MAX_WRITABLE_SEGMENTS, np.uint64)
+    tail_lengths = np.empty(_MAX_WRITABLE_SEGMENTS, np.uint64)
+
+    reason = STOP_EMPTY
+    while True:
+        # -- is there a chain? (SplitQueue._pending) --
+        pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
+        if pending == 0 and keep_avail_event:
+            # Ask for a kick at the next entry, then look again: a driver that published an entry after
+            # our first look read the old avail_event and will not kick.
+            _store16(avail_event, np.uint64(next_avail))
+            full_fence()
+            pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
+        if pending == 0:
+            break
+        if pending > size:
+            reason = STOP_BROKEN
+            break
+        if weak_order:
+            full_fence()  # the ring and descriptors only after the index that published them
+        head = _i64(_load16(avail + np.uint64(4 + 2 * (next_avail & mask))))
+        if head >= size:
+            reason = STOP_BROKEN
+            break
+
+        # -- walk the chain (SplitQueue._walk) --
+        table = desc
+        table_entries = size
+        budget = size
+        in_indirect = False
+        buffers = 0
+        readable_len = 0
+        writable_len = 0
+        tail_segments = 0
+        index = head
+        broken = False
+        while True:
+            if budget == 0:
+                broken = True
+                break
+            budget -= 1
+            entry = table + np.uint64(_DESC_SIZE * index)
+            address = _load64(entry)
+            length = _load32(entry + np.uint64(8))
+            flags = _load16(entry + np.uint64(12))
+            next_index = _i64(_load16(entry + np.uint64(14)))
+            if flags & np.uint64(_F_INDIRECT):
+                if (
+                    in_indirect
+                    or not indirect_allowed
+                    or flags & np.uint64(_F_NEXT)
+                    or length == _ZERO
+                    or length % np.uint64(_DESC_SIZE)
+                    or length // np.uint64(_DESC_SIZE) > size64
+                ):
+                    broken = True
+                    break
+                host = _host_address_in_one_region(memory, address, length)
+                if host == _ZERO:
+                    broken = True
+                    break
+                table = host
+                table_entries = budget = _i64(length // np.uint64(_DESC_SIZE))
+                in_indirect = True
+                index = 0
+                continue
+            if length == _ZERO:
+                broken = True
+                break
+            buffers += 1
+            if buffers > size:
+                broken = True
+                break
+            segments = _resolve(memory, address, length, seg_hosts, seg_lengths)
+            if segments < 0:
+                broken = True
+                break
+            if flags & np.uint64(_F_WRITE):
+                for s in range(segments):
+                    if tail_segments < _MAX_WRITABLE_SEGMENTS:
+                        tail_hosts[tail_segments] = seg_hosts[s]
+                        tail_lengths[tail_segments] = seg_lengths[s]
+                    tail_segments += 1
+                writable_len += _i64(length)
+            else:
+                if writable_len:
+                    broken = True  # readable after writable
+                    break
+                for s in range(segments):
+                    source = seg_hosts[s]
+                    take = min(_i64(seg_lengths[s]), _SCRATCH - readable_len)
+                    for k in range(max(take, 0)):
+                        request[readable_len + k] = np.uint8(_load8(source + np.uint64(k)))
+                    readable_len += _i64(seg_lengths[s])
+                # readable_len counts every readable byte; only the first _SCRATCH were gathered.
+            if readable_len + writable_len > _MAX_CHAIN_BYTES:
+                broken = True
+                break
+            if not flags & np.uint64(_F_NEXT):
+                break
+            if next_index >= table_entries:
+                broken = True
+                break
+            index = next_index
+        if broken:
+            reason = STOP_BROKEN
+            break
+
+        # -- serve it (IommuDevice.handle_request) --
+        if readable_len < 4:
+            reason = STOP_PYTHON
+            break
+        request_type = _i64(request[0])
+        if request_type == _T_MAP:
+            expected = _MAP_SIZE
+        elif request_type == _T_UNMAP:
+            expected = _UNMAP_SIZE
+        else:
+            reason = STOP_PYTHON
+            break
+        if writable_len != _TAIL_SIZE:
+            # The tail cannot be found: nothing is written, used length 0.
+            counts[C_REQUEST] += 1
+            used_length = 0
+        else:
+            if readable_len != expected:
+                status = _S_IOERR
+            elif request_type == _T_MAP:
+                status = _map(
+                    request,
+                    ring,
+                    exists,
+                    bypass,
+                    mapping_count,
+                    resv_set,
+                    resv_starts,
+                    resv_ends,
+                    resv_offsets,
+                    leaves,
+                    nodes,
+                    directory,
+                    meta,
+                )
+                if status < 0:
+                    reason = STOP_GROW
+                    break
+            else:
+                status = _unmap(request, ring, exists, bypass, mapping_count, leaves, nodes, directory, meta)
+            counts[C_REQUEST + request_type] += 1
+            counts[C_STATUS + status] += 1
+            # The tail {u8 status; u8 reserved[3]} scattered over the writable segments.
+            written = 0
+            for s in range(tail_segments):
+                for k in range(_i64(tail_lengths[s])):
+                    _store8(tail_hosts[s] + np.uint64(k), np.uint64(status if written == 0 else 0))
+                    written += 1
+            used_length = _TAIL_SIZE
+
+        # -- complete it (SplitQueue.pop's bookkeeping, then push_used) --
+        next_avail = (next_avail + 1) & 0xFFFF
+        if keep_avail_event:
+            _store16(avail_event, np.uint64(next_avail))
+        slot = used_idx & mask
+        _store64(used + np.uint64(4 + 8 * slot), np.uint64(head) | (np.uint64(used_length) << np.uint64(32)))
+        if weak_order:
+            full_fence()  # the entry and the status ahead of the index
+        used_idx = (used_idx + 1) & 0xFFFF
+        _store16(used + np.uint64(2), np.uint64(used_idx))
+        completed += 1
+
+    ring[R_NEXT_AVAIL] = np.uint64(next_avail)
+    ring[R_USED_IDX] = np.uint64(used_idx)
+    ring[R_COMPLETED] = np.uint64(completed)
+    return reason
+
+
+def warm_up() -> None:
+    """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
+    from vhost_iommu.jit.tables import MappingTable
+
+    ring_memory = np.zeros(4096, np.uint8)
+    base = np.uint64(ring_memory.ctypes.data)
+    ring = np.zeros(RING_WORDS, np.uint64)
+    ring[R_DESC] = base
+    ring[R_AVAIL] = base + np.uint64(1024)
+    ring[R_USED] = base + np.uint64(2048)
+    ring[R_SIZE] = 8
+    ring[R_FLAGS] = RF_EVENT_IDX | RF_NOTIFY
+    ring[R_GRANULE] = 4096
+    memory = np.zeros((1, 3), np.uint64)
+    memory[0] = (0, 4095, base)
+    leaves, nodes, directory, meta = MappingTable(limit=16).arrays
+    serve_requests(
+        ring,
+        memory,
+        np.zeros(1, np.bool_),
+        np.zeros(1, np.bool_),
+        np.zeros(1, np.int64),
+        np.zeros(1, np.int32),
+        np.zeros(0, np.uint64),
+        np.zeros(0, np.uint64),
+        np.zeros(1, np.int64),
+        leaves,
+        nodes,
+        directory,
+        meta,
+        np.zeros(COUNT_WORDS, np.int64),
+    )
+    del ring_memory  # kept alive across the call above

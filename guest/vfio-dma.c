@@ -8,6 +8,8 @@
  *                                 (and every pair's latency when $VFIO_DMA_EACH is set)
  *   vfio-dma DEVICE bulk N        N single-page maps, then one UNMAP_DMA over all of them
  *   vfio-dma DEVICE mixed N       N map+unmap of sizes from 4 KiB to 2 MiB (size-aligned IOVAs)
+ *   vfio-dma DEVICE scatter N     one MAP_DMA over N pages that are scattered in guest-physical memory,
+ *                                 then one UNMAP_DMA of it (VFIO maps and unmaps it chunk by chunk)
  *   vfio-dma DEVICE steps         commands from stdin, one result line each (see usage())
  *   vfio-dma DEVICE info          the type1 IOMMU's page sizes and usable IOVA ranges
  *
@@ -50,7 +52,7 @@ static uint64_t now_ns(void)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: vfio-dma DEVICE pairs|bulk|mixed N\n"
+		"usage: vfio-dma DEVICE pairs|bulk|mixed|scatter N\n"
 		"       vfio-dma DEVICE steps|info\n"
 		"steps reads commands from stdin, one per line:\n"
 		"  map IOVA SIZE r|w|rw     VFIO_IOMMU_MAP_DMA (numbers in C syntax: 0x1000, 4096)\n"
@@ -273,6 +275,79 @@ static int run_mixed(struct vfio *vfio, unsigned long count)
 	return 0;
 }
 
+/* How many physically contiguous runs the n pages at pages make (from /proc/self/pagemap), or 0. */
+static unsigned long physical_runs(const uint8_t *pages, unsigned long n)
+{
+	const uint64_t present = 1ULL << 63, pfn_mask = (1ULL << 55) - 1;
+	uint64_t entry, previous = 0;
+	unsigned long i, runs = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+
+	if (fd < 0)
+		return 0;
+	for (i = 0; i < n; i++) {
+		off_t at = (off_t)(((uintptr_t)pages / PAGE + i) * sizeof(entry));
+
+		if (pread(fd, &entry, sizeof(entry), at) != sizeof(entry) || !(entry & present)) {
+			runs = 0;
+			break;
+		}
+		if (i == 0 || (entry & pfn_mask) != previous + 1)
+			runs++;
+		previous = entry & pfn_mask;
+	}
+	close(fd);
+	return runs;
+}
+
+static int run_scatter(struct vfio *vfio, unsigned long count)
+{
+	/* VFIO pins and maps a MAP_DMA one physically contiguous chunk at a time (one iommu_map, so one
+	 * MAP request and one sync, each), and unmaps it chunk by chunk with a deferred IOTLB sync, so the
+	 * driver queues many UNMAP requests per notification: the batched case. First-touching the pages
+	 * in a shuffled order, without transparent huge pages, makes their physical pages scattered. */
+	uint64_t size = count * PAGE, start, map_ns, unmap_ns;
+	uint8_t *pages = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	unsigned long *order = calloc(count, sizeof(*order));
+	unsigned long i, j, swap, runs;
+	uint64_t random = 0x9e3779b97f4a7c15ULL; /* xorshift64: a fixed shuffle, so runs are comparable */
+	int64_t unmapped;
+
+	if (pages == MAP_FAILED || !order)
+		return fail("alloc");
+	madvise(pages, size, MADV_NOHUGEPAGE);
+	for (i = 0; i < count; i++)
+		order[i] = i;
+	for (i = count - 1; i > 0; i--) {
+		random ^= random << 13;
+		random ^= random >> 7;
+		random ^= random << 17;
+		j = (unsigned long)(random % (i + 1));
+		swap = order[i];
+		order[i] = order[j];
+		order[j] = swap;
+	}
+	for (i = 0; i < count; i++)
+		pages[order[i] * PAGE] = 0x5a;
+	runs = physical_runs(pages, count);
+	start = now_ns();
+	if (map_dma(vfio->container, (uintptr_t)pages, IOVA_BASE, size,
+		    VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE) < 0)
+		return fail("map");
+	map_ns = now_ns() - start;
+	start = now_ns();
+	unmapped = unmap_dma(vfio->container, IOVA_BASE, size);
+	unmap_ns = now_ns() - start;
+	if (unmapped != (int64_t)size)
+		return fail("unmap");
+	printf("VFIO_SCATTER n=%lu bytes=%llu runs=%lu map_ns=%llu unmap_ns=%llu\n", count,
+	       (unsigned long long)size, runs, (unsigned long long)map_ns, (unsigned long long)unmap_ns);
+	fflush(stdout);
+	free(order);
+	munmap(pages, size);
+	return 0;
+}
+
 static int parse_u64(const char *text, uint64_t *value)
 {
 	char *end;
@@ -415,7 +490,8 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	mode = argv[2];
-	if (!strcmp(mode, "pairs") || !strcmp(mode, "bulk") || !strcmp(mode, "mixed")) {
+	if (!strcmp(mode, "pairs") || !strcmp(mode, "bulk") || !strcmp(mode, "mixed") ||
+	    !strcmp(mode, "scatter")) {
 		if (argc != 4 || parse_u64(argv[3], &parsed) || parsed == 0 || parsed > MAX_COUNT) {
 			fprintf(stderr, "vfio-dma: %s needs a count N, 1 <= N <= %lu\n", mode, MAX_COUNT);
 			return 2;
@@ -433,6 +509,8 @@ int main(int argc, char **argv)
 		return run_bulk(&vfio, count);
 	if (!strcmp(mode, "mixed"))
 		return run_mixed(&vfio, count);
+	if (!strcmp(mode, "scatter"))
+		return run_scatter(&vfio, count);
 	if (!strcmp(mode, "steps"))
 		return run_steps(&vfio);
 	return run_info(&vfio);

@@ -18,6 +18,8 @@ from vhost_iommu.bench.results import (
     EMPTY,
     MIXED,
     PAIRS,
+    SCATTER_MAP,
+    SCATTER_UNMAP,
     VHOST_IOMMU,
     Combined,
     Figure,
@@ -54,6 +56,7 @@ GUEST_LINES = [
     "VFIO_MIXED size=4096 n=300 mean_ns=20000 min_ns=1 p50_ns=18000 p99_ns=90000 max_ns=1 total_ns=6000000",
     "VFIO_MIXED size=2097152 n=100 mean_ns=340000 min_ns=1 p50_ns=165000 p99_ns=4500000 max_ns=1 "
     "total_ns=34000000",
+    "VFIO_SCATTER n=4096 bytes=16777216 runs=4000 map_ns=90000000 unmap_ns=30000000",
     "VHOST_IOMMU_KLOG [    1.6] amd_pstate: the _CPC object is not present in SBIOS or ACPI disabled",
     "VHOST_IOMMU_KLOG [   30.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [vfio-dma:90]",
     "VHOST_IOMMU_KLOG_END",
@@ -69,7 +72,9 @@ def test_figures_from_the_guest_lines() -> None:
     assert figures[Metric(MIXED, size=2097152)].p99_ns == 4500000
     # All sizes: the mean over every pair, weighted by each size's count; no percentiles.
     assert figures[Metric(MIXED)] == Figure((20000 * 300 + 340000 * 100) / 400, None, None, 400)
-    assert len(figures) == 6
+    assert figures[Metric(SCATTER_MAP, count=4096)] == Figure(90000000, n=4000)
+    assert figures[Metric(SCATTER_UNMAP, count=4096)] == Figure(30000000, n=4000)
+    assert len(figures) == 8
 
 
 def test_kernel_warnings_and_stalls() -> None:
@@ -82,7 +87,8 @@ def test_kernel_warnings_and_stalls() -> None:
 
 
 def test_metric_labels_and_targets() -> None:
-    assert Metric(BULK_UNMAP, count=65536).target == 1.0
+    assert Metric(BULK_UNMAP, count=65536).target == Metric(SCATTER_UNMAP, count=8).target == 1.0
+    assert Metric(SCATTER_MAP, count=8).target == 1.5 and not Metric(SCATTER_MAP, count=8).per_operation
     assert not Metric(BULK_UNMAP, count=65536).per_operation
     assert Metric(PAIRS, size=4096).target == 1.5
     assert Metric(MIXED, size=2 << 20).label == "mixed: map+unmap 2 MiB"
@@ -138,13 +144,13 @@ def test_markdown_table() -> None:
 
 
 def test_plan_items_and_lab_configs() -> None:
-    plan = BenchPlan(pairs=100, bulk=(8, 16), mixed=7, workloads=("bulk", "pairs"), vq_size=256)
-    assert plan.items() == ["bulk:8", "bulk:16", "pairs:100"]
+    plan = BenchPlan(pairs=100, bulk=(8, 16), scatter=(32,), workloads=("bulk", "pairs", "scatter"))
+    assert plan.items() == ["bulk:8", "bulk:16", "pairs:100", "scatter:32"]
     with pytest.raises(ValueError, match="unknown workload"):
         BenchPlan(workloads=("nope",)).items()
     builtin, vhost, empty = (lab_config(kind, plan) for kind in (BUILTIN, VHOST_IOMMU, EMPTY))
     assert builtin.iommu is IommuKind.BUILTIN and not builtin.extra_qemu_args
-    assert vhost.params == builtin.params == {"count": "100", "bench": "bulk:8,bulk:16,pairs:100"}
+    assert vhost.params == builtin.params == {"count": "100", "bench": "bulk:8,bulk:16,pairs:100,scatter:32"}
     assert vhost.iommu is IommuKind.VHOST_USER and vhost.backend_factory is VirtioIommuBackend
     assert empty.backend_factory is EmptyBackend
     assert empty.extra_qemu_args == ("-global", "vhost-user-test-device.vq_size=256")

@@ -5,7 +5,9 @@ The guest program ``vfio-dma`` (guest/vfio-dma.c) prints one line per workload:
 - ``VFIO_PAIRS size=4096 n=N mean_ns=.. p50_ns=.. p99_ns=..``: latency of one MAP_DMA+UNMAP_DMA pair;
 - ``VFIO_BULK_MAP size=4096 n=N ...``: latency of each of N single-page MAP_DMAs;
 - ``VFIO_BULK_UNMAP n=N bytes=.. unmap_ns=..``: the one UNMAP_DMA over all N pages, a single total;
-- ``VFIO_MIXED size=S n=.. ...``: map+unmap pairs of size S (one line per size of the mixed workload).
+- ``VFIO_MIXED size=S n=.. ...``: map+unmap pairs of size S (one line per size of the mixed workload);
+- ``VFIO_SCATTER n=N runs=R map_ns=.. unmap_ns=..``: one MAP_DMA over N pages lying in R physically
+  contiguous runs, then one UNMAP_DMA of it: two totals.
 
 Each becomes a :class:`Metric` (what was measured) with a :class:`Figure` (the numbers). Nothing here runs
 a guest, so all of it is tested without QEMU.
@@ -35,9 +37,14 @@ PAIRS = "pairs"
 BULK_MAP = "bulk-map"
 BULK_UNMAP = "bulk-unmap"
 MIXED = "mixed"
+SCATTER_MAP = "scatter-map"
+SCATTER_UNMAP = "scatter-unmap"
 
 # The issue's targets for vhost-iommu / built-in: one round trip per guest operation may cost up to 1.5x;
-# a batched operation (one UNMAP_DMA over N pages, many requests per notification) must not cost more.
+# a batched operation (one UNMAP_DMA over N pages) must not cost more. Only the scattered unmap is batched
+# in the driver (many UNMAP requests per notification); one UNMAP_DMA over N single-page maps still syncs
+# once per page (VFIO flushes each of its mappings on its own), so the bulk unmap is judged as batched
+# because the issue says so, though it is N round trips inside one system call.
 ROUND_TRIP_TARGET = 1.5
 BATCHED_TARGET = 1.0
 
@@ -59,12 +66,12 @@ class Metric:
 
     @property
     def per_operation(self) -> bool:
-        """A latency per guest operation (True) or one total (the bulk unmap)."""
-        return self.workload != BULK_UNMAP
+        """A latency per guest operation (True) or one total (bulk unmap, scatter map and unmap)."""
+        return self.workload in (PAIRS, BULK_MAP, MIXED)
 
     @property
     def target(self) -> float:
-        return BATCHED_TARGET if self.workload == BULK_UNMAP else ROUND_TRIP_TARGET
+        return BATCHED_TARGET if self.workload in (BULK_UNMAP, SCATTER_UNMAP) else ROUND_TRIP_TARGET
 
     @property
     def label(self) -> str:
@@ -74,6 +81,10 @@ class Metric:
             return f"N={self.count} single-page maps, per map"
         if self.workload == BULK_UNMAP:
             return f"one unmap over N={self.count} pages, total"
+        if self.workload == SCATTER_MAP:
+            return f"one map of N={self.count} scattered pages, total"
+        if self.workload == SCATTER_UNMAP:
+            return f"its one unmap (batched), N={self.count}, total"
         if self.size == 0:
             return "mixed 4 KiB..2 MiB map+unmap, all sizes"
         return f"mixed: map+unmap {format_size(self.size)}"
@@ -81,7 +92,8 @@ class Metric:
 
 @dataclass(frozen=True)
 class Figure:
-    """Nanoseconds: the mean over ``n`` operations and, for per-operation latencies, p50 and p99."""
+    """Nanoseconds: the mean over ``n`` operations and, for per-operation latencies, p50 and p99. For the
+    scatter totals ``n`` is the number of physically contiguous runs (IOMMU mappings) of the buffer."""
 
     mean_ns: float
     p50_ns: float | None = None
@@ -124,7 +136,7 @@ def figures_from_lines(lines: Iterable[str]) -> dict[Metric, Figure]:
     mixed_total_ns = 0.0
     mixed_count = 0
     for line in lines:
-        for prefix in ("VFIO_PAIRS ", "VFIO_BULK_MAP ", "VFIO_BULK_UNMAP ", "VFIO_MIXED "):
+        for prefix in ("VFIO_PAIRS ", "VFIO_BULK_MAP ", "VFIO_BULK_UNMAP ", "VFIO_MIXED ", "VFIO_SCATTER "):
             if prefix in line:
                 break
         else:
@@ -136,6 +148,10 @@ def figures_from_lines(lines: Iterable[str]) -> dict[Metric, Figure]:
             figures[Metric(BULK_MAP, count=int(fields["n"]), size=int(fields["size"]))] = _latency(fields)
         elif prefix == "VFIO_BULK_UNMAP ":
             figures[Metric(BULK_UNMAP, count=int(fields["n"]))] = Figure(mean_ns=float(fields["unmap_ns"]))
+        elif prefix == "VFIO_SCATTER ":
+            count, runs = int(fields["n"]), int(fields["runs"])
+            figures[Metric(SCATTER_MAP, count=count)] = Figure(mean_ns=float(fields["map_ns"]), n=runs)
+            figures[Metric(SCATTER_UNMAP, count=count)] = Figure(mean_ns=float(fields["unmap_ns"]), n=runs)
         else:
             figure = _latency(fields)
             figures[Metric(MIXED, size=int(fields["size"]))] = figure
@@ -221,15 +237,15 @@ class Row:
         return None if ratio is None else ratio <= self.metric.target
 
 
-_WORKLOAD_ORDER = {PAIRS: 0, BULK_MAP: 1, BULK_UNMAP: 1, MIXED: 2}
+_WORKLOAD_ORDER = {PAIRS: 0, BULK_MAP: 1, BULK_UNMAP: 1, MIXED: 2, SCATTER_MAP: 3, SCATTER_UNMAP: 3}
 
 
 def _row_order(metric: Metric) -> tuple[int, int, int, int]:
-    # Bulk map and unmap of the same N side by side; the mixed all-sizes figure before its sizes.
+    # Map and unmap of the same N side by side; the mixed all-sizes figure before its sizes.
     return (
-        _WORKLOAD_ORDER.get(metric.workload, 3),
+        _WORKLOAD_ORDER.get(metric.workload, 4),
         metric.count,
-        metric.workload == BULK_UNMAP,
+        metric.workload in (BULK_UNMAP, SCATTER_UNMAP),
         metric.size,
     )
 
@@ -243,13 +259,15 @@ def compare(combined: Mapping[str, Mapping[Metric, Combined]]) -> list[Row]:
     ]
 
 
-def _cell(combined: Combined | None) -> str:
+def _cell(metric: Metric, combined: Combined | None) -> str:
     if combined is None:
         return "-"
     figure = combined.figure
     text = format_ns(figure.mean_ns)
     if figure.p50_ns is not None and figure.p99_ns is not None:
         text += f" (p50 {format_ns(figure.p50_ns)}, p99 {format_ns(figure.p99_ns)})"
+    elif metric.workload in (SCATTER_MAP, SCATTER_UNMAP):
+        text += f" ({figure.n} runs)"
     if combined.runs > 1:
         text += f" [{format_ns(combined.lowest_mean_ns)}..{format_ns(combined.highest_mean_ns)}]"
     return text
@@ -278,7 +296,7 @@ def table_cells(rows: Sequence[Row], backends: Sequence[str] = BACKENDS) -> tupl
         cells.append(
             [
                 row.metric.label,
-                *(_cell(row.by_backend.get(backend)) for backend in backends),
+                *(_cell(row.metric, row.by_backend.get(backend)) for backend in backends),
                 *(_ratio_text(row, backend) for backend in others),
                 f"<= {row.metric.target:.1f}",
                 "-" if met is None else ("yes" if met else "no"),

@@ -38,11 +38,11 @@ from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.qemu import CommandError, IommuKind
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
-WORKLOADS = ("pairs", "bulk", "mixed")
+WORKLOADS = ("pairs", "bulk", "mixed", "scatter")
 # The lines that end a workload (VFIO_MIXED: the first of its per-size lines), or the job.
 _PROGRESS = re.compile(
     r"(?P<marker>VHOST_IOMMU_JOB_START|VHOST_IOMMU_JOB_DONE"
-    r"|VFIO_PAIRS |VFIO_BULK_UNMAP |VFIO_MIXED |VFIO_ERROR )"
+    r"|VFIO_PAIRS |VFIO_BULK_UNMAP |VFIO_MIXED |VFIO_SCATTER |VFIO_ERROR )"
 )
 
 
@@ -53,6 +53,7 @@ class BenchPlan:
     pairs: int = 2000
     bulk: Sequence[int] = (4096, 65536)
     mixed: int = 700
+    scatter: Sequence[int] = (4096, 65536)
     workloads: Sequence[str] = WORKLOADS
     vq_size: int = 256
     # Seconds the guest may stay silent between two workload lines (a boot included).
@@ -68,6 +69,8 @@ class BenchPlan:
                 items += [f"bulk:{count}" for count in self.bulk]
             elif workload == "mixed":
                 items.append(f"mixed:{self.mixed}")
+            elif workload == "scatter":
+                items += [f"scatter:{count}" for count in self.scatter]
             else:
                 raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
         return items
@@ -127,7 +130,12 @@ def check(outcome: RunOutcome, lines: Sequence[str], plan: BenchPlan) -> None:
     for marker in ("VFIO_ERROR", "VHOST_IOMMU_ERROR"):
         outcome.errors += [line[line.index(marker) :] for line in lines if marker in line]
     workloads = {metric.workload for metric in outcome.figures}
-    expected = {"pairs": ["pairs"], "bulk": ["bulk-map", "bulk-unmap"], "mixed": ["mixed"]}
+    expected = {
+        "pairs": ["pairs"],
+        "bulk": ["bulk-map", "bulk-unmap"],
+        "mixed": ["mixed"],
+        "scatter": ["scatter-map", "scatter-unmap"],
+    }
     for workload in plan.workloads:
         missing = [name for name in expected[workload] if name not in workloads]
         if missing:

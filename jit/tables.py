@@ -172,6 +172,9 @@ def _home_slot(domain: Int, mask: Int) -> Int:
 @njit(cache=True)
 def directory_find(directory: I64Array, domain: Int) -> Int:
     """Row of ``domain`` in the directory, or -1 if the domain has no mappings."""
+    # Empty rows hold EMPTY_SLOT (-1): an id outside u32 must never match one.
+    if domain < 0 or domain > MAX_DOMAIN:
+        return -1
     mask = directory.shape[0] - 1
     slot = _home_slot(domain, mask)
     # Bounded so that a corrupt (full) directory cannot hang the caller.

@@ -583,6 +583,38 @@ def test_kernels_answer_need_space_without_changing_anything_and_succeed_after_g
     table.verify()
 
 
+def test_kernels_called_with_ids_outside_u32_find_nothing_and_change_nothing() -> None:
+    # Compiled callers skip the owner's checks; an empty directory row holds -1, which must not
+    # match domain -1.
+    table = MappingTable()
+    map_pages(table, 1, [0, 1])
+    leaves, nodes, directory, meta = table.arrays
+    for domain in (-1, -2, MAX_DOMAIN + 1):
+        wild = np.int64(domain)
+        assert not tables.table_translate(leaves, nodes, directory, wild, np.uint64(0))[0]
+        assert tables.table_remove_domain(leaves, nodes, directory, meta, wild) == 0
+        assert tables.table_unmap(leaves, nodes, directory, meta, wild, np.uint64(0), np.uint64(PAGE)) == (
+            INVALID,
+            0,
+        )
+        assert (
+            tables.table_map(
+                leaves,
+                nodes,
+                directory,
+                meta,
+                wild,
+                np.uint64(0),
+                np.uint64(0xFFF),
+                np.uint64(0),
+                np.uint64(1),
+            )
+            == INVALID
+        )
+    assert table.count() == 2
+    table.verify()
+
+
 def test_warm_up_compiles_every_entry_point() -> None:
     tables.warm_up()
     for kernel in (

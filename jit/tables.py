@@ -1304,6 +1304,21 @@ class MappingTable:
         self._meta[M_LAYOUT] = LAYOUT_TAG
         self._request = np.zeros(REQUEST_WORDS, np.uint64)
 
+    @classmethod
+    def from_arrays(cls, arrays: TableArrays) -> MappingTable:
+        """A table over arrays saved from another one (a snapshot, a restarted back-end). They are
+        checked from end to end first (``verify``), since the kernels index with what they hold and a
+        corrupt snapshot must give a ValueError, not a crash. The arrays are adopted, not copied;
+        the limit is the one they record."""
+        for name, array in zip(TableArrays._fields, arrays, strict=True):
+            if not isinstance(array, np.ndarray) or not array.flags.c_contiguous or not array.flags.writeable:
+                raise ValueError(f"{name} must be a writeable C-contiguous numpy array")
+        leaves, nodes, directory, meta = arrays
+        _Verifier(leaves, nodes, directory, meta).run()
+        table = cls(_check_limit(int(meta[M_LIMIT])))
+        table._leaves, table._nodes, table._directory, table._meta = leaves, nodes, directory, meta
+        return table
+
     @property
     def arrays(self) -> TableArrays:
         """The current arrays. Growth replaces them, so fetch again after any map."""

@@ -615,6 +615,29 @@ def test_kernels_called_with_ids_outside_u32_find_nothing_and_change_nothing() -
     table.verify()
 
 
+def copied(arrays: tables.TableArrays) -> tables.TableArrays:
+    return tables.TableArrays(
+        arrays.leaves.copy(), arrays.nodes.copy(), arrays.directory.copy(), arrays.meta.copy()
+    )
+
+
+def test_a_saved_table_comes_back_and_a_corrupt_one_is_refused(table: MappingTable) -> None:
+    map_pages(table, 3, list(range(0, 4000, 3)))
+    map_pages(table, 4, [7])
+    saved = copied(table.arrays)
+    restored = MappingTable.from_arrays(saved)
+    assert list(restored.mappings(3)) == list(table.mappings(3))
+    assert restored.count() == table.count() and restored.limit == table.limit
+    assert restored.map(3, *page(1), 0, READ) == OK
+    assert restored.map(3, *page(3), 0, READ) == OVERLAP
+    corrupt = copied(table.arrays)
+    corrupt.leaves[:, tables.L_NEXT] = np.uint64(3)  # every leaf links to leaf 3
+    with pytest.raises(ValueError, match="links"):
+        MappingTable.from_arrays(corrupt)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        MappingTable.from_arrays(saved._replace(leaves=saved.leaves[:, ::2]))
+
+
 def test_warm_up_compiles_every_entry_point() -> None:
     tables.warm_up()
     for kernel in (

@@ -1438,7 +1438,9 @@ class MappingTable:
         request[1] = start
         request[2] = last
         status = int(_unmap_request(self._leaves, self._nodes, self._directory, self._meta, request))
-        return status, int(request[0])
+        removed = int(request[0])
+        self._trim_if_empty()
+        return status, removed
 
     def translate(self, domain: int, iova: int) -> Translation | None:
         _check_domain(domain)
@@ -1473,9 +1475,17 @@ class MappingTable:
     def remove_domain(self, domain: int) -> int:
         """Remove every mapping of ``domain``; returns how many there were."""
         _check_domain(domain)
-        return int(
+        removed = int(
             table_remove_domain(self._leaves, self._nodes, self._directory, self._meta, np.int64(domain))
         )
+        self._trim_if_empty()
+        return removed
+
+    def _trim_if_empty(self) -> None:
+        """Unmapped rows go back to the pools, not to the system; once the whole table is empty (the
+        guest unmapped everything, or its domains went away), the big arrays are let go as well."""
+        if self._meta[M_TOTAL] == 0 and self._leaves.shape[0] > _INITIAL_LEAVES:
+            self.clear()
 
     def count(self, domain: int | None = None) -> int:
         """Mappings of ``domain``, or of every domain."""

@@ -218,30 +218,61 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size((120, 24)).columns
 
 
+#: Fields printed in hex: addresses, flag words, endpoint IDs.
+_HEX_FIELDS = ("address", "iova", "start", "end", "phys", "flags", "endpoint")
+
+
 def _print_object(result: Any, _args: argparse.Namespace) -> None:
     if isinstance(result, dict) and result:
-        _table(None, ["field", "value"], [[str(k), _render(v)] for k, v in result.items()])
+        _table(None, ["field", "value"], [[str(k), _render(v, k)] for k, v in result.items()])
     elif isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
         columns = list(result[0])
-        _table(None, columns, [[_render(row.get(c)) for c in columns] for row in result])
+        _table(None, columns, [[_render(row.get(c), c) for c in columns] for row in result])
     else:
         print("ok" if result in ({}, [], None) else _render(result))
 
 
-def _render(value: object) -> str:
+def _render(value: object, field: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower() if value is not None else "-"
     if isinstance(value, int):
-        return _hex(value) if value > 9999 else str(value)
+        return _hex(value) if any(part in field for part in _HEX_FIELDS) else str(value)
     if isinstance(value, list):
-        return ", ".join(_render(v) for v in value) or "-"
+        return ", ".join(_render(v, field) for v in value) or "-"
     if isinstance(value, dict):
-        return " ".join(f"{k}={_render(v)}" for k, v in value.items())
+        return " ".join(f"{k}={_render(v, k)}" for k, v in value.items())
     return str(value)
 
 
 def _regions(regions: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['type'].lower()} {r['start']:#x}-{r['end']:#x}" for r in regions) or "-"
+
+
+def _print_connections(result: Any, _args: argparse.Namespace) -> None:
+    import datetime
+
+    rows = [
+        [
+            str(c["connection"]),
+            c["name"],
+            datetime.datetime.fromtimestamp(c["since"]).isoformat(timespec="seconds"),
+            str(c["started_queues"]),
+            str(c["attached_endpoints"]),
+            str(c["domains"]),
+            str(c["requests"]),
+            c["broken"] or "-",
+        ]
+        for c in result
+    ]
+    columns = ["connection", "name", "since", "queues started", "attached", "domains", "requests", "broken"]
+    _table(None, columns, rows)
+
+
+def _print_resv(result: Any, _args: argparse.Namespace) -> None:
+    if "reserved" in result:
+        print(f"endpoint {result['endpoint']:#x} reports at its next PROBE: {_regions(result['reserved'])}")
+    else:
+        print("every endpoint reports the topology's reserved regions again")
 
 
 def _print_endpoints(result: Any, _args: argparse.Namespace) -> None:
@@ -348,12 +379,12 @@ def _print_events(result: Any, _args: argparse.Namespace) -> None:
         [str(e["reason"]), _hex(e["flags"]), _hex(e["endpoint"]), _hex(e["address"])]
         for e in result["pending"]
     ]
-    _table(
+    print(
         f"{len(rows)} pending (capacity {result['capacity']}), {result['queued_total']} queued in all, "
-        f"{result['dropped']} dropped",
-        ["reason", "flags", "endpoint", "address"],
-        rows,
+        f"{result['dropped']} dropped"
     )
+    if rows:
+        _table(None, ["reason", "flags", "endpoint", "address"], rows)
 
 
 def _print_translate(result: Any, _args: argparse.Namespace) -> None:
@@ -369,6 +400,9 @@ def _print_translate(result: Any, _args: argparse.Namespace) -> None:
 
 
 _PRINTERS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
+    "connections": _print_connections,
+    "resv": _print_resv,
+    "resv-clear": _print_resv,
     "endpoints": _print_endpoints,
     "domains": _print_domains,
     "mappings": _print_mappings,

@@ -1,0 +1,112 @@
+"""``vhost-iommu --control-socket`` and ``vhost-iommu ctl``: real processes and sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from test_cli import start, stop, wait_for_log_line
+
+from vhost_iommu.device.layout import decode_fault, encode_attach, encode_map
+from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.harness.guest_ram import GuestRam
+
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
+TIMEOUT = 30.0  # a fresh interpreter on a loaded 2-core machine
+
+
+@dataclass
+class Program:
+    socket: str
+    control: str
+
+
+@pytest.fixture
+def program() -> Iterator[Program]:
+    with tempfile.TemporaryDirectory(prefix="vctl-cli-") as directory:
+        paths = Program(os.path.join(directory, "sock"), os.path.join(directory, "control"))
+        process = start([f"--socket-path={paths.socket}", f"--control-socket={paths.control}"])
+        try:
+            wait_for_log_line(process, "listening on")
+            yield paths
+        finally:
+            assert stop(process) == 0
+        assert not os.path.exists(paths.socket) and not os.path.exists(paths.control)
+
+
+def ctl(program: Program, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vhost_iommu", "ctl", f"--control-socket={program.control}", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def ctl_json(program: Program, *args: str) -> object:
+    done = ctl(program, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_ctl_against_a_served_guest(program: Program) -> None:
+    assert stat.S_IMODE(os.stat(program.control).st_mode) == 0o600
+    with Frontend.connect(program.socket) as frontend, GuestRam(1 << 20) as ram:
+        requests, events = DriverQueue(ram, 64), DriverQueue(ram, 64)
+        frontend.start_device(ram, [requests, events])
+        for request in (encode_attach(3, 0x20), encode_map(3, 0x100000000, 0x10000FFFF, 0x200000)):
+            requests.post([request], [4])
+            frontend.kick(0)
+            assert frontend.wait_used(0, timeout=TIMEOUT)
+            requests.used()
+
+        table = ctl(program, "domains")
+        assert table.returncode == 0, table.stderr
+        assert "paging" in table.stdout and "0x20" in table.stdout
+        mappings = ctl(program, "mappings", "--endpoint", "0x20")
+        assert (
+            "0x100000000" in mappings.stdout and "0x10000ffff" in mappings.stdout and "RW" in mappings.stdout
+        )
+        counters = ctl(program, "counters")
+        assert "ATTACH 1" in counters.stdout and "MAP 1" in counters.stdout
+        assert ctl_json(program, "connections")[0]["connection"] == 1  # type: ignore[index]
+
+        head = events.post([], [24])
+        frontend.kick(1)
+        reply = ctl_json(program, "fault", "--endpoint", "0x20", "--address", "0x1000", "--access", "rw")
+        assert reply == {"queued": 1, "dropped": 0, "pending": 0, "flags": 0x103}
+        assert frontend.wait_used(1, timeout=TIMEOUT)
+        assert events.used() == [(head, 24)]
+        assert decode_fault(events.written(head)).address == 0x1000
+        del requests, events  # their views of the RAM go before it closes
+
+
+def test_ctl_errors_are_one_line_and_status_1(program: Program) -> None:
+    no_guest = ctl(program, "endpoints")
+    assert no_guest.returncode == 1
+    assert no_guest.stderr.strip().splitlines() == [
+        "vhost-iommu: error: endpoints: no front-end is connected (no-connection)"
+    ]
+    assert ctl_json(program, "hello")["version"] == 1  # type: ignore[index]
+    bad = ctl(program, "inject", "MAP", "PERHAPS")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_ctl_without_a_back_end_is_a_clear_error() -> None:
+    with tempfile.TemporaryDirectory(prefix="vctl-cli-") as directory:
+        done = subprocess.run(
+            [sys.executable, "-m", "vhost_iommu", "ctl", f"--control-socket={directory}/none", "hello"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    assert done.returncode == 1
+    assert "No such file or directory (unreachable)" in done.stderr

@@ -73,14 +73,14 @@ R_NEXT_AVAIL: Final = 4
 """In and out: the free-running u16 index of the next available entry."""
 R_USED_IDX: Final = 5
 """In and out: the free-running u16 index of the next used entry."""
-R_FLAGS: Final = 6
-"""``RF_*`` bits."""
-R_DOMAIN_FIRST: Final = 7
-R_GRANULE: Final = 8
-R_INPUT_START: Final = 9
-R_INPUT_END: Final = 10
-R_COMPLETED: Final = 11
+R_COMPLETED: Final = 6
 """Out: chains completed by this call."""
+R_FLAGS: Final = 7
+"""``RF_*`` bits."""
+R_DOMAIN_FIRST: Final = 8
+R_GRANULE: Final = 9
+R_INPUT_START: Final = 10
+R_INPUT_END: Final = 11
 RING_WORDS: Final = 16
 
 RF_EVENT_IDX: Final = 1

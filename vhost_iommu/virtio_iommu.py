@@ -36,6 +36,11 @@ FAULT_EVENT_SIZE = 24  # struct virtio_iommu_fault
 
 
 _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+# Module constants rather than attribute lookups on every kick; the three words are adjacent.
+_R_NEXT_AVAIL = kernel.R_NEXT_AVAIL
+_R_USED_IDX = kernel.R_USED_IDX
+_R_COMPLETED = kernel.R_COMPLETED
+assert (_R_USED_IDX, _R_COMPLETED) == (_R_NEXT_AVAIL + 1, _R_NEXT_AVAIL + 2)
 
 
 class CompiledRequestPath:
@@ -55,7 +60,13 @@ class CompiledRequestPath:
         self.device = device
         self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
         self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
-        self._ring_key: tuple[object, ...] = ()
+        # What the parameter words were last derived from: the ring, its views (re-derived on a memory
+        # change), the acked features and whether kicks are wanted. Compared by identity and value on
+        # every kick: cheaper than rewriting the words.
+        self._ring: SplitQueue | None = None
+        self._views: tuple[object, object, object] = (None, None, None)
+        self._features = -1
+        self._notify = False
         self._memory_generation = -1
         self._memory_table: npt.NDArray[np.uint64] = np.zeros((0, 3), np.uint64)
         self._memory_flat: FlatRegions | None = None
@@ -73,44 +84,34 @@ class CompiledRequestPath:
             and "handle_request" not in vars(device)
         )
 
-    def _bind_ring(self, ring: SplitQueue) -> None:
-        # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind), so
-        # their identity tells whether the addresses below are still those of the live views.
-        views = (ring._desc_table, ring._avail16, ring._used16)
-        key = (ring, *views)
-        if len(key) == len(self._ring_key) and all(a is b for a, b in zip(key, self._ring_key, strict=True)):
-            return
-        params = self._ring_params
-        params[kernel.R_DESC] = views[0].ctypes.data
-        params[kernel.R_AVAIL] = views[1].ctypes.data
-        params[kernel.R_USED] = views[2].ctypes.data
-        params[kernel.R_SIZE] = ring.size
-        self._ring_key = key
-
-    def _bind_memory(self, memory: GuestMemory) -> None:
-        if memory.generation == self._memory_generation:
-            return
-        flat = memory.flat_tables()
-        table = np.empty((len(flat.gpa_starts), 3), np.uint64)
-        table[:, kernel.M_GPA_START] = flat.gpa_starts
-        table[:, kernel.M_GPA_LAST] = flat.gpa_lasts
-        table[:, kernel.M_HOST] = flat.host_addresses
-        self._memory_flat = flat  # keeps the mappings behind host_addresses alive
-        self._memory_table = table
-        self._memory_generation = memory.generation
-
-    def serve(self, ring: SplitQueue, memory: GuestMemory, serve_one: Callable[[SplitQueue], bool]) -> int:
-        """Serve every available chain; returns how many were completed. Raises QueueError (from
-        ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring."""
-        self._bind_ring(ring)
-        self._bind_memory(memory)
+    def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:
+        # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).
+        desc, avail, used = ring._desc_table, ring._avail16, ring._used16
         device = self.device
-        store = device.store
-        assert isinstance(store, MappingTable)
-        domains = device.domain_table
-        regions = domains.regions
-        topology = device.topology
+        if memory.generation != self._memory_generation:
+            flat = memory.flat_tables()
+            table = np.empty((len(flat.gpa_starts), 3), np.uint64)
+            table[:, kernel.M_GPA_START] = flat.gpa_starts
+            table[:, kernel.M_GPA_LAST] = flat.gpa_lasts
+            table[:, kernel.M_HOST] = flat.host_addresses
+            self._memory_flat = flat  # keeps the mappings behind host_addresses alive
+            self._memory_table = table
+            self._memory_generation = memory.generation
+        cached = self._views
+        if (
+            ring is self._ring
+            and desc is cached[0]
+            and avail is cached[1]
+            and used is cached[2]
+            and device.acked_features == self._features
+            and ring._notifications_enabled == self._notify
+        ):
+            return
         params = self._ring_params
+        params[kernel.R_DESC] = desc.ctypes.data
+        params[kernel.R_AVAIL] = avail.ctypes.data
+        params[kernel.R_USED] = used.ctypes.data
+        params[kernel.R_SIZE] = ring.size
         flags = kernel.RF_NOTIFY if ring._notifications_enabled else 0
         if ring.event_idx:
             flags |= kernel.RF_EVENT_IDX
@@ -123,18 +124,32 @@ class CompiledRequestPath:
         if device.acked_features & F_MMIO:
             flags |= kernel.RF_MMIO
         params[kernel.R_FLAGS] = flags
-        params[kernel.R_DOMAIN_FIRST] = domains.first
+        params[kernel.R_DOMAIN_FIRST] = device.domain_table.first
         params[kernel.R_GRANULE] = device.granule
-        params[kernel.R_INPUT_START] = topology.input_start
-        params[kernel.R_INPUT_END] = topology.input_end
-        counts = self._counts
+        params[kernel.R_INPUT_START] = device.topology.input_start
+        params[kernel.R_INPUT_END] = device.topology.input_end
+        self._ring = ring
+        self._views = (desc, avail, used)
+        self._features = device.acked_features
+        self._notify = ring._notifications_enabled
+
+    def serve(self, ring: SplitQueue, memory: GuestMemory, serve_one: Callable[[SplitQueue], bool]) -> int:
+        """Serve every available chain; returns how many were completed. Raises QueueError (from
+        ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring."""
+        self._bind(ring, memory)
+        store = self.device.store
+        assert isinstance(store, MappingTable)
+        domains = self.device.domain_table
+        params = self._ring_params
+        serve_requests = kernel.serve_requests
         completed = 0
         try:
             while True:
-                params[kernel.R_NEXT_AVAIL] = ring.next_avail
-                params[kernel.R_USED_IDX] = ring.used_idx
+                params[_R_NEXT_AVAIL] = ring.next_avail
+                params[_R_USED_IDX] = ring.used_idx
                 leaves, nodes, directory, meta = store.arrays
-                reason = kernel.serve_requests(
+                regions = domains.regions
+                reason = serve_requests(
                     params,
                     self._memory_table,
                     domains.exists,
@@ -148,14 +163,15 @@ class CompiledRequestPath:
                     nodes,
                     directory,
                     meta,
-                    counts,
+                    self._counts,
                 )
-                done = int(params[kernel.R_COMPLETED])
-                ring.next_avail = int(params[kernel.R_NEXT_AVAIL])
-                ring.used_idx = int(params[kernel.R_USED_IDX])
-                ring._pushed_since_check += done
-                completed += done
+                next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
                 self.stops[reason] += 1
+                if done:
+                    ring.next_avail = next_avail
+                    ring.used_idx = used_idx
+                    ring._pushed_since_check += done
+                    completed += done
                 if reason == kernel.STOP_EMPTY:
                     return completed
                 if reason == kernel.STOP_GROW:
@@ -167,17 +183,16 @@ class CompiledRequestPath:
                 if serve_one(ring):
                     completed += 1
         finally:
-            self._merge_counts()
+            if completed:
+                self._merge_counts()
 
     def _merge_counts(self) -> None:
         counts = self._counts
-        if not counts.any():
-            return
         device = self.device
-        for kind in range(len(device.request_counts)):
-            device.request_counts[kind] += int(counts[kernel.C_REQUEST + kind])
-        for status in range(len(device.status_counts)):
-            device.status_counts[status] += int(counts[kernel.C_STATUS + status])
+        requests = counts[kernel.C_REQUEST : kernel.C_REQUEST + len(device.request_counts)].tolist()
+        statuses = counts[kernel.C_STATUS : kernel.C_STATUS + len(device.status_counts)].tolist()
+        device.request_counts[:] = [a + b for a, b in zip(device.request_counts, requests, strict=True)]
+        device.status_counts[:] = [a + b for a, b in zip(device.status_counts, statuses, strict=True)]
         counts[:] = 0
 
 

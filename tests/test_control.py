@@ -394,6 +394,9 @@ def test_forced_statuses_for_the_next_requests_and_clear(controlled: Controlled,
     assert error_of(controlled, "inject", type="MAP", status="MAYBE") == "bad-argument"
     assert error_of(controlled, "inject", type="FLY", status="OK") == "bad-argument"
     assert error_of(controlled, "inject", type="MAP", status="OK", times=0) == "bad-argument"
+    # A misspelt argument refuses the whole request: nothing is half applied.
+    assert error_of(controlled, "inject", type="MAP", status="NOMEM", time=3) == "bad-argument"
+    assert guest.status(encode_map(3, 0x9000, 0x9FFF, 0x100000)) == Status.OK
 
 
 def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest: Guest) -> None:

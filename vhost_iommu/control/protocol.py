@@ -64,9 +64,24 @@ class Arguments:
     def __contains__(self, name: str) -> bool:
         return name in self._values and self._values[name] is not None
 
+    def names(self) -> set[str]:
+        return set(self._values)
+
+    def raw(self, name: str) -> Any:
+        """The value as sent (None when absent), for arguments a getter below cannot describe."""
+        return self._get(name)
+
     def _get(self, name: str) -> Any:
         self._used.add(name)
         return self._values.get(name)
+
+    def string(self, name: str, *, default: str) -> str:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self._bad(name, f"{value!r} is not a string")
+        return value
 
     def _bad(self, name: str, what: str) -> NoReturn:
         raise ControlError(BAD_ARGUMENT, f"{name}: {what}")

@@ -89,6 +89,33 @@ def _region(region: ReservedRegion) -> dict[str, object]:
     return {"type": region.kind.name, "start": region.start, "end": region.end}
 
 
+_C = "connection"
+#: The arguments each command accepts (besides "version" and "command"); docs/control.md lists them.
+ARGUMENTS: dict[str, set[str]] = {
+    "hello": set(),
+    "connections": set(),
+    "endpoints": {_C},
+    "domains": {_C},
+    "mappings": {_C, "domain", "endpoint", "iova_start", "iova_end", "limit", "after"},
+    "counters": {_C},
+    "latency-reset": {_C},
+    "features": {_C},
+    "queues": {_C},
+    "config": {_C},
+    "events": {_C},
+    "fault": {_C, "endpoint", "reason", "address", "access", "flags", "count"},
+    "events-clear": {_C},
+    "translate": {_C, "endpoint", "iova", "size", "access", "report"},
+    "inject": {_C, "type", "status", "times"},
+    "inject-rate": {_C, "type", "status", "rate", "seed"},
+    "inject-clear": {_C},
+    "delay": {_C, "us"},
+    "bypass": {_C, "value", "boot"},
+    "resv": {_C, "endpoint", "regions"},
+    "resv-clear": {_C, "endpoint"},
+}
+
+
 class ControlService:
     """Serves control requests for the connections of ``server``; call :meth:`track` on its factory."""
 
@@ -121,6 +148,7 @@ class ControlService:
             "resv": self.resv,
             "resv-clear": self.resv_clear,
         }
+        assert set(self._commands) == set(ARGUMENTS)
 
     # -- wiring ---------------------------------------------------------------------------------------------
 
@@ -141,9 +169,13 @@ class ControlService:
         command = self._commands.get(request.command)
         if command is None:
             raise ControlError(UNKNOWN_COMMAND, f"unknown command {request.command!r}; try 'hello'")
-        result = command(request.arguments)
-        request.arguments.check_used(request.command)
-        return result
+        # Refused before the command runs: a misspelt argument must not leave a half-applied injection.
+        unknown = request.arguments.names() - ARGUMENTS[request.command]
+        if unknown:
+            raise ControlError(
+                BAD_ARGUMENT, f"{request.command}: unknown argument(s): {', '.join(sorted(unknown))}"
+            )
+        return command(request.arguments)
 
     def _live(self) -> list[tuple[ConnectionTools, Connection]]:
         found: list[tuple[ConnectionTools, Connection]] = []
@@ -242,7 +274,7 @@ class ControlService:
         low = arguments.integer("iova_start", default=0)
         high = arguments.integer("iova_end", default=(1 << 64) - 1)
         limit = arguments.integer("limit", default=DEFAULT_PAGE, low=1, high=MAX_PAGE)
-        after = arguments._get("after")
+        after = arguments.raw("after")
         if low > high:
             raise ControlError(BAD_ARGUMENT, "iova_start: after iova_end")
         existing = sorted(info.domain for info in device.domains())
@@ -400,17 +432,14 @@ class ControlService:
         """Queue fault events and deliver them to the eventq buffers the driver posted."""
         backend, _tools = self._backend(arguments)
         device = backend.device
-        reason_value = arguments._get("reason")
-        if isinstance(reason_value, int) and not isinstance(reason_value, bool):
-            if not 0 <= reason_value <= 0xFF:
-                raise ControlError(BAD_ARGUMENT, f"reason: {reason_value} is not a u8")
-            reason = reason_value
+        # A name, or any u8: reasons the driver does not know are worth sending too.
+        if isinstance(arguments.raw("reason"), int):
+            reason = arguments.integer("reason", high=0xFF)
         else:
-            arguments._used.discard("reason")
             reason = arguments.choice("reason", REASON_CHOICES, default="MAPPING")
         endpoint = arguments.integer("endpoint", high=U32_MAX)
         address = arguments.optional_integer("address")
-        access = _access(arguments._get("access") or "r")
+        access = _access(arguments.string("access", default="r"))
         extra = arguments.integer("flags", default=0, high=U32_MAX)
         count = arguments.integer("count", default=1, low=1, high=MAX_FAULTS_PER_REQUEST)
         flags = access | extra | (FAULT_F_ADDRESS if address is not None else 0)
@@ -435,7 +464,7 @@ class ControlService:
         endpoint = arguments.integer("endpoint", high=U32_MAX)
         iova = arguments.integer("iova")
         size = arguments.integer("size", default=1, low=1, high=1 << 48)
-        access = _access(arguments._get("access") or "r")
+        access = _access(arguments.string("access", default="r"))
         report = arguments.boolean("report", default=False)
         try:
             result = device.translate(endpoint, iova, size, access, report=report)
@@ -499,14 +528,16 @@ class ControlService:
         backend, _tools = self._backend(arguments)
         device = backend.device
         if arguments.boolean("boot", default=False):
+            if "value" in arguments:
+                raise ControlError(BAD_ARGUMENT, "value: not with boot")
             value = device.config.boot_bypass
-            arguments._get("value")
         else:
             value = arguments.integer("value", high=1)
-        device.config.bypass = value
-        if backend.context is None:
+        context = backend.context
+        if context is None:
             raise ControlError(UNAVAILABLE, "the back-end is not attached to a connection")
-        backend.context.config_changed()
+        device.config.bypass = value
+        context.config_changed()
         return {"bypass": value}
 
     def resv(self, arguments: Arguments) -> object:

@@ -110,3 +110,27 @@ def test_ctl_without_a_back_end_is_a_clear_error() -> None:
         )
     assert done.returncode == 1
     assert "No such file or directory (unreachable)" in done.stderr
+
+
+def test_an_unusable_control_path_is_a_one_line_error() -> None:
+    with tempfile.TemporaryDirectory(prefix="vctl-cli-") as directory:
+        taken = os.path.join(directory, "file")
+        open(taken, "w").close()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vhost_iommu",
+                f"--socket-path={directory}/sock",
+                f"--control-socket={taken}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"vhost-iommu: error: --control-socket: {taken} exists and is not a socket; "
+            "refusing to replace it"
+        ]
+        assert os.listdir(directory) == ["file"]  # the vhost-user socket went with the failed start

@@ -4,8 +4,9 @@
 the back-end on a private socket (its event loop on a thread), writes the topology's ACPI VIOT table, starts
 QEMU with the guest and a job, and hands out both sides: the guest's console
 (:class:`~vhost_iommu.provision.boot.GuestSession`) and the device the guest is talking to, inspected on the
-server's own loop so no state is read while a request is half applied. Everything it starts is stopped when
-the ``with`` block ends, whatever happened.
+server's own loop so no state is read while a request is half applied. It also serves the back-end's control
+channel (docs/control.md) at :attr:`Lab.control_path`, for ``vhost-iommu ctl`` and tests. Everything it starts
+is stopped when the ``with`` block ends, whatever happened.
 
 With ``iommu=IommuKind.BUILTIN`` the same guest runs behind QEMU's own virtio-iommu-pci (for comparisons)
 and no back-end is served.

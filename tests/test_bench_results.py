@@ -21,6 +21,7 @@ from vhost_iommu.bench.results import (
     SCATTER_MAP,
     SCATTER_UNMAP,
     VHOST_IOMMU,
+    VHOST_IOMMU_PYTHON,
     Combined,
     Figure,
     Metric,
@@ -155,6 +156,8 @@ def test_plan_items_and_lab_configs() -> None:
     assert empty.backend_factory is EmptyBackend
     assert empty.extra_qemu_args == ("-global", "vhost-user-test-device.vq_size=256")
     assert lab_config(EMPTY, BenchPlan(vq_size=0)).extra_qemu_args == ()
+    python_path = lab_config(VHOST_IOMMU_PYTHON, plan).backend_factory
+    assert python_path is not None and python_path(Topology.default()).request_path == "python"
 
 
 def test_check_finds_every_reason_to_fail() -> None:
@@ -199,9 +202,10 @@ def test_empty_backend_answers_map_and_unmap_without_work(
         frontend.start_device(ram, [requests, events])
         (backend,) = vhost_server.backends
         assert isinstance(backend, EmptyBackend)
-        # No ATTACH yet: the real device would answer NOENT (no such domain); the empty one says OK.
+        # No ATTACH yet: the real device would answer NOENT (no such domain); the empty one says OK,
+        # for direct chains and indirect ones (what Linux posts when VIRTIO_RING_F_INDIRECT_DESC is on).
         requests.post([encode_map(domain=5, virt_start=0x1000, virt_end=0x1FFF, phys_start=0x8000)], [4])
-        requests.post([encode_unmap(domain=5, virt_start=0x1000, virt_end=0x1FFF)], [4])
+        requests.post([encode_unmap(domain=5, virt_start=0x1000, virt_end=0x1FFF)], [4], indirect=True)
         # A MAP whose tail cannot be found goes to the device core, which returns it unwritten.
         requests.post([encode_map(domain=5, virt_start=0, virt_end=0xFFF, phys_start=0)], [8])
         # ATTACH is served for real: the guest needs its endpoint attached to bind VFIO.

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from vhost_iommu.bench.results import BACKEND_TITLES, BACKENDS, BUILTIN, MIXED, Row
 
-_COLOURS = {"builtin": "#4c72b0", "vhost-iommu": "#dd8452", "empty": "#8c8c8c"}
+_COLOURS = {
+    "builtin": "#4c72b0",
+    "vhost-iommu": "#dd8452",
+    "empty": "#8c8c8c",
+    "vhost-iommu-python": "#c44e52",
+}
 
 
 def _short_label(row: Row) -> str:

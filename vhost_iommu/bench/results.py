@@ -25,12 +25,16 @@ from vhost_iommu.provision.boot import parse_fields
 BUILTIN = "builtin"
 VHOST_IOMMU = "vhost-iommu"
 EMPTY = "empty"
-# Order of the table's columns and the plot's bars.
+# vhost-iommu with its Python request path (request_path="python"), for comparing the two paths.
+VHOST_IOMMU_PYTHON = "vhost-iommu-python"
+# The default back-ends, in the order of the table's columns and the plot's bars; then the optional one.
 BACKENDS = (BUILTIN, VHOST_IOMMU, EMPTY)
+KNOWN_BACKENDS = (*BACKENDS, VHOST_IOMMU_PYTHON)
 BACKEND_TITLES = {
     BUILTIN: "built-in (QEMU virtio-iommu-pci)",
     VHOST_IOMMU: "vhost-iommu",
     EMPTY: "empty back-end (floor)",
+    VHOST_IOMMU_PYTHON: "vhost-iommu, Python request path",
 }
 
 PAIRS = "pairs"

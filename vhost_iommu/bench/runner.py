@@ -5,7 +5,8 @@ vfio-pci) and the IOMMU at the same address; only the IOMMU differs:
 
 - ``builtin``: QEMU's own ``virtio-iommu-pci``, whose requests run in the vCPU thread that notifies;
 - ``vhost-iommu``: the vhost-user device served from this process (:class:`VirtioIommuBackend`);
-- ``empty``: the same vhost-user path with a device that does no work (:class:`EmptyBackend`).
+- ``empty``: the same vhost-user path with a device that does no work (:class:`EmptyBackend`);
+- ``vhost-iommu-python`` (optional): vhost-iommu with its Python request path instead of the compiled one.
 
 QEMU's built-in device has 256-entry queues while the generic vhost-user device defaults to 64; the
 vhost-user runs get ``vq_size`` (256 by default) so that both batch the same number of requests per
@@ -26,6 +27,7 @@ from vhost_iommu.bench.results import (
     BUILTIN,
     EMPTY,
     VHOST_IOMMU,
+    VHOST_IOMMU_PYTHON,
     Figure,
     Metric,
     figures_from_lines,
@@ -84,6 +86,7 @@ def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
     factories: dict[str, Callable[[Topology], VirtioIommuBackend]] = {
         VHOST_IOMMU: VirtioIommuBackend,
         EMPTY: EmptyBackend,
+        VHOST_IOMMU_PYTHON: lambda topology: VirtioIommuBackend(topology, request_path="python"),
     }
     if backend not in factories:
         raise ValueError(f"unknown back-end {backend!r}")

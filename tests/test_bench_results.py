@@ -6,6 +6,7 @@ through the harness front-end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -28,7 +29,9 @@ from vhost_iommu.bench.results import (
     Row,
     combine,
     compare,
+    figure_records,
     figures_from_lines,
+    figures_from_records,
     format_ns,
     format_size,
     kernel_warnings,
@@ -76,6 +79,8 @@ def test_figures_from_the_guest_lines() -> None:
     assert figures[Metric(SCATTER_MAP, count=4096)] == Figure(90000000, n=4000)
     assert figures[Metric(SCATTER_UNMAP, count=4096)] == Figure(30000000, n=4000)
     assert len(figures) == 8
+    # results.json keeps them as records; --replot reads them back.
+    assert figures_from_records(json.loads(json.dumps(figure_records(figures)))) == figures
 
 
 def test_kernel_warnings_and_stalls() -> None:

@@ -52,7 +52,7 @@ def plot_rows(rows: Sequence[Row], path: Path, title: str, backends: Sequence[st
     panels = [panel for panel in panels if panel[0]]
     widths = [max(2, len(panel[0])) for panel in panels]
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(4 + 1.6 * sum(widths), 5), width_ratios=widths, squeeze=False
+        1, len(panels), figsize=(3 + 1.2 * sum(widths), 5.5), width_ratios=widths, squeeze=False
     )
     bar_width = 0.8 / len(backends)
     for axis, (panel_rows, unit_label, scale) in zip(axes[0], panels, strict=True):
@@ -87,8 +87,13 @@ def plot_rows(rows: Sequence[Row], path: Path, title: str, backends: Sequence[st
         if scale != 1e3:
             axis.set_yscale("log")
         axis.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper left")
+        axis.margins(y=0.12)  # room for the ratio labels above the tallest bars
+    # One legend for both panels, between the title and the plots, where it covers no bar.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(
+        handles, labels, loc="upper center", ncol=len(backends), fontsize=8, bbox_to_anchor=(0.5, 0.94)
+    )
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.89))
     figure.savefig(path, dpi=110)
     plt.close(figure)

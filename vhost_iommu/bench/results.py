@@ -19,6 +19,7 @@ import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vhost_iommu.provision.boot import parse_fields
 
@@ -164,6 +165,36 @@ def figures_from_lines(lines: Iterable[str]) -> dict[Metric, Figure]:
     if mixed_count:
         figures[Metric(MIXED)] = Figure(mean_ns=mixed_total_ns / mixed_count, n=mixed_count)
     return figures
+
+
+def figure_records(figures: Mapping[Metric, Figure]) -> list[dict[str, object]]:
+    """The figures of one run as JSON-ready records (results.json)."""
+    return [
+        {
+            "workload": metric.workload,
+            "count": metric.count,
+            "size": metric.size,
+            "label": metric.label,
+            "mean_ns": figure.mean_ns,
+            "p50_ns": figure.p50_ns,
+            "p99_ns": figure.p99_ns,
+            "n": figure.n,
+        }
+        for metric, figure in figures.items()
+    ]
+
+
+def figures_from_records(records: Iterable[Mapping[str, Any]]) -> dict[Metric, Figure]:
+    """The inverse of :func:`figure_records` (to re-make a table or plot from results.json)."""
+    return {
+        Metric(str(record["workload"]), int(record["count"]), int(record["size"])): Figure(
+            mean_ns=float(record["mean_ns"]),
+            p50_ns=None if record["p50_ns"] is None else float(record["p50_ns"]),
+            p99_ns=None if record["p99_ns"] is None else float(record["p99_ns"]),
+            n=int(record["n"]),
+        )
+        for record in records
+    }
 
 
 def kernel_warnings(lines: Iterable[str]) -> list[str]:

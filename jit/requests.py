@@ -81,6 +81,10 @@ R_DOMAIN_FIRST: Final = 8
 R_GRANULE: Final = 9
 R_INPUT_START: Final = 10
 R_INPUT_END: Final = 11
+R_POLL_TICKS: Final = 12
+"""Poll window after a completion, in cycle-counter ticks (0: never poll)."""
+R_POLL_LIMIT_TICKS: Final = 13
+"""Longest a call keeps polling in total, in ticks: the event loop that called it waits meanwhile."""
 RING_WORDS: Final = 16
 
 RF_EVENT_IDX: Final = 1
@@ -186,6 +190,16 @@ def _store64_typer(typingctx: Any, address: Any, value: Any) -> Any:
     return types.void(types.uint64, types.uint64), _pointer_codegen(64, True)
 
 
+def _cycles_typer(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        counter = builder.module.declare_intrinsic(
+            "llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), [])
+        )
+        return builder.call(counter, [])
+
+    return types.uint64(), codegen
+
+
 # Typed as Any: numba supplies the typing context argument, so the Python-level signatures mislead mypy.
 _load8: Any = intrinsic(_load8_typer)
 _load16: Any = intrinsic(_load16_typer)
@@ -194,6 +208,15 @@ _load64: Any = intrinsic(_load64_typer)
 _store8: Any = intrinsic(_store8_typer)
 _store16: Any = intrinsic(_store16_typer)
 _store64: Any = intrinsic(_store64_typer)
+_cycles: Any = intrinsic(_cycles_typer)
+"""The CPU's cycle counter (TSC on x86): a clock for poll windows that costs no system call."""
+
+
+@njit(cache=True, nogil=True)
+def cycles() -> np.uint64:
+    """The cycle counter, from Python (to calibrate poll windows)."""
+    now: np.uint64 = _cycles()
+    return now
 
 
 # -- guest memory ----------------------------------------------------------------------------------------
@@ -432,6 +455,9 @@ def serve_requests(
     next_avail = _i64(ring[R_NEXT_AVAIL])
     used_idx = _i64(ring[R_USED_IDX])
     completed = 0
+    poll_ticks = ring[R_POLL_TICKS]
+    poll_limit = ring[R_POLL_LIMIT_TICKS]
+    poll_spent = _ZERO
 
     request = np.zeros(_SCRATCH, np.uint8)
     regions = memory.shape[0]
@@ -444,6 +470,18 @@ def serve_requests(
     while True:
         # -- is there a chain? (SplitQueue._pending) --
         pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
+        if pending == 0 and completed and poll_ticks and poll_spent < poll_limit:
+            # Adaptive polling: only right after serving something (never on an idle ring), for a bounded
+            # window, so the next request of a driver that waits for each answer is caught without a
+            # kick and a wake-up. Kicks are suppressed meanwhile: avail_event one behind next_avail
+            # makes vring_need_event false for every new index.
+            if keep_avail_event:
+                _store16(avail_event, np.uint64((next_avail - 1) & 0xFFFF))
+            began = _cycles()
+            window = min(poll_ticks, poll_limit - poll_spent)
+            while pending == 0 and _cycles() - began < window:
+                pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
+            poll_spent += _cycles() - began
         if pending == 0 and keep_avail_event:
             # Ask for a kick at the next entry, then look again: a driver that published an entry after
             # our first look read the old avail_event and will not kick.

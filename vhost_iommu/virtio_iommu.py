@@ -7,8 +7,10 @@ the server lends it the rings and a way to signal the front-end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -43,6 +45,20 @@ _R_COMPLETED = kernel.R_COMPLETED
 assert (_R_USED_IDX, _R_COMPLETED) == (_R_NEXT_AVAIL + 1, _R_NEXT_AVAIL + 2)
 
 
+MAX_POLL_US = 10_000.0
+POLL_LIMIT_US = 2000.0
+"""Longest one kick may keep polling in total (the event loop, sockets included, waits meanwhile), or
+twice the poll window if that is longer."""
+
+
+@functools.cache
+def _ticks_per_us() -> float:
+    """Cycle-counter ticks per microsecond, measured once over 5 ms."""
+    wall, ticks = time.perf_counter_ns(), int(kernel.cycles())
+    time.sleep(0.005)
+    return (int(kernel.cycles()) - ticks) / ((time.perf_counter_ns() - wall) / 1000)
+
+
 class CompiledRequestPath:
     """Serves the requestq with `vhost_iommu.jit.requests.serve_requests`, handing the chains the kernel
     does not serve to a Python callback one at a time.
@@ -56,9 +72,15 @@ class CompiledRequestPath:
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
     """
 
-    def __init__(self, device: IommuDevice) -> None:
+    def __init__(self, device: IommuDevice, *, poll_us: float = 0.0) -> None:
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ValueError(f"poll_us {poll_us} is outside 0..{MAX_POLL_US}")
         self.device = device
         self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
+        if poll_us:
+            ticks_per_us = _ticks_per_us()
+            self._ring_params[kernel.R_POLL_TICKS] = int(poll_us * ticks_per_us)
+            self._ring_params[kernel.R_POLL_LIMIT_TICKS] = int(max(POLL_LIMIT_US, 2 * poll_us) * ticks_per_us)
         self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
         # What the parameter words were last derived from: the ring, its views (re-derived on a memory
         # change), the acked features and whether kicks are wanted. Compared by identity and value on
@@ -209,17 +231,25 @@ class VirtioIommuBackend:
         *,
         device: IommuDevice | None = None,
         request_path: Literal["compiled", "python"] = "compiled",
+        poll_us: float = 0.0,
     ) -> None:
         """``request_path`` picks how the requestq is served: "compiled" (a numba kernel serves MAP and
         UNMAP in batches, everything else goes through the device core) or "python" (every chain through
-        ``SplitQueue.pop`` and ``IommuDevice.handle_request``). Both give the same answers."""
+        ``SplitQueue.pop`` and ``IommuDevice.handle_request``). Both give the same answers.
+
+        ``poll_us`` (compiled path only; 0, the default, turns it off): after serving a request the kernel
+        keeps watching the ring that long for the next one, with kicks suppressed, instead of returning
+        to the event loop to wait for a kick; at most POLL_LIMIT_US per kick in total. It pays off only
+        when a CPU is free for it: docs/performance.md has the measurements."""
         if request_path not in ("compiled", "python"):
             raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None
         self.acked_features = 0
         self.request_path = request_path
-        self._compiled = CompiledRequestPath(self.device) if request_path == "compiled" else None
+        self._compiled = (
+            CompiledRequestPath(self.device, poll_us=poll_us) if request_path == "compiled" else None
+        )
 
     # -- features and config ----------------------------------------------------------------------------
 

@@ -259,6 +259,25 @@ def test_endpoints_domains_and_counters(controlled: Controlled, guest: Guest) ->
     assert controlled.call("counters")["latency"] == {}
 
 
+def test_a_batch_of_several_types_counts_as_mixed(controlled: Controlled, guest: Guest) -> None:
+    guest.requests.post([encode_attach(3, ENDPOINT)], [4])
+    guest.requests.post([encode_map(3, 0x1000, 0x1FFF, 0x100000)], [4])
+    guest.frontend.kick(0)
+    assert guest.frontend.wait_used(0, timeout=WAIT)
+    assert len(guest.requests.used()) == 2
+    latency = controlled.call("counters")["latency"]
+    assert set(latency) == {"MIXED"} and latency["MIXED"]["count"] == 2
+
+
+def test_a_front_end_that_leaves_leaves_the_list(controlled: Controlled) -> None:
+    with controlled.server.connect() as frontend:
+        frontend.negotiate(2)
+        assert len(controlled.call("connections")) == 1
+    controlled.server.wait_all_closed()
+    assert controlled.call("connections") == []
+    assert error_of(controlled, "queues", connection=1) == "no-connection"
+
+
 def test_mappings_filters_and_pages(controlled: Controlled, guest: Guest) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
     assert guest.status(encode_attach(4, 0x28)) == Status.OK

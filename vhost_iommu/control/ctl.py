@@ -218,8 +218,21 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size((120, 24)).columns
 
 
-#: Fields printed in hex: addresses, flag words, endpoint IDs.
-_HEX_FIELDS = ("address", "iova", "start", "end", "phys", "flags", "endpoint")
+#: Fields printed in hex: addresses, masks, flag words, endpoint IDs.
+_HEX_FIELDS = {
+    "address",
+    "iova",
+    "iova_start",
+    "iova_end",
+    "start",
+    "end",
+    "phys",
+    "flags",
+    "endpoint",
+    "input_start",
+    "input_end",
+    "page_size_mask",
+}
 
 
 def _print_object(result: Any, _args: argparse.Namespace) -> None:
@@ -236,7 +249,7 @@ def _render(value: object, field: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower() if value is not None else "-"
     if isinstance(value, int):
-        return _hex(value) if any(part in field for part in _HEX_FIELDS) else str(value)
+        return _hex(value) if field in _HEX_FIELDS else str(value)
     if isinstance(value, list):
         return ", ".join(_render(v, field) for v in value) or "-"
     if isinstance(value, dict):
@@ -321,6 +334,11 @@ def _print_mappings(result: Any, _args: argparse.Namespace) -> None:
         print(f"more: --after {domain}:{iova:#x}")
 
 
+def _bound(microseconds: float) -> str:
+    """A histogram bucket's upper bound: whole µs once they are many."""
+    return f"<{microseconds:.0f}" if microseconds >= 10 else f"<{microseconds:.3g}"
+
+
 def _print_counters(result: Any, args: argparse.Namespace) -> None:
     requests, statuses, faults = result["requests"], result["statuses"], result["faults"]
     print("requests: " + ", ".join(f"{k} {v}" for k, v in requests.items()))
@@ -338,8 +356,8 @@ def _print_counters(result: Any, args: argparse.Namespace) -> None:
                 str(summary["count"]),
                 f"{summary['mean_us']:.1f}",
                 f"{summary['min_us']:.1f}",
-                f"<{summary['p50_us']:g}",
-                f"<{summary['p99_us']:g}",
+                _bound(summary["p50_us"]),
+                _bound(summary["p99_us"]),
                 f"{summary['max_us']:.1f}",
             ]
         )
@@ -350,7 +368,7 @@ def _print_counters(result: Any, args: argparse.Namespace) -> None:
     )
     if args.buckets:
         for name, summary in result["latency"].items():
-            print(f"{name}: " + "  ".join(f"<{le:g}us {count}" for le, count in summary["buckets"]))
+            print(f"{name}: " + "  ".join(f"{_bound(le)}us {count}" for le, count in summary["buckets"]))
     if result["delay_us"]:
         print(f"added latency: {result['delay_us']} us per requestq batch ({result['delayed_batches']} held)")
     if result["rate"]:

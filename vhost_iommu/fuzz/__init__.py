@@ -11,12 +11,14 @@ from vhost_iommu.fuzz.codec import CodecTarget
 from vhost_iommu.fuzz.engine import Choices, Finding, FuzzFailure, FuzzReport, FuzzTarget, Hang, fuzz, replay
 from vhost_iommu.fuzz.memory import MemoryTarget
 from vhost_iommu.fuzz.requests import RequestsTarget
+from vhost_iommu.fuzz.server import ServerTarget
 
 TARGETS: dict[str, type[FuzzTarget]] = {
     CodecTarget.name: CodecTarget,
     MemoryTarget.name: MemoryTarget,
     ChainsTarget.name: ChainsTarget,
     RequestsTarget.name: RequestsTarget,
+    ServerTarget.name: ServerTarget,
 }
 
 __all__ = [

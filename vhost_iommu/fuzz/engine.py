@@ -156,6 +156,10 @@ class FuzzTarget:
     #: Longest input the built-in driver generates.
     max_input = 2048
 
+    def warm_up(self) -> None:
+        """Before the fd baseline is taken: acquire what the process keeps for good once it is first
+        used (not a leak of the target's)."""
+
     def setup(self) -> None:
         """Before the first execution (create long-lived resources here)."""
 
@@ -348,6 +352,7 @@ def fuzz(
     corpus: list[bytes] = list(target.seeds())
     seen: set[Hashable] = set()
     window: deque[bytes] = deque(maxlen=leak_every)
+    target.warm_up()
     gc.collect()
     report.fds_before = open_fd_count()
     seed_count = len(corpus)
@@ -443,6 +448,7 @@ def _check_window(target: FuzzTarget, window: deque[bytes]) -> tuple[str, bytes]
 
 def replay(target: FuzzTarget, data: bytes, *, timeout: float = 10.0) -> Iterable[Hashable] | None:
     """Run one input (a saved finding) once, with leak checks; the target's exception propagates."""
+    target.warm_up()
     gc.collect()
     fds_before = open_fd_count()
     target.setup()

@@ -159,6 +159,7 @@ def test_plan_items_and_lab_configs() -> None:
     assert vhost.params == builtin.params == {"count": "100", "bench": "bulk:8,bulk:16,pairs:100,scatter:32"}
     assert vhost.iommu is IommuKind.VHOST_USER and vhost.backend_factory is VirtioIommuBackend
     assert empty.backend_factory is EmptyBackend
+    assert not any(config.control for config in (builtin, vhost, empty))  # no per-kick instrumentation
     assert empty.extra_qemu_args == ("-global", "vhost-user-test-device.vq_size=256")
     assert lab_config(EMPTY, BenchPlan(vq_size=0)).extra_qemu_args == ()
     python_path = lab_config(VHOST_IOMMU_PYTHON, plan).backend_factory

@@ -3,6 +3,11 @@
 `VirtioIommuBackend` implements :class:`vhost_iommu.backend.VhostUserBackend` by walking the requestq and
 eventq rings into the sans-I/O device core (`vhost_iommu.device.IommuDevice`). It owns no sockets and no fds;
 the server lends it the rings and a way to signal the front-end.
+
+By default the requestq goes through `CompiledRequestPath`: one numba kernel
+(`vhost_iommu.jit.requests.serve_requests`) walks, validates and serves every available MAP and UNMAP,
+and hands any other chain (ATTACH, DETACH, PROBE, anything odd, a broken ring) to the Python path one at a
+time. docs/performance.md describes it and its measurements.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class CompiledRequestPath:
         self._views: tuple[object, object, object] = (None, None, None)
         self._features = -1
         self._notify = False
+        self._memory: GuestMemory | None = None
         self._memory_generation = -1
         self._memory_table: npt.NDArray[np.uint64] = np.zeros((0, 3), np.uint64)
         self._memory_flat: FlatRegions | None = None
@@ -110,7 +116,7 @@ class CompiledRequestPath:
         # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).
         desc, avail, used = ring._desc_table, ring._avail16, ring._used16
         device = self.device
-        if memory.generation != self._memory_generation:
+        if memory is not self._memory or memory.generation != self._memory_generation:
             flat = memory.flat_tables()
             table = np.empty((len(flat.gpa_starts), 3), np.uint64)
             table[:, kernel.M_GPA_START] = flat.gpa_starts
@@ -119,6 +125,7 @@ class CompiledRequestPath:
             self._memory_flat = flat  # keeps the mappings behind host_addresses alive
             self._memory_table = table
             self._memory_generation = memory.generation
+            self._memory = memory
         cached = self._views
         if (
             ring is self._ring

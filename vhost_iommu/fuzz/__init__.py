@@ -6,6 +6,7 @@ each for a moment (``tests/test_fuzz_smoke.py``). :data:`TARGETS` maps names to 
 
 from __future__ import annotations
 
+from vhost_iommu.fuzz.backend import BackendTarget
 from vhost_iommu.fuzz.chains import ChainsTarget
 from vhost_iommu.fuzz.codec import CodecTarget
 from vhost_iommu.fuzz.engine import Choices, Finding, FuzzFailure, FuzzReport, FuzzTarget, Hang, fuzz, replay
@@ -18,6 +19,7 @@ TARGETS: dict[str, type[FuzzTarget]] = {
     MemoryTarget.name: MemoryTarget,
     ChainsTarget.name: ChainsTarget,
     RequestsTarget.name: RequestsTarget,
+    BackendTarget.name: BackendTarget,
     ServerTarget.name: ServerTarget,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import time
 
@@ -45,6 +46,8 @@ def _progress(report: FuzzReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A crash in compiled code kills the process: show where (the input is in <artifacts>/TARGET-current.bin).
+    faulthandler.enable()
     if args.target == "list":
         for name, target_class in TARGETS.items():
             print(f"{name:10} {target_class.description}")

@@ -326,6 +326,15 @@ def _save(directory: str, target: str, kind: str, data: bytes) -> str:
     return path
 
 
+def _current_input_file(directory: str | None, target: str) -> int | None:
+    if directory is None:
+        return None
+    os.makedirs(directory, exist_ok=True)
+    return os.open(
+        os.path.join(directory, f"{target}-current.bin"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+    )
+
+
 def default_artifact_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "vhost-iommu-fuzz")
 
@@ -356,6 +365,9 @@ def fuzz(
     gc.collect()
     report.fds_before = open_fd_count()
     seed_count = len(corpus)
+    # The input being run is written here first: a crash that kills the process (a segfault in compiled
+    # code) leaves it behind for --reproduce.
+    current = _current_input_file(artifact_dir, target.name)
     target.setup()
 
     def record(kind: str, message: str, data: bytes) -> None:
@@ -382,6 +394,9 @@ def fuzz(
                 else:
                     data = _mutate(rng, rng.choice(corpus), corpus, target.max_input)
                 window.append(data)
+                if current is not None:
+                    os.ftruncate(current, 0)
+                    os.pwrite(current, data, 0)
                 begun = time.perf_counter()
                 bound.arm()
                 try:
@@ -416,6 +431,8 @@ def fuzz(
                     break
     finally:
         target.teardown()
+        if current is not None:
+            os.close(current)
         gc.collect()
         report.seconds = time.perf_counter() - started
         report.corpus_size, report.features = len(corpus), len(seen)

@@ -48,6 +48,7 @@ _R_NEXT_AVAIL = kernel.R_NEXT_AVAIL
 _R_USED_IDX = kernel.R_USED_IDX
 _R_COMPLETED = kernel.R_COMPLETED
 assert (_R_USED_IDX, _R_COMPLETED) == (_R_NEXT_AVAIL + 1, _R_NEXT_AVAIL + 2)
+_MAX_GROWTHS = 3
 
 
 MAX_POLL_US = 10_000.0
@@ -172,6 +173,7 @@ class CompiledRequestPath:
         params = self._ring_params
         serve_requests = kernel.serve_requests
         completed = 0
+        grown = 0  # growths in a row without a completed chain
         try:
             while True:
                 params[_R_NEXT_AVAIL] = ring.next_avail
@@ -204,6 +206,10 @@ class CompiledRequestPath:
                 if reason == kernel.STOP_EMPTY:
                     return completed
                 if reason == kernel.STOP_GROW:
+                    grown = grown + 1 if not done else 1
+                    if grown > _MAX_GROWTHS:
+                        # grow() guarantees room for one more map: a bug, not something a guest can cause.
+                        raise RuntimeError("mapping table still short of space after growing")
                     store.grow()
                     continue
                 # STOP_PYTHON or STOP_BROKEN: the chain goes through the Python path, whose walk raises

@@ -308,6 +308,37 @@ def test_without_event_idx_and_with_buffers_across_regions() -> None:
     same(scenario, event_idx=False, split_memory=True)
 
 
+def _shrink_memory_to_the_first_half(rig: Rig) -> None:
+    """A new memory table (SET_MEM_TABLE) without the RAM's second half; the rings stay in the first."""
+    memory = rig.context.memory
+    half = RAM_SIZE // 2
+    assert rig.driver.used_gpa < GPA_BASE + half
+    memory.replace([(MemoryRegionDesc(GPA_BASE, half, rig.ram.gpa_to_uva(GPA_BASE), 0), rig.ram.dup_fd())])
+    for queue in rig.context.queues:
+        queue.rebind(memory)
+
+
+def test_a_new_memory_table_is_followed() -> None:
+    def scenario(rig: Rig) -> None:
+        attach(rig, 1)
+        rig.post(encode_map(1, 0, PAGE - 1, 0))
+        rig.kick()
+        _shrink_memory_to_the_first_half(rig)
+        rig.post(encode_map(1, PAGE, 2 * PAGE - 1, 0))  # buffers from the allocator: in the first half
+        rig.kick()
+        # A buffer in the half that is no longer guest memory: the device must not touch it.
+        far = GPA_BASE + RAM_SIZE - 64
+        rig.ram.write(far, encode_unmap(1, 0, PAGE - 1))
+        rig.driver.write_desc(50, far, 28, NEXT, 51)
+        rig.driver.write_desc(51, _buffer(rig), 4, WRITE, 0)
+        rig.driver.make_available(50)
+        rig.kick()
+
+    state = same(scenario)
+    assert state[1], "a buffer outside the new memory table breaks the device"
+    assert state[6]["OK"] == 3  # type: ignore[index]  # ATTACH and the two MAPs
+
+
 def test_injected_answers_go_through_the_device_core() -> None:
     def scenario(rig: Rig) -> None:
         attach(rig, 1)

@@ -95,6 +95,42 @@ def test_engine_reports_a_hang_within_its_time_bound() -> None:
     assert report.max_execution_seconds < 5
 
 
+_WATCHDOG_SCRIPT = """
+from numba import njit
+from vhost_iommu.fuzz import FuzzTarget, fuzz
+
+@njit
+def spin(stop):
+    # Compiled code that never returns to the interpreter (for stop=0: x never reaches 0 modulo a
+    # prime): no signal handler can run until it does.
+    x = 1
+    while x != stop:
+        x = (x * 3) % 1000003
+    return x
+
+class Stuck(FuzzTarget):
+    name = "stuck"
+    def setup(self):
+        spin(3)  # compile outside the time bound
+    def run(self, choices):
+        spin(0)
+
+fuzz(Stuck(), runs=1, timeout=0.01, watchdog_grace=0.3, artifact_dir=ARTIFACTS)
+"""
+
+
+def test_watchdog_ends_an_execution_no_signal_can_interrupt(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _WATCHDOG_SCRIPT.replace("ARTIFACTS", repr(str(tmp_path)))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert "Timeout" in run.stderr and " in run" in run.stderr  # faulthandler's report: where it hung
+    assert (tmp_path / "stuck-current.bin").read_bytes() == b""  # the input (the first seed) is kept
+
+
 def test_engine_finds_the_input_that_leaks() -> None:
     target = _LeaksFds()
     try:

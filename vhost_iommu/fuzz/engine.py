@@ -18,6 +18,7 @@ installed, can drive the same targets with coverage guidance (:func:`fuzz_atheri
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import hashlib
 import importlib
@@ -253,13 +254,20 @@ class _TimeBound:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self._fired = False
 
     def _expired(self, signum: int, _frame: FrameType | None) -> None:
+        # Both timers may expire together: the second must not raise into the handling of the first.
+        if self._fired:
+            return
+        self._fired = True
+        self.disarm()
         which = "CPU time" if signum == signal.SIGPROF else "wall-clock time"
         limit = self.seconds if signum == signal.SIGPROF else self.seconds * WALL_CLOCK_FACTOR
         raise Hang(f"one execution used more than {limit} s of {which}")
 
     def arm(self) -> None:
+        self._fired = False
         signal.setitimer(signal.ITIMER_PROF, self.seconds)
         signal.setitimer(signal.ITIMER_REAL, self.seconds * WALL_CLOCK_FACTOR)
 
@@ -279,6 +287,30 @@ class _TimeBound:
             self.disarm()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+class _Watchdog:
+    """Ends the process if one execution outlives ``seconds``: compiled code that holds the GIL and never
+    returns to the interpreter cannot be interrupted by a signal handler (nor by a Python thread), and would
+    freeze a campaign silently. faulthandler's timer runs in C without the GIL: it prints every thread's
+    traceback and exits. The input is in ``<artifacts>/TARGET-current.bin``.
+
+    Re-arming costs about 0.1 ms, so it is re-armed at most once a second: a hang ends the process within
+    ``seconds`` + 1 s, and never earlier than ``seconds`` after the execution began."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds + 1
+        self._armed = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._armed > 1:
+            faulthandler.dump_traceback_later(self._seconds, exit=True)
+            self._armed = now
+
+    @staticmethod
+    def stop() -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _mutate(rng: random.Random, data: bytes, corpus: Sequence[bytes], max_input: int) -> bytes:
@@ -351,6 +383,7 @@ def fuzz(
     keep_going: bool = False,
     progress: Callable[[FuzzReport], None] | None = None,
     progress_every: float = 10.0,
+    watchdog_grace: float = 5.0,
 ) -> FuzzReport:
     """Run ``target`` until ``runs`` executions or ``seconds`` elapsed (at least one of them), stopping at
     the first finding unless ``keep_going``. Findings are saved under ``artifact_dir`` when given."""
@@ -375,6 +408,7 @@ def fuzz(
         report.findings.append(Finding(kind, message, data, path))
 
     started = last_progress = time.perf_counter()
+    watchdog = _Watchdog(timeout * WALL_CLOCK_FACTOR + watchdog_grace)
     deadline = started + seconds if seconds is not None else None
     try:
         with _TimeBound(timeout).installed() as bound:
@@ -398,6 +432,7 @@ def fuzz(
                     os.ftruncate(current, 0)
                     os.pwrite(current, data, 0)
                 begun = time.perf_counter()
+                watchdog.tick()
                 bound.arm()
                 try:
                     features = target.run(Choices(data))
@@ -430,6 +465,7 @@ def fuzz(
                 if report.findings and not keep_going:
                     break
     finally:
+        watchdog.stop()
         target.teardown()
         if current is not None:
             os.close(current)

@@ -201,6 +201,7 @@ class FuzzReport:
     findings: list[Finding] = field(default_factory=list)
     fds_before: int = 0
     fds_after: int = 0
+    interrupted: bool = False
 
     @property
     def rate(self) -> float:
@@ -208,6 +209,8 @@ class FuzzReport:
 
     def summary(self) -> str:
         state = "no findings" if not self.findings else f"{len(self.findings)} FINDING(S)"
+        if self.interrupted:
+            state += " (interrupted)"
         return (
             f"{self.target}: {self.executions} executions in {self.seconds:.1f} s ({self.rate:.0f}/s), "
             f"slowest {self.max_execution_seconds * 1000:.1f} ms, corpus {self.corpus_size}, "
@@ -464,6 +467,8 @@ def fuzz(
                         record("leak", leak[0], leak[1])
                 if report.findings and not keep_going:
                     break
+    except KeyboardInterrupt:
+        report.interrupted = True  # Ctrl-C (SIGINT) ends a campaign early, with its report
     finally:
         watchdog.stop()
         target.teardown()

@@ -6,9 +6,10 @@ well-behaved "bystander" front-end connected to it throughout. One execution con
 sequence of messages (the ones a front-end sends to set a device up, with real fds: memfd guest RAM,
 eventfds, a socketpair for the back-end channel; mixed with the ``codec`` target's hostile messages and
 fds that are not what the request wants), writes requests (valid and hostile descriptor chains) into the
-rings it set up and kicks them, then hangs up.
+rings it set up and kicks them, then hangs up (half-close) and reads what is left.
 
-Checked after each execution: the server closes the connection within the time bound; its thread and
+Checked after each execution: everything the server sent on the socket is a valid stream of replies, each
+to a request of the conversation; the server closes the connection within the time bound; its thread and
 event loop are alive and no exception escaped a callback or was logged as unexpected; the bystander still
 gets answers; the process has exactly the fds it had before, and no mapping of the guest RAM but our own.
 """
@@ -34,6 +35,8 @@ from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
+    Decoder,
+    FramingError,
     FrontendRequest,
     MemoryRegion,
     MemoryTable,
@@ -110,6 +113,8 @@ class ServerTarget(FuzzTarget):
         features: list[Hashable] = []
         self.ram.data[: BUFFERS + 0x10000] = 0
         mine: list[int] = []  # fds this execution keeps (kick eventfds, back-end channel ends)
+        self._received = bytearray()  # everything the server sent on the main socket
+        self._sent: set[int] = set()  # request codes sent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.server.path)
@@ -122,6 +127,7 @@ class ServerTarget(FuzzTarget):
                 if not self._step(choices, sock, mine, features):
                     features.append("closed by the server")
                     break
+            self._hang_up(sock)
         finally:
             sock.close()
             for fd in mine:
@@ -149,8 +155,7 @@ class ServerTarget(FuzzTarget):
             return True
         return self._send(sock, data, fds)
 
-    @staticmethod
-    def _send(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
+    def _send(self, sock: socket.socket, data: bytes, fds: list[int]) -> bool:
         """Send one message with its fds (then closed here: the kernel gave the server its own copies)."""
         try:
             ancillary = (
@@ -162,10 +167,38 @@ class ServerTarget(FuzzTarget):
         finally:
             for fd in fds:
                 os.close(fd)
+        if len(data) >= 4:
+            self._sent.add(struct.unpack_from("<I", data)[0])
         with contextlib.suppress(BlockingIOError, ConnectionResetError):
-            while sock.recv(65536):  # replies: not read, or the socket fills
-                pass
+            while chunk := sock.recv(65536):  # read as we go, or the socket fills
+                self._received += chunk
         return True
+
+    def _hang_up(self, sock: socket.socket) -> None:
+        """End the conversation (half-close: the server sees the end of the stream), take every reply
+        until the server closes its side, and check they form a valid reply stream."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(65536):
+                self._received += chunk
+        except TimeoutError:
+            raise Hang("the server did not close a connection whose front-end hung up") from None
+        except ConnectionResetError:
+            pass
+        decoder = Decoder(Stream.BACKEND_REPLIES)
+        decoder.feed(bytes(self._received))
+        decoder.feed_eof()
+        try:
+            replies = decoder.messages()
+        except FramingError as exc:
+            raise FuzzFailure(f"the server sent a malformed reply stream: {exc}") from None
+        finally:
+            decoder.close()
+        strays = [reply.code for reply in replies if reply.code not in self._sent]
+        if strays:
+            raise FuzzFailure(f"the server replied to requests it was not sent: {strays}")
 
     def _start_device(self, mine: list[int]) -> list[tuple[bytes, list[int]]]:
         """What QEMU sends to start the device with both rings running, so that later kicks reach it."""

@@ -16,7 +16,10 @@ It stops early, *without consuming the chain it stopped at*, when that chain is 
                  raises ``QueueError`` with the reason (the device goes to NEEDS_RESET). Letting the Python
                  walk find the reason keeps one wording of every error, and a driver that rewrote the chain
                  meanwhile gets the same treatment it would have had from the Python path;
-``STOP_GROW``    a MAP needs more rows in the table's pools: the caller grows the table and calls again.
+``STOP_GROW``    a MAP needs more rows in the table's pools: the caller grows the table and calls again;
+``STOP_BUDGET``  the call completed ``R_BUDGET`` chains and more are available: the caller lets other work
+                 run before calling again (a driver that keeps the ring full must not hold the caller's
+                 event loop, which other guests share).
 
 Rings and buffers are reached through raw host addresses that the caller took from live numpy views
 (the ring views of the ``SplitQueue``, the regions of ``GuestMemory.flat_tables()``) and keeps alive for
@@ -52,12 +55,15 @@ STOP_BROKEN: Final = 2
 """The ring or the next chain is broken; ``SplitQueue.pop`` raises the reason."""
 STOP_GROW: Final = 3
 """The next chain is a MAP that needs room in the mapping table; grow it and call again."""
+STOP_BUDGET: Final = 4
+"""``R_BUDGET`` chains were completed and another is available; call again later."""
 
 STOP_NAMES: Final[dict[int, str]] = {
     STOP_EMPTY: "empty",
     STOP_PYTHON: "python",
     STOP_BROKEN: "broken",
     STOP_GROW: "grow",
+    STOP_BUDGET: "budget",
 }
 
 # -- the ``ring`` parameter array (uint64) --------------------------------------------------------------
@@ -85,6 +91,8 @@ R_POLL_TICKS: Final = 12
 """Poll window after a completion, in cycle-counter ticks (0: never poll)."""
 R_POLL_LIMIT_TICKS: Final = 13
 """Longest a call keeps polling in total, in ticks: the event loop that called it waits meanwhile."""
+R_BUDGET: Final = 14
+"""Most chains one call completes; the call stops with STOP_BUDGET when it has and more are available."""
 RING_WORDS: Final = 16
 
 RF_EVENT_IDX: Final = 1
@@ -458,6 +466,7 @@ def serve_requests(
     poll_ticks = ring[R_POLL_TICKS]
     poll_limit = ring[R_POLL_LIMIT_TICKS]
     poll_spent = _ZERO
+    max_chains = _i64(ring[R_BUDGET])
 
     request = np.zeros(_SCRATCH, np.uint8)
     regions = memory.shape[0]
@@ -489,6 +498,9 @@ def serve_requests(
             full_fence()
             pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
         if pending == 0:
+            break
+        if completed >= max_chains:
+            reason = STOP_BUDGET
             break
         if pending > size:
             reason = STOP_BROKEN
@@ -664,6 +676,7 @@ def warm_up() -> None:
     ring[R_SIZE] = 8
     ring[R_FLAGS] = RF_EVENT_IDX | RF_NOTIFY
     ring[R_GRANULE] = 4096
+    ring[R_BUDGET] = 8
     memory = np.zeros((1, 3), np.uint64)
     memory[0] = (0, 4095, base)
     leaves, nodes, directory, meta = MappingTable(limit=16).arrays

@@ -30,6 +30,13 @@ class BackendContext(Protocol):
         """Write queue ``index``'s call eventfd (the caller has decided a notification is due)."""
         ...
 
+    def reschedule(self, index: int) -> None:
+        """Call ``queue_kicked(index)`` again soon, after the event loop has served every other ready
+        connection, if the queue is still served then. A back-end bounds the work of one call with it
+        (the loop is shared by every connection) instead of looping until its ring is empty. Repeated
+        calls before the loop gets there give one call."""
+        ...
+
     def config_changed(self) -> None:
         """Tell the front-end that the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG)."""
         ...

@@ -47,6 +47,7 @@ _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i68
 _R_NEXT_AVAIL = kernel.R_NEXT_AVAIL
 _R_USED_IDX = kernel.R_USED_IDX
 _R_COMPLETED = kernel.R_COMPLETED
+_R_BUDGET = kernel.R_BUDGET
 assert (_R_USED_IDX, _R_COMPLETED) == (_R_NEXT_AVAIL + 1, _R_NEXT_AVAIL + 2)
 _MAX_GROWTHS = 3
 
@@ -163,8 +164,15 @@ class CompiledRequestPath:
         self._features = device.acked_features
         self._notify = ring._notifications_enabled
 
-    def serve(self, ring: SplitQueue, memory: GuestMemory, serve_one: Callable[[SplitQueue], bool]) -> int:
-        """Serve every available chain; returns how many were completed. Raises QueueError (from
+    def serve(
+        self,
+        ring: SplitQueue,
+        memory: GuestMemory,
+        serve_one: Callable[[SplitQueue], bool],
+        budget: int,
+    ) -> tuple[int, bool]:
+        """Serve available chains, at most ``budget`` of them (kernel and ``serve_one`` together);
+        returns how many were completed and whether chains are still available. Raises QueueError (from
         ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring."""
         self._bind(ring, memory)
         store = self.device.store
@@ -176,6 +184,9 @@ class CompiledRequestPath:
         grown = 0  # growths in a row without a completed chain
         try:
             while True:
+                if completed >= budget:
+                    return completed, ring.has_available()
+                params[_R_BUDGET] = budget - completed
                 params[_R_NEXT_AVAIL] = ring.next_avail
                 params[_R_USED_IDX] = ring.used_idx
                 leaves, nodes, directory, meta = store.arrays
@@ -204,7 +215,9 @@ class CompiledRequestPath:
                     ring._pushed_since_check += done
                     completed += done
                 if reason == kernel.STOP_EMPTY:
-                    return completed
+                    return completed, False
+                if reason == kernel.STOP_BUDGET:
+                    return completed, True
                 if reason == kernel.STOP_GROW:
                     grown = grown + 1 if not done else 1
                     if grown > _MAX_GROWTHS:
@@ -338,18 +351,26 @@ class VirtioIommuBackend:
         ring = self._ring(REQUEST_QUEUE)
         if ring is None:
             return
+        # Fairness: one call serves at most a ring's worth of chains. Every connection shares the event
+        # loop, so a driver that re-posts as fast as it is answered would otherwise keep this call (and
+        # every other guest) waiting for as long as it likes; the rest is served from a callback the loop
+        # runs after it has looked at everyone else's fds.
+        budget = ring.size
         completed = 0
         try:
             if self._compiled is not None and self.context is not None and self._compiled.usable():
-                completed = self._compiled.serve(ring, self.context.memory, self._serve_one)
+                completed, more = self._compiled.serve(ring, self.context.memory, self._serve_one, budget)
             else:
-                while self._serve_one(ring):
+                while completed < budget and self._serve_one(ring):
                     completed += 1
+                more = completed == budget and ring.has_available()
         except (QueueError, GuestMemoryError) as error:
             self._broken(f"requestq: {error}")
             return
         if completed and ring.needs_notification():
             self._signal(REQUEST_QUEUE)
+        if more and self.context is not None:
+            self.context.reschedule(REQUEST_QUEUE)
 
     def _serve_one(self, ring: SplitQueue) -> bool:
         """Pop and serve one chain through the device core; False if none is available.

@@ -305,6 +305,23 @@ class ConnectionHandler:
         if fd is not None:
             self._write_eventfd(fd, f"call fd of ring {index}")
 
+    def reschedule(self, index: int) -> None:
+        slot = self.slots[index]
+        if slot.rescheduled:
+            return
+        slot.rescheduled = True
+        # call_soon runs it in the loop's next iteration, after the fds that are ready now (other
+        # connections' kicks and messages) have had their turn.
+        self._loop.call_soon(self._on_rescheduled, index)
+
+    def _on_rescheduled(self, index: int) -> None:
+        slot = self.slots[index]
+        if not slot.rescheduled:
+            return  # the ring stopped meanwhile (a restart serves what is waiting anyway)
+        slot.rescheduled = False
+        if self._active(slot):
+            self._call_backend(self.backend.queue_kicked, index)
+
     def config_changed(self) -> None:
         if not any(slot.started for slot in self.slots):
             # vhost-user.rst "Suspended device state": with every ring stopped the back-end must not
@@ -543,6 +560,7 @@ class ConnectionHandler:
 
     def _stop_ring(self, slot: VringSlot) -> None:
         slot.kick_pending = False
+        slot.rescheduled = False
         if slot.served:
             # Told while the ring is still bound, so that a back-end holding chains (eventq buffers
             # waiting for an event) can return them before next_avail is read for GET_VRING_BASE.

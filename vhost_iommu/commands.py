@@ -1,4 +1,5 @@
-"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args``, ``run``, ``ctl``.
+"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args``, ``run``, ``replay``,
+``ctl``.
 
 ``run`` is the project's main job: it boots the default guest under QEMU against an in-process back-end and
 shows, from the back-end's own state, the driver's requests, the endpoints attached and a VFIO mapping
@@ -220,6 +221,81 @@ def run(args: argparse.Namespace) -> int:
 
 
 register_command(Command("run", run.__doc__ or "", _configure_run, run))
+
+
+# -- replay -------------------------------------------------------------------------------------------------
+
+
+REPLAY_TROUBLE = 2
+
+
+def _configure_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trace", metavar="TRACE", help="a trace recorded with ctl trace-start (part 0)")
+    parser.add_argument(
+        "--topology", metavar="FILE", help="replay on this topology instead of the one the trace recorded"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--show", type=int, default=20, metavar="N", help="differences listed (default 20)")
+
+
+def replay(args: argparse.Namespace) -> int:
+    """Run a recorded trace against a fresh device core; exit 1 if any status differs from the recording,
+    2 if the trace cannot be read."""
+    import json
+
+    from vhost_iommu.trace import TraceError
+    from vhost_iommu.trace import replay as replay_trace
+
+    # Exit statuses as diff(1)'s: 0 the same, 1 different, 2 trouble (so a script can tell a regression
+    # from a trace it could not read).
+    try:
+        topology = _load_topology(args.topology) if args.topology is not None else None
+        if args.show < 0:
+            raise CliError("--show: must not be negative")
+        started = time.monotonic()
+        result = replay_trace(args.trace, topology=topology, keep_differences=args.show)
+    except (CliError, TraceError) as exc:
+        print(f"vhost-iommu replay: error: {exc}", file=sys.stderr)
+        return REPLAY_TROUBLE
+    elapsed = time.monotonic() - started
+    timing = {
+        name: {
+            "count": count,
+            "replay_mean_us": round(total / count / 1000, 3),
+            "recorded_mean_us": round(result.recorded_ns[name][1] / count / 1000, 3),
+        }
+        for name, (count, total) in sorted(result.replay_ns.items())
+    }
+    if args.json:
+        document = {
+            "requests": result.requests,
+            "events": result.events,
+            "differences": result.difference_count,
+            "shown": [difference.describe() for difference in result.differences],
+            "timing": timing,
+            "seconds": round(elapsed, 3),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(f"{args.trace}: {result.requests} requests, {result.events} events replayed in {elapsed:.2f} s")
+        for name, row in timing.items():
+            print(
+                f"  {name:<8} {row['count']:>8}  device core {row['replay_mean_us']:>9.3f} us/request  "
+                f"(recorded, served path: {row['recorded_mean_us']:.3f})"
+            )
+        for difference in result.differences:
+            print("  DIFFERENT " + difference.describe())
+        if result.difference_count > len(result.differences):
+            print(f"  ... and {result.difference_count - len(result.differences)} more")
+        print(
+            f"{result.difference_count} difference(s)"
+            if result.difference_count
+            else "every status as recorded"
+        )
+    return 0 if result.ok else 1
+
+
+register_command(Command("replay", replay.__doc__ or "", _configure_replay, replay))
 
 
 # -- ctl ----------------------------------------------------------------------------------------------------

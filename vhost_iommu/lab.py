@@ -61,6 +61,13 @@ class LabConfig:
     # Serve the control channel at Lab.control_path. It times every requestq kick (about 2.5 us of Python
     # per kick measured on this project's machines): benchmarks that want none of it turn it off.
     control: bool = True
+    # Check the driver against the spec's driver-normative statements from its first message (needs
+    # `control`; read through the control channel's `conformance`, docs/toolkit.md). Every request then
+    # takes the device core's Python path.
+    conformance: bool = False
+    # Record every request and its answer from the first one to this file (needs `control`; a later
+    # connection records to FILE-N.EXT). `vhost-iommu replay FILE` runs it again offline.
+    trace: Path | None = None
     # Build the back-end for one connection; the default is the virtio-iommu device on `topology`.
     backend_factory: Callable[[Topology], VirtioIommuBackend] | None = None
 
@@ -87,6 +94,7 @@ class Lab:
         self._connected = threading.Event()
         self._backends: list[VirtioIommuBackend] = []
         self._control: ControlServer | None = None
+        self._service: ControlService | None = None
         #: The back-end's control socket (docs/control.md), for `vhost-iommu ctl` and ControlClient.
         self.control_path: Path | None = None
         self.session: GuestSession | None = None
@@ -123,12 +131,18 @@ class Lab:
             viot_path = scratch / "viot.bin"
             viot_path.write_bytes(viot_from_topology(config.topology))
             if config.control:
-                service = ControlService()
+                service = ControlService(
+                    conformance=config.conformance,
+                    trace_path=str(config.trace) if config.trace is not None else None,
+                )
+                self._service = service
                 self._server = RunningServer(service.track(self._new_backend), str(socket_path))
                 service.server = self._server.server
                 self.control_path = scratch / "control.sock"
                 self._control = self._on_server_loop(self._start_control(service, str(self.control_path)))
             else:
+                if config.conformance or config.trace is not None:
+                    raise LabError("conformance checks and traces are control-channel tools: keep control on")
                 self._server = RunningServer(self._new_backend, str(socket_path))
         setup = QemuSetup(
             qemu=qemu,
@@ -157,6 +171,10 @@ class Lab:
         if self._control is not None and self._server is not None:
             self._on_server_loop(self._control.close())
             self._control = None
+        if self._service is not None and self._server is not None:
+            # Traces are closed on the loop that writes them, so their files are complete afterwards.
+            self._server.call(self._service.close, 10.0)
+            self._service = None
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -123,6 +124,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     resv.add_argument("regions", type=_region, nargs="*", metavar="TYPE:START-END")
     resv_clear = add("resv-clear", "the topology's reserved regions again")
     resv_clear.add_argument("--endpoint", type=_integer)
+    conformance = add("conformance", "driver-normative statements the driver broke, with counts")
+    conformance.add_argument("--statements", action="store_true", help="also the text of every statement")
+    add("conformance-start", "check the driver's requests from now on")
+    add("conformance-stop", "stop checking (returns the last report)")
+    add("conformance-reset", "zero the conformance counters")
+    trace = add("trace-start", "record every request and its answer to a JSON-lines file")
+    trace.add_argument("path", help="the trace file (replaced if it exists; rotated parts are PATH.1 ...)")
+    trace.add_argument("--max-bytes", type=_integer, default=64 << 20, help="rotate past this size")
+    trace.add_argument("--keep", type=_integer, default=4, help="rotated parts kept (default 4)")
+    add("trace-stop", "stop recording and close the trace")
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -168,6 +179,11 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         request.update(endpoint=args.endpoint, regions=args.regions)
     elif command == "resv-clear":
         request.update(endpoint=args.endpoint)
+    elif command == "conformance":
+        request.update(statements=args.statements)
+    elif command == "trace-start":
+        # The back-end opens the file: a relative path would be relative to its directory, not ours.
+        request.update(path=os.path.abspath(args.path), max_bytes=args.max_bytes, keep=args.keep)
     elif command == "hello":
         request.pop("connection")
     return command, request
@@ -417,7 +433,21 @@ def _print_translate(result: Any, _args: argparse.Namespace) -> None:
         )
 
 
+def _print_conformance(result: Any, _args: argparse.Namespace) -> None:
+    if "enabled" in result and not result["enabled"]:
+        print("no conformance checker runs on this connection (ctl conformance-start)")
+        return
+    print(f"{result['total']} violation(s) of driver-normative statements")
+    rows = [[key, str(count), result["first"].get(key, "")] for key, count in result["counts"].items()]
+    if rows:
+        _table(None, ["statement", "count", "first seen"], rows)
+    for key, statement in result.get("statements", {}).items():
+        print(f"{key}: [{statement['section']}] {statement['text']}")
+
+
 _PRINTERS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
+    "conformance": _print_conformance,
+    "conformance-stop": _print_conformance,
     "connections": _print_connections,
     "resv": _print_resv,
     "resv-clear": _print_resv,

@@ -9,8 +9,11 @@ back-end instance (never the class, so other back-ends and the tests of the devi
   when every request of the batch had that type (the device's request counters before and after tell);
   a batch of several types is counted as MIXED. The Linux driver sends ATTACH, DETACH and PROBE one per
   notification and waits, so those are exact; MAP/UNMAP batches are per request on average.
-- ``device.handle_request``, only while a rate injection is on: before each request of the chosen type a
-  seeded draw decides whether the device's own ``inject(type, status, times=1)`` answers it.
+- ``device.handle_request``, only while a rate injection, a conformance checker or a trace is on: before
+  each request of the chosen type a seeded draw decides whether the device's own
+  ``inject(type, status, times=1)`` answers it; the checker sees each request before the device applies
+  it; the trace records each request with its answer (``set_features``, ``set_config`` and ``reset``
+  are wrapped too for those two).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
+from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import RequestType, Status, Topology
+from vhost_iommu.trace import TraceWriter
 
 if TYPE_CHECKING:
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
@@ -117,6 +122,8 @@ class ConnectionTools:
         self.delayed_batches = 0
         self._deferred: asyncio.TimerHandle | None = None
         self.rate: RateInjection | None = None
+        self.checker: ConformanceChecker | None = None
+        self.trace: TraceWriter | None = None
         self.original_topology: Topology = backend.device.topology
         self._kicked = type(backend).queue_kicked
         # An instance attribute shadows the method for this back-end only; the server looks the method
@@ -164,6 +171,9 @@ class ConnectionTools:
         started = perf_counter_ns()
         self._kicked(backend, index)
         elapsed = perf_counter_ns() - started
+        if self.trace is not None:
+            # One write per batch, not per request; a reader of a live trace sees whole batches.
+            self.trace.flush()
         # Cheap on purpose (this runs once per kick of every guest): one pass over six counters.
         kind = -1
         total = 0
@@ -194,41 +204,114 @@ class ConnectionTools:
         self._histograms = [Histogram() for _ in range(len(COUNTER_NAMES) + 1)]
         self.batches = Histogram()
 
-    # -- rate injection -------------------------------------------------------------------------------------
+    # -- the request hook: rate injection, conformance checks, traces ---------------------------------------
 
     def set_rate(self, rate: RateInjection | None) -> None:
-        backend = self.backend
-        device = backend.device
         self.rate = rate
-        compiled = getattr(backend, "_compiled", None)
-        if rate is None:
-            vars(device).pop("handle_request", None)
-            if compiled is not None:
-                vars(compiled).pop("usable", None)
+        self._install_hooks()
+
+    def set_checker(self, checker: ConformanceChecker | None) -> None:
+        self.checker = checker
+        self._install_hooks()
+
+    def set_trace(self, trace: TraceWriter | None) -> TraceWriter | None:
+        """Start (or with None stop) recording; returns the writer that was recording, closed."""
+        previous = self.trace
+        self.trace = trace
+        self._install_hooks()
+        if previous is not None:
+            previous.close()
+        return previous
+
+    def _install_hooks(self) -> None:
+        """Wrap the device's public entry points on this instance while any tool needs them.
+
+        Workaround until the device core offers per-request hooks itself: the wrappers are instance
+        attributes shadowing ``IommuDevice.handle_request`` (and ``set_features``, ``set_config``,
+        ``reset`` for the checker and the trace). A wrapped ``handle_request`` also makes the back-end's
+        compiled request path step aside (``CompiledRequestPath.usable``), so every request takes the
+        Python path, which is slower.
+        """
+        device = self.backend.device
+        attributes = vars(device)
+        for name in ("handle_request", "set_features", "set_config", "reset"):
+            attributes.pop(name, None)
+        if self.rate is None and self.checker is None and self.trace is None:
             return
-        if compiled is not None:
-            # Workaround until the device core offers rate injections itself: the compiled request path
-            # serves MAP/UNMAP without calling handle_request, so while a rate is on every request takes
-            # the Python path (the way the back-end already does while count injections are pending).
-            compiled.usable = lambda: False
-        original = type(device).handle_request
-        chosen = int(rate.request_type)
-        weak_device = weakref.ref(device)  # the device holds this wrapper: no cycle back to it
+        cls = type(device)
+        weak_device = weakref.ref(device)  # the device holds these wrappers: no cycle back to it
+        tools = self
+        original_request = cls.handle_request
 
         def handle_request(request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
             target = weak_device()
             assert target is not None  # called by the device's owner, through the device
-            if len(request) and request[0] == chosen:
+            if tools.checker is not None:
+                tools.checker.check_request(request, writable_size)
+            rate = tools.rate
+            if rate is not None and len(request) and request[0] == int(rate.request_type):
                 rate.seen += 1
                 if rate.rng.random() < rate.rate:
                     rate.forced += 1
                     target.inject(rate.request_type, rate.status, times=1)
-            answer: tuple[bytes, int] = original(target, request, writable_size)
+            trace = tools.trace
+            if trace is None:
+                answer: tuple[bytes, int] = original_request(target, request, writable_size)
+                return answer
+            injected = target.injected_count
+            started = perf_counter_ns()
+            answer = original_request(target, request, writable_size)
+            elapsed = perf_counter_ns() - started
+            response, used = answer
+            trace.request(
+                bytes(request),
+                writable_size,
+                response,
+                used,
+                forced=target.injected_count != injected,
+                ns=elapsed,
+            )
             return answer
 
         device.handle_request = handle_request  # type: ignore[method-assign]
+        if self.checker is None and self.trace is None:
+            return
+        original_features, original_config, original_reset = cls.set_features, cls.set_config, cls.reset
+
+        def set_features(acked: int) -> None:
+            target = weak_device()
+            assert target is not None
+            original_features(target, acked)
+            if tools.checker is not None:
+                tools.checker.check_features(acked)
+            if tools.trace is not None:
+                tools.trace.features(acked)
+
+        def set_config(offset: int, data: bytes) -> None:
+            target = weak_device()
+            assert target is not None
+            if tools.checker is not None:
+                tools.checker.check_config_write(offset, bytes(data))
+            if tools.trace is not None:
+                tools.trace.config(offset, bytes(data))
+            original_config(target, offset, data)
+
+        def reset() -> None:
+            target = weak_device()
+            assert target is not None
+            original_reset(target)
+            if tools.checker is not None:
+                tools.checker.device_reset()
+            if tools.trace is not None:
+                tools.trace.reset()
+
+        device.set_features = set_features  # type: ignore[method-assign]
+        device.set_config = set_config  # type: ignore[method-assign]
+        device.reset = reset  # type: ignore[method-assign]
 
     def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vhost_iommu import __version__
+from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
 from vhost_iommu.control.instrument import ConnectionTools, RateInjection
 from vhost_iommu.control.protocol import (
     BAD_ARGUMENT,
@@ -44,6 +45,7 @@ from vhost_iommu.device import (
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
 from vhost_iommu.device.topology import TopologyError
 from vhost_iommu.protocol.constants import ProtocolFeature
+from vhost_iommu.trace import DEFAULT_KEEP, DEFAULT_MAX_BYTES, TraceWriter
 
 if TYPE_CHECKING:
     from vhost_iommu.backend import VhostUserBackend
@@ -113,14 +115,33 @@ ARGUMENTS: dict[str, set[str]] = {
     "bypass": {_C, "value", "boot"},
     "resv": {_C, "endpoint", "regions"},
     "resv-clear": {_C, "endpoint"},
+    "conformance": {_C, "statements"},
+    "conformance-start": {_C},
+    "conformance-stop": {_C},
+    "conformance-reset": {_C},
+    "trace-start": {_C, "path", "max_bytes", "keep"},
+    "trace-stop": {_C},
 }
 
 
 class ControlService:
     """Serves control requests for the connections of ``server``; call :meth:`track` on its factory."""
 
-    def __init__(self, server: VhostUserServer | None = None) -> None:
+    def __init__(
+        self,
+        server: VhostUserServer | None = None,
+        *,
+        conformance: bool = False,
+        trace_path: str | None = None,
+        trace_max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        """``conformance``: check every connection's driver from its first message (docs/toolkit.md);
+        ``trace_path``: record every connection's requests from the start (the first connection to that
+        path, connection N > 1 to PATH-N)."""
         self.server = server
+        self.conformance = conformance
+        self.trace_path = trace_path
+        self.trace_max_bytes = trace_max_bytes
         self._numbers = itertools.count(1)
         # Tools live as long as their back-end (the back-end's wrapper holds them); gone connections fall
         # out of the registry with it.
@@ -147,6 +168,12 @@ class ControlService:
             "bypass": self.bypass,
             "resv": self.resv,
             "resv-clear": self.resv_clear,
+            "conformance": self.conformance_report,
+            "conformance-start": self.conformance_start,
+            "conformance-stop": self.conformance_stop,
+            "conformance-reset": self.conformance_reset,
+            "trace-start": self.trace_start,
+            "trace-stop": self.trace_stop,
         }
         assert set(self._commands) == set(ARGUMENTS)
 
@@ -160,9 +187,30 @@ class ControlService:
             if hasattr(backend, "device") and hasattr(backend, "deliver_events"):
                 tools = ConnectionTools(next(self._numbers), backend, asyncio.get_running_loop())  # type: ignore[arg-type]
                 self._tools[tools.number] = tools
+                if self.conformance:
+                    tools.set_checker(
+                        ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
+                    )
+                if self.trace_path is not None:
+                    path = self.trace_path
+                    if tools.number > 1:
+                        stem, dot, suffix = path.rpartition(".")
+                        path = (
+                            f"{stem}-{tools.number}.{suffix}"
+                            if dot and "/" not in suffix
+                            else f"{path}-{tools.number}"
+                        )
+                    tools.set_trace(
+                        TraceWriter(path, tools.backend.device.topology, max_bytes=self.trace_max_bytes)
+                    )
             return backend
 
         return tracked
+
+    def close(self) -> None:
+        """Close every trace still recording (their files are complete afterwards)."""
+        for tools in list(self._tools.values()):
+            tools.set_trace(None)
 
     def handle(self, request: Request) -> object:
         """Run one request; raises ControlError for anything the client got wrong."""
@@ -525,7 +573,7 @@ class ControlService:
 
     def bypass(self, arguments: Arguments) -> object:
         """Set config.bypass (or restore its boot value) and tell the driver the config changed."""
-        backend, _tools = self._backend(arguments)
+        backend, tools = self._backend(arguments)
         device = backend.device
         if arguments.boolean("boot", default=False):
             if "value" in arguments:
@@ -537,6 +585,8 @@ class ControlService:
         if context is None:
             raise ControlError(UNAVAILABLE, "the back-end is not attached to a connection")
         device.config.bypass = value
+        if tools.trace is not None:
+            tools.trace.bypass(value)
         context.config_changed()
         return {"bypass": value}
 
@@ -598,3 +648,78 @@ class ControlService:
             raise ControlError(BAD_ARGUMENT, f"regions: {exc}") from None
         device.topology = changed
         return {"endpoint": endpoint, "reserved": [_region(r) for r in changed.reserved_regions(endpoint)]}
+
+    # -- driver conformance and traces (docs/toolkit.md) -----------------------------------------------------
+
+    def conformance_report(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        with_statements = arguments.boolean("statements", default=False)
+        checker = tools.checker
+        report: dict[str, object] = {"enabled": checker is not None}
+        report.update(checker.report() if checker is not None else {"total": 0, "counts": {}, "first": {}})
+        if with_statements:
+            report["statements"] = {
+                key: {"section": statement.section, "text": statement.text}
+                for key, statement in STATEMENTS.items()
+            }
+        return report
+
+    def conformance_start(self, arguments: Arguments) -> object:
+        """Check the driver's requests from now on (a PROBE sent before starting is not seen)."""
+        _backend, tools = self._backend(arguments)
+        if tools.checker is None:
+            checker = ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
+            # The driver set its features before the checker existed: not a request before features.
+            checker.check_features(tools.backend.device.driver_features)
+            checker.reset_counts()
+            tools.set_checker(checker)
+        return {"enabled": True}
+
+    def conformance_stop(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        checker = tools.checker
+        tools.set_checker(None)
+        return checker.report() if checker is not None else {"total": 0, "counts": {}, "first": {}}
+
+    def conformance_reset(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        if tools.checker is None:
+            raise ControlError(
+                UNAVAILABLE, "no conformance checker runs on this connection (conformance-start)"
+            )
+        tools.checker.reset_counts()
+        return {}
+
+    def trace_start(self, arguments: Arguments) -> object:
+        """Record this connection's requests to ``path`` (a fresh file; replaced if it exists)."""
+        backend, tools = self._backend(arguments)
+        path = arguments.string("path", default="")
+        if not path or "\0" in path:
+            raise ControlError(BAD_ARGUMENT, "path: a file name is needed")
+        max_bytes = arguments.integer("max_bytes", default=DEFAULT_MAX_BYTES, low=4096, high=1 << 40)
+        keep = arguments.integer("keep", default=DEFAULT_KEEP, high=1000)
+        if tools.trace is not None:
+            raise ControlError(
+                UNAVAILABLE, f"a trace is already recording to {tools.trace.path} (trace-stop)"
+            )
+        device = backend.device
+        try:
+            writer = TraceWriter(
+                path, device.topology, features=device.driver_features, max_bytes=max_bytes, keep=keep
+            )
+        except OSError as exc:
+            raise ControlError(BAD_ARGUMENT, f"path: {path}: {exc.strerror or exc}") from None
+        if device.domains() or any(info.domain is not None for info in device.endpoints()):
+            # Replay starts from a fresh device: a trace started mid-session says so in its first event.
+            note = "started on a device with domains: a replay from a fresh device will differ"
+        else:
+            note = ""
+        tools.set_trace(writer)
+        return {"path": str(writer.path), "max_bytes": max_bytes, "keep": keep, "note": note}
+
+    def trace_stop(self, arguments: Arguments) -> object:
+        _backend, tools = self._backend(arguments)
+        writer = tools.set_trace(None)
+        if writer is None:
+            raise ControlError(UNAVAILABLE, "no trace is recording on this connection")
+        return {"path": str(writer.path), "records": writer.records, "parts": writer.parts}

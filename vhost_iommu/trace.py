@@ -1,0 +1,541 @@
+"""Request traces: record what a driver asked of the device and what it answered; replay it offline.
+
+A trace is JSON lines. The first line of each file is a header::
+
+    {"trace": "vhost-iommu", "version": 1, "part": 0, "first": 0, "started": UNIX_TIME,
+     "topology": {...}, "features": ACKED}
+
+then one line per event, in the order the device saw them (``n`` numbers them across files, ``t`` is
+nanoseconds since the recording started):
+
+- a request: ``{"n", "t", "kind": "request", "request": HEX, "writable": N, "used": N,
+  "status": S or null, "forced": bool, "ns": service time}`` (``status`` is null when the buffers came
+  back unwritten; ``forced`` marks an answer injected through the control channel);
+- ``{"kind": "features", "acked": N}``, ``{"kind": "config", "offset": N, "data": HEX}`` (a driver's
+  config write), ``{"kind": "reset"}`` (device reset), ``{"kind": "bypass", "value": 0|1}`` (the
+  control channel set the config field).
+
+Files are bounded: when one passes ``max_bytes`` it is renamed ``PATH.1`` (older parts move to ``.2`` ...,
+the oldest beyond ``keep`` is deleted) and a new ``PATH`` starts with its own header. Only part 0 starts
+from a fresh device, so only it can be replayed; later parts are for reading.
+
+:func:`replay` runs a trace against a fresh device core (sans-I/O, no guest) and lists every request
+whose status or used length differs from the recording: a regression test of the device against what a
+real driver sent, and a benchmark of the core (the time it took). Every line is validated: a corrupt
+trace raises :class:`TraceError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from vhost_iommu.device import IommuDevice, PciRange, ReservedRegion, ResvMemType, Topology, TopologyError
+from vhost_iommu.device.layout import READABLE_SIZE, RequestType, Status
+
+TRACE_MAGIC = "vhost-iommu"
+TRACE_VERSION = 1
+DEFAULT_MAX_BYTES = 64 << 20
+DEFAULT_KEEP = 4
+MAX_LINE = 1 << 20  # a PROBE record is about 1.2 KiB; anything near this is not a trace line
+MAX_REQUEST_BYTES = 4096
+MAX_WRITABLE = 1 << 20
+U64 = (1 << 64) - 1
+
+
+class TraceError(ValueError):
+    """A trace that cannot be read; the message names the file and line."""
+
+
+# -- topology as JSON ----------------------------------------------------------------------------------------
+
+
+def _region_json(region: ReservedRegion) -> dict[str, Any]:
+    return {"type": region.kind.name, "start": region.start, "end": region.end}
+
+
+def topology_to_json(topology: Topology) -> dict[str, Any]:
+    """Everything of a topology the device uses, as plain JSON (the reverse of :func:`topology_from_json`)."""
+    return {
+        "iommu_segment": topology.iommu_segment,
+        "iommu_bdf": topology.iommu_bdf,
+        "pci_ranges": [
+            {
+                "segment": r.segment,
+                "bdf_start": r.bdf_start,
+                "bdf_end": r.bdf_end,
+                "endpoint_start": r.endpoint_start,
+                "reserved": [_region_json(region) for region in r.reserved],
+            }
+            for r in topology.pci_ranges
+        ],
+        "endpoint_reserved": [
+            {"endpoint": endpoint, "reserved": [_region_json(region) for region in regions]}
+            for endpoint, regions in sorted(topology.endpoint_reserved.items())
+        ],
+        "page_size_mask": topology.page_size_mask,
+        "input_start": topology.input_start,
+        "input_end": topology.input_end,
+        "domain_start": topology.domain_start,
+        "domain_end": topology.domain_end,
+        "probe_size": topology.probe_size,
+        "boot_bypass": topology.boot_bypass,
+    }
+
+
+def _object(value: Any, where: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TraceError(f"{where}: not an object")
+    unknown = set(value) - keys
+    missing = keys - set(value)
+    if unknown or missing:
+        raise TraceError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    return value
+
+
+def _int(value: Any, where: str, high: int = U64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise TraceError(f"{where}: {value!r} is not an integer in 0..{high:#x}")
+    return value
+
+
+def _list(value: Any, where: str, most: int = 4096) -> list[Any]:
+    if not isinstance(value, list) or len(value) > most:
+        raise TraceError(f"{where}: not a list of at most {most} items")
+    return value
+
+
+def _regions(value: Any, where: str) -> tuple[ReservedRegion, ...]:
+    regions = []
+    for index, item in enumerate(_list(value, where, 256)):
+        item = _object(item, f"{where}[{index}]", {"type", "start", "end"})
+        kind = item["type"]
+        if kind not in ResvMemType.__members__:
+            raise TraceError(f"{where}[{index}].type: {kind!r} is not RESERVED or MSI")
+        regions.append(
+            ReservedRegion(
+                ResvMemType[kind],
+                _int(item["start"], f"{where}[{index}].start"),
+                _int(item["end"], f"{where}[{index}].end"),
+            )
+        )
+    return tuple(regions)
+
+
+def topology_from_json(value: Any, where: str = "topology") -> Topology:
+    """A topology from :func:`topology_to_json`'s form; TraceError for anything else."""
+    keys = set(topology_to_json(Topology.default()))
+    fields = _object(value, where, keys)
+    ranges = []
+    for index, item in enumerate(_list(fields["pci_ranges"], f"{where}.pci_ranges", 256)):
+        at = f"{where}.pci_ranges[{index}]"
+        item = _object(item, at, {"segment", "bdf_start", "bdf_end", "endpoint_start", "reserved"})
+        ranges.append(
+            PciRange(
+                _int(item["segment"], f"{at}.segment", 0xFFFF),
+                _int(item["bdf_start"], f"{at}.bdf_start", 0xFFFF),
+                _int(item["bdf_end"], f"{at}.bdf_end", 0xFFFF),
+                _int(item["endpoint_start"], f"{at}.endpoint_start", 0xFFFF_FFFF),
+                _regions(item["reserved"], f"{at}.reserved"),
+            )
+        )
+    per_endpoint = {}
+    for index, item in enumerate(_list(fields["endpoint_reserved"], f"{where}.endpoint_reserved")):
+        at = f"{where}.endpoint_reserved[{index}]"
+        item = _object(item, at, {"endpoint", "reserved"})
+        per_endpoint[_int(item["endpoint"], f"{at}.endpoint", 0xFFFF_FFFF)] = _regions(item["reserved"], at)
+    if not isinstance(fields["boot_bypass"], bool):
+        raise TraceError(f"{where}.boot_bypass: not true or false")
+    try:
+        return Topology(
+            iommu_segment=_int(fields["iommu_segment"], f"{where}.iommu_segment", 0xFFFF),
+            iommu_bdf=_int(fields["iommu_bdf"], f"{where}.iommu_bdf", 0xFFFF),
+            pci_ranges=tuple(ranges),
+            endpoint_reserved=per_endpoint,
+            page_size_mask=_int(fields["page_size_mask"], f"{where}.page_size_mask"),
+            input_start=_int(fields["input_start"], f"{where}.input_start"),
+            input_end=_int(fields["input_end"], f"{where}.input_end"),
+            domain_start=_int(fields["domain_start"], f"{where}.domain_start", 0xFFFF_FFFF),
+            domain_end=_int(fields["domain_end"], f"{where}.domain_end", 0xFFFF_FFFF),
+            probe_size=_int(fields["probe_size"], f"{where}.probe_size", 0xFFFF_FFFF),
+            boot_bypass=fields["boot_bypass"],
+            source=where,
+        )
+    except TopologyError as exc:
+        raise TraceError(str(exc)) from None
+
+
+# -- recording -----------------------------------------------------------------------------------------------
+
+
+class TraceWriter:
+    """Writes one device's trace to ``path``, rotating at ``max_bytes`` and keeping ``keep`` old parts.
+
+    Not thread-safe: it is fed from the back-end's event loop, one event at a time.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        topology: Topology,
+        *,
+        features: int = 0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        keep: int = DEFAULT_KEEP,
+    ) -> None:
+        if max_bytes < 4096:
+            raise ValueError(f"max_bytes {max_bytes} is below 4096 (a header alone can take 1 KiB)")
+        if keep < 0:
+            raise ValueError(f"keep {keep} is negative")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.records = 0
+        self.parts = 0
+        self.rotated_away = 0  # parts deleted because more than `keep` old ones existed
+        self._topology = topology_to_json(topology)
+        self._features = features
+        self._started = time.time()
+        self._clock = time.perf_counter_ns()
+        self._file: IO[str] | None = None
+        self._size = 0
+        self._open()
+
+    def _open(self) -> None:
+        # Not following a symlink planted at the trace's path: the file is ours, created fresh.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.path, flags, 0o600)
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._size = 0
+        header = {
+            "trace": TRACE_MAGIC,
+            "version": TRACE_VERSION,
+            "part": self.parts,
+            "first": self.records,
+            "started": self._started,
+            "topology": self._topology,
+            "features": self._features,
+        }
+        self.parts += 1
+        self._write(header)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self._file.write(line)
+        self._size += len(line)
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+            self.rotated_away += 1
+        else:
+            oldest = self.path.with_name(f"{self.path.name}.{self.keep}")
+            if oldest.exists():
+                oldest.unlink()
+                self.rotated_away += 1
+            for number in range(self.keep - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{number}")
+                if older.exists():
+                    older.rename(self.path.with_name(f"{self.path.name}.{number + 1}"))
+            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        if self._size >= self.max_bytes:
+            self._rotate()
+        record = {"n": self.records, "t": time.perf_counter_ns() - self._clock, "kind": kind, **fields}
+        self.records += 1
+        self._write(record)
+
+    def request(
+        self, request: bytes, writable: int, response: bytes, used: int, *, forced: bool, ns: int
+    ) -> None:
+        status = response[-4] if used and len(response) >= 4 else None
+        self._event(
+            "request",
+            request=request.hex(),
+            writable=writable,
+            used=used,
+            status=status,
+            forced=forced,
+            ns=ns,
+        )
+
+    def features(self, acked: int) -> None:
+        self._features = acked
+        self._event("features", acked=acked)
+
+    def config(self, offset: int, data: bytes) -> None:
+        self._event("config", offset=offset, data=data.hex())
+
+    def reset(self) -> None:
+        self._event("reset")
+
+    def bypass(self, value: int) -> None:
+        self._event("bypass", value=value)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def closed(self) -> bool:
+        return self._file is None
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    part: int
+    first: int
+    started: float
+    topology: Topology
+    features: int
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    line: int
+    kind: str
+    fields: dict[str, Any]
+
+
+def _hex(value: Any, where: str, most: int) -> bytes:
+    if not isinstance(value, str) or len(value) > 2 * most:
+        raise TraceError(f"{where}: not a hex string of at most {most} bytes")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise TraceError(f"{where}: not hex") from None
+
+
+_EVENT_KEYS = {
+    "request": {"request", "writable", "used", "status", "forced", "ns"},
+    "features": {"acked"},
+    "config": {"offset", "data"},
+    "reset": set(),
+    "bypass": {"value"},
+}
+
+
+def _event(record: Any, where: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(record, dict) or record.get("kind") not in _EVENT_KEYS:
+        kind = record.get("kind") if isinstance(record, dict) else None
+        raise TraceError(f"{where}: not a trace event (kind {kind!r})")
+    kind = record["kind"]
+    fields = _object(record, where, {"n", "t", "kind"} | _EVENT_KEYS[kind])
+    _int(fields["n"], f"{where}: n")
+    _int(fields["t"], f"{where}: t")
+    parsed: dict[str, Any] = {"n": fields["n"]}
+    if kind == "request":
+        parsed["request"] = _hex(fields["request"], f"{where}: request", MAX_REQUEST_BYTES)
+        parsed["writable"] = _int(fields["writable"], f"{where}: writable", MAX_WRITABLE)
+        parsed["used"] = _int(fields["used"], f"{where}: used", MAX_WRITABLE)
+        status = fields["status"]
+        parsed["status"] = None if status is None else _int(status, f"{where}: status", 0xFF)
+        if not isinstance(fields["forced"], bool):
+            raise TraceError(f"{where}: forced: not true or false")
+        parsed["forced"] = fields["forced"]
+        parsed["ns"] = _int(fields["ns"], f"{where}: ns")
+    elif kind == "features":
+        parsed["acked"] = _int(fields["acked"], f"{where}: acked")
+    elif kind == "config":
+        parsed["offset"] = _int(fields["offset"], f"{where}: offset", 0xFFFF)
+        parsed["data"] = _hex(fields["data"], f"{where}: data", 4096)
+    elif kind == "bypass":
+        parsed["value"] = _int(fields["value"], f"{where}: value", 1)
+    return kind, parsed
+
+
+def read_trace(path: str | Path) -> tuple[TraceHeader, Iterator[TraceEvent]]:
+    """The header (read and checked now) and the events (read and checked as they are iterated)."""
+    path = Path(path)
+    try:
+        stream = path.open("rb")
+    except OSError as exc:
+        raise TraceError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        header = _header(path, stream.readline(MAX_LINE + 1))
+    except BaseException:
+        stream.close()
+        raise
+
+    def events() -> Iterator[TraceEvent]:
+        with stream:
+            for number, raw in enumerate(iter(lambda: stream.readline(MAX_LINE + 1), b""), start=2):
+                where = f"{path}:{number}"
+                if len(raw) > MAX_LINE:
+                    raise TraceError(f"{where}: a line over {MAX_LINE} bytes")
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise TraceError(f"{where}: not a JSON line") from None
+                kind, fields = _event(record, where)
+                yield TraceEvent(number, kind, fields)
+
+    return header, events()
+
+
+def _header(path: Path, raw: bytes) -> TraceHeader:
+    where = f"{path}:1"
+    if len(raw) > MAX_LINE:
+        raise TraceError(f"{where}: a line over {MAX_LINE} bytes")
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise TraceError(f"{where}: not a JSON line (is this a vhost-iommu trace?)") from None
+    if not isinstance(record, dict) or record.get("trace") != TRACE_MAGIC:
+        raise TraceError(f"{where}: not a vhost-iommu trace header")
+    if record.get("version") != TRACE_VERSION:
+        raise TraceError(
+            f"{where}: trace version {record.get('version')!r}; this program reads {TRACE_VERSION}"
+        )
+    fields = _object(record, where, {"trace", "version", "part", "first", "started", "topology", "features"})
+    started = fields["started"]
+    if not isinstance(started, (int, float)) or isinstance(started, bool):
+        raise TraceError(f"{where}: started: not a number")
+    return TraceHeader(
+        part=_int(fields["part"], f"{where}: part"),
+        first=_int(fields["first"], f"{where}: first"),
+        started=float(started),
+        topology=topology_from_json(fields["topology"], f"{where}: topology"),
+        features=_int(fields["features"], f"{where}: features"),
+    )
+
+
+# -- replay --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Difference:
+    line: int
+    record: int
+    request_type: str
+    recorded: tuple[int | None, int]  # (status, used length)
+    replayed: tuple[int | None, int]
+
+    def describe(self) -> str:
+        def answer(pair: tuple[int | None, int]) -> str:
+            status, used = pair
+            name = (
+                "unwritten"
+                if status is None
+                else Status(status).name
+                if status in Status._value2member_map_
+                else str(status)
+            )
+            return f"{name} (used {used})"
+
+        return (
+            f"line {self.line} (request {self.record}, {self.request_type}): recorded "
+            f"{answer(self.recorded)}, replayed {answer(self.replayed)}"
+        )
+
+
+@dataclass
+class ReplayResult:
+    requests: int = 0
+    events: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    difference_count: int = 0
+    #: Per request type: [count, total ns] of the replay (the device core alone) and of the recording.
+    replay_ns: dict[str, list[int]] = field(default_factory=dict)
+    recorded_ns: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.difference_count == 0
+
+
+def _type_name(request: bytes) -> str:
+    if not request:
+        return "EMPTY"
+    kind = request[0]
+    return RequestType(kind).name if kind in READABLE_SIZE else f"TYPE {kind}"
+
+
+def replay(
+    path: str | Path, *, topology: Topology | None = None, keep_differences: int = 100
+) -> ReplayResult:
+    """Run the trace at ``path`` against a fresh device core; TraceError if the trace is unusable."""
+    header, events = read_trace(path)
+    if header.part != 0:
+        raise TraceError(
+            f"{path}:1: part {header.part} of a rotated trace starts in the middle of a session "
+            f"(from record {header.first}); only part 0 can be replayed on a fresh device"
+        )
+    device = IommuDevice(topology if topology is not None else header.topology)
+    if header.features:
+        device.set_features(header.features)
+    result = ReplayResult()
+    for event in events:
+        result.events += 1
+        fields = event.fields
+        if event.kind == "features":
+            device.set_features(fields["acked"])
+        elif event.kind == "reset":
+            device.reset()
+        elif event.kind == "bypass":
+            device.config.bypass = fields["value"]
+        elif event.kind == "config":
+            # A write the device refuses was refused when recorded too, the same way.
+            with contextlib.suppress(ValueError):
+                device.set_config(fields["offset"], fields["data"])
+        else:
+            _replay_request(device, event, result, keep_differences)
+    return result
+
+
+def _replay_request(device: IommuDevice, event: TraceEvent, result: ReplayResult, keep: int) -> None:
+    fields = event.fields
+    request: bytes = fields["request"]
+    name = _type_name(request)
+    result.requests += 1
+    if fields["forced"] and request and request[0] in READABLE_SIZE:
+        # The recorded answer was injected through the control channel: inject the same one, so the
+        # replayed device does not apply a request the recorded one did not.
+        status = fields["status"]
+        device.inject(
+            RequestType(request[0]),
+            None
+            if status is None
+            else Status(status)
+            if status in Status._value2member_map_
+            else Status.DEVERR,
+        )
+    started = time.perf_counter_ns()
+    response, used = device.handle_request(request, fields["writable"])
+    elapsed = time.perf_counter_ns() - started
+    device.clear_injections()  # a forced answer the replay did not consume must not leak onward
+    for table, ns in ((result.replay_ns, elapsed), (result.recorded_ns, fields["ns"])):
+        slot = table.setdefault(name, [0, 0])
+        slot[0] += 1
+        slot[1] += ns
+    status = response[-4] if used and len(response) >= 4 else None
+    if (status, used) != (fields["status"], fields["used"]):
+        result.difference_count += 1
+        if len(result.differences) < keep:
+            result.differences.append(
+                Difference(event.line, fields["n"], name, (fields["status"], fields["used"]), (status, used))
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import select
@@ -18,6 +19,7 @@ import pytest
 
 from vhost_iommu import cli
 from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.server import create_unix_listener
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 STARTUP_TIMEOUT = 30.0  # importing numpy and numba in a fresh interpreter on a loaded 2-core machine
@@ -96,6 +98,15 @@ def test_print_capabilities_ignores_every_other_argument() -> None:
         (["--fd=-1"], "not a file descriptor number"),
         (["--socket-path=/tmp/a", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--socket-path=/tmp/a", "--backend=echo", "--topology=t.json"], "not to --backend=echo"),
+        (["--socket-path=/tmp/a", "--socket-path=/tmp/b", "--socket-count=2"], "exactly one --socket-path"),
+        (["--fd=3", "--socket-count=2"], "--socket-count applies to --socket-path"),
+        (["--socket-path=/tmp/a", "--socket-count=0"], "between 1 and 256"),
+        (["--socket-path=/tmp/a", "--socket-count=257"], "between 1 and 256"),
+        (["--socket-path=/tmp/a", "--socket-path=/tmp/../tmp/a"], "given twice"),
+        (["--socket-path=/tmp/a0", "--socket-count=1", "--control-socket=/tmp/a00"], "also a --socket-path"),
+        (["--socket-path=/tmp/a", "--max-domains=0"], "not a number of domains between 1"),
+        (["--socket-path=/tmp/a", "--max-mappings=lots"], "not a number of mappings"),
+        (["--socket-path=/tmp/a", "--backend=echo", "--max-mappings=9"], "not to --backend=echo"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_line(args: list[str], message: str) -> None:
@@ -235,6 +246,40 @@ def test_inherited_listening_fd_accepts_connections(directory: str) -> None:
                 assert frontend.get_config(0, 8) == b"changed!"
     finally:
         assert stop(process) == 0
+
+
+def test_help_names_the_device_default_mapping_limit() -> None:
+    # The help is written without importing the device (arguments answer at once); it must not drift.
+    from vhost_iommu.device import IommuDevice
+
+    parser = argparse.ArgumentParser()
+    cli.configure_serve(parser)
+    default = inspect.signature(IommuDevice).parameters["max_mappings"].default
+    assert f"(default {default})" in " ".join(parser.format_help().split())
+
+
+def test_a_socket_file_is_removed_only_while_it_is_ours(directory: str) -> None:
+    path = os.path.join(directory, "sock")
+    listener, created = create_unix_listener(path)
+    listener.close()
+    assert os.listdir(directory) == ["sock"]  # the private directory it was made in is gone
+    os.unlink(path)
+    with open(path, "w") as handle:
+        handle.write("someone else's")
+    assert not created.remove()
+    with open(path) as handle:
+        assert handle.read() == "someone else's"
+    os.unlink(path)
+    listener, created = create_unix_listener(path, 0o640)
+    listener.close()
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+    assert created.remove() and os.listdir(directory) == []
+
+
+def test_a_socket_path_in_a_missing_directory_is_a_one_line_error(directory: str) -> None:
+    result = run([f"--socket-path={directory}/missing/sock", "--backend=echo"])
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "cannot create socket" in result.stderr
 
 
 def test_serve_is_also_an_explicit_sub_command() -> None:

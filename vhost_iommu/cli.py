@@ -1,6 +1,8 @@
 """The ``vhost-iommu`` command: a vhost-user back-end program (vhost-user.rst "Backend program conventions").
 
 ``vhost-iommu --socket-path=PATH`` (or ``--fd=N``) serves the virtio-iommu device until SIGTERM or SIGINT;
+several ``--socket-path``, or ``--socket-count=N`` with one path as a prefix (as rust-vmm's vhost-device
+back-ends do), serve a guest per socket from one process, each connection with its own device and limits;
 ``vhost-iommu --print-capabilities`` prints the back-end's capabilities as JSON and exits. The program never
 daemonises itself.
 
@@ -19,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,21 +99,69 @@ def _fd_number(text: str) -> int:
     return fd
 
 
+#: More sockets than this from one process is a typo, not a deployment (each costs an fd and a task).
+MAX_SOCKETS = 256
+
+
+def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} between {low} and {high}")
+        return value
+
+    return parse
+
+
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` arguments (also the program's default command)."""
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH", help="listen for the front-end on this unix socket")
+    where.add_argument(
+        "--socket-path",
+        metavar="PATH",
+        action="append",
+        help="listen for a front-end on this unix socket; repeat it to serve one guest per socket "
+        "(with --socket-count: the prefix of the socket names)",
+    )
     where.add_argument(
         "--fd", type=_fd_number, metavar="FDNUM", help="use this inherited socket (listening or connected)"
+    )
+    parser.add_argument(
+        "--socket-count",
+        type=_bounded_int(1, MAX_SOCKETS, "a socket count"),
+        metavar="N",
+        help="serve N guests from one process on the sockets PATH0 .. PATH<N-1> (the --socket-path PATH "
+        "suffixed by 0, 1, ...; the convention of rust-vmm's vhost-device back-ends)",
     )
     parser.add_argument(
         "--socket-mode",
         type=_socket_mode,
         default=0o600,
         metavar="MODE",
-        help="permissions of the socket created by --socket-path (octal, default 0600)",
+        help="permissions of the sockets created by --socket-path (octal, default 0600)",
     )
-    parser.add_argument("--topology", metavar="FILE", help="endpoints and reserved regions of the IOMMU")
+    parser.add_argument(
+        "--max-domains",
+        type=_bounded_int(1, 2**32, "a number of domains"),
+        metavar="N",
+        help="per guest: at most N domains at once; an ATTACH that needs one more is answered NOMEM "
+        "(default: every ID of the topology's domain range)",
+    )
+    parser.add_argument(
+        "--max-mappings",
+        type=_bounded_int(0, 2**40, "a number of mappings"),
+        metavar="N",
+        help="per guest: at most N mappings at once, all domains together; a MAP past it is answered NOMEM "
+        "(default 4194304)",
+    )
+    parser.add_argument(
+        "--topology",
+        metavar="FILE",
+        help="endpoints and reserved regions of the IOMMU (a regular TOML file; it names no other file)",
+    )
     parser.add_argument(
         "--control-socket",
         metavar="PATH",
@@ -139,19 +190,54 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
         from vhost_iommu.virtio_iommu import VirtioIommuBackend
     except ImportError as exc:
         raise CliError(f"the virtio-iommu device cannot be loaded: {exc}") from None
-    topology = None
+    from vhost_iommu.device import IommuDevice
+
+    topology = Topology.default()
     if args.topology:
         try:
-            topology = Topology.load(args.topology)
+            topology = Topology.loads(
+                _read_regular_file(args.topology), source=os.path.basename(args.topology)
+            )
         except OSError as exc:
             raise CliError(f"--topology: {args.topology}: {exc.strerror or exc}") from None
         except ValueError as exc:  # TopologyError names the file and the problem
             raise CliError(f"--topology: {exc}") from None
+    max_domains: int | None = getattr(args, "max_domains", None)
+    max_mappings: int | None = getattr(args, "max_mappings", None)
 
     def factory() -> VirtioIommuBackend:
-        return VirtioIommuBackend(topology)
+        # A device per connection, so the limits are counted per guest.
+        if max_mappings is None:
+            device = IommuDevice(topology, max_domains=max_domains)
+        else:
+            device = IommuDevice(topology, max_domains=max_domains, max_mappings=max_mappings)
+        return VirtioIommuBackend(topology, device=device)
 
     return factory
+
+
+#: A topology file is a few kilobytes; more is not a topology (and must not be read into memory whole).
+MAX_TOPOLOGY_BYTES = 1 << 20
+
+
+def _read_regular_file(path: str) -> str:
+    """The text of ``path`` if it is a regular file; a FIFO, device or directory is refused unread.
+
+    Opened non-blocking so that a FIFO cannot hang the start-up before the check sees it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CliError(f"--topology: {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_TOPOLOGY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOPOLOGY_BYTES:
+        raise CliError(f"--topology: {path} is larger than {MAX_TOPOLOGY_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CliError(f"--topology: {path} is not UTF-8 text") from None
 
 
 def _inherited_socket(fd: int) -> socket.socket:
@@ -166,7 +252,7 @@ def _inherited_socket(fd: int) -> socket.socket:
 
 
 async def _serve_until_signal(
-    sock: socket.socket, factory: BackendFactory, where: str, control_path: str | None = None
+    listeners: Sequence[tuple[socket.socket, str]], factory: BackendFactory, control_path: str | None = None
 ) -> None:
     from vhost_iommu.server import SocketPathError, VhostUserServer
 
@@ -190,19 +276,23 @@ async def _serve_until_signal(
             raise CliError(f"--control-socket: {exc}") from None
         await control.start()
         log.info("control channel on %s", control_path)
+    # One server for every socket: each accepted front-end gets its own device whichever socket it used.
+    serving = {asyncio.create_task(server.serve_socket(sock, where)) for sock, where in listeners}
     # Said only now that a signal would be handled: a supervisor may act on this line.
-    log.info("listening on %s", where)
-    serving = asyncio.create_task(server.serve_socket(sock))
+    log.info("listening on %s", ", ".join(where for _sock, where in listeners))
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        # Any serving task ending ends the program: a listener failing for good, or a connected --fd
+        # front-end leaving.
+        done, _ = await asyncio.wait({*serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             log.info("signal received; shutting down")
-        elif serving.exception() is not None:
-            raise serving.exception()  # type: ignore[misc]
+        for task in done - {stopping}:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
     finally:
         server.close()
-        for task in (serving, stopping):
+        for task in (*serving, stopping):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -212,11 +302,34 @@ async def _serve_until_signal(
         # kill the process before it has removed its socket.
 
 
+def socket_paths(args: argparse.Namespace) -> list[str]:
+    """The vhost-user socket paths the arguments ask for (empty with --fd); raises CliError."""
+    paths: list[str] = list(args.socket_path or [])
+    if args.socket_count is not None:
+        if args.fd is not None:
+            raise CliError("--socket-count applies to --socket-path, not to --fd")
+        if len(paths) != 1:
+            raise CliError("--socket-count takes exactly one --socket-path (the prefix of the names)")
+        # rust-vmm's vhost-device back-ends: the path suffixed by 0 .. N-1, even for N = 1.
+        paths = [f"{paths[0]}{index}" for index in range(args.socket_count)]
+    if len(paths) > MAX_SOCKETS:
+        raise CliError(f"at most {MAX_SOCKETS} sockets")
+    resolved = [os.path.abspath(path) for path in paths]
+    if len(set(resolved)) != len(resolved):
+        raise CliError("a socket path is given twice")
+    if args.control_socket is not None and os.path.abspath(args.control_socket) in resolved:
+        raise CliError("--control-socket is also a --socket-path")
+    return paths
+
+
 def serve(args: argparse.Namespace) -> int:
     """Serve front-ends until SIGTERM/SIGINT (or, with a connected --fd, until it disconnects)."""
     if args.socket_path is None and args.fd is None:
         raise CliError("one of --socket-path or --fd is required")
-    from vhost_iommu.server import SocketPathError, bind_unix_socket, new_event_loop
+    if args.backend == "echo" and (args.max_domains is not None or args.max_mappings is not None):
+        raise CliError("--max-domains and --max-mappings apply to the IOMMU device, not to --backend=echo")
+    paths = socket_paths(args)
+    from vhost_iommu.server import SocketFile, SocketPathError, create_unix_listener, new_event_loop
 
     factory = make_backend_factory(args)
     if args.backend == "iommu":
@@ -225,30 +338,32 @@ def serve(args: argparse.Namespace) -> int:
         from vhost_iommu.jit import warm_up
 
         warm_up()
-    if args.fd is not None:
-        sock = _inherited_socket(args.fd)
-        path = None
-        where = f"fd {args.fd}"
-    else:
-        path = args.socket_path
-        try:
-            sock = bind_unix_socket(path, args.socket_mode)
-        except SocketPathError as exc:
-            raise CliError(str(exc)) from None
-        where = path
-    loop = new_event_loop()
+    listeners: list[tuple[socket.socket, str]] = []
+    files: list[SocketFile] = []
+    loop: asyncio.AbstractEventLoop | None = None
     try:
-        loop.run_until_complete(_serve_until_signal(sock, factory, where, args.control_socket))
+        if args.fd is not None:
+            listeners.append((_inherited_socket(args.fd), f"fd {args.fd}"))
+        for path in paths:
+            try:
+                sock, created = create_unix_listener(path, args.socket_mode)
+            except SocketPathError as exc:
+                raise CliError(str(exc)) from None  # the sockets already made are removed below
+            listeners.append((sock, path))
+            files.append(created)
+        loop = new_event_loop()
+        loop.run_until_complete(_serve_until_signal(listeners, factory, args.control_socket))
     finally:
-        sock.close()
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        # Closing the loop restores the default handlers; a repeated SIGTERM from a supervisor between
-        # here and exit must not turn a clean shutdown into death by signal.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
-        loop.close()
+        for sock, _where in listeners:
+            sock.close()
+        for created in files:
+            created.remove()  # only if the path still holds our socket
+        if loop is not None:
+            # Closing the loop restores the default handlers; a repeated SIGTERM from a supervisor
+            # between here and exit must not turn a clean shutdown into death by signal.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_IGN)
+            loop.close()
     return 0
 
 

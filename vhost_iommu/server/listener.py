@@ -1,8 +1,13 @@
-"""Accepting front-ends: the unix socket listener, ``--fd`` sockets, and the event loop choice.
+"""Accepting front-ends: the unix socket listeners, ``--fd`` sockets, and the event loop choice.
 
 :class:`VhostUserServer` creates one back-end (through the factory) and one :class:`Connection` per accepted
-front-end. Connections are independent: one failing, being reset or broken never touches another, and the
-server keeps accepting after any of them ends.
+front-end, on as many listening sockets as it is given (one per guest). Connections are independent: one
+failing, being reset or broken never touches another, and the server keeps accepting after any of them
+ends.
+
+Socket files (:func:`create_unix_listener`): created with their final mode inside a private directory and
+linked into place, so nobody reaches a socket more open than asked, and nothing already at the path but a
+stale socket is ever replaced; removed only if the path still holds the socket this process made.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.server.connection import Connection
@@ -38,13 +44,20 @@ class VhostUserServer:
         self._factory = backend_factory
         self._counter = itertools.count(1)
         self.connections: set[Connection] = set()
+        #: Where each live connection came from (the socket path or "fd N" given to serve_*), for the
+        #: log and the control channel; absent for connections served without an origin.
+        self.origins: dict[Connection, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
-    def serve_connection(self, sock: socket.socket) -> Connection:
-        """Start serving one connected socket (the server owns it from now on)."""
+    def serve_connection(self, sock: socket.socket, origin: str | None = None) -> Connection:
+        """Start serving one connected socket (the server owns it from now on).
+
+        ``origin`` names the listening socket it came from: it is added to the connection's name (so a log
+        line says which guest it is about) and kept in :attr:`origins`."""
         loop = asyncio.get_running_loop()
-        name = f"connection {next(self._counter)}"
+        number = next(self._counter)
+        name = f"connection {number}" if origin is None else f"connection {number} on {origin}"
         try:
             backend = self._factory()
             connection = Connection(sock, backend, loop, name)
@@ -52,11 +65,25 @@ class VhostUserServer:
             sock.close()
             raise
         self.connections.add(connection)
-        connection.done.add_done_callback(lambda _future: self.connections.discard(connection))
+        if origin is not None:
+            self.origins[connection] = origin
+
+        def forget(_future: object) -> None:
+            self.connections.discard(connection)
+            self.origins.pop(connection, None)
+
+        connection.done.add_done_callback(forget)
         return connection
 
-    async def serve_listener(self, listener: socket.socket) -> None:
-        """Accept front-ends on ``listener`` until :meth:`close` (the caller keeps owning ``listener``)."""
+    def origin(self, connection: Connection) -> str | None:
+        """The socket ``connection`` was accepted on, if it was served with one."""
+        return self.origins.get(connection)
+
+    async def serve_listener(self, listener: socket.socket, origin: str | None = None) -> None:
+        """Accept front-ends on ``listener`` until :meth:`close` (the caller keeps owning ``listener``).
+
+        Several listeners may be served at once by one server (a guest per socket); each accepted
+        front-end gets its own back-end whichever socket it came on."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         while not self._closing:
@@ -69,16 +96,16 @@ class VhostUserServer:
                     continue
                 raise
             try:
-                self.serve_connection(sock)
+                self.serve_connection(sock, origin)
             except Exception:
                 log.exception("could not start serving a new connection")
 
-    async def serve_socket(self, sock: socket.socket) -> None:
+    async def serve_socket(self, sock: socket.socket, origin: str | None = None) -> None:
         """Serve ``sock``: accept on it if it is listening, else serve it as the one connection."""
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            await self.serve_listener(sock)
+            await self.serve_listener(sock, origin)
         else:
-            await self.serve_connection(sock).wait_closed()
+            await self.serve_connection(sock, origin).wait_closed()
 
     def close(self) -> None:
         """Close every connection (each resets its device and closes its fds)."""
@@ -87,40 +114,94 @@ class VhostUserServer:
             connection.close()
 
 
-def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
-    """A listening unix socket at ``path`` with permissions ``mode``.
+@dataclass(frozen=True)
+class SocketFile:
+    """The socket file a listener was bound to: its path and the inode this process created there."""
 
-    An existing path that is not a socket is refused; a socket nobody accepts on (stale, left by a dead
-    server) is replaced; a live one is refused. The socket appears at ``path`` with its final mode already
-    set: it is bound under a temporary name, chmod'ed, then renamed into place.
+    path: str
+    device: int
+    inode: int
+
+    def remove(self) -> bool:
+        """Unlink :attr:`path` if it still is our socket; True if it was removed.
+
+        Whatever else stands there now (put by someone with write access to the directory after we bound)
+        is left alone: a program cleaning up must not delete a file it did not make."""
+        try:
+            current = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        if (current.st_dev, current.st_ino) != (self.device, self.inode):
+            log.warning("%s is no longer the socket this process created; leaving it", self.path)
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        return True
+
+
+def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
+    """A listening unix socket at ``path`` with permissions ``mode`` (see :func:`create_unix_listener`)."""
+    listener, _ = create_unix_listener(path, mode)
+    return listener
+
+
+def create_unix_listener(path: str, mode: int = 0o600) -> tuple[socket.socket, SocketFile]:
+    """A listening unix socket at ``path`` with permissions ``mode``, and the file it made.
+
+    An existing path that is not a socket (a regular file, a directory, a symlink, a FIFO) is refused; a
+    socket nobody accepts on (stale, left by a dead server) is replaced; a live one is refused. The socket
+    is bound inside a fresh 0700 directory of ours next to ``path``, chmod'ed there (nobody else can
+    reach or swap it), then hard-linked to ``path``: a link never overwrites, so a file that appears at
+    ``path`` meanwhile is refused rather than replaced, and the socket is never reachable with a wider
+    mode than ``mode``.
     """
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        existing = None
+    existing = _lstat(path)
     if existing is not None:
         if not stat.S_ISSOCK(existing.st_mode):
             raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
         if _socket_is_live(path):
             raise SocketPathError(f"{path} is in use by a running server")
         log.info("replacing stale socket %s", path)
+        # Only the stale socket we just looked at; if something else takes its place before the link
+        # below, the link fails and nothing is overwritten.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     directory = os.path.dirname(os.path.abspath(path))
-    # Short, so that a path near the 108-byte limit of unix socket addresses still fits.
-    temporary = os.path.join(directory, f".{os.getpid()}.{secrets.token_hex(2)}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    private: str | None = None
     try:
+        # Short names: a path near the 108-byte limit of unix socket addresses should still fit.
+        private = tempfile.mkdtemp(prefix=".", dir=directory)
+        temporary = os.path.join(private, "s")
+        # Linux gives the new socket file the socket inode's mode less the umask: never wider than mode.
+        os.fchmod(listener.fileno(), mode)
         listener.bind(temporary)
-        os.chmod(temporary, mode)
+        os.chmod(temporary, mode)  # exactly mode, whatever the umask took away; safe in our 0700 directory
         listener.listen(8)
-        os.replace(temporary, path)
+        os.link(temporary, path)
+        created = os.lstat(path)
     except OSError as exc:
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        if isinstance(exc, FileExistsError):
+            message = f"{path} appeared while the socket was being created; not replacing it"
+            raise SocketPathError(message) from None
         raise SocketPathError(f"cannot create socket {path}: {exc.strerror or exc}") from None
-    return listener
+    finally:
+        if private is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(private, "s"))
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+    return listener, SocketFile(path, created.st_dev, created.st_ino)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SocketPathError(f"cannot use {path}: {exc.strerror or exc}") from None
 
 
 def _socket_is_live(path: str) -> bool:

@@ -345,7 +345,9 @@ class ChainsTarget(FuzzTarget):
                 head = choices.pick(sorted(held))
                 chain = held.pop(head)
                 length = choices.between(0, chain.writable_len) if chain.writable_len < 1 << 20 else 0
-                if length:
+                if length and self._outside_rings(chain):
+                    # (A buffer over the used ring is the driver's own doing; writing into it would
+                    # overwrite the entries the used-ring check below compares.)
                     chain.write(bytes(min(length, 64)))
                 queue.push_used(head, length)
                 pushed.append((head, length))
@@ -358,6 +360,14 @@ class ChainsTarget(FuzzTarget):
                 queue.needs_notification()
                 queue.rebind(self.memory)
         self._check_used(queue, size, used_start, pushed)
+
+    def _outside_rings(self, chain: DescriptorChain) -> bool:
+        rings_start = self.memory.regions[0].data.ctypes.data  # the main RAM: rings first, then buffers
+        rings_end = rings_start + BUFFERS
+        return all(
+            view.ctypes.data >= rings_end or view.ctypes.data + len(view) <= rings_start
+            for view in chain.writable
+        )
 
     def _expect_pop(
         self, queue: SplitQueue, reference: _Reference, size: int, held: dict[int, DescriptorChain]

@@ -8,8 +8,8 @@ eventfds, a socketpair for the back-end channel; mixed with the ``codec`` target
 fds that are not what the request wants), writes requests (valid and hostile descriptor chains) into the
 rings it set up and kicks them, then hangs up (half-close) and reads what is left.
 
-Checked after each execution: everything the server sent on the socket is a valid stream of replies, each
-to a request of the conversation; the server closes the connection within the time bound; its thread and
+Checked after each execution: everything the server sent on the socket is a valid stream of replies; the
+server closes the connection within the time bound; its thread and
 event loop are alive and no exception escaped a callback or was logged as unexpected; the bystander still
 gets answers; the process has exactly the fds it had before, and no mapping of the guest RAM but our own.
 """
@@ -114,7 +114,6 @@ class ServerTarget(FuzzTarget):
         self.ram.data[: BUFFERS + 0x10000] = 0
         mine: list[int] = []  # fds this execution keeps (kick eventfds, back-end channel ends)
         self._received = bytearray()  # everything the server sent on the main socket
-        self._sent: set[int] = set()  # request codes sent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.server.path)
@@ -127,7 +126,7 @@ class ServerTarget(FuzzTarget):
                 if not self._step(choices, sock, mine, features):
                     features.append("closed by the server")
                     break
-            self._hang_up(sock)
+            features.append(("replies", min(self._hang_up(sock), 8)))
         finally:
             sock.close()
             for fd in mine:
@@ -167,16 +166,14 @@ class ServerTarget(FuzzTarget):
         finally:
             for fd in fds:
                 os.close(fd)
-        if len(data) >= 4:
-            self._sent.add(struct.unpack_from("<I", data)[0])
         with contextlib.suppress(BlockingIOError, ConnectionResetError):
             while chunk := sock.recv(65536):  # read as we go, or the socket fills
                 self._received += chunk
         return True
 
-    def _hang_up(self, sock: socket.socket) -> None:
+    def _hang_up(self, sock: socket.socket) -> int:
         """End the conversation (half-close: the server sees the end of the stream), take every reply
-        until the server closes its side, and check they form a valid reply stream."""
+        until the server closes its side, and check they form a valid reply stream; how many replies."""
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         sock.settimeout(10)
@@ -196,9 +193,9 @@ class ServerTarget(FuzzTarget):
             raise FuzzFailure(f"the server sent a malformed reply stream: {exc}") from None
         finally:
             decoder.close()
-        strays = [reply.code for reply in replies if reply.code not in self._sent]
-        if strays:
-            raise FuzzFailure(f"the server replied to requests it was not sent: {strays}")
+        # (Which requests they answer is not checked: after noise the server frames the stream
+        # differently from how it was written, so its "requests" are not the ones sent.)
+        return len(replies)
 
     def _start_device(self, mine: list[int]) -> list[tuple[bytes, list[int]]]:
         """What QEMU sends to start the device with both rings running, so that later kicks reach it."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -324,3 +326,25 @@ def test_a_trace_from_the_first_request(served_with: Callable[..., Served], tmp_
     assert result.ok and result.requests == 2
     kinds = [event.kind for event in read_trace(trace)[1]]
     assert kinds[0] == "features" and kinds.count("request") == 2
+
+
+def test_ctl_shows_conformance_and_drives_traces(served_with: Callable[..., Served], tmp_path: Path) -> None:
+    served = served_with(conformance=True)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "vhost_iommu", "ctl", "--control-socket", served.control, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+
+    with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
+        ring = Ring(frontend, ram)
+        assert ctl("trace-start", "relative.jsonl", "--max-bytes", "65536").returncode == 0
+        ring.send(encode_attach(1, EP))
+        shown = ctl("conformance", "--statements")
+        assert shown.returncode == 0, shown.stderr
+        assert "1 violation(s)" in shown.stdout and "probe-before-attach" in shown.stdout
+        assert "map-overlap: [IOMMU Device / Device operations / MAP request]" in shown.stdout
+        stopped = ctl("--json", "trace-stop")
+        assert stopped.returncode == 0 and '"records": 1' in stopped.stdout
+        del ring
+    # The back-end opened the path ctl made absolute in its own directory.
+    assert replay(tmp_path / "relative.jsonl").requests == 1

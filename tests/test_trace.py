@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import IommuDevice, ReservedRegion, ResvMemType, Status, Topology
 from vhost_iommu.device.layout import (
     F_MAP_UNMAP,
@@ -235,3 +236,17 @@ def test_the_writer_does_not_follow_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         TraceWriter(tmp_path / "t.jsonl", Topology.default())
     assert target.read_text() == "keep me"
+
+
+def test_replay_checks_the_recorded_driver_offline(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    session(path)
+    result = replay(path, checker=ConformanceChecker)
+    assert result.ok and result.conformance is not None
+    # The session's driver declined INPUT_RANGE and DOMAIN_RANGE, and sent one overlapping MAP.
+    assert result.conformance["counts"] == {"features-accept": 1, "map-overlap": 1}
+    assert replay(path).conformance is None
+    command = [sys.executable, "-m", "vhost_iommu", "replay", "--conformance", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "driver conformance: 2 violation(s)" in done.stdout
+    assert "map-overlap x1: MAP of 0x10000-0x1ffff over a mapping of domain 1" in done.stdout

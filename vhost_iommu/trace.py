@@ -31,11 +31,12 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import IommuDevice, PciRange, ReservedRegion, ResvMemType, Topology, TopologyError
 from vhost_iommu.device.layout import READABLE_SIZE, RequestType, Status
 
@@ -462,6 +463,8 @@ class ReplayResult:
     #: Per request type: [count, total ns] of the replay (the device core alone) and of the recording.
     replay_ns: dict[str, list[int]] = field(default_factory=dict)
     recorded_ns: dict[str, list[int]] = field(default_factory=dict)
+    #: The conformance report of the recorded driver, when replay() was given a checker.
+    conformance: dict[str, object] | None = None
 
     @property
     def ok(self) -> bool:
@@ -476,9 +479,16 @@ def _type_name(request: bytes) -> str:
 
 
 def replay(
-    path: str | Path, *, topology: Topology | None = None, keep_differences: int = 100
+    path: str | Path,
+    *,
+    topology: Topology | None = None,
+    keep_differences: int = 100,
+    checker: Callable[[IommuDevice], ConformanceChecker] | None = None,
 ) -> ReplayResult:
-    """Run the trace at ``path`` against a fresh device core; TraceError if the trace is unusable."""
+    """Run the trace at ``path`` against a fresh device core; TraceError if the trace is unusable.
+
+    ``checker`` builds a conformance checker for the replayed device (``ConformanceChecker``): the
+    recorded driver is then checked offline, its report in ``result.conformance``."""
     header, events = read_trace(path)
     if header.part != 0:
         raise TraceError(
@@ -486,24 +496,37 @@ def replay(
             f"(from record {header.first}); only part 0 can be replayed on a fresh device"
         )
     device = IommuDevice(topology if topology is not None else header.topology)
+    check = checker(device) if checker is not None else None
     if header.features:
         device.set_features(header.features)
+        if check is not None:
+            check.check_features(header.features)
     result = ReplayResult()
     for event in events:
         result.events += 1
         fields = event.fields
         if event.kind == "features":
             device.set_features(fields["acked"])
+            if check is not None:
+                check.check_features(fields["acked"])
         elif event.kind == "reset":
             device.reset()
+            if check is not None:
+                check.device_reset()
         elif event.kind == "bypass":
             device.config.bypass = fields["value"]
         elif event.kind == "config":
+            if check is not None:
+                check.check_config_write(fields["offset"], fields["data"])
             # A write the device refuses was refused when recorded too, the same way.
             with contextlib.suppress(ValueError):
                 device.set_config(fields["offset"], fields["data"])
         else:
+            if check is not None:
+                check.check_request(fields["request"], fields["writable"])
             _replay_request(device, event, result, keep_differences)
+    if check is not None:
+        result.conformance = check.report()
     return result
 
 

@@ -7,6 +7,9 @@ the control channel shows the device state the wire cannot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import os
 import signal
 import socket
@@ -22,9 +25,11 @@ import pytest
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.device.layout import Status, encode_attach, encode_detach, encode_map, encode_unmap
 from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.protocol import VIRTIO_CONFIG_S_NEEDS_RESET
+from vhost_iommu.server import VhostUserServer, create_unix_listener
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
@@ -381,3 +386,46 @@ def test_a_fifo_as_topology_is_refused_unread(directory: str) -> None:
     assert result.returncode == 1
     assert "is not a regular file" in result.stderr and result.stderr.count("\n") == 1
     assert os.listdir(directory) == ["topology.toml"]
+
+
+def test_a_connection_lost_before_accept_does_not_end_the_listener(directory: str) -> None:
+    # accept(2) may fail for one pending connection (ECONNABORTED): the socket must keep serving the rest.
+    path = f"{directory}/s"
+    failures = [ConnectionAbortedError(errno.ECONNABORTED, "aborted"), OSError(errno.EPROTO, "protocol")]
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        real_accept = loop.sock_accept
+
+        async def flaky_accept(sock: socket.socket) -> tuple[socket.socket, object]:
+            if failures:
+                raise failures.pop(0)
+            return await real_accept(sock)
+
+        loop.sock_accept = flaky_accept  # type: ignore[method-assign]
+        server = VhostUserServer(EchoBackend)
+        listener, created = create_unix_listener(path)
+        serving = asyncio.create_task(server.serve_listener(listener, path))
+        try:
+
+            def guest() -> int:
+                with Frontend.connect(path, timeout=REPLY_TIMEOUT) as frontend:
+                    return frontend.get_queue_num()
+
+            return await loop.run_in_executor(None, guest)
+        finally:
+            server.close()
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            listener.close()
+            created.remove()
+
+    # asyncio's own loop: uvloop's cannot have sock_accept replaced.
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == 2
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    assert failures == [] and os.listdir(directory) == []

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[], VhostUserBackend]
 
+#: accept(2) errors that concern one pending connection only (accept(2) "Error handling": the listener is
+#: fine and the next accept may succeed).
+_ONE_CONNECTION_FAILED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
 
 class SocketPathError(Exception):
     """The socket path cannot be used (not a socket, in use by a live server, or not creatable)."""
@@ -90,6 +94,10 @@ class VhostUserServer:
             try:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as exc:
+                if exc.errno in _ONE_CONNECTION_FAILED:
+                    # That front-end went away between connect and accept: its trouble, not the socket's.
+                    log.info("a connection was lost before it was accepted (%s)", exc)
+                    continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("cannot accept a connection now (%s); retrying in a second", exc)
                     await asyncio.sleep(1)

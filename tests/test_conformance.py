@@ -94,9 +94,13 @@ class VhostUserHarness(Harness):
     split rings with EVENT_IDX, eventfds. ``submit`` posts one chain on the requestq, kicks, waits for the
     call eventfd and reads the used entry back; config goes through GET/SET_CONFIG."""
 
-    def __init__(self, topology: Topology, features: int | None, stack: ExitStack) -> None:
+    def __init__(
+        self, topology: Topology, features: int | None, stack: ExitStack, *, kick_thread: bool = False
+    ) -> None:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-conf-"))
-        self.server = RunningServer(lambda: VirtioIommuBackend(topology), os.path.join(directory, "sock"))
+        self.server = RunningServer(
+            lambda: VirtioIommuBackend(topology, kick_thread=kick_thread), os.path.join(directory, "sock")
+        )
         stack.callback(self.server.stop)
         self.frontend = stack.enter_context(self.server.connect())
         self.ram = GuestRam(4 << 20)
@@ -147,16 +151,18 @@ class VhostUserHarness(Harness):
         self._started = True
 
 
-@pytest.fixture(params=["device", "vhost-user"])
+@pytest.fixture(params=["device", "vhost-user", "vhost-user-kick-thread"])
 def make_harness(request: pytest.FixtureRequest) -> Iterator[MakeHarness]:
     """The seam: ``make(topology=None, features=None)`` -> Harness with ``features`` negotiated, either
-    straight on `IommuDevice.handle_request` or through the whole vhost-user path."""
+    straight on `IommuDevice.handle_request` or through the whole vhost-user path (the requestq served
+    from the event loop, or from the back-end's kick thread)."""
     with ExitStack() as stack:
 
         def make(topology: Topology | None = None, *, features: int | None = None) -> Harness:
             topology = topology if topology is not None else Topology.default()
-            if request.param == "vhost-user":
-                return VhostUserHarness(topology, features, stack)
+            if request.param != "device":
+                kick_thread = request.param == "vhost-user-kick-thread"
+                return VhostUserHarness(topology, features, stack, kick_thread=kick_thread)
             device = IommuDevice(topology)
             device.set_features(device.device_features() if features is None else features)
             return Harness(device, device.handle_request)

@@ -8,13 +8,17 @@ then compared byte for byte (statuses, used entries, avail_event) along with the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -99,15 +103,61 @@ class Rig:
     backend: VirtioIommuBackend
     context: Context
     kicks: list[int] = field(default_factory=list)
+    #: With the kick thread: the event loop (run by a thread of the test) and the kick eventfd.
+    loop: asyncio.AbstractEventLoop | None = None
+    kick_fd: int | None = None
 
     def kick(self) -> None:
-        self.backend.queue_kicked(0)
+        if self.kick_fd is None:
+            self.backend.queue_kicked(0)
+            return
+        # What the driver does, and then what the server would do: nothing but wait.
+        os.write(self.kick_fd, (1).to_bytes(8, sys.byteorder))
+        self.kicks.append(0)
+        thread = self.backend._kick_thread
+        assert thread is not None
+        assert thread.wait_answered(len(self.kicks), timeout=30)
+
+    def on_loop(self, function: Callable[[], T]) -> T:
+        if self.loop is None:
+            return function()
+
+        async def call() -> T:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(30)
+
+    def take_kick_fd(self) -> None:
+        """What the handler does when the ring is served (and again after a memory change)."""
+        if self.kick_fd is not None:
+            kick_fd = self.kick_fd
+            assert self.on_loop(lambda: self.backend.takes_kick_fd(0, kick_fd))
+            self.kicks.clear()
+
+    def release_kick_fd(self) -> None:
+        if self.kick_fd is not None:
+            self.on_loop(lambda: self.backend.release_kick_fd(0))
 
     def post(self, request: bytes, writable: int = 4, *, indirect: bool = False) -> int:
         return self.driver.post([request], [writable], indirect=indirect)
 
 
 Scenario = Callable[[Rig], None]
+T = TypeVar("T")
+
+
+@contextmanager
+def event_loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop run by a thread: the kick thread hands chains back to it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test loop")
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 def run(
@@ -120,9 +170,13 @@ def run(
     device: Callable[[], IommuDevice] | None = None,
     split_memory: bool = False,
     poll_us: float = 0,
+    kick_thread: bool = False,
 ) -> tuple[object, ...]:
-    """Run ``scenario`` on fresh RAM through ``path``; what a driver and a tool could observe."""
-    with GuestRam(RAM_SIZE, gpa_base=GPA_BASE) as ram:
+    """Run ``scenario`` on fresh RAM through ``path``; what a driver and a tool could observe.
+
+    With ``kick_thread`` the requestq is served by the back-end's thread, woken by an eventfd the rig
+    writes for each kick, with an event loop on another thread to hand chains back to."""
+    with ExitStack() as stack, GuestRam(RAM_SIZE, gpa_base=GPA_BASE) as ram:
         if split_memory:
             # The same memfd as two regions adjacent in gpa space (buffers may cross between them).
             half = RAM_SIZE // 2
@@ -140,6 +194,7 @@ def run(
                 device=device() if device else None,
                 request_path=path,
                 poll_us=poll_us if path == "compiled" else 0,
+                kick_thread=kick_thread,
             )
             offered = backend.device_features()
             backend.set_features(offered if features is None else features)
@@ -147,7 +202,14 @@ def run(
             context = Context(memory, queues)
             backend.attach(context)
             rig = Rig(ram, requests, backend, context)
+            if kick_thread:
+                rig.loop = stack.enter_context(event_loop_thread())
+                rig.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                stack.callback(os.close, rig.kick_fd)
+                stack.callback(rig.release_kick_fd)  # before the loop stops (callbacks run last first)
+                rig.take_kick_fd()
             scenario(rig)
+            rig.release_kick_fd()
             dev = backend.device
             state = (
                 hashlib.sha256(ram.read(GPA_BASE, RAM_SIZE)).hexdigest(),
@@ -166,10 +228,15 @@ def run(
             memory.close()
 
 
-def same(scenario: Scenario, **options: object) -> tuple[object, ...]:
+def same(scenario: Scenario, *, kick_thread: bool = True, **options: object) -> tuple[object, ...]:
+    """The scenario through the Python path, the compiled path and (unless told not to) the compiled
+    path served by the kick thread: all three must agree."""
     python = run(scenario, "python", **options)  # type: ignore[arg-type]
     compiled = run(scenario, "compiled", **options)  # type: ignore[arg-type]
     assert compiled == python
+    if kick_thread:
+        threaded = run(scenario, "compiled", kick_thread=True, **options)  # type: ignore[arg-type]
+        assert threaded == python
     return compiled
 
 
@@ -318,9 +385,11 @@ def _shrink_memory_to_the_first_half(rig: Rig) -> None:
     memory = rig.context.memory
     half = RAM_SIZE // 2
     assert rig.driver.used_gpa < GPA_BASE + half
+    rig.release_kick_fd()  # as the handler does around a memory change
     memory.replace([(MemoryRegionDesc(GPA_BASE, half, rig.ram.gpa_to_uva(GPA_BASE), 0), rig.ram.dup_fd())])
     for queue in rig.context.queues:
         queue.rebind(memory)
+    rig.take_kick_fd()
 
 
 def test_a_new_memory_table_is_followed() -> None:
@@ -394,7 +463,7 @@ def test_a_wrapped_handle_request_sees_every_request() -> None:
         rig.kick()
 
     same(scenario)
-    assert seen == [1, 3, 4] * 2
+    assert seen == [1, 3, 4] * 3  # Python path, compiled path, kick thread
 
 
 # -- hostile rings: the same NEEDS_RESET, the good chains before the bad one served -----------------------
@@ -696,7 +765,7 @@ def test_a_driver_that_reposts_at_once_gets_a_ring_per_call_then_a_reschedule() 
         assert calls == rounds + 1
         assert rig.context.queues[0].next_avail == (rounds + 1) * rig.driver.size
 
-    same(scenario)
+    same(scenario, kick_thread=False)  # the bound is the loop's: the thread has the ring to itself
 
 
 def test_the_kernel_stops_at_its_budget_without_consuming_the_next_chain() -> None:

@@ -7,7 +7,7 @@ talks back to the server only through the :class:`BackendContext` it is given.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from vhost_iommu.memory import GuestMemory
@@ -96,4 +96,29 @@ class VhostUserBackend(Protocol):
         """Device reset: back to the initial state. Called for RESET_DEVICE, SET_STATUS 0, and when the
         rings restart at a new layout after a stop (how a guest reset shows with QEMU's generic device).
         RESET_OWNER only disables the rings (vhost-user.rst); a disconnect drops the whole back-end."""
+        ...
+
+
+@runtime_checkable
+class KickFdTaker(Protocol):
+    """An optional capability of a back-end: serving a queue from its own thread, woken by the queue's
+    kick fd directly instead of by the event loop.
+
+    The server offers the kick fd of a queue while the queue is served (started, enabled, device not
+    broken); a back-end that takes it must stop watching it, and stop touching that queue's ring, guest
+    memory and the queue's call fd, before ``release_kick_fd`` returns. The server releases a taken fd
+    before it stops or disables the queue, changes the memory table, replaces the queue's kick or call
+    fd, resets the device, and at disconnect, and offers it again afterwards where the queue is still
+    served. Between the two, ``queue_kicked`` for that queue may still be called (a held kick, a
+    reschedule): the back-end hands it to its thread. The fd stays the server's: the back-end never
+    closes it.
+    """
+
+    def takes_kick_fd(self, index: int, fd: int) -> bool:
+        """Whether the back-end watches ``fd`` itself from now on (False: the server keeps watching)."""
+        ...
+
+    def release_kick_fd(self, index: int) -> None:
+        """Stop watching the fd taken for queue ``index``; returns when nothing of the back-end's
+        touches the queue any more (its thread has been joined)."""
         ...

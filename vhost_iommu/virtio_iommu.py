@@ -12,9 +12,15 @@ time. docs/performance.md describes it and its measurements.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import os
 import platform
+import select
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -177,43 +183,14 @@ class CompiledRequestPath:
         self._bind(ring, memory)
         store = self.device.store
         assert isinstance(store, MappingTable)
-        domains = self.device.domain_table
-        params = self._ring_params
-        serve_requests = kernel.serve_requests
         completed = 0
         grown = 0  # growths in a row without a completed chain
         try:
             while True:
                 if completed >= budget:
                     return completed, ring.has_available()
-                params[_R_BUDGET] = budget - completed
-                params[_R_NEXT_AVAIL] = ring.next_avail
-                params[_R_USED_IDX] = ring.used_idx
-                leaves, nodes, directory, meta = store.arrays
-                regions = domains.regions
-                reason = serve_requests(
-                    params,
-                    self._memory_table,
-                    domains.exists,
-                    domains.bypass,
-                    domains.mapping_count,
-                    domains.resv_set,
-                    regions.starts,
-                    regions.ends,
-                    regions.offsets,
-                    leaves,
-                    nodes,
-                    directory,
-                    meta,
-                    self._counts,
-                )
-                next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
-                self.stops[reason] += 1
-                if done:
-                    ring.next_avail = next_avail
-                    ring.used_idx = used_idx
-                    ring._pushed_since_check += done
-                    completed += done
+                done, reason = self._call_kernel(ring, budget - completed)
+                completed += done
                 if reason == kernel.STOP_EMPTY:
                     return completed, False
                 if reason == kernel.STOP_BUDGET:
@@ -234,6 +211,49 @@ class CompiledRequestPath:
             if completed:
                 self._merge_counts()
 
+    def serve_kernel_only(self, ring: SplitQueue, memory: GuestMemory, budget: int) -> tuple[int, int]:
+        """One kernel call and nothing else (the kick thread's step): returns the chains it completed
+        and its STOP_* reason; whatever the reason asks for is the caller's to arrange."""
+        self._bind(ring, memory)
+        done, reason = self._call_kernel(ring, budget)
+        if done:
+            self._merge_counts()
+        return done, reason
+
+    def _call_kernel(self, ring: SplitQueue, budget: int) -> tuple[int, int]:
+        store = self.device.store
+        assert isinstance(store, MappingTable)
+        domains = self.device.domain_table
+        params = self._ring_params
+        params[_R_BUDGET] = budget
+        params[_R_NEXT_AVAIL] = ring.next_avail
+        params[_R_USED_IDX] = ring.used_idx
+        leaves, nodes, directory, meta = store.arrays
+        regions = domains.regions
+        reason = kernel.serve_requests(
+            params,
+            self._memory_table,
+            domains.exists,
+            domains.bypass,
+            domains.mapping_count,
+            domains.resv_set,
+            regions.starts,
+            regions.ends,
+            regions.offsets,
+            leaves,
+            nodes,
+            directory,
+            meta,
+            self._counts,
+        )
+        next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
+        self.stops[reason] += 1
+        if done:
+            ring.next_avail = next_avail
+            ring.used_idx = used_idx
+            ring._pushed_since_check += done
+        return done, reason
+
     def _merge_counts(self) -> None:
         counts = self._counts
         device = self.device
@@ -242,6 +262,146 @@ class CompiledRequestPath:
         device.request_counts[:] = [a + b for a, b in zip(device.request_counts, requests, strict=True)]
         device.status_counts[:] = [a + b for a, b in zip(device.status_counts, statuses, strict=True)]
         counts[:] = 0
+
+
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
+_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class _KickThread:
+    """Serves the requestq from a thread of its own, woken by the kick eventfd directly: no event-loop
+    iteration between a kick and the kernel, and the kernel runs with the GIL released.
+
+    The thread runs only the kernel (MAP and UNMAP) and signals the call fd itself. Whatever the kernel
+    stops at (ATTACH, DETACH, PROBE, a broken chain, table growth) and a device the kernel cannot serve
+    (``CompiledRequestPath.usable``) are handed to the event loop, which runs the ordinary path while the
+    thread waits: device state other than the mapping table and domain arrays is only ever changed on
+    the loop, and never while the kernel runs.
+    """
+
+    def __init__(
+        self,
+        backend: VirtioIommuBackend,
+        compiled: CompiledRequestPath,
+        ring: SplitQueue,
+        memory: GuestMemory,
+        kick_fd: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._backend = backend
+        self._compiled = compiled
+        self._ring = ring
+        self._memory = memory
+        self._kick_fd = kick_fd
+        self._loop = loop
+        # Wakes the thread for a stop, or for a queue_kicked the loop received (a held kick, a reschedule).
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = threading.Event()
+        self._handed_back = threading.Event()
+        self._progress = threading.Condition()
+        self._answered = 0
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="virtio-iommu requestq", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        os.write(self._wake_fd, _EVENTFD_ONE)
+
+    def stop(self) -> None:
+        """Stop the thread and join it (on the loop; the thread may be waiting for the loop)."""
+        self._stopping.set()
+        self.wake()
+        self._handed_back.set()
+        self._thread.join()
+        os.close(self._wake_fd)
+
+    def wait_answered(self, kicks: int, timeout: float) -> bool:
+        """Wait until ``kicks`` kicks have been read from the kick fd and everything available after each
+        was served, or the thread has finished; False on timeout (for tests and tools)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self._answered >= kicks or self._finished, timeout)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._kick_fd, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        kicks = 0  # read from the kick fd and not yet answered by a complete serve
+        try:
+            while not self._stopping.is_set():
+                if not self._serve():
+                    return  # the loop found the device broken: nothing to do until the stop
+                with self._progress:
+                    self._answered += kicks
+                    self._progress.notify_all()
+                kicks = 0
+                for fd, events in poller.poll():
+                    if fd == self._wake_fd:
+                        _drain(self._wake_fd)
+                        continue
+                    read = self._drain_kick(events)
+                    if read is None:
+                        # A front-end's fd that can no longer signal (not an eventfd, a closed pipe):
+                        # the loop's wake-ups still reach the thread.
+                        poller.unregister(fd)
+                    else:
+                        kicks += read
+        except Exception as exc:  # a bug: report it where the device's failures go, on the loop
+            log.exception("requestq thread failed")
+            self._loop.call_soon_threadsafe(self._backend._broken, f"requestq thread: {exc!r}")
+        finally:
+            with self._progress:
+                self._finished = True
+                self._progress.notify_all()
+
+    def _drain_kick(self, events: int) -> int | None:
+        """The eventfd's count (0 if there was nothing to read), or None if the fd is unusable."""
+        try:
+            data = os.read(self._kick_fd, 8)
+        except BlockingIOError:
+            return None if events & _POLL_GONE else 0
+        except OSError as exc:
+            log.warning("reading the requestq kick fd failed: %s; no longer watched", exc)
+            return None
+        if not data:
+            return None
+        return int.from_bytes(data, sys.byteorder) if len(data) == 8 else 1
+
+    def _serve(self) -> bool:
+        """Serve until the ring is empty; False if the loop found the device broken.
+
+        The used-buffer notification is decided when the ring is empty (or a ring's worth was served),
+        not before a hand-over: the loop's path decides it for what it serves, so a batch gets the
+        notifications it would get from the loop alone."""
+        compiled, ring, backend = self._compiled, self._ring, self._backend
+        while not self._stopping.is_set():
+            if compiled.usable():
+                _done, reason = compiled.serve_kernel_only(ring, self._memory, ring.size)
+                if reason in (kernel.STOP_EMPTY, kernel.STOP_BUDGET):
+                    if ring.needs_notification():
+                        backend._signal(REQUEST_QUEUE)
+                    if reason == kernel.STOP_EMPTY:
+                        return True
+                    continue  # the thread is this ring's own: there is no one else to let through
+            # The loop's path serves the rest of the ring (up to its fairness bound; past it, its
+            # reschedule comes back here as a wake-up).
+            self._handed_back.clear()
+            self._loop.call_soon_threadsafe(self._on_loop)
+            self._handed_back.wait()
+            return backend.context is not None and backend.context.queue(REQUEST_QUEUE) is ring
+        return False
+
+    def _on_loop(self) -> None:
+        try:
+            if not self._stopping.is_set():
+                self._backend._serve_requests()
+                self._backend.deliver_events()
+        finally:
+            self._handed_back.set()
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.read(fd, 8)
 
 
 class VirtioIommuBackend:
@@ -258,6 +418,7 @@ class VirtioIommuBackend:
         device: IommuDevice | None = None,
         request_path: Literal["compiled", "python"] = "compiled",
         poll_us: float = 0.0,
+        kick_thread: bool = False,
     ) -> None:
         """``request_path`` picks how the requestq is served: "compiled" (a numba kernel serves MAP and
         UNMAP in batches, everything else goes through the device core) or "python" (every chain through
@@ -266,9 +427,16 @@ class VirtioIommuBackend:
         ``poll_us`` (compiled path only; 0, the default, turns it off): after serving a request the kernel
         keeps watching the ring that long for the next one, with kicks suppressed, instead of returning
         to the event loop to wait for a kick; at most POLL_LIMIT_US per kick in total. It pays off only
-        when a CPU is free for it: docs/performance.md has the measurements."""
+        when a CPU is free for it: docs/performance.md has the measurements.
+
+        ``kick_thread`` (compiled path only; off by default): the requestq is served by a thread of its
+        own that waits on the kick fd (`KickFdTaker`), rather than from the event loop."""
         if request_path not in ("compiled", "python"):
             raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
+        if kick_thread and request_path != "compiled":
+            raise ValueError("kick_thread needs the compiled request path")
+        self.kick_thread = kick_thread
+        self._kick_thread: _KickThread | None = None
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None
         self.acked_features = 0
@@ -326,6 +494,7 @@ class VirtioIommuBackend:
         pass
 
     def reset(self) -> None:
+        self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
         self.device.reset()
         self.acked_features = 0
 
@@ -337,9 +506,31 @@ class VirtioIommuBackend:
     def queue_stopped(self, index: int) -> None:
         pass
 
+    def takes_kick_fd(self, index: int, fd: int) -> bool:
+        if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
+            return False
+        ring = self._ring(index)
+        if ring is None or self._compiled is None or self.context is None:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False  # driven without an event loop (a test's fake server): nothing to hand back to
+        self._kick_thread = _KickThread(self, self._compiled, ring, self.context.memory, fd, loop)
+        return True
+
+    def release_kick_fd(self, index: int) -> None:
+        thread = self._kick_thread
+        if index == REQUEST_QUEUE and thread is not None:
+            self._kick_thread = None
+            thread.stop()
+
     def queue_kicked(self, index: int) -> None:
         if index == REQUEST_QUEUE:
-            self._serve_requests()
+            if self._kick_thread is not None:
+                self._kick_thread.wake()
+            else:
+                self._serve_requests()
         # Fault events may be waiting for buffers either way: a kick of the eventq brings buffers, a request
         # may have produced a fault.
         self.deliver_events()

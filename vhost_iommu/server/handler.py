@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.backend import KickFdTaker, VhostUserBackend
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
     FLAG_NEED_REPLY,
@@ -421,21 +421,24 @@ class ConnectionHandler:
         assert isinstance(message.payload, MemoryTable)
         table = zip(message.payload.regions, message.fds, strict=True)
         regions = [(_region_desc(region), fd) for region, fd in table]
-        self._memory.replace(regions)  # closes the fds whatever happens
-        self._memory_changed()
+        with self._kicks_released(self.slots):
+            self._memory.replace(regions)  # closes the fds whatever happens
+            self._memory_changed()
 
     def _get_max_mem_slots(self, _message: Message) -> Payload:
         return U64(self._memory.max_regions)
 
     def _add_mem_reg(self, message: Message) -> None:
         assert isinstance(message.payload, SingleMemoryRegion)
-        self._memory.add_region(_region_desc(message.payload.region), message.fds[0])  # closes the fd
-        self._memory_changed()
+        with self._kicks_released(self.slots):
+            self._memory.add_region(_region_desc(message.payload.region), message.fds[0])  # closes the fd
+            self._memory_changed()
 
     def _rem_mem_reg(self, message: Message) -> None:
         assert isinstance(message.payload, SingleMemoryRegion)
-        self._memory.remove_region(_region_desc(message.payload.region))
-        self._memory_changed()
+        with self._kicks_released(self.slots):
+            self._memory.remove_region(_region_desc(message.payload.region))
+            self._memory_changed()
 
     def _memory_changed(self) -> None:
         for slot in self.slots:
@@ -497,6 +500,7 @@ class ConnectionHandler:
             if not vring_file.has_fd:
                 raise RequestFailed("SET_VRING_KICK without an fd asks for polling, which is not supported")
             fd = message.fds[0]
+            self._reclaim_kick(slot)  # offered again by _refresh below, or when the ring is served
             queue = slot.queue if slot.queue is not None else self._make_queue(slot)
             _set_nonblocking(fd)
             try:
@@ -542,7 +546,9 @@ class ConnectionHandler:
             fd = message.fds[0] if vring_file.has_fd else None
             if fd is not None:
                 _set_nonblocking(fd)
-        slot.replace_fd(which, fd)
+        # A back-end serving the ring from its own thread signals the call fd from there.
+        with self._kicks_released([slot]):
+            slot.replace_fd(which, fd)
 
     def _set_vring_enable(self, message: Message) -> None:
         state = _state(message)
@@ -559,6 +565,7 @@ class ConnectionHandler:
         self._refresh(slot)
 
     def _stop_ring(self, slot: VringSlot) -> None:
+        self._reclaim_kick(slot)
         slot.kick_pending = False
         slot.rescheduled = False
         if slot.served:
@@ -584,6 +591,8 @@ class ConnectionHandler:
     def _refresh(self, slot: VringSlot) -> None:
         """Tell the back-end when a ring becomes served or stops being served; replay a held kick."""
         active = self._active(slot)
+        if not active:
+            self._reclaim_kick(slot)
         if active and not slot.served:
             slot.served = True
             self._call_backend(self.backend.queue_started, slot.index)
@@ -593,6 +602,40 @@ class ConnectionHandler:
         if self._active(slot) and slot.kick_pending:
             slot.kick_pending = False
             self._call_backend(self.backend.queue_kicked, slot.index)
+        if self._active(slot):
+            self._offer_kick(slot)
+
+    def _offer_kick(self, slot: VringSlot) -> None:
+        """Let a back-end that can (KickFdTaker) watch the kick fd of a served ring itself."""
+        fd = slot.kick_fd
+        if slot.kick_taken or fd is None or not isinstance(self.backend, KickFdTaker):
+            return
+        if self.backend.takes_kick_fd(slot.index, fd):
+            self._loop.remove_reader(fd)
+            slot.kick_taken = True
+
+    def _reclaim_kick(self, slot: VringSlot) -> None:
+        """Take a kick fd back from the back-end (it has stopped touching the ring when this returns)."""
+        if not slot.kick_taken:
+            return
+        slot.kick_taken = False
+        assert isinstance(self.backend, KickFdTaker)
+        self.backend.release_kick_fd(slot.index)
+        if slot.kick_fd is not None:
+            self._loop.add_reader(slot.kick_fd, self._on_kick, slot.index)
+            # Kicks the back-end read but did not act on are not lost: the ring is looked at again.
+            slot.kick_pending = True
+
+    @contextmanager
+    def _kicks_released(self, slots: Sequence[VringSlot]) -> Iterator[None]:
+        """No back-end thread touches these rings, the memory or their notifiers inside the block."""
+        for slot in slots:
+            self._reclaim_kick(slot)
+        try:
+            yield
+        finally:
+            for slot in slots:
+                self._refresh(slot)
 
     def _on_kick(self, index: int) -> None:
         slot = self.slots[index]
@@ -706,6 +749,7 @@ class ConnectionHandler:
         """
         log.info("%s: %s restarts at a new layout: the guest reset the device", self.name, slot.describe())
         for other in self.slots:
+            self._reclaim_kick(other)
             other.stopped_layout = None
         self.broken_reason = None
         self.config_change_pending = False

@@ -31,6 +31,8 @@ class VringSlot:
     queue: SplitQueue | None = None
     #: A kick arrived while the ring was disabled: deliver it when the ring is enabled.
     kick_pending: bool = False
+    #: The back-end watches kick_fd itself (KickFdTaker.takes_kick_fd); the loop does not meanwhile.
+    kick_taken: bool = False
     #: The back-end asked for queue_kicked again (BackendContext.reschedule) and has not had it yet.
     rescheduled: bool = False
     #: Whether the back-end was last told queue_started (True) or queue_stopped (False).

@@ -1,0 +1,209 @@
+"""The requestq served from the back-end's own thread (``VirtioIommuBackend(kick_thread=True)``), through
+the real server: the thread takes the kick fd while the ring is served and is gone (joined, its fd
+closed) whenever the ring, the memory, the notifiers or the device change, and at disconnect."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.device.layout import Status, encode_attach, encode_map, encode_unmap
+from vhost_iommu.harness.background import RunningServer
+from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.jit import requests as kernel
+from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT
+
+EP = 0x20
+PAGE = 0x1000
+THREAD_NAME = "virtio-iommu requestq"
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+
+
+def kick_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == THREAD_NAME]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left() -> Iterator[None]:
+    assert not kick_threads()
+    yield
+    assert not kick_threads(), "a kick thread outlived its server"
+
+
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
+
+
+@pytest.fixture
+def backend_factory() -> Callable[[], VhostUserBackend]:
+    return lambda: VirtioIommuBackend(kick_thread=True)
+
+
+def backend_of(server: RunningServer) -> VirtioIommuBackend:
+    backend = server.backends[-1]
+    assert isinstance(backend, VirtioIommuBackend)
+    return backend
+
+
+def taken(server: RunningServer) -> bool:
+    """Whether the back-end's thread serves the requestq now (asked on the server's loop)."""
+    backend = backend_of(server)
+    return server.call(lambda: backend._kick_thread is not None)
+
+
+def request(frontend: Frontend, queue: DriverQueue, data: bytes) -> int:
+    head = queue.post([data], [4])
+    frontend.kick(0)
+    assert frontend.wait_used(0, timeout=30)
+    [(used_head, length)] = queue.used()
+    assert (used_head, length) == (head, 4)
+    return queue.written(head)[0]
+
+
+def test_the_thread_serves_the_requestq_and_the_kernel_runs_there(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        assert taken(vhost_server)
+        assert len(kick_threads()) == 1
+        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK  # handed to the loop
+        for page in range(8):
+            assert request(frontend, queues[0], encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)) == 0
+        # A batch mixing what the thread serves and what it hands over, in one kick.
+        heads = [
+            queues[0].post([encode_unmap(1, 0, PAGE - 1)], [4]),
+            queues[0].post([encode_attach(2, EP + 1)], [4]),
+            queues[0].post([encode_map(2, 0, PAGE - 1, 0)], [4]),
+        ]
+        frontend.kick(0)
+        done: list[int] = []
+        while len(done) < len(heads):
+            assert frontend.wait_used(0, timeout=30)
+            done += [head for head, _length in queues[0].used()]
+        assert done == heads
+        assert [queues[0].written(head)[0] for head in heads] == [0, 0, 0]
+        compiled = backend_of(vhost_server)._compiled
+        assert compiled is not None
+        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) >= 2
+        device = backend_of(vhost_server).device
+        assert vhost_server.call(lambda: len(device.mappings(1))) == 7
+        assert vhost_server.call(lambda: len(device.mappings(2))) == 1
+
+
+def test_a_pause_joins_the_thread_and_a_resume_starts_another(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        for _ in range(3):
+            bases = frontend.stop_device(2, reset_status=False)
+            assert bases[0] == queues[0].used_idx
+            assert not kick_threads()
+            assert not taken(vhost_server)
+            frontend.set_features(frontend.get_features())
+            for index, queue in enumerate(queues):
+                frontend.set_vring_num(index, queue.size)
+                frontend.set_vring_base(index, bases[index])
+                frontend.set_vring_addr(index, queue)
+                frontend.set_vring_kick(index)
+                frontend.set_vring_call(index)
+            for index in range(2):
+                frontend.set_vring_enable(index, True)
+            assert taken(vhost_server)
+            assert request(frontend, queues[0], encode_map(1, PAGE, 2 * PAGE - 1, 0)) == Status.OK
+            assert request(frontend, queues[0], encode_unmap(1, PAGE, 2 * PAGE - 1)) == Status.OK
+        device = backend_of(vhost_server).device
+        assert vhost_server.call(lambda: device.domain_of(EP)) == 1
+
+
+def test_disable_reset_and_reset_device_take_the_fd_back(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        frontend.set_vring_enable(0, False)
+        assert not taken(vhost_server) and not kick_threads()
+        # A kick while disabled is held by the server and delivered on enable.
+        head = queues[0].post([encode_attach(1, EP)], [4])
+        frontend.kick(0)
+        frontend.set_vring_enable(0, True)
+        assert taken(vhost_server)
+        assert frontend.wait_used(0, timeout=30)
+        assert queues[0].used() == [(head, 4)]
+        frontend.reset_device()
+        assert not taken(vhost_server) and not kick_threads()
+        fresh = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_rings(
+            ram, fresh, driver_features=frontend.get_features() & ~(1 << 30), use_mem_slots=False
+        )
+        assert taken(vhost_server)
+        assert request(frontend, fresh[0], encode_attach(1, EP)) == Status.OK
+
+
+def test_memory_and_call_fd_changes_pause_the_thread(vhost_server: RunningServer, frontend: Frontend) -> None:
+    with GuestRam(1 << 20) as ram, GuestRam(1 << 20, gpa_base=1 << 30) as more:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+        threads_before = kick_threads()
+        frontend.add_mem_reg(more)
+        assert taken(vhost_server)
+        assert kick_threads() != threads_before  # the old thread was joined, a new one serves
+        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        frontend.rem_mem_reg(more)
+        assert request(frontend, queues[0], encode_map(1, PAGE, 2 * PAGE - 1, 0)) == Status.OK
+        # A new call fd: the next answer is signalled on it.
+        old_call = frontend.call_fds.pop(0)
+        frontend.set_vring_call(0)
+        assert frontend.call_fds[0] != old_call
+        assert request(frontend, queues[0], encode_unmap(1, 0, 2 * PAGE - 1)) == Status.OK
+        os.close(old_call)
+
+
+def test_a_broken_ring_stops_the_thread_and_needs_reset(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        queue = queues[0]
+        buffer = queue.alloc_buffer(b"loop")
+        queue.write_desc(0, buffer, 4, VIRTQ_DESC_F_NEXT, 0)  # a descriptor chained to itself
+        queue.make_available(0)
+        frontend.kick(0)
+        assert frontend.wait_error(0, timeout=30)
+        assert frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
+        assert not taken(vhost_server) and not kick_threads()
+
+
+def test_a_disconnect_while_requests_flow_leaves_no_thread(vhost_server: RunningServer) -> None:
+    with GuestRam(1 << 20) as ram:
+        with vhost_server.connect() as frontend:
+            queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+            frontend.start_device(ram, queues)
+            assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+            for page in range(16):
+                queues[0].post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
+            frontend.kick(0)
+        vhost_server.wait_all_closed()
+        assert not kick_threads()
+
+
+def test_the_python_path_and_the_default_take_no_fd() -> None:
+    assert VirtioIommuBackend().takes_kick_fd(0, -1) is False
+    with pytest.raises(ValueError, match="compiled"):
+        VirtioIommuBackend(request_path="python", kick_thread=True)
+    # Without a running event loop there is nothing to hand chains back to.
+    assert VirtioIommuBackend(kick_thread=True).takes_kick_fd(0, -1) is False

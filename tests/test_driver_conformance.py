@@ -348,3 +348,17 @@ def test_ctl_shows_conformance_and_drives_traces(served_with: Callable[..., Serv
         del ring
     # The back-end opened the path ctl made absolute in its own directory.
     assert replay(tmp_path / "relative.jsonl").requests == 1
+
+
+def test_each_connection_records_its_own_trace(served_with: Callable[..., Served], tmp_path: Path) -> None:
+    trace = tmp_path / "boot.jsonl"
+    served = served_with(trace_path=str(trace))
+    for endpoint in (EP, 0x21):
+        with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
+            ring = Ring(frontend, ram)
+            ring.send(encode_attach(1, endpoint))
+            del ring
+        served.server.wait_all_closed()
+    # The first connection's back-end is gone with its connection, and its trace with it (closed).
+    first, second = replay(trace), replay(tmp_path / "boot-2.jsonl")
+    assert first.ok and second.ok and first.requests == second.requests == 1

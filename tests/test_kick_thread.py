@@ -4,6 +4,7 @@ closed) whenever the ring, the memory, the notifiers or the device change, and a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,8 +18,9 @@ from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.jit import requests as kernel
+from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
-from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT
+from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 
 EP = 0x20
 PAGE = 0x1000
@@ -207,3 +209,52 @@ def test_the_python_path_and_the_default_take_no_fd() -> None:
         VirtioIommuBackend(request_path="python", kick_thread=True)
     # Without a running event loop there is nothing to hand chains back to.
     assert VirtioIommuBackend(kick_thread=True).takes_kick_fd(0, -1) is False
+
+
+def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() -> None:
+    class AnswersKicksItself(VirtioIommuBackend):
+        def queue_kicked(self, index: int) -> None:
+            pass
+
+    class Context:
+        def __init__(self, memory: GuestMemory, ring: SplitQueue) -> None:
+            self.memory = memory
+            self.ring = ring
+
+        def queue(self, index: int) -> SplitQueue | None:
+            return self.ring if index == 0 else None
+
+        def signal_used(self, index: int) -> None:
+            pass
+
+        def reschedule(self, index: int) -> None:
+            pass
+
+        def config_changed(self) -> None:
+            pass
+
+        def device_broken(self, reason: str) -> None:
+            pass
+
+    watched = VirtioIommuBackend(kick_thread=True)
+    watched.queue_kicked = lambda index: None  # type: ignore[method-assign]  # as the control channel does
+    with GuestRam(1 << 20) as ram:
+        memory = ram.guest_memory()
+        kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            for backend, takes in [
+                (VirtioIommuBackend(kick_thread=True), True),
+                (AnswersKicksItself(kick_thread=True), False),
+                (watched, False),
+            ]:
+                backend.attach(Context(memory, DriverQueue(ram, 8).device_queue(memory)))
+
+                async def offer(backend: VirtioIommuBackend = backend) -> bool:
+                    taken = backend.takes_kick_fd(0, kick_fd)
+                    backend.release_kick_fd(0)
+                    return taken
+
+                assert asyncio.run(offer()) is takes
+        finally:
+            os.close(kick_fd)
+            memory.close()

@@ -509,6 +509,11 @@ class VirtioIommuBackend:
     def takes_kick_fd(self, index: int, fd: int) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
             return False
+        if "queue_kicked" in vars(self) or type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
+            # Kicks are watched or served differently (the control channel times each kick by wrapping
+            # queue_kicked on the instance; a subclass may answer kicks itself): kicks the thread read
+            # would bypass that.
+            return False
         ring = self._ring(index)
         if ring is None or self._compiled is None or self.context is None:
             return False

@@ -168,6 +168,27 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         help="serve the control channel (vhost-iommu ctl, docs/control.md) on this unix socket (mode 0600)",
     )
     parser.add_argument(
+        "--request-path",
+        choices=("compiled", "python"),
+        default="compiled",
+        help="how the requestq is served: MAP and UNMAP by a compiled kernel (compiled, the default) or "
+        "every request by the Python device core (python); the answers are the same",
+    )
+    parser.add_argument(
+        "--poll-us",
+        type=_poll_us,
+        default=0.0,
+        metavar="N",
+        help="compiled path: after answering, watch the ring N microseconds for the next request before "
+        "waiting for a kick (default 0: off; pays off only with a CPU to spare, docs/performance.md)",
+    )
+    parser.add_argument(
+        "--kick-thread",
+        action="store_true",
+        help="compiled path: serve each guest's requestq from a thread that waits on its kick eventfd "
+        "instead of from the event loop (docs/performance.md)",
+    )
+    parser.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the back-end capabilities as JSON and exit",
@@ -177,8 +198,33 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("iommu", "echo"), default="iommu", help=argparse.SUPPRESS)
 
 
+def _poll_us(text: str) -> float:
+    from vhost_iommu.virtio_iommu import MAX_POLL_US
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
+    if not 0 <= value <= MAX_POLL_US:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of microseconds between 0 and {MAX_POLL_US:g}"
+        )
+    return value
+
+
 def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
+    # getattr: namespaces built by other commands (and older callers) need not carry these options.
+    request_path: str = getattr(args, "request_path", "compiled")
+    poll_us: float = getattr(args, "poll_us", 0.0)
+    kick_thread: bool = getattr(args, "kick_thread", False)
+    tuned = request_path != "compiled" or poll_us or kick_thread
+    if args.backend == "echo" and tuned:
+        raise CliError(
+            "--request-path, --poll-us and --kick-thread apply to the IOMMU device, not to --backend=echo"
+        )
+    if request_path == "python" and (poll_us or kick_thread):
+        raise CliError("--poll-us and --kick-thread apply to --request-path=compiled")
     if args.backend == "echo":
         if args.topology:
             raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
@@ -211,7 +257,13 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
             device = IommuDevice(topology, max_domains=max_domains)
         else:
             device = IommuDevice(topology, max_domains=max_domains, max_mappings=max_mappings)
-        return VirtioIommuBackend(topology, device=device)
+        return VirtioIommuBackend(
+            topology,
+            device=device,
+            request_path="python" if request_path == "python" else "compiled",
+            poll_us=poll_us,
+            kick_thread=kick_thread,
+        )
 
     return factory
 

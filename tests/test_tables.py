@@ -457,6 +457,26 @@ def test_translate_batch_matches_single_translations_across_domains(table: Mappi
     assert hits == expected_hits > 0
 
 
+@pytest.mark.parametrize("workers", [2, 3, 64])
+@pytest.mark.parametrize("queries", [0, 1, 5, 20_000])
+def test_translate_batch_on_several_threads_gives_the_same_answers(
+    table: MappingTable, workers: int, queries: int
+) -> None:
+    rng = random.Random(4)
+    for domain in (1, 2):
+        map_pages(table, domain, rng.sample(range(5000), 1500), READ if domain == 1 else WRITE)
+    domains = np.array([rng.choice((1, 2, 3)) for _ in range(queries)], np.uint32)
+    iovas = np.array([rng.randrange(5100 * PAGE) for _ in range(queries)], np.uint64)
+    alone = (np.empty(queries, np.uint64), np.empty(queries, np.int32))
+    shared = (np.empty(queries, np.uint64), np.empty(queries, np.int32))
+    hits_alone = table.translate_batch(domains, iovas, *alone)
+    hits_shared = table.translate_batch(domains, iovas, *shared, workers=workers)
+    assert hits_shared == hits_alone
+    assert np.array_equal(shared[0], alone[0]) and np.array_equal(shared[1], alone[1])
+    with pytest.raises(ValueError):
+        table.translate_batch(domains, iovas, *shared, workers=0)
+
+
 def test_translate_batch_checks_dtypes_and_lengths(table: MappingTable) -> None:
     ok = (np.zeros(4, np.uint32), np.zeros(4, np.uint64), np.zeros(4, np.uint64), np.zeros(4, np.int32))
     assert table.translate_batch(*ok) == 0

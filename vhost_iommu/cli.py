@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, NoReturn
 from vhost_iommu import __version__
 
 if TYPE_CHECKING:
+    from vhost_iommu.device import Topology
     from vhost_iommu.server import BackendFactory
 
 # The server (and numba, through the rings) is imported only by the commands that need it, so that
@@ -232,22 +233,12 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
 
         return EchoBackend
     try:
-        from vhost_iommu.device import Topology
         from vhost_iommu.virtio_iommu import VirtioIommuBackend
     except ImportError as exc:
         raise CliError(f"the virtio-iommu device cannot be loaded: {exc}") from None
     from vhost_iommu.device import IommuDevice
 
-    topology = Topology.default()
-    if args.topology:
-        try:
-            topology = Topology.loads(
-                _read_regular_file(args.topology), source=os.path.basename(args.topology)
-            )
-        except OSError as exc:
-            raise CliError(f"--topology: {args.topology}: {exc.strerror or exc}") from None
-        except ValueError as exc:  # TopologyError names the file and the problem
-            raise CliError(f"--topology: {exc}") from None
+    topology = load_topology_argument(args.topology)
     max_domains: int | None = getattr(args, "max_domains", None)
     max_mappings: int | None = getattr(args, "max_mappings", None)
 
@@ -266,6 +257,21 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
         )
 
     return factory
+
+
+def load_topology_argument(path: str | None) -> Topology:
+    """The ``--topology`` of any command: the default q35 topology without one; otherwise the file, read
+    only if it is a regular file of sane size. Raises CliError naming the file and the field."""
+    from vhost_iommu.device import Topology
+
+    if not path:
+        return Topology.default()
+    try:
+        return Topology.loads(_read_regular_file(path), source=os.path.basename(path))
+    except OSError as exc:
+        raise CliError(f"--topology: {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # TopologyError names the file and the problem
+        raise CliError(f"--topology: {exc}") from None
 
 
 #: A topology file is a few kilobytes; more is not a topology (and must not be read into memory whole).

@@ -14,27 +14,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vhost_iommu.cli import CliError, Command, register_command
+from vhost_iommu.cli import CliError, Command, load_topology_argument, register_command
 
 # Light: the client side only (no numba), so `vhost-iommu ctl` answers at once.
 from vhost_iommu.control.ctl import CTL
 
 if TYPE_CHECKING:
-    from vhost_iommu.device import IommuDevice, Topology
+    from vhost_iommu.device import IommuDevice
     from vhost_iommu.lab import Lab
-
-
-def _load_topology(path: str | None) -> Topology:
-    from vhost_iommu.device import Topology
-
-    if path is None:
-        return Topology.default()
-    try:
-        return Topology.load(path)
-    except OSError as exc:
-        raise CliError(f"--topology: {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # TopologyError names the file and the field
-        raise CliError(f"--topology: {exc}") from None
 
 
 def _topology_argument(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +56,7 @@ def viot(args: argparse.Namespace) -> int:
     """Write the ACPI VIOT table of the topology, for QEMU's ``-acpitable file=...``."""
     from vhost_iommu.viot import describe_viot, viot_from_topology
 
-    table = viot_from_topology(_load_topology(args.topology))
+    table = viot_from_topology(load_topology_argument(args.topology))
     try:
         Path(args.output).write_bytes(table)
     except OSError as exc:
@@ -110,7 +97,7 @@ def qemu_args(args: argparse.Namespace) -> int:
         iommu=IommuKind.VHOST_USER,
         socket_path=Path(args.socket_path),
         viot_path=Path(args.viot),
-        topology=viot_topology_from(_load_topology(args.topology)),
+        topology=viot_topology_from(load_topology_argument(args.topology)),
         memory_mib=args.memory,
     )
     try:
@@ -191,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from vhost_iommu.provision.boot import GuestTimeout, parse_fields
     from vhost_iommu.provision.errors import ProvisionError
 
-    config = LabConfig(job="vfio-steps", params={"hold": "1"}, topology=_load_topology(args.topology))
+    config = LabConfig(job="vfio-steps", params={"hold": "1"}, topology=load_topology_argument(args.topology))
     testdev = 0x20
     started = time.monotonic()
     try:
@@ -255,7 +242,7 @@ def replay(args: argparse.Namespace) -> int:
     # Exit statuses as diff(1)'s: 0 the same, 1 different, 2 trouble (so a script can tell a regression
     # from a trace it could not read).
     try:
-        topology = _load_topology(args.topology) if args.topology is not None else None
+        topology = load_topology_argument(args.topology) if args.topology is not None else None
         if args.show < 0:
             raise CliError("--show: must not be negative")
         # Kernels loaded (or compiled) before the clock starts: the timings are the device core's.

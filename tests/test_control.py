@@ -33,6 +33,7 @@ from vhost_iommu.device.layout import (
     encode_attach,
     encode_map,
     encode_probe,
+    encode_unmap,
 )
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
@@ -122,6 +123,9 @@ def guest(controlled: Controlled) -> Iterator[Guest]:
         del driver.requests, driver.events
 
 
+MAX_HOLD_US = 10_000_000
+
+
 def error_of(controlled: Controlled, command: str, **arguments: Any) -> str:
     with pytest.raises(ControlError) as caught:
         controlled.call(command, **arguments)
@@ -137,6 +141,23 @@ def test_socket_is_private_and_says_hello(controlled: Controlled) -> None:
     assert isinstance(hello, dict)
     assert hello["version"] == 1 and hello["pid"] == os.getpid()
     assert {"endpoints", "mappings", "fault", "inject", "bypass", "resv"} <= set(hello["commands"])
+
+
+def test_close_removes_only_the_socket_it_made(tmp_path: Any) -> None:
+    async def scenario() -> None:
+        path = str(tmp_path / "control")
+        control = ControlServer(ControlService(), path)
+        await control.start()
+        os.unlink(path)  # someone replaced the socket with a file of theirs
+        (tmp_path / "control").write_text("not ours")
+        await control.close()
+        assert (tmp_path / "control").read_text() == "not ours"
+        ours = ControlServer(ControlService(), path + "2")
+        await ours.start()
+        await ours.close()
+        assert not os.path.exists(path + "2")
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(
@@ -423,7 +444,7 @@ def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest
     controlled.call("inject-rate", type="MAP", status="NOMEM", rate=0.3, seed=7)
     statuses = [guest.status(encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000)) for n in range(60)]
     forced = statuses.count(Status.NOMEM)
-    rate = controlled.call("counters")["rate"]
+    [rate] = controlled.call("counters")["rates"]
     assert rate["seen"] == 60 and rate["forced"] == forced
     assert 5 <= forced <= 35  # 0.3 of 60 = 18
     assert set(statuses) == {Status.OK, Status.NOMEM}
@@ -433,7 +454,7 @@ def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest
     draws = random.Random(7)
     assert [draws.random() < 0.3 for _ in range(60)] == [s == Status.NOMEM for s in statuses]
     controlled.call("inject-rate", type="MAP", status="NOMEM", rate=0)
-    assert controlled.call("counters")["rate"] is None
+    assert controlled.call("counters")["rates"] == []
     assert all(guest.status(encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000)) == 0 for n in range(60, 80))
     assert error_of(controlled, "inject-rate", type="MAP", status="NOMEM", rate=1.5) == "bad-argument"
 
@@ -459,6 +480,45 @@ def test_added_latency_holds_batches_without_blocking_the_loop(controlled: Contr
     assert guest.frontend.wait_used(0, timeout=2.0)
     assert controlled.call("domains")[1]["domain"] == 4
     assert error_of(controlled, "delay", us=-1) == "bad-argument"
+
+
+def test_added_latency_per_request_type_holds_only_that_type(controlled: Controlled, guest: Guest) -> None:
+    guest.status(encode_attach(3, ENDPOINT))
+    # Long enough that nothing but the release below can end it while the test looks.
+    controlled.call("delay", us=MAX_HOLD_US, type="MAP")
+    assert guest.status(encode_unmap(3, 0, 0xFFF)) == Status.OK  # another type: not held
+    # A batch of UNMAP, MAP, UNMAP: the first is answered at once, the MAP and what follows it wait.
+    heads = [
+        guest.requests.post([encode_unmap(3, 0x10000, 0x10FFF)], [4]),
+        guest.requests.post([encode_map(3, 0x20000, 0x20FFF, 0x100000)], [4]),
+        guest.requests.post([encode_unmap(3, 0x30000, 0x30FFF)], [4]),
+    ]
+    guest.frontend.kick(0)
+    assert guest.frontend.wait_used(0, timeout=WAIT)
+    assert [head for head, _ in guest.requests.used()] == heads[:1]
+    assert controlled.call("mappings")["mappings"] == []  # the MAP is held, not applied
+    counters = controlled.call("counters")
+    assert counters["type_delays_us"] == {"MAP": MAX_HOLD_US} and counters["delayed_requests"] == 1
+    # Off for the type: what was held is served at once, in ring order.
+    controlled.call("delay", us=0, type="MAP")
+    rest: list[int] = []
+    while len(rest) < 2:
+        assert guest.frontend.wait_used(0, timeout=WAIT)
+        rest += [head for head, _ in guest.requests.used()]
+    assert rest == heads[1:]
+    assert [m["iova_start"] for m in controlled.call("mappings")["mappings"]] == [0x20000]
+    assert controlled.call("counters")["type_delays_us"] == {}
+    assert error_of(controlled, "delay", us=1, type="JUMP") == "bad-argument"
+
+
+def test_added_latency_per_request_type_takes_that_long(controlled: Controlled, guest: Guest) -> None:
+    guest.status(encode_attach(3, ENDPOINT))
+    controlled.call("delay", us=200_000, type="MAP")
+    started = time.monotonic()
+    assert guest.status(encode_map(3, 0x20000, 0x20FFF, 0x100000)) == Status.OK
+    assert time.monotonic() - started >= 0.19  # the loop's timers have millisecond resolution
+    controlled.call("inject-clear")
+    assert controlled.call("counters")["type_delays_us"] == {}
 
 
 def test_bypass_changes_at_run_time_with_a_config_change_message(
@@ -511,6 +571,18 @@ def test_reserved_regions_change_for_the_next_probe(controlled: Controlled, gues
     assert error_of(controlled, "resv", endpoint=ENDPOINT, regions=too_many) == "bad-argument"
     assert error_of(controlled, "resv", endpoint=0x2, regions=[]) == "not-found"
     assert probe(guest, ENDPOINT) == [msi]
+
+
+def test_reserved_regions_changed_at_run_time_refuse_maps(controlled: Controlled, guest: Guest) -> None:
+    assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
+    hole = {"type": "RESERVED", "start": 0x200000, "end": 0x2FFFFF}
+    controlled.call("resv", endpoint=ENDPOINT, regions=[hole])
+    assert controlled.call("domains")[0]["reserved"] == [[0x200000, 0x2FFFFF]]
+    assert guest.status(encode_map(3, 0x200000, 0x200FFF, 0x100000)) == Status.RANGE
+    miss = controlled.call("translate", endpoint=ENDPOINT, iova=0x200000)
+    assert miss["reason"] == "MAPPING"
+    controlled.call("resv-clear")
+    assert guest.status(encode_map(3, 0x200000, 0x200FFF, 0x100000)) == Status.OK
 
 
 def test_the_back_end_keeps_serving_after_control_errors(controlled: Controlled, guest: Guest) -> None:

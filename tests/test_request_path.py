@@ -39,6 +39,7 @@ from vhost_iommu.device.layout import (
     encode_probe,
     encode_unmap,
 )
+from vhost_iommu.device.observers import DeviceObserver
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.jit import requests as kernel
@@ -443,20 +444,17 @@ def test_the_kernel_serves_map_and_unmap_itself() -> None:
     assert stops == [[1, 0, 0, 0, 0]]  # one kernel call, which emptied the ring
 
 
-def test_a_wrapped_handle_request_sees_every_request() -> None:
-    # Tools (the control layer's rate injection) wrap handle_request on the device; the compiled path
-    # then leaves every request to it.
+def test_an_observer_sees_every_request() -> None:
+    # Tools (the control layer's traces and checks) attach an observer to the device; the compiled path
+    # then leaves every request to the device core, so the observer misses none.
     seen: list[int] = []
 
-    def scenario(rig: Rig) -> None:
-        device = rig.backend.device
-        original = device.handle_request
-
-        def watching(request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
+    class Watching(DeviceObserver):
+        def request(self, request: bytes | memoryview, writable_size: int) -> None:
             seen.append(request[0])
-            return original(request, writable_size)
 
-        device.handle_request = watching  # type: ignore[method-assign]
+    def scenario(rig: Rig) -> None:
+        rig.backend.device.observers.append(Watching())
         attach(rig, 1)
         rig.post(encode_map(1, 0, PAGE - 1, 0))
         rig.post(encode_unmap(1, 0, PAGE - 1))

@@ -287,6 +287,14 @@ class TraceWriter:
     def bypass(self, value: int) -> None:
         self._event("bypass", value=value)
 
+    def reserved_regions(self, endpoint: int | None, regions: tuple[ReservedRegion, ...] | None) -> None:
+        """A tool replaced reserved regions (endpoint None: all; regions None: the topology's again)."""
+        self._event(
+            "resv",
+            endpoint=endpoint,
+            regions=None if regions is None else [_region_json(region) for region in regions],
+        )
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
@@ -335,6 +343,7 @@ _EVENT_KEYS = {
     "config": {"offset", "data"},
     "reset": set(),
     "bypass": {"value"},
+    "resv": {"endpoint", "regions"},
 }
 
 
@@ -364,6 +373,10 @@ def _event(record: Any, where: str) -> tuple[str, dict[str, Any]]:
         parsed["data"] = _hex(fields["data"], f"{where}: data", 4096)
     elif kind == "bypass":
         parsed["value"] = _int(fields["value"], f"{where}: value", 1)
+    elif kind == "resv":
+        endpoint, regions = fields["endpoint"], fields["regions"]
+        parsed["endpoint"] = None if endpoint is None else _int(endpoint, f"{where}: endpoint", 0xFFFFFFFF)
+        parsed["regions"] = None if regions is None else _regions(regions, f"{where}: regions")
     return kind, parsed
 
 
@@ -514,7 +527,12 @@ def replay(
             if check is not None:
                 check.device_reset()
         elif event.kind == "bypass":
-            device.config.bypass = fields["value"]
+            device.set_bypass(fields["value"])
+        elif event.kind == "resv":
+            try:
+                device.set_reserved_regions(fields["endpoint"], fields["regions"])
+            except ValueError as exc:  # accepted when recorded: another topology than the recorded one
+                raise TraceError(f"{path}:{event.line}: resv: {exc}") from None
         elif event.kind == "config":
             if check is not None:
                 check.check_config_write(fields["offset"], fields["data"])

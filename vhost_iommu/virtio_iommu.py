@@ -111,13 +111,13 @@ class CompiledRequestPath:
 
     def usable(self) -> bool:
         """The kernel serves what the Python path would: the real table, no injected answers (rare,
-        tool-driven states the device core keeps in Python), and ``handle_request`` not wrapped on this
-        device (tools such as the control layer wrap it to watch or alter every request)."""
+        tool-driven states the device core keeps in Python), and no observer on the device (tools such as
+        the control layer watch every request through ``IommuDevice.observers``)."""
         device = self.device
         return (
             isinstance(device.store, MappingTable)
             and not device.has_injections
-            and "handle_request" not in vars(device)
+            and not device.observers
         )
 
     def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:

@@ -115,8 +115,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     rate.add_argument("rate", type=_rate, help="0.01 or 1%%")
     rate.add_argument("--seed", type=_integer)
     add("inject-clear", "every forced answer, rate and added latency off")
-    delay = add("delay", "hold each requestq batch for this long before serving it (0: off)")
+    delay = add(
+        "delay", "hold each requestq batch (or with --type each request of a type) this long (0: off)"
+    )
     delay.add_argument("us", type=_integer, help="microseconds")
+    delay.add_argument("--type", type=str.upper, choices=REQUEST_TYPES)
     bypass = add("bypass", "set config.bypass and send CONFIG_CHANGE_MSG")
     bypass.add_argument("value", choices=("0", "1", "boot"))
     resv = add("resv", "reserved regions the next PROBE of an endpoint reports")
@@ -169,7 +172,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     elif command == "inject-rate":
         request.update(type=args.type, status=args.status, rate=args.rate, seed=args.seed)
     elif command == "delay":
-        request.update(us=args.us)
+        request.update(us=args.us, type=args.type)
     elif command == "bypass":
         if args.value == "boot":
             request.update(boot=True)
@@ -387,8 +390,11 @@ def _print_counters(result: Any, args: argparse.Namespace) -> None:
             print(f"{name}: " + "  ".join(f"{_bound(le)}us {count}" for le, count in summary["buckets"]))
     if result["delay_us"]:
         print(f"added latency: {result['delay_us']} us per requestq batch ({result['delayed_batches']} held)")
-    if result["rate"]:
-        rate = result["rate"]
+    for kind, microseconds in result["type_delays_us"].items():
+        print(f"added latency: {microseconds} us per {kind} request")
+    if result["type_delays_us"] or result["delayed_requests"]:
+        print(f"requests held by a per-type delay: {result['delayed_requests']}")
+    for rate in result["rates"]:
         print(
             f"rate injection: {rate['status']} on {rate['rate']:.2%} of {rate['type']} "
             f"(seed {rate['seed']}; {rate['forced']} of {rate['seen']} so far)"

@@ -1,26 +1,27 @@
-"""What the control layer installs on each back-end it serves: timing, added latency, rate injection.
+"""What the control layer installs on each back-end it serves: timing, added latency, device observers.
 
-The request path belongs to the device; the control layer only wraps two public entry points of one
-back-end instance (never the class, so other back-ends and the tests of the device are untouched):
+The request path belongs to the device; the control layer wraps one public entry point of one back-end
+instance (never the class, so other back-ends and the tests of the device are untouched) and attaches
+one observer to its device:
 
 - ``backend.queue_kicked``: each requestq kick batch is timed (about 2.5 us of Python per kick, measured),
-  and can be deferred by an added latency
-  (``loop.call_later``, so the event loop never blocks). A batch's time is attributed to a request type
-  when every request of the batch had that type (the device's request counters before and after tell);
-  a batch of several types is counted as MIXED. The Linux driver sends ATTACH, DETACH and PROBE one per
-  notification and waits, so those are exact; MAP/UNMAP batches are per request on average.
-- ``device.handle_request``, only while a rate injection, a conformance checker or a trace is on: before
-  each request of the chosen type a seeded draw decides whether the device's own
-  ``inject(type, status, times=1)`` answers it; the checker sees each request before the device applies
-  it; the trace records each request with its answer (``set_features``, ``set_config`` and ``reset``
-  are wrapped too for those two).
+  and can be deferred by an added latency (``loop.call_later``, so the event loop never blocks): per
+  batch (``delay``), or per request of a type (``delay --type``: the chains are then served one by one
+  through the device core, and before each chain of a delayed type the ring waits that long). A batch's
+  time is attributed to a request type when every request of the batch had that type (the device's
+  request counters before and after tell); a batch of several types is counted as MIXED. The Linux
+  driver sends ATTACH, DETACH and PROBE one per notification and waits, so those are exact; MAP/UNMAP
+  batches are per request on average.
+- ``device.observers`` (`vhost_iommu.device.observers.DeviceObserver`), only while a conformance checker
+  or a trace is on: the checker sees each request before the device applies it, the trace records each
+  request with its answer, features, config writes, resets and the tools' own changes. Forced answers
+  (count and rate) are the device's own (``IommuDevice.inject``, ``inject_rate``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -28,11 +29,13 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from vhost_iommu.conformance import ConformanceChecker
-from vhost_iommu.device import RequestType, Status, Topology
+from vhost_iommu.device import RequestType, ReservedRegion
+from vhost_iommu.device.observers import DeviceObserver
 from vhost_iommu.trace import TraceWriter
 
 if TYPE_CHECKING:
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
+    from vhost_iommu.virtqueue import DescriptorChain, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +94,68 @@ class Histogram:
         }
 
 
-@dataclass
-class RateInjection:
-    request_type: RequestType
-    status: Status | None
-    rate: float
-    seed: int
-    rng: random.Random
-    forced: int = 0
-    seen: int = 0
+class _ToolsObserver(DeviceObserver):
+    """The device's observer for one ConnectionTools: forwards to its checker and trace. It holds the
+    tools weakly: the device holds it, and the tools hold (through the checker) the device."""
+
+    def __init__(self, tools: ConnectionTools) -> None:
+        self._tools = weakref.ref(tools)
+
+    def request(self, request: bytes | memoryview, writable_size: int) -> None:
+        tools = self._tools()
+        if tools is not None and tools.checker is not None:
+            tools.checker.check_request(request, writable_size)
+
+    def response(
+        self,
+        request: bytes | memoryview,
+        writable_size: int,
+        response: bytes,
+        used: int,
+        *,
+        forced: bool,
+        ns: int,
+    ) -> None:
+        tools = self._tools()
+        if tools is not None and tools.trace is not None:
+            tools.trace.request(bytes(request), writable_size, response, used, forced=forced, ns=ns)
+
+    def features(self, acked: int) -> None:
+        tools = self._tools()
+        if tools is None:
+            return
+        if tools.checker is not None:
+            tools.checker.check_features(acked)
+        if tools.trace is not None:
+            tools.trace.features(acked)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        tools = self._tools()
+        if tools is None:
+            return
+        if tools.checker is not None:
+            tools.checker.check_config_write(offset, data)
+        if tools.trace is not None:
+            tools.trace.config(offset, data)
+
+    def reset(self) -> None:
+        tools = self._tools()
+        if tools is None:
+            return
+        if tools.checker is not None:
+            tools.checker.device_reset()
+        if tools.trace is not None:
+            tools.trace.reset()
+
+    def bypass(self, value: int) -> None:
+        tools = self._tools()
+        if tools is not None and tools.trace is not None:
+            tools.trace.bypass(value)
+
+    def reserved_regions(self, endpoint: int | None, regions: tuple[ReservedRegion, ...] | None) -> None:
+        tools = self._tools()
+        if tools is not None and tools.trace is not None:
+            tools.trace.reserved_regions(endpoint, regions)
 
 
 class ConnectionTools:
@@ -120,11 +176,15 @@ class ConnectionTools:
         self.batches = Histogram()
         self.delay_us = 0
         self.delayed_batches = 0
+        #: Added latency per request of a type (RequestType value -> microseconds).
+        self.type_delays: dict[int, int] = {}
+        self.delayed_requests = 0
         self._deferred: asyncio.TimerHandle | None = None
-        self.rate: RateInjection | None = None
+        # A chain of a delayed type, taken off the ring, waiting for its delay (with the ring it is on).
+        self._held: tuple[DescriptorChain, SplitQueue] | None = None
         self.checker: ConformanceChecker | None = None
         self.trace: TraceWriter | None = None
-        self.original_topology: Topology = backend.device.topology
+        self._observer = _ToolsObserver(self)
         self._kicked = type(backend).queue_kicked
         # An instance attribute shadows the method for this back-end only; the server looks the method
         # up at each kick, and queue_started calls it through self too.
@@ -140,10 +200,11 @@ class ConnectionTools:
     # -- timing and added latency ---------------------------------------------------------------------------
 
     def _on_kick(self, index: int) -> None:
+        if index == REQUEST_QUEUE and self._deferred is not None:
+            return  # a held batch or chain: its release serves whatever came meanwhile, in order
         if index == REQUEST_QUEUE and self.delay_us:
-            if self._deferred is None:
-                self.delayed_batches += 1
-                self._deferred = self.loop.call_later(self.delay_us / 1e6, self._release)
+            self.delayed_batches += 1
+            self._deferred = self.loop.call_later(self.delay_us / 1e6, self._release)
             return
         self._serve(index)
 
@@ -152,6 +213,7 @@ class ConnectionTools:
         backend = self._backend()
         context = backend.context if backend is not None else None
         if context is None or getattr(context, "closed", False):
+            self._held = None
             return  # the connection ended while the batch waited
         try:
             self._serve(REQUEST_QUEUE)
@@ -169,7 +231,11 @@ class ConnectionTools:
         counts = backend.device.request_counts
         before = counts.copy()
         started = perf_counter_ns()
-        self._kicked(backend, index)
+        if self.type_delays or self._held is not None:
+            self._serve_one_by_one(backend)
+            backend.deliver_events()
+        else:
+            self._kicked(backend, index)
         elapsed = perf_counter_ns() - started
         if self.trace is not None:
             # One write per batch, not per request; a reader of a live trace sees whole batches.
@@ -186,128 +252,103 @@ class ConnectionTools:
             self.batches.add(elapsed)
             self._histograms[kind].add(elapsed // total, total)
 
+    def _serve_one_by_one(self, backend: VirtioIommuBackend) -> None:
+        """Serve the requestq chain by chain through the device core; stop before a chain of a delayed
+        type (taken off the ring and held) and serve it, then the rest, when its delay has passed. Later
+        chains wait behind it, so the device still answers in ring order."""
+        context = backend.context
+        ring = context.queue(REQUEST_QUEUE) if context is not None else None
+        held, self._held = self._held, None
+        if held is not None and held[1] is not ring:
+            held = None  # the ring was stopped or restarted meanwhile: the chain went with it
+        if ring is None or context is None:
+            return
+        device = backend.device
+        served = 0
+        try:
+            while served < ring.size:
+                if held is not None:
+                    chain = held[0]
+                    request = chain.read()
+                    held = None
+                else:
+                    popped = ring.pop()
+                    if popped is None:
+                        break
+                    chain = popped
+                    request = chain.read()
+                    delay = self.type_delays.get(request[0], 0) if request else 0
+                    if delay:
+                        self._held = (chain, ring)
+                        self.delayed_requests += 1
+                        self._deferred = self.loop.call_later(delay / 1e6, self._release)
+                        break
+                response, used = device.handle_request(request, chain.writable_len)
+                if response:
+                    chain.write(response)
+                ring.push_used(chain.head, used)
+                served += 1
+            else:
+                context.reschedule(REQUEST_QUEUE)  # a ring's worth at a time, as the back-end does
+        except Exception as exc:  # QueueError, GuestMemoryError: what the back-end's own path reports
+            context.device_broken(f"requestq: {exc}")
+            return
+        if served and ring.needs_notification():
+            context.signal_used(REQUEST_QUEUE)
+
     @property
     def latency(self) -> dict[str, Histogram]:
         """The per-type histograms that hold samples, by name (MIXED: batches of several types)."""
         names = [*COUNTER_NAMES, "MIXED"]
         return {names[kind]: histogram for kind, histogram in enumerate(self._histograms) if histogram.count}
 
-    def set_delay(self, microseconds: int) -> None:
-        self.delay_us = microseconds
+    def set_delay(self, microseconds: int, request_type: RequestType | None = None) -> None:
+        """Added latency per requestq batch, or per request of ``request_type``; 0 takes it off."""
+        if request_type is None:
+            self.delay_us = microseconds
+        elif microseconds:
+            self.type_delays[int(request_type)] = microseconds
+        else:
+            self.type_delays.pop(int(request_type), None)
         if not microseconds and self._deferred is not None:
             # Serve what was held now rather than after the old delay.
             self._deferred.cancel()
             self._deferred = None
             self.loop.call_soon(self._release)
 
+    def clear_delays(self) -> None:
+        self.type_delays.clear()
+        self.set_delay(0)
+
     def reset_latency(self) -> None:
         self._histograms = [Histogram() for _ in range(len(COUNTER_NAMES) + 1)]
         self.batches = Histogram()
 
-    # -- the request hook: rate injection, conformance checks, traces ---------------------------------------
-
-    def set_rate(self, rate: RateInjection | None) -> None:
-        self.rate = rate
-        self._install_hooks()
+    # -- the device observer: conformance checks, traces -------------------------------------------------
 
     def set_checker(self, checker: ConformanceChecker | None) -> None:
         self.checker = checker
-        self._install_hooks()
+        self._observe()
 
     def set_trace(self, trace: TraceWriter | None) -> TraceWriter | None:
         """Start (or with None stop) recording; returns the writer that was recording, closed."""
         previous = self.trace
         self.trace = trace
-        self._install_hooks()
+        self._observe()
         if previous is not None:
             previous.close()
         return previous
 
-    def _install_hooks(self) -> None:
-        """Wrap the device's public entry points on this instance while any tool needs them.
-
-        Workaround until the device core offers per-request hooks itself: the wrappers are instance
-        attributes shadowing ``IommuDevice.handle_request`` (and ``set_features``, ``set_config``,
-        ``reset`` for the checker and the trace). A wrapped ``handle_request`` also makes the back-end's
-        compiled request path step aside (``CompiledRequestPath.usable``), so every request takes the
-        Python path, which is slower.
-        """
-        device = self.backend.device
-        attributes = vars(device)
-        for name in ("handle_request", "set_features", "set_config", "reset"):
-            attributes.pop(name, None)
-        if self.rate is None and self.checker is None and self.trace is None:
-            return
-        cls = type(device)
-        weak_device = weakref.ref(device)  # the device holds these wrappers: no cycle back to it
-        tools = self
-        original_request = cls.handle_request
-
-        def handle_request(request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
-            target = weak_device()
-            assert target is not None  # called by the device's owner, through the device
-            if tools.checker is not None:
-                tools.checker.check_request(request, writable_size)
-            rate = tools.rate
-            if rate is not None and len(request) and request[0] == int(rate.request_type):
-                rate.seen += 1
-                if rate.rng.random() < rate.rate:
-                    rate.forced += 1
-                    target.inject(rate.request_type, rate.status, times=1)
-            trace = tools.trace
-            if trace is None:
-                answer: tuple[bytes, int] = original_request(target, request, writable_size)
-                return answer
-            injected = target.injected_count
-            started = perf_counter_ns()
-            answer = original_request(target, request, writable_size)
-            elapsed = perf_counter_ns() - started
-            response, used = answer
-            trace.request(
-                bytes(request),
-                writable_size,
-                response,
-                used,
-                forced=target.injected_count != injected,
-                ns=elapsed,
-            )
-            return answer
-
-        device.handle_request = handle_request  # type: ignore[method-assign]
-        if self.checker is None and self.trace is None:
-            return
-        original_features, original_config, original_reset = cls.set_features, cls.set_config, cls.reset
-
-        def set_features(acked: int) -> None:
-            target = weak_device()
-            assert target is not None
-            original_features(target, acked)
-            if tools.checker is not None:
-                tools.checker.check_features(acked)
-            if tools.trace is not None:
-                tools.trace.features(acked)
-
-        def set_config(offset: int, data: bytes) -> None:
-            target = weak_device()
-            assert target is not None
-            if tools.checker is not None:
-                tools.checker.check_config_write(offset, bytes(data))
-            if tools.trace is not None:
-                tools.trace.config(offset, bytes(data))
-            original_config(target, offset, data)
-
-        def reset() -> None:
-            target = weak_device()
-            assert target is not None
-            original_reset(target)
-            if tools.checker is not None:
-                tools.checker.device_reset()
-            if tools.trace is not None:
-                tools.trace.reset()
-
-        device.set_features = set_features  # type: ignore[method-assign]
-        device.set_config = set_config  # type: ignore[method-assign]
-        device.reset = reset  # type: ignore[method-assign]
+    def _observe(self) -> None:
+        """The observer is on the device while a checker or a trace needs it, and only then: while it
+        is, the back-end serves every request through the (slower) Python path."""
+        observers = self.backend.device.observers
+        wanted = self.checker is not None or self.trace is not None
+        present = self._observer in observers
+        if wanted and not present:
+            observers.append(self._observer)
+        elif present and not wanted:
+            observers.remove(self._observer)
 
     def close(self) -> None:
         if self.trace is not None:

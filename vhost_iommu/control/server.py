@@ -1,6 +1,6 @@
 """The control socket: a unix socket on the back-end's event loop, JSON lines, one client task each.
 
-The socket is created mode 0600 (through the server's own :func:`bind_unix_socket`) and, because a mode
+The socket is created mode 0600 (through the server's own :func:`create_unix_listener`) and, because a mode
 can be widened later and a directory's permissions are not ours to trust, each accepted peer's uid is read
 with SO_PEERCRED and anyone but this process's uid (or root) is refused with one error line.
 
@@ -27,7 +27,7 @@ from vhost_iommu.control.protocol import (
     parse_request,
 )
 from vhost_iommu.control.service import ControlService
-from vhost_iommu.server import bind_unix_socket
+from vhost_iommu.server import create_unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ControlServer:
     def __init__(self, service: ControlService, path: str, *, mode: int = 0o600) -> None:
         self.service = service
         self.path = path
-        self._listener = bind_unix_socket(path, mode)
+        self._listener, self._socket_file = create_unix_listener(path, mode)
         self._listener.setblocking(False)
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -70,9 +70,8 @@ class ControlServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            # Only our own socket: bind_unix_socket replaced the path with it.
-            os.unlink(self.path)
+        # Only the socket this server made: whatever stands at the path now (someone replaced it) stays.
+        self._socket_file.remove()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -16,11 +16,11 @@ import os
 import random
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vhost_iommu import __version__
 from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
-from vhost_iommu.control.instrument import ConnectionTools, RateInjection
+from vhost_iommu.control.instrument import ConnectionTools
 from vhost_iommu.control.protocol import (
     BAD_ARGUMENT,
     NO_CONNECTION,
@@ -43,7 +43,6 @@ from vhost_iommu.device import (
     Translation,
 )
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
-from vhost_iommu.device.topology import TopologyError
 from vhost_iommu.protocol.constants import ProtocolFeature
 from vhost_iommu.trace import DEFAULT_KEEP, DEFAULT_MAX_BYTES, TraceWriter
 
@@ -111,7 +110,7 @@ ARGUMENTS: dict[str, set[str]] = {
     "inject": {_C, "type", "status", "times"},
     "inject-rate": {_C, "type", "status", "rate", "seed"},
     "inject-clear": {_C},
-    "delay": {_C, "us"},
+    "delay": {_C, "us", "type"},
     "bypass": {_C, "value", "boot"},
     "resv": {_C, "endpoint", "regions"},
     "resv-clear": {_C, "endpoint"},
@@ -398,16 +397,19 @@ class ControlService:
             "batches": tools.batches.summary(),
             "delay_us": tools.delay_us,
             "delayed_batches": tools.delayed_batches,
-            "rate": None
-            if tools.rate is None
-            else {
-                "type": tools.rate.request_type.name,
-                "status": tools.rate.status.name if tools.rate.status is not None else "NONE",
-                "rate": tools.rate.rate,
-                "seed": tools.rate.seed,
-                "seen": tools.rate.seen,
-                "forced": tools.rate.forced,
-            },
+            "type_delays_us": {RequestType(kind).name: us for kind, us in sorted(tools.type_delays.items())},
+            "delayed_requests": tools.delayed_requests,
+            "rates": [
+                {
+                    "type": rate.request_type.name,
+                    "status": rate.status.name if rate.status is not None else "NONE",
+                    "rate": rate.rate,
+                    "seed": rate.seed,
+                    "seen": rate.seen,
+                    "forced": rate.forced,
+                }
+                for rate in device.rate_injections
+            ],
         }
 
     def latency_reset(self, arguments: Arguments) -> object:
@@ -546,34 +548,33 @@ class ControlService:
         return {"type": kind.name, "status": status.name if status is not None else "NONE", "times": times}
 
     def inject_rate(self, arguments: Arguments) -> object:
-        _backend, tools = self._backend(arguments)
+        """Force ``status`` on a seeded fraction of the requests of a type (one rate per type)."""
+        backend, _tools = self._backend(arguments)
         kind = arguments.choice("type", TYPE_CHOICES)
         status = arguments.choice("status", STATUS_CHOICES)
         rate = arguments.number("rate", low=0.0, high=1.0)
         seed = arguments.integer("seed", default=random.randrange(1 << 32), high=(1 << 63) - 1)
-        if rate == 0.0:
-            tools.set_rate(None)
-        else:
-            tools.set_rate(RateInjection(kind, status, rate, seed, random.Random(seed)))
+        backend.device.inject_rate(kind, status, rate, seed=seed)
         return {"type": kind.name, "rate": rate, "seed": seed}
 
     def inject_clear(self, arguments: Arguments) -> object:
-        """Every forced answer off: pending count injections, the rate injection, the added latency."""
+        """Every forced answer off: pending count injections, rates, added latency of every kind."""
         backend, tools = self._backend(arguments)
         backend.device.clear_injections()
-        tools.set_rate(None)
-        tools.set_delay(0)
+        tools.clear_delays()
         return {}
 
     def delay(self, arguments: Arguments) -> object:
+        """Added latency per requestq batch, or with ``type`` per request of that type."""
         _backend, tools = self._backend(arguments)
         microseconds = arguments.integer("us", high=MAX_DELAY_US)
-        tools.set_delay(microseconds)
-        return {"us": microseconds}
+        kind = arguments.choice("type", TYPE_CHOICES) if "type" in arguments else None
+        tools.set_delay(microseconds, kind)
+        return {"us": microseconds, "type": kind.name if kind is not None else None}
 
     def bypass(self, arguments: Arguments) -> object:
         """Set config.bypass (or restore its boot value) and tell the driver the config changed."""
-        backend, tools = self._backend(arguments)
+        backend, _tools = self._backend(arguments)
         device = backend.device
         if arguments.boolean("boot", default=False):
             if "value" in arguments:
@@ -584,15 +585,14 @@ class ControlService:
         context = backend.context
         if context is None:
             raise ControlError(UNAVAILABLE, "the back-end is not attached to a connection")
-        device.config.bypass = value
-        if tools.trace is not None:
-            tools.trace.bypass(value)
+        device.set_bypass(value)
         context.config_changed()
         return {"bypass": value}
 
     def resv(self, arguments: Arguments) -> object:
-        """Replace an endpoint's reserved regions as the next PROBE reports them."""
-        backend, tools = self._backend(arguments)
+        """Replace an endpoint's reserved regions: what the next PROBE reports, and what MAP and
+        translation respect from now on."""
+        backend, _tools = self._backend(arguments)
         device = backend.device
         endpoint = arguments.integer("endpoint", high=U32_MAX)
         if not device.topology.has_endpoint(endpoint):
@@ -606,48 +606,23 @@ class ControlService:
             if end < start:
                 raise ControlError(BAD_ARGUMENT, f"regions[{index}]: end before start")
             regions.append(ReservedRegion(kind, start, end))
-        return self._set_regions(tools, endpoint, tuple(regions))
+        try:
+            device.set_reserved_regions(endpoint, tuple(regions))
+        except ValueError as exc:
+            raise ControlError(BAD_ARGUMENT, f"regions: {exc}") from None
+        return {"endpoint": endpoint, "reserved": [_region(r) for r in device.reserved_regions(endpoint)]}
 
     def resv_clear(self, arguments: Arguments) -> object:
-        backend, tools = self._backend(arguments)
+        """The topology's own reserved regions again, for one endpoint or (no endpoint) all."""
+        backend, _tools = self._backend(arguments)
+        device = backend.device
         endpoint = arguments.optional_integer("endpoint", high=U32_MAX)
-        original = tools.original_topology
-        if endpoint is None:
-            backend.device.topology = original
-            return {"restored": "all"}
-        if not original.has_endpoint(endpoint):
+        if endpoint is not None and not device.topology.has_endpoint(endpoint):
             raise ControlError(NOT_FOUND, f"endpoint {endpoint:#x} is not managed by this IOMMU")
-        return self._set_regions(tools, endpoint, original.reserved_regions(endpoint))
-
-    def _set_regions(
-        self, tools: ConnectionTools, endpoint: int, regions: tuple[ReservedRegion, ...]
-    ) -> dict[str, Any]:
-        device = tools.backend.device
-        current = device.topology
-        # Regions of the endpoint's range stay in the range; the override replaces what this endpoint
-        # reports, so the range's own regions are subtracted by giving the endpoint its own range entry.
-        pci_ranges = []
-        for pci_range in current.pci_ranges:
-            if pci_range.endpoint_start <= endpoint <= pci_range.endpoint_end and pci_range.reserved:
-                # Move the range's regions onto every other endpoint of the range explicitly.
-                pci_ranges.append(dataclasses.replace(pci_range, reserved=()))
-            else:
-                pci_ranges.append(pci_range)
-        per_endpoint = dict(current.endpoint_reserved)
-        for pci_range in current.pci_ranges:
-            if pci_range.endpoint_start <= endpoint <= pci_range.endpoint_end and pci_range.reserved:
-                for other in range(pci_range.endpoint_start, pci_range.endpoint_end + 1):
-                    if other != endpoint:
-                        per_endpoint[other] = current.reserved_regions(other)
-        per_endpoint[endpoint] = regions
-        try:
-            changed = dataclasses.replace(
-                current, pci_ranges=tuple(pci_ranges), endpoint_reserved=per_endpoint
-            )
-        except TopologyError as exc:
-            raise ControlError(BAD_ARGUMENT, f"regions: {exc}") from None
-        device.topology = changed
-        return {"endpoint": endpoint, "reserved": [_region(r) for r in changed.reserved_regions(endpoint)]}
+        device.set_reserved_regions(endpoint, None)
+        if endpoint is None:
+            return {"restored": "all"}
+        return {"endpoint": endpoint, "reserved": [_region(r) for r in device.reserved_regions(endpoint)]}
 
     # -- driver conformance and traces (docs/toolkit.md) -----------------------------------------------------
 

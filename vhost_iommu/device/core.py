@@ -23,6 +23,7 @@ only when the used length equals the writable size).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 from vhost_iommu.device import mapping
 from vhost_iommu.device.config import ConfigSpace
@@ -59,6 +60,7 @@ from vhost_iommu.device.layout import (
     encode_resv_mem,
 )
 from vhost_iommu.device.mapping import MappingStore, default_store
+from vhost_iommu.device.observers import DeviceObserver, RateInjection
 from vhost_iommu.device.topology import ReservedRegion, Topology
 from vhost_iommu.device.translation import Fault, Translation, translate
 
@@ -117,7 +119,11 @@ class IommuDevice:
         self.fault_counts: list[int] = [0] * len(FaultReason)
         # Answers forced on upcoming requests by `inject`: request type -> [(status or None, remaining)].
         self._injected: dict[int, list[tuple[Status | None, int]]] = {}
+        # Answers forced at a rate by `inject_rate`: request type -> its seeded draw.
+        self._rates: dict[int, RateInjection] = {}
         self.injected_count = 0
+        #: Tools watching every request and response (`DeviceObserver`); see observers.py.
+        self.observers: list[DeviceObserver] = []
 
     # -- features and config -----------------------------------------------------------------------------
 
@@ -132,6 +138,8 @@ class IommuDevice:
     def set_features(self, acked: int) -> None:
         self.driver_features = acked
         self.acked_features = acked & self.device_features()
+        for observer in self.observers:
+            observer.features(acked)
 
     def negotiated(self, feature: int) -> bool:
         return bool(self.acked_features & feature)
@@ -140,16 +148,42 @@ class IommuDevice:
         return self.config.read(offset, size)
 
     def set_config(self, offset: int, data: bytes) -> None:
+        for observer in self.observers:
+            observer.config_write(offset, bytes(data))
         self.config.write(offset, bytes(data), bypass_config_negotiated=self.negotiated(F_BYPASS_CONFIG))
 
     @property
     def bypass(self) -> bool:
         return bool(self.config.bypass)
 
+    def set_bypass(self, value: bool | int) -> None:
+        """Change config.bypass from outside the driver (a tool breaking things on purpose). The caller
+        tells the driver (a configuration change notification); the device itself has no transport."""
+        if value not in (0, 1):  # True and False compare equal to 1 and 0
+            raise ValueError(f"bypass {value!r} is neither 0 nor 1")
+        self.config.bypass = int(value)
+        for observer in self.observers:
+            observer.bypass(int(value))
+
     # -- requests ----------------------------------------------------------------------------------------
 
     def handle_request(self, request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
         """Serve one requestq chain: (bytes for the start of the writable part, used length)."""
+        observers = self.observers
+        if not observers:
+            return self._serve(request, writable_size)
+        for observer in observers:
+            observer.request(request, writable_size)
+        injected = self.injected_count
+        started = perf_counter_ns()
+        response, used = self._serve(request, writable_size)
+        elapsed = perf_counter_ns() - started
+        forced = self.injected_count != injected
+        for observer in observers:
+            observer.response(request, writable_size, response, used, forced=forced, ns=elapsed)
+        return response, used
+
+    def _serve(self, request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
         if len(request) < HEAD.size:
             self.request_counts[0] += 1
             return b"", 0
@@ -168,6 +202,10 @@ class IommuDevice:
         self.request_counts[request_type] += 1
         if self._injected and request_type in self._injected:
             return self._forced_answer(request_type, writable_size)
+        if self._rates and request_type in self._rates:
+            rate = self._rates[request_type]
+            if rate.draw():
+                return self._forced_status(rate.status, writable_size)
 
         if request_type == _PROBE:
             properties_size = writable_size - TAIL_SIZE
@@ -201,14 +239,36 @@ class IommuDevice:
             raise ValueError(f"times {times} must be at least 1")
         self._injected.setdefault(int(request_type), []).append((status, times))
 
+    def inject_rate(
+        self, request_type: RequestType, status: Status | None, rate: float, *, seed: int
+    ) -> RateInjection | None:
+        """Answer each request of ``request_type`` (whose tail can be found) with ``status`` with
+        probability ``rate``, drawn from ``random.Random(seed)``: the same seed and requests force the
+        same ones. Replaces the type's previous rate; ``rate`` 0 removes it. A count injection
+        (`inject`) waiting for the type answers first, without a draw."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate {rate} is not within 0..1")
+        if rate == 0.0:
+            self._rates.pop(int(request_type), None)
+            return None
+        injection = RateInjection(RequestType(request_type), status, rate, seed)
+        self._rates[int(request_type)] = injection
+        return injection
+
+    @property
+    def rate_injections(self) -> list[RateInjection]:
+        return list(self._rates.values())
+
     def clear_injections(self) -> None:
+        """Every forced answer off: count injections and rates."""
         self._injected.clear()
+        self._rates.clear()
 
     @property
     def has_injections(self) -> bool:
-        """Whether answers are waiting to be forced on upcoming requests (a compiled request path must
-        then leave those requests to `handle_request`)."""
-        return bool(self._injected)
+        """Whether answers may be forced on upcoming requests (a compiled request path must then leave
+        those requests to `handle_request`)."""
+        return bool(self._injected or self._rates)
 
     def _forced_answer(self, request_type: int, writable_size: int) -> tuple[bytes, int]:
         queue = self._injected[request_type]
@@ -219,6 +279,9 @@ class IommuDevice:
             queue.pop(0)
             if not queue:
                 del self._injected[request_type]
+        return self._forced_status(status, writable_size)
+
+    def _forced_status(self, status: Status | None, writable_size: int) -> tuple[bytes, int]:
         self.injected_count += 1
         if status is None:
             return b"", 0
@@ -312,9 +375,29 @@ class IommuDevice:
             return bytes(properties_size), Status.NOENT
         properties = b"".join(
             encode_resv_mem(region.kind, region.start, region.end)
-            for region in self.topology.reserved_regions(endpoint)
+            for region in self.reserved_regions(endpoint)
         )
         return properties + bytes(properties_size - len(properties)), Status.OK
+
+    # -- reserved regions ------------------------------------------------------------------------------
+
+    def reserved_regions(self, endpoint: int) -> tuple[ReservedRegion, ...]:
+        """The regions PROBE reports for ``endpoint`` and MAP and translate respect (the topology's,
+        unless `set_reserved_regions` replaced them); () for an endpoint this IOMMU does not manage."""
+        return self.domain_table.reserved_regions(endpoint)
+
+    def set_reserved_regions(self, endpoint: int | None, regions: tuple[ReservedRegion, ...] | None) -> None:
+        """Replace the reserved regions of ``endpoint`` (None: of every endpoint) with ``regions``
+        (None: the topology's own again), for the next PROBE, every MAP from now on and translation.
+
+        Mappings that already exist in a newly reserved range stay (the device never drops a mapping
+        by itself); a MAP into it is refused (RANGE) from now on. ValueError for regions PROBE could not
+        report (overlapping, more than one MSI region, more than probe_size holds, end before start)
+        or an endpoint this IOMMU does not manage; nothing changes then. The replacement survives a
+        device reset (the driver re-probes then); `system_reset` does not restore it either."""
+        self.domain_table.set_reserved_regions(endpoint, regions)
+        for observer in self.observers:
+            observer.reserved_regions(endpoint, regions)
 
     # -- translation and faults --------------------------------------------------------------------------
 
@@ -360,6 +443,8 @@ class IommuDevice:
         self.events.clear()
         self.acked_features = 0
         self.driver_features = 0
+        for observer in self.observers:
+            observer.reset()
 
     def system_reset(self) -> None:
         """System reset: a device reset that also restores ``bypass`` to its boot value."""
@@ -379,7 +464,7 @@ class IommuDevice:
                     address[0],
                     address[1],
                     self.domain_table.domain_of(endpoint),
-                    self.topology.reserved_regions(endpoint),
+                    self.reserved_regions(endpoint),
                 )
             )
         return found

@@ -8,6 +8,10 @@ rules that change it (ATTACH, DETACH, reset) are cold and stay plain Python.
 A domain exists from the ATTACH that names it until its last endpoint leaves (DETACH, or ATTACH of that
 endpoint elsewhere); its mappings go with it, as the spec says a domain "ceases to exist and its ID can be
 reused by the driver for another domain".
+
+Reserved regions start as the topology's and can be replaced per endpoint at run time
+(`set_reserved_regions`, for tools). Device state a snapshot must keep besides the arrays above:
+``endpoint_regions`` (the current regions of each endpoint slot, overrides included).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vhost_iommu.device.layout import Status
+from vhost_iommu.device.layout import RESV_MEM_SIZE, U64_MAX, Status
 from vhost_iommu.device.mapping import MappingStore
-from vhost_iommu.device.topology import ReservedRegion, Topology
+from vhost_iommu.device.topology import ReservedRegion, Topology, check_regions
 
 NO_DOMAIN = -1
 
@@ -108,6 +112,7 @@ class Domains:
 
     def __init__(self, topology: Topology, store: MappingStore, *, max_domains: int) -> None:
         self.store = store
+        self.topology = topology
         self.first = topology.domain_start
         self.last = topology.domain_end
         self.max_domains = max_domains
@@ -172,6 +177,65 @@ class Domains:
     def reserved_overlap(self, domain: int, start: int, last: int) -> bool:
         """Does [start, last] touch a reserved region of an endpoint attached to ``domain``?"""
         return self.regions.overlaps(int(self.resv_set[domain - self.first]), start, last)
+
+    # -- reserved regions --------------------------------------------------------------------------------
+
+    def reserved_regions(self, endpoint: int) -> tuple[ReservedRegion, ...]:
+        slot = self._slots.get(endpoint)
+        return () if slot is None else self.endpoint_regions[slot]
+
+    def set_reserved_regions(self, endpoint: int | None, regions: tuple[ReservedRegion, ...] | None) -> None:
+        """Replace the regions of one endpoint (None: all), or restore the topology's (regions None).
+        Validates everything before changing anything (ValueError)."""
+        if endpoint is None:
+            slots = list(range(len(self.endpoint_regions)))
+        else:
+            slot = self._slots.get(endpoint)
+            if slot is None:
+                raise ValueError(f"endpoint {endpoint:#x} is not managed by this IOMMU")
+            slots = [slot]
+        changes: list[tuple[int, tuple[ReservedRegion, ...]]] = []
+        for slot in slots:
+            wanted = (
+                self.topology.reserved_regions(int(self.endpoint_ids[slot]))
+                if regions is None
+                else self._checked(regions)
+            )
+            changes.append((slot, wanted))
+        for slot, wanted in changes:
+            self._replace_regions(slot, wanted)
+
+    def _checked(self, regions: tuple[ReservedRegion, ...]) -> tuple[ReservedRegion, ...]:
+        for region in regions:
+            if not 0 <= region.start <= region.end <= U64_MAX:
+                raise ValueError(f"reserved region {region.start:#x}-{region.end:#x}: not a 64-bit range")
+        ordered = tuple(sorted(regions, key=lambda region: region.start))
+        problem = check_regions(ordered)
+        if problem is not None:
+            raise ValueError(problem)
+        probe_size = self.topology.probe_size
+        if probe_size and len(ordered) * RESV_MEM_SIZE > probe_size:
+            raise ValueError(
+                f"{len(ordered)} reserved regions do not fit probe_size {probe_size} "
+                f"({RESV_MEM_SIZE} bytes each)"
+            )
+        return ordered
+
+    def _replace_regions(self, slot: int, regions: tuple[ReservedRegion, ...]) -> None:
+        old_set = int(self.endpoint_resv_set[slot])
+        new_set = self.regions.intern(tuple((r.start, r.end) for r in regions))
+        self.endpoint_regions[slot] = regions
+        self.endpoint_resv_set[slot] = new_set
+        domain = int(self.endpoint_domain[slot])
+        if domain == NO_DOMAIN or old_set == new_set:
+            return
+        # The domain's merged set follows: MAP checks the union of its endpoints' regions.
+        members = self._members[domain]
+        members[old_set] -= 1
+        if members[old_set] == 0:
+            del members[old_set]
+        members[new_set] += 1
+        self.resv_set[domain - self.first] = self.regions.union(frozenset(members))
 
     # -- ATTACH / DETACH ---------------------------------------------------------------------------------
 

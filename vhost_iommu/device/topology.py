@@ -101,7 +101,7 @@ class Topology:
                 regions[endpoint] = tuple(sorted(merged, key=lambda region: region.start))
         self._regions.update(regions)
         for endpoint, endpoint_regions in regions.items():
-            problem = _check_regions(endpoint_regions)
+            problem = check_regions(endpoint_regions)
             if problem:
                 raise TopologyError(f"{self.source}: endpoint {endpoint:#x}: {problem}")
             if len(endpoint_regions) * RESV_MEM_SIZE > self.probe_size and self.probe_size:
@@ -245,7 +245,7 @@ def _check(topology: Topology) -> Iterator[str]:
             yield f"reserved: endpoint {endpoint:#x} is not in any endpoint range"
 
 
-def _check_regions(regions: tuple[ReservedRegion, ...]) -> str | None:
+def check_regions(regions: tuple[ReservedRegion, ...]) -> str | None:
     if sum(region.kind == ResvMemType.MSI for region in regions) > 1:
         # virtio 1.3: "The device SHOULD NOT present more than one VIRTIO_IOMMU_RESV_MEM_T_MSI property
         # per endpoint."

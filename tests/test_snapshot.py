@@ -51,7 +51,7 @@ def state_of(device: IommuDevice) -> dict[str, Any]:
         "events": device.pending_events(),
         "counters": (device.request_counters(), device.status_counters(), device.fault_counters()),
         "queued": device.events.queued_count,
-        "probe_regions": {e: device.topology.reserved_regions(e) for e in device.topology.endpoint_ids()},
+        "regions": {e: device.reserved_regions(e) for e in device.topology.endpoint_ids()},
     }
 
 
@@ -141,18 +141,38 @@ def test_empty_device_round_trip() -> None:
 
 def test_reserved_region_overrides_round_trip() -> None:
     device = populated()
-    # What the control channel's `resv` does: PROBE of 0x21 reports other regions than MAP enforces.
-    override = (ReservedRegion(ResvMemType.RESERVED, 0x10000, 0x1FFFF),)
-    ranges = tuple(dataclasses.replace(r, reserved=()) for r in device.topology.pci_ranges)
-    per_endpoint = {e: device.topology.reserved_regions(e) for e in device.topology.endpoint_ids()}
-    per_endpoint[0x21] = override
-    device.topology = dataclasses.replace(device.topology, pci_ranges=ranges, endpoint_reserved=per_endpoint)
+    override = (ReservedRegion(ResvMemType.RESERVED, BASE, BASE + 0xFFFF),)
+    # Made after the MAPs: the mappings inside the new region stay, and must come back too.
+    device.set_reserved_regions(0x21, override)
+    device.set_reserved_regions(0x23, ())
     saved = snapshot.save(device)
     restored = IommuDevice()
     snapshot.restore(restored, saved)
-    assert restored.topology.reserved_regions(0x21) == override
-    assert restored.topology.reserved_regions(0x20) == IommuDevice().topology.reserved_regions(0x20)
+    assert restored.reserved_regions(0x21) == override
+    assert restored.reserved_regions(0x23) == ()
+    assert restored.reserved_regions(0x20) == IommuDevice().reserved_regions(0x20)
     assert state_of(restored) == state_of(device)
+    probe = encode_map(3, BASE + 16 * PAGE, BASE + 17 * PAGE - 1, 0)
+    assert restored.handle_request(probe, 4) == device.handle_request(probe, 4)  # RANGE on both
+    # A device of the same topology refuses nothing for lacking the override: it is part of the state.
+    assert snapshot.topology_fingerprint(IommuDevice()) == snapshot.topology_fingerprint(device)
+
+
+def test_unusable_override_regions_are_refused() -> None:
+    device = populated()
+    device.set_reserved_regions(0x21, (ReservedRegion(ResvMemType.RESERVED, 0x10000, 0x1FFFF),))
+    saved = snapshot.save(device)
+    at, _length = sections_of(saved)[snapshot.SECTION_REGIONS]
+    region = at + 16 + 8  # the one override record, then its one region
+    for offset, fmt, value, match in (
+        (0, "<I", 7, "unknown region kind"),
+        (4, "<I", 1, "reserved field"),
+        (8, "<Q", 0x20000, "0x21"),  # starts after its end
+        (-8, "<I", 0x10, "not managed"),
+    ):
+        data = bytearray(saved)
+        struct.pack_into(fmt, data, region + offset, value)
+        assert_refused(IommuDevice(), reseal(data), match)
 
 
 operation = st.one_of(
@@ -168,6 +188,7 @@ operation = st.one_of(
     st.tuples(st.just("unmap"), st.sampled_from(DOMAINS), st.integers(0, 63), st.integers(1, 8)),
     st.tuples(st.just("bypass"), st.booleans()),
     st.tuples(st.just("fault"), st.sampled_from(ENDPOINTS), st.integers(0, 1 << 40)),
+    st.tuples(st.just("resv"), st.sampled_from(ENDPOINTS), st.one_of(st.none(), st.integers(0, 63))),
 )
 
 
@@ -185,6 +206,10 @@ def apply(device: IommuDevice, op: tuple[Any, ...]) -> None:
         request(device, encode_unmap(op[1], start, start + op[3] * PAGE - 1))
     elif kind == "bypass":
         device.set_config(CONFIG_BYPASS, b"\x01" if op[1] else b"\x00")
+    elif kind == "resv":
+        start = BASE + (op[2] or 0) * PAGE
+        region = (ReservedRegion(ResvMemType.RESERVED, start, start + PAGE - 1),)
+        device.set_reserved_regions(op[1], None if op[2] is None else region)
     else:
         device.translate(op[1], op[2], 4, 1)  # a fault when nothing maps it
 
@@ -314,7 +339,6 @@ HUGE = (1 << 64) - 1
         (snapshot.SECTION_MAPPINGS, 8, "<Q", (BASE + 0x10,), "aligned"),
         (snapshot.SECTION_MAPPINGS, 8 + 5 * 8, "<Q", (BASE + 3 * PAGE - 1,), "sorted by address or overlap"),
         (snapshot.SECTION_MAPPINGS, 8, "<Q", (BASE + 3 * PAGE,), "ends before it starts"),
-        (snapshot.SECTION_MAPPINGS, 8, "<Q", (0xFEE00000,), "reserved region"),
         (snapshot.SECTION_MAPPINGS, 8 + 5 * 8, "<Q", (HUGE,), "outside the input range"),
         (snapshot.SECTION_MAPPINGS, 8 + 15 * 8, "<I", (8,), "flags outside"),
         (snapshot.SECTION_MAPPINGS, 8 + 15 * 8 + 5 * 4, "<I", (1,), "padding"),

@@ -8,13 +8,13 @@ Any problem raises `SnapshotError` naming it, and leaves the device exactly as i
 
 What is saved: acked and driver-written features, the config's ``bypass``, every domain (id, bypass
 flag, how many mappings), every attached endpoint and its domain, every mapping of every domain, the
-pending fault events (and the queued/dropped event counts), reserved-region overrides (regions a tool
-made PROBE report that differ from those the topology enforces on MAP), and the request/status/fault
-counters. Not saved: the topology itself (only its fingerprint: a state is refused by a device of
-another topology), the limits (``max_mappings``, ``max_domains``, event queue capacity: the restoring
-device's own apply, and a state that does not fit them is refused), forced answers queued by
-``IommuDevice.inject`` (a tool's, not the device's), and anything of the vhost-user connection (rings,
-memory, fds: the front-end sets those up again).
+pending fault events (and the queued/dropped event counts), reserved-region overrides (endpoints
+whose regions `IommuDevice.set_reserved_regions` replaced: PROBE, MAP and translate follow them), and
+the request/status/fault counters. Not saved: the topology itself (only its fingerprint: a state is
+refused by a device of another topology), the limits (``max_mappings``, ``max_domains``, event queue
+capacity: the restoring device's own apply, and a state that does not fit them is refused), forced
+answers (``IommuDevice.inject``, ``inject_rate``) and observers (a tool's, not the device's), and the
+vhost-user connection (rings, memory, fds: the front-end sets those up again).
 
 Format, version 1 (all integers little-endian; every section length is a multiple of 8)::
 
@@ -50,7 +50,6 @@ million mappings take well under a second each way.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from vhost_iommu.device.layout import (
     ResvMemType,
     Status,
 )
-from vhost_iommu.device.topology import ReservedRegion, Topology, TopologyError
+from vhost_iommu.device.topology import ReservedRegion
 from vhost_iommu.jit import tables
 from vhost_iommu.jit.bulk import load_sorted
 from vhost_iommu.jit.tables import MappingTable
@@ -135,13 +134,9 @@ class SnapshotError(ValueError):
 
 
 def topology_fingerprint(device: IommuDevice) -> bytes:
-    """SHA-256 of what a state depends on: the topology's numbers and the reserved regions MAP enforces.
-
-    The regions come from the device's domain table (fixed when the device was built), not from
-    ``device.topology``, which a tool may have replaced to make PROBE report other regions (saved as
-    overrides)."""
+    """SHA-256 of what a state depends on: every number of the topology and its reserved regions (not
+    the regions a tool put in their place: those are part of the state)."""
     topology = device.topology
-    domains = device.domain_table
     parts = [
         b"vhost-iommu topology 1",
         struct.pack(
@@ -164,8 +159,10 @@ def topology_fingerprint(device: IommuDevice) -> bytes:
                 "<IIII", pci_range.segment, pci_range.bdf_start, pci_range.bdf_end, pci_range.endpoint_start
             )
         )
-    parts.append(struct.pack("<I", len(domains.endpoint_ids)))
-    for endpoint, regions in zip(domains.endpoint_ids.tolist(), domains.endpoint_regions, strict=True):
+    endpoints = topology.endpoint_ids()
+    parts.append(struct.pack("<I", len(endpoints)))
+    for endpoint in endpoints:
+        regions = topology.reserved_regions(endpoint)
         parts.append(struct.pack("<II", endpoint, len(regions)))
         parts.extend(struct.pack("<IQQ", region.kind, region.start, region.end) for region in regions)
     return hashlib.sha256(b"".join(parts)).digest()
@@ -244,12 +241,9 @@ def save(device: IommuDevice) -> bytes:
     event_section = _COUNT.pack(len(pending)) + b"".join(pending)
 
     overrides: list[tuple[int, tuple[ReservedRegion, ...]]] = []
-    for endpoint, enforced in zip(domains.endpoint_ids.tolist(), domains.endpoint_regions, strict=True):
-        reported = (
-            device.topology.reserved_regions(endpoint) if device.topology.has_endpoint(endpoint) else ()
-        )
-        if reported != enforced:
-            overrides.append((endpoint, reported))
+    for endpoint, current in zip(domains.endpoint_ids.tolist(), domains.endpoint_regions, strict=True):
+        if current != device.topology.reserved_regions(endpoint):
+            overrides.append((endpoint, current))
     override_records = np.zeros(len(overrides), _OVERRIDE_RECORD)
     region_list = [region for _endpoint, regions in overrides for region in regions]
     region_records = np.zeros(len(region_list), _REGION_RECORD)
@@ -324,7 +318,6 @@ class _Staged:
     events: FaultQueue
     domains: Domains
     table: MappingTable
-    topology: Topology
 
 
 class _Reader:
@@ -415,19 +408,10 @@ def _sections(device: IommuDevice, data: memoryview) -> dict[int, memoryview]:
     return found
 
 
-def _regions_topology(base: Topology, regions: dict[int, tuple[ReservedRegion, ...]]) -> Topology:
-    """``base`` with each endpoint's reserved regions replaced by ``regions`` (every endpoint listed)."""
-    if all(base.reserved_regions(endpoint) == found for endpoint, found in regions.items()):
-        return base
-    ranges = tuple(dataclasses.replace(pci_range, reserved=()) for pci_range in base.pci_ranges)
-    return dataclasses.replace(base, pci_ranges=ranges, endpoint_reserved=dict(regions))
-
-
 def _stage(device: IommuDevice, data: memoryview) -> _Staged:
     sections = _sections(device, data)
     old_domains = device.domain_table
     old_table = _table(device)
-    topology = device.topology
 
     # DEVICE
     reader = _Reader(sections[SECTION_DEVICE], "DEVICE")
@@ -549,52 +533,35 @@ def _stage(device: IommuDevice, data: memoryview) -> _Staged:
     if np.any(region_records["reserved"]):
         raise reader.fail("reserved field of a region must be zero")
     valid_kinds = {int(kind) for kind in ResvMemType}
-    enforced = {
-        int(endpoint): regions
-        for endpoint, regions in zip(
-            old_domains.endpoint_ids.tolist(), old_domains.endpoint_regions, strict=True
-        )
-    }
-    reported = dict(enforced)
+    replaced: list[tuple[int, tuple[ReservedRegion, ...]]] = []
     row = 0
     for endpoint, count in zip(override_ids.tolist(), overrides["regions"].tolist(), strict=True):
         regions = []
         for kind, _reserved, start, end in region_records[row : row + count].tolist():
             if kind not in valid_kinds:
                 raise reader.fail(f"endpoint {endpoint:#x}: unknown region kind {kind}")
-            if end < start:
-                raise reader.fail(f"endpoint {endpoint:#x}: a region ends before it starts")
             regions.append(ReservedRegion(ResvMemType(kind), start, end))
         row += count
-        reported[endpoint] = tuple(regions)
-    try:
-        base = _regions_topology(topology, enforced)
-        probe_topology = _regions_topology(base, reported)
-    except TopologyError as exc:
-        raise reader.fail(f"the overridden regions are not usable: {exc}") from None
+        replaced.append((endpoint, tuple(regions)))
 
-    # Build the domains and the table beside the device, then check what only they can tell.
+    # Build the domains and the table beside the device.
     table = MappingTable(old_table.limit)
-    domains = Domains(base, table, max_domains=old_domains.max_domains)
+    domains = Domains(device.topology, table, max_domains=old_domains.max_domains)
+    for endpoint, wanted in replaced:
+        try:
+            domains.set_reserved_regions(endpoint, wanted)
+        except ValueError as exc:
+            raise reader.fail(f"endpoint {endpoint:#x}: {exc}") from None
     bypass_of = dict(zip(domain_ids.tolist(), bypass_domains.tolist(), strict=True))
     for endpoint, domain in zip(endpoint_ids.tolist(), endpoint_domains.tolist(), strict=True):
+        # The table is still empty: no ATTACH-time region conflict can arise, whatever the regions.
         status = domains.attach(endpoint, domain, bypass_of[domain])
         if status != Status.OK:
             raise SnapshotError(
                 f"section ENDPOINTS: endpoint {endpoint:#x} cannot join domain {domain}: {status.name}"
             )
-    for row, domain in enumerate(domain_ids.tolist()):
-        begin, end = int(offsets[row]), int(offsets[row + 1])
-        if begin == end:
-            continue
-        domain_lasts = lasts[begin:end]
-        for low, high in domains.regions.intervals(int(domains.resv_set[domain - domains.first])):
-            first = int(np.searchsorted(domain_lasts, np.uint64(low), side="left"))
-            if first < end - begin and int(starts[begin + first]) <= high:
-                raise SnapshotError(
-                    f"section MAPPINGS: domain {domain} maps over the reserved region {low:#x}-{high:#x} "
-                    "of one of its endpoints"
-                )
+    # Mappings inside reserved regions are not refused: they are legitimate once regions change after
+    # the MAP (set_reserved_regions keeps existing mappings), and the state must come back as it was.
     loaded = load_sorted(table, domain_ids, offsets, starts, lasts, phys, flags)
     if loaded != tables.OK:
         raise SnapshotError(
@@ -611,7 +578,6 @@ def _stage(device: IommuDevice, data: memoryview) -> _Staged:
         events=events,
         domains=domains,
         table=table,
-        topology=probe_topology,
     )
 
 
@@ -664,7 +630,6 @@ def restore(device: IommuDevice, data: bytes | bytearray | memoryview) -> None:
     device.store = staged.table
     device.domain_table = staged.domains
     device.events = staged.events
-    device.topology = staged.topology
     device.config.bypass = staged.bypass
     device.acked_features = staged.acked_features
     device.driver_features = staged.driver_features

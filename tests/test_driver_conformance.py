@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,7 @@ from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.jit import warm_up
-from vhost_iommu.trace import read_trace, replay
+from vhost_iommu.trace import TraceDirectory, TraceDirectoryError, read_trace, replay
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 EP = 0x20
@@ -242,6 +244,8 @@ def served_with(fd_leak_check: None) -> Iterator[Callable[..., Served]]:
                 asyncio.run_coroutine_threadsafe(control.close(), server.loop).result(10)
                 server.call(service.close)
                 server.stop()
+                if service.trace_dir is not None:
+                    service.trace_dir.close()
 
 
 class Ring:
@@ -286,14 +290,15 @@ def test_a_served_driver_is_checked_from_its_first_request(served_with: Callable
 def test_trace_start_and_stop_record_a_replayable_trace(
     served_with: Callable[..., Served], tmp_path: Path
 ) -> None:
-    served = served_with()
-    trace = tmp_path / "served.jsonl"
+    served = served_with(trace_dir=TraceDirectory(tmp_path / "traces"))
+    trace = tmp_path / "traces" / "served.jsonl"
     with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
         ring = Ring(frontend, ram)
-        started = served.call("trace-start", path=str(trace))
+        started = served.call("trace-start", name="served.jsonl")
         assert started["path"] == str(trace) and started["note"] == ""
+        assert stat.S_IMODE(trace.stat().st_mode) == 0o600
         with pytest.raises(ControlError) as caught:
-            served.call("trace-start", path=str(trace))
+            served.call("trace-start", name="other.jsonl")
         assert caught.value.code == "unavailable"
         ring.send(encode_attach(1, EP))
         # The compiled request path steps aside while a trace records: the MAPs are in it too.
@@ -302,15 +307,84 @@ def test_trace_start_and_stop_record_a_replayable_trace(
         served.call("inject", type="MAP", status="NOMEM")
         assert ring.send(encode_map(1, 0x100000, 0x10FFFF, 0)) == Status.NOMEM
         served.call("bypass", value=0)
+        served.call("resv", endpoint=EP, regions=[{"type": "RESERVED", "start": 0x300000, "end": 0x3FFFFF}])
+        assert ring.send(encode_map(1, 0x300000, 0x300FFF, 0)) == Status.RANGE
         stopped = served.call("trace-stop")
-        assert stopped["records"] == 13 and stopped["parts"] == 1
+        assert stopped["records"] == 15 and stopped["parts"] == 1
         ring.send(encode_map(1, 0x200000, 0x20FFFF, 0))  # after the stop: not recorded
+        # A name is used once: the file it names is never replaced.
+        with pytest.raises(ControlError) as caught:
+            served.call("trace-start", name="served.jsonl")
+        assert caught.value.code == "bad-argument" and "exists" in caught.value.message
         del ring
+    # The replay applies the resv change too: the MAP into the new region is refused again.
     result = replay(trace)
-    assert result.ok and result.requests == 12 and result.replay_ns["MAP"][0] == 11
-    with pytest.raises(ControlError) as caught:
-        served.call("trace-start", path=str(tmp_path / "no" / "such" / "dir.jsonl"))
-    assert caught.value.code in ("bad-argument", "no-connection")
+    assert result.ok and result.requests == 13 and result.replay_ns["MAP"][0] == 12
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape.jsonl", "/tmp/abs.jsonl", "sub/dir.jsonl", "..", ".", "", "nul\0.jsonl", "x" * 201]
+)
+def test_trace_start_takes_only_a_plain_file_name(
+    served_with: Callable[..., Served], tmp_path: Path, name: str
+) -> None:
+    served = served_with(trace_dir=TraceDirectory(tmp_path / "traces"))
+    with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
+        ring = Ring(frontend, ram)
+        with pytest.raises(ControlError) as caught:
+            served.call("trace-start", name=name)
+        assert caught.value.code == "bad-argument"
+        del ring
+    assert list((tmp_path / "traces").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "traces"
+    ]
+
+
+def test_trace_start_refuses_paths_and_symlinks(served_with: Callable[..., Served], tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("precious")
+    (tmp_path / "traces").mkdir(mode=0o700)
+    (tmp_path / "traces" / "link.jsonl").symlink_to(outside)
+    served = served_with(trace_dir=TraceDirectory(tmp_path / "traces"))
+    with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
+        ring = Ring(frontend, ram)
+        with pytest.raises(ControlError) as caught:
+            served.call("trace-start", path=str(outside))
+        assert caught.value.code == "bad-argument" and "--trace-dir" in caught.value.message
+        with pytest.raises(ControlError) as caught:
+            served.call("trace-start", name="link.jsonl")  # O_EXCL|O_NOFOLLOW: never through a link
+        assert caught.value.code == "bad-argument"
+        del ring
+    assert outside.read_text() == "precious"
+
+
+def test_without_a_trace_directory_trace_start_is_refused(served_with: Callable[..., Served]) -> None:
+    unconfined = served_with()
+    with unconfined.server.connect() as frontend, GuestRam(1 << 20) as ram:
+        ring = Ring(frontend, ram)
+        with pytest.raises(ControlError) as caught:
+            unconfined.call("trace-start", name="t.jsonl")
+        assert caught.value.code == "unavailable" and "--trace-dir" in caught.value.message
+        del ring
+
+
+def test_a_trace_directory_must_be_private(tmp_path: Path) -> None:
+    created = TraceDirectory(tmp_path / "new")
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    created.close()
+    (tmp_path / "open").mkdir()
+    os.chmod(tmp_path / "open", 0o777)
+    with pytest.raises(TraceDirectoryError, match="group or others"):
+        TraceDirectory(tmp_path / "open")
+    (tmp_path / "link").symlink_to(tmp_path / "new")
+    with pytest.raises(TraceDirectoryError, match="not a directory"):
+        TraceDirectory(tmp_path / "link")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TraceDirectoryError, match="not a directory"):
+        TraceDirectory(tmp_path / "file")
+    if os.geteuid() != 0 and os.path.isdir("/"):
+        with pytest.raises(TraceDirectoryError, match="owned by uid"):
+            TraceDirectory("/")
 
 
 def test_a_trace_from_the_first_request(served_with: Callable[..., Served], tmp_path: Path) -> None:
@@ -329,7 +403,7 @@ def test_a_trace_from_the_first_request(served_with: Callable[..., Served], tmp_
 
 
 def test_ctl_shows_conformance_and_drives_traces(served_with: Callable[..., Served], tmp_path: Path) -> None:
-    served = served_with(conformance=True)
+    served = served_with(conformance=True, trace_dir=TraceDirectory(tmp_path / "traces"))
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "vhost_iommu", "ctl", "--control-socket", served.control, *args]
@@ -337,7 +411,7 @@ def test_ctl_shows_conformance_and_drives_traces(served_with: Callable[..., Serv
 
     with served.server.connect() as frontend, GuestRam(1 << 20) as ram:
         ring = Ring(frontend, ram)
-        assert ctl("trace-start", "relative.jsonl", "--max-bytes", "65536").returncode == 0
+        assert ctl("trace-start", "ctl.jsonl", "--max-bytes", "65536").returncode == 0
         ring.send(encode_attach(1, EP))
         shown = ctl("conformance", "--statements")
         assert shown.returncode == 0, shown.stderr
@@ -345,9 +419,11 @@ def test_ctl_shows_conformance_and_drives_traces(served_with: Callable[..., Serv
         assert "map-overlap: [IOMMU Device / Device operations / MAP request]" in shown.stdout
         stopped = ctl("--json", "trace-stop")
         assert stopped.returncode == 0 and '"records": 1' in stopped.stdout
+        refused = ctl("trace-start", "../up.jsonl")
+        assert refused.returncode != 0 and "plain file name" in refused.stderr
         del ring
-    # The back-end opened the path ctl made absolute in its own directory.
-    assert replay(tmp_path / "relative.jsonl").requests == 1
+    # The back-end wrote it in its trace directory, whatever ctl's directory.
+    assert replay(tmp_path / "traces" / "ctl.jsonl").requests == 1
 
 
 def test_each_connection_records_its_own_trace(served_with: Callable[..., Served], tmp_path: Path) -> None:

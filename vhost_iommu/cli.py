@@ -25,9 +25,10 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vhost_iommu import __version__
+from vhost_iommu.control import options as control_options
 
 if TYPE_CHECKING:
     from vhost_iommu.device import Topology
@@ -168,6 +169,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="serve the control channel (vhost-iommu ctl, docs/control.md) on this unix socket (mode 0600)",
     )
+    control_options.add_arguments(parser)  # --trace-dir, --trace, --conformance
     parser.add_argument(
         "--request-path",
         choices=("compiled", "python"),
@@ -310,24 +312,33 @@ def _inherited_socket(fd: int) -> socket.socket:
 
 
 async def _serve_until_signal(
-    listeners: Sequence[tuple[socket.socket, str]], factory: BackendFactory, control_path: str | None = None
-) -> None:
+    listeners: Sequence[tuple[socket.socket, str]],
+    factory: BackendFactory,
+    control_path: str | None = None,
+    tools: dict[str, Any] | None = None,
+) -> int:
+    """Serve until a signal; 0, or EXIT_VIOLATIONS when ``tools`` asked for strict conformance and a
+    driver broke a statement. ``tools``: ControlService options (control_options.service_options)."""
     from vhost_iommu.server import SocketPathError, VhostUserServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    control = None
-    if control_path is None:
+    control = service = None
+    strict = False
+    if control_path is None and tools is None:
         server = VhostUserServer(factory)
     else:
         from vhost_iommu.control.server import ControlServer
         from vhost_iommu.control.service import ControlService
 
-        service = ControlService()
+        options = dict(tools or {})
+        strict = bool(options.pop("strict", False))
+        service = ControlService(**options)
         server = VhostUserServer(service.track(factory))
         service.server = server
+    if control_path is not None and service is not None:
         try:
             control = ControlServer(service, control_path)
         except SocketPathError as exc:
@@ -356,8 +367,19 @@ async def _serve_until_signal(
                 await task
         if control is not None:
             await control.close()
-        # The signal handlers stay until the loop is closed: a second SIGTERM during clean-up must not
-        # kill the process before it has removed its socket.
+        if service is not None:
+            service.close()  # traces complete on disk
+            if service.trace_dir is not None:
+                service.trace_dir.close()
+    if service is not None and strict:
+        broken = service.violations()
+        for number, report in broken.items():
+            log.error("connection %d: the driver broke %s", number, report["first"])
+        if broken:
+            return control_options.EXIT_VIOLATIONS
+    return 0
+    # The signal handlers stay until the loop is closed: a second SIGTERM during clean-up must not
+    # kill the process before it has removed its socket.
 
 
 def socket_paths(args: argparse.Namespace) -> list[str]:
@@ -399,6 +421,7 @@ def serve(args: argparse.Namespace) -> int:
     listeners: list[tuple[socket.socket, str]] = []
     files: list[SocketFile] = []
     loop: asyncio.AbstractEventLoop | None = None
+    status = 0
     try:
         if args.fd is not None:
             listeners.append((_inherited_socket(args.fd), f"fd {args.fd}"))
@@ -409,8 +432,12 @@ def serve(args: argparse.Namespace) -> int:
                 raise CliError(str(exc)) from None  # the sockets already made are removed below
             listeners.append((sock, path))
             files.append(created)
+        try:
+            tools = control_options.service_options(args)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
         loop = new_event_loop()
-        loop.run_until_complete(_serve_until_signal(listeners, factory, args.control_socket))
+        status = loop.run_until_complete(_serve_until_signal(listeners, factory, args.control_socket, tools))
     finally:
         for sock, _where in listeners:
             sock.close()
@@ -422,7 +449,7 @@ def serve(args: argparse.Namespace) -> int:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_IGN)
             loop.close()
-    return 0
+    return status
 
 
 SERVE = Command("serve", "serve the virtio-iommu device (the default command)", configure_serve, serve)

@@ -13,7 +13,12 @@ nanoseconds since the recording started):
   back unwritten; ``forced`` marks an answer injected through the control channel);
 - ``{"kind": "features", "acked": N}``, ``{"kind": "config", "offset": N, "data": HEX}`` (a driver's
   config write), ``{"kind": "reset"}`` (device reset), ``{"kind": "bypass", "value": 0|1}`` (the
-  control channel set the config field).
+  control channel set the config field), ``{"kind": "resv", "endpoint": N or null, "regions": [...] or
+  null}`` (the control channel replaced reserved regions; null endpoint: all, null regions: the
+  topology's).
+
+Traces recorded on a client's request go to one directory only (`TraceDirectory`, serve's
+``--trace-dir``): the client names a file, never a path.
 
 Files are bounded: when one passes ``max_bytes`` it is renamed ``PATH.1`` (older parts move to ``.2`` ...,
 the oldest beyond ``keep`` is deleted) and a new ``PATH`` starts with its own header. Only part 0 starts
@@ -175,6 +180,54 @@ def topology_from_json(value: Any, where: str = "topology") -> Topology:
 # -- recording -----------------------------------------------------------------------------------------------
 
 
+class TraceDirectoryError(ValueError):
+    """A trace directory or file name that is refused."""
+
+
+class TraceDirectory:
+    """The directory traces are confined to: created 0700 if missing; refused if it is a symlink, not a
+    directory, owned by another user, or writable by group or others (anyone who can write there could
+    swap a trace's parts). Held open: names are resolved against this directory, whatever later happens
+    to its path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.path, 0o700)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            # ELOOP for a symlink, ENOTDIR for a file: either way not a directory of ours.
+            raise TraceDirectoryError(f"{self.path}: not a directory ({exc.strerror or exc})") from None
+        info = os.fstat(fd)
+        problem = None
+        if info.st_uid != os.geteuid():
+            problem = f"owned by uid {info.st_uid}, not by this process's uid {os.geteuid()}"
+        elif info.st_mode & 0o022:
+            problem = f"mode {info.st_mode & 0o777:04o} lets group or others write in it"
+        if problem is not None:
+            os.close(fd)
+            raise TraceDirectoryError(f"{self.path}: {problem}")
+        self.fd: int | None = fd
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """``name`` if it is a plain file name (no separator, not . or .., no NUL, at most 200 bytes:
+        rotation appends .N); TraceDirectoryError otherwise."""
+        if not isinstance(name, str) or not name:
+            raise TraceDirectoryError("a file name is needed")
+        if "/" in name or "\0" in name or name in (".", "..") or len(name.encode()) > 200:
+            raise TraceDirectoryError(
+                f"{name!r} is not a plain file name (no '/', not '.' or '..', at most 200 bytes)"
+            )
+        return name
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class TraceWriter:
     """Writes one device's trace to ``path``, rotating at ``max_bytes`` and keeping ``keep`` old parts.
 
@@ -189,12 +242,24 @@ class TraceWriter:
         features: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         keep: int = DEFAULT_KEEP,
+        directory: TraceDirectory | None = None,
     ) -> None:
+        """``path``: a file path, replaced if it exists; with ``directory``, a file name in it that must
+        not exist yet (TraceDirectoryError for anything but a plain name; FileExistsError)."""
         if max_bytes < 4096:
             raise ValueError(f"max_bytes {max_bytes} is below 4096 (a header alone can take 1 KiB)")
         if keep < 0:
             raise ValueError(f"keep {keep} is negative")
-        self.path = Path(path)
+        if directory is not None:
+            if directory.fd is None:
+                raise TraceDirectoryError(f"{directory.path}: closed")
+            self._name = TraceDirectory.check_name(str(path))
+            self.path = directory.path / self._name
+            self._dir_fd: int | None = directory.fd
+        else:
+            self.path = Path(path)
+            self._name = str(path)
+            self._dir_fd = None
         self.max_bytes = max_bytes
         self.keep = keep
         self.records = 0
@@ -209,9 +274,11 @@ class TraceWriter:
         self._open()
 
     def _open(self) -> None:
-        # Not following a symlink planted at the trace's path: the file is ours, created fresh.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(self.path, flags, 0o600)
+        # Not following a symlink planted at the trace's path: the file is ours, created fresh. In a trace
+        # directory never an existing file either (O_EXCL): a name is not a way to overwrite one.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= os.O_EXCL if self._dir_fd is not None else os.O_TRUNC
+        fd = os.open(self._name, flags, 0o600, dir_fd=self._dir_fd)
         self._file = os.fdopen(fd, "w", encoding="utf-8")
         self._size = 0
         header = {
@@ -236,20 +303,29 @@ class TraceWriter:
         assert self._file is not None
         self._file.close()
         self._file = None
+        where = self._dir_fd
         if self.keep == 0:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name, dir_fd=where)
             self.rotated_away += 1
         else:
-            oldest = self.path.with_name(f"{self.path.name}.{self.keep}")
-            if oldest.exists():
-                oldest.unlink()
+            oldest = f"{self._name}.{self.keep}"
+            if self._exists(oldest):
+                os.unlink(oldest, dir_fd=where)
                 self.rotated_away += 1
             for number in range(self.keep - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{number}")
-                if older.exists():
-                    older.rename(self.path.with_name(f"{self.path.name}.{number + 1}"))
-            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+                older = f"{self._name}.{number}"
+                if self._exists(older):
+                    os.rename(older, f"{self._name}.{number + 1}", src_dir_fd=where, dst_dir_fd=where)
+            os.rename(self._name, f"{self._name}.1", src_dir_fd=where, dst_dir_fd=where)
         self._open()
+
+    def _exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self._file is None:

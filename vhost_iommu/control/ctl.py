@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -132,8 +131,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("conformance-start", "check the driver's requests from now on")
     add("conformance-stop", "stop checking (returns the last report)")
     add("conformance-reset", "zero the conformance counters")
-    trace = add("trace-start", "record every request and its answer to a JSON-lines file")
-    trace.add_argument("path", help="the trace file (replaced if it exists; rotated parts are PATH.1 ...)")
+    trace = add("trace-start", "record every request and its answer to a JSON-lines file in --trace-dir")
+    trace.add_argument(
+        "name", help="a new file in the back-end's --trace-dir (a name, not a path; parts NAME.1 ...)"
+    )
     trace.add_argument("--max-bytes", type=_integer, default=64 << 20, help="rotate past this size")
     trace.add_argument("--keep", type=_integer, default=4, help="rotated parts kept (default 4)")
     add("trace-stop", "stop recording and close the trace")
@@ -185,8 +186,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     elif command == "conformance":
         request.update(statements=args.statements)
     elif command == "trace-start":
-        # The back-end opens the file: a relative path would be relative to its directory, not ours.
-        request.update(path=os.path.abspath(args.path), max_bytes=args.max_bytes, keep=args.keep)
+        request.update(name=args.name, max_bytes=args.max_bytes, keep=args.keep)
     elif command == "hello":
         request.pop("connection")
     return command, request

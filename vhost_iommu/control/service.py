@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import os
 import random
 import weakref
@@ -44,12 +45,20 @@ from vhost_iommu.device import (
 )
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
 from vhost_iommu.protocol.constants import ProtocolFeature
-from vhost_iommu.trace import DEFAULT_KEEP, DEFAULT_MAX_BYTES, TraceWriter
+from vhost_iommu.trace import (
+    DEFAULT_KEEP,
+    DEFAULT_MAX_BYTES,
+    TraceDirectory,
+    TraceDirectoryError,
+    TraceWriter,
+)
 
 if TYPE_CHECKING:
     from vhost_iommu.backend import VhostUserBackend
     from vhost_iommu.server import Connection, VhostUserServer
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
+
+log = logging.getLogger(__name__)
 
 #: Names of the transport feature bits the device's own table does not name.
 TRANSPORT_FEATURE_NAMES = {28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX", 30: "PROTOCOL_FEATURES"}
@@ -86,6 +95,14 @@ def _access(text: str, name: str = "access") -> int:
     return access
 
 
+def _numbered(name: str, number: int) -> str:
+    """The trace file of connection ``number``: NAME for the first, NAME-N.EXT (or NAME-N) after."""
+    if number == 1:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}-{number}.{suffix}" if dot and stem and "/" not in suffix else f"{name}-{number}"
+
+
 def _region(region: ReservedRegion) -> dict[str, object]:
     return {"type": region.kind.name, "start": region.start, "end": region.end}
 
@@ -118,7 +135,7 @@ ARGUMENTS: dict[str, set[str]] = {
     "conformance-start": {_C},
     "conformance-stop": {_C},
     "conformance-reset": {_C},
-    "trace-start": {_C, "path", "max_bytes", "keep"},
+    "trace-start": {_C, "name", "path", "max_bytes", "keep"},
     "trace-stop": {_C},
 }
 
@@ -132,15 +149,31 @@ class ControlService:
         *,
         conformance: bool = False,
         trace_path: str | None = None,
+        trace_dir: TraceDirectory | None = None,
+        trace_name: str | None = None,
         trace_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         """``conformance``: check every connection's driver from its first message (docs/toolkit.md);
-        ``trace_path``: record every connection's requests from the start (the first connection to that
-        path, connection N > 1 to PATH-N)."""
+        its findings outlive the connection (:meth:`violations`).
+
+        ``trace_dir``: the only directory ``trace-start`` writes to (it takes a file name); without it
+        ``trace-start`` is refused. ``trace_name``: record every connection's requests from the start
+        into that file of ``trace_dir`` (connection N > 1 to NAME-N.EXT). ``trace_path`` does the same
+        at a path the program chose (the Lab, tests), replacing the file."""
+        if trace_name is not None:
+            if trace_dir is None:
+                raise ValueError("trace_name needs trace_dir")
+            TraceDirectory.check_name(trace_name)
+        if trace_name is not None and trace_path is not None:
+            raise ValueError("trace_name or trace_path, not both")
         self.server = server
         self.conformance = conformance
         self.trace_path = trace_path
+        self.trace_dir = trace_dir
+        self.trace_name = trace_name
         self.trace_max_bytes = trace_max_bytes
+        # Conformance reports of connections that are gone (number -> report), kept for violations().
+        self._past_reports: dict[int, dict[str, object]] = {}
         self._numbers = itertools.count(1)
         # Tools live as long as their back-end (the back-end's wrapper holds them); gone connections fall
         # out of the registry with it.
@@ -187,24 +220,41 @@ class ControlService:
                 tools = ConnectionTools(next(self._numbers), backend, asyncio.get_running_loop())  # type: ignore[arg-type]
                 self._tools[tools.number] = tools
                 if self.conformance:
-                    tools.set_checker(
-                        ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
-                    )
-                if self.trace_path is not None:
-                    path = self.trace_path
-                    if tools.number > 1:
-                        stem, dot, suffix = path.rpartition(".")
-                        path = (
-                            f"{stem}-{tools.number}.{suffix}"
-                            if dot and "/" not in suffix
-                            else f"{path}-{tools.number}"
-                        )
-                    tools.set_trace(
-                        TraceWriter(path, tools.backend.device.topology, max_bytes=self.trace_max_bytes)
-                    )
+                    checker = ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
+                    tools.set_checker(checker)
+                    # When the connection's tools go, its findings stay (the checker, not the tools, is
+                    # held by the finaliser, and only until then).
+                    weakref.finalize(tools, self._keep_report, tools.number, checker)
+                name = self.trace_name if self.trace_name is not None else self.trace_path
+                if name is not None:
+                    self._record_from_start(tools, _numbered(name, tools.number))
             return backend
 
         return tracked
+
+    def _record_from_start(self, tools: ConnectionTools, name: str) -> None:
+        topology = tools.backend.device.topology
+        try:
+            if self.trace_name is not None:
+                writer = TraceWriter(name, topology, max_bytes=self.trace_max_bytes, directory=self.trace_dir)
+            else:
+                writer = TraceWriter(name, topology, max_bytes=self.trace_max_bytes)
+        except OSError as exc:
+            # The guest is served all the same; the missing trace is said where the operator looks.
+            log.error("connection %d: no trace: %s: %s", tools.number, name, exc.strerror or exc)
+            return
+        tools.set_trace(writer)
+
+    def _keep_report(self, number: int, checker: ConformanceChecker) -> None:
+        self._past_reports[number] = checker.report()
+
+    def violations(self) -> dict[int, dict[str, object]]:
+        """Conformance reports with at least one violation, of every connection so far (gone or not)."""
+        reports = dict(self._past_reports)
+        for tools in list(self._tools.values()):
+            if tools.checker is not None:
+                reports[tools.number] = tools.checker.report()
+        return {number: report for number, report in sorted(reports.items()) if report.get("total")}
 
     def close(self) -> None:
         """Close every trace still recording (their files are complete afterwards)."""
@@ -666,11 +716,22 @@ class ControlService:
         return {}
 
     def trace_start(self, arguments: Arguments) -> object:
-        """Record this connection's requests to ``path`` (a fresh file; replaced if it exists)."""
+        """Record this connection's requests to a new file ``name`` of the trace directory."""
         backend, tools = self._backend(arguments)
-        path = arguments.string("path", default="")
-        if not path or "\0" in path:
-            raise ControlError(BAD_ARGUMENT, "path: a file name is needed")
+        if "path" in arguments:
+            raise ControlError(
+                BAD_ARGUMENT, "path: traces take a file name (name) in the back-end's --trace-dir, not a path"
+            )
+        directory = self.trace_dir
+        if directory is None:
+            raise ControlError(
+                UNAVAILABLE, "this back-end records no traces on request (serve it with --trace-dir DIR)"
+            )
+        name = arguments.string("name", default="")
+        try:
+            TraceDirectory.check_name(name)
+        except TraceDirectoryError as exc:
+            raise ControlError(BAD_ARGUMENT, f"name: {exc}") from None
         max_bytes = arguments.integer("max_bytes", default=DEFAULT_MAX_BYTES, low=4096, high=1 << 40)
         keep = arguments.integer("keep", default=DEFAULT_KEEP, high=1000)
         if tools.trace is not None:
@@ -680,10 +741,17 @@ class ControlService:
         device = backend.device
         try:
             writer = TraceWriter(
-                path, device.topology, features=device.driver_features, max_bytes=max_bytes, keep=keep
+                name,
+                device.topology,
+                features=device.driver_features,
+                max_bytes=max_bytes,
+                keep=keep,
+                directory=directory,
             )
+        except FileExistsError:
+            raise ControlError(BAD_ARGUMENT, f"name: {name} exists in the trace directory") from None
         except OSError as exc:
-            raise ControlError(BAD_ARGUMENT, f"path: {path}: {exc.strerror or exc}") from None
+            raise ControlError(BAD_ARGUMENT, f"name: {name}: {exc.strerror or exc}") from None
         if device.domains() or any(info.domain is not None for info in device.endpoints()):
             # Replay starts from a fresh device: a trace started mid-session says so in its first event.
             note = "started on a device with domains: a replay from a fresh device will differ"

@@ -136,6 +136,16 @@ class GuestSession:
             if match:
                 return match
 
+    @property
+    def pid(self) -> int:
+        """QEMU's process ID."""
+        return self._process.pid
+
+    @property
+    def console_closed(self) -> bool:
+        """Whether :meth:`expect` has met the end of QEMU's console (QEMU has exited or is exiting)."""
+        return self._console_closed
+
     def send(self, line: str) -> None:
         """Type ``line`` (and Enter) on the guest's console."""
         # Once the console has closed QEMU is exiting, though it may not be reaped yet (poll() says running).

@@ -45,6 +45,13 @@ class BackendContext(Protocol):
         """Enter NEEDS_RESET: set the status bit, signal the error fds, stop serving the queues."""
         ...
 
+    @property
+    def session_key(self) -> str | None:
+        """A name of this vhost-user connection that stays the same when a new device worker takes it
+        over (``serve --state-dir``: a file-name-safe token such as ``conn-3``, unique within the keeper's
+        life); None when the connection is served without a keeper and nothing outlives the process."""
+        ...
+
 
 class VhostUserBackend(Protocol):
     """A device served over vhost-user. Methods are called from the event loop, one at a time."""
@@ -121,4 +128,47 @@ class KickFdTaker(Protocol):
     def release_kick_fd(self, index: int) -> None:
         """Stop watching the fd taken for queue ``index``; returns when nothing of the back-end's
         touches the queue any more (its thread has been joined)."""
+        ...
+
+
+@runtime_checkable
+class RestorableBackend(Protocol):
+    """An optional capability of a back-end: taking over a live connection after a device-worker restart.
+
+    With ``serve --state-dir`` the vhost-user connection outlives the device worker (vhost_iommu.keeper).
+    A new worker rebuilds the server's side of the session (features, memory, every ring at its
+    addresses) from what the keeper kept, without writing anything the guest sees, then, before any kick
+    is served: ``attach``, ``set_features`` (the acked features), the SET_CONFIG writes of the session
+    replayed through ``set_config``, ``memory_changed``, then ``session_restored()``, then
+    ``queue_restored(index)`` for each started ring, then ``queue_started`` for the served ones and one
+    ``queue_kicked`` each (kicks sent meanwhile wait in the eventfd counters). A back-end without this
+    capability gets the same calls but these two: it starts from its initial state, as after a reset.
+    """
+
+    def session_restored(self) -> None:
+        """Restore the device state persisted for ``context.session_key`` (domains, mappings, ...)."""
+        ...
+
+    def queue_restored(self, index: int) -> None:
+        """Queue ``index`` was started when the previous worker died; ``context.queue(index)`` is its
+        ring with ``next_avail`` set to the used ring's index as found in guest memory (every chain the
+        device had not completed is served again). A back-end that knows better (a journal of requests
+        applied but not yet completed) sets ``next_avail`` and completes those chains here, exactly once.
+        """
+        ...
+
+
+@runtime_checkable
+class SessionLifecycle(Protocol):
+    """An optional capability of a back-end served by a keeper (``serve --state-dir``)."""
+
+    def session_suspended(self) -> None:
+        """The worker hands the connection to a new worker (an upgrade) at a quiescent point: no message
+        or batch is being handled and none will be; persist what the next worker must find. Neither
+        ``reset`` nor ``queue_stopped`` follows: the device keeps running in the next worker."""
+        ...
+
+    def session_ended(self) -> None:
+        """The front-end disconnected for good (called before the final ``reset``): what was persisted
+        for this session will never be restored."""
         ...

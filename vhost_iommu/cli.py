@@ -33,6 +33,7 @@ from vhost_iommu.control import options as control_options
 if TYPE_CHECKING:
     from vhost_iommu.device import Topology
     from vhost_iommu.server import BackendFactory
+    from vhost_iommu.sockfile import SocketFile
 
 # The server (and numba, through the rings) is imported only by the commands that need it, so that
 # --print-capabilities and argument errors answer at once.
@@ -196,6 +197,15 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the back-end capabilities as JSON and exit",
     )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep QEMU's connections in a small keeper process and serve them from a device worker that "
+        "may crash, be killed or be upgraded (SIGHUP) without QEMU seeing it; the device's state is kept "
+        "under DIR (created 0700; docs/restart.md)",
+    )
+    # The keeper's channel, given to the device worker it starts (serve --state-dir); not for people.
+    parser.add_argument("--keeper-fd", type=_fd_number, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
     # Test device for exercising the vhost-user machinery without the IOMMU; deliberately undocumented.
     parser.add_argument("--backend", choices=("iommu", "echo"), default="iommu", help=argparse.SUPPRESS)
@@ -409,7 +419,11 @@ def serve(args: argparse.Namespace) -> int:
     if args.backend == "echo" and (args.max_domains is not None or args.max_mappings is not None):
         raise CliError("--max-domains and --max-mappings apply to the IOMMU device, not to --backend=echo")
     paths = socket_paths(args)
-    from vhost_iommu.server import SocketFile, SocketPathError, create_unix_listener, new_event_loop
+    if getattr(args, "keeper_fd", None) is not None:
+        return _serve_as_worker(args)
+    if getattr(args, "state_dir", None) is not None:
+        return _serve_with_keeper(args, paths)
+    from vhost_iommu.server import new_event_loop
 
     factory = make_backend_factory(args)
     if args.backend == "iommu":
@@ -423,15 +437,7 @@ def serve(args: argparse.Namespace) -> int:
     loop: asyncio.AbstractEventLoop | None = None
     status = 0
     try:
-        if args.fd is not None:
-            listeners.append((_inherited_socket(args.fd), f"fd {args.fd}"))
-        for path in paths:
-            try:
-                sock, created = create_unix_listener(path, args.socket_mode)
-            except SocketPathError as exc:
-                raise CliError(str(exc)) from None  # the sockets already made are removed below
-            listeners.append((sock, path))
-            files.append(created)
+        _open_listeners(args, paths, listeners, files)  # on failure, those made are removed below
         try:
             tools = control_options.service_options(args)
         except ValueError as exc:
@@ -450,6 +456,84 @@ def serve(args: argparse.Namespace) -> int:
                 signal.signal(signum, signal.SIG_IGN)
             loop.close()
     return status
+
+
+def _open_listeners(
+    args: argparse.Namespace,
+    paths: list[str],
+    listeners: list[tuple[socket.socket, str]],
+    files: list[SocketFile],
+) -> None:
+    """Add the --fd socket and a listener per path to ``listeners`` and ``files`` (the caller closes and
+    removes what was added if this raises CliError)."""
+    from vhost_iommu.sockfile import SocketPathError, create_unix_listener
+
+    if args.fd is not None:
+        listeners.append((_inherited_socket(args.fd), f"fd {args.fd}"))
+    for path in paths:
+        try:
+            sock, created = create_unix_listener(path, args.socket_mode)
+        except SocketPathError as exc:
+            raise CliError(str(exc)) from None
+        listeners.append((sock, path))
+        files.append(created)
+
+
+def _serve_with_keeper(args: argparse.Namespace, paths: list[str]) -> int:
+    """serve --state-dir: this process becomes the keeper (light: no numba, no numpy, no asyncio)."""
+    from vhost_iommu.keeper.keeper import KeeperError, check_state_dir, run_keeper
+    from vhost_iommu.sockfile import SocketPathError, create_unix_listener
+
+    arguments: list[str] | None = getattr(args, "command_arguments", None)
+    if arguments is None:
+        raise CliError("--state-dir needs the command line it was given (run through main())")
+    # Each worker would start the trace afresh in a file that exists by then, and a strict exit status
+    # would be a worker's, not the program's.
+    if getattr(args, "trace", None) is not None or getattr(args, "conformance", "off") == "strict":
+        raise CliError("--trace and --conformance=strict do not apply with --state-dir")
+    try:
+        check_state_dir(args.state_dir)
+    except KeeperError as exc:
+        raise CliError(str(exc)) from None
+    listeners: list[tuple[socket.socket, str]] = []
+    files: list[SocketFile] = []
+    control: socket.socket | None = None
+    try:
+        _open_listeners(args, paths, listeners, files)
+        if args.control_socket is not None:
+            try:
+                control, created = create_unix_listener(args.control_socket, 0o600)
+            except SocketPathError as exc:
+                raise CliError(f"--control-socket: {exc}") from None
+            files.append(created)
+    except BaseException:
+        for sock, _where in listeners:
+            sock.close()
+        if control is not None:
+            control.close()
+        for made in files:
+            made.remove()
+        raise
+    try:
+        return run_keeper(args, arguments, listeners, files, control)
+    except KeeperError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _serve_as_worker(args: argparse.Namespace) -> int:
+    """The device worker a keeper started (--keeper-fd): the whole back-end, fed by the keeper."""
+    factory = make_backend_factory(args)
+    try:
+        tools = control_options.service_options(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.backend == "iommu":
+        from vhost_iommu.jit import warm_up
+
+        warm_up()  # before saying ready: the keeper measures a restart up to the first request served
+    from vhost_iommu.keeper.worker import run_worker
+
+    return run_worker(args, factory, tools)
 
 
 SERVE = Command("serve", "serve the virtio-iommu device (the default command)", configure_serve, serve)
@@ -494,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     command.configure(parser)
     args = parser.parse_args(arguments)
+    # serve --state-dir starts its device worker with the very options it was given.
+    args.command_arguments = list(arguments)
     _setup_logging(getattr(args, "verbose", 0))
     try:
         return command.run(args)

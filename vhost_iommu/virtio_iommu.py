@@ -114,11 +114,7 @@ class CompiledRequestPath:
         tool-driven states the device core keeps in Python), and no observer on the device (tools such as
         the control layer watch every request through ``IommuDevice.observers``)."""
         device = self.device
-        return (
-            isinstance(device.store, MappingTable)
-            and not device.has_injections
-            and not device.observers
-        )
+        return isinstance(device.store, MappingTable) and not device.has_injections and not device.observers
 
     def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:
         # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).

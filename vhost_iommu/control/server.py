@@ -27,7 +27,7 @@ from vhost_iommu.control.protocol import (
     parse_request,
 )
 from vhost_iommu.control.service import ControlService
-from vhost_iommu.server import create_unix_listener
+from vhost_iommu.server import SocketFile, create_unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,22 @@ def peer_uid(sock: socket.socket) -> int:
 class ControlServer:
     """Accepts control clients on ``path`` and answers them with ``service``, on the running loop."""
 
-    def __init__(self, service: ControlService, path: str, *, mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        service: ControlService,
+        path: str,
+        *,
+        mode: int = 0o600,
+        listener: socket.socket | None = None,
+    ) -> None:
         self.service = service
         self.path = path
-        self._listener, self._socket_file = create_unix_listener(path, mode)
+        # A listener handed over (the keeper's, serve --state-dir) stays its owner's: not removed here.
+        self._socket_file: SocketFile | None = None
+        if listener is None:
+            self._listener, self._socket_file = create_unix_listener(path, mode)
+        else:
+            self._listener = listener
         self._listener.setblocking(False)
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -70,8 +82,9 @@ class ControlServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._listener.close()
-        # Only the socket this server made: whatever stands at the path now (someone replaced it) stays.
-        self._socket_file.remove()
+        if self._socket_file is not None:
+            # Only the socket this server made: whatever stands at the path now (someone replaced it) stays.
+            self._socket_file.remove()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

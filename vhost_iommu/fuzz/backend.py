@@ -54,6 +54,8 @@ ENDPOINTS = (0x20, 0x21, 0x22)
 class _Context:
     """The server's side of the seam, reduced to what the back-end asks of it."""
 
+    session_key: str | None = None  # served without a keeper
+
     def __init__(self, memory: GuestMemory, queue: SplitQueue) -> None:
         self.memory = memory
         self._queue = queue

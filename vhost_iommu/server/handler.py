@@ -35,10 +35,10 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from vhost_iommu.backend import KickFdTaker, VhostUserBackend
+from vhost_iommu.backend import KickFdTaker, RestorableBackend, SessionLifecycle, VhostUserBackend
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
     FLAG_NEED_REPLY,
@@ -68,6 +68,13 @@ from vhost_iommu.protocol import (
     request_has_own_reply,
 )
 from vhost_iommu.protocol.constants import CONFIG_FLAG_MIGRATION, CONFIG_FLAG_WRITABLE, VRING_F_LOG
+from vhost_iommu.server.session import (
+    MAX_CONFIG_WRITES,
+    RegionState,
+    RingState,
+    SessionError,
+    SessionState,
+)
 from vhost_iommu.server.vring import VringSlot
 from vhost_iommu.virtqueue import QueueError, SplitQueue
 
@@ -142,6 +149,9 @@ class BackendChannel:
     def open(self) -> bool:
         return self._sock.fileno() >= 0
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def send(self, code: BackendRequest, need_reply: bool) -> None:
         data = encode(code, need_reply=need_reply)
         try:
@@ -206,8 +216,13 @@ class ConnectionHandler:
         *,
         name: str = "connection",
         on_fatal: Callable[[BaseException], None] | None = None,
+        session_key: str | None = None,
     ) -> None:
         self.backend = backend
+        self._session_key = session_key
+        #: SET_CONFIG writes accepted this session (latest per offset and size), replayed into the
+        #: back-end of a worker that takes the session over.
+        self.config_writes: list[tuple[int, bytes]] = []
         self.name = name
         self._loop = loop
         self._send = send
@@ -280,6 +295,8 @@ class ConnectionHandler:
         for slot in self.slots:
             self._stop_ring(slot)
         try:
+            if self._session_key is not None and isinstance(self.backend, SessionLifecycle):
+                self.backend.session_ended()
             self.backend.reset()
         finally:
             for slot in self.slots:
@@ -294,6 +311,10 @@ class ConnectionHandler:
     @property
     def memory(self) -> GuestMemory:
         return self._memory
+
+    @property
+    def session_key(self) -> str | None:
+        return self._session_key
 
     def queue(self, index: int) -> SplitQueue | None:
         if self.broken_reason is not None or not 0 <= index < len(self.slots):
@@ -706,6 +727,15 @@ class ConnectionHandler:
             self.backend.set_config(request.offset, request.data)
         except ValueError as exc:
             raise RequestFailed(f"SET_CONFIG {request.offset}+{request.size} refused: {exc}") from None
+        self._remember_config_write(request.offset, request.data)
+
+    def _remember_config_write(self, offset: int, data: bytes) -> None:
+        # The latest write per (offset, size) in order of last write: replaying them gives the same
+        # config space; bounded, as config space is (the oldest are the ones most likely overwritten).
+        key = (offset, len(data))
+        self.config_writes = [w for w in self.config_writes if (w[0], len(w[1])) != key]
+        self.config_writes.append((offset, bytes(data)))
+        del self.config_writes[:-MAX_CONFIG_WRITES]
 
     def _set_backend_req_fd(self, message: Message) -> None:
         fd = message.fds[0]
@@ -773,6 +803,188 @@ class ConnectionHandler:
         self.broken_reason = None
         self.config_change_pending = False
         self.backend.reset()
+
+    # -- session hand-over (serve --state-dir: vhost_iommu.keeper) ------------------------------------------
+
+    def export_session(
+        self, fd_id: Callable[[int], int | None], region_fd_id: Callable[[MemoryRegionDesc], int | None]
+    ) -> SessionState:
+        """The protocol session as data, fds named by the keeper's ids (``fd_id`` of a local fd number,
+        ``region_fd_id`` of a memory region). Raises SessionError for an fd the keeper never numbered."""
+
+        def named(fd: int | None, what: str) -> int | None:
+            if fd is None:
+                return None
+            found = fd_id(fd)
+            if found is None:
+                raise SessionError(f"{what}: fd {fd} has no keeper id")
+            return found
+
+        regions = []
+        for region in self._memory.regions:
+            desc = region.desc
+            found = region_fd_id(desc)
+            if found is None:
+                raise SessionError(f"memory region {desc}: no keeper id for its fd")
+            regions.append(
+                RegionState(
+                    desc.guest_phys_addr, desc.memory_size, desc.userspace_addr, desc.mmap_offset, found
+                )
+            )
+        rings = []
+        for slot in self.slots:
+            stopped = slot.stopped_layout
+            rings.append(
+                RingState(
+                    size=slot.size,
+                    address=_address_tuple(slot.address),
+                    base=slot.base,
+                    enabled=slot.enabled,
+                    started=slot.started,
+                    kick=named(slot.kick_fd, f"kick fd of ring {slot.index}"),
+                    call=named(slot.call_fd, f"call fd of ring {slot.index}"),
+                    err=named(slot.err_fd, f"err fd of ring {slot.index}"),
+                    stopped_layout=None
+                    if stopped is None
+                    else (stopped[0], stopped[1], _address_tuple(stopped[2])),
+                )
+            )
+        channel = self.channel.fileno() if self.channel is not None and self.channel.open else None
+        return SessionState(
+            acked_features=self.acked_features,
+            protocol_features=int(self.protocol_features),
+            owner=self.owner,
+            status=self.status,
+            broken_reason=self.broken_reason,
+            config_change_pending=self.config_change_pending,
+            config_writes=tuple(self.config_writes),
+            regions=tuple(regions),
+            channel=named(channel, "back-end channel"),
+            rings=tuple(rings),
+        )
+
+    def restore_session(self, state: SessionState, fds: Mapping[int, int]) -> None:
+        """Take over a session a previous worker exported; ``fds`` maps its fd ids to fds of this process,
+        all of which this call owns (installed or closed, whatever happens).
+
+        Nothing the guest sees is written but what any ring start writes (notifications re-enabled): each
+        started ring is rebuilt at its addresses with ``next_avail`` = the used ring's index in guest
+        memory, then the back-end is told (see :class:`~vhost_iommu.backend.RestorableBackend`) and each
+        served ring is served once, for the kicks that arrived while no worker was there.
+        Raises SessionError if the session does not fit this device.
+        """
+        used: set[int] = set()
+        try:
+            if len(state.rings) != len(self.slots):
+                raise SessionError(f"session has {len(state.rings)} rings, the device {len(self.slots)}")
+            unknown = state.protocol_features & ~int(OFFERED_PROTOCOL_FEATURES)
+            if unknown or state.acked_features & ~self.offered_features():
+                raise SessionError("session negotiated features this device does not offer")
+            self.owner = state.owner
+            self.acked_features = state.acked_features  # the rings are built with its EVENT_IDX
+            self.protocol_features = ProtocolFeature(state.protocol_features)
+            self.status = state.status
+            self.config_change_pending = state.config_change_pending
+
+            def take(fd_id: int) -> int:
+                if fd_id not in fds or fd_id in used:
+                    raise SessionError(f"session references fd id {fd_id}, which was not handed over")
+                used.add(fd_id)
+                return fds[fd_id]
+
+            regions = [
+                (
+                    MemoryRegionDesc(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset),
+                    take(r.fd),
+                )
+                for r in state.regions
+            ]
+            self._memory.replace(regions)  # closes those fds whatever happens
+            if state.channel is not None:
+                sock = socket.socket(fileno=take(state.channel))
+                self.channel = BackendChannel(sock, self._loop, self.name)
+            for slot, ring in zip(self.slots, state.rings, strict=True):
+                self._restore_ring(slot, ring, take)
+        finally:
+            close_fds(fd for fd_id, fd in fds.items() if fd_id not in used)
+        self.backend.set_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        for offset, data in state.config_writes:
+            try:
+                self.backend.set_config(offset, data)
+            except ValueError as exc:
+                log.warning("%s: a SET_CONFIG of the session is refused now: %s", self.name, exc)
+                continue
+            self._remember_config_write(offset, data)
+        self.backend.memory_changed()
+        self.broken_reason = state.broken_reason
+        if isinstance(self.backend, RestorableBackend):
+            self.backend.session_restored()
+            for slot in self.slots:
+                if slot.queue is not None:
+                    self._call_backend(self.backend.queue_restored, slot.index)
+        for slot in self.slots:
+            self._refresh(slot)
+        for slot in self.slots:
+            if self._active(slot) and not slot.kick_taken:
+                self._call_backend(self.backend.queue_kicked, slot.index)
+            elif self._active(slot):
+                # A back-end serving the ring from its thread is woken through its kick fd.
+                self._write_eventfd(slot.kick_fd, f"kick fd of ring {slot.index}")  # type: ignore[arg-type]
+
+    def _restore_ring(self, slot: VringSlot, ring: RingState, take: Callable[[int], int]) -> None:
+        slot.size = ring.size
+        slot.address = None if ring.address is None else VringAddress(slot.index, *ring.address)
+        slot.base = ring.base
+        slot.enabled = ring.enabled
+        if ring.stopped_layout is not None:
+            size, base, address = ring.stopped_layout
+            at = None if address is None else VringAddress(slot.index, *address)
+            slot.stopped_layout = (size, base, at)
+        for which in ("call", "err"):
+            fd_id = getattr(ring, which)
+            if fd_id is not None:
+                fd = take(fd_id)
+                slot.replace_fd(which, fd)
+                _set_nonblocking(fd)
+        if not ring.started or ring.kick is None:
+            return
+        kick = take(ring.kick)
+        slot.replace_fd("kick", kick)
+        _set_nonblocking(kick)
+        self._loop.add_reader(kick, self._on_kick, slot.index)
+        try:
+            queue = self._make_queue(slot)
+        except (RequestFailed, QueueError, GuestMemoryError) as exc:
+            self.device_broken(f"ring {slot.index} cannot be taken over: {exc}")
+            return
+        # What the device completed is what the used ring says; everything after it is served again
+        # (a RestorableBackend moves this where its journal knows better: queue_restored).
+        queue.next_avail = queue.used_idx
+        slot.queue = queue
+
+    def suspend(self) -> None:
+        """Stop serving without ending the session (an upgrade hands it to a new worker): kick threads
+        joined, no fd watched, the back-end told (SessionLifecycle.session_suspended); no reset, no
+        queue_stopped: the device goes on in the next worker."""
+        if self.closed:
+            return
+        self.closed = True
+        for slot in self.slots:
+            self._reclaim_kick(slot)
+            slot.rescheduled = False
+            if slot.kick_fd is not None:
+                self._loop.remove_reader(slot.kick_fd)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if isinstance(self.backend, SessionLifecycle):
+            self.backend.session_suspended()
+
+
+def _address_tuple(address: VringAddress | None) -> tuple[int, int, int, int, int] | None:
+    if address is None:
+        return None
+    return (address.flags, address.descriptor, address.used, address.available, address.log)
 
 
 def _u64(message: Message) -> int:

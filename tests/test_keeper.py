@@ -1,0 +1,365 @@
+"""serve --state-dir: the keeper holds QEMU's connection while device workers die, restart and upgrade.
+
+Every test runs the real program (``python -m vhost_iommu --state-dir ...``) and plays QEMU with the
+harness front-end; workers are killed with SIGKILL between messages, with a message relayed and not yet
+answered, and while the rings carry traffic. What must hold: the front-end never sees a disconnect, every
+message gets exactly one reply, the rings keep working, and SIGTERM leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.protocol import (
+    U64,
+    ConfigSpace,
+    FrontendRequest,
+    ProtocolFeature,
+    VringFile,
+    encode,
+)
+from vhost_iommu.protocol.constants import CONFIG_FLAG_WRITABLE
+
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
+#: A fresh interpreter (numpy, numba's cache for the IOMMU device) on a loaded 2-core machine.
+TIMEOUT = 60.0
+
+
+class Keeper:
+    """``vhost-iommu --state-dir`` on one socket; its log is drained by a thread and searchable."""
+
+    def __init__(self, directory: str, *args: str, backend: str = "echo") -> None:
+        self.directory = directory
+        self.socket = os.path.join(directory, "s")
+        self.control = os.path.join(directory, "ctl")
+        self.state = os.path.join(directory, "state")
+        command = [
+            sys.executable,
+            "-m",
+            "vhost_iommu",
+            "-v",
+            f"--state-dir={self.state}",
+            f"--socket-path={self.socket}",
+            f"--control-socket={self.control}",
+            f"--backend={backend}",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.log = ""
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        self.wait_for("listening on")
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in iter(self.process.stderr.readline, b""):
+            with self._changed:
+                self.log += line.decode(errors="replace")
+                self._changed.notify_all()
+        with self._changed:
+            self.log += "<EOF>"
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1) -> None:
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: self.log.count(text) >= count or "<EOF>" in self.log, TIMEOUT
+            )
+            assert done and self.log.count(text) >= count, f"no {text!r} x{count}: {self.log[-3000:]}"
+
+    def worker(self) -> int:
+        """The pid of the keeper's one device worker."""
+        children = _children(self.process.pid)
+        assert len(children) == 1, f"workers: {children}"
+        return children[0]
+
+    def kill_worker(self) -> int:
+        pid = self.worker()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=TIMEOUT)
+        self._reader.join(TIMEOUT)
+        return status
+
+    def close(self) -> None:
+        for pid in _children(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(TIMEOUT)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
+@pytest.fixture
+def directory() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="vhost-kp-") as path:  # short: socket paths <= 108 bytes
+        yield path
+
+
+@pytest.fixture
+def keeper(directory: str) -> Iterator[Keeper]:
+    program = Keeper(directory)
+    try:
+        yield program
+    finally:
+        program.close()
+
+
+class Guest:
+    """A front-end with RAM and two started rings on the echo device."""
+
+    def __init__(self, path: str) -> None:
+        self.frontend = Frontend.connect(path, timeout=TIMEOUT)
+        self.ram = GuestRam(1 << 20)
+        self.queues = [DriverQueue(self.ram, 64), DriverQueue(self.ram, 64)]
+        self.frontend.start_device(self.ram, self.queues)
+        self.sent = 0
+
+    def echo(self, count: int = 1) -> None:
+        """Post ``count`` chains, kick, and check each comes back once with its own bytes."""
+        queue = self.queues[0]
+        heads = {}
+        for _ in range(count):
+            data = f"chain {self.sent:06d}".encode()
+            self.sent += 1
+            heads[queue.post([data], [len(data)])] = data
+        self.frontend.kick(0)
+        answered: list[tuple[int, int]] = []
+        while len(answered) < count:
+            assert self.frontend.wait_used(0, timeout=TIMEOUT), f"no answer; {len(answered)} of {count}"
+            answered += queue.used()
+        assert sorted(head for head, _ in answered) == sorted(heads)
+        for head, length in answered:
+            assert length == len(heads[head]) and queue.written(head) == heads[head]
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.ram.close()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# -- restarts -----------------------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_between_messages_is_invisible_to_the_front_end(keeper: Keeper) -> None:
+    with Guest(keeper.socket) as guest:
+        guest.echo()
+        guest.frontend.set_config(0, b"ABCD", flags=CONFIG_FLAG_WRITABLE)
+        first = keeper.kill_worker()
+        # No message at all: the chain is served because the new worker serves each ring once and then
+        # watches the kick fd the keeper kept.
+        guest.echo(3)
+        assert keeper.worker() != first
+        assert guest.frontend.get_config(0, 8)[:4] == b"ABCD"  # the session's config writes replayed
+        assert guest.frontend.get_features() & (1 << 30)  # PROTOCOL_FEATURES
+        keeper.kill_worker()
+        bases = guest.frontend.stop_device(2)
+        assert bases == [guest.queues[0].avail_idx, 0]
+        keeper.wait_for("session taken over", 2)
+    assert keeper.terminate() == 0
+
+
+def test_a_message_relayed_to_a_worker_that_dies_is_answered_once_by_the_next(keeper: Keeper) -> None:
+    with Guest(keeper.socket) as guest:
+        frontend = guest.frontend
+        worker = keeper.worker()
+        os.kill(worker, signal.SIGSTOP)  # it will never answer what the keeper relays now
+        try:
+            frontend.send(
+                encode(
+                    FrontendRequest.SET_CONFIG, ConfigSpace(0, CONFIG_FLAG_WRITABLE, b"WXYZ"), need_reply=True
+                )
+            )
+            frontend.send(encode(FrontendRequest.GET_CONFIG, ConfigSpace(0, 0, bytes(8))))
+            frontend.send(encode(FrontendRequest.GET_QUEUE_NUM))
+        finally:
+            os.kill(worker, signal.SIGKILL)
+        replies = [frontend.receive() for _ in range(3)]
+        assert [reply.code for reply in replies] == [
+            FrontendRequest.SET_CONFIG,
+            FrontendRequest.GET_CONFIG,
+            FrontendRequest.GET_QUEUE_NUM,
+        ]
+        assert replies[0].payload == U64(0)
+        config = replies[1].payload
+        assert isinstance(config, ConfigSpace) and config.data[:4] == b"WXYZ"
+        assert replies[2].payload == U64(2)
+        # Nothing more comes: the next request's reply is the next thing on the socket.
+        assert frontend.get_protocol_features() & ProtocolFeature.REPLY_ACK
+        guest.echo()
+    assert keeper.terminate() == 0
+
+
+def test_workers_killed_at_random_moments_under_messages_and_traffic(keeper: Keeper) -> None:
+    """Kills land anywhere: between messages, inside one, inside a batch of chains."""
+    kills = 4
+    rng = random.Random(7)
+    with Guest(keeper.socket) as guest:
+        stop = threading.Event()
+        killed: list[int] = []
+
+        def killer() -> None:
+            for _ in range(kills):
+                if stop.wait(rng.uniform(0.05, 0.6)):
+                    return
+                with contextlib.suppress(AssertionError, ProcessLookupError):
+                    killed.append(keeper.kill_worker())
+                # The next one must be serving before it is worth killing again.
+                keeper.wait_for("session taken over", len(killed))
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            frontend = guest.frontend
+            rounds = 0
+            while thread.is_alive() or rounds < 10:
+                rounds += 1
+                guest.echo(rng.randint(1, 8))
+                assert frontend.get_queue_num() == 2
+                # A message with an fd: the keeper must number it and keep exactly what is used.
+                call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                frontend.request(FrontendRequest.SET_VRING_CALL, VringFile(1, True), [call])
+                old = frontend.call_fds.get(1)
+                frontend.call_fds[1] = call
+                if old is not None:
+                    os.close(old)
+                assert frontend.get_status() & 0x8  # FEATURES_OK, from the session
+        finally:
+            stop.set()
+            thread.join()
+        assert killed, "no worker was killed"
+        guest.echo(8)
+        # The keeper keeps only the fds the session references: memory, kick/call/err of 2 rings, channel.
+        keeper_fds = len(os.listdir(f"/proc/{keeper.process.pid}/fd"))
+        assert keeper_fds < 32, os.listdir(f"/proc/{keeper.process.pid}/fd")
+    assert keeper.terminate() == 0
+
+
+def test_sighup_upgrades_the_worker_under_traffic(keeper: Keeper) -> None:
+    with Guest(keeper.socket) as guest:
+        guest.echo(4)
+        old = keeper.worker()
+        keeper.process.send_signal(signal.SIGHUP)
+        guest.echo(4)  # served by whichever worker has it: never by none
+        keeper.wait_for("session taken over")
+        assert keeper.worker() != old
+        guest.echo(4)
+        assert guest.frontend.get_features() & (1 << 30)
+    assert "suspended for the upgrade" in keeper.log
+    assert keeper.terminate() == 0
+
+
+def test_sigterm_leaves_no_process_socket_or_fd(directory: str) -> None:
+    program = Keeper(directory)
+    try:
+        guest = Guest(program.socket)
+        worker = program.worker()
+        guest.echo()
+        assert stat.S_IMODE(os.lstat(program.socket).st_mode) == 0o600
+        assert program.terminate() == 0
+        assert guest.frontend.wait_disconnected(timeout=TIMEOUT)
+        guest.close()
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
+        assert sorted(os.listdir(directory)) == ["state"]
+        assert stat.S_IMODE(os.stat(program.state).st_mode) == 0o700
+    finally:
+        program.close()
+
+
+def test_the_keeper_loads_no_numpy_or_numba(directory: str) -> None:
+    program = Keeper(directory, backend="iommu")
+    try:
+        with Guest(program.socket) as guest:
+            guest.frontend.get_features()  # the worker (which loads them) is up
+            with open(f"/proc/{program.process.pid}/maps") as handle:
+                maps = handle.read()
+            for heavy in ("numpy", "numba", "llvmlite", "uvloop"):
+                assert heavy not in maps
+            with open(f"/proc/{program.worker()}/maps") as handle:
+                assert "numba" in handle.read()
+        assert program.terminate() == 0
+    finally:
+        program.close()
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+
+
+def _serve(directory: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vhost_iommu", f"--socket-path={directory}/s", "--backend=echo", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+def test_a_state_dir_others_can_write_is_refused(directory: str, mode: int) -> None:
+    state = os.path.join(directory, "state")
+    os.mkdir(state)
+    os.chmod(state, mode)
+    result = _serve(directory, f"--state-dir={state}")
+    assert result.returncode == 1 and "writable by group or others" in result.stderr
+    assert os.listdir(directory) == ["state"]
+
+
+def test_a_state_dir_that_is_not_a_directory_is_refused(directory: str) -> None:
+    target = os.path.join(directory, "elsewhere")
+    os.mkdir(target, 0o700)
+    os.symlink(target, os.path.join(directory, "state"))
+    result = _serve(directory, f"--state-dir={directory}/state")
+    assert result.returncode == 1 and "not a directory" in result.stderr
+
+
+def test_a_worker_that_cannot_start_ends_the_keeper_with_its_error(directory: str) -> None:
+    # --topology is refused with --backend=echo, by the worker: the keeper does not know the options.
+    result = _serve(directory, f"--state-dir={directory}/state", "--topology=/nonexistent")
+    assert result.returncode == 1
+    assert "--topology" in result.stderr and "before it was ready" in result.stderr
+    assert sorted(os.listdir(directory)) == ["state"]

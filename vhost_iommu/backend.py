@@ -107,6 +107,30 @@ class VhostUserBackend(Protocol):
 
 
 @runtime_checkable
+class MigratableBackend(Protocol):
+    """An optional capability of a back-end: its device state can travel with a migration
+    (VHOST_USER_PROTOCOL_F_DEVICE_STATE, offered only by back-ends that have it).
+
+    The server calls these only while every ring is stopped, from the event loop, and does the
+    transfer itself (the fd, the pipe I/O, CHECK_DEVICE_STATE): the back-end only turns its state into
+    bytes and back.
+    """
+
+    def save_state(self) -> bytes:
+        """The whole device state, in a form ``load_state`` of the same back-end type takes."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Replace the device state with a saved one. ``data`` comes from the front-end: raise ValueError
+        naming what is wrong with it, and leave the state exactly as it was."""
+        ...
+
+    def max_state_size(self) -> int:
+        """Bytes past which a state being loaded cannot be valid (the server stops reading there)."""
+        ...
+
+
+@runtime_checkable
 class KickFdTaker(Protocol):
     """An optional capability of a back-end: serving a queue from its own thread, woken by the queue's
     kick fd directly instead of by the event loop.

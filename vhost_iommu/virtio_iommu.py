@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhost_iommu.backend import BackendContext
-from vhost_iommu.device import IommuDevice, Topology
+from vhost_iommu.device import IommuDevice, Topology, snapshot
 from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
@@ -493,6 +493,20 @@ class VirtioIommuBackend:
         self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
         self.device.reset()
         self.acked_features = 0
+
+    # -- migration (MigratableBackend: the server calls these only while every ring is stopped) ----------
+
+    def save_state(self) -> bytes:
+        try:
+            return snapshot.save(self.device)
+        except TypeError as exc:  # a device built on another mapping store (tests, tools)
+            raise ValueError(str(exc)) from None
+
+    def load_state(self, data: bytes) -> None:
+        snapshot.restore(self.device, data)  # SnapshotError is a ValueError; the device is unchanged then
+
+    def max_state_size(self) -> int:
+        return snapshot.max_size(self.device)
 
     # -- queues -----------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from vhost_iommu.protocol import (
     BackendRequest,
     ConfigSpace,
     Decoder,
+    DeviceStateTransfer,
     Empty,
     FrontendRequest,
     MemoryRegion,
@@ -57,6 +58,13 @@ from vhost_iommu.protocol import (
     encode,
     encode_ack,
     request_has_own_reply,
+)
+from vhost_iommu.protocol.constants import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NOFD,
+    DEVICE_STATE_PHASE_STOPPED,
+    DEVICE_STATE_SAVE,
 )
 
 #: What QEMU 10.2 keeps of the protocol features a back-end offers (VHOST_USER_PROTOCOL_FEATURE_MASK).
@@ -93,6 +101,12 @@ def _eventfd() -> int:
 def _wait_readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
+def _wait_writable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
     return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
@@ -421,6 +435,88 @@ class Frontend:
 
     def reset_device(self) -> None:
         self.request(FrontendRequest.RESET_DEVICE)
+
+    # -- device state (migration) ---------------------------------------------------------------------------
+
+    def set_device_state_fd(self, direction: int, fd: int, *, phase: int = DEVICE_STATE_PHASE_STOPPED) -> int:
+        """SET_DEVICE_STATE_FD with ``fd`` (it stays the caller's: the back-end gets a copy); the reply's
+        u64 as it came (bits 0-7 zero on success, bit 8 set when the back-end returned no fd)."""
+        reply = self.request(FrontendRequest.SET_DEVICE_STATE_FD, DeviceStateTransfer(direction, phase), [fd])
+        assert reply is not None and isinstance(reply.payload, U64)
+        return reply.payload.value
+
+    def check_device_state(self) -> int:
+        """CHECK_DEVICE_STATE: 0 if the back-end says the last transfer worked."""
+        return self._get_u64(FrontendRequest.CHECK_DEVICE_STATE)
+
+    def save_state(self) -> bytes:
+        """The source side of a migration, as QEMU's ``vhost_save_backend_state`` does it (the rings must
+        be stopped): a pipe, SET_DEVICE_STATE_FD(save) with its write end, read to end of file,
+        CHECK_DEVICE_STATE. Raises RequestFailedError if the back-end refuses or reports a failure."""
+        read_fd = self._start_transfer(DEVICE_STATE_SAVE)
+        try:
+            chunks = []
+            while chunk := self._read_chunk(read_fd):
+                chunks.append(chunk)
+        finally:
+            os.close(read_fd)
+        if (status := self.check_device_state()) != 0:
+            raise RequestFailedError(f"CHECK_DEVICE_STATE after the save answered {status}")
+        return b"".join(chunks)
+
+    def load_state(self, data: bytes, *, close_pipe: bool = True) -> None:
+        """The destination side (QEMU's ``vhost_load_backend_state``): a pipe, SET_DEVICE_STATE_FD(load)
+        with its read end, write ``data`` and close, CHECK_DEVICE_STATE. ``close_pipe=False`` keeps the
+        write end open across the check, as a broken front-end would. Raises RequestFailedError if the
+        back-end refuses the transfer or reports that loading failed."""
+        write_fd = self._start_transfer(DEVICE_STATE_LOAD)
+        try:
+            view = memoryview(data)
+            while view:
+                if not _wait_writable(write_fd, self.timeout):
+                    raise FrontendTimeout("the back-end stopped reading the state")
+                try:
+                    view = view[os.write(write_fd, view[: 1 << 16]) :]
+                except BrokenPipeError:
+                    break  # the back-end gave up reading; CHECK_DEVICE_STATE says why
+            if close_pipe:
+                os.close(write_fd)
+                write_fd = -1
+            status = self.check_device_state()
+        finally:
+            if write_fd >= 0:
+                os.close(write_fd)
+        if status != 0:
+            raise RequestFailedError(f"CHECK_DEVICE_STATE after the load answered {status}")
+
+    def _start_transfer(self, direction: int) -> int:
+        """A pipe, one end sent with SET_DEVICE_STATE_FD (and closed here); the other end, ours."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        theirs, ours = (write_fd, read_fd) if direction == DEVICE_STATE_SAVE else (read_fd, write_fd)
+        try:
+            try:
+                result = self.set_device_state_fd(direction, theirs)
+            finally:
+                os.close(theirs)
+            self._check_transfer_reply(result)
+        except BaseException:
+            os.close(ours)
+            raise
+        return ours
+
+    @staticmethod
+    def _check_transfer_reply(result: int) -> None:
+        if result & DEVICE_STATE_ERROR_MASK:
+            raise RequestFailedError(f"SET_DEVICE_STATE_FD refused ({result:#x})")
+        if not result & DEVICE_STATE_NOFD:
+            raise FrontendError(
+                "the back-end returned a transfer fd of its own, which this front-end does not take"
+            )
+
+    def _read_chunk(self, fd: int) -> bytes:
+        if not _wait_readable(fd, self.timeout):
+            raise FrontendTimeout("the back-end stopped writing the state")
+        return os.read(fd, 1 << 16)
 
     # -- the whole sequence ---------------------------------------------------------------------------------
 

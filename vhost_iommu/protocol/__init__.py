@@ -37,6 +37,7 @@ from vhost_iommu.protocol.constants import (
 from vhost_iommu.protocol.messages import (
     U64,
     ConfigSpace,
+    DeviceStateTransfer,
     Empty,
     MemoryRegion,
     MemoryTable,
@@ -63,6 +64,7 @@ __all__ = [
     "BackendRequest",
     "ConfigSpace",
     "Decoder",
+    "DeviceStateTransfer",
     "Empty",
     "FramingError",
     "FrontendRequest",

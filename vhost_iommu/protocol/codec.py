@@ -55,6 +55,7 @@ from vhost_iommu.protocol.constants import (
 from vhost_iommu.protocol.messages import (
     U64,
     ConfigSpace,
+    DeviceStateTransfer,
     Empty,
     MemoryTable,
     Payload,
@@ -221,6 +222,10 @@ _REQUESTS: dict[int, _RequestSpec] = {
     ),
     FrontendRequest.SET_STATUS: _RequestSpec(U64.unpack),
     FrontendRequest.GET_STATUS: _RequestSpec(Empty.unpack, has_own_reply=True),
+    FrontendRequest.SET_DEVICE_STATE_FD: _RequestSpec(
+        DeviceStateTransfer.unpack, fds=_ONE_FD, has_own_reply=True
+    ),
+    FrontendRequest.CHECK_DEVICE_STATE: _RequestSpec(Empty.unpack, has_own_reply=True),
 }
 
 #: Requests that always get a reply of their own, supported or not (the front-end blocks on them).

@@ -113,6 +113,15 @@ VRING_NOFD_MASK = 1 << 8
 #: ``VHOST_VRING_F_LOG``: the only defined SET_VRING_ADDR flag.
 VRING_F_LOG = 1 << 0
 
+#: SET_DEVICE_STATE_FD parameters ("Device state transfer parameters"): the transfer direction, the only
+#: migration phase defined (both VMs stopped, the device suspended), and the reply's bits: 0-7 zero on
+#: success, bit 8 set when the back-end returns no fd of its own (the front-end's fd is used).
+DEVICE_STATE_SAVE = 0
+DEVICE_STATE_LOAD = 1
+DEVICE_STATE_PHASE_STOPPED = 0
+DEVICE_STATE_ERROR_MASK = 0xFF
+DEVICE_STATE_NOFD = 1 << 8
+
 #: SET_CONFIG flags: 0 is a driver write, 1 a live-migration write.
 CONFIG_FLAG_WRITABLE = 0
 CONFIG_FLAG_MIGRATION = 1

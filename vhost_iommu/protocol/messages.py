@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
 
 from vhost_iommu.protocol.constants import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_PHASE_STOPPED,
+    DEVICE_STATE_SAVE,
     MAX_CONFIG_SIZE,
     MAX_MEM_TABLE_REGIONS,
     VRING_F_LOG,
@@ -300,6 +303,31 @@ class ConfigSpace:
                 f"config payload says {size} bytes of data but carries {len(data) - cls._HEAD.size}"
             )
         return cls(offset, flags, bytes(data[cls._HEAD.size :]))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer:
+    """SET_DEVICE_STATE_FD's parameters: the direction (save on the source, load on the destination) and
+    the migration phase; only the values the spec defines exist."""
+
+    direction: int
+    phase: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("=II")
+    SIZE: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        if self.direction not in (DEVICE_STATE_SAVE, DEVICE_STATE_LOAD):
+            raise PayloadError(f"transfer direction {self.direction!r} is neither 0 (save) nor 1 (load)")
+        if self.phase != DEVICE_STATE_PHASE_STOPPED:
+            raise PayloadError(f"migration phase {self.phase!r}: only 0 (stopped) is defined")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.direction, self.phase)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self:
+        _expect_size(data, cls.SIZE, "device state transfer")
+        return cls(*cls._FORMAT.unpack(data))
 
 
 def _expect_size(data: bytes, size: int, what: str) -> None:

@@ -23,7 +23,12 @@ Choices where the spec leaves room:
 * RESET_OWNER (deprecated) disables every ring and nothing else, as vhost-user.rst recommends;
 * SET_STATUS 0 and RESET_DEVICE reset the device; call/err fds, memory table and back-end channel are
   connection state and survive (QEMU does not send them again before the next start);
-* polling (SET_VRING_KICK without an fd), used-ring logging and live-migration config writes are refused.
+* polling (SET_VRING_KICK without an fd), used-ring logging and live-migration config writes are refused;
+* device state (SET_DEVICE_STATE_FD, offered when the back-end is a ``MigratableBackend``) moves only while
+  every ring is stopped, through the front-end's fd (never one of ours), on the event loop
+  (``server/transfer.py``); a load is applied when the fd reaches its end, refused if a ring started
+  meanwhile, and CHECK_DEVICE_STATE reports the last transfer (reading what is left of a load first).
+  A new SET_DEVICE_STATE_FD, a device reset or the disconnect abandons a running transfer.
 """
 
 from __future__ import annotations
@@ -34,11 +39,18 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from vhost_iommu.backend import KickFdTaker, RestorableBackend, SessionLifecycle, VhostUserBackend
+from vhost_iommu.backend import (
+    KickFdTaker,
+    MigratableBackend,
+    RestorableBackend,
+    SessionLifecycle,
+    VhostUserBackend,
+)
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
     FLAG_NEED_REPLY,
@@ -48,6 +60,7 @@ from vhost_iommu.protocol import (
     BackendRequest,
     ConfigSpace,
     Decoder,
+    DeviceStateTransfer,
     FrontendRequest,
     MemoryRegion,
     MemoryTable,
@@ -67,7 +80,13 @@ from vhost_iommu.protocol import (
     encode_reply,
     request_has_own_reply,
 )
-from vhost_iommu.protocol.constants import CONFIG_FLAG_MIGRATION, CONFIG_FLAG_WRITABLE, VRING_F_LOG
+from vhost_iommu.protocol.constants import (
+    CONFIG_FLAG_MIGRATION,
+    CONFIG_FLAG_WRITABLE,
+    DEVICE_STATE_NOFD,
+    DEVICE_STATE_SAVE,
+    VRING_F_LOG,
+)
 from vhost_iommu.server.session import (
     MAX_CONFIG_WRITES,
     RegionState,
@@ -75,6 +94,7 @@ from vhost_iommu.server.session import (
     SessionError,
     SessionState,
 )
+from vhost_iommu.server.transfer import StateTransfer
 from vhost_iommu.server.vring import VringSlot
 from vhost_iommu.virtqueue import QueueError, SplitQueue
 
@@ -90,6 +110,12 @@ OFFERED_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS
     | ProtocolFeature.RESET_DEVICE
 )
+
+#: The failure form of requests whose own reply has one (besides GET_CONFIG's empty payload).
+_FAILURE_REPLIES = {
+    FrontendRequest.SET_DEVICE_STATE_FD: DEVICE_STATE_NOFD | 1,  # an error, and no fd of ours
+    FrontendRequest.CHECK_DEVICE_STATE: 1,
+}
 
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
@@ -238,6 +264,8 @@ class ConnectionHandler:
         #: A config change to announce once the device is no longer suspended (all rings stopped).
         self.config_change_pending = False
         self.closed = False
+        #: The last device-state transfer (SET_DEVICE_STATE_FD), running or ended.
+        self.transfer: StateTransfer | None = None
         backend.attach(self)
         self._dispatch: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
             FrontendRequest.GET_FEATURES: self._get_features,
@@ -265,6 +293,8 @@ class ConnectionHandler:
             FrontendRequest.GET_STATUS: self._get_status,
             FrontendRequest.SET_STATUS: self._set_status,
             FrontendRequest.RESET_DEVICE: self._reset_device,
+            FrontendRequest.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            FrontendRequest.CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     # -- entry points ---------------------------------------------------------------------------------------
@@ -292,6 +322,7 @@ class ConnectionHandler:
         if self.closed:
             return
         self.closed = True
+        self._drop_transfer("the connection closed")
         for slot in self.slots:
             self._stop_ring(slot)
         try:
@@ -379,6 +410,10 @@ class ConnectionHandler:
             log.warning("%s: %s; answering with an empty config (the spec's failure form)", self.name, reason)
             self._send(encode_reply(code))
             return
+        if code in _FAILURE_REPLIES:
+            log.warning("%s: %s", self.name, reason)
+            self._send(encode_reply(code, U64(_FAILURE_REPLIES[FrontendRequest(code)])))
+            return
         if request_has_own_reply(code):
             raise ConnectionFatal(f"{reason}; the spec defines no failure reply, closing the connection")
         if need_reply:
@@ -415,12 +450,17 @@ class ConnectionHandler:
             for slot in self.slots:
                 self._enable(slot, True)
 
+    def offered_protocol_features(self) -> ProtocolFeature:
+        if isinstance(self.backend, MigratableBackend):
+            return OFFERED_PROTOCOL_FEATURES | ProtocolFeature.DEVICE_STATE
+        return OFFERED_PROTOCOL_FEATURES
+
     def _get_protocol_features(self, _message: Message) -> Payload:
-        return U64(int(OFFERED_PROTOCOL_FEATURES))
+        return U64(int(self.offered_protocol_features()))
 
     def _set_protocol_features(self, message: Message) -> None:
         requested = _u64(message)
-        unknown = requested & ~int(OFFERED_PROTOCOL_FEATURES)
+        unknown = requested & ~int(self.offered_protocol_features())
         if unknown:
             raise RequestFailed(f"SET_PROTOCOL_FEATURES asks for bits {unknown:#x} that were not offered")
         self.protocol_features = ProtocolFeature(requested)
@@ -802,6 +842,7 @@ class ConnectionHandler:
         self.acked_features = 0
         self.broken_reason = None
         self.config_change_pending = False
+        self._drop_transfer("the device was reset")
         self.backend.reset()
 
     # -- session hand-over (serve --state-dir: vhost_iommu.keeper) ------------------------------------------
@@ -877,7 +918,7 @@ class ConnectionHandler:
         try:
             if len(state.rings) != len(self.slots):
                 raise SessionError(f"session has {len(state.rings)} rings, the device {len(self.slots)}")
-            unknown = state.protocol_features & ~int(OFFERED_PROTOCOL_FEATURES)
+            unknown = state.protocol_features & ~int(self.offered_protocol_features())
             if unknown or state.acked_features & ~self.offered_features():
                 raise SessionError("session negotiated features this device does not offer")
             self.owner = state.owner
@@ -979,6 +1020,83 @@ class ConnectionHandler:
             self.channel = None
         if isinstance(self.backend, SessionLifecycle):
             self.backend.session_suspended()
+
+    # -- device state (migration) ---------------------------------------------------------------------------
+
+    def _migratable(self, what: str) -> MigratableBackend:
+        if not self.protocol_features & ProtocolFeature.DEVICE_STATE:
+            raise RequestFailed(f"{what} without VHOST_USER_PROTOCOL_F_DEVICE_STATE negotiated")
+        assert isinstance(self.backend, MigratableBackend)  # only offered to such back-ends
+        return self.backend
+
+    def _running_rings(self) -> list[int]:
+        return [slot.index for slot in self.slots if slot.started]
+
+    def _drop_transfer(self, reason: str) -> None:
+        if self.transfer is not None:
+            self.transfer.cancel(reason)
+            self.transfer = None
+
+    def _set_device_state_fd(self, message: Message) -> Payload:
+        with _closed_on_error(message.fds):
+            assert isinstance(message.payload, DeviceStateTransfer)
+            # A new transfer replaces the last one, whatever becomes of it: CHECK_DEVICE_STATE answers
+            # for this one only.
+            self._drop_transfer("replaced by a new SET_DEVICE_STATE_FD")
+            backend = self._migratable("SET_DEVICE_STATE_FD")
+            running = self._running_rings()
+            if running:
+                # vhost-user.rst: the only phase is "stopped", the device suspended. A state saved while
+                # the guest is still served would not be the state it ends up in.
+                raise RequestFailed(
+                    f"SET_DEVICE_STATE_FD while ring(s) {running} run: stop every ring (GET_VRING_BASE) first"
+                )
+            fd = message.fds[0]
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
+                raise RequestFailed("SET_DEVICE_STATE_FD: the transfer fd must be a pipe or a socket")
+            _set_nonblocking(fd)
+            name = f"{self.name}: device state"
+            try:
+                if message.payload.direction == DEVICE_STATE_SAVE:
+                    try:
+                        data = backend.save_state()
+                    except ValueError as exc:
+                        raise RequestFailed(
+                            f"SET_DEVICE_STATE_FD: the state cannot be saved: {exc}"
+                        ) from None
+                    self.transfer = StateTransfer.save(self._loop, fd, data, name)
+                else:
+                    self.transfer = StateTransfer.load(
+                        self._loop, fd, name, limit=backend.max_state_size(), apply=self._load_state
+                    )
+            except (OSError, ValueError) as exc:  # the loop cannot watch this fd
+                raise RequestFailed(
+                    f"SET_DEVICE_STATE_FD: the transfer fd cannot be watched: {exc}"
+                ) from None
+        log.info(
+            "%s: device state transfer started (%s)",
+            self.name,
+            "save" if message.payload.direction == DEVICE_STATE_SAVE else "load",
+        )
+        return U64(DEVICE_STATE_NOFD)  # success, and the front-end's own fd is the channel
+
+    def _load_state(self, data: bytes) -> None:
+        running = self._running_rings()
+        if running:
+            raise ValueError(f"ring(s) {running} were started during the transfer")
+        assert isinstance(self.backend, MigratableBackend)  # the transfer began through _migratable
+        self.backend.load_state(data)
+
+    def _check_device_state(self, _message: Message) -> Payload:
+        self._migratable("CHECK_DEVICE_STATE")
+        transfer = self.transfer
+        if transfer is None:
+            raise RequestFailed("CHECK_DEVICE_STATE: no device state transfer to check")
+        transfer.finish_now()
+        if transfer.error is not None:
+            raise RequestFailed(f"CHECK_DEVICE_STATE: the transfer failed: {transfer.error}")
+        return U64(0)
 
 
 def _address_tuple(address: VringAddress | None) -> tuple[int, int, int, int, int] | None:

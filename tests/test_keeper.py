@@ -24,6 +24,7 @@ import pytest
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.keeper_process import KeeperProcess
 from vhost_iommu.protocol import (
     U64,
     ConfigSpace,
@@ -39,95 +40,6 @@ pytestmark = pytest.mark.usefixtures("fd_leak_check")
 TIMEOUT = 60.0
 
 
-class Keeper:
-    """``vhost-iommu --state-dir`` on one socket; its log is drained by a thread and searchable."""
-
-    def __init__(self, directory: str, *args: str, backend: str = "echo") -> None:
-        self.directory = directory
-        self.socket = os.path.join(directory, "s")
-        self.control = os.path.join(directory, "ctl")
-        self.state = os.path.join(directory, "state")
-        command = [
-            sys.executable,
-            "-m",
-            "vhost_iommu",
-            "-v",
-            f"--state-dir={self.state}",
-            f"--socket-path={self.socket}",
-            f"--control-socket={self.control}",
-            f"--backend={backend}",
-            *args,
-        ]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.log = ""
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-        self.wait_for("listening on")
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in iter(self.process.stderr.readline, b""):
-            with self._changed:
-                self.log += line.decode(errors="replace")
-                self._changed.notify_all()
-        with self._changed:
-            self.log += "<EOF>"
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, count: int = 1) -> None:
-        with self._changed:
-            done = self._changed.wait_for(
-                lambda: self.log.count(text) >= count or "<EOF>" in self.log, TIMEOUT
-            )
-            assert done and self.log.count(text) >= count, f"no {text!r} x{count}: {self.log[-3000:]}"
-
-    def worker(self) -> int:
-        """The pid of the keeper's one device worker."""
-        children = _children(self.process.pid)
-        assert len(children) == 1, f"workers: {children}"
-        return children[0]
-
-    def kill_worker(self) -> int:
-        pid = self.worker()
-        os.kill(pid, signal.SIGKILL)
-        return pid
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(timeout=TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return status
-
-    def close(self) -> None:
-        for pid in _children(self.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(TIMEOUT)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(name))
-    return found
-
-
 @pytest.fixture
 def directory() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="vhost-kp-") as path:  # short: socket paths <= 108 bytes
@@ -135,8 +47,8 @@ def directory() -> Iterator[str]:
 
 
 @pytest.fixture
-def keeper(directory: str) -> Iterator[Keeper]:
-    program = Keeper(directory)
+def keeper(directory: str) -> Iterator[KeeperProcess]:
+    program = KeeperProcess(directory)
     try:
         yield program
     finally:
@@ -184,7 +96,7 @@ class Guest:
 # -- restarts -----------------------------------------------------------------------------------------------
 
 
-def test_a_worker_killed_between_messages_is_invisible_to_the_front_end(keeper: Keeper) -> None:
+def test_a_worker_killed_between_messages_is_invisible_to_the_front_end(keeper: KeeperProcess) -> None:
     with Guest(keeper.socket) as guest:
         guest.echo()
         guest.frontend.set_config(0, b"ABCD", flags=CONFIG_FLAG_WRITABLE)
@@ -202,7 +114,7 @@ def test_a_worker_killed_between_messages_is_invisible_to_the_front_end(keeper: 
     assert keeper.terminate() == 0
 
 
-def test_a_message_relayed_to_a_worker_that_dies_is_answered_once_by_the_next(keeper: Keeper) -> None:
+def test_a_message_relayed_to_a_worker_that_dies_is_answered_once_by_the_next(keeper: KeeperProcess) -> None:
     with Guest(keeper.socket) as guest:
         frontend = guest.frontend
         worker = keeper.worker()
@@ -233,7 +145,7 @@ def test_a_message_relayed_to_a_worker_that_dies_is_answered_once_by_the_next(ke
     assert keeper.terminate() == 0
 
 
-def test_workers_killed_at_random_moments_under_messages_and_traffic(keeper: Keeper) -> None:
+def test_workers_killed_at_random_moments_under_messages_and_traffic(keeper: KeeperProcess) -> None:
     """Kills land anywhere: between messages, inside one, inside a batch of chains."""
     kills = 4
     rng = random.Random(7)
@@ -278,7 +190,7 @@ def test_workers_killed_at_random_moments_under_messages_and_traffic(keeper: Kee
     assert keeper.terminate() == 0
 
 
-def test_sighup_upgrades_the_worker_under_traffic(keeper: Keeper) -> None:
+def test_sighup_upgrades_the_worker_under_traffic(keeper: KeeperProcess) -> None:
     with Guest(keeper.socket) as guest:
         guest.echo(4)
         old = keeper.worker()
@@ -293,7 +205,7 @@ def test_sighup_upgrades_the_worker_under_traffic(keeper: Keeper) -> None:
 
 
 def test_sigterm_leaves_no_process_socket_or_fd(directory: str) -> None:
-    program = Keeper(directory)
+    program = KeeperProcess(directory)
     try:
         guest = Guest(program.socket)
         worker = program.worker()
@@ -311,7 +223,7 @@ def test_sigterm_leaves_no_process_socket_or_fd(directory: str) -> None:
 
 
 def test_the_keeper_loads_no_numpy_or_numba(directory: str) -> None:
-    program = Keeper(directory, backend="iommu")
+    program = KeeperProcess(directory, backend="iommu")
     try:
         with Guest(program.socket) as guest:
             guest.frontend.get_features()  # the worker (which loads them) is up

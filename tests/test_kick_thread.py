@@ -218,6 +218,7 @@ def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() 
 
     class Context:
         session_key: str | None = None  # served without a keeper
+
         def __init__(self, memory: GuestMemory, ring: SplitQueue) -> None:
             self.memory = memory
             self.ring = ring

@@ -72,6 +72,7 @@ def watchdog() -> Iterator[None]:
 
 class Context:
     """The server's side of the seam, reduced to what the back-end asks of it."""
+
     session_key: str | None = None  # served without a keeper
 
     def __init__(self, memory: GuestMemory, queues: list[SplitQueue]) -> None:

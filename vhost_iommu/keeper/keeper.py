@@ -219,7 +219,8 @@ class Keeper:
                 return
         if self._restart_at is not None and time.monotonic() >= self._restart_at:
             self._restart_at = None
-            self.worker = self._spawn()
+            if self.worker is None:
+                self.worker = self._spawn()
 
     def _on_signal(self) -> None:
         try:
@@ -384,7 +385,10 @@ class Keeper:
         """The standby is ready: ask the current worker to stop at a quiescent point."""
         current = self.worker
         if current is None or not current.ready:
-            # Nothing is serving (it died meanwhile): the standby takes over at once.
+            # Nothing is serving (it died meanwhile, its successor still loading): the standby takes
+            # over at once, and a successor that is not ready yet is not needed any more.
+            if current is not None:
+                self._kill(current)
             self._promote()
             return
         current.suspending = True
@@ -394,6 +398,7 @@ class Keeper:
     def _promote(self) -> None:
         assert self.standby is not None
         self.worker, self.standby = self.standby, None
+        self._restart_at = None  # a restart that was due is this worker
         self.restarts += 1
         self._start_serving(self.worker)
 

@@ -1,0 +1,191 @@
+"""End to end: the device worker is SIGKILLed (and upgraded) under a real QEMU guest doing VFIO work.
+
+``vhost-iommu serve --state-dir`` runs as its own process: the keeper holds QEMU's vhost-user connection,
+the device worker serves it. The guest binds 00:04.0 to vfio-pci and maps and unmaps IOVAs (vfio-steps,
+one command at a time; vfio-bench, a stream of single-page map+unmap pairs) while the test kills the
+worker between requests, with a request in flight, under a stream of them, and asks for an upgrade
+(SIGHUP). What must hold: QEMU never sees a disconnect (it keeps running and says nothing of vhost-user),
+every guest operation completes, and the guest finishes its job with no soft lockup, RCU stall, oops or
+warning in its kernel log. The guest-visible pause of each restart is measured and printed.
+``-m "not e2e"`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhost_iommu.control.client import ControlClient
+from vhost_iommu.control.protocol import ControlError
+from vhost_iommu.device import Topology
+from vhost_iommu.harness.keeper_process import KeeperProcess
+from vhost_iommu.provision.boot import GuestSession, parse_fields
+from vhost_iommu.provision.guest import ensure_guest
+from vhost_iommu.provision.qemu_build import ensure_qemu
+from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, build_command
+from vhost_iommu.viot import viot_from_topology, viot_topology_from
+
+pytestmark = pytest.mark.e2e
+
+BOOT_TIMEOUT = 240.0
+STEP_TIMEOUT = 90.0
+GUEST_MEMORY_MIB = 512
+#: What the guest's kernel must never say (VHOST_IOMMU_KLOG lines: levels 0-4 since the job began).
+BAD_KERNEL_LINES = ("soft lockup", "rcu", "stall", "Oops", "BUG", "Call Trace", "hung_task", "virtio_iommu")
+
+
+@pytest.fixture
+def directory() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="vhost-wr-") as path:  # short: socket paths <= 108 bytes
+        yield Path(path)
+
+
+@pytest.fixture
+def keeper(directory: Path) -> Iterator[KeeperProcess]:
+    program = KeeperProcess(str(directory), backend="iommu", timeout=STEP_TIMEOUT)
+    try:
+        yield program
+    finally:
+        program.close()
+        print("--- the keeper's log ---\n" + program.log[-6000:])  # shown when the test fails
+
+
+def boot(directory: Path, socket_path: str, job: str, **params: str) -> GuestSession:
+    qemu, image = ensure_qemu(), ensure_guest()
+    topology = Topology.default()
+    viot = directory / "viot.bin"
+    viot.write_bytes(viot_from_topology(topology))
+    setup = QemuSetup(
+        qemu=qemu,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        kernel_args=[f"vhost_iommu.job={job}", "vhost_iommu.hold=1"]
+        + [f"vhost_iommu.{name}={value}" for name, value in params.items()],
+        iommu=IommuKind.VHOST_USER,
+        socket_path=Path(socket_path),
+        viot_path=viot,
+        topology=viot_topology_from(topology),
+        endpoints=(PciTestDevice(slot=4),),
+        memory_mib=GUEST_MEMORY_MIB,
+    )
+    return GuestSession(build_command(setup).argv, log=directory / f"console-{job}.log")
+
+
+def requests_served(control: str) -> int:
+    """Requests the current worker's device served (0 while no worker answers the control channel)."""
+    try:
+        with ControlClient(control) as client:
+            return sum(row["requests"] for row in client.call("connections"))
+    except (OSError, ControlError):
+        return 0
+
+
+def finish(guest: GuestSession, keeper: KeeperProcess) -> None:
+    """Let the guest finish; check its job, its kernel log, QEMU's silence about vhost-user, and that the
+    keeper still holds the connection QEMU made at boot."""
+    assert keeper.process.poll() is None
+    guest.send("")
+    run = guest.wait(STEP_TIMEOUT)
+    assert run.job_rc == 0, run.output[-3000:]
+    bad = [
+        line
+        for line in run.marker_lines("VHOST_IOMMU_KLOG ")
+        if any(word.lower() in line.lower() for word in BAD_KERNEL_LINES)
+    ]
+    assert not bad, bad
+    # QEMU prefixes what it reports with its program name ("...: Failed to read msg header", "vhost lost
+    # connection to the backend", an assertion before an abort).
+    qemu_said = [line for line in run.lines if line.startswith("qemu-system")]
+    assert not qemu_said, qemu_said
+    assert "connection 1 on" in keeper.log and "connection 2 on" not in keeper.log  # never reconnected
+
+
+def test_worker_killed_between_and_during_vfio_steps_and_upgraded(
+    directory: Path, keeper: KeeperProcess
+) -> None:
+    with boot(directory, keeper.socket, "vfio-steps") as guest:
+        guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
+        sequence = 0
+        pauses: dict[str, float] = {}
+
+        def step(command: str) -> dict[str, str]:
+            nonlocal sequence
+            sequence += 1
+            guest.send(command)
+            fields = parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])
+            guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
+            assert fields["rc"] == "0", fields
+            return fields
+
+        iovas = [0x1_0000_0000 + index * 0x10_0000 for index in range(6)]
+        for iova in iovas[:3]:
+            step(f"map {iova:#x} 0x10000 rw")
+
+        # Between requests: the guest is idle while the worker dies; its next MAP is served by the next.
+        first = keeper.kill_worker()
+        started = time.monotonic()
+        step(f"map {iovas[3]:#x} 0x10000 rw")
+        pauses["kill between requests"] = time.monotonic() - started
+        assert keeper.worker() != first
+
+        # With a request in flight: the worker is stopped, the guest's MAP goes on the ring and waits, then
+        # the worker dies. The second is for the guest to get there; if it had not, this is one more kill
+        # between requests, and everything below holds the same.
+        worker = keeper.worker()
+        os.kill(worker, signal.SIGSTOP)
+        guest.send(f"map {iovas[4]:#x} 0x2000 r")
+        time.sleep(1.0)
+        os.kill(worker, signal.SIGKILL)
+        started = time.monotonic()
+        sequence += 1
+        assert parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
+        guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
+        pauses["kill with a request in flight"] = time.monotonic() - started
+        keeper.wait_for("session taken over", 2)
+
+        # An upgrade: the new worker loads while the old one serves; the hand-over is the pause.
+        old = keeper.worker()
+        keeper.process.send_signal(signal.SIGHUP)
+        keeper.wait_for("suspended for the upgrade")
+        started = time.monotonic()
+        step(f"map {iovas[5]:#x} 0x10000 rw")
+        pauses["upgrade"] = time.monotonic() - started
+        assert keeper.worker() != old
+
+        for iova in iovas:
+            step(f"unmap {iova:#x} 0x10000")
+        guest.send("quit")
+        guest.expect(r"VFIO_STEPS_DONE .*failures=0", STEP_TIMEOUT)
+        guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)
+        assert requests_served(keeper.control) > 0  # the last worker serves the control channel too
+        finish(guest, keeper)
+        print("guest-visible pauses (s):", {name: round(value, 3) for name, value in pauses.items()})
+        print(keeper.log[-2000:])
+
+
+def test_worker_killed_twice_under_a_stream_of_vfio_requests(directory: Path, keeper: KeeperProcess) -> None:
+    with boot(directory, keeper.socket, "vfio-bench", bench="pairs,bulk:2048", count="30000") as guest:
+        guest.expect(r"VFIO_OPEN", BOOT_TIMEOUT)
+        killed = 0
+        deadline = time.monotonic() + STEP_TIMEOUT
+        # Kill each worker once it has served some of the stream (its own counters start at zero).
+        while killed < 2 and time.monotonic() < deadline:
+            if requests_served(keeper.control) >= 400:
+                keeper.kill_worker()
+                killed += 1
+                keeper.wait_for("session taken over", killed)
+            else:
+                time.sleep(0.05)  # a polling interval: the condition is what the loop waits for
+        assert killed == 2, keeper.log[-2000:]
+        guest.expect(r"VFIO_BULK_UNMAP n=2048", STEP_TIMEOUT * 2)
+        guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)
+        finish(guest, keeper)
+        restarts = [line for line in keeper.log.splitlines() if "serving" in line and "after" in line]
+        print("restarts:", restarts)
+        assert os.path.exists(keeper.socket)

@@ -1,0 +1,101 @@
+"""The real program with ``--state-dir`` in a subprocess, for tests: the keeper and its device worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+
+class KeeperProcess:
+    """``vhost-iommu --state-dir`` on one socket (and a control socket); its log is drained by a thread
+    and searchable; its device worker can be found and killed."""
+
+    def __init__(self, directory: str, *args: str, backend: str = "echo", timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self.directory = directory
+        self.socket = os.path.join(directory, "s")
+        self.control = os.path.join(directory, "ctl")
+        self.state = os.path.join(directory, "state")
+        command = [
+            sys.executable,
+            "-m",
+            "vhost_iommu",
+            "-v",
+            f"--state-dir={self.state}",
+            f"--socket-path={self.socket}",
+            f"--control-socket={self.control}",
+            f"--backend={backend}",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.log = ""
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        self.wait_for("listening on")
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in iter(self.process.stderr.readline, b""):
+            with self._changed:
+                self.log += line.decode(errors="replace")
+                self._changed.notify_all()
+        with self._changed:
+            self.log += "<EOF>"
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1) -> None:
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: self.log.count(text) >= count or "<EOF>" in self.log, self.timeout
+            )
+            assert done and self.log.count(text) >= count, f"no {text!r} x{count}: {self.log[-3000:]}"
+
+    def worker(self) -> int:
+        """The pid of the keeper's one device worker."""
+        workers = children(self.process.pid)
+        assert len(workers) == 1, f"workers: {workers}"
+        return workers[0]
+
+    def kill_worker(self) -> int:
+        pid = self.worker()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=self.timeout)
+        self._reader.join(self.timeout)
+        return status
+
+    def close(self) -> None:
+        for pid in children(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(self.timeout)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(name))
+    return found

@@ -7,9 +7,10 @@ compiles (or loads from numba's cache) every one of them, so that no request wai
 
 def warm_up() -> None:
     """Compile every kernel with the signatures the back-end uses."""
-    from vhost_iommu.jit import barriers, bulk, requests, tables
+    from vhost_iommu.jit import barriers, bulk, kickloop, requests, tables
 
     barriers.warm_up()
     tables.warm_up()
     bulk.warm_up()
     requests.warm_up()
+    kickloop.warm_up()

@@ -29,6 +29,8 @@ touched, so no guest value makes the kernel read or write outside guest memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import numpy as np
@@ -663,8 +665,10 @@ def serve_requests(
     return reason
 
 
-def warm_up() -> None:
-    """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
+@contextmanager
+def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
+    """Arguments of ``serve_requests`` with the types the back-end passes: an empty ring of 8 (the memory
+    they point to lives until the block ends). The kick loop's warm-up passes them on too."""
     from vhost_iommu.jit.tables import MappingTable
 
     ring_memory = np.zeros(4096, np.uint8)
@@ -680,7 +684,7 @@ def warm_up() -> None:
     memory = np.zeros((1, 3), np.uint64)
     memory[0] = (0, 4095, base)
     leaves, nodes, directory, meta = MappingTable(limit=16).arrays
-    serve_requests(
+    yield (
         ring,
         memory,
         np.zeros(1, np.bool_),
@@ -696,4 +700,10 @@ def warm_up() -> None:
         meta,
         np.zeros(COUNT_WORDS, np.int64),
     )
-    del ring_memory  # kept alive across the call above
+    del ring_memory  # kept alive across the block
+
+
+def warm_up() -> None:
+    """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
+    with warm_up_arguments() as arguments:
+        serve_requests(*arguments)

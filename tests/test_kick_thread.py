@@ -154,7 +154,9 @@ def test_disable_reset_and_reset_device_take_the_fd_back(
         assert request(frontend, fresh[0], encode_attach(1, EP)) == Status.OK
 
 
-def test_memory_and_call_fd_changes_pause_the_thread(vhost_server: RunningServer, frontend: Frontend) -> None:
+def test_a_memory_change_restarts_the_thread_and_a_call_fd_change_keeps_it(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
     with GuestRam(1 << 20) as ram, GuestRam(1 << 20, gpa_base=1 << 30) as more:
         queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
         frontend.start_device(ram, queues)
@@ -166,11 +168,17 @@ def test_memory_and_call_fd_changes_pause_the_thread(vhost_server: RunningServer
         assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
         frontend.rem_mem_reg(more)
         assert request(frontend, queues[0], encode_map(1, PAGE, 2 * PAGE - 1, 0)) == Status.OK
-        # A new call fd: the next answer is signalled on it.
+        # A new call fd: the thread keeps serving (its loop is parked while the fd word is swapped) and
+        # signals the next answers on the new fd only.
+        threads_before = kick_threads()
         old_call = frontend.call_fds.pop(0)
         frontend.set_vring_call(0)
         assert frontend.call_fds[0] != old_call
+        assert taken(vhost_server) and kick_threads() == threads_before
         assert request(frontend, queues[0], encode_unmap(1, 0, 2 * PAGE - 1)) == Status.OK
+        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        with pytest.raises(BlockingIOError):
+            os.read(old_call, 8)  # nothing was written to the old fd after the swap
         os.close(old_call)
 
 
@@ -204,11 +212,11 @@ def test_a_disconnect_while_requests_flow_leaves_no_thread(vhost_server: Running
 
 
 def test_the_python_path_and_the_default_take_no_fd() -> None:
-    assert VirtioIommuBackend().takes_kick_fd(0, -1) is False
+    assert VirtioIommuBackend().takes_kick_fd(0, -1, None) is False
     with pytest.raises(ValueError, match="compiled"):
         VirtioIommuBackend(request_path="python", kick_thread=True)
     # Without a running event loop there is nothing to hand chains back to.
-    assert VirtioIommuBackend(kick_thread=True).takes_kick_fd(0, -1) is False
+    assert VirtioIommuBackend(kick_thread=True).takes_kick_fd(0, -1, None) is False
 
 
 def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() -> None:
@@ -252,7 +260,7 @@ def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() 
                 backend.attach(Context(memory, DriverQueue(ram, 8).device_queue(memory)))
 
                 async def offer(backend: VirtioIommuBackend = backend) -> bool:
-                    taken = backend.takes_kick_fd(0, kick_fd)
+                    taken = backend.takes_kick_fd(0, kick_fd, None)
                     backend.release_kick_fd(0)
                     return taken
 
@@ -260,3 +268,22 @@ def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() 
         finally:
             os.close(kick_fd)
             memory.close()
+
+
+def test_quiesced_holds_the_thread_out_of_the_device(vhost_server: RunningServer, frontend: Frontend) -> None:
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        backend = backend_of(vhost_server)
+        with backend.quiesced():
+            # Parked at a batch boundary with its counts merged: the device shows the thread's MAP.
+            assert backend.device.request_counters()["MAP"] == 1
+            head = queues[0].post([encode_map(1, PAGE, 2 * PAGE - 1, 0)], [4])
+            frontend.kick(0)
+            assert not frontend.wait_used(0, timeout=0.5)  # the kick waits for the thread
+            assert backend.device.mappings(1) == [(0, PAGE - 1, 0, 3)]
+        assert frontend.wait_used(0, timeout=30)
+        assert queues[0].used() == [(head, 4)]
+        assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 2

@@ -9,6 +9,7 @@ then compared byte for byte (statuses, used entries, avail_event) along with the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Literal, TypeVar
 
@@ -105,10 +106,10 @@ class Rig:
     driver: DriverQueue
     backend: VirtioIommuBackend
     context: Context
-    kicks: list[int] = field(default_factory=list)
-    #: With the kick thread: the event loop (run by a thread of the test) and the kick eventfd.
+    #: With the kick thread: the event loop (run by a thread of the test), the kick and call eventfds.
     loop: asyncio.AbstractEventLoop | None = None
     kick_fd: int | None = None
+    call_fd: int | None = None
 
     def kick(self) -> None:
         if self.kick_fd is None:
@@ -116,10 +117,9 @@ class Rig:
             return
         # What the driver does, and then what the server would do: nothing but wait.
         os.write(self.kick_fd, (1).to_bytes(8, sys.byteorder))
-        self.kicks.append(0)
         thread = self.backend._kick_thread
         assert thread is not None
-        assert thread.wait_answered(len(self.kicks), timeout=30)
+        assert thread.settle(timeout=30)
 
     def on_loop(self, function: Callable[[], T]) -> T:
         if self.loop is None:
@@ -133,13 +133,19 @@ class Rig:
     def take_kick_fd(self) -> None:
         """What the handler does when the ring is served (and again after a memory change)."""
         if self.kick_fd is not None:
-            kick_fd = self.kick_fd
-            assert self.on_loop(lambda: self.backend.takes_kick_fd(0, kick_fd))
-            self.kicks.clear()
+            kick_fd, call_fd = self.kick_fd, self.call_fd
+            assert self.on_loop(lambda: self.backend.takes_kick_fd(0, kick_fd, call_fd))
 
     def release_kick_fd(self) -> None:
         if self.kick_fd is not None:
             self.on_loop(lambda: self.backend.release_kick_fd(0))
+            self.count_thread_signals()
+
+    def count_thread_signals(self) -> None:
+        """Add the notifications the thread wrote to the call eventfd to the context's count."""
+        if self.call_fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                self.context.signals[0] += int.from_bytes(os.read(self.call_fd, 8), sys.byteorder)
 
     def post(self, request: bytes, writable: int = 4, *, indirect: bool = False) -> int:
         return self.driver.post([request], [writable], indirect=indirect)
@@ -209,6 +215,8 @@ def run(
                 rig.loop = stack.enter_context(event_loop_thread())
                 rig.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 stack.callback(os.close, rig.kick_fd)
+                rig.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                stack.callback(os.close, rig.call_fd)
                 stack.callback(rig.release_kick_fd)  # before the loop stops (callbacks run last first)
                 rig.take_kick_fd()
             scenario(rig)
@@ -419,7 +427,8 @@ def test_a_new_memory_table_is_followed() -> None:
 def test_injected_answers_go_through_the_device_core() -> None:
     def scenario(rig: Rig) -> None:
         attach(rig, 1)
-        rig.backend.device.inject(RequestType.MAP, Status.DEVERR)
+        with rig.backend.quiesced():  # what a tool changing the device does (the kick thread re-checks)
+            rig.backend.device.inject(RequestType.MAP, Status.DEVERR)
         rig.post(encode_map(1, 0, PAGE - 1, 0))
         rig.post(encode_map(1, PAGE, 2 * PAGE - 1, 0))
         rig.kick()

@@ -133,25 +133,31 @@ class MigratableBackend(Protocol):
 @runtime_checkable
 class KickFdTaker(Protocol):
     """An optional capability of a back-end: serving a queue from its own thread, woken by the queue's
-    kick fd directly instead of by the event loop.
+    kick fd directly instead of by the event loop, and signalling the queue's call fd from there.
 
-    The server offers the kick fd of a queue while the queue is served (started, enabled, device not
-    broken); a back-end that takes it must stop watching it, and stop touching that queue's ring, guest
-    memory and the queue's call fd, before ``release_kick_fd`` returns. The server releases a taken fd
-    before it stops or disables the queue, changes the memory table, replaces the queue's kick or call
-    fd, resets the device, and at disconnect, and offers it again afterwards where the queue is still
-    served. Between the two, ``queue_kicked`` for that queue may still be called (a held kick, a
-    reschedule): the back-end hands it to its thread. The fd stays the server's: the back-end never
-    closes it.
+    The server offers the kick fd (with the call fd) of a queue while the queue is served (started,
+    enabled, device not broken); a back-end that takes it must stop watching it, and stop touching that
+    queue's ring, guest memory and the queue's call fd, before ``release_kick_fd`` returns. The server
+    releases a taken fd before it stops or disables the queue, changes the memory table, replaces the
+    queue's kick fd, resets the device, and at disconnect, and offers it again afterwards where the queue
+    is still served. A new call fd is handed over with ``replace_call_fd`` instead. Between the two,
+    ``queue_kicked`` for that queue may still be called (a held kick, a reschedule): the back-end hands
+    it to its thread. The fds stay the server's: the back-end never closes them.
     """
 
-    def takes_kick_fd(self, index: int, fd: int) -> bool:
-        """Whether the back-end watches ``fd`` itself from now on (False: the server keeps watching)."""
+    def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
+        """Whether the back-end watches ``fd`` itself from now on (False: the server keeps watching),
+        notifying through ``call_fd`` (None: the front-end set none)."""
         ...
 
     def release_kick_fd(self, index: int) -> None:
         """Stop watching the fd taken for queue ``index``; returns when nothing of the back-end's
         touches the queue any more (its thread has been joined)."""
+        ...
+
+    def replace_call_fd(self, index: int, fd: int | None) -> None:
+        """Notify queue ``index`` through ``fd`` from now on (None: not at all); when this returns the
+        back-end no longer writes the previous call fd, which the server then closes."""
         ...
 
 

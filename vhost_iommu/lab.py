@@ -217,6 +217,11 @@ class Lab:
 
     def inspect(self, query: Callable[[IommuDevice], T], timeout: float = 10.0) -> T:
         """Run ``query`` on the device, on the server's loop, between two requests."""
-        device = self.backend().device
+        backend = self.backend()
         assert self._server is not None
-        return self._server.call(lambda: query(device), timeout)
+
+        def quiesced() -> T:
+            with backend.quiesced():  # the requestq thread, if one serves, stays out of the device
+                return query(backend.device)
+
+        return self._server.call(quiesced, timeout)

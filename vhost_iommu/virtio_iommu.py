@@ -18,12 +18,11 @@ import functools
 import logging
 import os
 import platform
-import select
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +30,7 @@ import numpy.typing as npt
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, Topology, snapshot
 from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
+from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import FlatRegions, GuestMemory, GuestMemoryError
@@ -90,9 +90,12 @@ class CompiledRequestPath:
             raise ValueError(f"poll_us {poll_us} is outside 0..{MAX_POLL_US}")
         self.device = device
         self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
+        #: The poll window in cycle-counter ticks (0: no polling).
+        self.poll_ticks = 0
         if poll_us:
             ticks_per_us = _ticks_per_us()
-            self._ring_params[kernel.R_POLL_TICKS] = int(poll_us * ticks_per_us)
+            self.poll_ticks = int(poll_us * ticks_per_us)
+            self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks
             self._ring_params[kernel.R_POLL_LIMIT_TICKS] = int(max(POLL_LIMIT_US, 2 * poll_us) * ticks_per_us)
         self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
         # What the parameter words were last derived from: the ring, its views (re-derived on a memory
@@ -115,6 +118,10 @@ class CompiledRequestPath:
         the control layer watch every request through ``IommuDevice.observers``)."""
         device = self.device
         return isinstance(device.store, MappingTable) and not device.has_injections and not device.observers
+
+    def set_polling(self, enabled: bool) -> None:
+        """Turn this path's own poll window on or off (the kick thread polls in its loop instead)."""
+        self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks if enabled else 0
 
     def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:
         # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).
@@ -205,18 +212,20 @@ class CompiledRequestPath:
                     completed += 1
         finally:
             if completed:
-                self._merge_counts()
+                self.merge_counts()
 
-    def serve_kernel_only(self, ring: SplitQueue, memory: GuestMemory, budget: int) -> tuple[int, int]:
-        """One kernel call and nothing else (the kick thread's step): returns the chains it completed
-        and its STOP_* reason; whatever the reason asks for is the caller's to arrange."""
+    def kernel_arguments(self, ring: SplitQueue, memory: GuestMemory, budget: int) -> tuple[Any, ...]:
+        """``serve_requests``' arguments for ``ring`` as it is now (indices, ``budget``), also those of
+        ``kick_loop`` after its control words. Taken again before every call: table growth and a memory
+        change replace arrays. The indices come back in the first (``R_*`` words): see ``take_indices``."""
         self._bind(ring, memory)
-        done, reason = self._call_kernel(ring, budget)
-        if done:
-            self._merge_counts()
-        return done, reason
+        return self._arguments(ring, budget)
 
-    def _call_kernel(self, ring: SplitQueue, budget: int) -> tuple[int, int]:
+    def take_indices(self, ring: SplitQueue) -> None:
+        """Copy the ring indices a kernel left in the parameter words into ``ring``."""
+        ring.next_avail, ring.used_idx = self._ring_params[_R_NEXT_AVAIL : _R_USED_IDX + 1].tolist()
+
+    def _arguments(self, ring: SplitQueue, budget: int) -> tuple[Any, ...]:
         store = self.device.store
         assert isinstance(store, MappingTable)
         domains = self.device.domain_table
@@ -226,7 +235,7 @@ class CompiledRequestPath:
         params[_R_USED_IDX] = ring.used_idx
         leaves, nodes, directory, meta = store.arrays
         regions = domains.regions
-        reason = kernel.serve_requests(
+        return (
             params,
             self._memory_table,
             domains.exists,
@@ -242,6 +251,10 @@ class CompiledRequestPath:
             meta,
             self._counts,
         )
+
+    def _call_kernel(self, ring: SplitQueue, budget: int) -> tuple[int, int]:
+        params = self._ring_params
+        reason = kernel.serve_requests(*self._arguments(ring, budget))
         next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
         self.stops[reason] += 1
         if done:
@@ -250,7 +263,8 @@ class CompiledRequestPath:
             ring._pushed_since_check += done
         return done, reason
 
-    def _merge_counts(self) -> None:
+    def merge_counts(self) -> None:
+        """Add what the kernel counted since the last merge to the device's counters."""
         counts = self._counts
         device = self.device
         requests = counts[kernel.C_REQUEST : kernel.C_REQUEST + len(device.request_counts)].tolist()
@@ -261,18 +275,20 @@ class CompiledRequestPath:
 
 
 _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
-_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class _KickThread:
-    """Serves the requestq from a thread of its own, woken by the kick eventfd directly: no event-loop
-    iteration between a kick and the kernel, and the kernel runs with the GIL released.
+    """Serves the requestq from a thread of its own that runs `vhost_iommu.jit.kickloop.kick_loop`: the
+    thread blocks in poll(2) on the kick eventfd, serves MAP and UNMAP and writes the call eventfd without
+    the interpreter lock, and takes it back only when the loop returns.
 
-    The thread runs only the kernel (MAP and UNMAP) and signals the call fd itself. Whatever the kernel
-    stops at (ATTACH, DETACH, PROBE, a broken chain, table growth) and a device the kernel cannot serve
-    (``CompiledRequestPath.usable``) are handed to the event loop, which runs the ordinary path while the
-    thread waits: device state other than the mapping table and domain arrays is only ever changed on
-    the loop, and never while the kernel runs.
+    The loop returns for what only the event loop does: ATTACH, DETACH, PROBE, a broken chain, table
+    growth, a device the kernel cannot serve (``CompiledRequestPath.usable``). The thread then hands the
+    ring to the event loop, which runs the ordinary path while the thread waits: device state other than
+    the mapping table and domain arrays is only ever changed on the loop, and never while the kernel runs.
+
+    ``parked()`` holds the thread out of the kernel (stopped at a batch boundary, its counts merged and the
+    ring's indices back in the SplitQueue) for as long as the event loop needs the device to itself.
     """
 
     def __init__(
@@ -282,122 +298,214 @@ class _KickThread:
         ring: SplitQueue,
         memory: GuestMemory,
         kick_fd: int,
+        call_fd: int | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._backend = backend
         self._compiled = compiled
         self._ring = ring
         self._memory = memory
-        self._kick_fd = kick_fd
         self._loop = loop
-        # Wakes the thread for a stop, or for a queue_kicked the loop received (a held kick, a reschedule).
+        # A doorbell: stop, park, or serve again (a queue_kicked the loop received: a held kick, a
+        # reschedule). The kick and call fds stay the server's.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stopping = threading.Event()
-        self._handed_back = threading.Event()
-        self._progress = threading.Condition()
-        self._answered = 0
+        control = self._control = np.zeros(kickloop.CONTROL_WORDS, np.int64)
+        control[kickloop.K_KICK_FD] = kick_fd
+        control[kickloop.K_WAKE_FD] = self._wake_fd
+        control[kickloop.K_CALL_FD] = -1 if call_fd is None else call_fd
+        control[kickloop.K_POLL_TICKS] = compiled.poll_ticks
+        # The loop polls after it has notified; the event loop's path, which serves the hand-overs while
+        # this thread waits, must not spin as well.
+        compiled.set_polling(False)
+        # Everything below is guarded by _state.
+        self._state = threading.Condition()
+        self._parks = 0  # parked() blocks in force: the thread stays out of the kernel
+        self._settle_requests = 0  # settle() calls so far
+        self._settled = 0  # settle() calls answered: the loop settled after they asked
+        self._in_kernel = False
+        self._stopping = False
         self._finished = False
+        self._handed_back = threading.Event()
         self._thread = threading.Thread(target=self._run, name="virtio-iommu requestq", daemon=True)
         self._thread.start()
 
+    # -- from the event loop (or, for settle, any other thread) ----------------------------------------------
+
     def wake(self) -> None:
-        os.write(self._wake_fd, _EVENTFD_ONE)
+        with contextlib.suppress(BlockingIOError):  # the counter is full: a wake-up is pending anyway
+            os.write(self._wake_fd, _EVENTFD_ONE)
 
     def stop(self) -> None:
         """Stop the thread and join it (on the loop; the thread may be waiting for the loop)."""
-        self._stopping.set()
+        with self._state:
+            self._stopping = True
+            self._update_park_word()
+            self._state.notify_all()
         self.wake()
         self._handed_back.set()
         self._thread.join()
         os.close(self._wake_fd)
+        self._compiled.set_polling(True)
 
-    def wait_answered(self, kicks: int, timeout: float) -> bool:
-        """Wait until ``kicks`` kicks have been read from the kick fd and everything available after each
-        was served, or the thread has finished; False on timeout (for tests and tools)."""
-        with self._progress:
-            return self._progress.wait_for(lambda: self._answered >= kicks or self._finished, timeout)
+    @contextlib.contextmanager
+    def parked(self) -> Iterator[None]:
+        """Inside the block the thread is out of the kernel and stays out: at a batch boundary, waiting for
+        the event loop in a hand-over, or finished. Call on the event loop (the wait for a batch boundary
+        is at most one ring's worth of chains)."""
+        with self._state:
+            self._parks += 1
+            self._update_park_word()
+        try:
+            self.wake()
+            with self._state:
+                self._state.wait_for(lambda: not self._in_kernel)
+            yield
+        finally:
+            with self._state:
+                self._parks -= 1
+                self._update_park_word()
+                self._state.notify_all()
+
+    def set_call_fd(self, fd: int | None) -> None:
+        """Notify through ``fd`` from now on (None: not at all); the loop never writes the old fd again
+        once this returns, so the server may close it."""
+        with self.parked():
+            self._control[kickloop.K_CALL_FD] = -1 if fd is None else fd
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until every chain announced by a kick (or ``wake``) made before this call was served and
+        notified, or the thread finished; False on timeout. For tests and tools, from any thread but the
+        event loop's (a hand-over in progress needs the loop)."""
+        with self._state:
+            if self._finished:
+                return True
+            self._settle_requests += 1
+            request = self._settle_requests
+            self._update_park_word()
+        self.wake()
+        with self._state:
+            return self._state.wait_for(lambda: self._settled >= request or self._finished, timeout)
+
+    def counters(self) -> dict[str, int]:
+        """What the loop counted: kicks read, wake-ups, notifications written, chains caught by polling."""
+        control = self._control
+        return {
+            "kicks": int(control[kickloop.K_KICKS]),
+            "wakeups": int(control[kickloop.K_WAKEUPS]),
+            "notified": int(control[kickloop.K_NOTIFIED]),
+            "poll_hits": int(control[kickloop.K_POLL_HITS]),
+        }
+
+    def _update_park_word(self) -> None:
+        if self._parks or self._stopping:
+            word = kickloop.PARK_NOW
+        elif self._settled < self._settle_requests:
+            word = kickloop.PARK_SETTLED
+        else:
+            word = kickloop.PARK_NO
+        self._control[kickloop.K_PARK] = word
+
+    # -- the thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._kick_fd, select.POLLIN)
-        poller.register(self._wake_fd, select.POLLIN)
-        kicks = 0  # read from the kick fd and not yet answered by a complete serve
         try:
-            while not self._stopping.is_set():
-                if not self._serve():
-                    return  # the loop found the device broken: nothing to do until the stop
-                with self._progress:
-                    self._answered += kicks
-                    self._progress.notify_all()
-                kicks = 0
-                for fd, events in poller.poll():
-                    if fd == self._wake_fd:
-                        _drain(self._wake_fd)
-                        continue
-                    read = self._drain_kick(events)
-                    if read is None:
-                        # A front-end's fd that can no longer signal (not an eventfd, a closed pipe):
-                        # the loop's wake-ups still reach the thread.
-                        poller.unregister(fd)
-                    else:
-                        kicks += read
-        except Exception as exc:  # a bug: report it where the device's failures go, on the loop
+            while self._step():
+                pass
+        except Exception as exc:  # a bug or an exhausted system: reported where the device's failures go
             log.exception("requestq thread failed")
-            self._loop.call_soon_threadsafe(self._backend._broken, f"requestq thread: {exc!r}")
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody left to tell
+                self._loop.call_soon_threadsafe(self._backend._broken, f"requestq thread: {exc!r}")
         finally:
-            with self._progress:
+            with self._state:
                 self._finished = True
-                self._progress.notify_all()
+                self._in_kernel = False
+                self._state.notify_all()
 
-    def _drain_kick(self, events: int) -> int | None:
-        """The eventfd's count (0 if there was nothing to read), or None if the fd is unusable."""
+    def _step(self) -> bool:
+        """One run of the kick loop and what it returned for; False when the thread is done."""
+        compiled, control = self._compiled, self._control
+        with self._state:
+            while self._parks and not self._stopping:
+                self._state.wait()
+            if self._stopping:
+                return False
+            usable = compiled.usable()
+        # Not usable: the event loop serves every chain (the kick loop below only waits for the next
+        # kick): a device with injections or a wrapped handle_request answers through the device core.
+        if not usable and not self._hand_over():
+            return False
+        with self._state:
+            if self._parks or self._stopping:
+                return not self._stopping
+            ring = self._ring
+            control[kickloop.K_SERVE] = 1 if usable else 0
+            control[kickloop.K_SIGNALLED_USED] = ring._signalled_used
+            control[kickloop.K_SIGNALLED_VALID] = ring._signalled_used_valid
+            control[kickloop.K_PUSHED] = ring._pushed_since_check
+            arguments = compiled.kernel_arguments(ring, self._memory, ring.size)
+            # A settled return answers the settle() calls made before the loop started, not later ones:
+            # their kicks may come after the loop last looked.
+            settles = self._settle_requests
+            self._in_kernel = True
         try:
-            data = os.read(self._kick_fd, 8)
-        except BlockingIOError:
-            return None if events & _POLL_GONE else 0
-        except OSError as exc:
-            log.warning("reading the requestq kick fd failed: %s; no longer watched", exc)
-            return None
-        if not data:
-            return None
-        return int.from_bytes(data, sys.byteorder) if len(data) == 8 else 1
+            reason = kickloop.kick_loop(control, *arguments)
+        finally:
+            compiled.take_indices(ring)
+            ring._pushed_since_check = int(control[kickloop.K_PUSHED])
+            ring._signalled_used = int(control[kickloop.K_SIGNALLED_USED])
+            ring._signalled_used_valid = bool(control[kickloop.K_SIGNALLED_VALID])
+            compiled.merge_counts()
+            with self._state:
+                self._in_kernel = False
+                self._state.notify_all()
+        if reason == kickloop.LOOP_SETTLED:
+            with self._state:
+                self._settled = max(self._settled, settles)
+                self._update_park_word()
+                self._state.notify_all()
+            return True
+        if reason == kickloop.LOOP_PARKED:
+            return True
+        if reason == kickloop.LOOP_KICK_FAILED:
+            error = int(control[kickloop.K_ERRNO])
+            why = os.strerror(error) if error else "end of file"
+            log.warning("reading the requestq kick fd failed: %s; no longer watched", why)
+            control[kickloop.K_KICK_FD] = -1  # poll(2) ignores it; wake-ups still reach the loop
+            return True
+        if reason == kickloop.LOOP_CALL_FAILED:
+            error = int(control[kickloop.K_ERRNO])
+            log.warning("writing the requestq call fd failed: %s", os.strerror(error))
+            return True
+        if reason == kickloop.LOOP_POLL_FAILED:
+            raise OSError(int(control[kickloop.K_ERRNO]), "poll on the requestq kick and wake fds")
+        if reason == kickloop.LOOP_KICKED:
+            return True  # not usable: the next step hands the ring over
+        # STOP_PYTHON, STOP_BROKEN or STOP_GROW: the chain the kernel stopped at is the loop's.
+        compiled.stops[reason] += 1
+        return self._hand_over()
 
-    def _serve(self) -> bool:
-        """Serve until the ring is empty; False if the loop found the device broken.
-
-        The used-buffer notification is decided when the ring is empty (or a ring's worth was served),
-        not before a hand-over: the loop's path decides it for what it serves, so a batch gets the
-        notifications it would get from the loop alone."""
-        compiled, ring, backend = self._compiled, self._ring, self._backend
-        while not self._stopping.is_set():
-            if compiled.usable():
-                _done, reason = compiled.serve_kernel_only(ring, self._memory, ring.size)
-                if reason in (kernel.STOP_EMPTY, kernel.STOP_BUDGET):
-                    if ring.needs_notification():
-                        backend._signal(REQUEST_QUEUE)
-                    if reason == kernel.STOP_EMPTY:
-                        return True
-                    continue  # the thread is this ring's own: there is no one else to let through
-            # The loop's path serves the rest of the ring (up to its fairness bound; past it, its
-            # reschedule comes back here as a wake-up).
+    def _hand_over(self) -> bool:
+        """Let the event loop serve the ring and wait until it has; False if the thread should finish
+        (stopping, the device broke, the ring is no longer served)."""
+        with self._state:
+            if self._stopping:
+                return False
             self._handed_back.clear()
+        try:
             self._loop.call_soon_threadsafe(self._on_loop)
-            self._handed_back.wait()
-            return backend.context is not None and backend.context.queue(REQUEST_QUEUE) is ring
-        return False
+        except RuntimeError:
+            return False  # the loop is closed
+        self._handed_back.wait()
+        context = self._backend.context
+        return not self._stopping and context is not None and context.queue(REQUEST_QUEUE) is self._ring
 
     def _on_loop(self) -> None:
         try:
-            if not self._stopping.is_set():
+            if not self._stopping:
                 self._backend._serve_requests()
                 self._backend.deliver_events()
         finally:
             self._handed_back.set()
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        os.read(fd, 8)
 
 
 class VirtioIommuBackend:
@@ -516,7 +624,7 @@ class VirtioIommuBackend:
     def queue_stopped(self, index: int) -> None:
         pass
 
-    def takes_kick_fd(self, index: int, fd: int) -> bool:
+    def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
             return False
         if "queue_kicked" in vars(self) or type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
@@ -525,13 +633,20 @@ class VirtioIommuBackend:
             # would bypass that.
             return False
         ring = self._ring(index)
-        if ring is None or self._compiled is None or self.context is None:
+        compiled = self._compiled
+        if ring is None or compiled is None or self.context is None:
             return False
+        if not isinstance(self.device.store, MappingTable):
+            return False  # the kernel's arrays are the MappingTable's: the loop cannot even wait with another
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False  # driven without an event loop (a test's fake server): nothing to hand back to
-        self._kick_thread = _KickThread(self, self._compiled, ring, self.context.memory, fd, loop)
+        try:
+            self._kick_thread = _KickThread(self, compiled, ring, self.context.memory, fd, call_fd, loop)
+        except OSError as exc:  # no eventfd or thread to be had: the event loop keeps serving
+            log.warning("requestq thread not started: %s", exc)
+            return False
         return True
 
     def release_kick_fd(self, index: int) -> None:
@@ -539,6 +654,24 @@ class VirtioIommuBackend:
         if index == REQUEST_QUEUE and thread is not None:
             self._kick_thread = None
             thread.stop()
+
+    def replace_call_fd(self, index: int, fd: int | None) -> None:
+        thread = self._kick_thread
+        if index == REQUEST_QUEUE and thread is not None:
+            thread.set_call_fd(fd)
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Inside the block no thread of this back-end touches the device: the requestq thread, if one
+        serves, is parked at a batch boundary with its counts merged into the device's counters. Tools
+        that read or change device state (mappings, domains, counters, injections) use it; call it on
+        the event loop."""
+        thread = self._kick_thread
+        if thread is None:
+            yield
+            return
+        with thread.parked():
+            yield
 
     def queue_kicked(self, index: int) -> None:
         if index == REQUEST_QUEUE:

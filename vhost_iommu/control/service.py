@@ -10,6 +10,7 @@ connection's ``handler``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -272,7 +273,11 @@ class ControlService:
             raise ControlError(
                 BAD_ARGUMENT, f"{request.command}: unknown argument(s): {', '.join(sorted(unknown))}"
             )
-        return command(request.arguments)
+        # Commands read and change device state: every requestq thread stays out of its device meanwhile.
+        with contextlib.ExitStack() as quiet:
+            for tools, _connection in self._live():
+                quiet.enter_context(tools.backend.quiesced())
+            return command(request.arguments)
 
     def _live(self) -> list[tuple[ConnectionTools, Connection]]:
         found: list[tuple[ConnectionTools, Connection]] = []

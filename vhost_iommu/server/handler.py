@@ -607,9 +607,12 @@ class ConnectionHandler:
             fd = message.fds[0] if vring_file.has_fd else None
             if fd is not None:
                 _set_nonblocking(fd)
-        # A back-end serving the ring from its own thread signals the call fd from there.
-        with self._kicks_released([slot]):
-            slot.replace_fd(which, fd)
+        if which == "call" and slot.kick_taken:
+            # A back-end serving the ring from its own thread signals the call fd from there: it lets go
+            # of the old fd before it is closed, and keeps its thread.
+            assert isinstance(self.backend, KickFdTaker)
+            self.backend.replace_call_fd(slot.index, fd)
+        slot.replace_fd(which, fd)
 
     def _set_vring_enable(self, message: Message) -> None:
         state = _state(message)
@@ -671,7 +674,7 @@ class ConnectionHandler:
         fd = slot.kick_fd
         if slot.kick_taken or fd is None or not isinstance(self.backend, KickFdTaker):
             return
-        if self.backend.takes_kick_fd(slot.index, fd):
+        if self.backend.takes_kick_fd(slot.index, fd, slot.call_fd):
             self._loop.remove_reader(fd)
             slot.kick_taken = True
 

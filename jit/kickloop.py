@@ -1,0 +1,378 @@
+"""The requestq's kick loop: one nogil kernel that waits for kicks, serves them and notifies, in a loop.
+
+``kick_loop`` is what the back-end's requestq thread runs. It blocks in poll(2) on the queue's kick
+eventfd and a wake eventfd of the back-end's own, reads the kick, calls
+:func:`vhost_iommu.jit.requests.serve_requests` directly, decides the used-buffer notification itself
+(the rule of ``SplitQueue.needs_notification``: VRING_AVAIL_F_NO_INTERRUPT, or with EVENT_IDX the
+driver's ``used_event``) and writes the call eventfd itself, then optionally watches ``avail.idx`` for a
+bounded time before it blocks again. A wake-up costs no Python and no interpreter lock.
+It returns to its caller only for:
+
+- a chain ``serve_requests`` stops at (``STOP_PYTHON``, ``STOP_BROKEN``, ``STOP_GROW``, returned as is);
+- ``LOOP_PARKED`` or ``LOOP_SETTLED``: the ``K_PARK`` word asked it to (the back-end's thread stops,
+  parks for a tool, or waits for everything announced to be served), checked at every batch boundary
+  and whenever the wake eventfd rings;
+- ``LOOP_KICKED``: with ``K_SERVE`` 0 (the device cannot use the kernel), a kick or a wake-up arrived;
+- an fd that failed (``LOOP_KICK_FAILED``, ``LOOP_CALL_FAILED``, ``LOOP_POLL_FAILED``, errno in
+  ``K_ERRNO``): the caller reports it.
+
+libc's poll, read and write and glibc's errno location are called as external symbols the JIT linker
+resolves in the running process (LLVM declarations), not through ctypes function pointers: numba refuses
+to cache a function that holds a ctypes pointer, and compiling this loop on every start would cost many
+seconds. The call fd is a word of ``control`` read before every write, so the back-end can swap it while
+the loop is parked; the loop never closes an fd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.caching import FunctionCache
+from numba.extending import intrinsic
+
+from vhost_iommu.jit import barriers, requests, tables
+from vhost_iommu.jit.barriers import full_fence
+from vhost_iommu.jit.requests import (
+    R_AVAIL,
+    R_COMPLETED,
+    R_FLAGS,
+    R_NEXT_AVAIL,
+    R_SIZE,
+    R_USED,
+    R_USED_IDX,
+    RF_EVENT_IDX,
+    RF_NOTIFY,
+    STOP_BUDGET,
+    STOP_EMPTY,
+    _cycles,
+    _store16,
+    serve_requests,
+)
+
+I64Array = npt.NDArray[np.int64]
+
+# -- the ``control`` array (int64), shared by the loop and the back-end's thread --------------------------
+
+K_KICK_FD: Final = 0
+"""In: the kick eventfd; negative: not watched (poll ignores it), e.g. after it failed."""
+K_WAKE_FD: Final = 1
+"""In: the back-end's wake eventfd (a doorbell: look at K_PARK, serve again)."""
+K_CALL_FD: Final = 2
+"""In: the call eventfd, read before every notification; negative: none (notifications are dropped)."""
+K_PARK: Final = 3
+"""In, read at every batch boundary: ``PARK_*``."""
+K_SERVE: Final = 4
+"""In: 1 serve the ring; 0 only wait (the device cannot use the kernel) and return LOOP_KICKED."""
+K_POLL_TICKS: Final = 5
+"""In: after serving, watch avail.idx this many cycle-counter ticks before blocking (0: never)."""
+K_SIGNALLED_USED: Final = 6
+"""In and out: ``SplitQueue._signalled_used``, the used index the driver was last considered for."""
+K_SIGNALLED_VALID: Final = 7
+"""In and out: ``SplitQueue._signalled_used_valid``."""
+K_PUSHED: Final = 8
+"""In and out: ``SplitQueue._pushed_since_check``, chains completed since the last decision."""
+K_ERRNO: Final = 9
+"""Out: errno of a LOOP_*_FAILED return."""
+K_KICKS: Final = 10
+"""Out, cumulative: kicks read (the eventfd's counts)."""
+K_WAKEUPS: Final = 11
+"""Out, cumulative: returns from a blocking poll."""
+K_NOTIFIED: Final = 12
+"""Out, cumulative: call-fd writes."""
+K_POLL_HITS: Final = 13
+"""Out, cumulative: chains found while watching avail.idx after a batch (no kick, no wake-up)."""
+CONTROL_WORDS: Final = 16
+
+PARK_NO: Final = 0
+PARK_NOW: Final = 1
+"""Return LOOP_PARKED at the next batch boundary, chains still available or not."""
+PARK_SETTLED: Final = 2
+"""Return LOOP_SETTLED once the ring is empty and no kick or wake-up is pending (everything announced
+before the request was served)."""
+
+# -- why the loop returned (beside serve_requests' STOP_PYTHON, STOP_BROKEN and STOP_GROW) ----------------
+
+LOOP_PARKED: Final = 16
+"""K_PARK was PARK_NOW at a batch boundary."""
+LOOP_SETTLED: Final = 17
+"""K_PARK was PARK_SETTLED, and the ring was empty with no kick or wake-up pending."""
+LOOP_KICKED: Final = 18
+"""K_SERVE was 0 and a kick or a wake-up came."""
+LOOP_KICK_FAILED: Final = 19
+"""Reading or polling the kick fd failed (errno in K_ERRNO, 0 for end of file); it is unusable."""
+LOOP_CALL_FAILED: Final = 20
+"""Writing the call fd failed (errno in K_ERRNO); the notification is lost, as on the event loop."""
+LOOP_POLL_FAILED: Final = 21
+"""poll(2) or the wake fd failed (errno in K_ERRNO): a bug or an exhausted system, not the guest."""
+
+_POLLIN: Final = 0x001
+_POLLERR: Final = 0x008
+_POLLHUP: Final = 0x010
+_POLLNVAL: Final = 0x020
+_EINTR: Final = 4
+_EAGAIN: Final = 11
+_VRING_AVAIL_F_NO_INTERRUPT: Final = 1
+# struct pollfd {int fd; short events; short revents;} held as two int32 per fd: the second packs the shorts.
+_EVENTS_SHIFT: Final = 0 if sys.byteorder == "little" else 16
+_REVENTS_SHIFT: Final = 16 - _EVENTS_SHIFT
+
+
+# -- libc ---------------------------------------------------------------------------------------------------
+
+
+def _libc_call(name: str, result: ir.IntType, arguments: list[ir.Type]) -> Any:
+    """Codegen of a call to the libc function ``name``; int64/uint64 arguments are narrowed or turned into
+    pointers to fit its C prototype, and its result is widened to int64."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        prototype = ir.FunctionType(result, arguments)
+        function = cgutils.get_or_insert_function(builder.module, prototype, name)  # type: ignore[no-untyped-call]
+        converted = []
+        for value, kind in zip(args, arguments, strict=True):
+            if isinstance(kind, ir.PointerType):
+                converted.append(builder.inttoptr(value, kind))
+            elif kind.width < 64:
+                converted.append(builder.trunc(value, kind))
+            else:
+                converted.append(value)
+        returned = builder.call(function, converted)
+        return builder.sext(returned, ir.IntType(64)) if result.width < 64 else returned
+
+    return codegen
+
+
+_BYTES = ir.IntType(8).as_pointer()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _poll_typer(typingctx: Any, fds: Any, count: Any, timeout: Any) -> Any:
+    return types.int64(types.uint64, types.int64, types.int64), _libc_call("poll", _I32, [_BYTES, _I64, _I32])
+
+
+def _read_typer(typingctx: Any, fd: Any, address: Any, length: Any) -> Any:
+    return types.int64(types.int64, types.uint64, types.int64), _libc_call("read", _I64, [_I32, _BYTES, _I64])
+
+
+def _write_typer(typingctx: Any, fd: Any, address: Any, length: Any) -> Any:
+    return types.int64(types.int64, types.uint64, types.int64), _libc_call(
+        "write", _I64, [_I32, _BYTES, _I64]
+    )
+
+
+def _errno_typer(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        prototype = ir.FunctionType(_I32.as_pointer(), [])
+        location = cgutils.get_or_insert_function(builder.module, prototype, "__errno_location")  # type: ignore[no-untyped-call]
+        return builder.sext(builder.load(builder.call(location, [])), _I64)
+
+    return types.int64(), codegen
+
+
+def _load_acquire_typer(typingctx: Any, address: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        # Atomic: a word another thread writes while this loop spins must be read again every time.
+        return builder.load_atomic(builder.inttoptr(args[0], _I64.as_pointer()), "acquire", 8)
+
+    return types.int64(types.uint64), codegen
+
+
+def _volatile_load16_codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+    # Atomic (monotonic): the driver writes these words while the poll window watches them, so every
+    # iteration must load them again.
+    pointer = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+    return builder.zext(builder.load_atomic(pointer, "monotonic", 2), _I64)
+
+
+def _watched16_typer(typingctx: Any, address: Any) -> Any:
+    return types.int64(types.uint64), _volatile_load16_codegen
+
+
+# Typed as Any: numba supplies the typing context argument, so the Python-level signatures mislead mypy.
+_poll: Any = intrinsic(_poll_typer)
+_read: Any = intrinsic(_read_typer)
+_write: Any = intrinsic(_write_typer)
+_errno: Any = intrinsic(_errno_typer)
+_load_acquire: Any = intrinsic(_load_acquire_typer)
+_watched16: Any = intrinsic(_watched16_typer)
+
+
+# -- the notification rule (SplitQueue.needs_notification) ---------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _needs_notification(control: I64Array, ring: npt.NDArray[np.uint64]) -> bool:
+    pushed = control[K_PUSHED]
+    old = control[K_SIGNALLED_USED]
+    new = np.int64(ring[R_USED_IDX])
+    control[K_PUSHED] = 0
+    control[K_SIGNALLED_USED] = new
+    if pushed == 0:
+        return False
+    # used.idx must be visible before the driver's suppression state is read, or a driver that re-enabled
+    # interrupts and then checked used.idx could miss both our update and our notification.
+    full_fence()
+    avail = ring[R_AVAIL]
+    if not ring[R_FLAGS] & np.uint64(RF_EVENT_IDX):
+        return bool(not _watched16(avail) & _VRING_AVAIL_F_NO_INTERRUPT)
+    was_valid = control[K_SIGNALLED_VALID]
+    control[K_SIGNALLED_VALID] = 1
+    if not was_valid or pushed >= 0x10000:
+        return True  # what the driver saw before is unknown: a spurious interrupt is harmless
+    used_event = _watched16(avail + np.uint64(4 + 2 * np.int64(ring[R_SIZE])))
+    due: bool = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+    return due
+
+
+@njit(cache=True, nogil=True)
+def _await_chain(control: I64Array, ring: npt.NDArray[np.uint64], park_word: np.uint64) -> bool:
+    """Watch avail.idx for up to K_POLL_TICKS with kicks suppressed (EVENT_IDX); True if a chain came.
+    serve_requests asks for kicks again (and looks once more) when it next finds the ring empty."""
+    avail_idx = ring[R_AVAIL] + np.uint64(2)
+    next_avail = np.int64(ring[R_NEXT_AVAIL])
+    flags = ring[R_FLAGS]
+    if flags & np.uint64(RF_EVENT_IDX) and flags & np.uint64(RF_NOTIFY):
+        # avail_event one behind next_avail: vring_need_event is false for every index the driver publishes.
+        size = np.int64(ring[R_SIZE])
+        _store16(ring[R_USED] + np.uint64(4 + 8 * size), np.uint64((next_avail - 1) & 0xFFFF))
+        full_fence()
+    began = _cycles()
+    window = np.uint64(control[K_POLL_TICKS])
+    while _cycles() - began < window:
+        if _watched16(avail_idx) != next_avail:
+            control[K_POLL_HITS] += 1
+            return True
+        if _load_acquire(park_word) != PARK_NO:
+            return False
+    return False
+
+
+# -- the loop -----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def kick_loop(control: I64Array, *arguments: Any) -> int:
+    """Serve the requestq until something needs the caller; ``arguments`` are ``serve_requests``',
+    passed through whatever they are (its ``R_*`` words, the first, carry the ring's indices in and out;
+    ``R_BUDGET`` bounds one batch, after which the loop notifies and goes on). Returns a STOP_* or LOOP_*
+    code."""
+    ring = arguments[0]
+    fds = np.zeros(4, np.int32)  # two struct pollfd: the kick fd, the wake fd
+    word = np.ones(1, np.uint64)  # eventfd I/O: 8 bytes
+    fds_address = np.uint64(fds.ctypes.data)
+    word_address = np.uint64(word.ctypes.data)
+    park_word = np.uint64(control.ctypes.data) + np.uint64(8 * K_PARK)
+    serve = control[K_SERVE] != 0
+    served = serve  # serve once on entry: kicks may have come while the caller held the ring
+    while True:
+        if served:
+            reason = serve_requests(*arguments)
+            done = np.int64(ring[R_COMPLETED])
+            control[K_PUSHED] += done
+            if reason != STOP_EMPTY and reason != STOP_BUDGET:
+                return reason  # the notification is decided after the caller served that chain
+            if _needs_notification(control, ring):
+                call_fd = control[K_CALL_FD]
+                if call_fd >= 0:
+                    word[0] = 1
+                    if _write(call_fd, word_address, 8) < 0:
+                        error = _errno()
+                        if error != _EAGAIN:  # EAGAIN: the counter is full, a notification is pending anyway
+                            control[K_ERRNO] = error
+                            return LOOP_CALL_FAILED
+                    control[K_NOTIFIED] += 1
+            park = _load_acquire(park_word)
+            if park == PARK_NOW:
+                return LOOP_PARKED
+            if reason == STOP_BUDGET:
+                continue  # the thread is this ring's own: nobody else to let through
+            if (
+                done
+                and control[K_POLL_TICKS] > 0
+                and park == PARK_NO
+                and _await_chain(control, ring, park_word)
+            ):
+                continue
+        park = _load_acquire(park_word)
+        if park == PARK_NOW:
+            return LOOP_PARKED
+        # Block until a kick or a wake-up; when settling, only look whether one is pending.
+        fds[0] = np.int32(control[K_KICK_FD])
+        fds[1] = np.int32(_POLLIN << _EVENTS_SHIFT)
+        fds[2] = np.int32(control[K_WAKE_FD])
+        fds[3] = np.int32(_POLLIN << _EVENTS_SHIFT)
+        ready = _poll(fds_address, 2, 0 if park == PARK_SETTLED else -1)
+        if ready < 0:
+            error = _errno()
+            if error == _EINTR:
+                served = False
+                continue
+            control[K_ERRNO] = error
+            return LOOP_POLL_FAILED
+        if ready == 0:
+            return LOOP_SETTLED  # served to empty, nothing pending
+        control[K_WAKEUPS] += 1
+        kick_events = (np.int64(fds[1]) >> _REVENTS_SHIFT) & 0xFFFF
+        wake_events = (np.int64(fds[3]) >> _REVENTS_SHIFT) & 0xFFFF
+        if wake_events and _read(control[K_WAKE_FD], word_address, 8) < 0:
+            error = _errno()
+            if error != _EAGAIN and error != _EINTR:
+                control[K_ERRNO] = error
+                return LOOP_POLL_FAILED
+        if kick_events:
+            got = _read(control[K_KICK_FD], word_address, 8)
+            if got > 0:
+                control[K_KICKS] += np.int64(word[0]) if got == 8 else 1
+            elif got == 0:
+                control[K_ERRNO] = 0
+                return LOOP_KICK_FAILED  # end of file: not an eventfd the front-end can still write
+            else:
+                error = _errno()
+                gone = kick_events & (_POLLERR | _POLLHUP | _POLLNVAL)
+                if (error != _EAGAIN and error != _EINTR) or (error == _EAGAIN and gone):
+                    control[K_ERRNO] = error
+                    return LOOP_KICK_FAILED
+        if not serve:
+            return LOOP_KICKED
+        served = True
+
+
+# numba keys a function's cache entry on its own file only, but kick_loop compiles serve_requests and the
+# table kernels into itself: an edit of theirs must invalidate it too, or the thread would run old code.
+class _CacheWithDependencies(FunctionCache):
+    def __init__(self, py_func: Any, sources: list[str]) -> None:
+        super().__init__(py_func)  # type: ignore[no-untyped-call]
+        digest = hashlib.sha256()
+        for source in sources:
+            digest.update(Path(source).read_bytes())
+        self._dependencies = digest.hexdigest()
+
+    def _index_key(self, sig: Any, codegen: Any) -> Any:
+        return (*super()._index_key(sig, codegen), self._dependencies)  # type: ignore[no-untyped-call]
+
+
+kick_loop._cache = _CacheWithDependencies(  # type: ignore[attr-defined]
+    kick_loop.py_func,
+    [str(module.__file__) for module in (requests, tables, barriers)],
+)
+
+
+def warm_up() -> None:
+    """Compile ``kick_loop`` with the argument types the back-end passes: ``serve_requests``' warm-up
+    arguments (an empty ring) and the loop told to park at once (it serves once, finds nothing and returns
+    LOOP_PARKED without any system call)."""
+    control = np.zeros(CONTROL_WORDS, np.int64)
+    control[[K_KICK_FD, K_WAKE_FD, K_CALL_FD]] = -1
+    control[K_PARK] = PARK_NOW
+    control[K_SERVE] = 1
+    with requests.warm_up_arguments() as arguments:
+        reason = kick_loop(control, *arguments)
+    assert reason == LOOP_PARKED

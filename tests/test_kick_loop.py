@@ -1,0 +1,265 @@
+"""The kick loop kernel (``vhost_iommu.jit.kickloop.kick_loop``) called directly, on real eventfds, memfd
+guest RAM and a driver-side ring: what it serves, when it notifies (EVENT_IDX and NO_INTERRUPT), what it
+returns for, and how it treats fds that fail.
+
+Each call here runs with ``K_PARK = PARK_SETTLED``: the loop serves what the kicks announced, notifies,
+looks once more without blocking and returns LOOP_SETTLED, so a test calls it like a function. The
+thread around it (parking, hand-overs, fd swaps) is tested through the server in test_kick_thread.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from vhost_iommu.device.layout import Status, encode_attach, encode_map, encode_probe, encode_unmap
+from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.jit import kickloop
+from vhost_iommu.jit import requests as kernel
+from vhost_iommu.memory import GuestMemory
+from vhost_iommu.virtio_iommu import VIRTIO_RING_F_EVENT_IDX, CompiledRequestPath, VirtioIommuBackend
+from vhost_iommu.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, SplitQueue
+
+EP = 0x20
+PAGE = 0x1000
+
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
+
+
+def eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def count(fd: int) -> int:
+    """What an eventfd counted since it was last read (0 if nothing)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), sys.byteorder)
+    except BlockingIOError:
+        return 0
+
+
+@dataclass
+class Loop:
+    """One requestq and the kick loop's inputs, the way ``_KickThread`` prepares them."""
+
+    driver: DriverQueue
+    ring: SplitQueue
+    compiled: CompiledRequestPath
+    memory: GuestMemory
+    control: npt.NDArray[np.int64]
+    kick_fd: int
+    call_fd: int
+
+    def kick(self) -> None:
+        os.write(self.kick_fd, (1).to_bytes(8, sys.byteorder))
+
+    def run(self) -> int:
+        """One call of the loop (it returns once settled); the ring state goes back into the SplitQueue."""
+        control, ring = self.control, self.ring
+        control[kickloop.K_SIGNALLED_USED] = ring._signalled_used
+        control[kickloop.K_SIGNALLED_VALID] = ring._signalled_used_valid
+        control[kickloop.K_PUSHED] = ring._pushed_since_check
+        reason = int(
+            kickloop.kick_loop(control, *self.compiled.kernel_arguments(ring, self.memory, ring.size))
+        )
+        self.compiled.take_indices(ring)
+        ring._pushed_since_check = int(control[kickloop.K_PUSHED])
+        ring._signalled_used = int(control[kickloop.K_SIGNALLED_USED])
+        ring._signalled_used_valid = bool(control[kickloop.K_SIGNALLED_VALID])
+        self.compiled.merge_counts()
+        return reason
+
+    def request(self, data: bytes) -> int:
+        return self.driver.post([data], [4])
+
+
+@pytest.fixture(params=[True, False], ids=["event-idx", "no-event-idx"])
+def event_idx(request: pytest.FixtureRequest) -> bool:
+    with_event_idx: bool = request.param
+    return with_event_idx
+
+
+@contextmanager
+def loop_on(event_idx: bool) -> Iterator[Loop]:
+    """A ring with domain 1 attached, and the loop's control words (inside a test's own frame, so that
+    every view of guest memory is gone, and its fds closed, when the test ends)."""
+    with ExitStack() as stack, GuestRam(1 << 20) as ram:
+        memory = ram.guest_memory()
+        stack.callback(memory.close)
+        backend = VirtioIommuBackend()
+        features = backend.device_features()
+        backend.set_features(features if event_idx else features & ~VIRTIO_RING_F_EVENT_IDX)
+        driver = DriverQueue(ram, 64, event_idx=event_idx)
+        fds = [eventfd() for _ in range(3)]
+        for fd in fds:
+            stack.callback(os.close, fd)
+        kick_fd, wake_fd, call_fd = fds
+        control = np.zeros(kickloop.CONTROL_WORDS, np.int64)
+        control[kickloop.K_KICK_FD] = kick_fd
+        control[kickloop.K_WAKE_FD] = wake_fd
+        control[kickloop.K_CALL_FD] = call_fd
+        control[kickloop.K_SERVE] = 1
+        control[kickloop.K_PARK] = kickloop.PARK_SETTLED
+        assert backend.device.handle_request(encode_attach(1, EP), 4) == (bytes(4), 4)
+        yield Loop(
+            driver,
+            driver.device_queue(memory),
+            CompiledRequestPath(backend.device),
+            memory,
+            control,
+            kick_fd,
+            call_fd,
+        )
+
+
+def test_a_kick_is_read_served_and_notified(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        heads = [loop.request(encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)) for page in range(10)]
+        heads.append(loop.request(encode_unmap(1, 0, 4 * PAGE - 1)))
+        loop.kick()
+        assert loop.run() == kickloop.LOOP_SETTLED
+        assert loop.driver.used() == [(head, 4) for head in heads]
+        assert all(loop.driver.written(head)[0] == Status.OK for head in heads)
+        assert loop.compiled.device.mappings(1) == [
+            (page * PAGE, page * PAGE + PAGE - 1, 0, 3) for page in range(4, 10)
+        ]
+        assert loop.compiled.device.request_counters()["MAP"] == 10
+        assert count(loop.call_fd) == 1  # one notification for the batch: the first decision is always yes
+        assert loop.control[kickloop.K_KICKS] == 1
+        assert loop.control[kickloop.K_NOTIFIED] == 1
+        # Nothing announced, nothing pending: the loop settles at once, serves nothing and notifies nothing.
+        assert loop.run() == kickloop.LOOP_SETTLED
+        assert count(loop.call_fd) == 0
+
+
+def test_notifications_follow_used_event_and_no_interrupt(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        driver = loop.driver
+        driver.auto_used_event = False  # used_event is this test's to set
+
+        def one(page: int) -> int:
+            loop.request(encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0))
+            loop.kick()
+            assert loop.run() == kickloop.LOOP_SETTLED
+            driver.used()
+            return count(loop.call_fd)
+
+        assert one(0) == 1  # the first decision of a ring: always
+        if driver.event_idx:
+            driver.used_event = driver.used_idx + 5  # interrupt me once used.idx passes index 6
+            assert [one(page) for page in range(1, 7)] == [0, 0, 0, 0, 0, 1]
+            driver.used_event = driver.used_idx  # the next one
+            assert one(7) == 1
+            # Two chains in one batch crossing used_event notify once; a batch before it not at all.
+            driver.used_event = driver.used_idx + 1
+            for page in (8, 9):
+                loop.request(encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0))
+            loop.kick()
+            assert loop.run() == kickloop.LOOP_SETTLED
+            assert count(loop.call_fd) == 1
+            driver.used_event = driver.used_idx + 100
+            assert one(10) == 0
+            # EVENT_IDX negotiated: the NO_INTERRUPT flag is not the rule any more.
+            driver.avail_flags = VIRTQ_AVAIL_F_NO_INTERRUPT
+            driver.used_event = driver.used_idx
+            assert one(11) == 1
+        else:
+            driver.avail_flags = VIRTQ_AVAIL_F_NO_INTERRUPT
+            assert [one(page) for page in range(1, 4)] == [0, 0, 0]
+            driver.avail_flags = 0
+            assert one(4) == 1
+        assert loop.control[kickloop.K_NOTIFIED] == loop.control[kickloop.K_KICKS] - (
+            6 if driver.event_idx else 3
+        )
+
+
+def test_a_chain_it_does_not_serve_is_left_for_python(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        first = loop.request(encode_map(1, 0, PAGE - 1, 0))
+        loop.request(encode_probe(EP))  # PROBE: the device core's
+        loop.request(encode_map(1, PAGE, 2 * PAGE - 1, 0))
+        loop.kick()
+        assert loop.run() == kernel.STOP_PYTHON
+        assert loop.driver.used() == [(first, 4)]
+        assert loop.ring.next_avail == 1  # the PROBE is still available
+        # The notification is left to whoever serves the rest: decided once, when the ring is empty.
+        assert count(loop.call_fd) == 0 and loop.ring._pushed_since_check == 1
+
+
+def test_a_broken_chain_stops_the_loop_without_consuming_it(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        buffer = loop.driver.alloc_buffer(b"loop")
+        loop.driver.write_desc(0, buffer, 4, VIRTQ_DESC_F_NEXT, 0)  # a descriptor chained to itself
+        loop.driver.make_available(0)
+        loop.kick()
+        assert loop.run() == kernel.STOP_BROKEN
+        assert loop.ring.next_avail == 0 and loop.driver.used_idx == 0
+        assert count(loop.call_fd) == 0
+
+
+def test_park_now_returns_at_the_first_batch_boundary_and_not_serving_only_waits(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        head = loop.request(encode_map(1, 0, PAGE - 1, 0))
+        loop.control[kickloop.K_PARK] = kickloop.PARK_NOW
+        assert loop.run() == kickloop.LOOP_PARKED  # served what was there, then parked without blocking
+        assert loop.driver.used() == [(head, 4)]
+        loop.control[kickloop.K_PARK] = kickloop.PARK_NO
+        loop.control[kickloop.K_SERVE] = 0
+        loop.request(encode_map(1, PAGE, 2 * PAGE - 1, 0))
+        loop.kick()
+        assert loop.run() == kickloop.LOOP_KICKED  # read the kick, touched nothing
+        assert loop.driver.used() == [] and loop.ring.next_avail == 1
+        assert loop.control[kickloop.K_KICKS] == 1
+
+
+def test_a_kick_fd_at_end_of_file_is_reported_and_then_ignored(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.close(write_end)
+        try:
+            loop.control[kickloop.K_KICK_FD] = read_end
+            assert loop.run() == kickloop.LOOP_KICK_FAILED
+            assert loop.control[kickloop.K_ERRNO] == 0  # end of file
+            loop.control[kickloop.K_KICK_FD] = -1  # what the thread does: poll(2) skips a negative fd
+            assert loop.run() == kickloop.LOOP_SETTLED
+        finally:
+            os.close(read_end)
+
+
+def test_a_call_fd_that_cannot_be_written_is_reported(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            loop.control[kickloop.K_CALL_FD] = read_end  # not writable: EBADF
+            head = loop.request(encode_map(1, 0, PAGE - 1, 0))
+            loop.kick()
+            assert loop.run() == kickloop.LOOP_CALL_FAILED
+            assert loop.control[kickloop.K_ERRNO] == 9  # EBADF
+            assert loop.driver.used() == [(head, 4)]  # served all the same
+            # No call fd at all: the notification is dropped, nothing fails.
+            loop.control[kickloop.K_CALL_FD] = -1
+            loop.request(encode_map(1, PAGE, 2 * PAGE - 1, 0))
+            loop.driver.used_event = loop.driver.used_idx
+            loop.kick()
+            assert loop.run() == kickloop.LOOP_SETTLED
+            assert loop.control[kickloop.K_NOTIFIED] == 0
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+
+def test_a_full_call_eventfd_is_not_an_error(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        os.write(loop.call_fd, (0xFFFF_FFFF_FFFF_FFFE).to_bytes(8, sys.byteorder))  # the most it holds
+        loop.request(encode_map(1, 0, PAGE - 1, 0))
+        loop.kick()
+        assert loop.run() == kickloop.LOOP_SETTLED  # EAGAIN: a notification is pending anyway
+        assert count(loop.call_fd) == 0xFFFF_FFFF_FFFF_FFFE

@@ -12,8 +12,12 @@
  *                                 then one UNMAP_DMA of it (VFIO maps and unmaps it chunk by chunk)
  *   vfio-dma DEVICE steps         commands from stdin, one result line each (see usage())
  *   vfio-dma DEVICE info          the type1 IOMMU's page sizes and usable IOVA ranges
+ *   vfio-dma DEVICE virtio-config OFFSET SIZE
+ *                                 SIZE bytes (1-64) of a virtio PCI device's device-specific config at
+ *                                 OFFSET, read through the VIRTIO_PCI_CAP_PCI_CFG window of its PCI
+ *                                 config space (no VFIO: DEVICE stays bound to its virtio driver)
  *
- * DEVICE is a PCI address (0000:00:04.0) already bound to vfio-pci. Output lines start with "VFIO_" and
+ * DEVICE is a PCI address (0000:00:04.0) already bound to vfio-pci (virtio-config: any virtio PCI device). Output lines start with "VFIO_" and
  * are key=value pairs, for scripts. Exit status: 0 on success, 1 on a failed operation, 2 on bad usage.
  */
 #define _GNU_SOURCE
@@ -54,6 +58,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: vfio-dma DEVICE pairs|bulk|mixed|scatter N\n"
 		"       vfio-dma DEVICE steps|info\n"
+		"       vfio-dma DEVICE virtio-config OFFSET SIZE\n"
 		"steps reads commands from stdin, one per line:\n"
 		"  map IOVA SIZE r|w|rw     VFIO_IOMMU_MAP_DMA (numbers in C syntax: 0x1000, 4096)\n"
 		"  unmap IOVA SIZE          VFIO_IOMMU_UNMAP_DMA\n"
@@ -478,6 +483,81 @@ static int run_info(struct vfio *vfio)
 	return 0;
 }
 
+/*
+ * The virtio 1.x PCI transport offers a window into its BARs through PCI config space (struct
+ * virtio_pci_cfg_cap): write the BAR, offset and length into the capability, then read pci_cfg_data, and
+ * the device performs the access. Reading the device-specific config this way needs no mapping of a BAR
+ * (which the kernel refuses for a BAR its driver claimed) and goes to the device on every read.
+ */
+#define PCI_CAP_POINTER 0x34
+#define PCI_CAP_VENDOR 0x09
+#define VIRTIO_CAP_DEVICE_CFG 4
+#define VIRTIO_CAP_PCI_CFG 5
+
+static int config_io(int fd, int write, void *buffer, size_t size, off_t offset)
+{
+	ssize_t done = write ? pwrite(fd, buffer, size, offset) : pread(fd, buffer, size, offset);
+
+	if (done == (ssize_t)size)
+		return 0;
+	if (done >= 0)
+		errno = EIO;
+	return -1;
+}
+
+static int run_virtio_config(const char *device, uint64_t offset, uint64_t size)
+{
+	char path[PATH_MAX + 32];
+	uint8_t config[256];
+	unsigned int position, hops = 0, window = 0;
+	uint32_t device_offset = 0, word;
+	uint8_t device_bar = 0xff, length[4] = { 1, 0, 0, 0 };
+	uint64_t index;
+	int fd;
+
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/config", device);
+	fd = open(path, O_RDWR);
+	if (fd < 0)
+		return fail("open-config");
+	if (config_io(fd, 0, config, sizeof(config), 0) < 0)
+		return fail("read-config");
+	/* Walk the capability list (bounded: a looping list must not hang the guest). */
+	for (position = config[PCI_CAP_POINTER] & ~3u; position && position < 0xf0 && hops < 48; hops++) {
+		if (config[position] == PCI_CAP_VENDOR) {
+			if (config[position + 3] == VIRTIO_CAP_DEVICE_CFG) {
+				device_bar = config[position + 4];
+				memcpy(&device_offset, &config[position + 8], 4);
+			} else if (config[position + 3] == VIRTIO_CAP_PCI_CFG) {
+				window = position;
+			}
+		}
+		position = config[position + 1] & ~3u;
+	}
+	if (device_bar == 0xff || !window) {
+		errno = ENODEV;
+		close(fd);
+		return fail("find-virtio-caps");
+	}
+	printf("VFIO_VIRTIO_CONFIG device=%s offset=0x%llx size=%llu bytes=", device, (unsigned long long)offset,
+	       (unsigned long long)size);
+	for (index = 0; index < size; index++) {
+		uint32_t at = device_offset + (uint32_t)(offset + index);
+
+		/* cap.bar (byte 4), cap.offset (bytes 8-11), cap.length (bytes 12-15), then pci_cfg_data (16-19). */
+		if (config_io(fd, 1, &device_bar, 1, window + 4) < 0 || config_io(fd, 1, &at, 4, window + 8) < 0 ||
+		    config_io(fd, 1, length, 4, window + 12) < 0 || config_io(fd, 0, &word, 4, window + 16) < 0) {
+			printf("\n");
+			close(fd);
+			return fail("config-window");
+		}
+		printf("%02x", word & 0xff);
+	}
+	printf("\n");
+	fflush(stdout);
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct vfio vfio = { -1, -1, -1 };
@@ -490,6 +570,16 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	mode = argv[2];
+	if (!strcmp(mode, "virtio-config")) {
+		uint64_t offset, size;
+
+		if (argc != 5 || parse_u64(argv[3], &offset) || parse_u64(argv[4], &size) || size == 0 || size > 64 ||
+		    offset > 4096) {
+			fprintf(stderr, "vfio-dma: virtio-config needs OFFSET (0-4096) and SIZE (1-64)\n");
+			return 2;
+		}
+		return run_virtio_config(argv[1], offset, size);
+	}
 	if (!strcmp(mode, "pairs") || !strcmp(mode, "bulk") || !strcmp(mode, "mixed") ||
 	    !strcmp(mode, "scatter")) {
 		if (argc != 4 || parse_u64(argv[3], &parsed) || parsed == 0 || parsed > MAX_COUNT) {

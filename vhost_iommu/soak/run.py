@@ -211,6 +211,10 @@ class BackendProcess:
         self.close()
 
 
+def trace_directory(scratch: Path) -> Path:
+    return scratch / "traces"
+
+
 def backend_command(socket_path: Path, control_path: Path, extra: Sequence[str] = ()) -> list[str]:
     return [
         sys.executable,
@@ -234,7 +238,9 @@ class ControlExerciser:
 
     def __init__(self, path: Path, scratch: Path) -> None:
         self.path = str(path)
-        self._trace = scratch / "trace.jsonl"
+        # The back-end records traces only in its --trace-dir, each to a new name (trace_directory below).
+        self._traces = trace_directory(scratch)
+        self._trace_windows = 0
         self.actions: list[tuple[str, Callable[[ControlClient], None]]] = [
             ("inspect", self._inspect),
             ("mappings", self._mappings),
@@ -324,9 +330,13 @@ class ControlExerciser:
         client.call("delay", us=0)
 
     def _trace_window(self, client: ControlClient) -> None:
-        client.call("trace-start", path=str(self._trace), max_bytes=1 << 20, keep=1)
+        self._trace_windows += 1
+        name = f"trace-{self._trace_windows}.jsonl"
+        client.call("trace-start", name=name, max_bytes=1 << 20, keep=1)
         self._while_guest_works(client, lambda requests, injected: requests >= 200)
         client.call("trace-stop")
+        for part in (name, f"{name}.1"):
+            (self._traces / part).unlink(missing_ok=True)
 
     @staticmethod
     def _bypass(client: ControlClient) -> None:
@@ -541,7 +551,9 @@ def run_soak(config: SoakConfig, output: Path, reporter: Reporter | None = None)
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-soak-")))
             socket_path, control_path = scratch / "viommu.sock", scratch / "control.sock"
             argv = _guest_command(config, scratch, socket_path)
-            command = backend_command(socket_path, control_path, config.backend_args)
+            command = backend_command(
+                socket_path, control_path, [f"--trace-dir={trace_directory(scratch)}", *config.backend_args]
+            )
             backend = stack.enter_context(BackendProcess(command, output / "backend.log"))
             result.backend_pid = backend.pid
             reporter.event(f"back-end pid {backend.pid}: vhost-iommu {' '.join(command[3:])}")

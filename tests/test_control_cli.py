@@ -78,6 +78,15 @@ def test_ctl_against_a_served_guest(program: Program) -> None:
         counters = ctl(program, "counters")
         assert "ATTACH 1" in counters.stdout and "MAP 1" in counters.stdout
         assert ctl_json(program, "connections")[0]["connection"] == 1  # type: ignore[index]
+        # Added latency per request type and a seeded rate: set through ctl, shown by its counters.
+        assert ctl_json(program, "delay", "250000", "--type", "map") == {"us": 250000, "type": "MAP"}
+        assert ctl(program, "inject-rate", "MAP", "NOMEM", "2.5%", "--seed", "9").returncode == 0
+        shown = ctl(program, "counters").stdout
+        assert "added latency: 250000 us per MAP request" in shown
+        assert "rate injection: NOMEM on 2.50% of MAP (seed 9; 0 of 0 so far)" in shown
+        assert ctl(program, "inject-clear").returncode == 0
+        shown = ctl(program, "counters").stdout
+        assert "added latency" not in shown and "rate injection" not in shown
 
         head = events.post([], [24])
         frontend.kick(1)

@@ -80,7 +80,8 @@ def backend_factory(request_path: str) -> Callable[[], VhostUserBackend]:
 
 @pytest.fixture
 def flooder_and_bystander(vhost_server: RunningServer) -> Iterator[tuple[Frontend, Frontend]]:
-    with vhost_server.connect() as flooder, vhost_server.connect() as bystander:
+    # Two guests, two sockets of one server (a socket serves one front-end at a time).
+    with vhost_server.connect() as flooder, vhost_server.connect(path=vhost_server.listen()) as bystander:
         yield flooder, bystander
 
 

@@ -175,7 +175,8 @@ def test_second_set_owner_is_refused(caplog: pytest.LogCaptureFixture, negotiate
     ],
 )
 def test_fatal_inputs_close_that_connection_only(vhost_server: RunningServer, raw: bytes) -> None:
-    with vhost_server.connect() as hostile, vhost_server.connect() as bystander:
+    bystander_socket = vhost_server.listen()  # a guest of its own: a socket serves one front-end at a time
+    with vhost_server.connect() as hostile, vhost_server.connect(path=bystander_socket) as bystander:
         bystander.negotiate(2)
         hostile.send(raw)
         assert hostile.wait_disconnected(timeout=5)

@@ -166,9 +166,10 @@ def make_descriptor_loop(queue: DriverQueue) -> None:
 
 
 def test_bad_chain_breaks_that_device_only(vhost_server: RunningServer) -> None:
+    bystander_socket = vhost_server.listen()  # a guest of its own: a socket serves one front-end at a time
     with (
         vhost_server.connect() as victim,
-        vhost_server.connect() as bystander,
+        vhost_server.connect(path=bystander_socket) as bystander,
         GuestRam(1 << 20) as victim_ram,
         GuestRam(1 << 20) as bystander_ram,
     ):
@@ -242,7 +243,9 @@ def test_a_new_connection_gets_fresh_state(vhost_server: RunningServer, ram: Gue
 
 def test_concurrent_connections_do_not_disturb_each_other(vhost_server: RunningServer) -> None:
     rams = [GuestRam(1 << 20) for _ in range(3)]
-    frontends = [vhost_server.connect() for _ in range(3)]
+    # Three guests, three sockets of one server (a socket serves one front-end at a time).
+    paths = [vhost_server.path, vhost_server.listen(), vhost_server.listen()]
+    frontends = [vhost_server.connect(path=path) for path in paths]
     try:
         all_queues = [[DriverQueue(ram, 16), DriverQueue(ram, 16)] for ram in rams]
         for frontend, ram, queues in zip(frontends, rams, all_queues, strict=True):

@@ -88,7 +88,8 @@ class ServerTarget(FuzzTarget):
         self._directory = tempfile.TemporaryDirectory(prefix="vhost-fuzz-")
         self.server = RunningServer(VirtioIommuBackend, os.path.join(self._directory.name, "sock"))
         self.ram = GuestRam(RAM_SIZE, name=RAM_NAME)
-        self.bystander = self.server.connect()
+        # On a socket of its own: a socket serves one front-end at a time.
+        self.bystander = self.server.connect(path=self.server.listen())
         self.bystander.negotiate(2)
         self.device_features = self.bystander.get_features() & ~VHOST_USER_F_PROTOCOL_FEATURES
         self.unexpected = _Unexpected()

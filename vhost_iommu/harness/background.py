@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -37,6 +38,8 @@ class RunningServer:
 
         self.server = VhostUserServer(recording_factory)
         self._listener = bind_unix_socket(path)
+        #: Further sockets of the same server (:meth:`listen`): path -> (listener, accepting task).
+        self._extra: dict[str, tuple[socket.socket, asyncio.Task[None]]] = {}
         self.loop = new_event_loop()
         #: Exceptions that escaped a callback on the server's loop: a server bug, reported at stop().
         self.loop_errors: list[dict[str, Any]] = []
@@ -56,6 +59,9 @@ class RunningServer:
         except BaseException as exc:
             self._serving.set_exception(exc)
         finally:
+            extra = [task for _listener, task in self._extra.values()]
+            if extra:  # cancelled with the first; let them finish being cancelled
+                self.loop.run_until_complete(asyncio.gather(*extra, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
             if not self._serving.done():
@@ -69,8 +75,28 @@ class RunningServer:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
-    def connect(self, timeout: float = 5.0) -> Frontend:
-        return Frontend.connect(self.path, timeout=timeout)
+    def listen(self, path: str | None = None) -> str:
+        """Serve one more socket (default: ``path`` + "-N" next to the first) on the same server and
+        loop, as ``serve --socket-count`` does: each socket serves one front-end at a time, so tests of
+        several guests at once give each its own. Returns its path."""
+        if path is None:
+            path = f"{self.path}-{len(self._extra) + 1}"
+        listener = bind_unix_socket(path)
+
+        async def start() -> asyncio.Task[None]:
+            return asyncio.get_running_loop().create_task(self.server.serve_listener(listener, path))
+
+        try:
+            task = asyncio.run_coroutine_threadsafe(start(), self.loop).result(5)
+        except BaseException:
+            listener.close()
+            raise
+        self._extra[path] = (listener, task)
+        return path
+
+    def connect(self, timeout: float = 5.0, *, path: str | None = None) -> Frontend:
+        """A front-end connected to the first socket, or to ``path`` (one of :meth:`listen`'s)."""
+        return Frontend.connect(self.path if path is None else path, timeout=timeout)
 
     def wait_all_closed(self, timeout: float = 5.0) -> None:
         """Wait until the server has finished closing every connection (front-ends that went away)."""
@@ -90,6 +116,8 @@ class RunningServer:
 
             def shutdown() -> None:
                 self.server.close()
+                for _listener, task in self._extra.values():
+                    task.cancel()
                 self._task.cancel()
 
             self.loop.call_soon_threadsafe(shutdown)
@@ -97,6 +125,10 @@ class RunningServer:
             if self._thread.is_alive():
                 raise RuntimeError("the vhost-user server thread did not stop")
         self._listener.close()
+        for path, (listener, _task) in self._extra.items():
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self._serving.result(0)

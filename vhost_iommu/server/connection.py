@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import select
 import socket
 
 from vhost_iommu.backend import VhostUserBackend
@@ -67,6 +68,20 @@ class Connection:
         await asyncio.shield(self.done)
 
     # -- reading --------------------------------------------------------------------------------------------
+
+    def finish_if_peer_gone(self) -> None:
+        """If the front-end has hung up but the loop has not yet seen it, serve what it sent last and end
+        the connection now (so that a front-end reconnecting at once finds its old connection gone)."""
+        fileno = self._sock.fileno()
+        if self.done.done() or fileno < 0:
+            return
+        poller = select.poll()
+        poller.register(fileno, select.POLLRDHUP | select.POLLHUP)
+        if not poller.poll(0):
+            return
+        # A hung-up peer can have left at most a socket buffer of messages: bounded work.
+        while not self.done.done():
+            self._on_readable()
 
     def _on_readable(self) -> None:
         try:

@@ -83,9 +83,12 @@ class VhostUserServer:
         """Accept front-ends on ``listener`` until :meth:`close` (the caller keeps owning ``listener``).
 
         Several listeners may be served at once by one server (a guest per socket); each accepted
-        front-end gets its own back-end whichever socket it came on."""
+        front-end gets its own back-end whichever socket it came on. One socket serves one front-end at a
+        time (QEMU connects once per device): a second one while the first is connected is closed at
+        once, and the first goes on undisturbed; once the first has gone, the socket takes the next."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        current: Connection | None = None
         while not self._closing:
             try:
                 sock, _ = await loop.sock_accept(listener)
@@ -99,8 +102,18 @@ class VhostUserServer:
                     await asyncio.sleep(1)
                     continue
                 raise
+            if current is not None:
+                current.finish_if_peer_gone()  # a front-end that just left and came back is let in
+                if not current.done.done():
+                    log.warning(
+                        "%s: refused a second front-end while %s is connected (one front-end per socket)",
+                        origin or "socket",
+                        current.name,
+                    )
+                    sock.close()
+                    continue
             try:
-                self.serve_connection(sock, origin)
+                current = self.serve_connection(sock, origin)
             except Exception:
                 log.exception("could not start serving a new connection")
 

@@ -527,6 +527,9 @@ def _serve_as_worker(args: argparse.Namespace) -> int:
         tools = control_options.service_options(args)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if tools is not None:
+        # The program's exit status, not the service's (and refused with --state-dir anyway).
+        tools.pop("strict", None)
     if args.backend == "iommu":
         from vhost_iommu.jit import warm_up
 

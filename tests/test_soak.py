@@ -3,8 +3,11 @@ samples; the soak itself boots a guest (tests/test_soak_e2e.py, scripts/soak).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +20,14 @@ from vhost_iommu.soak.measure import (
     ProcessSample,
     Sample,
     backend_problems,
+    descendants,
     growth,
     guest_errors,
     kernel_trouble,
     needs_reset,
     parse_round,
+    process_changes,
+    read_backend,
     read_process,
     verdict,
     warmup_seconds,
@@ -67,6 +73,32 @@ def test_read_process_sees_this_process_and_counts_its_fds() -> None:
 def test_read_process_of_a_missing_process_raises() -> None:
     with pytest.raises(OSError):
         read_process(2**22 + 1)  # above the largest pid Linux hands out
+
+
+def test_read_backend_adds_up_the_process_and_its_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert child.pid in descendants(os.getpid())
+        total, pids = read_backend(os.getpid())
+        alone, child_alone = read_process(os.getpid()), read_process(child.pid)
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    assert os.getpid() in pids and child.pid in pids
+    assert total.threads >= alone.threads + child_alone.threads
+    assert total.fds >= alone.fds + child_alone.fds - 1  # less the fd the listing of ours held
+    assert child.pid not in descendants(os.getpid())
+
+
+def test_process_changes_reports_a_changed_set_of_processes() -> None:
+    def at(seconds: float, pids: tuple[int, ...]) -> Sample:
+        return dataclasses.replace(sample(seconds), pids=pids)
+
+    assert process_changes([at(0, (10, 11)), at(5, (10, 11)), at(10, ())]) == []
+    assert process_changes([at(0, (10, 11)), at(5, (10, 12))]) == [
+        "at 5 s the back-end's processes went from [10, 11] to [10, 12]"
+    ]
 
 
 def test_parse_round_reads_the_guests_line() -> None:

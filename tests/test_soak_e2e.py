@@ -42,9 +42,11 @@ def gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-def test_a_short_soak_runs_every_workload_and_judges(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keeper", [False, True], ids=["serve", "keeper"])
+def test_a_short_soak_runs_every_workload_and_judges(tmp_path: Path, keeper: bool) -> None:
+    options = ["--state-dir", str(tmp_path / "state")] if keeper else []
     finished = subprocess.run(
-        soak(tmp_path, "--minutes", "0.5"), capture_output=True, text=True, timeout=RUN_TIMEOUT
+        soak(tmp_path, "--minutes", "0.5", *options), capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
     record = json.loads((tmp_path / "soak.json").read_text())
     # The exit status is the verdict's.
@@ -56,6 +58,8 @@ def test_a_short_soak_runs_every_workload_and_judges(tmp_path: Path) -> None:
     assert len(samples) >= 10  # one every 2 s over 30 s
     assert samples[-1]["seconds"] >= 30
     assert all(sample["process"]["rss_kib"] > 0 and sample["process"]["fds"] > 0 for sample in samples)
+    # With the keeper, the keeper and its device worker are measured together.
+    assert all(len(sample["pids"]) == (2 if keeper else 1) for sample in samples)
     guest = record["guest"]
     assert guest["rounds"] > 0 and guest["vfio_ops"] > 0 and guest["errors"] == 0
     assert guest["blk_mb"] > 0 and guest["rebinds"] > 0

@@ -48,6 +48,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--max-rss-growth", type=float, default=5.0, help="the RSS growth limit, in percent (default 5)"
     )
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="serve through the keeper (vhost-iommu serve --state-dir DIR): a keeper process holds QEMU's "
+        "connection and a device worker under it serves; both are sampled, added up",
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("soak-results"), help="where the files go (default soak-results)"
     )
     args = parser.parse_args(argv)
@@ -131,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory_mib=args.memory,
         stall_timeout=args.stall_timeout,
         limits=Limits(rss_growth_percent=args.max_rss_growth),
+        state_dir=args.state_dir,
     )
     command = shlex.join(["scripts/soak", *arguments])
     commit = _commit()

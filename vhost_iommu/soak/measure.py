@@ -6,6 +6,7 @@ and verdict computations are tested on made-up samples (tests/test_soak.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,6 +73,44 @@ def read_process(pid: int) -> ProcessSample:
     )
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren... (from /proc/PID/task/TID/children), in no particular order."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                found.append(child)
+                pending.append(child)
+    return found
+
+
+def read_backend(pid: int) -> tuple[ProcessSample, tuple[int, ...]]:
+    """The back-end as a whole: ``pid`` and every process under it (with --state-dir, the keeper and its
+    device worker), their figures added up, and their pids (OSError if ``pid`` itself is gone)."""
+    total = read_process(pid)
+    pids = [pid]
+    for child in descendants(pid):
+        try:
+            part = read_process(child)
+        except OSError:
+            continue  # ended between the listing and the reading
+        pids.append(child)
+        total = ProcessSample(
+            *(getattr(total, name) + getattr(part, name) for name in ProcessSample.__dataclass_fields__)
+        )
+    return total, tuple(sorted(pids))
+
+
 @dataclass(frozen=True)
 class GuestProgress:
     """What the guest's soak job has completed so far (cumulative, from its VHOST_IOMMU_SOAK_ROUND lines)."""
@@ -111,6 +150,7 @@ class Sample:
     guest: GuestProgress
     device_requests: int  # requests the device has served, from the control channel (-1: unknown)
     load: tuple[float, float, float]  # the machine's load average
+    pids: tuple[int, ...] = ()  # the back-end's processes added up in `process`
 
 
 def warmup_seconds(duration: float) -> float:
@@ -213,6 +253,19 @@ def verdict(measured: Growth | None, findings: Findings, limits: Limits = Limits
             )
     reasons += findings.all()
     return reasons
+
+
+def process_changes(samples: Sequence[Sample]) -> list[str]:
+    """When the back-end's set of processes changed between samples (a device worker restarted or
+    replaced: its figures would then not compare)."""
+    changes = []
+    for before, after in itertools.pairwise(samples):
+        if before.pids and after.pids and before.pids != after.pids:
+            changes.append(
+                f"at {after.seconds:.0f} s the back-end's processes went from {list(before.pids)} to "
+                f"{list(after.pids)}"
+            )
+    return changes
 
 
 def unique(lines: Iterable[str]) -> list[str]:

@@ -114,6 +114,16 @@ def _figures(measured: Growth, samples: list[Sample]) -> list[tuple[str, str, st
     return rows
 
 
+def _backend(result: SoakResult) -> str:
+    pids = result.samples[-1].pids if result.samples else ()
+    if result.config.state_dir is None:
+        return f"`vhost-iommu serve`, pid {result.backend_pid}"
+    return (
+        "`vhost-iommu serve --state-dir`: the keeper and its device worker "
+        f"(pids {', '.join(map(str, pids))}), their figures added up"
+    )
+
+
 def markdown(result: SoakResult, command: str, commit: str) -> str:
     config = result.config
     lines = [
@@ -153,7 +163,7 @@ def markdown(result: SoakResult, command: str, commit: str) -> str:
         + (", ".join(f"{name} {count}" for name, count in result.device_requests.items()) or "unknown")
         + f"; mappings left once VFIO closed: {result.mappings_left}.",
         f"- Control channel: {actions or 'nothing'}.",
-        f"- Back-end exit status on SIGTERM: {result.backend_exit}.",
+        f"- Back-end: {_backend(result)}; exit status on SIGTERM: {result.backend_exit}.",
         f"- Load average (1, 5, 15 min): {_load(result.load_start)} at the start, "
         f"{_load(result.load_end)} at the end"
         + (f"; 1-min load over the samples {min(loads):.2f}-{max(loads):.2f}." if loads else "."),
@@ -165,7 +175,7 @@ def markdown(result: SoakResult, command: str, commit: str) -> str:
 def write(result: SoakResult, output: Path, command: str, commit: str) -> list[Path]:
     """soak.json and soak.md in ``output``."""
     data = output / "soak.json"
-    data.write_text(json.dumps(to_json(result, command, commit), indent=1) + "\n")
+    data.write_text(json.dumps(to_json(result, command, commit), indent=1, default=str) + "\n")
     summary = output / "soak.md"
     summary.write_text(markdown(result, command, commit))
     return [data, summary]

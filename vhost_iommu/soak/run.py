@@ -48,7 +48,8 @@ from vhost_iommu.soak.measure import (
     kernel_trouble,
     needs_reset,
     parse_round,
-    read_process,
+    process_changes,
+    read_backend,
     verdict,
     warmup_seconds,
 )
@@ -81,6 +82,9 @@ class SoakConfig:
     boot_timeout: float = 300.0
     stall_timeout: float = 300.0  # seconds without a completed round that end the soak as failed
     limits: Limits = field(default_factory=Limits)
+    # serve --state-dir: a keeper process holds QEMU's connection, a device worker under it serves (both
+    # sampled, added up). None: the plain server.
+    state_dir: Path | None = None
     backend_args: Sequence[str] = ()  # more `vhost-iommu serve` options
 
     @property
@@ -489,7 +493,7 @@ class _Soak:
 
     def _tick(self, index: int, elapsed: float) -> bool:
         try:
-            process = read_process(self.backend.pid)
+            process, pids = read_backend(self.backend.pid)
         except OSError:
             self.result.findings.run.append("the back-end's process is gone")
             return False
@@ -502,7 +506,7 @@ class _Soak:
         if len(rows) != 1 and not any("connections:" in error for error in errors):
             self.result.findings.run.append(f"at {elapsed:.0f} s: {len(rows)} front-end connections, not 1")
         requests = int(rows[0]["requests"]) if len(rows) == 1 else -1
-        sample = Sample(elapsed, process, self.progress, requests, os.getloadavg())
+        sample = Sample(elapsed, process, self.progress, requests, os.getloadavg(), pids)
         self.result.samples.append(sample)
         self.reporter.sample(sample, self.result)
         return True
@@ -551,9 +555,10 @@ def run_soak(config: SoakConfig, output: Path, reporter: Reporter | None = None)
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-soak-")))
             socket_path, control_path = scratch / "viommu.sock", scratch / "control.sock"
             argv = _guest_command(config, scratch, socket_path)
-            command = backend_command(
-                socket_path, control_path, [f"--trace-dir={trace_directory(scratch)}", *config.backend_args]
-            )
+            options = [f"--trace-dir={trace_directory(scratch)}", *config.backend_args]
+            if config.state_dir is not None:
+                options.append(f"--state-dir={config.state_dir}")
+            command = backend_command(socket_path, control_path, options)
             backend = stack.enter_context(BackendProcess(command, output / "backend.log"))
             result.backend_pid = backend.pid
             reporter.event(f"back-end pid {backend.pid}: vhost-iommu {' '.join(command[3:])}")
@@ -596,5 +601,6 @@ def _judge(result: SoakResult, output: Path) -> None:
     )
     if result.job_rc not in (0, None) and not findings.guest_errors:
         findings.run.append(f"the guest's job ended with rc={result.job_rc}")
+    findings.run += process_changes(result.samples)
     result.growth = growth(result.samples, result.config.warmup_seconds)
     result.reasons = verdict(result.growth, findings, result.config.limits)

@@ -8,6 +8,7 @@ the guest's own output:
   virtio-iommu.c: MAPs are queued without write-back and ``__viommu_sync_req`` returns 0), so VFIO's map
   succeeds; the guest sees it when the endpoint uses the address: the fault the device reports for it
   shows in the guest's kernel log. At a rate: exactly the MAPs the seeded draw picks;
+- added latency per request type: the guest's VFIO map takes that long, its unmap does not;
 - config.bypass changed at run time: the guest takes the config interrupt and reads the new value from
   the device's config space;
 - reserved regions changed: the endpoint's next PROBE (after a PCI remove and rescan) gives the guest the
@@ -40,6 +41,7 @@ PAGE = 0x1000
 ENOMEM, EINVAL, ERANGE = 12, 22, 34
 # drivers/iommu/virtio-iommu.c, viommu_fault_handler: "%s fault from EP %u at %#llx [%s%s%s]".
 FAULT_REPORT = "page fault from EP {endpoint} at {address:#x} [R]"
+TYPE_DELAY_US = 500_000
 
 
 def bind_vfio(driver: DriverLab) -> None:
@@ -155,6 +157,20 @@ def test_forced_map_statuses_at_a_seeded_rate_hit_the_drawn_requests(driver: Dri
     for page, forced in zip(pages, expected, strict=True):
         shown = FAULT_REPORT.format(endpoint=ENDPOINT, address=page) in log
         assert shown is forced, (hex(page), log)
+    steps.close()
+
+
+def test_added_latency_per_request_type_holds_only_that_type_in_the_guest(driver: DriverLab) -> None:
+    bind_vfio(driver)
+    steps = HeldSteps(driver)
+    driver.control.call("delay", us=TYPE_DELAY_US, type="MAP")
+    mapped = steps.step(f"map {IOVA:#x} {PAGE:#x} rw")
+    unmapped = steps.step(f"unmap {IOVA:#x} {PAGE:#x}")
+    driver.control.call("delay", us=0, type="MAP")
+    # The guest's own clock: its MAP_DMA waited for the MAP request, its UNMAP_DMA did not.
+    assert mapped["rc"] == "0" and int(mapped["ns"]) >= TYPE_DELAY_US * 1000, mapped
+    assert unmapped["rc"] == "0" and int(unmapped["ns"]) < TYPE_DELAY_US * 1000, unmapped
+    assert driver.control.call("counters")["delayed_requests"] == 1
     steps.close()
 
 

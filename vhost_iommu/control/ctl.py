@@ -121,7 +121,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     delay.add_argument("--type", type=str.upper, choices=REQUEST_TYPES)
     bypass = add("bypass", "set config.bypass and send CONFIG_CHANGE_MSG")
     bypass.add_argument("value", choices=("0", "1", "boot"))
-    resv = add("resv", "reserved regions the next PROBE of an endpoint reports")
+    resv = add("resv", "an endpoint's reserved regions: its next PROBE, MAP checks and translation")
     resv.add_argument("--endpoint", type=_integer, required=True)
     resv.add_argument("regions", type=_region, nargs="*", metavar="TYPE:START-END")
     resv_clear = add("resv-clear", "the topology's reserved regions again")
@@ -302,7 +302,10 @@ def _print_connections(result: Any, _args: argparse.Namespace) -> None:
 
 def _print_resv(result: Any, _args: argparse.Namespace) -> None:
     if "reserved" in result:
-        print(f"endpoint {result['endpoint']:#x} reports at its next PROBE: {_regions(result['reserved'])}")
+        print(
+            f"endpoint {result['endpoint']:#x} reserved (its next PROBE, MAP and translation): "
+            f"{_regions(result['reserved'])}"
+        )
     else:
         print("every endpoint reports the topology's reserved regions again")
 

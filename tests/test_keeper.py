@@ -25,6 +25,7 @@ from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.harness.keeper_process import KeeperProcess
+from vhost_iommu.harness.keeper_process import children as _children
 from vhost_iommu.protocol import (
     U64,
     ConfigSpace,
@@ -275,3 +276,26 @@ def test_a_worker_that_cannot_start_ends_the_keeper_with_its_error(directory: st
     assert result.returncode == 1
     assert "--topology" in result.stderr and "before it was ready" in result.stderr
     assert sorted(os.listdir(directory)) == ["state"]
+
+
+def test_a_spare_worker_takes_over_at_once_and_is_replaced(directory: str) -> None:
+    program = KeeperProcess(directory, "--spare-worker")
+    try:
+        with Guest(program.socket) as guest:
+            program.wait_for("ready as the spare")
+            spare = [pid for pid in _children(program.process.pid) if pid != program.worker()]
+            assert len(spare) == 1
+            guest.echo()
+            program.kill_worker()
+            guest.echo(3)
+            assert program.worker() == spare[0]
+            program.wait_for("the spare takes over")
+            program.wait_for("ready as the spare", 2)  # the next spare
+            assert len(_children(program.process.pid)) == 2
+            workers = _children(program.process.pid)
+        assert program.terminate() == 0
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        program.close()

@@ -204,6 +204,12 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "may crash, be killed or be upgraded (SIGHUP) without QEMU seeing it; the device's state is kept "
         "under DIR (created 0700; docs/restart.md)",
     )
+    parser.add_argument(
+        "--spare-worker",
+        action="store_true",
+        help="with --state-dir: keep a second device worker loaded and waiting, so that a worker that dies "
+        "is replaced in milliseconds instead of a process start (costs the memory of one more worker)",
+    )
     # The keeper's channel, given to the device worker it starts (serve --state-dir); not for people.
     parser.add_argument("--keeper-fd", type=_fd_number, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 
+from vhost_iommu.control.client import ControlClient
+
 
 class KeeperProcess:
     """``vhost-iommu --state-dir`` on one socket (and a control socket); its log is drained by a thread
@@ -31,6 +33,7 @@ class KeeperProcess:
             f"--backend={backend}",
             *args,
         ]
+        self.command = command
         self.process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -58,10 +61,12 @@ class KeeperProcess:
             assert done and self.log.count(text) >= count, f"no {text!r} x{count}: {self.log[-3000:]}"
 
     def worker(self) -> int:
-        """The pid of the keeper's one device worker."""
-        workers = children(self.process.pid)
-        assert len(workers) == 1, f"workers: {workers}"
-        return workers[0]
+        """The pid of the device worker serving now (the one that answers the control channel: a spare
+        or a worker still loading does not), waiting for one if there is none at the moment."""
+        with ControlClient(self.control, timeout=self.timeout) as client:
+            pid = client.call("hello")["pid"]
+        assert isinstance(pid, int) and pid in children(self.process.pid), (pid, children(self.process.pid))
+        return pid
 
     def kill_worker(self) -> int:
         pid = self.worker()

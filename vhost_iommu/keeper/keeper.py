@@ -65,6 +65,9 @@ STABLE_AFTER = 60.0
 #: How long a worker gets to finish on SIGTERM, and the keeper waits for a worker's channel to drain.
 STOP_GRACE = 10.0
 SEND_TIMEOUT = 5.0
+#: A new spare starts this long after a worker began serving: a process loading numpy and numba next to
+#: a worker restoring its sessions would slow the very take-over the spare exists to make short.
+SPARE_DELAY = 2.0
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
@@ -154,6 +157,8 @@ class Keeper:
         listeners: list[tuple[socket.socket, str]],
         control: socket.socket | None,
         files: list[SocketFile],
+        *,
+        spare: bool = False,
     ) -> None:
         self._arguments = worker_arguments
         self._listeners = listeners
@@ -165,6 +170,10 @@ class Keeper:
         self.worker: Worker | None = None
         #: A worker started for an upgrade, loading its code while the current one serves.
         self.standby: Worker | None = None
+        #: With ``spare``: a loaded worker waiting to take over at once when the current one dies.
+        self._spare_wanted = spare
+        self.spare: Worker | None = None
+        self._spare_at: float | None = None
         self._restart_at: float | None = None
         self._failures = 0
         self._ever_ready = False
@@ -200,8 +209,9 @@ class Keeper:
 
     def _once(self) -> None:
         timeout = None
-        if self._restart_at is not None:
-            timeout = max(0.0, self._restart_at - time.monotonic())
+        due = [at for at in (self._restart_at, self._spare_at) if at is not None]
+        if due:
+            timeout = max(0.0, min(due) - time.monotonic())
         for key, _events in self._selector.select(timeout):
             kind, what = key.data
             if kind == "signal":
@@ -221,6 +231,9 @@ class Keeper:
             self._restart_at = None
             if self.worker is None:
                 self.worker = self._spawn()
+        if self._spare_at is not None and time.monotonic() >= self._spare_at:
+            self._spare_at = None
+            self._ensure_spare()
 
     def _on_signal(self) -> None:
         try:
@@ -237,7 +250,7 @@ class Keeper:
                 self._reap()
 
     def _reap(self) -> None:
-        for worker in (self.worker, self.standby):
+        for worker in (self.worker, self.standby, self.spare):
             if worker is not None:
                 worker.process.poll()
 
@@ -271,6 +284,9 @@ class Keeper:
             log.warning("upgrade (%s) ignored: a worker is already starting", why)
             return
         log.warning("upgrade requested (%s): starting a new device worker", why)
+        if self.spare is not None:
+            spare, self.spare = self.spare, None
+            self._kill(spare)  # it runs the old code; a new spare follows the upgrade
         self.standby = self._spawn()
 
     def _send(
@@ -318,7 +334,9 @@ class Keeper:
         if op == "ready":
             worker.ready = True
             worker.ready_at = time.monotonic()
-            if worker is self.standby:
+            if worker is self.spare:
+                log.info("device worker %d ready as the spare", worker.process.pid)
+            elif worker is self.standby:
                 self._hand_over()
             else:
                 self._start_serving(worker)
@@ -328,7 +346,10 @@ class Keeper:
             return
         if op == "suspended":
             log.info("device worker %d suspended for the upgrade", worker.process.pid)
-            return  # its channel EOF follows: _worker_gone promotes the standby
+            if worker is self.worker and worker.suspending and self.standby is not None:
+                # It touches nothing any more: no need to wait for its exit (its EOF is then ignored).
+                self._promote()
+            return
         relay = self._relays.get(wire.int_field(head, "conn"))
         if relay is None:
             return  # a connection closed meanwhile
@@ -358,6 +379,12 @@ class Keeper:
         for relay in list(self._relays.values()):
             if not self._introduce(worker, relay):
                 return
+        if self._spare_wanted:
+            self._spare_at = time.monotonic() + SPARE_DELAY
+
+    def _ensure_spare(self) -> None:
+        if self._spare_wanted and self.spare is None and self.standby is None and not self._stopping:
+            self.spare = self._spawn()
 
     def _introduce(self, worker: Worker, relay: Relay) -> bool:
         relay.forwarded = 0
@@ -411,6 +438,17 @@ class Keeper:
         except subprocess.TimeoutExpired:
             self._kill(worker)
             status = worker.process.wait()
+        if worker is self.spare:
+            self.spare = None
+            if not worker.ready:
+                log.error("the spare device worker exited (%s) before it was ready; no spare", status)
+                self._spare_wanted = False
+            else:
+                log.warning(
+                    "the spare device worker %d exited (%s); starting another", worker.process.pid, status
+                )
+                self._ensure_spare()
+            return
         if worker is self.standby:
             self.standby = None
             log.error(
@@ -436,6 +474,13 @@ class Keeper:
         if self.standby is not None and self.standby.ready:
             self._promote()
             return
+        if self.spare is not None and self.spare.ready:
+            log.warning("device worker %d died (status %s); the spare takes over", worker.process.pid, status)
+            self.worker, self.spare = self.spare, None
+            self._restart_at = None
+            self.restarts += 1
+            self._start_serving(self.worker)
+            return
         served = time.monotonic() - worker.started
         if served >= STABLE_AFTER:
             self._failures = 0
@@ -453,6 +498,10 @@ class Keeper:
         )
         if self.standby is not None:
             return  # it is loading already: it takes over when ready
+        if self.spare is not None:
+            # Loading, but not ready: it becomes the next worker (no second one is started meanwhile).
+            self.worker, self.spare = self.spare, None
+            return
         self._restart_at = time.monotonic() + delay
 
     # -- QEMU's side ----------------------------------------------------------------------------------------
@@ -649,14 +698,11 @@ class Keeper:
     # -- the end --------------------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        for worker in (self.standby, self.worker):
-            if worker is None:
-                continue
+        workers = [worker for worker in (self.spare, self.standby, self.worker) if worker is not None]
+        for worker in workers:
             with contextlib.suppress(OSError, wire.WireError):
                 wire.send(worker.channel, {"op": "stop"})
-        for worker in (self.standby, self.worker):
-            if worker is None:
-                continue
+        for worker in workers:
             try:
                 worker.process.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:
@@ -664,7 +710,7 @@ class Keeper:
                 self._kill(worker)
                 worker.process.wait()
             worker.channel.close()
-        self.worker = self.standby = None
+        self.worker = self.standby = self.spare = None
         for relay in list(self._relays.values()):
             relay.close()
         self._relays.clear()
@@ -731,5 +777,6 @@ def run_keeper(
     control: socket.socket | None,
 ) -> int:
     """Run the keeper over already-created listeners (the caller made them; the keeper closes them)."""
-    keeper = Keeper(worker_arguments(arguments), listeners, control, files)
+    spare = bool(getattr(args, "spare_worker", False))
+    keeper = Keeper(worker_arguments(arguments), listeners, control, files, spare=spare)
     return keeper.run()

@@ -317,8 +317,13 @@ class Worker:
             wire.close_all(fds)
             for connection in self._connections.values():
                 connection.suspend()
+            if self._service is not None:
+                self._service.close()  # traces complete on disk
             wire.send(self._channel, {"op": "suspended"})
-            self._finish(0)
+            # The next worker serves from now on: nothing here may touch a ring or an fd again, and an
+            # interpreter's orderly exit (numba loaded) takes longer than the hand-over itself.
+            logging.shutdown()
+            os._exit(0)
         elif op == "stop":
             wire.close_all(fds)
             for connection in list(self._connections.values()):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import tempfile
 import threading
 
 import pytest
 
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.keeper_process import KeeperProcess
 from vhost_iommu.protocol import FrontendRequest, VringState, encode
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
@@ -106,3 +109,21 @@ def test_a_front_end_back_before_the_server_saw_it_leave_is_let_in(vhost_server:
         release.set()
     with second:
         assert second.get_queue_num() == 2
+
+
+def test_the_keeper_serves_one_front_end_per_socket_too() -> None:
+    # serve --state-dir: the keeper process accepts QEMU's connections instead of the server.
+    with tempfile.TemporaryDirectory(prefix="vhost-cap-") as directory:
+        keeper = KeeperProcess(directory)
+        try:
+            with Frontend.connect(keeper.socket, timeout=keeper.timeout) as first:
+                first.negotiate(2)
+                assert refused(keeper.socket)
+                keeper.wait_for("refused a second front-end while connection 1 is connected")
+                assert first.get_queue_num() == 2
+            for _ in range(3):  # back at once, each time
+                with Frontend.connect(keeper.socket, timeout=keeper.timeout) as again:
+                    assert again.get_queue_num() == 2
+            assert keeper.terminate() == 0
+        finally:
+            keeper.close()

@@ -520,6 +520,20 @@ class Keeper:
             log.warning("%s: already %d connections; refusing one", origin, MAX_CONNECTIONS)
             sock.close()
             return
+        # One front-end per socket (QEMU connects once per device). One that hung up but is not seen yet
+        # may be this one coming back: its connection ends now (its device goes at the end either way).
+        for other in [r for r in self._relays.values() if r.origin == origin and _hung_up(r.sock)]:
+            log.info("connection %d: front-end disconnected", other.ident)
+            self._close_relay(other)
+        holder = next((r for r in self._relays.values() if r.origin == origin), None)
+        if holder is not None:
+            log.warning(
+                "%s: refused a second front-end while connection %d is connected (one front-end per socket)",
+                origin,
+                holder.ident,
+            )
+            sock.close()
+            return
         sock.setblocking(False)
         relay = Relay(self._next_relay, sock, origin)
         self._next_relay += 1
@@ -780,3 +794,10 @@ def run_keeper(
     spare = bool(getattr(args, "spare_worker", False))
     keeper = Keeper(worker_arguments(arguments), listeners, control, files, spare=spare)
     return keeper.run()
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` has closed (or shut down writing), without reading."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return bool(poller.poll(0))

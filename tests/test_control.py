@@ -513,6 +513,17 @@ def test_added_latency_per_request_type_holds_only_that_type(controlled: Control
     assert error_of(controlled, "delay", us=1, type="JUMP") == "bad-argument"
 
 
+def test_a_broken_ring_under_a_per_type_delay_needs_reset(controlled: Controlled, guest: Guest) -> None:
+    controlled.call("delay", us=MAX_HOLD_US, type="MAP")
+    # A descriptor pointing outside guest memory: the chain walk fails, the device asks for a reset.
+    guest.requests.write_desc(0, 1 << 40, 16, 0, 0)
+    guest.requests.make_available(0)
+    guest.frontend.kick(0)
+    assert guest.frontend.wait_error(0, timeout=WAIT)  # NEEDS_RESET writes the rings' err eventfds
+    assert "requestq" in controlled.call("connections")[0]["broken"]
+    assert controlled.call("hello")["version"] == 1  # the loop serves on
+
+
 def test_added_latency_per_request_type_takes_that_long(controlled: Controlled, guest: Guest) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     controlled.call("delay", us=200_000, type="MAP")

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING
 from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import RequestType, ReservedRegion
 from vhost_iommu.device.observers import DeviceObserver
+from vhost_iommu.memory import GuestMemoryError
 from vhost_iommu.trace import TraceWriter
+from vhost_iommu.virtqueue import QueueError
 
 if TYPE_CHECKING:
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
@@ -290,7 +292,7 @@ class ConnectionTools:
                 served += 1
             else:
                 context.reschedule(REQUEST_QUEUE)  # a ring's worth at a time, as the back-end does
-        except Exception as exc:  # QueueError, GuestMemoryError: what the back-end's own path reports
+        except (QueueError, GuestMemoryError) as exc:  # a broken ring, as the back-end's own path says
             context.device_broken(f"requestq: {exc}")
             return
         if served and ring.needs_notification():

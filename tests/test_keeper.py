@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -299,3 +300,15 @@ def test_a_spare_worker_takes_over_at_once_and_is_replaced(directory: str) -> No
                 os.kill(pid, 0)
     finally:
         program.close()
+
+
+def test_one_front_end_per_socket_and_a_new_one_after_the_first_hung_up(keeper: KeeperProcess) -> None:
+    with Guest(keeper.socket) as first:
+        with Frontend.connect(keeper.socket, timeout=TIMEOUT) as second:
+            assert second.wait_disconnected(timeout=TIMEOUT)  # refused at once
+        first.echo()  # undisturbed
+        first.frontend.sock.shutdown(socket.SHUT_RDWR)  # hung up; the keeper may not have read it yet
+    with Guest(keeper.socket) as third:
+        third.echo()
+    keeper.wait_for("refused a second front-end")
+    assert keeper.terminate() == 0

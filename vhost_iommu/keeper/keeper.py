@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import select
 import selectors
 import signal
@@ -54,8 +55,9 @@ log = logging.getLogger("vhost_iommu.keeper")
 MAX_PENDING = 64
 #: Replies buffered for a QEMU that does not read them (as the in-process server allows).
 MAX_OUTPUT = 1 << 20
-#: Connections served at once (each holds a handful of fds and a session).
-MAX_CONNECTIONS = 64
+#: Connections served at once (one per socket, as the in-process server; each holds a handful of fds and a
+#: session). As many as serve takes sockets.
+MAX_CONNECTIONS = 256
 #: Worker restarts: the first at once, then doubling delays up to the cap; a worker that served this
 #: long resets the count.
 FIRST_DELAY = 0.0
@@ -739,6 +741,14 @@ class Keeper:
         os.close(self._wakeup_w)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the keeper (and each worker) holds every guest's fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _send_waiting(
     sock: socket.socket, head: dict[str, Any], payload: bytes, fds: list[int] | tuple[()]
 ) -> None:
@@ -791,6 +801,7 @@ def run_keeper(
     control: socket.socket | None,
 ) -> int:
     """Run the keeper over already-created listeners (the caller made them; the keeper closes them)."""
+    raise_fd_limit()
     spare = bool(getattr(args, "spare_worker", False))
     keeper = Keeper(worker_arguments(arguments), listeners, control, files, spare=spare)
     return keeper.run()

@@ -23,6 +23,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from vhost_iommu.keeper import wire
+from vhost_iommu.keeper.keeper import raise_fd_limit
 from vhost_iommu.memory import MemoryRegionDesc
 from vhost_iommu.protocol import (
     HEADER_SIZE,
@@ -381,6 +382,7 @@ class Worker:
 def run_worker(args: argparse.Namespace, factory: BackendFactory, tools: dict[str, Any] | None = None) -> int:
     """Serve the keeper on --keeper-fd until it says stop or suspend (or disappears)."""
     die_with_parent()
+    raise_fd_limit()
     channel = socket.socket(fileno=args.keeper_fd)
     os.set_inheritable(channel.fileno(), False)
     if channel.type != socket.SOCK_SEQPACKET:

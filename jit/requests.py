@@ -105,6 +105,8 @@ RF_MAP_UNMAP: Final = 8
 RF_MMIO: Final = 16
 RF_NOTIFY: Final = 32
 """Kicks are wanted: with EVENT_IDX, keep avail_event at the next available index."""
+RF_NO_WORK: Final = 64
+"""Answer every well-formed MAP and UNMAP OK without checking or applying it: the benchmarks' floor."""
 
 # -- the ``counts`` array (int64): what the device counts, added to its own counters by the caller ------
 
@@ -616,6 +618,8 @@ def serve_requests(
         else:
             if readable_len != expected:
                 status = _S_IOERR
+            elif flags_word & RF_NO_WORK:
+                status = _S_OK
             elif request_type == _T_MAP:
                 status = _map(
                     request,

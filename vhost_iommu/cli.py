@@ -188,9 +188,10 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kick-thread",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="compiled path: serve each guest's requestq from a thread that waits on its kick eventfd "
-        "instead of from the event loop (docs/performance.md)",
+        "(an all-numba loop) instead of from the event loop (docs/performance.md)",
     )
     parser.add_argument(
         "--print-capabilities",

@@ -85,7 +85,8 @@ class CompiledRequestPath:
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
     """
 
-    def __init__(self, device: IommuDevice, *, poll_us: float = 0.0) -> None:
+    def __init__(self, device: IommuDevice, *, poll_us: float = 0.0, no_work: bool = False) -> None:
+        """``no_work``: answer MAP and UNMAP OK without applying them (``RF_NO_WORK``; benchmarks only)."""
         if not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us {poll_us} is outside 0..{MAX_POLL_US}")
         self.device = device
@@ -98,6 +99,7 @@ class CompiledRequestPath:
             self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks
             self._ring_params[kernel.R_POLL_LIMIT_TICKS] = int(max(POLL_LIMIT_US, 2 * poll_us) * ticks_per_us)
         self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
+        self._extra_flags = kernel.RF_NO_WORK if no_work else 0
         # What the parameter words were last derived from: the ring, its views (re-derived on a memory
         # change), the acked features and whether kicks are wanted. Compared by identity and value on
         # every kick: cheaper than rewriting the words.
@@ -163,7 +165,7 @@ class CompiledRequestPath:
             flags |= kernel.RF_MAP_UNMAP
         if device.acked_features & F_MMIO:
             flags |= kernel.RF_MMIO
-        params[kernel.R_FLAGS] = flags
+        params[kernel.R_FLAGS] = flags | self._extra_flags
         params[kernel.R_DOMAIN_FIRST] = device.domain_table.first
         params[kernel.R_GRANULE] = device.granule
         params[kernel.R_INPUT_START] = device.topology.input_start
@@ -659,6 +661,11 @@ class VirtioIommuBackend:
         thread = self._kick_thread
         if index == REQUEST_QUEUE and thread is not None:
             thread.set_call_fd(fd)
+
+    def kick_thread_counters(self) -> dict[str, int] | None:
+        """What the requestq thread's kick loop counted (``_KickThread.counters``); None without one."""
+        thread = self._kick_thread
+        return thread.counters() if thread is not None else None
 
     @contextlib.contextmanager
     def quiesced(self) -> Iterator[None]:

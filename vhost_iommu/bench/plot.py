@@ -18,6 +18,10 @@ _COLOURS = {
     "vhost-iommu": "#dd8452",
     "empty": "#8c8c8c",
     "vhost-iommu-python": "#c44e52",
+    "vhost-iommu-thread": "#55a868",
+    "vhost-iommu-loop": "#8172b3",
+    "empty-thread": "#b5d8a0",
+    "empty-loop": "#c8c0e0",
 }
 
 

@@ -28,13 +28,30 @@ VHOST_IOMMU = "vhost-iommu"
 EMPTY = "empty"
 # vhost-iommu with its Python request path (request_path="python"), for comparing the two paths.
 VHOST_IOMMU_PYTHON = "vhost-iommu-python"
-# The default back-ends, in the order of the table's columns and the plot's bars; then the optional one.
+# vhost-iommu and the floor with the requestq served from its own thread (the kick loop) or from the
+# event loop, whatever the default is: for comparing the two wake-up paths.
+VHOST_IOMMU_THREAD = "vhost-iommu-thread"
+VHOST_IOMMU_LOOP = "vhost-iommu-loop"
+EMPTY_THREAD = "empty-thread"
+EMPTY_LOOP = "empty-loop"
+# The default back-ends, in the order of the table's columns and the plot's bars; then the optional ones.
 BACKENDS = (BUILTIN, VHOST_IOMMU, EMPTY)
-KNOWN_BACKENDS = (*BACKENDS, VHOST_IOMMU_PYTHON)
+KNOWN_BACKENDS = (
+    *BACKENDS,
+    VHOST_IOMMU_THREAD,
+    VHOST_IOMMU_LOOP,
+    EMPTY_THREAD,
+    EMPTY_LOOP,
+    VHOST_IOMMU_PYTHON,
+)
 BACKEND_TITLES = {
     BUILTIN: "built-in (QEMU virtio-iommu-pci)",
     VHOST_IOMMU: "vhost-iommu",
     EMPTY: "empty back-end (floor)",
+    VHOST_IOMMU_THREAD: "vhost-iommu, kick thread",
+    VHOST_IOMMU_LOOP: "vhost-iommu, event loop",
+    EMPTY_THREAD: "floor, kick thread",
+    EMPTY_LOOP: "floor, event loop",
     VHOST_IOMMU_PYTHON: "vhost-iommu, Python request path",
 }
 

@@ -6,7 +6,9 @@ vfio-pci) and the IOMMU at the same address; only the IOMMU differs:
 - ``builtin``: QEMU's own ``virtio-iommu-pci``, whose requests run in the vCPU thread that notifies;
 - ``vhost-iommu``: the vhost-user device served from this process (:class:`VirtioIommuBackend`);
 - ``empty``: the same vhost-user path with a device that does no work (:class:`EmptyBackend`);
-- ``vhost-iommu-python`` (optional): vhost-iommu with its Python request path instead of the compiled one.
+- ``vhost-iommu-python`` (optional): vhost-iommu with its Python request path instead of the compiled one;
+- ``vhost-iommu-thread``, ``vhost-iommu-loop``, ``empty-thread``, ``empty-loop`` (optional): vhost-iommu
+  and the floor with the requestq served by the kick thread or by the event loop, whichever is default.
 
 QEMU's built-in device has 256-entry queues while the generic vhost-user device defaults to 64; the
 vhost-user runs get ``vq_size`` (256 by default) so that both batch the same number of requests per
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +29,12 @@ from vhost_iommu.bench.empty import EmptyBackend
 from vhost_iommu.bench.results import (
     BUILTIN,
     EMPTY,
+    EMPTY_LOOP,
+    EMPTY_THREAD,
     VHOST_IOMMU,
+    VHOST_IOMMU_LOOP,
     VHOST_IOMMU_PYTHON,
+    VHOST_IOMMU_THREAD,
     Figure,
     Metric,
     figures_from_lines,
@@ -87,6 +94,10 @@ def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
         VHOST_IOMMU: VirtioIommuBackend,
         EMPTY: EmptyBackend,
         VHOST_IOMMU_PYTHON: lambda topology: VirtioIommuBackend(topology, request_path="python"),
+        VHOST_IOMMU_THREAD: lambda topology: VirtioIommuBackend(topology, kick_thread=True),
+        VHOST_IOMMU_LOOP: lambda topology: VirtioIommuBackend(topology, kick_thread=False),
+        EMPTY_THREAD: lambda topology: EmptyBackend(topology, kick_thread=True),
+        EMPTY_LOOP: lambda topology: EmptyBackend(topology, kick_thread=False),
     }
     if backend not in factories:
         raise ValueError(f"unknown back-end {backend!r}")
@@ -118,6 +129,12 @@ class RunOutcome:
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     request_counters: dict[str, int] = field(default_factory=dict)
+    # What the requestq thread's kick loop counted (kicks, wake-ups, notifications, poll hits); empty
+    # when the event loop served the requestq.
+    kick_counters: dict[str, int] = field(default_factory=dict)
+    # CPU seconds of each thread of QEMU ("qemu: <name>") and of this process ("bench: <name>") from the
+    # start of the guest's job to its end: who used the two cores while the workloads ran.
+    thread_cpu: dict[str, float] = field(default_factory=dict)
     # The requestq size the vhost-user device was given (0: not a vhost-user run, or never seen).
     queue_size: int = 0
     log: Path | None = None
@@ -181,14 +198,17 @@ def run_once(
         with Lab(lab_config(backend, plan), log=log) as lab:
             finished = 0
             previous = ""
+            cpu_at_start: dict[str, float] = {}
             try:
                 while True:
                     marker = lab.guest.expect(_PROGRESS, plan.step_timeout)["marker"].strip()
                     if marker == "VHOST_IOMMU_JOB_DONE":
+                        outcome.thread_cpu = _cpu_since(cpu_at_start, thread_cpu(lab.guest.pid))
                         break
                     if marker == "VFIO_MIXED" and previous == "VFIO_MIXED":
                         continue  # the same workload's next size
                     if marker == "VHOST_IOMMU_JOB_START":
+                        cpu_at_start = thread_cpu(lab.guest.pid)
                         outcome.queue_size = _request_queue_size(lab) if backend != BUILTIN else 0
                     else:
                         finished += 1
@@ -199,9 +219,43 @@ def run_once(
                 outcome.job_rc = lab.guest.run.job_rc
             if backend != BUILTIN:
                 outcome.request_counters = lab.inspect(lambda device: device.request_counters())
+                outcome.kick_counters = lab.backend().kick_thread_counters() or {}
     except (ProvisionError, LabError, CommandError, OSError, TimeoutError) as error:
         outcome.errors.append(f"{type(error).__name__}: {error}")
     outcome.seconds = time.monotonic() - started
     outcome.load_after = os.getloadavg()
     check(outcome, lines, plan)
     return outcome
+
+
+def thread_cpu(qemu_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every thread of QEMU and of this process, by name (a name
+    seen twice gets " #2"); threads that exited meanwhile are left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    found: dict[str, float] = {}
+    for owner, pid in (("qemu", qemu_pid), ("bench", os.getpid())):
+        try:
+            tasks = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    text = stat.read()
+            except OSError:
+                continue
+            # The name is between the first "(" and the last ")"; it may hold spaces and parentheses.
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            name = f"{owner}: {names.get(int(task), comm) if owner == 'bench' else comm}"
+            key, copy = name, 1
+            while key in found:
+                copy += 1
+                key = f"{name} #{copy}"
+            found[key] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return found
+
+
+def _cpu_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: round(seconds - before.get(name, 0.0), 2) for name, seconds in after.items()}

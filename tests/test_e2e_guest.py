@@ -79,9 +79,11 @@ def vfio_flags(permissions: str) -> int:
     return flags
 
 
-@pytest.fixture
-def vfio_lab(qemu: Path, guest_image: GuestImage) -> Iterator[Lab]:
-    config = LabConfig(job="vfio-steps", params={"hold": "1"})
+@pytest.fixture(params=[True, False], ids=["control-channel", "kick-thread"])
+def vfio_lab(request: pytest.FixtureRequest, qemu: Path, guest_image: GuestImage) -> Iterator[Lab]:
+    # The control channel times every kick on the event loop, so the back-end then serves the requestq
+    # there; without it, the requestq thread's kick loop serves it (the default).
+    config = LabConfig(job="vfio-steps", params={"hold": "1"}, control=request.param)
     with Lab(config, qemu=qemu, guest=guest_image) as lab:
         lab.guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
         yield lab
@@ -136,6 +138,11 @@ def test_vfio_map_unmap_steps_match_the_backend_table(vfio_lab: Lab) -> None:
         assert coalesced(mappings) == sorted(expected.values()), f"after step {sequence}: {op} {iova:#x}"
         # The guest's IOMMU layer mapped guest RAM pages of the VFIO user's buffer.
         assert all(phys > 0 and phys + (last - start) < GUEST_RAM for start, last, phys, _ in mappings)
+    kicks = vfio_lab.backend().kick_thread_counters()
+    if vfio_lab.config.control:
+        assert kicks is None
+    else:
+        assert kicks is not None and kicks["kicks"] >= len(steps), kicks
     run = finish(vfio_lab)
     assert run.job_rc == 0
     assert_kernel_log_clean(run)

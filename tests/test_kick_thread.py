@@ -211,8 +211,10 @@ def test_a_disconnect_while_requests_flow_leaves_no_thread(vhost_server: Running
         assert not kick_threads()
 
 
-def test_the_python_path_and_the_default_take_no_fd() -> None:
-    assert VirtioIommuBackend().takes_kick_fd(0, -1, None) is False
+def test_the_python_path_and_a_back_end_without_event_loop_take_no_fd() -> None:
+    assert VirtioIommuBackend().kick_thread  # the default, with the compiled path
+    assert not VirtioIommuBackend(request_path="python").kick_thread
+    assert VirtioIommuBackend(request_path="python").takes_kick_fd(0, -1, None) is False
     with pytest.raises(ValueError, match="compiled"):
         VirtioIommuBackend(request_path="python", kick_thread=True)
     # Without a running event loop there is nothing to hand chains back to.

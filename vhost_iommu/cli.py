@@ -189,9 +189,9 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kick-thread",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="compiled path: serve each guest's requestq from a thread that waits on its kick eventfd "
-        "(an all-numba loop) instead of from the event loop (docs/performance.md)",
+        "(an all-numba loop; the default) or (--no-kick-thread) from the event loop (docs/performance.md)",
     )
     parser.add_argument(
         "--print-capabilities",
@@ -237,8 +237,8 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     # getattr: namespaces built by other commands (and older callers) need not carry these options.
     request_path: str = getattr(args, "request_path", "compiled")
     poll_us: float = getattr(args, "poll_us", 0.0)
-    kick_thread: bool = getattr(args, "kick_thread", False)
-    tuned = request_path != "compiled" or poll_us or kick_thread
+    kick_thread: bool | None = getattr(args, "kick_thread", None)  # None: the back-end's default
+    tuned = request_path != "compiled" or poll_us or kick_thread is not None
     if args.backend == "echo" and tuned:
         raise CliError(
             "--request-path, --poll-us and --kick-thread apply to the IOMMU device, not to --backend=echo"

@@ -7,7 +7,9 @@ the server lends it the rings and a way to signal the front-end.
 By default the requestq goes through `CompiledRequestPath`: one numba kernel
 (`vhost_iommu.jit.requests.serve_requests`) walks, validates and serves every available MAP and UNMAP,
 and hands any other chain (ATTACH, DETACH, PROBE, anything odd, a broken ring) to the Python path one at a
-time. docs/performance.md describes it and its measurements.
+time. By default a thread of the back-end's own runs that kernel inside the kick loop
+(`vhost_iommu.jit.kickloop`: poll, serve, notify, without the interpreter lock), handing those chains to
+the event loop. docs/performance.md describes both and their measurements.
 """
 
 from __future__ import annotations
@@ -524,7 +526,7 @@ class VirtioIommuBackend:
         device: IommuDevice | None = None,
         request_path: Literal["compiled", "python"] = "compiled",
         poll_us: float = 0.0,
-        kick_thread: bool = False,
+        kick_thread: bool | None = None,
     ) -> None:
         """``request_path`` picks how the requestq is served: "compiled" (a numba kernel serves MAP and
         UNMAP in batches, everything else goes through the device core) or "python" (every chain through
@@ -535,13 +537,16 @@ class VirtioIommuBackend:
         to the event loop to wait for a kick; at most POLL_LIMIT_US per kick in total. It pays off only
         when a CPU is free for it: docs/performance.md has the measurements.
 
-        ``kick_thread`` (compiled path only; off by default): the requestq is served by a thread of its
-        own that waits on the kick fd (`KickFdTaker`), rather than from the event loop."""
+        ``kick_thread`` (compiled path only; None, the default, means yes with the compiled path): the
+        requestq is served by a thread of its own running the kick loop (`vhost_iommu.jit.kickloop`),
+        woken by the kick fd directly (`KickFdTaker`), rather than from the event loop. The event loop
+        still serves it when the server offers no kick fd or the back-end cannot take one (its
+        ``queue_kicked`` is replaced or wrapped, e.g. by the control channel's timing)."""
         if request_path not in ("compiled", "python"):
             raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
         if kick_thread and request_path != "compiled":
             raise ValueError("kick_thread needs the compiled request path")
-        self.kick_thread = kick_thread
+        self.kick_thread = request_path == "compiled" if kick_thread is None else kick_thread
         self._kick_thread: _KickThread | None = None
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None

@@ -27,6 +27,7 @@ from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend, RequestFailedError
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.keeper_process import KeeperProcess
 from vhost_iommu.jit.bulk import load_sorted
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.protocol import (
@@ -456,3 +457,25 @@ def add_mappings(device: IommuDevice, domain: int, start: int, count: int) -> No
     )
     assert status == 0
     device.domain_table.mapping_count[domain - device.domain_table.first] += count
+
+
+def test_migration_through_the_keeper() -> None:
+    # serve --state-dir: the keeper relays the transfer fd to the device worker like any other message.
+    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
+        keeper = KeeperProcess(directory, backend="iommu")
+        try:
+            with Frontend.connect(keeper.socket, timeout=keeper.timeout) as frontend:
+                frontend.negotiate(2)
+                device = IommuDevice()
+                device.set_features(device.device_features())
+                device.handle_request(encode_attach(4, 0x20), 4)
+                device.handle_request(encode_map(4, BASE, BASE + PAGE - 1, 0), 4)
+                state = snapshot.save(device)
+                frontend.load_state(state)
+                assert frontend.save_state() == state
+                with pytest.raises(RequestFailedError):
+                    frontend.load_state(state[:-1])
+                assert frontend.save_state() == state
+            assert keeper.terminate() == 0
+        finally:
+            keeper.close()

@@ -1059,7 +1059,7 @@ class ConnectionHandler:
             if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
                 raise RequestFailed("SET_DEVICE_STATE_FD: the transfer fd must be a pipe or a socket")
             _set_nonblocking(fd)
-            name = f"{self.name}: device state"
+            name = self.name
             try:
                 if message.payload.direction == DEVICE_STATE_SAVE:
                     try:

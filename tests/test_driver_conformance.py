@@ -21,7 +21,7 @@ from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
 from vhost_iommu.control import ControlClient, ControlError
 from vhost_iommu.control.server import ControlServer
 from vhost_iommu.control.service import ControlService
-from vhost_iommu.device import IommuDevice, Status
+from vhost_iommu.device import IommuDevice, ReservedRegion, ResvMemType, Status
 from vhost_iommu.device.layout import (
     ATTACH_F_BYPASS,
     CONFIG_BYPASS,
@@ -147,6 +147,23 @@ def test_bypass_flag_must_match_an_existing_domain() -> None:
     driver.attach(2, 0x22, ATTACH_F_BYPASS)
     driver.attach(2, 0x23)
     assert driver.counts == {"attach-bypass-consistent": 2}
+
+
+def test_reserved_regions_count_as_the_driver_was_told_them() -> None:
+    driver = Driver()
+    driver.attach(1, EP)
+    # A tool reserves a range after the driver's PROBE: the device refuses a MAP there, but the driver was
+    # not told, so it broke nothing ...
+    driver.device.set_reserved_regions(EP, (ReservedRegion(ResvMemType.RESERVED, 0x200000, 0x2FFFFF),))
+    assert driver.send(encode_map(1, 0x200000, 0x200FFF, 0)) == Status.RANGE
+    assert driver.counts == {}
+    # ... until it probes the endpoint again and is told.
+    driver.send(encode_probe(EP), PROBE_WRITABLE)
+    assert driver.send(encode_map(1, 0x201000, 0x201FFF, 0)) == Status.RANGE
+    assert driver.counts == {"map-reserved-region": 1}
+    # And the region it was told about before is no longer one it must avoid (the MSI window is gone).
+    assert driver.send(encode_map(1, MSI, MSI + 0xFFF, MSI)) == Status.OK
+    assert driver.counts == {"map-reserved-region": 1}
 
 
 def test_maps_and_unmaps_against_the_domain_state() -> None:

@@ -208,6 +208,9 @@ class ConformanceChecker:
     #: The first violation of each statement, described (what a test failure shows).
     first: dict[str, str] = field(default_factory=dict)
     _probed: set[int] = field(default_factory=set)
+    # What each endpoint's last PROBE told the driver: "described by a RESV_MEM property" means described
+    # to it, so a region a tool added after that PROBE is not one the driver was told to avoid.
+    _told: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     _features_set: bool = False
 
     @property
@@ -234,6 +237,7 @@ class ConformanceChecker:
     def device_reset(self) -> None:
         # A reset detaches every endpoint; the driver probes them again as it re-initialises.
         self._probed.clear()
+        self._told.clear()
         self._features_set = False
 
     def check_features(self, acked: int) -> None:
@@ -314,6 +318,8 @@ class ConformanceChecker:
             if reserved != bytes(64):
                 self._flag("probe-reserved", f"PROBE of endpoint {endpoint:#x} with reserved bytes not zero")
             self._probed.add(endpoint)
+            # The answer this PROBE is about to get (checked before the device serves it).
+            self._told[endpoint] = tuple((r.start, r.end) for r in device.reserved_regions(endpoint))
 
     def _domain_range(self, domain: int, name: str) -> bool:
         topology = self.device.topology
@@ -385,13 +391,24 @@ class ConformanceChecker:
             return
         if end < start:
             return
-        table = device.domain_table
-        if table.reserved_overlap(domain, start, end):
+        if self._maps_over_told_regions(domain, start, end):
             self._flag("map-reserved-region", f"MAP of {start:#x}-{end:#x} over a reserved region")
         # The first mapping that ends at or after `start`: it overlaps if it starts at or before `end`.
         for first_start, _last, _p, _f in device.store.mappings(domain, start, 1):
             if int(first_start) <= end:
                 self._flag("map-overlap", f"MAP of {start:#x}-{end:#x} over a mapping of domain {domain}")
+
+    def _maps_over_told_regions(self, domain: int, start: int, end: int) -> bool:
+        device = self.device
+        for endpoint in device.domain_table.endpoints_of(domain):
+            # An endpoint never probed: the regions it would have been told (probe-before-attach is
+            # flagged on its own).
+            told = self._told.get(endpoint)
+            if told is None:
+                told = tuple((r.start, r.end) for r in device.reserved_regions(endpoint))
+            if any(low <= end and start <= high for low, high in told):
+                return True
+        return False
 
     def _unmap(self, request: bytes) -> None:
         _t, _r, domain, start, end, reserved = UNMAP.unpack(request)

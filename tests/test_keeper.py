@@ -9,6 +9,7 @@ message gets exactly one reply, the rings keep working, and SIGTERM leaves nothi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -311,4 +312,32 @@ def test_one_front_end_per_socket_and_a_new_one_after_the_first_hung_up(keeper: 
     with Guest(keeper.socket) as third:
         third.echo()
     keeper.wait_for("refused a second front-end")
+    assert keeper.terminate() == 0
+
+
+def test_ctl_upgrade_hands_over_as_sighup_does(keeper: KeeperProcess) -> None:
+    with Guest(keeper.socket) as guest:
+        guest.echo()
+        old = keeper.worker()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vhost_iommu",
+                "ctl",
+                f"--control-socket={keeper.control}",
+                "--json",
+                "upgrade",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"requested": True, "pid": old}
+        keeper.wait_for("suspended for the upgrade")
+        guest.echo(2)
+        assert keeper.worker() != old
+    assert "upgrade requested (control channel)" in keeper.log
     assert keeper.terminate() == 0

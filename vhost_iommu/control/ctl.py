@@ -71,6 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         return commands.add_parser(name, help=help, description=help)
 
     add("hello", "the protocol version and the commands the back-end knows")
+    add("upgrade", "serve --state-dir: a new device worker (the code on disk) takes over, as SIGHUP does")
     add("connections", "one row per connected front-end")
     add("endpoints", "endpoints, their PCI address, domain and reserved regions")
     add("domains", "domains, their endpoints and mapping counts")
@@ -187,7 +188,7 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         request.update(statements=args.statements)
     elif command == "trace-start":
         request.update(name=args.name, max_bytes=args.max_bytes, keep=args.keep)
-    elif command == "hello":
+    elif command in ("hello", "upgrade"):
         request.pop("connection")
     return command, request
 

@@ -138,6 +138,7 @@ ARGUMENTS: dict[str, set[str]] = {
     "conformance-reset": {_C},
     "trace-start": {_C, "name", "path", "max_bytes", "keep"},
     "trace-stop": {_C},
+    "upgrade": set(),
 }
 
 
@@ -207,7 +208,10 @@ class ControlService:
             "conformance-reset": self.conformance_reset,
             "trace-start": self.trace_start,
             "trace-stop": self.trace_stop,
+            "upgrade": self.upgrade,
         }
+        #: Set by a device worker under a keeper (serve --state-dir): asks the keeper for an upgrade.
+        self.upgrade_hook: Callable[[], None] | None = None
         assert set(self._commands) == set(ARGUMENTS)
 
     # -- wiring ---------------------------------------------------------------------------------------------
@@ -319,6 +323,14 @@ class ControlService:
             "pid": os.getpid(),
             "commands": sorted(self._commands),
         }
+
+    def upgrade(self, arguments: Arguments) -> object:
+        """Ask the keeper to start a worker with the code on disk and hand it every connection (the same as
+        SIGHUP to the keeper); answered before the hand-over, which ends this control connection."""
+        if self.upgrade_hook is None:
+            raise ControlError(UNAVAILABLE, "upgrade needs serve --state-dir (a keeper to hand over to)")
+        self.upgrade_hook()
+        return {"requested": True, "pid": os.getpid()}
 
     def connections(self, arguments: Arguments) -> object:
         rows = []

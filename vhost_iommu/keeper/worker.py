@@ -247,6 +247,7 @@ class Worker:
             self._service = ControlService(**(self._tools or {}))
             self._factory = self._service.track(self._factory)
             self._service.server = self.server
+            self._service.upgrade_hook = self._ask_upgrade
         # SIGTERM/SIGINT are the keeper's to act on (it sends "stop"); a terminal's Ctrl-C reaches the
         # whole group, and the worker must not end its sessions before the keeper says so.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -265,6 +266,13 @@ class Worker:
                 self._service.close()  # traces complete on disk
                 if self._service.trace_dir is not None:
                     self._service.trace_dir.close()
+
+    def _ask_upgrade(self) -> None:
+        # The keeper does the rest (ctl upgrade): a new worker, then "suspend" to this one.
+        try:
+            wire.send(self._channel, {"op": "upgrade"})
+        except (OSError, wire.WireError) as exc:
+            log.error("cannot ask the keeper for an upgrade: %s", exc)
 
     def _finish(self, status: int) -> None:
         if self._finished is not None and not self._finished.done():

@@ -64,6 +64,7 @@ VFIO_SLOT = 4
 DISK_SLOT = 5
 DISK_BYTES = 64 << 20
 SHUTDOWN_TIMEOUT = 30.0
+KILL_AFTER = 5.0  # seconds a back-end gets to stop on SIGTERM when the soak is interrupted
 STARTUP_TIMEOUT = 120.0  # a fresh numba cache compiles for a minute on a loaded machine
 # How long an injection stays on at most (it ends earlier once the guest has sent what exercises it).
 WINDOW_SECONDS = 2.0
@@ -140,6 +141,7 @@ class BackendProcess:
 
     def __init__(self, argv: Sequence[str], log: Path) -> None:
         self.lines: list[str] = []
+        self.left_behind: list[int] = []
         self._listening = False
         self._news = threading.Event()
         self._log = log.open("w")
@@ -186,25 +188,53 @@ class BackendProcess:
             raise ProvisionError(f"the back-end did not start listening within {timeout:.0f} s:\n{tail}")
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> int:
-        """SIGTERM, and its exit status; killed (and the status negative) if it does not end in time."""
+        """SIGTERM, and its exit status; killed (and the status negative) if it does not end in time.
+        Processes of its group still there once it has ended (a keeper's device worker) are killed and
+        listed in :attr:`left_behind`."""
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-        return self.close()
+        status = self.close()
+        self.left_behind = self._group_members()
+        for pid in self.left_behind:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return status
 
     def close(self) -> int:
-        """Kill it if it still runs, reap it, finish its log; safe to call twice."""
+        """Kill it and everything in its process group if it still runs, reap it, finish its log; safe to
+        call twice."""
         if self._process.poll() is None:
-            self._process.kill()
+            # Asked first: a keeper then stops and reaps its worker itself.
+            self._process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(KILL_AFTER)
+        if self._process.poll() is None:
+            # The group is the session it leads (start_new_session): a keeper's worker goes with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
         status = self._process.wait()
         self._reader.join(timeout=10)
         if self._process.stderr is not None:
             self._process.stderr.close()
         self._log.close()
         return status
+
+    def _group_members(self) -> list[int]:
+        """Live processes of the back-end's process group (its pid is the group's id)."""
+        members = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            state, _parent, group = stat[stat.rindex(")") + 2 :].split()[:3]
+            if int(group) == self._process.pid and state != "Z":
+                members.append(int(name))
+        return members
 
     def __enter__(self) -> BackendProcess:
         return self
@@ -571,6 +601,8 @@ def run_soak(config: SoakConfig, output: Path, reporter: Reporter | None = None)
                 soak.finish()
             guest.close()
             result.backend_exit = backend.stop()
+            if backend.left_behind:
+                result.findings.run.append(f"processes left after the back-end exited: {backend.left_behind}")
             if result.backend_exit != 0:
                 result.findings.run.append(
                     f"the back-end exited with status {result.backend_exit} on SIGTERM"

@@ -17,7 +17,15 @@ from vhost_iommu.fuzz.engine import fd_is_open
 REPO = Path(__file__).resolve().parent.parent
 
 # Executions per target in the suite: enough to reach past the seeds into mutated inputs, about a second.
-SMOKE_RUNS = {"codec": 1500, "memory": 400, "chains": 500, "requests": 300, "backend": 300, "server": 30}
+SMOKE_RUNS = {
+    "codec": 1500,
+    "memory": 400,
+    "chains": 500,
+    "requests": 300,
+    "backend": 300,
+    "server": 30,
+    "snapshot": 400,
+}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

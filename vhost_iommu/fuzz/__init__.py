@@ -13,6 +13,7 @@ from vhost_iommu.fuzz.engine import Choices, Finding, FuzzFailure, FuzzReport, F
 from vhost_iommu.fuzz.memory import MemoryTarget
 from vhost_iommu.fuzz.requests import RequestsTarget
 from vhost_iommu.fuzz.server import ServerTarget
+from vhost_iommu.fuzz.snapshot import SnapshotTarget
 
 TARGETS: dict[str, type[FuzzTarget]] = {
     CodecTarget.name: CodecTarget,
@@ -21,6 +22,7 @@ TARGETS: dict[str, type[FuzzTarget]] = {
     RequestsTarget.name: RequestsTarget,
     BackendTarget.name: BackendTarget,
     ServerTarget.name: ServerTarget,
+    SnapshotTarget.name: SnapshotTarget,
 }
 
 __all__ = [

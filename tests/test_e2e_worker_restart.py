@@ -13,6 +13,7 @@ warning in its kernel log. The guest-visible pause of each restart is measured a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import time
@@ -37,7 +38,8 @@ BOOT_TIMEOUT = 240.0
 STEP_TIMEOUT = 90.0
 GUEST_MEMORY_MIB = 512
 #: What the guest's kernel must never say (VHOST_IOMMU_KLOG lines: levels 0-4 since the job began).
-BAD_KERNEL_LINES = ("soft lockup", "rcu", "stall", "Oops", "BUG", "Call Trace", "hung_task", "virtio_iommu")
+#: (Case matters: "MP-BIOS bug: 8254 timer not connected" is printed by every boot under TCG.)
+BAD_KERNEL_LINES = re.compile(r"soft lockup|stall|Oops|BUG:|Call Trace|hung_task|WARNING:|virtio_iommu")
 
 
 @pytest.fixture
@@ -96,11 +98,7 @@ def finish(guest: GuestSession, keeper: KeeperProcess) -> None:
     guest.send("")
     run = guest.wait(STEP_TIMEOUT)
     assert run.job_rc == 0, run.output[-3000:]
-    bad = [
-        line
-        for line in run.marker_lines("VHOST_IOMMU_KLOG ")
-        if any(word.lower() in line.lower() for word in BAD_KERNEL_LINES)
-    ]
+    bad = [line for line in run.marker_lines("VHOST_IOMMU_KLOG ") if BAD_KERNEL_LINES.search(line)]
     assert not bad, bad
     # QEMU prefixes what it reports with its program name ("...: Failed to read msg header", "vhost lost
     # connection to the backend", an assertion before an abort).
@@ -205,3 +203,65 @@ def test_worker_killed_twice_under_a_stream_of_vfio_requests(directory: Path, ke
         restarts = [line for line in keeper.log.splitlines() if "serving" in line and "after" in line]
         print("restarts:", restarts)
         assert os.path.exists(keeper.socket)
+
+
+def device_mappings(control: str) -> list[tuple[int, int, int]]:
+    """(IOVA start, IOVA end, flags) of 00:04.0's domain's mappings, as the serving worker holds them."""
+    with ControlClient(control, timeout=STEP_TIMEOUT) as client:
+        rows = client.call("mappings", endpoint=0x20, limit=1000)["mappings"]
+    return sorted((row["iova_start"], row["iova_end"], row["flags"]) for row in rows)
+
+
+def test_every_mapping_survives_worker_kills(directory: Path) -> None:
+    """The device state half (RestorableBackend: the persisted domains and mappings): after each kill,
+    the next worker holds exactly the mappings the guest made, a MAP in flight at the kill included once."""
+    from vhost_iommu.backend import RestorableBackend
+    from vhost_iommu.virtio_iommu import VirtioIommuBackend
+
+    if not isinstance(VirtioIommuBackend(), RestorableBackend):
+        pytest.skip("VirtioIommuBackend does not restore its device state yet (RestorableBackend)")
+    program = KeeperProcess(str(directory), "--spare-worker", backend="iommu", timeout=STEP_TIMEOUT)
+    try:
+        with boot(directory, program.socket, "vfio-steps") as guest:
+            guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
+            sequence = 0
+
+            def step(command: str) -> None:
+                nonlocal sequence
+                sequence += 1
+                guest.send(command)
+                assert (
+                    parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
+                )
+                guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
+
+            iovas = [0x1_0000_0000 + index * 0x10_0000 for index in range(4)]
+            for iova in iovas[:3]:
+                step(f"map {iova:#x} 0x10000 rw")
+            before = device_mappings(program.control)
+            assert {start for start, _end, _flags in before} >= set(iovas[:3])
+            program.kill_worker()
+            assert device_mappings(program.control) == before
+
+            # A MAP on the ring, not served, when the worker dies: served once by the next one.
+            worker = program.worker()
+            os.kill(worker, signal.SIGSTOP)
+            guest.send(f"map {iovas[3]:#x} 0x10000 rw")
+            time.sleep(1.0)  # the guest's time to post it; if it had not, the kill is between requests
+            os.kill(worker, signal.SIGKILL)
+            sequence += 1
+            assert parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
+            guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
+            after = device_mappings(program.control)
+            assert [m for m in after if m not in before] and all(m in after for m in before)
+            assert {start for start, _end, _flags in after} >= set(iovas)
+
+            for iova in iovas:
+                step(f"unmap {iova:#x} 0x10000")
+            assert [m for m in device_mappings(program.control) if m[0] in iovas] == []
+            guest.send("quit")
+            guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)
+            finish(guest, program)
+    finally:
+        program.close()
+        print("--- the keeper's log ---\n" + program.log[-6000:])

@@ -78,7 +78,7 @@ class HeldSteps:
 
     def _wait(self, text: str) -> None:
         # Polls a file in the guest until vfio-dma wrote the line (the shell command's timeout bounds it).
-        self.driver.guest.check(f"while ! grep -q '{text}' /tmp/steps.out; do usleep 20000; done")
+        self.driver.guest.wait_until(f"grep -q '{text}' /tmp/steps.out")
 
     def step(self, command: str) -> dict[str, str]:
         self.sequence += 1
@@ -127,7 +127,7 @@ def test_a_forced_map_status_shows_in_the_guest_when_the_endpoint_uses_the_addre
     assert miss["reason"] == "MAPPING" and miss["reported"]
     assert driver.control.call("translate", endpoint=ENDPOINT, iova=IOVA + 0x10000)["translated"]
     report = FAULT_REPORT.format(endpoint=ENDPOINT, address=IOVA)
-    driver.guest.check(f"while ! dmesg | grep -qF '{report}'; do usleep 20000; done")
+    driver.guest.wait_until(f"dmesg | grep -qF '{report}'")
     steps.close()
 
 
@@ -150,9 +150,7 @@ def test_forced_map_statuses_at_a_seeded_rate_hit_the_drawn_requests(driver: Dri
         answer = driver.control.call("translate", endpoint=ENDPOINT, iova=page, access="r", report=forced)
         assert answer["translated"] is not forced, (hex(page), answer)
     faults = sum(expected)
-    driver.guest.check(
-        f"while [ $(dmesg | grep -c 'page fault from EP {ENDPOINT}') -lt {faults} ]; do usleep 20000; done"
-    )
+    driver.guest.wait_until(f"[ $(dmesg | grep -c 'page fault from EP {ENDPOINT}') -ge {faults} ]")
     log = driver.guest.check(f"dmesg | grep 'page fault from EP {ENDPOINT}'")
     for page, forced in zip(pages, expected, strict=True):
         shown = FAULT_REPORT.format(endpoint=ENDPOINT, address=page) in log
@@ -186,7 +184,7 @@ def interrupts_of(driver: DriverLab, name: str) -> int:
 def wait_for_interrupt(driver: DriverLab, name: str, seen: int) -> None:
     # The interrupt arrives asynchronously (back-end -> QEMU -> the guest's IRQ line); the shell
     # command's timeout bounds the wait.
-    driver.guest.check(f'while [ "$({interrupts_command(name)})" = {seen} ]; do usleep 20000; done')
+    driver.guest.wait_until(f'[ "$({interrupts_command(name)})" != {seen} ]')
 
 
 def read_bypass(driver: DriverLab) -> int:

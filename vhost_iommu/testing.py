@@ -6,6 +6,8 @@ Load it with ``pytest_plugins = ["vhost_iommu.testing"]`` (in a ``conftest.py`` 
         result = driver.guest.run("echo 0000:00:04.0 > /sys/bus/pci/devices/0000:00:04.0/driver/unbind")
         assert result.rc == 0
         assert driver.control.call("endpoints")[0]["domain"] is not None
+        driver.control.call("fault", endpoint=0x20, address=0xDEAD000)
+        driver.guest.wait_until("dmesg | grep -q 'fault from EP 32'")
 
 Fixtures:
 
@@ -94,6 +96,11 @@ class GuestShell:
         result = self.run(command, timeout)
         assert result.rc == 0, f"guest command {command!r} failed (rc={result.rc}):\n{result.output}"
         return result.output
+
+    def wait_until(self, condition: str, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Wait until the guest shell ``condition`` succeeds (a fault line in ``dmesg``, an interrupt
+        count that moved): it is tried again every 20 ms in the guest; GuestTimeout after ``timeout``."""
+        self.check(f"until {condition}; do usleep 20000; done", timeout)
 
     @property
     def log(self) -> list[str]:

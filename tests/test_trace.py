@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from vhost_iommu.device.layout import (
     writable_size,
 )
 from vhost_iommu.trace import (
+    TraceDirectory,
     TraceError,
     TraceWriter,
     read_trace,
@@ -139,6 +141,26 @@ def test_files_rotate_at_the_size_bound_and_keep_a_few(tmp_path: Path) -> None:
     assert header.part == writer.parts - 3 and header.first > 0
     with pytest.raises(TraceError, match="only part 0 can be replayed"):
         replay(tmp_path / "t.jsonl.1")
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_files_rotate_inside_a_trace_directory(tmp_path: Path, keep: int) -> None:
+    directory = TraceDirectory(tmp_path / "traces")
+    device = IommuDevice()
+    writer = TraceWriter("t.jsonl", device.topology, max_bytes=4096, keep=keep, directory=directory)
+    # The directory is used through its descriptor: renaming its path does not move the trace.
+    (tmp_path / "traces").rename(tmp_path / "moved")
+    (tmp_path / "traces").mkdir()
+    device.set_features(FEATURES)
+    for _ in range(200):
+        record(writer, device, encode_attach(1, EP))
+    writer.close()
+    directory.close()
+    assert writer.parts > 3
+    expected = ["t.jsonl"] + [f"t.jsonl.{n}" for n in range(1, keep + 1)]
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == expected
+    assert list((tmp_path / "traces").iterdir()) == []
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "moved").iterdir())
 
 
 @pytest.mark.parametrize(

@@ -394,7 +394,11 @@ class IommuDevice:
         by itself); a MAP into it is refused (RANGE) from now on. ValueError for regions PROBE could not
         report (overlapping, more than one MSI region, more than probe_size holds, end before start)
         or an endpoint this IOMMU does not manage; nothing changes then. The replacement survives a
-        device reset (the driver re-probes then); `system_reset` does not restore it either."""
+        device reset (the driver re-probes then); `system_reset` does not restore it either.
+
+        Like every tool entry point, call it from the thread that drives the device: it replaces arrays
+        the compiled request path reads (the back-ends never run a kernel thread while a control channel
+        watches them: `VirtioIommuBackend.takes_kick_fd`)."""
         self.domain_table.set_reserved_regions(endpoint, regions)
         for observer in self.observers:
             observer.reserved_regions(endpoint, regions)

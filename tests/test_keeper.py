@@ -341,3 +341,29 @@ def test_ctl_upgrade_hands_over_as_sighup_does(keeper: KeeperProcess) -> None:
         assert keeper.worker() != old
     assert "upgrade requested (control channel)" in keeper.log
     assert keeper.terminate() == 0
+
+
+def test_workers_that_keep_failing_never_end_the_keeper_or_the_connection(directory: str) -> None:
+    """Every new worker exits at start-up (its --topology became unreadable): the keeper backs off, logs
+    louder, keeps QEMU's connection and the message QEMU waits on, and the first worker that starts
+    again answers it."""
+    topology = os.path.join(directory, "topology.toml")
+    with open("qemu-configs/topologies/default.toml") as source, open(topology, "w") as copy:
+        copy.write(source.read())
+    program = KeeperProcess(directory, f"--topology={topology}", backend="iommu")
+    try:
+        with Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
+            features = frontend.get_features()
+            os.rename(topology, topology + ".away")  # every worker from now on refuses to start
+            program.kill_worker()
+            program.wait_for("failure 3 in a row")
+            frontend.send(encode(FrontendRequest.GET_QUEUE_NUM))  # waits for a worker that serves
+            program.wait_for("failure 4 in a row")
+            assert program.process.poll() is None
+            os.rename(topology + ".away", topology)
+            reply = frontend.receive()
+            assert reply.code == FrontendRequest.GET_QUEUE_NUM and reply.payload == U64(2)
+            assert frontend.get_features() == features
+        assert program.terminate() == 0
+    finally:
+        program.close()

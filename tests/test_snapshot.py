@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import struct
 import time
 from collections.abc import Callable
@@ -487,3 +488,19 @@ def test_a_million_mappings(record_property: Callable[[str, object], None]) -> N
     )
     # Generous: the machine is shared; it takes about 0.1 s and 0.2 s unloaded.
     assert saved_at - started < 10 and restored_at - restore_started < 20
+
+
+def test_file_objects() -> None:
+    device = populated()
+    file = io.BytesIO()
+    assert snapshot.write(device, file) == len(file.getvalue())
+    file.seek(0)
+    restored = IommuDevice()
+    snapshot.read(restored, file)
+    assert state_of(restored) == state_of(device)
+    endless = io.BytesIO(bytes(snapshot.max_size(restored) + 1))
+    assert_refused(restored, b"", "truncated")
+    before = snapshot.save(restored)
+    with pytest.raises(SnapshotError, match="larger than any state"):
+        snapshot.read(restored, endless)
+    assert snapshot.save(restored) == before

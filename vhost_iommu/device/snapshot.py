@@ -4,7 +4,8 @@ Used for migration (VHOST_USER_SET_DEVICE_STATE_FD: the state travels through th
 crash-persistence snapshots. A state comes from outside the process (a front-end, a file), so
 `restore` trusts nothing in it: every magic, version, length, count, id, range, order and flag is
 checked, and the device is only touched once the whole state has been checked and built beside it.
-Any problem raises `SnapshotError` naming it, and leaves the device exactly as it was.
+Any problem raises `SnapshotError` naming it, and leaves the device exactly as it was. ``save`` /
+``restore`` work on bytes, ``write`` / ``read`` on binary file objects (``read`` stops at ``max_size``).
 
 What is saved: acked and driver-written features, the config's ``bypass``, every domain (id, bypass
 flag, how many mappings), every attached endpoint and its domain, every mapping of every domain, the
@@ -53,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -636,3 +637,20 @@ def restore(device: IommuDevice, data: bytes | bytearray | memoryview) -> None:
     device.request_counts[:] = staged.request_counts
     device.status_counts[:] = staged.status_counts
     device.fault_counts[:] = staged.fault_counts
+
+
+def write(device: IommuDevice, file: BinaryIO) -> int:
+    """Save ``device`` into ``file`` (a binary file object); returns the bytes written."""
+    data = save(device)
+    file.write(data)
+    return len(data)
+
+
+def read(device: IommuDevice, file: BinaryIO) -> None:
+    """Restore ``device`` from ``file``, reading no more than any state of this device can be (a file of
+    another size, or an endless stream, is refused without being read whole)."""
+    limit = max_size(device)
+    data = file.read(limit + 1)
+    if len(data) > limit:
+        raise SnapshotError(f"more than {limit} bytes: larger than any state of this device")
+    restore(device, data)

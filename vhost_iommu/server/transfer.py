@@ -34,10 +34,11 @@ class StateTransfer:
     ``error`` is None while it runs and after success; ``done`` says whether it ended.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, name: str, *, loading: bool) -> None:
         self._loop = loop
         self._fd: int | None = fd
         self.name = name
+        self.loading = loading
         self.done = False
         self.error: str | None = None
         self.size = 0
@@ -47,7 +48,7 @@ class StateTransfer:
     @classmethod
     def save(cls, loop: asyncio.AbstractEventLoop, fd: int, data: bytes, name: str) -> StateTransfer:
         """Write ``data`` into ``fd``, then close it (the front-end's end of file)."""
-        transfer = cls(loop, fd, name)
+        transfer = cls(loop, fd, name, loading=False)
         transfer._outgoing = memoryview(data)
         transfer.size = len(data)
         loop.add_writer(fd, transfer._on_writable)
@@ -65,7 +66,7 @@ class StateTransfer:
     ) -> StateTransfer:
         """Read ``fd`` to its end (at most ``limit`` bytes), then ``apply`` what came; ``apply`` raises
         ValueError naming what is wrong with the state."""
-        transfer = cls(loop, fd, name)
+        transfer = cls(loop, fd, name, loading=True)
         transfer._incoming = bytearray()
         transfer._limit = limit
         transfer._apply = apply
@@ -145,7 +146,7 @@ class StateTransfer:
         the fd still holds is read now; a transfer that cannot end now fails."""
         if self.done:
             return
-        if self._fd is not None and hasattr(self, "_incoming"):
+        if self.loading:
             while (progress := self._read_once()) is True:
                 pass
             if progress is False or self.done:

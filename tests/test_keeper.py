@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import signal
 import socket
 import stat
@@ -365,5 +366,43 @@ def test_workers_that_keep_failing_never_end_the_keeper_or_the_connection(direct
             assert reply.code == FrontendRequest.GET_QUEUE_NUM and reply.payload == U64(2)
             assert frontend.get_features() == features
         assert program.terminate() == 0
+    finally:
+        program.close()
+
+
+def test_a_connected_fd_is_served_through_the_keeper_and_its_end_ends_the_program(directory: str) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    command = [sys.executable, "-m", "vhost_iommu", f"--fd={theirs.fileno()}", "--backend=echo"]
+    process = subprocess.Popen(
+        [*command, f"--state-dir={directory}/state"], pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE
+    )
+    theirs.close()
+    try:
+        with Frontend(ours, timeout=TIMEOUT) as frontend, GuestRam(1 << 20) as ram:
+            queues = [DriverQueue(ram, 64), DriverQueue(ram, 64)]
+            frontend.start_device(ram, queues)
+            head = queues[0].post([b"through"], [7])
+            frontend.kick(0)
+            assert frontend.wait_used(0, timeout=TIMEOUT)
+            assert queues[0].used() == [(head, 7)] and queues[0].written(head) == b"through"
+        assert process.wait(timeout=TIMEOUT) == 0  # the front-end left: the program ends
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+def test_the_worker_dies_with_the_keeper(directory: str) -> None:
+    program = KeeperProcess(directory)
+    try:
+        worker = program.worker()
+        exited = os.pidfd_open(worker)
+        try:
+            program.process.kill()  # no chance to stop its worker: PR_SET_PDEATHSIG does
+            assert select.select([exited], [], [], TIMEOUT)[0], "the worker outlived its keeper"
+        finally:
+            os.close(exited)
     finally:
         program.close()

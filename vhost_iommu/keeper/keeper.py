@@ -107,6 +107,7 @@ class Relay:
     output: bytearray = field(default_factory=bytearray)
     reading: bool = True
     closing: bool = False
+    ends_program: bool = False
     #: The events the selector watches for this connection's socket (0: not registered).
     events: int = 0
 
@@ -197,7 +198,12 @@ class Keeper:
             self._selector.register(self._wakeup_r, selectors.EVENT_READ, ("signal", None))
             for sock, origin in self._listeners:
                 sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ, ("listener", origin))
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    self._selector.register(sock, selectors.EVENT_READ, ("listener", origin))
+                else:
+                    # A connected --fd: that one front-end, whose leaving ends the program (as without
+                    # the keeper).
+                    self._adopt(sock, origin).ends_program = True
             self.worker = self._spawn()
             log.info("listening on %s", ", ".join(origin for _sock, origin in self._listeners))
             while not self._stopping:
@@ -536,6 +542,9 @@ class Keeper:
             )
             sock.close()
             return
+        self._adopt(sock, origin)
+
+    def _adopt(self, sock: socket.socket, origin: str) -> Relay:
         sock.setblocking(False)
         relay = Relay(self._next_relay, sock, origin)
         self._next_relay += 1
@@ -545,6 +554,7 @@ class Keeper:
         worker = self._serving()
         if worker is not None:
             self._introduce(worker, relay)
+        return relay
 
     def _serving(self) -> Worker | None:
         worker = self.worker
@@ -710,6 +720,9 @@ class Keeper:
         if notify and worker is not None:
             self._send(worker, {"op": "close", "conn": relay.ident})
         relay.close()
+        if relay.ends_program:
+            log.info("the front-end of %s is gone; stopping", relay.origin)
+            self._stopping = True
 
     # -- the end --------------------------------------------------------------------------------------------
 

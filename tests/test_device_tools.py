@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vhost_iommu.device import IommuDevice, ReservedRegion, ResvMemType, Status
+from vhost_iommu.device import IommuDevice, ReservedRegion, ResvMemType, Status, domains
 from vhost_iommu.device.layout import (
     TAIL_SIZE,
     RequestType,
@@ -206,3 +206,14 @@ def test_reserved_regions_probe_cannot_report_are_refused(
     assert all(info.reserved == (MSI,) for info in device.endpoints())
     with pytest.raises(ValueError, match="not managed"):
         device.set_reserved_regions(0x2, ())
+
+
+def test_replacements_stop_before_region_sets_grow_without_bound(
+    device: IommuDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(domains, "MAX_REGION_SETS", device.domain_table.regions.count + 2)
+    for n in range(2):
+        device.set_reserved_regions(EP, (ReservedRegion(ResvMemType.RESERVED, n << 12, (n << 12) + 0xFFF),))
+    with pytest.raises(ValueError, match="no more replacements"):
+        device.set_reserved_regions(EP, (HOLE,))
+    assert device.reserved_regions(EP)[0].start == 1 << 12  # unchanged

@@ -27,6 +27,9 @@ from vhost_iommu.device.mapping import MappingStore
 from vhost_iommu.device.topology import ReservedRegion, Topology, check_regions
 
 NO_DOMAIN = -1
+#: Interned region sets are never freed; a tool replacing regions over and over must not grow the device
+#: without bound, so replacements stop being accepted past this many distinct sets.
+MAX_REGION_SETS = 4096
 
 
 class RegionSets:
@@ -68,6 +71,11 @@ class RegionSets:
             found = self.intern(tuple(interval for i in set_ids for interval in self._intervals[i]))
             self._unions[set_ids] = found
         return found
+
+    @property
+    def count(self) -> int:
+        """How many distinct sets were interned (they are never forgotten: ids live in the arrays)."""
+        return len(self._intervals)
 
     def intervals(self, set_id: int) -> tuple[tuple[int, int], ...]:
         return self._intervals[set_id]
@@ -202,6 +210,8 @@ class Domains:
                 else self._checked(regions)
             )
             changes.append((slot, wanted))
+        if self.regions.count >= MAX_REGION_SETS:
+            raise ValueError(f"{MAX_REGION_SETS} distinct reserved-region sets exist: no more replacements")
         for slot, wanted in changes:
             self._replace_regions(slot, wanted)
 

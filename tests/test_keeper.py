@@ -406,3 +406,18 @@ def test_the_worker_dies_with_the_keeper(directory: str) -> None:
             os.close(exited)
     finally:
         program.close()
+
+
+def test_a_worker_that_stops_answering_is_replaced(directory: str) -> None:
+    program = KeeperProcess(directory, "--worker-timeout=2")
+    try:
+        with Guest(program.socket) as guest:
+            guest.echo()
+            hung = program.worker()
+            os.kill(hung, signal.SIGSTOP)  # alive, holding its fds, answering nothing
+            guest.echo(2)  # served once the keeper has given up on it
+            program.wait_for("has not answered for")
+            assert program.worker() != hung
+        assert program.terminate() == 0
+    finally:
+        program.close()

@@ -211,6 +211,14 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         help="with --state-dir: keep a second device worker loaded and waiting, so that a worker that dies "
         "is replaced in milliseconds instead of a process start (costs the memory of one more worker)",
     )
+    parser.add_argument(
+        "--worker-timeout",
+        type=_bounded_int(1, 3600, "a number of seconds"),
+        default=20,
+        metavar="SECONDS",
+        help="with --state-dir: a device worker that answers no sign-of-life request for this long (hung, "
+        "stopped) is killed and replaced (default 20, the guest's soft-lockup threshold)",
+    )
     # The keeper's channel, given to the device worker it starts (serve --state-dir); not for people.
     parser.add_argument("--keeper-fd", type=_fd_number, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")

@@ -70,6 +70,10 @@ SEND_TIMEOUT = 5.0
 #: A new spare starts this long after a worker began serving: a process loading numpy and numba next to
 #: a worker restoring its sessions would slow the very take-over the spare exists to make short.
 SPARE_DELAY = 2.0
+#: The serving worker is asked for a sign of life this often; one that gives none for --worker-timeout
+#: seconds (a deadlock, a stop) is killed and replaced like a dead one.
+PING_INTERVAL = 1.0
+DEFAULT_WORKER_TIMEOUT = 20.0
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
@@ -149,6 +153,8 @@ class Worker:
     #: ``suspend`` was sent: nothing more is forwarded to it; it answers ``suspended`` and exits.
     suspending: bool = False
     ready_at: float | None = None
+    #: When it last answered a ping (or became ready).
+    alive_at: float = 0.0
 
 
 class Keeper:
@@ -162,6 +168,7 @@ class Keeper:
         files: list[SocketFile],
         *,
         spare: bool = False,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     ) -> None:
         self._arguments = worker_arguments
         self._listeners = listeners
@@ -177,6 +184,8 @@ class Keeper:
         self._spare_wanted = spare
         self.spare: Worker | None = None
         self._spare_at: float | None = None
+        self._worker_timeout = worker_timeout
+        self._ping_at = time.monotonic() + PING_INTERVAL
         self._restart_at: float | None = None
         self._failures = 0
         self._ever_ready = False
@@ -217,7 +226,7 @@ class Keeper:
 
     def _once(self) -> None:
         timeout = None
-        due = [at for at in (self._restart_at, self._spare_at) if at is not None]
+        due = [at for at in (self._restart_at, self._spare_at, self._ping_at) if at is not None]
         if due:
             timeout = max(0.0, min(due) - time.monotonic())
         for key, _events in self._selector.select(timeout):
@@ -242,6 +251,25 @@ class Keeper:
         if self._spare_at is not None and time.monotonic() >= self._spare_at:
             self._spare_at = None
             self._ensure_spare()
+        if time.monotonic() >= self._ping_at:
+            self._ping_at = time.monotonic() + PING_INTERVAL
+            self._watch_worker()
+
+    def _watch_worker(self) -> None:
+        """Ping the serving worker; kill it if it has not answered for the worker timeout."""
+        worker = self._serving()
+        if worker is None:
+            return
+        silent = time.monotonic() - worker.alive_at
+        if silent > self._worker_timeout:
+            log.error(
+                "device worker %d has not answered for %.1f s (hung or stopped); killing it",
+                worker.process.pid,
+                silent,
+            )
+            self._kill(worker)
+            return
+        self._send(worker, {"op": "ping"})
 
     def _on_signal(self) -> None:
         try:
@@ -341,13 +369,16 @@ class Keeper:
         op = head["op"]
         if op == "ready":
             worker.ready = True
-            worker.ready_at = time.monotonic()
+            worker.ready_at = worker.alive_at = time.monotonic()
             if worker is self.spare:
                 log.info("device worker %d ready as the spare", worker.process.pid)
             elif worker is self.standby:
                 self._hand_over()
             else:
                 self._start_serving(worker)
+            return
+        if op == "pong":
+            worker.alive_at = time.monotonic()
             return
         if op == "upgrade":
             self.request_upgrade("control channel")
@@ -373,6 +404,7 @@ class Keeper:
 
     def _start_serving(self, worker: Worker) -> None:
         """A ready worker becomes the one serving: every connection restored or opened, pending re-sent."""
+        worker.alive_at = time.monotonic()  # a spare may have waited long: its silence starts now
         if self._gap_started is not None:
             log.warning(
                 "device worker %d serving %.3f s after the previous one stopped",
@@ -816,7 +848,10 @@ def run_keeper(
     """Run the keeper over already-created listeners (the caller made them; the keeper closes them)."""
     raise_fd_limit()
     spare = bool(getattr(args, "spare_worker", False))
-    keeper = Keeper(worker_arguments(arguments), listeners, control, files, spare=spare)
+    timeout = float(getattr(args, "worker_timeout", DEFAULT_WORKER_TIMEOUT))
+    keeper = Keeper(
+        worker_arguments(arguments), listeners, control, files, spare=spare, worker_timeout=timeout
+    )
     return keeper.run()
 
 

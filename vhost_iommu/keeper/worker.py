@@ -316,6 +316,9 @@ class Worker:
                 wire.close_all(fds)
                 raise wire.WireError(f"message for unknown connection {head.get('conn')}")
             connection.deliver(wire.int_field(head, "seq"), payload, wire.int_list(head, "fd_ids"), fds)
+        elif op == "ping":
+            wire.close_all(fds)
+            wire.send(self._channel, {"op": "pong"})
         elif op == "close":
             wire.close_all(fds)
             connection = self._connections.get(wire.int_field(head, "conn"))

@@ -157,8 +157,14 @@ def test_plan_items_and_lab_configs() -> None:
     builtin, vhost, empty = (lab_config(kind, plan) for kind in (BUILTIN, VHOST_IOMMU, EMPTY))
     assert builtin.iommu is IommuKind.BUILTIN and not builtin.extra_qemu_args
     assert vhost.params == builtin.params == {"count": "100", "bench": "bulk:8,bulk:16,pairs:100,scatter:32"}
-    assert vhost.iommu is IommuKind.VHOST_USER and vhost.backend_factory is VirtioIommuBackend
-    assert empty.backend_factory is EmptyBackend
+    assert vhost.iommu is IommuKind.VHOST_USER and vhost.backend_factory is not None
+    assert empty.backend_factory is not None
+    assert type(vhost.backend_factory(Topology.default())) is VirtioIommuBackend
+    assert type(empty.backend_factory(Topology.default())) is EmptyBackend
+    polling = lab_config(VHOST_IOMMU, BenchPlan(poll_us=20)).backend_factory
+    assert polling is not None
+    compiled = polling(Topology.default())._compiled
+    assert compiled is not None and compiled.poll_ticks > 0
     assert not any(config.control for config in (builtin, vhost, empty))  # no per-kick instrumentation
     assert empty.extra_qemu_args == ("-global", "vhost-user-test-device.vq_size=256")
     assert lab_config(EMPTY, BenchPlan(vq_size=0)).extra_qemu_args == ()

@@ -26,11 +26,10 @@ class EmptyBackend(VirtioIommuBackend):
     only then, and counts a zero used length as an I/O error.
     """
 
-    def __init__(self, topology: Topology | None = None, *, kick_thread: bool | None = None) -> None:
+    def __init__(
+        self, topology: Topology | None = None, *, kick_thread: bool | None = None, poll_us: float = 0.0
+    ) -> None:
         """``kick_thread``: serve from the requestq thread or the event loop; None: what the real
-        back-end does by default, so that the floor moves with it."""
-        if kick_thread is None:
-            super().__init__(topology)
-        else:
-            super().__init__(topology, kick_thread=kick_thread)
-        self._compiled = CompiledRequestPath(self.device, no_work=True)
+        back-end does by default, so that the floor moves with it. ``poll_us``: as the real one's."""
+        super().__init__(topology, kick_thread=kick_thread, poll_us=poll_us)
+        self._compiled = CompiledRequestPath(self.device, poll_us=poll_us, no_work=True)

@@ -65,6 +65,8 @@ class BenchPlan:
     scatter: Sequence[int] = (4096, 65536)
     workloads: Sequence[str] = WORKLOADS
     vq_size: int = 256
+    # The vhost-user back-ends' poll window after a batch (VirtioIommuBackend(poll_us=...)); 0: none.
+    poll_us: float = 0.0
     # Seconds the guest may stay silent between two workload lines (a boot included).
     step_timeout: float = 300.0
 
@@ -90,14 +92,15 @@ def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
     params = {"count": str(plan.pairs), "bench": ",".join(plan.items())}
     if backend == BUILTIN:
         return LabConfig(job="vfio-bench", params=params, iommu=IommuKind.BUILTIN, control=False)
+    poll_us = plan.poll_us
     factories: dict[str, Callable[[Topology], VirtioIommuBackend]] = {
-        VHOST_IOMMU: VirtioIommuBackend,
-        EMPTY: EmptyBackend,
+        VHOST_IOMMU: lambda topology: VirtioIommuBackend(topology, poll_us=poll_us),
+        EMPTY: lambda topology: EmptyBackend(topology, poll_us=poll_us),
         VHOST_IOMMU_PYTHON: lambda topology: VirtioIommuBackend(topology, request_path="python"),
-        VHOST_IOMMU_THREAD: lambda topology: VirtioIommuBackend(topology, kick_thread=True),
-        VHOST_IOMMU_LOOP: lambda topology: VirtioIommuBackend(topology, kick_thread=False),
-        EMPTY_THREAD: lambda topology: EmptyBackend(topology, kick_thread=True),
-        EMPTY_LOOP: lambda topology: EmptyBackend(topology, kick_thread=False),
+        VHOST_IOMMU_THREAD: lambda topology: VirtioIommuBackend(topology, kick_thread=True, poll_us=poll_us),
+        VHOST_IOMMU_LOOP: lambda topology: VirtioIommuBackend(topology, kick_thread=False, poll_us=poll_us),
+        EMPTY_THREAD: lambda topology: EmptyBackend(topology, kick_thread=True, poll_us=poll_us),
+        EMPTY_LOOP: lambda topology: EmptyBackend(topology, kick_thread=False, poll_us=poll_us),
     }
     if backend not in factories:
         raise ValueError(f"unknown back-end {backend!r}")

@@ -235,7 +235,8 @@ def _needs_notification(control: I64Array, ring: npt.NDArray[np.uint64]) -> bool
 @njit(cache=True, nogil=True)
 def _await_chain(control: I64Array, ring: npt.NDArray[np.uint64], park_word: np.uint64) -> bool:
     """Watch avail.idx for up to K_POLL_TICKS with kicks suppressed (EVENT_IDX); True if a chain came.
-    serve_requests asks for kicks again (and looks once more) when it next finds the ring empty."""
+    The caller must call serve_requests next whatever the answer: it asks for kicks again (and looks once
+    more) when it finds the ring empty, and nothing else undoes the suppression."""
     avail_idx = ring[R_AVAIL] + np.uint64(2)
     next_avail = np.int64(ring[R_NEXT_AVAIL])
     flags = ring[R_FLAGS]
@@ -294,12 +295,10 @@ def kick_loop(control: I64Array, *arguments: Any) -> int:
                 return LOOP_PARKED
             if reason == STOP_BUDGET:
                 continue  # the thread is this ring's own: nobody else to let through
-            if (
-                done
-                and control[K_POLL_TICKS] > 0
-                and park == PARK_NO
-                and _await_chain(control, ring, park_word)
-            ):
+            if done and control[K_POLL_TICKS] > 0 and park == PARK_NO:
+                _await_chain(control, ring, park_word)
+                # Serve what came, or find the ring empty: serve_requests then asks for kicks again (the
+                # window suppressed them) and looks once more before the loop blocks.
                 continue
         park = _load_acquire(park_word)
         if park == PARK_NOW:

@@ -256,9 +256,10 @@ class Keeper:
             self._watch_worker()
 
     def _watch_worker(self) -> None:
-        """Ping the serving worker; kill it if it has not answered for the worker timeout."""
-        worker = self._serving()
-        if worker is None:
+        """Ping the serving worker; kill it if it has not answered for the worker timeout (one that hangs
+        while it suspends for an upgrade too: its death hands over to the new one)."""
+        worker = self.worker
+        if worker is None or not worker.ready:
             return
         silent = time.monotonic() - worker.alive_at
         if silent > self._worker_timeout:

@@ -223,31 +223,34 @@ def test_the_python_path_and_a_back_end_without_event_loop_take_no_fd() -> None:
     assert VirtioIommuBackend(kick_thread=True).takes_kick_fd(0, -1, None) is False
 
 
+class Context:
+    """The server's side of the seam, as much of it as taking a kick fd needs."""
+
+    session_key: str | None = None  # served without a keeper
+
+    def __init__(self, memory: GuestMemory, ring: SplitQueue) -> None:
+        self.memory = memory
+        self.ring = ring
+
+    def queue(self, index: int) -> SplitQueue | None:
+        return self.ring if index == 0 else None
+
+    def signal_used(self, index: int) -> None:
+        pass
+
+    def reschedule(self, index: int) -> None:
+        pass
+
+    def config_changed(self) -> None:
+        pass
+
+    def device_broken(self, reason: str) -> None:
+        pass
+
+
 def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() -> None:
     class AnswersKicksItself(VirtioIommuBackend):
         def queue_kicked(self, index: int) -> None:
-            pass
-
-    class Context:
-        session_key: str | None = None  # served without a keeper
-
-        def __init__(self, memory: GuestMemory, ring: SplitQueue) -> None:
-            self.memory = memory
-            self.ring = ring
-
-        def queue(self, index: int) -> SplitQueue | None:
-            return self.ring if index == 0 else None
-
-        def signal_used(self, index: int) -> None:
-            pass
-
-        def reschedule(self, index: int) -> None:
-            pass
-
-        def config_changed(self) -> None:
-            pass
-
-        def device_broken(self, reason: str) -> None:
             pass
 
     watched = VirtioIommuBackend(kick_thread=True)
@@ -325,3 +328,27 @@ def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() 
                 assert counters["kicks"] >= 1  # some windows ended before the next request
         finally:
             server.stop()
+
+
+def test_without_a_thread_to_be_had_the_event_loop_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    backend = VirtioIommuBackend(kick_thread=True, poll_us=50)
+    with GuestRam(1 << 20) as ram:
+        memory = ram.guest_memory()
+        kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            backend.attach(Context(memory, DriverQueue(ram, 8).device_queue(memory)))
+
+            async def offer() -> bool:
+                return backend.takes_kick_fd(0, kick_fd, None)
+
+            monkeypatch.setattr(threading.Thread, "start", refuse)
+            assert asyncio.run(offer()) is False  # and its wake eventfd closed (fd_leak_check)
+            monkeypatch.undo()
+            compiled = backend._compiled
+            assert compiled is not None and compiled._ring_params[kernel.R_POLL_TICKS] > 0  # loop polls
+        finally:
+            os.close(kick_fd)
+            memory.close()

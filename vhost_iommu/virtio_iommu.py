@@ -331,7 +331,12 @@ class _KickThread:
         self._finished = False
         self._handed_back = threading.Event()
         self._thread = threading.Thread(target=self._run, name="virtio-iommu requestq", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # no thread to be had: leave nothing behind, the event loop serves
+            os.close(self._wake_fd)
+            compiled.set_polling(True)
+            raise OSError(f"cannot start the requestq thread: {exc}") from None
 
     # -- from the event loop (or, for settle, any other thread) ----------------------------------------------
 

@@ -1013,6 +1013,9 @@ class ConnectionHandler:
         if self.closed:
             return
         self.closed = True
+        # A device-state transfer does not move to the next worker: it ends here, and the front-end's
+        # CHECK_DEVICE_STATE (answered by the next worker, which has none) fails.
+        self._drop_transfer("the connection moved to another device worker")
         for slot in self.slots:
             self._reclaim_kick(slot)
             slot.rescheduled = False

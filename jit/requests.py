@@ -19,7 +19,15 @@ It stops early, *without consuming the chain it stopped at*, when that chain is 
 ``STOP_GROW``    a MAP needs more rows in the table's pools: the caller grows the table and calls again;
 ``STOP_BUDGET``  the call completed ``R_BUDGET`` chains and more are available: the caller lets other work
                  run before calling again (a driver that keeps the ring full must not hold the caller's
-                 event loop, which other guests share).
+                 event loop, which other guests share);
+``STOP_JOURNAL`` journaling is on and the journal is full: the caller snapshots, starts a new journal
+                 and calls again.
+
+Journaling (``RF_JOURNAL``, ``vhost_iommu.persist``): every chain served is recorded in the journal at
+``R_JOURNAL`` (``RECORD_WORDS`` u64 per record, the layout of ``vhost_iommu.persist.journal``) and the
+record committed (its first word stored last, after a release fence) before the chain's used entry and
+the used index are stored: whatever the guest can see completed is in the journal, so a worker killed at
+any instant is replaced by one that neither loses nor repeats a request.
 
 Rings and buffers are reached through raw host addresses that the caller took from live numpy views
 (the ring views of the ``SplitQueue``, the regions of ``GuestMemory.flat_tables()``) and keeps alive for
@@ -60,12 +68,20 @@ STOP_GROW: Final = 3
 STOP_BUDGET: Final = 4
 """``R_BUDGET`` chains were completed and another is available; call again later."""
 
+STOP_JOURNAL: Final = 5
+"""Journaling is on and the journal has no free record: snapshot, start a new one, call again."""
+STOP_TRAP: Final = 6
+"""Test hook (``R_JOURNAL_TRAP``): the record was committed and the chain not published; the caller
+kills its own process to test recovery from exactly that instant."""
+
 STOP_NAMES: Final[dict[int, str]] = {
     STOP_EMPTY: "empty",
     STOP_PYTHON: "python",
     STOP_BROKEN: "broken",
     STOP_GROW: "grow",
     STOP_BUDGET: "budget",
+    STOP_JOURNAL: "journal",
+    STOP_TRAP: "trap",
 }
 
 # -- the ``ring`` parameter array (uint64) --------------------------------------------------------------
@@ -95,7 +111,15 @@ R_POLL_LIMIT_TICKS: Final = 13
 """Longest a call keeps polling in total, in ticks: the event loop that called it waits meanwhile."""
 R_BUDGET: Final = 14
 """Most chains one call completes; the call stops with STOP_BUDGET when it has and more are available."""
-RING_WORDS: Final = 16
+R_JOURNAL: Final = 15
+"""With RF_JOURNAL: host address of the journal's first record."""
+R_JOURNAL_SLOTS: Final = 16
+"""Records the journal holds."""
+R_JOURNAL_NEXT: Final = 17
+"""In and out: the next free record."""
+R_JOURNAL_TRAP: Final = 18
+"""Test hook: 1 + the record after whose commit the call stops with STOP_TRAP (0: never)."""
+RING_WORDS: Final = 20
 
 RF_EVENT_IDX: Final = 1
 RF_INDIRECT: Final = 2
@@ -107,6 +131,17 @@ RF_NOTIFY: Final = 32
 """Kicks are wanted: with EVENT_IDX, keep avail_event at the next available index."""
 RF_NO_WORK: Final = 64
 """Answer every well-formed MAP and UNMAP OK without checking or applying it: the benchmarks' floor."""
+RF_JOURNAL: Final = 128
+"""Record every chain served in the journal at R_JOURNAL before publishing it."""
+
+# -- journal records (the layout of vhost_iommu.persist.journal) ------------------------------------------
+
+RECORD_WORDS: Final = 8
+J_KIND_REQUEST: Final = 1
+J_REQUEST_BYTES: Final = 40
+"""Readable bytes of a request kept in its record: more than any request's layout."""
+J_NO_STATUS: Final = 0xFF
+"""Status field of a chain whose tail was not found (nothing written, used length 0)."""
 
 # -- the ``counts`` array (int64): what the device counts, added to its own counters by the caller ------
 
@@ -212,6 +247,14 @@ def _cycles_typer(typingctx: Any) -> Any:
     return types.uint64(), codegen
 
 
+def _release_fence_typer(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        builder.fence("release")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # Typed as Any: numba supplies the typing context argument, so the Python-level signatures mislead mypy.
 _load8: Any = intrinsic(_load8_typer)
 _load16: Any = intrinsic(_load16_typer)
@@ -222,6 +265,9 @@ _store16: Any = intrinsic(_store16_typer)
 _store64: Any = intrinsic(_store64_typer)
 _cycles: Any = intrinsic(_cycles_typer)
 """The CPU's cycle counter (TSC on x86): a clock for poll windows that costs no system call."""
+_release_fence: Any = intrinsic(_release_fence_typer)
+"""Orders every earlier store before every later one (no instruction on x86, a barrier on arm64); also
+keeps the compiler from moving a journal record's stores after its commit word."""
 
 
 @njit(cache=True, nogil=True)
@@ -471,6 +517,11 @@ def serve_requests(
     poll_limit = ring[R_POLL_LIMIT_TICKS]
     poll_spent = _ZERO
     max_chains = _i64(ring[R_BUDGET])
+    journaling = (flags_word & RF_JOURNAL) != _ZERO
+    journal = ring[R_JOURNAL]
+    journal_slots = _i64(ring[R_JOURNAL_SLOTS])
+    journal_next = _i64(ring[R_JOURNAL_NEXT])
+    journal_trap = _i64(ring[R_JOURNAL_TRAP])
 
     request = np.zeros(_SCRATCH, np.uint8)
     regions = memory.shape[0]
@@ -505,6 +556,9 @@ def serve_requests(
             break
         if completed >= max_chains:
             reason = STOP_BUDGET
+            break
+        if journaling and journal_next >= journal_slots:
+            reason = STOP_JOURNAL  # before the chain is touched: it is served after the rotation
             break
         if pending > size:
             reason = STOP_BROKEN
@@ -611,6 +665,7 @@ def serve_requests(
         else:
             reason = STOP_PYTHON
             break
+        status = J_NO_STATUS
         if writable_len != _TAIL_SIZE:
             # The tail cannot be found: nothing is written, used length 0.
             counts[C_REQUEST] += 1
@@ -651,6 +706,32 @@ def serve_requests(
                     written += 1
             used_length = _TAIL_SIZE
 
+        if journaling:
+            # -- journal it, committed before anything below makes it visible to the guest --
+            record = journal + np.uint64(8 * RECORD_WORDS * journal_next)
+            _store64(
+                record + np.uint64(8),
+                np.uint64(J_KIND_REQUEST)
+                | (np.uint64(status) << np.uint64(8))
+                | (np.uint64(used_length) << np.uint64(32)),
+            )
+            _store64(
+                record + np.uint64(16),
+                np.uint64(next_avail)
+                | (np.uint64(used_idx) << np.uint64(16))
+                | (np.uint64(head) << np.uint64(32)),
+            )
+            source = np.uint64(request.ctypes.data)
+            for k in range(J_REQUEST_BYTES // 8):
+                _store64(record + np.uint64(24 + 8 * k), _load64(source + np.uint64(8 * k)))
+            _release_fence()
+            journal_next += 1
+            _store64(record, np.uint64(journal_next))
+            _release_fence()  # the commit ahead of the used entry and index
+            if journal_next == journal_trap:
+                reason = STOP_TRAP
+                break
+
         # -- complete it (SplitQueue.pop's bookkeeping, then push_used) --
         next_avail = (next_avail + 1) & 0xFFFF
         if keep_avail_event:
@@ -666,6 +747,7 @@ def serve_requests(
     ring[R_NEXT_AVAIL] = np.uint64(next_avail)
     ring[R_USED_IDX] = np.uint64(used_idx)
     ring[R_COMPLETED] = np.uint64(completed)
+    ring[R_JOURNAL_NEXT] = np.uint64(journal_next)
     return reason
 
 

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -30,12 +31,25 @@ import numpy as np
 import numpy.typing as npt
 
 from vhost_iommu.backend import BackendContext
-from vhost_iommu.device import IommuDevice, Topology, snapshot
+from vhost_iommu.device import IommuDevice, ReservedRegion, Topology, snapshot
 from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import FlatRegions, GuestMemory, GuestMemoryError
+from vhost_iommu.persist import Persistence, StateDir, StateError
+from vhost_iommu.persist.image import RingPosition, capture
+from vhost_iommu.persist.journal import (
+    DEFAULT_SLOTS,
+    F_FORCED,
+    KIND_BYPASS,
+    KIND_FEATURES,
+    KIND_RESET,
+    KIND_RING,
+    Journal,
+    request_words,
+)
+from vhost_iommu.persist.replay import Recovered, recover
 from vhost_iommu.virtqueue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -115,6 +129,10 @@ class CompiledRequestPath:
         self._memory_flat: FlatRegions | None = None
         #: How many times the kernel stopped for each reason (STOP_* codes): for tests and benchmarks.
         self.stops = [0] * len(kernel.STOP_NAMES)
+        #: The journal every served chain is recorded in before it is published (None: no state dir),
+        #: and what to call when it is full (it must install a new one).
+        self.journal: Journal | None = None
+        self.on_journal_full: Callable[[], None] | None = None
 
     def usable(self) -> bool:
         """The kernel serves what the Python path would: the real table, no injected answers (rare,
@@ -202,6 +220,10 @@ class CompiledRequestPath:
                     return completed, False
                 if reason == kernel.STOP_BUDGET:
                     return completed, True
+                if reason == kernel.STOP_JOURNAL:
+                    assert self.on_journal_full is not None
+                    self.on_journal_full()
+                    continue
                 if reason == kernel.STOP_GROW:
                     grown = grown + 1 if not done else 1
                     if grown > _MAX_GROWTHS:
@@ -239,6 +261,13 @@ class CompiledRequestPath:
         params[_R_USED_IDX] = ring.used_idx
         leaves, nodes, directory, meta = store.arrays
         regions = domains.regions
+        journal = self.journal
+        if journal is not None:
+            params[kernel.R_FLAGS] |= kernel.RF_JOURNAL
+            params[kernel.R_JOURNAL] = journal.address
+            params[kernel.R_JOURNAL_SLOTS] = journal.slots
+            params[kernel.R_JOURNAL_NEXT] = journal.next
+            params[kernel.R_JOURNAL_TRAP] = journal.trap + 1
         return (
             params,
             self._memory_table,
@@ -259,6 +288,11 @@ class CompiledRequestPath:
     def _call_kernel(self, ring: SplitQueue, budget: int) -> tuple[int, int]:
         params = self._ring_params
         reason = kernel.serve_requests(*self._arguments(ring, budget))
+        journal = self.journal
+        if journal is not None:
+            journal.next = int(params[kernel.R_JOURNAL_NEXT])
+            if reason == kernel.STOP_TRAP:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between commit and publish
         next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
         self.stops[reason] += 1
         if done:
@@ -532,6 +566,8 @@ class VirtioIommuBackend:
         request_path: Literal["compiled", "python"] = "compiled",
         poll_us: float = 0.0,
         kick_thread: bool | None = None,
+        state_dir: StateDir | None = None,
+        journal_slots: int = DEFAULT_SLOTS,
     ) -> None:
         """``request_path`` picks how the requestq is served: "compiled" (a numba kernel serves MAP and
         UNMAP in batches, everything else goes through the device core) or "python" (every chain through
@@ -546,7 +582,15 @@ class VirtioIommuBackend:
         requestq is served by a thread of its own running the kick loop (`vhost_iommu.jit.kickloop`),
         woken by the kick fd directly (`KickFdTaker`), rather than from the event loop. The event loop
         still serves it when the server offers no kick fd or the back-end cannot take one (its
-        ``queue_kicked`` is replaced or wrapped, e.g. by the control channel's timing)."""
+        ``queue_kicked`` is replaced or wrapped, e.g. by the control channel's timing).
+
+        ``state_dir`` (``serve --state-dir``, under a keeper): the device state of a connection whose
+        ``context.session_key`` names it is kept in that subdirectory, every request served and every
+        other state change journaled before the guest can see it (docs/persistence.md). A worker that
+        takes over a running session rebuilds it in ``session_restored``; a new session erases what
+        the subdirectory held at its first ring start, request or reset, the first events only a live
+        session has (``journal_slots``: records per journal before the first snapshot). A back-end with
+        a state directory serves the requestq from the event loop, not from a kick thread."""
         if request_path not in ("compiled", "python"):
             raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
         if kick_thread and request_path != "compiled":
@@ -560,6 +604,17 @@ class VirtioIommuBackend:
         self._compiled = (
             CompiledRequestPath(self.device, poll_us=poll_us) if request_path == "compiled" else None
         )
+        self._state_dir = state_dir
+        self._journal_slots = journal_slots
+        self._persistence: Persistence | None = None
+        #: Until a live-session event or session_restored decides it, nothing is journaled: the calls a
+        #: restoring worker gets first (set_features, set_config) come in a new session too.
+        self._persist_decided = False
+        self._journaled_bypass = -1
+        self._journaled_regions: list[tuple[ReservedRegion, ...]] = []
+        self._recovered: Recovered | None = None
+        if self._compiled is not None:
+            self._compiled.on_journal_full = self._rotate_journal
 
     # -- features and config ----------------------------------------------------------------------------
 
@@ -567,6 +622,10 @@ class VirtioIommuBackend:
         return self.device.device_features() | VIRTIO_F_VERSION_1 | RING_FEATURES
 
     def set_features(self, acked: int) -> None:
+        self._apply_features(acked)
+        self._log(KIND_FEATURES, acked, live=False)
+
+    def _apply_features(self, acked: int) -> None:
         self.acked_features = acked
         self.device.set_features(acked & ~RING_FEATURES)
 
@@ -600,17 +659,25 @@ class VirtioIommuBackend:
                 end += 1
             self.device.set_config(offset + start, bytes(data[start:end]))
             start = end
+        self._log_bypass(live=False)
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
     def attach(self, context: BackendContext) -> None:
         self.context = context
+        key = getattr(context, "session_key", None)
+        if self._state_dir is not None and key is not None:
+            self._persistence = Persistence(self._state_dir.guest(key), slots=self._journal_slots)
 
     def memory_changed(self) -> None:
         pass
 
     def reset(self) -> None:
         self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
+        self._reset_device()
+        self._log(KIND_RESET, 0)
+
+    def _reset_device(self) -> None:
         self.device.reset()
         self.acked_features = 0
 
@@ -631,6 +698,11 @@ class VirtioIommuBackend:
     # -- queues -----------------------------------------------------------------------------------------
 
     def queue_started(self, index: int) -> None:
+        ring = self._ring(index)
+        if ring is not None:
+            # Where the ring starts: recovery counts the requestq's records from here, and puts the
+            # eventq back at the same distance between next_avail and used_idx.
+            self._log(KIND_RING, ring.next_avail | ring.used_idx << 16, queue=index)
         self.queue_kicked(index)
 
     def queue_stopped(self, index: int) -> None:
@@ -638,6 +710,10 @@ class VirtioIommuBackend:
 
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
+            return False
+        if self._persistence is not None:
+            # The journal has one writer at a time: the loop journals config writes, resets and ring
+            # starts, which could then come while the thread's kernel appends to it.
             return False
         if "queue_kicked" in vars(self) or type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
             # Kicks are watched or served differently (the control channel times each kick by wrapping
@@ -707,6 +783,8 @@ class VirtioIommuBackend:
         ring = self._ring(REQUEST_QUEUE)
         if ring is None:
             return
+        if self._persistence is not None:
+            self._log_tool_changes()
         # Fairness: one call serves at most a ring's worth of chains. Every connection shares the event
         # loop, so a driver that re-posts as fast as it is answered would otherwise keep this call (and
         # every other guest) waiting for as long as it likes; the rest is served from a callback the loop
@@ -731,14 +809,206 @@ class VirtioIommuBackend:
     def _serve_one(self, ring: SplitQueue) -> bool:
         """Pop and serve one chain through the device core; False if none is available.
         Raises QueueError if the driver broke the ring."""
+        journal = self._journal_with_room() if self._persistence is not None else None
         chain = ring.pop()
         if chain is None:
             return False
-        response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
+        if journal is None:
+            response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
+            if response:
+                chain.write(response)
+            ring.push_used(chain.head, used_length)
+            return True
+        request = chain.read()
+        forced = self.device.injected_count
+        response, used_length = self.device.handle_request(request, chain.writable_len)
         if response:
             chain.write(response)
+        # Committed before the used entry is pushed: what the guest sees completed is in the journal.
+        word1, word2 = request_words(
+            response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
+            used_length,
+            (ring.next_avail - 1) & 0xFFFF,
+            ring.used_idx,
+            chain.head,
+            F_FORCED if self.device.injected_count != forced else 0,
+        )
+        journal.append(word1, word2, request)
         ring.push_used(chain.head, used_length)
         return True
+
+    # -- persistence (docs/persistence.md) ----------------------------------------------------------------
+
+    def _start_journal(self) -> None:
+        assert self._persistence is not None
+        self._persist_decided = True
+        journal = self._persistence.start_fresh()
+        if self._compiled is not None:
+            self._compiled.journal = journal
+        if self.acked_features:
+            self._log(KIND_FEATURES, self.acked_features)
+        self._journaled_bypass = -1
+        self._log_bypass()
+        self._journaled_regions = list(self.device.domain_table.endpoint_regions)
+        if self._journaled_regions != self._topology_regions():
+            self._rotate_journal()  # overrides set before the first request: only a snapshot holds them
+
+    def _topology_regions(self) -> list[tuple[ReservedRegion, ...]]:
+        device = self.device
+        return [device.topology.reserved_regions(int(e)) for e in device.domain_table.endpoint_ids]
+
+    def _journal_with_room(self, *, live: bool = True) -> Journal | None:
+        """The journal with a free record, or None without persistence. ``live``: the caller's event
+        happens only in a live session, so an undecided back-end starts a new session (erasing its
+        subdirectory); otherwise an undecided back-end journals nothing."""
+        persistence = self._persistence
+        if persistence is None:
+            return None
+        if not self._persist_decided:
+            if not live:
+                return None
+            self._start_journal()
+        assert persistence.journal is not None
+        if persistence.journal.full:
+            self._rotate_journal()
+        return persistence.journal
+
+    def _log(self, kind: int, value: int, *, queue: int = 0, live: bool = True) -> None:
+        journal = self._journal_with_room(live=live)
+        if journal is not None:
+            journal.append(kind | queue << 16, value)
+
+    def _log_tool_changes(self) -> None:
+        """Journal what a tool (the control channel) changed since the last kick: all such changes
+        happen on the loop, between kicks. Reserved-region overrides are not records: a snapshot holds
+        them, so a change starts a new generation."""
+        self._log_bypass()
+        regions = self.device.domain_table.endpoint_regions
+        if regions != self._journaled_regions and self._journal_with_room() is not None:
+            self._rotate_journal()
+
+    def _log_bypass(self, *, live: bool = True) -> None:
+        bypass = self.device.config.bypass
+        if bypass != self._journaled_bypass and self._journal_with_room(live=live) is not None:
+            self._log(KIND_BYPASS, bypass)
+            self._journaled_bypass = bypass
+
+    def _ring_position(self, index: int) -> RingPosition | None:
+        ring = self._ring(index)
+        return None if ring is None else RingPosition(ring.next_avail, ring.used_idx)
+
+    def _rotate_journal(self) -> None:
+        """The journal is full: snapshot the state it leads to and continue in a new one. Called between
+        chains, when everything served has been published."""
+        persistence = self._persistence
+        assert persistence is not None
+        image = capture(
+            self.device,
+            self.acked_features,
+            (self._ring_position(REQUEST_QUEUE), self._ring_position(EVENT_QUEUE)),
+            persistence.generation + 1,
+        )
+        journal = persistence.rotate(image)
+        if self._compiled is not None:
+            self._compiled.journal = journal
+        self._journaled_regions = list(self.device.domain_table.endpoint_regions)
+
+    def session_restored(self) -> None:
+        """A worker took over a running session (`RestorableBackend`): rebuild the device from its
+        subdirectory (snapshot, then the journal's records) before any kick. Raises StateError, naming
+        the file and record, when the state cannot be trusted or does not fit this device."""
+        persistence = self._persistence
+        if persistence is None:
+            return
+        if self._persist_decided:
+            raise StateError(f"{persistence.directory.path}: session_restored after the session went live")
+        self._persist_decided = True
+        began = time.perf_counter()
+        try:
+            loaded = persistence.load()
+        except StateError:
+            if persistence.directory.names():
+                raise
+            # The previous worker died before it journaled anything: there is nothing to restore.
+            log.warning("%s: no persisted state; starting empty", persistence.directory.path)
+            self._start_journal()
+            self._recovered = None
+            return
+        self._recovered = recover(self.device, loaded, self._apply_features, self._reset_device)
+        self._journaled_bypass = self.device.config.bypass
+        self._journaled_regions = list(self.device.domain_table.endpoint_regions)
+        if self._compiled is not None:
+            self._compiled.journal = persistence.journal
+        log.info(
+            "%s: state restored in %.3f s (%d records, %d replayed, %d mappings)",
+            persistence.directory.path,
+            time.perf_counter() - began,
+            len(loaded.records),
+            self._recovered.replayed,
+            self.device.store.count(),
+        )
+
+    def queue_restored(self, index: int) -> None:
+        """A respawned worker's ring ``index`` is set up again: put its indices where the journal says,
+        and complete from their records the requests that were served but not yet published (their used
+        entries never reached the guest); they are not executed again. Then serve from there."""
+        recovered = self._recovered
+        ring = self._ring(index)
+        if ring is None or recovered is None or index in recovered.restored:
+            return
+        recovered.restored.add(index)
+        position = recovered.rings[index]
+        if position is None:
+            log.warning("queue %d restored with no journaled position: serving from its used index", index)
+            ring.next_avail = ring.used_idx
+            return
+        published = ring.used_idx  # what the guest has seen: the used index in guest memory
+        if index == EVENT_QUEUE:
+            # Buffers popped and not used were lost with the worker: pop them again.
+            ring.next_avail = (published + position.next_avail - position.used_idx) & 0xFFFF
+            return
+        unpublished = (position.used_idx - published) & 0xFFFF
+        pending = recovered.requests
+        if unpublished > min(len(pending), ring.size):
+            raise StateError(
+                f"requestq: the guest's used index {published} is {unpublished} entries behind the journal's "
+                f"{position.used_idx}, more than the {len(pending)} journaled requests"
+            )
+        records = list(pending)[len(pending) - unpublished :]
+        ring.next_avail = records[0].avail_pos if records else position.next_avail
+        for record in records:
+            chain = ring.pop()
+            if chain is None or chain.head != record.head or ring.used_idx != record.used_pos:
+                raise StateError(
+                    f"requestq: the chain at ring position {record.avail_pos} is not the journaled one "
+                    f"(head {record.head})"
+                )
+            if record.request[0] == 5 and record.used_length:  # PROBE changes nothing: answer it again
+                response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
+                chain.write(response)
+            elif record.used_length:
+                used_length = record.used_length
+                chain.write(bytes((record.status, 0, 0, 0)), used_length - 4)
+            else:
+                used_length = 0
+            ring.push_used(chain.head, used_length)
+        if records and ring.needs_notification():
+            self._signal(REQUEST_QUEUE)
+
+    def session_ended(self) -> None:
+        """The front-end is gone for good (`SessionLifecycle`): its state will never be restored."""
+        persistence = self._persistence
+        if persistence is not None and self._state_dir is not None:
+            name = os.path.basename(persistence.directory.path)
+            persistence.close()
+            self._persistence = None
+            self._state_dir.remove_guest(name)
+        if self._compiled is not None:
+            self._compiled.journal = None
+
+    def session_suspended(self) -> None:
+        """A new worker takes over (`SessionLifecycle`): the journal is already up to date in the
+        page cache; nothing to write."""
 
     def deliver_events(self) -> None:
         """Move pending fault events into the buffers the driver posted on the eventq."""

@@ -1,0 +1,84 @@
+"""The device worker of tests/test_persist_crash.py: a back-end with a state directory in a process of
+its own, serving rings that the test drives from the parent over shared memfd guest RAM.
+
+    python tests/persist_child.py CONFIG_JSON
+
+CONFIG_JSON names the inherited fds (the RAM's memfd, the kick and call pipes), the RAM's and the
+rings' addresses, the state directory, whether this worker is a respawn (``restoring``: it rebuilds the
+state with ``session_restored``/``queue_restored`` as under the keeper) and the test hook ``trap``
+(SIGKILL itself right after committing the journal record that many records ahead, before publishing
+it). It prints ``ready`` once serving, then serves a kick at a time and writes the call eventfd after
+each (a byte on the call pipe), until the parent kills it or closes the kick pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from vhost_iommu.harness.context import StandaloneContext
+from vhost_iommu.memory import GuestMemory, MemoryRegionDesc
+from vhost_iommu.persist import StateDir
+from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtqueue import SplitQueue
+
+
+class Context(StandaloneContext):
+    def device_broken(self, reason: str) -> None:
+        super().device_broken(reason)
+        print(f"broken: {reason}", flush=True)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    memory = GuestMemory()
+    memory.add_region(
+        MemoryRegionDesc(config["gpa_base"], config["ram_size"], config["uva_base"], 0), config["ram_fd"]
+    )
+    backend = VirtioIommuBackend(
+        request_path=config["path"], state_dir=StateDir(config["state"]), journal_slots=config["slots"]
+    )
+    queues = []
+    for ring in config["rings"]:
+        queues.append(
+            SplitQueue(
+                memory,
+                ring["size"],
+                ring["desc"],
+                ring["avail"],
+                ring["used"],
+                next_avail=ring["next_avail"],
+                event_idx=True,
+                indirect=True,
+            )
+        )
+    context = Context(memory, queues, session_key="guest0")
+    # The calls, in their order, of a new session or (restoring) of a worker taking one over under the
+    # keeper (`RestorableBackend`).
+    backend.attach(context)
+    backend.set_features(backend.device_features())
+    backend.memory_changed()
+    if config["restoring"]:
+        backend.session_restored()
+        backend.queue_restored(0)
+        backend.queue_restored(1)
+    backend.queue_started(0)
+    backend.queue_started(1)
+    if config["trap"] >= 0:
+        assert backend._persistence is not None
+        journal = backend._persistence.journal
+        assert journal is not None
+        journal.trap = journal.next + config["trap"]
+    print("ready", flush=True)
+    while os.read(config["kick_fd"], 1):
+        ring = queues[0]
+        while True:
+            backend.queue_kicked(0)
+            if context.broken is not None or not ring.has_available():
+                break
+        os.write(config["call_fd"], b"c")
+
+
+if __name__ == "__main__":
+    main()

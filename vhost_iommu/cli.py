@@ -268,6 +268,16 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     topology = load_topology_argument(args.topology)
     max_domains: int | None = getattr(args, "max_domains", None)
     max_mappings: int | None = getattr(args, "max_mappings", None)
+    state_dir = None
+    if getattr(args, "state_dir", None) is not None:
+        # The device worker under a keeper: each connection's state in the subdirectory of its session
+        # key (docs/persistence.md). Opened once: every back-end reaches it through the same fd.
+        from vhost_iommu.persist import StateDir, StateError
+
+        try:
+            state_dir = StateDir(args.state_dir)
+        except StateError as exc:
+            raise CliError(f"--state-dir: {exc}") from None
 
     def factory() -> VirtioIommuBackend:
         # A device per connection, so the limits are counted per guest.
@@ -281,6 +291,7 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
             request_path="python" if request_path == "python" else "compiled",
             poll_us=poll_us,
             kick_thread=kick_thread,
+            state_dir=state_dir,
         )
 
     return factory

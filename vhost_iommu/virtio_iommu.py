@@ -665,7 +665,7 @@ class VirtioIommuBackend:
 
     def attach(self, context: BackendContext) -> None:
         self.context = context
-        key = getattr(context, "session_key", None)
+        key = context.session_key
         if self._state_dir is not None and key is not None:
             self._persistence = Persistence(self._state_dir.guest(key), slots=self._journal_slots)
 

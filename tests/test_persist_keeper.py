@@ -11,31 +11,34 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from collections.abc import Iterator
 
 import pytest
-from test_keeper import TIMEOUT, Keeper, directory
 
 from vhost_iommu.device import Status
 from vhost_iommu.device.layout import MAP_F_READ, MAP_F_WRITE, encode_attach, encode_map, encode_unmap
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.keeper_process import KeeperProcess
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
-__all__ = ["directory"]  # the fixture, shared with test_keeper.py
+#: A fresh interpreter (numpy, numba's cache for the IOMMU device) on a loaded 2-core machine.
+TIMEOUT = 60.0
 EP = 0x20
 PAGE = 0x1000
 RW = MAP_F_READ | MAP_F_WRITE
 
 
 @pytest.fixture
-def keeper(directory: str) -> Iterator[Keeper]:
-    program = Keeper(directory, backend="iommu")
-    try:
-        yield program
-    finally:
-        program.close()
+def keeper() -> Iterator[KeeperProcess]:
+    with tempfile.TemporaryDirectory(prefix="vhost-pk-") as directory:  # short: socket paths <= 108 bytes
+        program = KeeperProcess(directory, backend="iommu", timeout=TIMEOUT)
+        try:
+            yield program
+        finally:
+            program.close()
 
 
 class Guest:
@@ -68,7 +71,7 @@ def map_page(page: int) -> bytes:
     return encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0x100_0000 + page * PAGE, RW)
 
 
-def test_mappings_survive_worker_kills_and_killed_batches_are_answered_once(keeper: Keeper) -> None:
+def test_mappings_survive_worker_kills_and_killed_batches_are_answered_once(keeper: KeeperProcess) -> None:
     rng = random.Random(11)
     guest = Guest(keeper.socket)
     try:

@@ -129,10 +129,8 @@ class CompiledRequestPath:
         self._memory_flat: FlatRegions | None = None
         #: How many times the kernel stopped for each reason (STOP_* codes): for tests and benchmarks.
         self.stops = [0] * len(kernel.STOP_NAMES)
-        #: The journal every served chain is recorded in before it is published (None: no state dir),
-        #: and what to call when it is full (it must install a new one).
+        #: The journal every served chain is recorded in before it is published (None: no state dir).
         self.journal: Journal | None = None
-        self.on_journal_full: Callable[[], None] | None = None
 
     def usable(self) -> bool:
         """The kernel serves what the Python path would: the real table, no injected answers (rare,
@@ -201,10 +199,13 @@ class CompiledRequestPath:
         memory: GuestMemory,
         serve_one: Callable[[SplitQueue], bool],
         budget: int,
+        journal_full: Callable[[], None] | None = None,
     ) -> tuple[int, bool]:
         """Serve available chains, at most ``budget`` of them (kernel and ``serve_one`` together);
         returns how many were completed and whether chains are still available. Raises QueueError (from
-        ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring."""
+        ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring. ``journal_full`` is called when
+        ``journal`` is full, and must install a new one. (Callbacks are passed per call: one kept here
+        would tie the back-end into a cycle, and a connection's guest memory would outlive it.)"""
         self._bind(ring, memory)
         store = self.device.store
         assert isinstance(store, MappingTable)
@@ -221,8 +222,8 @@ class CompiledRequestPath:
                 if reason == kernel.STOP_BUDGET:
                     return completed, True
                 if reason == kernel.STOP_JOURNAL:
-                    assert self.on_journal_full is not None
-                    self.on_journal_full()
+                    assert journal_full is not None
+                    journal_full()
                     continue
                 if reason == kernel.STOP_GROW:
                     grown = grown + 1 if not done else 1
@@ -613,8 +614,6 @@ class VirtioIommuBackend:
         self._journaled_bypass = -1
         self._journaled_regions: list[tuple[ReservedRegion, ...]] = []
         self._recovered: Recovered | None = None
-        if self._compiled is not None:
-            self._compiled.on_journal_full = self._rotate_journal
 
     # -- features and config ----------------------------------------------------------------------------
 
@@ -793,7 +792,9 @@ class VirtioIommuBackend:
         completed = 0
         try:
             if self._compiled is not None and self.context is not None and self._compiled.usable():
-                completed, more = self._compiled.serve(ring, self.context.memory, self._serve_one, budget)
+                completed, more = self._compiled.serve(
+                    ring, self.context.memory, self._serve_one, budget, self._rotate_journal
+                )
             else:
                 while completed < budget and self._serve_one(ring):
                     completed += 1

@@ -193,6 +193,11 @@ class ConnectionTools:
         backend.queue_kicked = self._on_kick  # type: ignore[method-assign]
 
     @property
+    def live_backend(self) -> VirtioIommuBackend | None:
+        """The back-end, or None once it is gone."""
+        return self._backend()
+
+    @property
     def backend(self) -> VirtioIommuBackend:
         backend = self._backend()
         if backend is None:  # only reachable through a back-end, so never while one is served

@@ -287,7 +287,11 @@ class ControlService:
         found: list[tuple[ConnectionTools, Connection]] = []
         if self.server is None:
             return found
-        by_backend = {id(tools.backend): tools for tools in list(self._tools.values())}
+        # A back-end may be going away on another thread (its kick thread can drop the last reference)
+        # while its tools are held here: those are skipped, as the connection is being closed.
+        by_backend = {
+            id(backend): tools for tools in list(self._tools.values()) if (backend := tools.live_backend)
+        }
         for connection in self.server.connections:
             tools = by_backend.get(id(connection.handler.backend))
             if tools is not None and not connection.done.done():

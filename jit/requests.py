@@ -524,6 +524,7 @@ def serve_requests(
     journal_trap = _i64(ring[R_JOURNAL_TRAP])
 
     request = np.zeros(_SCRATCH, np.uint8)
+    request_address = np.uint64(request.ctypes.data)  # the journal copies a request's bytes from here
     regions = memory.shape[0]
     seg_hosts = np.empty(max(regions, 1), np.uint64)
     seg_lengths = np.empty(max(regions, 1), np.uint64)
@@ -721,9 +722,8 @@ def serve_requests(
                 | (np.uint64(used_idx) << np.uint64(16))
                 | (np.uint64(head) << np.uint64(32)),
             )
-            source = np.uint64(request.ctypes.data)
             for k in range(J_REQUEST_BYTES // 8):
-                _store64(record + np.uint64(24 + 8 * k), _load64(source + np.uint64(8 * k)))
+                _store64(record + np.uint64(24 + 8 * k), _load64(request_address + np.uint64(8 * k)))
             _release_fence()
             journal_next += 1
             _store64(record, np.uint64(journal_next))

@@ -3,7 +3,8 @@ its own, serving rings that the test drives from the parent over shared memfd gu
 
     python tests/persist_child.py CONFIG_JSON
 
-CONFIG_JSON names the inherited fds (the RAM's memfd, the kick and call pipes), the RAM's and the
+CONFIG_JSON names the inherited fds (the RAM's memfd, the kick and call pipes, or with ``thread`` the kick
+and call eventfds, served by the back-end's requestq thread), the RAM's and the
 rings' addresses, the state directory, whether this worker is a respawn (``restoring``: it rebuilds the
 state with ``session_restored``/``queue_restored`` as under the keeper) and the test hook ``trap``
 (SIGKILL itself right after committing the journal record that many records ahead, before publishing
@@ -13,6 +14,7 @@ each (a byte on the call pipe), until the parent kills it or closes the kick pip
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -25,6 +27,15 @@ from vhost_iommu.virtqueue import SplitQueue
 
 
 class Context(StandaloneContext):
+    call_fd = -1
+    """With the kick thread: the call eventfd, written for what the event loop serves (the thread writes
+    it itself for what it serves)."""
+
+    def signal_used(self, index: int) -> None:
+        super().signal_used(index)
+        if index == 0 and self.call_fd >= 0:
+            os.write(self.call_fd, (1).to_bytes(8, sys.byteorder))
+
     def device_broken(self, reason: str) -> None:
         super().device_broken(reason)
         print(f"broken: {reason}", flush=True)
@@ -70,6 +81,9 @@ def main() -> None:
         journal = backend._persistence.journal
         assert journal is not None
         journal.trap = journal.next + config["trap"]
+    if config["thread"]:
+        serve_from_thread(backend, context, config["kick_fd"], config["call_fd"])
+        return
     print("ready", flush=True)
     while os.read(config["kick_fd"], 1):
         ring = queues[0]
@@ -78,6 +92,19 @@ def main() -> None:
             if context.broken is not None or not ring.has_available():
                 break
         os.write(config["call_fd"], b"c")
+
+
+def serve_from_thread(backend: VirtioIommuBackend, context: Context, kick_fd: int, call_fd: int) -> None:
+    """As the server runs a back-end that takes the kick fd: the requestq thread serves, this event
+    loop takes its hand-overs (ATTACH, PROBE, table growth, a full journal)."""
+    context.call_fd = call_fd
+
+    async def run() -> None:
+        assert backend.takes_kick_fd(0, kick_fd, call_fd), "the kick thread was not taken"
+        print("ready", flush=True)
+        await asyncio.Event().wait()  # served until killed
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

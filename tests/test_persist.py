@@ -442,3 +442,14 @@ def test_tool_changes_survive_and_forced_answers_are_not_replayed(guest: Guest) 
     assert state_of(restarted) == before
     assert restarted.device.reserved_regions(EP) == device.reserved_regions(EP)
     assert guest.send(encode_map(1, 0x40_0000, 0x40_0FFF, 0, RW)) == Status.RANGE
+
+
+def test_a_tool_change_is_journaled_as_the_command_ends(guest: Guest) -> None:
+    """Control commands run inside ``quiesced()``; what they changed is journaled on its way out, before
+    any further request (the worker may die before the next one)."""
+    backend = guest.start()
+    assert guest.send(encode_attach(1, EP)) == Status.OK
+    assert backend.device.config.bypass == 1
+    with backend.quiesced():
+        backend.device.set_bypass(0)
+    assert guest.start(restoring=True).device.config.bypass == 0

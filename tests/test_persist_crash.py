@@ -106,9 +106,18 @@ class Worker:
     process: subprocess.Popen[bytes]
     kick: int
     call: int
+    thread: bool
+    died: int = field(init=False)
+    """A pidfd: readable once the worker is gone (an eventfd gives no end of file)."""
+
+    def __post_init__(self) -> None:
+        self.died = os.pidfd_open(self.process.pid)
+
+    def kick_it(self) -> None:
+        os.write(self.kick, (1).to_bytes(8, sys.byteorder) if self.thread else b"k")
 
     def close(self) -> None:
-        for fd in (self.kick, self.call):
+        for fd in (self.kick, self.call, self.died):
             os.close(fd)
         if self.process.poll() is None:
             self.process.kill()
@@ -126,8 +135,13 @@ def rig(tmp_path: Path) -> Iterator[tuple[GuestRam, DriverQueue, DriverQueue, Pa
 def spawn(
     ram: GuestRam, queues: list[DriverQueue], state: Path, path: str, *, restoring: bool, trap: int
 ) -> Worker:
-    kick_read, kick_write = os.pipe()
-    call_read, call_write = os.pipe()
+    thread = path == "thread"
+    if thread:  # the kick loop reads and writes eventfds; the parent keeps the same fds
+        kick_read = kick_write = os.eventfd(0, os.EFD_CLOEXEC)
+        call_read = call_write = os.eventfd(0, os.EFD_CLOEXEC)
+    else:
+        kick_read, kick_write = os.pipe()
+        call_read, call_write = os.pipe()
     ram_fd = ram.dup_fd()
     config = {
         "ram_fd": ram_fd,
@@ -138,7 +152,8 @@ def spawn(
         "uva_base": ram.uva_base,
         "state": str(state),
         "slots": 64,  # small journals: rotations happen all along the run
-        "path": path,
+        "path": "compiled" if thread else path,
+        "thread": thread,
         "restoring": restoring,
         "trap": trap,
         "rings": [
@@ -161,8 +176,11 @@ def spawn(
         )
     finally:
         for fd in fds:
-            os.close(fd)
-    worker = Worker(process, kick_write, call_read)
+            if not thread:
+                os.close(fd)
+        if thread:
+            os.close(ram_fd)
+    worker = Worker(process, kick_write, call_read, thread)
     assert process.stdout is not None
     line = process.stdout.readline()
     if line != b"ready\n":
@@ -171,11 +189,15 @@ def spawn(
     return worker
 
 
-def wait_call(worker: Worker) -> bool:
-    """True once the worker answered a kick; False if it died first."""
-    readable, _, _ = select.select([worker.call], [], [], TIMEOUT)
-    assert readable, "the worker neither answered nor died"
-    return os.read(worker.call, 1) == b"c"
+def wait_call(worker: Worker, requests: DriverQueue) -> bool:
+    """True once the worker answered everything posted; False if it died first."""
+    while requests.used_idx != requests.avail_idx:
+        readable, _, _ = select.select([worker.call, worker.died], [], [], TIMEOUT)
+        assert readable, "the worker neither answered nor died"
+        if worker.call in readable and os.read(worker.call, 8):
+            continue
+        return False  # the pidfd, or the end of the call pipe
+    return True
 
 
 def kill(worker: Worker) -> None:
@@ -184,7 +206,7 @@ def kill(worker: Worker) -> None:
     worker.close()
 
 
-@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("path", ["compiled", "python", "thread"])
 def test_sigkill_at_random_moments_completes_every_request_exactly_once(path: str, tmp_path: Path) -> None:
     rng = random.Random(f"persist-crash-{path}")
     model = Model()
@@ -198,17 +220,17 @@ def test_sigkill_at_random_moments_completes_every_request_exactly_once(path: st
                 for _ in range(rng.randrange(1, 24)):
                     kind, args, request, writable = random_request(rng)
                     posted.append((kind, args, requests.post([request], [writable]), writable))
-                os.write(worker.kick, b"k")
+                worker.kick_it()
                 if rng.random() < 0.5:
                     time.sleep(rng.random() * 0.004)  # a random instant to kill at (fault injection)
                     mode = "delay"
                 else:
-                    mode = "after" if wait_call(worker) else "trap"
+                    mode = "after" if wait_call(worker, requests) else "trap"
                 kills[mode] += 1  # "trap": it killed itself between a commit and its publication
                 kill(worker)
                 worker = spawn(ram, queues, state, path, restoring=True, trap=-1)
-                os.write(worker.kick, b"k")
-                assert wait_call(worker)
+                worker.kick_it()
+                assert wait_call(worker, requests)
                 # The next round's worker may carry a trap: respawned once more after this check.
                 check(requests, posted, model)
                 posted = []
@@ -224,6 +246,7 @@ def test_sigkill_at_random_moments_completes_every_request_exactly_once(path: st
         } == model.mapped
         assert sum(kills.values()) == ROUNDS
         assert kills["trap"] and kills["delay"], kills  # both ways of dying were exercised
+        print(f"{path}: {ROUNDS} rounds, kills {kills}, {len(model.mapped)} pages mapped at the end")
 
 
 def check(requests: DriverQueue, posted: list[tuple[str, tuple[int, ...], int, int]], model: Model) -> None:

@@ -249,8 +249,15 @@ class CompiledRequestPath:
         return self._arguments(ring, budget)
 
     def take_indices(self, ring: SplitQueue) -> None:
-        """Copy the ring indices a kernel left in the parameter words into ``ring``."""
-        ring.next_avail, ring.used_idx = self._ring_params[_R_NEXT_AVAIL : _R_USED_IDX + 1].tolist()
+        """Copy the ring indices a kernel left in the parameter words into ``ring`` (and the journal's next
+        record into ``journal``)."""
+        params = self._ring_params
+        ring.next_avail, ring.used_idx = params[_R_NEXT_AVAIL : _R_USED_IDX + 1].tolist()
+        journal = self.journal
+        if journal is not None:
+            journal.next = int(params[kernel.R_JOURNAL_NEXT])
+            if journal.trap >= 0 and journal.next == journal.trap + 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: the kick loop stopped at the trap
 
     def _arguments(self, ring: SplitQueue, budget: int) -> tuple[Any, ...]:
         store = self.device.store
@@ -590,8 +597,7 @@ class VirtioIommuBackend:
         other state change journaled before the guest can see it (docs/persistence.md). A worker that
         takes over a running session rebuilds it in ``session_restored``; a new session erases what
         the subdirectory held at its first ring start, request or reset, the first events only a live
-        session has (``journal_slots``: records per journal before the first snapshot). A back-end with
-        a state directory serves the requestq from the event loop, not from a kick thread."""
+        session has (``journal_slots``: records per journal before the first snapshot)."""
         if request_path not in ("compiled", "python"):
             raise ValueError(f"request_path {request_path!r} is neither 'compiled' nor 'python'")
         if kick_thread and request_path != "compiled":
@@ -710,10 +716,6 @@ class VirtioIommuBackend:
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
             return False
-        if self._persistence is not None:
-            # The journal has one writer at a time: the loop journals config writes, resets and ring
-            # starts, which could then come while the thread's kernel appends to it.
-            return False
         if "queue_kicked" in vars(self) or type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
             # Kicks are watched or served differently (the control channel times each kick by wrapping
             # queue_kicked on the instance; a subclass may answer kicks itself): kicks the thread read
@@ -761,9 +763,16 @@ class VirtioIommuBackend:
         thread = self._kick_thread
         if thread is None:
             yield
+            self._after_tools()
             return
         with thread.parked():
             yield
+            self._after_tools()
+
+    def _after_tools(self) -> None:
+        # What a tool changed (bypass, reserved regions) is journaled before the thread serves again.
+        if self._persistence is not None and self._persist_decided:
+            self._log_tool_changes()
 
     def queue_kicked(self, index: int) -> None:
         if index == REQUEST_QUEUE:
@@ -875,14 +884,19 @@ class VirtioIommuBackend:
         return persistence.journal
 
     def _log(self, kind: int, value: int, *, queue: int = 0, live: bool = True) -> None:
-        journal = self._journal_with_room(live=live)
-        if journal is not None:
-            journal.append(kind | queue << 16, value)
+        # The journal has one writer at a time: a requestq thread in its kernel appends too, so it is
+        # parked meanwhile (these events are rare: features, config writes, ring starts).
+        thread = self._kick_thread
+        with thread.parked() if thread is not None else contextlib.nullcontext():
+            journal = self._journal_with_room(live=live)
+            if journal is not None:
+                journal.append(kind | queue << 16, value)
 
     def _log_tool_changes(self) -> None:
-        """Journal what a tool (the control channel) changed since the last kick: all such changes
-        happen on the loop, between kicks. Reserved-region overrides are not records: a snapshot holds
-        them, so a change starts a new generation."""
+        """Journal what a tool (the control channel) changed: tools change the device on the loop, inside
+        ``quiesced()``, which calls this on its way out (and so does every serve from the loop).
+        Reserved-region overrides are not records: a snapshot holds them, so a change starts a new
+        generation."""
         self._log_bypass()
         regions = self.device.domain_table.endpoint_regions
         if regions != self._journaled_regions and self._journal_with_room() is not None:

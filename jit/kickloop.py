@@ -16,6 +16,12 @@ It returns to its caller only for:
 - an fd that failed (``LOOP_KICK_FAILED``, ``LOOP_CALL_FAILED``, ``LOOP_POLL_FAILED``, errno in
   ``K_ERRNO``): the caller reports it.
 
+With ``K_TICKS_PER_MS`` set it also times every batch it serves (the cycle counter around
+``serve_requests`` and the notification) into the ``timing`` array: the control channel's latency
+histograms (``vhost_iommu.control.instrument.Histogram``: log2 buckets of nanoseconds, per request type,
+MIXED, whole batches), kept as integers and absorbed by the control layer whenever the thread is out of
+the loop.
+
 libc's poll, read and write and glibc's errno location are called as external symbols the JIT linker
 resolves in the running process (LLVM declarations), not through ctypes function pointers: numba refuses
 to cache a function that holds a ctypes pointer, and compiling this loop on every start would cost many
@@ -41,6 +47,7 @@ from numba.extending import intrinsic
 from vhost_iommu.jit import barriers, requests, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.requests import (
+    C_REQUEST,
     R_AVAIL,
     R_COMPLETED,
     R_FLAGS,
@@ -89,6 +96,8 @@ K_NOTIFIED: Final = 12
 """Out, cumulative: call-fd writes."""
 K_POLL_HITS: Final = 13
 """Out, cumulative: chains found while watching avail.idx after a batch (no kick, no wake-up)."""
+K_TICKS_PER_MS: Final = 14
+"""In: cycle-counter ticks per millisecond, to time batches into ``timing``; 0: no timing."""
 CONTROL_WORDS: Final = 16
 
 PARK_NO: Final = 0
@@ -123,6 +132,69 @@ _VRING_AVAIL_F_NO_INTERRUPT: Final = 1
 # struct pollfd {int fd; short events; short revents;} held as two int32 per fd: the second packs the shorts.
 _EVENTS_SHIFT: Final = 0 if sys.byteorder == "little" else 16
 _REVENTS_SHIFT: Final = 16 - _EVENTS_SHIFT
+
+
+# -- the ``timing`` array (int64[TIMING_ROWS, TIMING_COLUMNS]): histograms of batch service times ----------
+
+TIMING_KINDS: Final = 6
+"""Rows 0-5: the request counter slots (``counts[C_REQUEST + k]``: 0 unserved, then each RequestType)."""
+T_MIXED: Final = TIMING_KINDS
+"""Row of batches of several types (each request counted with the batch's mean)."""
+T_BATCHES: Final = TIMING_KINDS + 1
+"""Row of whole batches."""
+TIMING_ROWS: Final = TIMING_KINDS + 2
+TIMING_BUCKETS: Final = 40
+"""Columns 0-39: bucket k counts durations in [2**k, 2**(k+1)) ns (the last one: everything longer)."""
+T_COUNT: Final = TIMING_BUCKETS
+T_TOTAL_NS: Final = TIMING_BUCKETS + 1
+T_MIN_NS: Final = TIMING_BUCKETS + 2
+T_MAX_NS: Final = TIMING_BUCKETS + 3
+TIMING_COLUMNS: Final = TIMING_BUCKETS + 4
+
+
+@njit(cache=True, nogil=True)
+def _histogram_add(row: I64Array, ns: int, weight: int) -> None:
+    """``Histogram.add`` on one row of ``timing``."""
+    bucket = -1
+    rest = ns
+    while rest > 0:
+        rest >>= 1
+        bucket += 1
+    bucket = min(max(bucket, 0), TIMING_BUCKETS - 1)
+    row[bucket] += weight
+    if row[T_COUNT] == 0 or ns < row[T_MIN_NS]:
+        row[T_MIN_NS] = ns
+    if ns > row[T_MAX_NS]:
+        row[T_MAX_NS] = ns
+    row[T_COUNT] += weight
+    row[T_TOTAL_NS] += ns * weight
+
+
+@njit(cache=True, nogil=True)
+def record_batch(timing: I64Array, ns: int, before: I64Array, after: I64Array) -> None:
+    """Count one batch that took ``ns``: ``before`` and ``after`` are the request counter slots (TIMING_KINDS
+    words) around it. Its time goes to the type of its requests, divided among them, or to MIXED if they
+    had several types (the control layer's rule on the event loop); a batch that served nothing is not
+    counted."""
+    kind = -1
+    total = 0
+    for slot in range(TIMING_KINDS):
+        served = after[slot] - before[slot]
+        if served:
+            kind = slot if total == 0 else T_MIXED
+            total += served
+    if total == 0:
+        return
+    _histogram_add(timing[T_BATCHES], ns, 1)
+    _histogram_add(timing[kind], ns // total, total)
+
+
+@njit(cache=True, nogil=True)
+def _elapsed_ns(began: np.uint64, ticks_per_ms: int) -> int:
+    ticks = int(_cycles() - began)
+    if ticks >= 1 << 43:  # about 45 minutes at 3 GHz: ticks * 10**6 would overflow
+        return (ticks // ticks_per_ms) * 1_000_000
+    return (ticks * 1_000_000) // ticks_per_ms
 
 
 # -- libc ---------------------------------------------------------------------------------------------------
@@ -260,12 +332,17 @@ def _await_chain(control: I64Array, ring: npt.NDArray[np.uint64], park_word: np.
 
 
 @njit(cache=True, nogil=True)
-def kick_loop(control: I64Array, *arguments: Any) -> int:
+def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments: Any) -> int:
     """Serve the requestq until something needs the caller; ``arguments`` are ``serve_requests``',
     passed through whatever they are (its ``R_*`` words, the first, carry the ring's indices in and out;
-    ``R_BUDGET`` bounds one batch, after which the loop notifies and goes on). Returns a STOP_* or LOOP_*
-    code."""
+    ``R_BUDGET`` bounds one batch, after which the loop notifies and goes on). ``counts`` is the counts
+    array among them (the timing attributes each batch by its request counts); ``timing`` gathers the
+    batch times when ``K_TICKS_PER_MS`` is set. Returns a STOP_* or LOOP_* code."""
     ring = arguments[0]
+    ticks_per_ms = control[K_TICKS_PER_MS]
+    requests_seen = counts[C_REQUEST : C_REQUEST + TIMING_KINDS]
+    before = np.zeros(TIMING_KINDS, np.int64)
+    began = np.uint64(0)
     fds = np.zeros(4, np.int32)  # two struct pollfd: the kick fd, the wake fd
     word = np.ones(1, np.uint64)  # eventfd I/O: 8 bytes
     fds_address = np.uint64(fds.ctypes.data)
@@ -275,10 +352,15 @@ def kick_loop(control: I64Array, *arguments: Any) -> int:
     served = serve  # serve once on entry: kicks may have come while the caller held the ring
     while True:
         if served:
+            if ticks_per_ms:
+                before[:] = requests_seen
+                began = _cycles()
             reason = serve_requests(*arguments)
             done = np.int64(ring[R_COMPLETED])
             control[K_PUSHED] += done
             if reason != STOP_EMPTY and reason != STOP_BUDGET:
+                if ticks_per_ms:  # what the kernel served before the chain it hands over is a batch
+                    record_batch(timing, _elapsed_ns(began, ticks_per_ms), before, requests_seen)
                 return reason  # the notification is decided after the caller served that chain
             if _needs_notification(control, ring):
                 call_fd = control[K_CALL_FD]
@@ -290,6 +372,8 @@ def kick_loop(control: I64Array, *arguments: Any) -> int:
                             control[K_ERRNO] = error
                             return LOOP_CALL_FAILED
                     control[K_NOTIFIED] += 1
+            if ticks_per_ms:
+                record_batch(timing, _elapsed_ns(began, ticks_per_ms), before, requests_seen)
             park = _load_acquire(park_word)
             if park == PARK_NOW:
                 return LOOP_PARKED
@@ -372,6 +456,9 @@ def warm_up() -> None:
     control[[K_KICK_FD, K_WAKE_FD, K_CALL_FD]] = -1
     control[K_PARK] = PARK_NOW
     control[K_SERVE] = 1
+    control[K_TICKS_PER_MS] = 1
+    timing = np.zeros((TIMING_ROWS, TIMING_COLUMNS), np.int64)
     with requests.warm_up_arguments() as arguments:
-        reason = kick_loop(control, *arguments)
+        reason = kick_loop(control, timing, np.zeros(requests.COUNT_WORDS, np.int64), *arguments)
     assert reason == LOOP_PARKED
+    record_batch(timing, 0, np.zeros(TIMING_KINDS, np.int64), np.zeros(TIMING_KINDS, np.int64))

@@ -609,3 +609,57 @@ def test_the_back_end_keeps_serving_after_control_errors(controlled: Controlled,
     for command, arguments in cases:
         assert error_of(controlled, command, **arguments) == "bad-argument", command
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
+
+
+# -- which path serves the requestq ------------------------------------------------------------------------
+
+
+def served_by(controlled: Controlled) -> str:
+    served: str = controlled.call("queues")[0]["served_by"]
+    return served
+
+
+def test_the_kick_thread_serves_and_times_batches_until_a_delay_or_an_observer_needs_the_loop(
+    controlled: Controlled, guest: Guest
+) -> None:
+    assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK  # handed over by the thread, timed there
+    assert served_by(controlled) == "thread"
+    maps = [encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000) for n in range(16, 24)]
+    for request in maps[:4]:
+        assert guest.status(request) == Status.OK
+    # Four MAPs in one kick: one batch of the kernel's.
+    heads = [guest.requests.post([request], [4]) for request in maps[4:]]
+    guest.frontend.kick(0)
+    done: list[int] = []
+    while len(done) < len(heads):
+        assert guest.frontend.wait_used(0, timeout=WAIT)
+        done += [head for head, _length in guest.requests.used()]
+    counters = controlled.call("counters")
+    assert counters["requests"]["MAP"] == 8
+    assert counters["latency"]["MAP"]["count"] == 8 and counters["latency"]["ATTACH"]["count"] == 1
+    assert counters["batches"]["count"] == 1 + 4 + 1
+    assert counters["latency"]["MAP"]["min_us"] > 0
+    # An added latency needs every kick on the loop; taking it off gives the ring back to a thread.
+    controlled.call("delay", us=1000)
+    assert served_by(controlled) == "event-loop"
+    assert guest.status(encode_unmap(3, 16 << 12, (16 << 12) + 0xFFF)) == Status.OK
+    assert controlled.call("counters")["delayed_batches"] == 1
+    controlled.call("delay", us=0)
+    assert served_by(controlled) == "thread"
+    controlled.call("delay", us=MAX_HOLD_US, type="PROBE")
+    assert served_by(controlled) == "event-loop"
+    controlled.call("inject-clear")
+    assert served_by(controlled) == "thread"
+    # The conformance checker sees every request: the loop serves while it checks.
+    controlled.call("conformance-start")
+    assert served_by(controlled) == "event-loop"
+    assert guest.status(encode_unmap(3, 17 << 12, (17 << 12) + 0xFFF)) == Status.OK
+    odd = bytearray(encode_map(3, 0x10000, 0x10FFF, 0x100000))
+    odd[1] = 1  # a head reserved byte: what the kernel would have served without a look
+    guest.send(bytes(odd))
+    report = controlled.call("conformance-stop")
+    assert served_by(controlled) == "thread"
+    assert report["counts"] == {"head-reserved": 1}
+    counters = controlled.call("counters")
+    assert counters["requests"]["UNMAP"] == 2 and counters["latency"]["UNMAP"]["count"] == 2
+    assert counters["batches"]["count"] == 1 + 4 + 1 + 1 + 2

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from vhost_iommu.control.instrument import Histogram
 from vhost_iommu.device.layout import Status, encode_attach, encode_map, encode_probe, encode_unmap
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
@@ -57,6 +58,7 @@ class Loop:
     control: npt.NDArray[np.int64]
     kick_fd: int
     call_fd: int
+    timing: npt.NDArray[np.int64]
 
     def kick(self) -> None:
         os.write(self.kick_fd, (1).to_bytes(8, sys.byteorder))
@@ -67,9 +69,8 @@ class Loop:
         control[kickloop.K_SIGNALLED_USED] = ring._signalled_used
         control[kickloop.K_SIGNALLED_VALID] = ring._signalled_used_valid
         control[kickloop.K_PUSHED] = ring._pushed_since_check
-        reason = int(
-            kickloop.kick_loop(control, *self.compiled.kernel_arguments(ring, self.memory, ring.size))
-        )
+        arguments = self.compiled.kernel_arguments(ring, self.memory, ring.size)
+        reason = int(kickloop.kick_loop(control, self.timing, self.compiled.counts, *arguments))
         self.compiled.take_indices(ring)
         ring._pushed_since_check = int(control[kickloop.K_PUSHED])
         ring._signalled_used = int(control[kickloop.K_SIGNALLED_USED])
@@ -117,6 +118,7 @@ def loop_on(event_idx: bool) -> Iterator[Loop]:
             control,
             kick_fd,
             call_fd,
+            np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64),
         )
 
 
@@ -192,6 +194,63 @@ def test_a_chain_it_does_not_serve_is_left_for_python(event_idx: bool) -> None:
         assert loop.ring.next_avail == 1  # the PROBE is still available
         # The notification is left to whoever serves the rest: decided once, when the ring is empty.
         assert count(loop.call_fd) == 0 and loop.ring._pushed_since_check == 1
+
+
+def test_batches_are_timed_per_type_as_the_control_layer_times_them(event_idx: bool) -> None:
+    with loop_on(event_idx) as loop:
+        timing = loop.timing
+        loop.request(encode_map(1, 0, PAGE - 1, 0))
+        loop.kick()
+        loop.run()
+        assert not timing.any()  # K_TICKS_PER_MS 0: not timed
+        loop.control[kickloop.K_TICKS_PER_MS] = 1_000_000  # any rate: the test looks at counts and order
+        for page in range(1, 4):
+            loop.request(encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0))
+        loop.kick()
+        loop.run()
+        # Rows by request counter slot (RequestType values: MAP 3, UNMAP 4), then MIXED and whole batches.
+        map_row, unmap_row, batches = timing[3], timing[4], timing[kickloop.T_BATCHES]
+        assert batches[kickloop.T_COUNT] == 1 and map_row[kickloop.T_COUNT] == 3
+        assert map_row[: kickloop.TIMING_BUCKETS].sum() == 3 and batches[: kickloop.TIMING_BUCKETS].sum() == 1
+        assert 0 < map_row[kickloop.T_MIN_NS] <= map_row[kickloop.T_MAX_NS]
+        assert map_row[kickloop.T_TOTAL_NS] <= batches[kickloop.T_TOTAL_NS]  # the mean, times three
+        # Two types in one batch: MIXED; an empty serve (nothing announced) is no batch.
+        loop.request(encode_map(1, 8 * PAGE, 9 * PAGE - 1, 0))
+        loop.request(encode_unmap(1, 0, PAGE - 1))
+        loop.kick()
+        loop.run()
+        loop.run()
+        assert timing[kickloop.T_MIXED, kickloop.T_COUNT] == 2 and batches[kickloop.T_COUNT] == 2
+        assert (
+            unmap_row[kickloop.T_COUNT] == 0 and timing[: kickloop.TIMING_KINDS, kickloop.T_COUNT].sum() == 3
+        )
+        # What the kernel served before a chain it hands over is a batch of its own.
+        loop.request(encode_unmap(1, 8 * PAGE, 9 * PAGE - 1))
+        loop.request(encode_probe(EP))
+        loop.kick()
+        assert loop.run() == kernel.STOP_PYTHON
+        assert unmap_row[kickloop.T_COUNT] == 1 and batches[kickloop.T_COUNT] == 3
+
+
+def test_the_control_layers_histogram_absorbs_the_kernels_rows() -> None:
+    samples = [(0, 1), (1, 1), (3, 2), (1500, 1), (1 << 41, 1), (999, 4)]
+    expected = Histogram()
+    timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
+    for ns, served in samples:
+        expected.add(ns, served)
+        before = np.zeros(kickloop.TIMING_KINDS, np.int64)
+        after = before.copy()
+        after[2] = served  # DETACH
+        kickloop.record_batch(timing, ns * served, before, after)
+    absorbed = Histogram()
+    absorbed.absorb(timing[2])
+    assert absorbed == expected
+    absorbed.absorb(timing[2])  # a second hand-over adds to it
+    expected.buckets = [2 * count for count in expected.buckets]
+    expected.count *= 2
+    expected.total_ns *= 2
+    assert absorbed == expected
+    assert absorbed.summary()["count"] == 2 * sum(served for _ns, served in samples)
 
 
 def test_a_broken_chain_stops_the_loop_without_consuming_it(event_idx: bool) -> None:

@@ -10,11 +10,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from vhost_iommu.backend import VhostUserBackend
-from vhost_iommu.device.layout import Status, encode_attach, encode_map, encode_unmap
+from vhost_iommu.device.layout import RequestType, Status, encode_attach, encode_map, encode_unmap
+from vhost_iommu.device.observers import DeviceObserver
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
@@ -241,6 +243,9 @@ class Context:
     def reschedule(self, index: int) -> None:
         pass
 
+    def reoffer_kick(self, index: int) -> None:
+        pass
+
     def config_changed(self) -> None:
         pass
 
@@ -277,12 +282,19 @@ def test_a_backend_whose_kicks_are_watched_or_served_otherwise_keeps_the_loop() 
             memory.close()
 
 
-def test_quiesced_holds_the_thread_out_of_the_device(vhost_server: RunningServer, frontend: Frontend) -> None:
+@contextmanager
+def one_page_mapped(frontend: Frontend) -> Iterator[list[DriverQueue]]:
+    """The device started, domain 1 attached to EP and its first page mapped; yields the rings."""
     with GuestRam(1 << 20) as ram:
         queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
         frontend.start_device(ram, queues)
         assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
         assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        yield queues
+
+
+def test_quiesced_holds_the_thread_out_of_the_device(vhost_server: RunningServer, frontend: Frontend) -> None:
+    with one_page_mapped(frontend) as queues:
         backend = backend_of(vhost_server)
         with backend.quiesced():
             # Parked at a batch boundary with its counts merged: the device shows the thread's MAP.
@@ -294,6 +306,43 @@ def test_quiesced_holds_the_thread_out_of_the_device(vhost_server: RunningServer
         assert frontend.wait_used(0, timeout=30)
         assert queues[0].used() == [(head, 4)]
         assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 2
+
+
+def test_an_observer_attached_while_the_thread_serves_sees_every_request(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    class Seen(DeviceObserver):
+        def __init__(self) -> None:
+            self.types: list[int] = []
+
+        def request(self, request: bytes | memoryview, writable_size: int) -> None:
+            self.types.append(request[0])
+
+    with one_page_mapped(frontend) as queues:
+        backend = backend_of(vhost_server)
+        seen = Seen()
+
+        def attach() -> None:
+            with backend.quiesced():  # as the control channel attaches its observers
+                backend.device.observers.append(seen)
+
+        vhost_server.call(attach)
+        assert taken(vhost_server)  # the thread still runs, and hands every kick to the loop
+        for page in range(1, 5):
+            assert request(frontend, queues[0], encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)) == 0
+        heads = [
+            queues[0].post([encode_unmap(1, page * PAGE, page * PAGE + PAGE - 1)], [4]) for page in (1, 2)
+        ]
+        frontend.kick(0)
+        done: list[int] = []
+        while len(done) < len(heads):
+            assert frontend.wait_used(0, timeout=30)
+            done += [head for head, _length in queues[0].used()]
+        assert seen.types == [RequestType.MAP] * 4 + [RequestType.UNMAP] * 2
+        vhost_server.call(lambda: backend.device.observers.remove(seen))
+        assert request(frontend, queues[0], encode_map(1, 8 * PAGE, 9 * PAGE - 1, 0)) == Status.OK
+        assert len(seen.types) == 6  # detached: the kernel serves again, unseen
+        assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 4
 
 
 def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() -> None:

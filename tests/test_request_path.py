@@ -93,6 +93,9 @@ class Context:
     def reschedule(self, index: int) -> None:
         self.rescheduled[index] += 1
 
+    def reoffer_kick(self, index: int) -> None:
+        pass
+
     def config_changed(self) -> None:
         pass
 

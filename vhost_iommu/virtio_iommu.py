@@ -319,6 +319,11 @@ class CompiledRequestPath:
         device.status_counts[:] = [a + b for a, b in zip(device.status_counts, statuses, strict=True)]
         counts[:] = 0
 
+    @property
+    def counts(self) -> npt.NDArray[np.int64]:
+        """The array the kernel counts requests and statuses in (``C_*`` words) until ``merge_counts``."""
+        return self._counts
+
 
 _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
 
@@ -335,6 +340,10 @@ class _KickThread:
 
     ``parked()`` holds the thread out of the kernel (stopped at a batch boundary, its counts merged and the
     ring's indices back in the SplitQueue) for as long as the event loop needs the device to itself.
+
+    With a receiver for them (``VirtioIommuBackend.kick_timing``) the loop times every batch into
+    ``timing`` (``kickloop.TIMING_*``), and the hand-overs are timed into it too; the back-end passes the
+    array on whenever the thread is out of the kernel (parked, handing over, stopped).
     """
 
     def __init__(
@@ -360,6 +369,11 @@ class _KickThread:
         control[kickloop.K_WAKE_FD] = self._wake_fd
         control[kickloop.K_CALL_FD] = -1 if call_fd is None else call_fd
         control[kickloop.K_POLL_TICKS] = compiled.poll_ticks
+        #: Batch times (``kickloop.TIMING_*``); written by the kernel, read and zeroed only while the
+        #: thread is out of it.
+        self.timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
+        if backend.kick_timing is not None:
+            control[kickloop.K_TICKS_PER_MS] = max(1, round(_ticks_per_us() * 1000))
         # The loop polls after it has notified; the event loop's path, which serves the hand-overs while
         # this thread waits, must not spin as well.
         compiled.set_polling(False)
@@ -499,7 +513,7 @@ class _KickThread:
             settles = self._settle_requests
             self._in_kernel = True
         try:
-            reason = kickloop.kick_loop(control, *arguments)
+            reason = kickloop.kick_loop(control, self.timing, compiled.counts, *arguments)
         finally:
             compiled.take_indices(ring)
             ring._pushed_since_check = int(control[kickloop.K_PUSHED])
@@ -552,9 +566,23 @@ class _KickThread:
 
     def _on_loop(self) -> None:
         try:
-            if not self._stopping:
-                self._backend._serve_requests()
-                self._backend.deliver_events()
+            if self._stopping:
+                return
+            backend = self._backend
+            if not self._control[kickloop.K_TICKS_PER_MS]:
+                backend._serve_requests()
+                backend.deliver_events()
+                return
+            # Timed as the control layer times a kick on the event loop: the ring served in Python is
+            # one batch (after whatever the kernel served before the chain it stopped at).
+            counts = backend.device.request_counts
+            before = np.array(counts, np.int64)
+            began = time.perf_counter_ns()
+            backend._serve_requests()
+            backend.deliver_events()
+            elapsed = time.perf_counter_ns() - began
+            kickloop.record_batch(self.timing, elapsed, before, np.array(counts, np.int64))
+            backend._pass_timing(self)
         finally:
             self._handed_back.set()
 
@@ -590,7 +618,8 @@ class VirtioIommuBackend:
         requestq is served by a thread of its own running the kick loop (`vhost_iommu.jit.kickloop`),
         woken by the kick fd directly (`KickFdTaker`), rather than from the event loop. The event loop
         still serves it when the server offers no kick fd or the back-end cannot take one (its
-        ``queue_kicked`` is replaced or wrapped, e.g. by the control channel's timing).
+        ``queue_kicked`` is replaced or wrapped: the control channel does that while an added latency or
+        an observer needs every kick in Python, and calls ``kick_path_changed``).
 
         ``state_dir`` (``serve --state-dir``, under a keeper): the device state of a connection whose
         ``context.session_key`` names it is kept in that subdirectory, every request served and every
@@ -604,6 +633,10 @@ class VirtioIommuBackend:
             raise ValueError("kick_thread needs the compiled request path")
         self.kick_thread = request_path == "compiled" if kick_thread is None else kick_thread
         self._kick_thread: _KickThread | None = None
+        #: Receives the requestq thread's batch times (``kickloop.TIMING_*`` rows: the control channel's
+        #: latency histograms) on the event loop, whenever the thread is parked, hands over or stops;
+        #: set before the ring starts (a thread times batches only if it was set when it started).
+        self.kick_timing: Callable[[npt.NDArray[np.int64]], None] | None = None
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None
         self.acked_features = 0
@@ -743,6 +776,33 @@ class VirtioIommuBackend:
         if index == REQUEST_QUEUE and thread is not None:
             self._kick_thread = None
             thread.stop()
+            self._pass_timing(thread)
+
+    def kick_thread_wanted(self) -> bool:
+        """Whether a kick thread would serve the requestq while its ring is served and its kicks are not
+        watched (``queue_kicked`` not wrapped). False when one never would: ``kick_thread`` off, the
+        Python request path, a state directory, a mapping store other than the ``MappingTable``."""
+        return (
+            self.kick_thread
+            and self._compiled is not None
+            and self._persistence is None
+            and isinstance(self.device.store, MappingTable)
+        )
+
+    def kick_path_changed(self) -> None:
+        """Whether this back-end would take the requestq's kick fd changed (``queue_kicked`` was wrapped
+        or unwrapped on the instance): the server takes the fd back from a running thread, so the event
+        loop serves the wrapper, and offers it again, so a thread serves an unwrapped back-end. Call on
+        the event loop, outside ``quiesced()``."""
+        if self.context is not None:
+            self.context.reoffer_kick(REQUEST_QUEUE)
+
+    def _pass_timing(self, thread: _KickThread) -> None:
+        """Hand what the thread timed to ``kick_timing``; only while the thread is out of the kernel."""
+        timing = thread.timing
+        if self.kick_timing is not None and timing[kickloop.T_BATCHES, kickloop.T_COUNT]:
+            self.kick_timing(timing)
+        timing[:] = 0
 
     def replace_call_fd(self, index: int, fd: int | None) -> None:
         thread = self._kick_thread
@@ -766,6 +826,7 @@ class VirtioIommuBackend:
             self._after_tools()
             return
         with thread.parked():
+            self._pass_timing(thread)
             yield
             self._after_tools()
 

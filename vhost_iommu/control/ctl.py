@@ -406,8 +406,18 @@ def _print_counters(result: Any, args: argparse.Namespace) -> None:
 
 
 def _print_queues(result: Any, _args: argparse.Namespace) -> None:
-    columns = ["index", "size", "started", "enabled", "next_avail", "used_idx", "in_flight", "event_idx"]
-    _table(None, columns, [[_render(q[c]) for c in columns] for q in result])
+    columns = [
+        "index",
+        "size",
+        "started",
+        "enabled",
+        "next_avail",
+        "used_idx",
+        "in_flight",
+        "event_idx",
+        "served_by",
+    ]
+    _table(None, columns, [[_render(q.get(c)) for c in columns] for q in result])
     if result and result[0]["broken"]:
         print(f"device needs reset: {result[0]['broken']}")
 

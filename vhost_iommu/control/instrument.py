@@ -4,14 +4,21 @@ The request path belongs to the device; the control layer wraps one public entry
 instance (never the class, so other back-ends and the tests of the device are untouched) and attaches
 one observer to its device:
 
-- ``backend.queue_kicked``: each requestq kick batch is timed (about 2.5 us of Python per kick, measured),
-  and can be deferred by an added latency (``loop.call_later``, so the event loop never blocks): per
-  batch (``delay``), or per request of a type (``delay --type``: the chains are then served one by one
-  through the device core, and before each chain of a delayed type the ring waits that long). A batch's
-  time is attributed to a request type when every request of the batch had that type (the device's
-  request counters before and after tell); a batch of several types is counted as MIXED. The Linux
-  driver sends ATTACH, DETACH and PROBE one per notification and waits, so those are exact; MAP/UNMAP
-  batches are per request on average.
+- ``backend.queue_kicked``, only while the event loop serves the requestq: each requestq kick batch is
+  timed (about 2.5 us of Python per kick, measured), and can be deferred by an added latency
+  (``loop.call_later``, so the event loop never blocks): per batch (``delay``), or per request of a type
+  (``delay --type``: the chains are then served one by one through the device core, and before each
+  chain of a delayed type the ring waits that long). A batch's time is attributed to a request type
+  when every request of the batch had that type (the device's request counters before and after tell);
+  a batch of several types is counted as MIXED. The Linux driver sends ATTACH, DETACH and PROBE one per
+  notification and waits, so those are exact; MAP/UNMAP batches are per request on average.
+- ``backend.kick_timing``: while the back-end's requestq thread serves (no added latency, no checker,
+  no trace: nothing needs every kick in Python), ``queue_kicked`` is not wrapped and the thread's kick
+  loop times each batch itself, with the same rule, into integer histograms
+  (`vhost_iommu.jit.kickloop`'s ``timing``) that the back-end hands over whenever the thread is parked
+  (every control command parks it), hands a chain to the event loop, or stops. Setting an added latency
+  or an observer wraps ``queue_kicked`` and has the server take the kick fd back from the thread
+  (``kick_path_changed``); clearing them unwraps it and the thread serves again.
 - ``device.observers`` (`vhost_iommu.device.observers.DeviceObserver`), only while a conformance checker
   or a trace is on: the checker sees each request before the device applies it, the trace records each
   request with its answer, features, config writes, resets and the tools' own changes. Forced answers
@@ -28,9 +35,13 @@ from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import RequestType, ReservedRegion
 from vhost_iommu.device.observers import DeviceObserver
+from vhost_iommu.jit import kickloop
 from vhost_iommu.memory import GuestMemoryError
 from vhost_iommu.trace import TraceWriter
 from vhost_iommu.virtqueue import QueueError
@@ -45,6 +56,9 @@ REQUEST_QUEUE = 0
 #: Counter slots of IommuDevice.request_counts: 0 counts unserved requests, then one per RequestType.
 COUNTER_NAMES = ["UNSERVED", *(kind.name for kind in RequestType)]
 HISTOGRAM_BUCKETS = 40  # bucket k holds [2**k, 2**(k+1)) ns; 2**40 ns is about 18 minutes
+# The kick loop keeps the same histograms (same buckets, one row per counter slot, then MIXED, then batches).
+assert HISTOGRAM_BUCKETS == kickloop.TIMING_BUCKETS
+assert len(COUNTER_NAMES) == kickloop.TIMING_KINDS == kickloop.T_MIXED  # MIXED: the row after the slots
 
 
 @dataclass
@@ -70,6 +84,20 @@ class Histogram:
             self.max_ns = ns
         self.count += weight
         self.total_ns += ns * weight
+
+    def absorb(self, row: npt.NDArray[np.int64]) -> None:
+        """Add the samples of one row of the kick loop's ``timing`` array (``kickloop.T_*`` columns)."""
+        count = int(row[kickloop.T_COUNT])
+        if not count:
+            return
+        self.buckets = [a + b for a, b in zip(self.buckets, row[:HISTOGRAM_BUCKETS].tolist(), strict=True)]
+        low, high = int(row[kickloop.T_MIN_NS]), int(row[kickloop.T_MAX_NS])
+        if self.count == 0 or low < self.min_ns:
+            self.min_ns = low
+        if high > self.max_ns:
+            self.max_ns = high
+        self.count += count
+        self.total_ns += int(row[kickloop.T_TOTAL_NS])
 
     def percentile_us(self, fraction: float) -> float:
         """Upper bound (µs) of the bucket holding the given fraction of samples."""
@@ -163,9 +191,9 @@ class _ToolsObserver(DeviceObserver):
 class ConnectionTools:
     """The control layer's per-back-end state and the wrappers it installed.
 
-    The back-end holds its tools (through the wrapper); the tools hold the back-end weakly. A cycle
-    would keep a disconnected back-end, and the guest-memory mappings its request path holds, alive
-    until the garbage collector happens to run.
+    The back-end holds its tools (through ``kick_timing`` and the wrapper); the tools hold the back-end
+    weakly. A cycle would keep a disconnected back-end, and the guest-memory mappings its request path
+    holds, alive until the garbage collector happens to run.
     """
 
     def __init__(self, number: int, backend: VirtioIommuBackend, loop: asyncio.AbstractEventLoop) -> None:
@@ -188,9 +216,13 @@ class ConnectionTools:
         self.trace: TraceWriter | None = None
         self._observer = _ToolsObserver(self)
         self._kicked = type(backend).queue_kicked
-        # An instance attribute shadows the method for this back-end only; the server looks the method
-        # up at each kick, and queue_started calls it through self too.
-        backend.queue_kicked = self._on_kick  # type: ignore[method-assign]
+        backend.kick_timing = self._absorb_kick_timing
+        # Wrapped until the first kick (queue_started's) tells whether a kick thread can serve: whether it
+        # can is known only once the back-end is attached (a state directory, say). A wrapped kick with
+        # nothing needing it schedules the switch (sync_kick_path).
+        self._wrapped = False
+        self._sync_scheduled = False
+        self._wrap(backend)
 
     @property
     def live_backend(self) -> VirtioIommuBackend | None:
@@ -204,16 +236,76 @@ class ConnectionTools:
             raise RuntimeError("the back-end of these tools is gone")
         return backend
 
+    # -- which path serves: the kick thread, or the event loop through the wrapper ---------------------------
+
+    def _wrap(self, backend: VirtioIommuBackend) -> None:
+        # An instance attribute shadows the method for this back-end only; the server looks the method
+        # up at each kick, and queue_started calls it through self too.
+        backend.queue_kicked = self._on_kick  # type: ignore[method-assign]
+        self._wrapped = True
+
+    def _needs_every_kick(self, backend: VirtioIommuBackend) -> bool:
+        """Whether the requestq must be served from the event loop through the wrapper: an added latency
+        (set, or a batch or chain still held), an observer (a checker or a trace: the device serves
+        every request in Python then, and a trace is flushed per batch), or a back-end that would serve
+        from the event loop anyway (whose kicks only the wrapper can time)."""
+        return (
+            bool(self.delay_us or self.type_delays)
+            or self._deferred is not None
+            or self._held is not None
+            or self.checker is not None
+            or self.trace is not None
+            or not backend.kick_thread_wanted()
+        )
+
+    def sync_kick_path(self) -> None:
+        """Wrap ``queue_kicked`` if every kick is needed in Python, unwrap it if not, and when that changes
+        have the server move the kick fd (to the event loop, or to a new kick thread). On the event loop,
+        outside ``quiesced()``: the control service calls it after every command."""
+        self._sync_scheduled = False
+        backend = self._backend()
+        if backend is None:
+            return
+        wanted = self._needs_every_kick(backend)
+        if wanted == self._wrapped:
+            return
+        if wanted:
+            self._wrap(backend)
+        else:
+            if vars(backend).get("queue_kicked") == self._on_kick:
+                del backend.queue_kicked
+            self._wrapped = False
+        backend.kick_path_changed()
+
+    def _absorb_kick_timing(self, timing: npt.NDArray[np.int64]) -> None:
+        for kind, histogram in enumerate(self._histograms):
+            histogram.absorb(timing[kind])
+        self.batches.absorb(timing[kickloop.T_BATCHES])
+
     # -- timing and added latency ---------------------------------------------------------------------------
 
     def _on_kick(self, index: int) -> None:
+        if index == REQUEST_QUEUE and not self._sync_scheduled:
+            backend = self._backend()
+            if backend is not None and not self._needs_every_kick(backend):
+                # Not from inside the kick: the switch takes the kick fd back and offers it again.
+                self._sync_scheduled = True
+                self.loop.call_soon(self.sync_kick_path)
         if index == REQUEST_QUEUE and self._deferred is not None:
             return  # a held batch or chain: its release serves whatever came meanwhile, in order
-        if index == REQUEST_QUEUE and self.delay_us:
+        if index == REQUEST_QUEUE and self.delay_us and self._has_requests():
             self.delayed_batches += 1
             self._deferred = self.loop.call_later(self.delay_us / 1e6, self._release)
             return
         self._serve(index)
+
+    def _has_requests(self) -> bool:
+        """Whether the requestq holds a chain to serve: a kick with none (one replayed when the ring
+        moved from the kick thread to the event loop) starts no delayed batch."""
+        backend = self._backend()
+        context = backend.context if backend is not None else None
+        ring = context.queue(REQUEST_QUEUE) if context is not None else None
+        return ring is not None and ring.has_available()
 
     def _release(self) -> None:
         self._deferred = None
@@ -227,6 +319,7 @@ class ConnectionTools:
         except Exception as exc:  # the server's own kick path would have marked the device broken
             log.exception("delayed requestq batch failed")
             context.device_broken(f"requestq (delayed batch): {exc}")
+        self.sync_kick_path()  # the last held chain of a delay taken off: the thread may serve again
 
     def _serve(self, index: int) -> None:
         backend = self._backend()

@@ -277,11 +277,19 @@ class ControlService:
             raise ControlError(
                 BAD_ARGUMENT, f"{request.command}: unknown argument(s): {', '.join(sorted(unknown))}"
             )
-        # Commands read and change device state: every requestq thread stays out of its device meanwhile.
-        with contextlib.ExitStack() as quiet:
-            for tools, _connection in self._live():
-                quiet.enter_context(tools.backend.quiesced())
-            return command(request.arguments)
+        # Commands read and change device state: every requestq thread stays out of its device meanwhile
+        # (and hands over the batch times it took).
+        live = [tools for tools, _connection in self._live()]
+        try:
+            with contextlib.ExitStack() as quiet:
+                for tools in live:
+                    quiet.enter_context(tools.backend.quiesced())
+                return command(request.arguments)
+        finally:
+            # An added latency or an observer set or cleared moves the requestq between the event loop
+            # and the kick thread; after the parking, as moving it stops or starts the thread.
+            for tools in live:
+                tools.sync_kick_path()
 
     def _live(self) -> list[tuple[ConnectionTools, Connection]]:
         found: list[tuple[ConnectionTools, Connection]] = []
@@ -520,6 +528,7 @@ class ControlService:
                     "in_flight": ring.in_flight if ring is not None else 0,
                     "event_idx": ring.event_idx if ring is not None else None,
                     "kick_pending": slot.kick_pending,
+                    "served_by": ("thread" if slot.kick_taken else "event-loop") if slot.served else None,
                     "broken": handler.broken_reason,
                 }
             )

@@ -71,6 +71,9 @@ class _Context:
     def reschedule(self, index: int) -> None:
         pass  # a static ring never holds more than one call serves
 
+    def reoffer_kick(self, index: int) -> None:
+        pass  # no kick fds: the fuzzer calls queue_kicked
+
     def config_changed(self) -> None:
         pass
 

@@ -374,6 +374,13 @@ class ConnectionHandler:
         if self._active(slot):
             self._call_backend(self.backend.queue_kicked, index)
 
+    def reoffer_kick(self, index: int) -> None:
+        if self.closed:
+            return  # the disconnect took every fd back already
+        slot = self.slots[index]
+        self._reclaim_kick(slot)
+        self._refresh(slot)  # replays the kick the back-end may have read, then offers the fd
+
     def config_changed(self) -> None:
         if not any(slot.started for slot in self.slots):
             # vhost-user.rst "Suspended device state": with every ring stopped the back-end must not

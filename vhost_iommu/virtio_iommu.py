@@ -781,13 +781,8 @@ class VirtioIommuBackend:
     def kick_thread_wanted(self) -> bool:
         """Whether a kick thread would serve the requestq while its ring is served and its kicks are not
         watched (``queue_kicked`` not wrapped). False when one never would: ``kick_thread`` off, the
-        Python request path, a state directory, a mapping store other than the ``MappingTable``."""
-        return (
-            self.kick_thread
-            and self._compiled is not None
-            and self._persistence is None
-            and isinstance(self.device.store, MappingTable)
-        )
+        Python request path, a mapping store other than the ``MappingTable``."""
+        return self.kick_thread and self._compiled is not None and isinstance(self.device.store, MappingTable)
 
     def kick_path_changed(self) -> None:
         """Whether this back-end would take the requestq's kick fd changed (``queue_kicked`` was wrapped

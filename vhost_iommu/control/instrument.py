@@ -217,9 +217,9 @@ class ConnectionTools:
         self._observer = _ToolsObserver(self)
         self._kicked = type(backend).queue_kicked
         backend.kick_timing = self._absorb_kick_timing
-        # Wrapped until the first kick (queue_started's) tells whether a kick thread can serve: whether it
-        # can is known only once the back-end is attached (a state directory, say). A wrapped kick with
-        # nothing needing it schedules the switch (sync_kick_path).
+        # Wrapped until the first kick (queue_started's): the service may yet give these tools a checker or
+        # a trace (serve --conformance, --trace) outside any command. A wrapped kick with nothing needing
+        # it schedules the switch to the thread (sync_kick_path).
         self._wrapped = False
         self._sync_scheduled = False
         self._wrap(backend)

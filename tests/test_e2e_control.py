@@ -8,7 +8,6 @@ in the guest's own output.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from vhost_iommu.control import ControlClient
 from vhost_iommu.lab import Lab, LabConfig
 from vhost_iommu.provision.boot import GuestRun, parse_fields
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
+from vhost_iommu.provision.klog import kernel_trouble
 from vhost_iommu.provision.qemu_build import ensure_qemu
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,6 @@ TESTDEV = 0x20  # pci-testdev at 00:04.0, endpoint ID = BDF in the default topol
 ADDED_LATENCY_US = 200_000
 # drivers/iommu/virtio-iommu.c, viommu_fault_handler: "%s fault from EP %u at %#llx [%s%s%s]" (dev_err).
 FAULT_REPORT = "{reason} fault from EP {endpoint} at {address:#x} [{access}]"
-KERNEL_TROUBLE = re.compile(r"soft lockup|rcu.{0,20}stall|Oops|BUG:|general protection|Call Trace", re.I)
 
 
 @pytest.fixture(scope="module")
@@ -130,5 +129,5 @@ def test_control_inspects_and_breaks_a_running_guest(lab: Lab) -> None:
     for reason, address, access in (("page", 0xDEAD000, "W"), ("page", 0xBEEF000, "R")):
         report = FAULT_REPORT.format(reason=reason, endpoint=TESTDEV, address=address, access=access)
         assert any(report in line for line in kernel_log), f"no {report!r} in:\n" + "\n".join(kernel_log)
-    trouble = [line for line in kernel_log if KERNEL_TROUBLE.search(line)]
+    trouble = kernel_trouble(kernel_log)
     assert not trouble, "the guest kernel complained:\n" + "\n".join(trouble)

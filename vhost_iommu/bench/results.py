@@ -15,13 +15,13 @@ a guest, so all of it is tested without QEMU.
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vhost_iommu.provision.boot import parse_fields
+from vhost_iommu.provision.klog import KLOG_PREFIX, STALLS
 
 BUILTIN = "builtin"
 VHOST_IOMMU = "vhost-iommu"
@@ -69,13 +69,6 @@ SCATTER_UNMAP = "scatter-unmap"
 # because the issue says so, though it is N round trips inside one system call.
 ROUND_TRIP_TARGET = 1.5
 BATCHED_TARGET = 1.0
-
-# Kernel messages that mean the guest's CPU was held too long: the driver spins in __viommu_sync_req with
-# interrupts off while it waits for the device, so a slow back-end shows up as these.
-_STALL = re.compile(
-    r"soft lockup|hard lockup|rcu\S*\s.*(stall|self-detected)|hung_task|blocked for more than", re.IGNORECASE
-)
-KLOG_PREFIX = "VHOST_IOMMU_KLOG "
 
 
 @dataclass(frozen=True, order=True)
@@ -221,7 +214,7 @@ def kernel_warnings(lines: Iterable[str]) -> list[str]:
 
 def stalls(warnings: Iterable[str]) -> list[str]:
     """The kernel messages among ``warnings`` that report a soft lockup, an RCU stall or a hung task."""
-    return [warning for warning in warnings if _STALL.search(warning)]
+    return [warning for warning in warnings if STALLS.search(warning)]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ import threading
 
 from vhost_iommu.control.client import ControlClient
 
+TAKEOVER_LINE = "session taken over"
+"""What a worker logs once it serves a front-end whose session it took over from a previous worker."""
+
 
 class KeeperProcess:
     """``vhost-iommu --state-dir`` on one socket (and a control socket); its log is drained by a thread
@@ -68,9 +71,15 @@ class KeeperProcess:
         assert isinstance(pid, int) and pid in children(self.process.pid), (pid, children(self.process.pid))
         return pid
 
-    def kill_worker(self) -> int:
+    def kill_worker(self, *, wait_takeover: bool = False) -> int:
+        """SIGKILL the serving worker; its pid. With ``wait_takeover``, return once the next worker has
+        taken over the (one) front-end's session: until then the control channel may be answered by a
+        worker that has no connection yet."""
+        taken_over = self.log.count(TAKEOVER_LINE)
         pid = self.worker()
         os.kill(pid, signal.SIGKILL)
+        if wait_takeover:
+            self.wait_for(TAKEOVER_LINE, taken_over + 1)
         return pid
 
     def terminate(self) -> int:

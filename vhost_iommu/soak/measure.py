@@ -13,18 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vhost_iommu.provision.klog import KERNEL_TROUBLE, KLOG_PREFIX
+
 # The first minutes grow caches legitimately (numba dispatchers, table nodes, the guest's request buffers
 # touched for the first time): growth is measured from the end of the warm-up.
 WARMUP_FRACTION = 0.1
 WARMUP_CAP_SECONDS = 180.0
 
-# What a healthy guest kernel never logs: stalls (as bench.results.stalls) and worse.
-KERNEL_TROUBLE = re.compile(
-    r"soft lockup|hard lockup|rcu\S*\s.*(stall|self-detected)|hung_task|blocked for more than|"
-    r"Oops|BUG:|general protection|Call Trace|Kernel panic|WARNING: CPU",
-    re.IGNORECASE,
-)
-KLOG_PREFIX = "VHOST_IOMMU_KLOG "
 # Lines of guest/init and vfio-dma that report a failed operation.
 GUEST_ERROR = re.compile(r"VHOST_IOMMU_SOAK_ERROR|VHOST_IOMMU_ERROR|VFIO_ERROR")
 ROUND = re.compile(r"VHOST_IOMMU_SOAK_ROUND ")

@@ -98,7 +98,14 @@ K_POLL_HITS: Final = 13
 """Out, cumulative: chains found while watching avail.idx after a batch (no kick, no wake-up)."""
 K_TICKS_PER_MS: Final = 14
 """In: cycle-counter ticks per millisecond, to time batches into ``timing``; 0: no timing."""
+K_POLL_BACKOFFS: Final = 15
+"""Out, cumulative: times the poll window was suspended after POLL_MISSES empty windows in a row."""
 CONTROL_WORDS: Final = 16
+
+POLL_MISSES: Final = 2
+"""Empty poll windows in a row after which the window is skipped for a while."""
+POLL_BACKOFF_MAX: Final = 1024
+"""Most batches served without a window after a run of empty ones."""
 
 PARK_NO: Final = 0
 PARK_NOW: Final = 1
@@ -350,6 +357,13 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
     park_word = np.uint64(control.ctypes.data) + np.uint64(8 * K_PARK)
     serve = control[K_SERVE] != 0
     served = serve  # serve once on entry: kicks may have come while the caller held the ring
+    # Adaptive polling: a window pays only while it catches the guest's next request (a core to spare);
+    # on a busy host it rarely does and its spinning takes the CPU the vCPU needs. After POLL_MISSES
+    # empty windows in a row the next batches skip the window, twice as many each time up to
+    # POLL_BACKOFF_MAX; a window that catches a chain starts over.
+    poll_misses = 0
+    poll_backoff = 1
+    poll_skip = 0
     while True:
         if served:
             if ticks_per_ms:
@@ -380,10 +394,22 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
             if reason == STOP_BUDGET:
                 continue  # the thread is this ring's own: nobody else to let through
             if done and control[K_POLL_TICKS] > 0 and park == PARK_NO:
-                _await_chain(control, ring, park_word)
-                # Serve what came, or find the ring empty: serve_requests then asks for kicks again (the
-                # window suppressed them) and looks once more before the loop blocks.
-                continue
+                if poll_skip > 0:
+                    poll_skip -= 1
+                else:
+                    if _await_chain(control, ring, park_word):
+                        poll_misses = 0
+                        poll_backoff = 1
+                    else:
+                        poll_misses += 1
+                        if poll_misses >= POLL_MISSES:
+                            poll_misses = 0
+                            poll_skip = poll_backoff
+                            control[K_POLL_BACKOFFS] += 1
+                            poll_backoff = min(2 * poll_backoff, POLL_BACKOFF_MAX)
+                    # Serve what came, or find the ring empty: serve_requests then asks for kicks again
+                    # (the window suppressed them) and looks once more before the loop blocks.
+                    continue
         park = _load_acquire(park_word)
         if park == PARK_NOW:
             return LOOP_PARKED

@@ -23,7 +23,7 @@ from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.memory import GuestMemory
-from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 
 EP = 0x20
@@ -345,38 +345,68 @@ def test_an_observer_attached_while_the_thread_serves_sees_every_request(
         assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 4
 
 
-def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() -> None:
-    """With ``poll_us`` the loop watches the ring after each answer with kicks suppressed; when the window
-    ends it must ask for kicks again, or a driver that kicks only when asked (as Linux does) would wait
-    forever. This driver kicks only when ``needs_kick`` says so."""
+@contextmanager
+def attached_requestq(poll_us: float) -> Iterator[tuple[RunningServer, Frontend, DriverQueue]]:
+    """A served device with the kick thread polling ``poll_us``, endpoint EP attached to domain 1; yields
+    the server, the front-end and the requestq's driver side (EVENT_IDX: kicks only when asked)."""
     with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
         server = RunningServer(
-            lambda: VirtioIommuBackend(kick_thread=True, poll_us=200), os.path.join(directory, "sock")
+            lambda: VirtioIommuBackend(kick_thread=True, poll_us=poll_us), os.path.join(directory, "sock")
         )
         try:
             with server.connect() as frontend, GuestRam(1 << 20) as ram:
                 queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
                 frontend.start_device(ram, queues)
-                queue = queues[0]
-                assert request(frontend, queue, encode_attach(1, EP)) == Status.OK
-                answered = 0
-                for page in range(40):
-                    if page % 2:
-                        # Let the window end first (it is 0.2 ms) on most odd pages; a request that
-                        # still comes inside the window is caught by it, which must work as well.
-                        time.sleep(0.005)
-                    head = queue.post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
-                    if queue.needs_kick():
-                        frontend.kick(0)
-                    assert frontend.wait_used(0, timeout=30), f"request {page} never answered"
-                    assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
-                    answered += 1
-                backend = backend_of(server)
-                counters = backend.kick_thread_counters()
-                assert counters is not None and counters["kicks"] + counters["poll_hits"] >= answered
-                assert counters["kicks"] >= 1  # some windows ended before the next request
+                assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+                yield server, frontend, queues[0]
         finally:
             server.stop()
+
+
+def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() -> None:
+    """With ``poll_us`` the loop watches the ring after each answer with kicks suppressed; when the window
+    ends it must ask for kicks again, or a driver that kicks only when asked (as Linux does) would wait
+    forever. This driver kicks only when ``needs_kick`` says so."""
+    with attached_requestq(poll_us=200) as (server, frontend, queue):
+        answered = 0
+        for page in range(40):
+            if page % 2:
+                # Let the window end first (it is 0.2 ms) on most odd pages; a request that
+                # still comes inside the window is caught by it, which must work as well.
+                time.sleep(0.005)
+            head = queue.post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
+            if queue.needs_kick():
+                frontend.kick(0)
+            assert frontend.wait_used(0, timeout=30), f"request {page} never answered"
+            assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
+            answered += 1
+        backend = backend_of(server)
+        counters = backend.kick_thread_counters()
+        assert counters is not None and counters["kicks"] + counters["poll_hits"] >= answered
+        assert counters["kicks"] >= 1  # some windows ended before the next request
+
+
+def test_poll_windows_that_catch_nothing_are_skipped_for_a_while() -> None:
+    """A busy host: the guest's next request comes after the window. After POLL_MISSES empty windows the
+    loop serves the next batches without one (and every request is still answered: the driver kicks only
+    when asked). A 1 us window cannot catch a request this Python driver posts after reading the answer."""
+    with attached_requestq(poll_us=1) as (server, frontend, queue):
+        for page in range(20):
+            head = queue.post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
+            if queue.needs_kick():
+                frontend.kick(0)
+            assert frontend.wait_used(0, timeout=30), f"request {page} never answered"
+            assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
+        counters = backend_of(server).kick_thread_counters()
+        assert counters is not None and counters["poll_backoffs"] >= 1, counters
+
+
+def test_by_default_only_the_kick_thread_polls() -> None:
+    loop_window, thread_window = poll_windows(None)
+    assert loop_window == 0 and thread_window == THREAD_POLL_US > 0
+    assert poll_windows(0) == (0, 0) and poll_windows(20) == (20, 20)
+    with pytest.raises(ValueError):
+        poll_windows(-1)
 
 
 def test_without_a_thread_to_be_had_the_event_loop_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:

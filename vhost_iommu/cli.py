@@ -181,10 +181,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poll-us",
         type=_poll_us,
-        default=0.0,
+        default=None,
         metavar="N",
         help="compiled path: after answering, watch the ring N microseconds for the next request before "
-        "waiting for a kick (default 0: off; pays off only with a CPU to spare, docs/performance.md)",
+        "waiting for a kick (default: the requestq thread only, 30 us, and only while its windows catch "
+        "requests; 0: never; docs/performance.md)",
     )
     parser.add_argument(
         "--kick-thread",
@@ -244,9 +245,9 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
     # getattr: namespaces built by other commands (and older callers) need not carry these options.
     request_path: str = getattr(args, "request_path", "compiled")
-    poll_us: float = getattr(args, "poll_us", 0.0)
+    poll_us: float | None = getattr(args, "poll_us", None)
     kick_thread: bool | None = getattr(args, "kick_thread", None)  # None: the back-end's default
-    tuned = request_path != "compiled" or poll_us or kick_thread is not None
+    tuned = request_path != "compiled" or poll_us is not None or kick_thread is not None
     if args.backend == "echo" and tuned:
         raise CliError(
             "--request-path, --poll-us and --kick-thread apply to the IOMMU device, not to --backend=echo"

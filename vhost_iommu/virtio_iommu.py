@@ -75,6 +75,23 @@ _MAX_GROWTHS = 3
 
 
 MAX_POLL_US = 10_000.0
+THREAD_POLL_US = 30.0
+"""The kick thread's poll window when none is asked for: on a host with a core to spare it catches the
+guest's next synchronous request without a wake-up (docs/benchmarks.md, "On a quiet machine"), and the
+loop stops polling by itself where windows come back empty (a busy host)."""
+
+
+def poll_windows(poll_us: float | None) -> tuple[float, float]:
+    """(event-loop path, kick thread) poll windows in microseconds for a ``poll_us`` option: None, the
+    default, polls only on the kick thread (adaptive, THREAD_POLL_US); a number sets both, 0 turns
+    polling off. The event loop is shared by every guest of the process, so it polls only when told."""
+    if poll_us is None:
+        return 0.0, THREAD_POLL_US
+    if not 0 <= poll_us <= MAX_POLL_US:
+        raise ValueError(f"poll_us {poll_us} is outside 0..{MAX_POLL_US}")
+    return poll_us, poll_us
+
+
 POLL_LIMIT_US = 2000.0
 """Longest one kick may keep polling in total (the event loop, sockets included, waits meanwhile), or
 twice the poll window if that is longer."""
@@ -101,14 +118,17 @@ class CompiledRequestPath:
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
     """
 
-    def __init__(self, device: IommuDevice, *, poll_us: float = 0.0, no_work: bool = False) -> None:
-        """``no_work``: answer MAP and UNMAP OK without applying them (``RF_NO_WORK``; benchmarks only)."""
-        if not 0 <= poll_us <= MAX_POLL_US:
-            raise ValueError(f"poll_us {poll_us} is outside 0..{MAX_POLL_US}")
+    def __init__(self, device: IommuDevice, *, poll_us: float | None = None, no_work: bool = False) -> None:
+        """``poll_us``: see `VirtioIommuBackend`. ``no_work``: answer MAP and UNMAP OK without applying
+        them (``RF_NO_WORK``; benchmarks only)."""
+        loop_poll_us, thread_poll_us = poll_windows(poll_us)
         self.device = device
         self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
-        #: The poll window in cycle-counter ticks (0: no polling).
+        #: The kick thread's poll window in cycle-counter ticks (0: no polling); adaptive in the loop.
+        self.thread_poll_ticks = int(thread_poll_us * _ticks_per_us()) if thread_poll_us else 0
+        #: The event-loop path's poll window in cycle-counter ticks (0: no polling).
         self.poll_ticks = 0
+        poll_us = loop_poll_us
         if poll_us:
             ticks_per_us = _ticks_per_us()
             self.poll_ticks = int(poll_us * ticks_per_us)
@@ -368,7 +388,7 @@ class _KickThread:
         control[kickloop.K_KICK_FD] = kick_fd
         control[kickloop.K_WAKE_FD] = self._wake_fd
         control[kickloop.K_CALL_FD] = -1 if call_fd is None else call_fd
-        control[kickloop.K_POLL_TICKS] = compiled.poll_ticks
+        control[kickloop.K_POLL_TICKS] = compiled.thread_poll_ticks
         #: Batch times (``kickloop.TIMING_*``); written by the kernel, read and zeroed only while the
         #: thread is out of it.
         self.timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
@@ -459,6 +479,7 @@ class _KickThread:
             "wakeups": int(control[kickloop.K_WAKEUPS]),
             "notified": int(control[kickloop.K_NOTIFIED]),
             "poll_hits": int(control[kickloop.K_POLL_HITS]),
+            "poll_backoffs": int(control[kickloop.K_POLL_BACKOFFS]),
         }
 
     def _update_park_word(self) -> None:
@@ -600,7 +621,7 @@ class VirtioIommuBackend:
         *,
         device: IommuDevice | None = None,
         request_path: Literal["compiled", "python"] = "compiled",
-        poll_us: float = 0.0,
+        poll_us: float | None = None,
         kick_thread: bool | None = None,
         state_dir: StateDir | None = None,
         journal_slots: int = DEFAULT_SLOTS,
@@ -609,10 +630,11 @@ class VirtioIommuBackend:
         UNMAP in batches, everything else goes through the device core) or "python" (every chain through
         ``SplitQueue.pop`` and ``IommuDevice.handle_request``). Both give the same answers.
 
-        ``poll_us`` (compiled path only; 0, the default, turns it off): after serving a request the kernel
-        keeps watching the ring that long for the next one, with kicks suppressed, instead of returning
-        to the event loop to wait for a kick; at most POLL_LIMIT_US per kick in total. It pays off only
-        when a CPU is free for it: docs/performance.md has the measurements.
+        ``poll_us`` (compiled path only): after serving a request, keep watching the ring that long for
+        the next one, with kicks suppressed, instead of waiting for a kick. None, the default: only the
+        kick thread polls, THREAD_POLL_US, and stops by itself while its windows come back empty; a
+        number: both paths poll that long (the event loop at most POLL_LIMIT_US per kick in total); 0:
+        no polling. It pays off when a CPU is free for it: docs/performance.md has the measurements.
 
         ``kick_thread`` (compiled path only; None, the default, means yes with the compiled path): the
         requestq is served by a thread of its own running the kick loop (`vhost_iommu.jit.kickloop`),

@@ -27,7 +27,11 @@ class EmptyBackend(VirtioIommuBackend):
     """
 
     def __init__(
-        self, topology: Topology | None = None, *, kick_thread: bool | None = None, poll_us: float = 0.0
+        self,
+        topology: Topology | None = None,
+        *,
+        kick_thread: bool | None = None,
+        poll_us: float | None = None,
     ) -> None:
         """``kick_thread``: serve from the requestq thread or the event loop; None: what the real
         back-end does by default, so that the floor moves with it. ``poll_us``: as the real one's."""

@@ -65,8 +65,9 @@ class BenchPlan:
     scatter: Sequence[int] = (4096, 65536)
     workloads: Sequence[str] = WORKLOADS
     vq_size: int = 256
-    # The vhost-user back-ends' poll window after a batch (VirtioIommuBackend(poll_us=...)); 0: none.
-    poll_us: float = 0.0
+    # The vhost-user back-ends' poll window after a batch (VirtioIommuBackend(poll_us=...)); None: the
+    # back-end's default (the kick thread's adaptive window), 0: none.
+    poll_us: float | None = None
     # Seconds the guest may stay silent between two workload lines (a boot included).
     step_timeout: float = 300.0
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vhost_iommu.provision.boot import parse_fields
-from vhost_iommu.provision.klog import KLOG_PREFIX, STALLS
+from vhost_iommu.provision.klog import STALLS, klog_message
 
 BUILTIN = "builtin"
 VHOST_IOMMU = "vhost-iommu"
@@ -209,7 +209,7 @@ def figures_from_records(records: Iterable[Mapping[str, Any]]) -> dict[Metric, F
 
 def kernel_warnings(lines: Iterable[str]) -> list[str]:
     """The guest kernel's warnings and worse, as its /init reports them after the job (VHOST_IOMMU_KLOG)."""
-    return [line[line.index(KLOG_PREFIX) + len(KLOG_PREFIX) :] for line in lines if KLOG_PREFIX in line]
+    return [message for line in lines if (message := klog_message(line)) is not None]
 
 
 def stalls(warnings: Iterable[str]) -> list[str]:

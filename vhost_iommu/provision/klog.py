@@ -25,6 +25,12 @@ KERNEL_TROUBLE = re.compile(
 """Stalls and worse: what a healthy guest kernel never logs."""
 
 
+def klog_message(line: str) -> str | None:
+    """The kernel message a ``VHOST_IOMMU_KLOG`` console line reports; None for any other line."""
+    start = line.find(KLOG_PREFIX)
+    return None if start < 0 else line[start + len(KLOG_PREFIX) :]
+
+
 def kernel_trouble(lines: Iterable[str]) -> list[str]:
     """The lines that show trouble (whole lines, as given)."""
     return [line for line in lines if KERNEL_TROUBLE.search(line)]

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vhost_iommu.provision.klog import KERNEL_TROUBLE, KLOG_PREFIX
+from vhost_iommu.provision.klog import KERNEL_TROUBLE, klog_message
 
 # The first minutes grow caches legitimately (numba dispatchers, table nodes, the guest's request buffers
 # touched for the first time): growth is measured from the end of the warm-up.
@@ -272,7 +272,8 @@ def kernel_trouble(lines: Iterable[str]) -> list[str]:
     """Console lines (kernel messages on the console, or VHOST_IOMMU_KLOG reports) of a stall or worse."""
     found = []
     for line in lines:
-        text = line[line.index(KLOG_PREFIX) + len(KLOG_PREFIX) :] if KLOG_PREFIX in line else line
+        message = klog_message(line)
+        text = line if message is None else message
         if KERNEL_TROUBLE.search(text):
             found.append(text.strip())
     return unique(found)

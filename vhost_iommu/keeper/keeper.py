@@ -114,6 +114,8 @@ class Relay:
     ends_program: bool = False
     #: The events the selector watches for this connection's socket (0: not registered).
     events: int = 0
+    #: The settings of the trace a worker records for this connection (continued by the next worker).
+    trace: dict[str, Any] | None = None
 
     def needed(self) -> int:
         if len(self.buffer) < HEADER_SIZE:
@@ -189,6 +191,9 @@ class Keeper:
         self._restart_at: float | None = None
         self._failures = 0
         self._ever_ready = False
+        #: Conformance statements a worker's checker saw broken (statement -> the first, described): they
+        #: outlive the worker that saw them, for the program's exit status (--conformance=strict).
+        self.violations: dict[str, str] = {}
         self._stopping = False
         self._upgrade_requested = False
         self.restarts = 0
@@ -384,6 +389,12 @@ class Keeper:
         if op == "upgrade":
             self.request_upgrade("control channel")
             return
+        if op == "violation":
+            statement, first = head.get("statement"), head.get("first")
+            if not isinstance(statement, str) or not isinstance(first, str):
+                raise wire.WireError("violation without a statement")
+            self.violations.setdefault(statement, first)
+            return
         if op == "suspended":
             log.info("device worker %d suspended for the upgrade", worker.process.pid)
             if worker is self.worker and worker.suspending and self.standby is not None:
@@ -400,6 +411,11 @@ class Keeper:
             self._close_relay(relay, notify=False)
         elif op == "restored":
             pass
+        elif op == "trace":
+            trace = head.get("trace")
+            if trace is not None and not isinstance(trace, dict):
+                raise wire.WireError("trace settings that are not an object")
+            relay.trace = trace
         else:
             raise wire.WireError(f"unknown op {op!r}")
 
@@ -430,11 +446,12 @@ class Keeper:
     def _introduce(self, worker: Worker, relay: Relay) -> bool:
         relay.forwarded = 0
         if relay.session is None:
-            head = {"op": "open", "conn": relay.ident, "origin": relay.origin}
+            head = {"op": "open", "conn": relay.ident, "origin": relay.origin, "trace": relay.trace}
             sent = self._send(worker, head)
         else:
             ids = [i for i in relay.refs if i in relay.fds]
             head = {"op": "restore", "conn": relay.ident, "origin": relay.origin, "fd_ids": ids}
+            head["trace"] = relay.trace
             sent = self._send(worker, head, relay.session, [relay.fds[i] for i in ids])
         if not sent:
             return False
@@ -845,15 +862,24 @@ def run_keeper(
     listeners: list[tuple[socket.socket, str]],
     files: list[SocketFile],
     control: socket.socket | None,
+    *,
+    violations_status: int | None = None,
 ) -> int:
-    """Run the keeper over already-created listeners (the caller made them; the keeper closes them)."""
+    """Run the keeper over already-created listeners (the caller made them; the keeper closes them).
+    ``violations_status``: the exit status when a worker's conformance checker saw a driver break a
+    statement (--conformance=strict), if the keeper otherwise ended well."""
     raise_fd_limit()
     spare = bool(getattr(args, "spare_worker", False))
     timeout = float(getattr(args, "worker_timeout", DEFAULT_WORKER_TIMEOUT))
     keeper = Keeper(
         worker_arguments(arguments), listeners, control, files, spare=spare, worker_timeout=timeout
     )
-    return keeper.run()
+    status = keeper.run()
+    if status == 0 and violations_status is not None and keeper.violations:
+        for first in keeper.violations.values():
+            log.error("the driver broke %s", first)
+        return violations_status
+    return status
 
 
 def _hung_up(sock: socket.socket) -> bool:

@@ -409,7 +409,8 @@ class ConnectionHandler:
             raise RequestFailed(f"ring index {index} out of range: the device has {len(self.slots)} queues")
         return self.slots[index]
 
-    def _stopped_slot(self, index: int, what: str) -> VringSlot:
+    def _slot_to_configure(self, index: int, what: str) -> VringSlot:
+        """The slot whose layout request ``what`` changes, if its phase allows (only while stopped)."""
         slot = self._slot(index)
         try:
             slot.phases.apply(RingEvent.CONFIGURE)
@@ -419,7 +420,7 @@ class ConnectionHandler:
 
     def _set_vring_num(self, message: Message) -> None:
         state = _state(message)
-        slot = self._stopped_slot(state.index, "SET_VRING_NUM")
+        slot = self._slot_to_configure(state.index, "SET_VRING_NUM")
         size = state.num
         if not 1 <= size <= self.backend.max_queue_size or size & (size - 1):
             raise RequestFailed(
@@ -430,14 +431,14 @@ class ConnectionHandler:
 
     def _set_vring_addr(self, message: Message) -> None:
         assert isinstance(message.payload, VringAddress)
-        slot = self._stopped_slot(message.payload.index, "SET_VRING_ADDR")
+        slot = self._slot_to_configure(message.payload.index, "SET_VRING_ADDR")
         if message.payload.flags & VRING_F_LOG:
             raise RequestFailed("SET_VRING_ADDR asks for used-ring logging, which is not supported")
         slot.address = message.payload
 
     def _set_vring_base(self, message: Message) -> None:
         state = _state(message)
-        slot = self._stopped_slot(state.index, "SET_VRING_BASE")
+        slot = self._slot_to_configure(state.index, "SET_VRING_BASE")
         if state.num > 0xFFFF:
             raise RequestFailed(f"SET_VRING_BASE {state.num:#x}: a split ring's index is 16 bits")
         slot.base = state.num

@@ -36,7 +36,9 @@ class IommuDriver:
     ``frontend`` over ``ram`` (default: ``ram_size`` bytes of its own); requests go one at a time
     (:meth:`send`, :meth:`status`) or several per kick (:meth:`submit`, :meth:`statuses`).
 
-    :meth:`close` closes the RAM it made and, with ``own_frontend``, the front-end."""
+    ``start=False`` leaves starting the rings (``queues``) to the caller, as after a migration, where the
+    destination's rings start without the connection's set-up. :meth:`close` closes the RAM it made and,
+    with ``own_frontend``, the front-end."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class IommuDriver:
         event_idx: bool = False,
         timeout: float = TIMEOUT,
         own_frontend: bool = False,
+        start: bool = True,
     ) -> None:
         self.frontend = frontend
         self._own_frontend = own_frontend
@@ -60,11 +63,12 @@ class IommuDriver:
             DriverQueue(self.ram, queue_size, event_idx=event_idx),
             DriverQueue(self.ram, event_queue_size, event_idx=event_idx),
         ]
-        try:
-            frontend.start_device(self.ram, self.queues)
-        except BaseException:
-            self.close()
-            raise
+        if start:
+            try:
+                frontend.start_device(self.ram, self.queues)
+            except BaseException:
+                self.close()
+                raise
 
     def __enter__(self) -> IommuDriver:
         return self
@@ -91,15 +95,19 @@ class IommuDriver:
     def events(self) -> DriverQueue:
         return self.queues[1]
 
-    def submit(self, requests: Sequence[bytes], writable: int = TAIL_SIZE) -> list[tuple[bytes, int]]:
+    def post(self, requests: Sequence[bytes], writable: int = TAIL_SIZE) -> list[int]:
         """Post every request (an empty one as no readable buffer) with ``writable`` bytes for its answer
-        (0: none), kick once and wait until all are answered; per request, in posting order, what the
-        device wrote (up to the used length) and the used length. Each is answered exactly once."""
+        (0: none) and kick once; their heads, for :meth:`answers`."""
         heads = [
             self.requests.post([request] if request else [], [writable] if writable else [])
             for request in requests
         ]
         self.frontend.kick(0)
+        return heads
+
+    def answers(self, heads: Sequence[int]) -> list[tuple[bytes, int]]:
+        """Wait until every posted chain of ``heads`` is answered; per head, in that order, what the device
+        wrote (up to the used length) and the used length. Each is answered exactly once."""
         answered: dict[int, tuple[bytes, int]] = {}
         while len(answered) < len(heads):
             assert self.frontend.wait_used(0, timeout=self.timeout), (
@@ -107,8 +115,18 @@ class IommuDriver:
             )
             for head, length in self.requests.used():  # raises for a head that was not posted
                 assert head not in answered, f"head {head} answered twice"
-                answered[head] = (self.requests.written(head)[:length] if writable else b"", length)
+                answered[head] = (self.requests.written(head)[:length], length)
         return [answered[head] for head in heads]
+
+    def answer_statuses(self, heads: Sequence[int]) -> list[Status]:
+        """:meth:`answers` of requests with a bare tail for an answer: their statuses."""
+        answers = self.answers(heads)
+        assert all(length == TAIL_SIZE for _written, length in answers), answers
+        return [Status(decode_status(written)) for written, _length in answers]
+
+    def submit(self, requests: Sequence[bytes], writable: int = TAIL_SIZE) -> list[tuple[bytes, int]]:
+        """:meth:`post` then :meth:`answers`."""
+        return self.answers(self.post(requests, writable))
 
     def send(self, request: bytes, writable: int = TAIL_SIZE) -> bytes:
         """Post one request, kick, wait for its answer; the ``writable`` bytes the device wrote, every one
@@ -122,9 +140,7 @@ class IommuDriver:
 
     def statuses(self, requests: Sequence[bytes]) -> list[Status]:
         """All posted with one kick; their statuses in posting order."""
-        answers = self.submit(requests)
-        assert all(length == TAIL_SIZE for _written, length in answers), answers
-        return [Status(decode_status(written)) for written, _length in answers]
+        return self.answer_statuses(self.post(requests))
 
     def attach(self, domain: int = DOMAIN, endpoint: int = ENDPOINT) -> Status:
         return self.status(encode_attach(domain, endpoint))

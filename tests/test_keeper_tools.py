@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from vhost_iommu.control.client import ControlClient
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
 
 TIMEOUT = 60.0
@@ -28,12 +26,13 @@ def test_a_worker_with_a_trace_dir_serves_and_traces(directory: str) -> None:
     # the control service and died before it was ready.
     program = KeeperProcess(directory, f"--trace-dir={directory}/traces", backend="iommu")
     try:
-        with GuestRam(1 << 20) as ram, Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
-            frontend.start_device(ram, [DriverQueue(ram, 64), DriverQueue(ram, 64)])
-            with ControlClient(program.control) as client:
-                assert [row["started_queues"] for row in client.call("connections")] == [2]
-                client.call("trace-start", name="t.jsonl")
-                assert client.call("trace-stop")["path"].endswith("t.jsonl")
+        with (
+            IommuDriver.connect(program.socket, timeout=TIMEOUT),
+            ControlClient(program.control) as client,
+        ):
+            assert [row["started_queues"] for row in client.call("connections")] == [2]
+            client.call("trace-start", name="t.jsonl")
+            assert client.call("trace-stop")["path"].endswith("t.jsonl")
         assert (Path(directory) / "traces" / "t.jsonl").is_file()
         assert program.terminate() == 0
     finally:

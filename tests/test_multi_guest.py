@@ -91,9 +91,7 @@ def serve(directory: str, *args: str, count: int = 2) -> Program:
 
 def guest_on(path: str) -> IommuDriver:
     """A driver on one socket: its own RAM, rings started, requests answered one at a time."""
-    return IommuDriver(
-        Frontend.connect(path, timeout=REPLY_TIMEOUT), timeout=REPLY_TIMEOUT, own_frontend=True
-    )
+    return IommuDriver.connect(path, timeout=REPLY_TIMEOUT)
 
 
 def connections(program: Program) -> list[dict[str, object]]:

@@ -18,7 +18,6 @@ import pytest
 
 from vhost_iommu.device import Status
 from vhost_iommu.device.layout import MAP_F_READ, MAP_F_WRITE, encode_attach, encode_map, encode_unmap
-from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
 
@@ -46,15 +45,8 @@ def map_page(page: int) -> bytes:
 
 def test_mappings_survive_worker_kills_and_killed_batches_are_answered_once(keeper: KeeperProcess) -> None:
     rng = random.Random(11)
-    frontend = Frontend.connect(keeper.socket, timeout=TIMEOUT)
-    guest = IommuDriver(
-        frontend,
-        ram_size=4 << 20,
-        queue_size=256,
-        event_queue_size=8,
-        event_idx=True,
-        timeout=TIMEOUT,
-        own_frontend=True,
+    guest = IommuDriver.connect(
+        keeper.socket, ram_size=4 << 20, queue_size=256, event_queue_size=8, event_idx=True, timeout=TIMEOUT
     )
     try:
         assert guest.statuses([encode_attach(1, EP)]) == [Status.OK]

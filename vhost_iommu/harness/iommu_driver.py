@@ -6,7 +6,7 @@ eventfd, read each answer back and check that every request was answered once, w
 side of every test of a served device (the in-process server, the real program, the keeper), so that a
 test asserts the device's behaviour and keeps no ring handling of its own::
 
-    with IommuDriver(Frontend.connect(path), own_frontend=True) as driver:
+    with IommuDriver.connect(path) as driver:
         assert driver.attach() == Status.OK          # ENDPOINT into DOMAIN
         assert driver.status(encode_map(DOMAIN, 0, 0xFFF, 0)) == Status.OK
 
@@ -69,6 +69,30 @@ class IommuDriver:
             except BaseException:
                 self.close()
                 raise
+
+    @classmethod
+    def connect(
+        cls,
+        path: str,
+        *,
+        ram_size: int = 1 << 20,
+        queue_size: int = 64,
+        event_queue_size: int = 64,
+        event_idx: bool = False,
+        timeout: float = TIMEOUT,
+    ) -> IommuDriver:
+        """A driver on a front-end of its own connected to the back-end's socket ``path`` (its calls, too,
+        wait at most ``timeout``), with RAM of its own; :meth:`close` closes both."""
+        frontend = Frontend.connect(path, timeout=timeout)
+        return cls(
+            frontend,
+            ram_size=ram_size,
+            queue_size=queue_size,
+            event_queue_size=event_queue_size,
+            event_idx=event_idx,
+            timeout=timeout,
+            own_frontend=True,
+        )
 
     def __enter__(self) -> IommuDriver:
         return self

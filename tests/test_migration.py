@@ -10,7 +10,6 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 
 from vhost_iommu.device import snapshot
@@ -28,8 +27,7 @@ from vhost_iommu.harness.frontend import Frontend, RequestFailedError
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
-from vhost_iommu.jit.bulk import load_sorted
-from vhost_iommu.jit.tables import MappingTable
+from vhost_iommu.harness.mappings import add_mappings
 from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -421,20 +419,6 @@ def test_a_stalled_transfer_holds_up_no_other_connection(
         restored = IommuDevice()
         snapshot.restore(restored, b"".join(chunks))
         assert restored.store.count() == count + 199  # and the 200 mapped minus 1 unmapped by WORKLOAD
-
-
-def add_mappings(device: IommuDevice, domain: int, start: int, count: int) -> None:
-    """``count`` one-page mappings from ``start`` straight into the table (quicker than MAP requests)."""
-    pages = np.arange(count, dtype=np.uint64) * np.uint64(2 * PAGE) + np.uint64(start)
-    table = device.store
-    assert isinstance(table, MappingTable)
-    offsets = np.array([0, count], np.int64)
-    flags = np.full(count, 3, np.uint64)
-    status = load_sorted(
-        table, np.array([domain], np.int64), offsets, pages, pages + np.uint64(PAGE - 1), pages, flags
-    )
-    assert status == 0
-    device.domain_table.mapping_count[domain - device.domain_table.first] += count
 
 
 def test_migration_through_the_keeper() -> None:

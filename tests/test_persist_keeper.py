@@ -74,3 +74,19 @@ def test_mappings_survive_worker_kills_and_killed_batches_are_answered_once(keep
     keeper.wait_for("state restored in", 4)
     assert keeper.terminate() == 0
     assert os.listdir(keeper.state) == []  # the session ended for good: its state went with it
+
+
+def test_a_request_a_stopped_worker_was_kicked_for_is_answered_once_by_the_next(
+    keeper: KeeperProcess,
+) -> None:
+    # The e2e test's "kill with a request in flight", without a guest: on the ring, notified, never read.
+    with IommuDriver.connect(keeper.socket, event_idx=True, timeout=TIMEOUT) as guest:
+        assert guest.attach(1, EP) == Status.OK
+        stopped = keeper.stop_worker()
+        assert not stopped.kicked()
+        heads = guest.post([map_page(0)])
+        assert stopped.wait_kicked(TIMEOUT)
+        stopped.kill()
+        keeper.wait_for("session taken over")
+        assert guest.answer_statuses(heads) == [Status.OK]
+        assert guest.status(map_page(0)) == Status.INVAL  # the mapping is there

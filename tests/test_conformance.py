@@ -12,8 +12,6 @@ Addresses scale the spec's byte examples to the default 4 KiB granule.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -50,10 +48,8 @@ from vhost_iommu.device.layout import (
     encode_unmap,
 )
 from vhost_iommu.device.topology import PciRange, ReservedRegion
-from vhost_iommu.harness import RequestFailedError
-from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness import IommuDriver, RequestFailedError, running_server
 from vhost_iommu.harness.guest_ram import GuestRam
-from vhost_iommu.harness.pytest_plugin import RunningServer
 from vhost_iommu.virtio_iommu import RING_FEATURES, VIRTIO_F_VERSION_1, VirtioIommuBackend
 
 PAGE = 0x1000
@@ -97,11 +93,9 @@ class VhostUserHarness(Harness):
     def __init__(
         self, topology: Topology, features: int | None, stack: ExitStack, *, kick_thread: bool = False
     ) -> None:
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-conf-"))
-        self.server = RunningServer(
-            lambda: VirtioIommuBackend(topology, kick_thread=kick_thread), os.path.join(directory, "sock")
+        self.server = stack.enter_context(
+            running_server(lambda: VirtioIommuBackend(topology, kick_thread=kick_thread))
         )
-        stack.callback(self.server.stop)
         self.frontend = stack.enter_context(self.server.connect())
         self.ram = GuestRam(4 << 20)
         stack.callback(self.ram.close)
@@ -115,12 +109,8 @@ class VhostUserHarness(Harness):
     def _submit(self, request: bytes, writable_size: int) -> tuple[bytes, int]:
         if not request and not writable_size:
             pytest.skip("a chain of no buffers cannot be put on a ring")
-        head = self.requests.post([request] if request else [], [writable_size] if writable_size else [])
-        self.frontend.kick(0)
-        assert self.frontend.wait_used(0), "the device did not return the request"
-        [(used_head, used_length)] = self.requests.used()
-        assert used_head == head
-        return self.requests.written(head)[:used_length] if writable_size else b"", used_length
+        [answer] = self.driver.submit([request], writable_size)
+        return answer
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.frontend.get_config(offset, size)
@@ -138,13 +128,12 @@ class VhostUserHarness(Harness):
 
     def negotiate(self, features: int) -> None:
         # A device (re)start as QEMU does it, on fresh rings as a driver sets them up after a reset.
-        self.requests = DriverQueue(self.ram, 64, event_idx=True)
-        self.events = DriverQueue(self.ram, 64, event_idx=True)
+        self.driver = IommuDriver(self.frontend, self.ram, event_idx=True, start=False)
         # After a reset the memory table goes again as a whole (SET_MEM_TABLE): an ADD_MEM_REG of a
         # region the back-end already holds is refused as an overlap.
         self.frontend.start_rings(
             self.ram,
-            [self.requests, self.events],
+            self.driver.queues,
             driver_features=features | VIRTIO_F_VERSION_1 | RING_FEATURES,
             use_mem_slots=not self._started,
         )

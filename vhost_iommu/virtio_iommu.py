@@ -30,9 +30,21 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu.abi import (
+    EVENT_QUEUE,
+    F_MAP_UNMAP,
+    F_MMIO,
+    FAULT_SIZE,
+    J_NO_STATUS,
+    J_QUEUE_SHIFT,
+    MAX_QUEUE_SIZE,
+    REQUEST_QUEUE,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, ReservedRegion, Topology, snapshot
-from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
@@ -54,14 +66,7 @@ from vhost_iommu.virtqueue import QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE = 0
-EVENT_QUEUE = 1
-
-VIRTIO_F_VERSION_1 = 1 << 32
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 RING_FEATURES = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-FAULT_EVENT_SIZE = 24  # struct virtio_iommu_fault
 
 
 _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
@@ -613,7 +618,7 @@ class VirtioIommuBackend:
 
     num_queues = 2
     # The spec's largest split ring; QEMU's generic device asks for 64 unless told `vq_size=`.
-    max_queue_size = 32768
+    max_queue_size = MAX_QUEUE_SIZE
 
     def __init__(
         self,
@@ -914,7 +919,7 @@ class VirtioIommuBackend:
             chain.write(response)
         # Committed before the used entry is pushed: what the guest sees completed is in the journal.
         word1, word2 = request_words(
-            response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
+            response[used_length - 4] if used_length >= 4 else J_NO_STATUS,
             used_length,
             (ring.next_avail - 1) & 0xFFFF,
             ring.used_idx,
@@ -968,7 +973,7 @@ class VirtioIommuBackend:
         with thread.parked() if thread is not None else contextlib.nullcontext():
             journal = self._journal_with_room(live=live)
             if journal is not None:
-                journal.append(kind | queue << 16, value)
+                journal.append(kind | queue << J_QUEUE_SHIFT, value)
 
     def _log_tool_changes(self) -> None:
         """Journal what a tool (the control channel) changed: tools change the device on the loop, inside
@@ -1116,7 +1121,7 @@ class VirtioIommuBackend:
                 chain = ring.pop()
                 if chain is None:
                     break
-                if chain.writable_len < FAULT_EVENT_SIZE:
+                if chain.writable_len < FAULT_SIZE:
                     # A driver-normative violation (eventq buffers hold a whole event); give the buffer back
                     # empty rather than truncate an event into it.
                     ring.push_used(chain.head, 0)

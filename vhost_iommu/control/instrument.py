@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu.abi import REQUEST_QUEUE
 from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import RequestType, ReservedRegion
 from vhost_iommu.device.observers import DeviceObserver
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE = 0
 #: Counter slots of IommuDevice.request_counts: 0 counts unserved requests, then one per RequestType.
 COUNTER_NAMES = ["UNSERVED", *(kind.name for kind in RequestType)]
 HISTOGRAM_BUCKETS = 40  # bucket k holds [2**k, 2**(k+1)) ns; 2**40 ns is about 18 minutes

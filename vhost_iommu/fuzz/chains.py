@@ -30,6 +30,7 @@ from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
+    MAX_CHAIN_BYTES,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -116,7 +117,7 @@ class _Reference:
                     return "readable after writable"
                 readable.append((address, length))
                 readable_len += length
-            if readable_len + writable_len > 1 << 32:
+            if readable_len + writable_len > MAX_CHAIN_BYTES:
                 return "chain too long"
             if not flags & VIRTQ_DESC_F_NEXT:
                 return readable, readable_len, writable_len

@@ -44,6 +44,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.backend import (
     KickFdTaker,
     MigratableBackend,
@@ -117,8 +118,6 @@ _FAILURE_REPLIES = {
     FrontendRequest.CHECK_DEVICE_STATE: 1,
 }
 
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
 
 

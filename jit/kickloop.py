@@ -45,7 +45,7 @@ from vhost_iommu import abi
 from vhost_iommu.abi import VIRTQ_AVAIL_F_NO_INTERRUPT
 from vhost_iommu.jit import barriers, requests, rules, tables
 from vhost_iommu.jit.barriers import full_fence
-from vhost_iommu.jit.caching import cache_depends_on
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.requests import (
     C_REQUEST,
     R_AVAIL,
@@ -453,10 +453,6 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
         served = True
 
 
-# kick_loop compiles serve_requests, the rules and the table kernels into itself.
-cache_depends_on(kick_loop, abi, requests, rules, tables, barriers)
-
-
 def warm_up() -> None:
     """Compile ``kick_loop`` with the argument types the back-end passes: ``serve_requests``' warm-up
     arguments (an empty ring) and the loop told to park at once (it serves once, finds nothing and returns
@@ -471,3 +467,7 @@ def warm_up() -> None:
         reason = kick_loop(control, timing, np.zeros(requests.COUNT_WORDS, np.int64), *arguments)
     assert reason == LOOP_PARKED
     record_batch(timing, 0, np.zeros(TIMING_KINDS, np.int64), np.zeros(TIMING_KINDS, np.int64))
+
+
+# kick_loop compiles serve_requests, the rules and the table kernels into itself.
+cache_on_sources(globals(), abi, requests, rules, tables, barriers)

@@ -79,7 +79,7 @@ from vhost_iommu.abi import (
 )
 from vhost_iommu.jit import barriers, rules, tables
 from vhost_iommu.jit.barriers import full_fence
-from vhost_iommu.jit.caching import cache_depends_on
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.tables import NEED_SPACE, OK, table_map, table_unmap
 
 U64Array = npt.NDArray[np.uint64]
@@ -727,9 +727,6 @@ def serve_requests(
     return reason
 
 
-cache_depends_on(serve_requests, abi, rules, tables, barriers)
-
-
 @contextmanager
 def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
     """Arguments of ``serve_requests`` with the types the back-end passes: an empty ring of 8 (the memory
@@ -772,3 +769,7 @@ def warm_up() -> None:
     """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
+
+
+# The rules, the table kernels and abi's numbers are compiled into these kernels.
+cache_on_sources(globals(), abi, rules, tables, barriers)

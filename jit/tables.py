@@ -44,6 +44,8 @@ import numpy.typing as npt
 from numba import njit, prange
 
 from vhost_iommu.abi import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
+from vhost_iommu.jit import prefetch as prefetch_module
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.prefetch import prefetch
 
 # ----------------------------------------------------------------------------------------------------
@@ -1786,3 +1788,7 @@ def warm_up() -> None:
     table_unmap(leaves, nodes, directory, meta, domain, address, address)
     table_remove_domain(leaves, nodes, directory, meta, domain)
     table.clear()
+
+
+# prefetch's code is compiled into the kernels.
+cache_on_sources(globals(), prefetch_module)

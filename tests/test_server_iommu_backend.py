@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from vhost_iommu.abi import CONFIG_SIZE, T_DETACH
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.layout import encode_attach
 from vhost_iommu.harness.background import RunningServer
@@ -16,8 +17,6 @@ from vhost_iommu.harness.guest_ram import GuestRam
 
 virtio_iommu = pytest.importorskip("vhost_iommu.virtio_iommu")
 
-VIRTIO_ID_IOMMU_CONFIG_SIZE = 40
-VIRTIO_IOMMU_T_DETACH = 2
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 
@@ -28,7 +27,7 @@ def backend_factory() -> Callable[[], VhostUserBackend]:
 
 def test_qemu_sees_a_forty_byte_config_and_version_1(frontend: Frontend) -> None:
     frontend.negotiate(2)
-    assert len(frontend.get_config(0, VIRTIO_ID_IOMMU_CONFIG_SIZE)) == VIRTIO_ID_IOMMU_CONFIG_SIZE
+    assert len(frontend.get_config(0, CONFIG_SIZE)) == CONFIG_SIZE
     assert frontend.get_features() & (1 << 32)  # VIRTIO_F_VERSION_1
     assert frontend.get_queue_num() == 2
 
@@ -39,7 +38,7 @@ def test_a_request_on_the_requestq_is_answered(frontend: Frontend) -> None:
         frontend.start_device(ram, queues)
         # DETACH of an endpoint from a domain it is not attached to: any well-formed request gets a
         # status in the 4-byte tail; what the status is belongs to the device's own tests.
-        request = struct.pack("<BBHIIxxxx", VIRTIO_IOMMU_T_DETACH, 0, 0, 1, 0)
+        request = struct.pack("<BBHIIxxxx", T_DETACH, 0, 0, 1, 0)
         head = queues[0].post([request], [4])
         frontend.kick(0)
         assert frontend.wait_used(0, timeout=10)

@@ -44,8 +44,11 @@ MAX_CHAIN_BYTES: Final = 1 << 32
 
 # -- the virtio-iommu device (virtio 1.3, "IOMMU Device") ------------------------------------------------
 
+VIRTIO_ID_IOMMU: Final = 23
+"""The device ID (virtio 1.3, "Device Types")."""
 REQUEST_QUEUE: Final = 0
 EVENT_QUEUE: Final = 1
+QUEUE_COUNT: Final = 2
 
 F_INPUT_RANGE: Final = 1 << 0
 F_DOMAIN_RANGE: Final = 1 << 1

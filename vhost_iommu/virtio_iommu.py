@@ -38,6 +38,7 @@ from vhost_iommu.abi import (
     J_NO_STATUS,
     J_QUEUE_SHIFT,
     MAX_QUEUE_SIZE,
+    QUEUE_COUNT,
     REQUEST_QUEUE,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -616,7 +617,7 @@ class _KickThread:
 class VirtioIommuBackend:
     """One virtio-iommu device, for the life of one front-end connection."""
 
-    num_queues = 2
+    num_queues = QUEUE_COUNT
     # The spec's largest split ring; QEMU's generic device asks for 64 unless told `vq_size=`.
     max_queue_size = MAX_QUEUE_SIZE
 

@@ -31,6 +31,7 @@ a full fence is issued (a numba-compiled ``fence seq_cst``, ``lock or`` on x86).
 from __future__ import annotations
 
 import platform
+import struct
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,7 @@ from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
 __all__ = [
     "DESC_DTYPE",
     "DESC_SIZE",
+    "DESC_STRUCT",
     "MAX_CHAIN_BYTES",
     "MAX_QUEUE_SIZE",
     "VIRTQ_AVAIL_F_NO_INTERRUPT",
@@ -67,7 +69,9 @@ __all__ = [
 ]
 
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
-assert DESC_DTYPE.itemsize == DESC_SIZE
+DESC_STRUCT = struct.Struct("<QIHH")
+"""The same layout for ``struct`` users: addr, len, flags, next."""
+assert DESC_DTYPE.itemsize == DESC_STRUCT.size == DESC_SIZE
 
 _STRONGLY_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 

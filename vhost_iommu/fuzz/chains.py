@@ -39,6 +39,7 @@ from vhost_iommu.virtqueue import (
     SplitQueue,
     ring_sizes,
 )
+from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 
 __all__ = ["ChainsTarget"]
 
@@ -46,7 +47,6 @@ GPA_BASE = 0x1_0000_0000
 MAIN_SIZE = 64 * 1024
 EXTRA_SIZE = 16 * 1024
 BUFFERS = 16 * 1024  # offset in the main RAM where buffers and indirect tables go (rings go below)
-_DESC = struct.Struct("<QIHH")
 _FLAG_CHOICES = (
     0,
     VIRTQ_DESC_F_NEXT,

@@ -51,6 +51,7 @@ from vhost_iommu.protocol import (
 from vhost_iommu.server import new_event_loop
 from vhost_iommu.server.handler import OFFERED_PROTOCOL_FEATURES
 from vhost_iommu.virtio_iommu import RING_FEATURES, VirtioIommuBackend
+from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 
 __all__ = ["ServerTarget"]
 
@@ -60,7 +61,6 @@ QUEUE_SIZE = 16
 # Fixed ring layout for the two queues (offsets in the RAM), buffers above.
 RINGS = ((0x0000, 0x1000, 0x2000), (0x3000, 0x4000, 0x5000))
 BUFFERS = 0x10000
-_DESC = struct.Struct("<QIHH")
 F = FrontendRequest
 
 

@@ -10,9 +10,10 @@ incremented. The kernels that compile them key their cache on this file (``jit/c
 
 :data:`RULES` names every rule, with the spec's words and the status it gives, in the order the checks run
 (a request that breaks several gets the status of the first); tests/test_device_rules.py gives each
-one a request that breaks it alone and checks both paths answer it alike. A MAP or UNMAP whose readable
-part is not its type's layout is answered IOERR before any of these runs (``IommuDevice``'s framing
-rules, which the compiled path follows too).
+one a request that breaks it alone and checks both paths answer it alike. The first rule of each request,
+its size, is checked by each path's framing (``IommuDevice._serve``, ``serve_requests``: they frame every
+request type, and a chain whose tail cannot be found gets no status at all); the others by the functions
+below.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from vhost_iommu.abi import (
     MAP_F_WRITE,
     S_DEVERR,
     S_INVAL,
+    S_IOERR,
     S_NOENT,
     S_NOMEM,
     S_OK,
@@ -61,6 +63,14 @@ class Rule:
 
 #: Every MAP and UNMAP rule, by a stable name, in the order they are checked.
 RULES: dict[str, Rule] = {
+    "map-size": Rule(
+        "MAP",
+        _SECTION,
+        "All requests are split in two parts: one device-readable, one device-writable. [A readable part "
+        "that is not struct virtio_iommu_req_map's, while the tail is found: VIRTIO_IOMMU_S_IOERR, "
+        "Virtio communication error.]",
+        S_IOERR,
+    ),
     "map-unnegotiated": Rule(
         "MAP",
         f"{_SECTION} / MAP request",
@@ -144,6 +154,14 @@ RULES: dict[str, Rule] = {
         _SECTION,
         "VIRTIO_IOMMU_S_NOMEM: Insufficient resources. [The mapping table holds max_mappings.]",
         S_NOMEM,
+    ),
+    "unmap-size": Rule(
+        "UNMAP",
+        _SECTION,
+        "All requests are split in two parts: one device-readable, one device-writable. [A readable part "
+        "that is not struct virtio_iommu_req_unmap's, while the tail is found: VIRTIO_IOMMU_S_IOERR, "
+        "Virtio communication error.]",
+        S_IOERR,
     ),
     "unmap-unnegotiated": Rule(
         "UNMAP",

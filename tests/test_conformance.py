@@ -1021,6 +1021,7 @@ def _with_a_full_table(make: MakeHarness) -> Driver:
 
 #: For each rule of `vhost_iommu.jit.rules.RULES`: a device, and a request that breaks that rule alone.
 RULE_CASES: dict[str, tuple[Callable[[MakeHarness], Driver], bytes]] = {
+    "map-size": (_attached, encode_map(1, 0, PAGE - 1, 0) + b"\0"),
     "map-unnegotiated": (_without_map_unmap, encode_map(1, 0, PAGE - 1, 0)),
     "map-flags-unknown": (_attached, encode_map(1, 0, PAGE - 1, 0, RW | 8)),
     "map-domain-range": (_attached, encode_map(0, 0, PAGE - 1, 0)),
@@ -1033,6 +1034,7 @@ RULE_CASES: dict[str, tuple[Callable[[MakeHarness], Driver], bytes]] = {
     "map-reserved-region": (_attached, encode_map(1, MSI_START, MSI_START + PAGE - 1, 0)),
     "map-overlap": (_with_two_pages_mapped, encode_map(1, PAGE, 2 * PAGE - 1, PAGE)),
     "map-table-full": (_with_a_full_table, encode_map(1, PAGE, 2 * PAGE - 1, 0)),
+    "unmap-size": (_with_two_pages_mapped, encode_unmap(1, 0, 2 * PAGE - 1)[:-1]),
     "unmap-unnegotiated": (_without_map_unmap, encode_unmap(1, 0, PAGE - 1)),
     "unmap-reserved": (_with_two_pages_mapped, encode_unmap(1, 0, 2 * PAGE - 1, reserved=b"\x01\0\0\0")),
     "unmap-domain-range": (_attached, encode_unmap(0, 0, PAGE - 1)),

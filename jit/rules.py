@@ -9,8 +9,9 @@ are subtracted only where the result cannot wrap, and the end of a range is mask
 incremented. The kernels that compile them key their cache on this file (``jit/caching.py``).
 
 :data:`RULES` names every rule, with the spec's words and the status it gives, in the order the checks run
-(a request that breaks several gets the status of the first); tests/test_device_rules.py gives each
-one a request that breaks it alone and checks both paths answer it alike. The first rule of each request,
+(a request that breaks several gets the status of the first); tests/test_conformance.py gives each one a
+request that breaks it alone and checks both paths answer it alike, tests/test_device_rules.py runs each
+function compiled and as Python on the same inputs around every boundary. The first rule of each request,
 its size, is checked by each path's framing (``IommuDevice._serve``, ``serve_requests``: they frame every
 request type, and a chain whose tail cannot be found gets no status at all); the others by the functions
 below.

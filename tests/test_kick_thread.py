@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from vhost_iommu.abi import VIRTIO_CONFIG_S_NEEDS_RESET
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.layout import RequestType, Status, encode_attach, encode_map, encode_unmap
 from vhost_iommu.device.observers import DeviceObserver
@@ -27,7 +28,6 @@ from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 EP = 0x20
 PAGE = 0x1000
 THREAD_NAME = "virtio-iommu requestq"
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
 
 
 def kick_threads() -> list[threading.Thread]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from vhost_iommu.abi import CONFIG_SIZE, T_DETACH
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.layout import Status
 from vhost_iommu.harness.background import RunningServer
@@ -15,8 +16,6 @@ from vhost_iommu.harness.iommu_driver import IommuDriver
 
 virtio_iommu = pytest.importorskip("vhost_iommu.virtio_iommu")
 
-VIRTIO_ID_IOMMU_CONFIG_SIZE = 40
-VIRTIO_IOMMU_T_DETACH = 2
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 
@@ -27,7 +26,7 @@ def backend_factory() -> Callable[[], VhostUserBackend]:
 
 def test_qemu_sees_a_forty_byte_config_and_version_1(frontend: Frontend) -> None:
     frontend.negotiate(2)
-    assert len(frontend.get_config(0, VIRTIO_ID_IOMMU_CONFIG_SIZE)) == VIRTIO_ID_IOMMU_CONFIG_SIZE
+    assert len(frontend.get_config(0, CONFIG_SIZE)) == CONFIG_SIZE
     assert frontend.get_features() & (1 << 32)  # VIRTIO_F_VERSION_1
     assert frontend.get_queue_num() == 2
 
@@ -35,7 +34,7 @@ def test_qemu_sees_a_forty_byte_config_and_version_1(frontend: Frontend) -> None
 def test_a_request_on_the_requestq_is_answered(iommu_driver: IommuDriver) -> None:
     # DETACH of an endpoint from a domain it is not attached to: any well-formed request gets a status in
     # the 4-byte tail; what the status is belongs to the device's own tests.
-    request = struct.pack("<BBHIIxxxx", VIRTIO_IOMMU_T_DETACH, 0, 0, 1, 0)
+    request = struct.pack("<BBHIIxxxx", T_DETACH, 0, 0, 1, 0)
     assert len(iommu_driver.send(request)) == 4
 
 

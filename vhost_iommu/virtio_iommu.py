@@ -31,9 +31,22 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu.abi import (
+    EVENT_QUEUE,
+    F_MAP_UNMAP,
+    F_MMIO,
+    FAULT_SIZE,
+    J_NO_STATUS,
+    J_QUEUE_SHIFT,
+    MAX_QUEUE_SIZE,
+    QUEUE_COUNT,
+    REQUEST_QUEUE,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, ReservedRegion, Topology, snapshot
-from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
@@ -55,14 +68,7 @@ from vhost_iommu.virtqueue import DescriptorChain, QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE = 0
-EVENT_QUEUE = 1
-
-VIRTIO_F_VERSION_1 = 1 << 32
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 RING_FEATURES = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-FAULT_EVENT_SIZE = 24  # struct virtio_iommu_fault
 
 
 _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
@@ -608,9 +614,9 @@ class _HeldChain:
 class VirtioIommuBackend:
     """One virtio-iommu device, for the life of one front-end connection."""
 
-    num_queues = 2
+    num_queues = QUEUE_COUNT
     # The spec's largest split ring; QEMU's generic device asks for 64 unless told `vq_size=`.
-    max_queue_size = 32768
+    max_queue_size = MAX_QUEUE_SIZE
 
     def __init__(
         self,
@@ -971,7 +977,7 @@ class VirtioIommuBackend:
             chain.write(response)
         if journal is not None:
             word1, word2 = request_words(
-                response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
+                response[used_length - 4] if used_length >= 4 else J_NO_STATUS,
                 used_length,
                 (ring.next_avail - 1) & 0xFFFF,
                 ring.used_idx,
@@ -993,12 +999,6 @@ class VirtioIommuBackend:
         held = self._held = _HeldChain(ring, chain, request)
         held.timer = loop.call_later(microseconds / 1e6, self.release_held)
         return True
-
-    @property
-    def held_request(self) -> int | None:
-        """The type byte of the request held for an added latency (-1: empty), or None."""
-        held = self._held
-        return None if held is None else (held.request[0] if held.request else -1)
 
     def release_held(self) -> None:
         """Serve the chain held for an added latency now (its delay passed, or was taken off), then the
@@ -1059,7 +1059,7 @@ class VirtioIommuBackend:
         with thread.parked() if thread is not None else contextlib.nullcontext():
             journal = self._journal_with_room(live=live)
             if journal is not None:
-                journal.append(kind | queue << 16, value)
+                journal.append(kind | queue << J_QUEUE_SHIFT, value)
 
     def _log_tool_changes(self) -> None:
         """Journal what a tool (the control channel) changed: tools change the device on the loop, inside
@@ -1215,7 +1215,7 @@ class VirtioIommuBackend:
                 chain = ring.pop()
                 if chain is None:
                     break
-                if chain.writable_len < FAULT_EVENT_SIZE:
+                if chain.writable_len < FAULT_SIZE:
                     # A driver-normative violation (eventq buffers hold a whole event); give the buffer back
                     # empty rather than truncate an event into it.
                     ring.push_used(chain.head, 0)

@@ -45,6 +45,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
+from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.backend import MigratableBackend, SessionLifecycle, VhostUserBackend
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
@@ -105,9 +106,6 @@ _FAILURE_REPLIES = {
     FrontendRequest.SET_DEVICE_STATE_FD: DEVICE_STATE_NOFD | 1,  # an error, and no fd of ours
     FrontendRequest.CHECK_DEVICE_STATE: 1,
 }
-
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 
 
 def _region_desc(region: MemoryRegion) -> MemoryRegionDesc:

@@ -25,6 +25,7 @@ from vhost_iommu.harness import Frontend
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.server import create_unix_listener
+from vhost_iommu.soak.measure import read_mappings, read_process
 
 SESSIONS = 100
 WARM_UP_SESSIONS = 5  # kernels loaded, allocator pools and the loop's structures at their working size
@@ -40,7 +41,7 @@ OK = bytes(4)  # a status tail of VIRTIO_IOMMU_S_OK
 
 @dataclass(frozen=True)
 class Footprint:
-    """What the server process holds, from /proc."""
+    """What a server process holds."""
 
     guest_ram_mappings: int
     mappings: int
@@ -49,14 +50,24 @@ class Footprint:
     vm_size_kib: int
     vm_rss_kib: int
 
+    @classmethod
+    def of(cls, pid: int) -> Footprint:
+        sample, mappings = read_process(pid), read_mappings(pid)
+        return cls(
+            mappings.memfd, mappings.total, sample.fds, sample.threads, sample.vm_size_kib, sample.rss_kib
+        )
+
 
 class ServerProcess:
-    """``vhost-iommu --fd=N`` on a listening socket this test made (so a front-end can connect before the
-    program is ready: its first request is answered once it is), logging to a file."""
+    """``vhost-iommu --fd=N OPTIONS`` on a listening socket this test made (so a front-end can connect
+    before the program is ready: its first request is answered once it is), logging to a file; with
+    ``control``, its control socket at ``control_path`` too."""
 
-    def __init__(self, directory: str, options: Sequence[str]) -> None:
+    def __init__(self, directory: str, options: Sequence[str], *, control: bool) -> None:
         self.path = os.path.join(directory, "vhost.sock")
-        self.control_path = os.path.join(directory, "control.sock")
+        self.control_path = os.path.join(directory, "control.sock") if control else None
+        if self.control_path is not None:
+            options = [*options, f"--control-socket={self.control_path}"]
         listener, socket_file = create_unix_listener(self.path)
         self._socket_file = socket_file
         self._log: IO[bytes] = open(os.path.join(directory, "server.log"), "w+b")  # noqa: SIM115
@@ -68,21 +79,6 @@ class ServerProcess:
                 stderr=self._log,
                 pass_fds=[listener.fileno()],
             )
-
-    def footprint(self) -> Footprint:
-        pid = self.process.pid
-        with open(f"/proc/{pid}/maps") as maps:
-            lines = maps.readlines()
-        with open(f"/proc/{pid}/status") as status:
-            fields = dict(line.split(":", 1) for line in status)
-        return Footprint(
-            guest_ram_mappings=sum(1 for line in lines if f"memfd:{RAM_NAME}" in line),
-            mappings=len(lines),
-            fds=len(os.listdir(f"/proc/{pid}/fd")),
-            threads=len(os.listdir(f"/proc/{pid}/task")),
-            vm_size_kib=int(fields["VmSize"].split()[0]),
-            vm_rss_kib=int(fields["VmRSS"].split()[0]),
-        )
 
     def log_text(self) -> str:
         self._log.seek(0)
@@ -100,13 +96,10 @@ class ServerProcess:
             self._socket_file.remove()
 
 
-RAM_NAME = f"vhost-iommu-leak-test-{os.getpid()}"
-
-
 def serve_one_session(path: str, control: ControlClient | None, *, timeout: float = 10.0) -> None:
     """A guest's life as the back-end sees it: set-up, ATTACH, MAP (served by the kernel on the compiled
     path, which binds the guest's memory), then the front-end goes away without stopping anything."""
-    with GuestRam(RAM_SIZE, name=RAM_NAME) as ram, Frontend.connect(path, timeout=timeout) as frontend:
+    with GuestRam(RAM_SIZE) as ram, Frontend.connect(path, timeout=timeout) as frontend:
         requests, events = DriverQueue(ram, 64), DriverQueue(ram, 64)
         frontend.start_device(ram, [requests, events])
         for request in (encode_attach(domain=1, endpoint=ENDPOINT), encode_map(1, 0x10000, 0x1FFFF, 0x40000)):
@@ -126,24 +119,23 @@ def settled_footprint(server: ServerProcess) -> Footprint:
     probe's own socket is counted every time)."""
     with Frontend.connect(server.path) as probe:
         assert probe.get_features()
-        return server.footprint()
+        return Footprint.of(server.process.pid)
 
 
+#: Serving path: (options, with a control socket whose client reads the device in every session).
 PATHS = {
-    "compiled, kick thread": [],
-    "compiled, event loop": ["--no-kick-thread"],
-    "python": ["--request-path=python"],
-    "compiled, kick thread, control socket": ["--control-socket={control}"],
+    "compiled, kick thread": ([], False),
+    "compiled, event loop": (["--no-kick-thread"], False),
+    "python": (["--request-path=python"], False),
+    "compiled, kick thread, control socket": ([], True),
 }
 
 
 @pytest.fixture(params=list(PATHS), ids=list(PATHS))
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with tempfile.TemporaryDirectory(prefix="vhost-leak-") as directory:
-        control = os.path.join(directory, "control.sock")
-        process = ServerProcess(
-            directory, [option.format(control=control) for option in PATHS[request.param]]
-        )
+        options, control = PATHS[request.param]
+        process = ServerProcess(directory, options, control=control)
         try:
             yield process
         finally:
@@ -152,7 +144,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 
 def test_sessions_in_a_row_leave_nothing_in_the_server(server: ServerProcess) -> None:
     serve_one_session(server.path, None, timeout=STARTUP_TIMEOUT)  # answered once the program is up
-    control = ControlClient(server.control_path) if os.path.exists(server.control_path) else None
+    control = ControlClient(server.control_path) if server.control_path is not None else None
     try:
         for _ in range(WARM_UP_SESSIONS):
             serve_one_session(server.path, control)

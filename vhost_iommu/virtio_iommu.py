@@ -118,8 +118,10 @@ class CompiledRequestPath:
 
     The kernel works on raw addresses of the ring views and of guest memory; this class takes them from
     the live numpy views and holds those views (through the ring and `FlatRegions`) for as long as it
-    uses the addresses. The ring's indices live in the `SplitQueue` between calls and in the kernel's
-    parameter array during one.
+    uses the addresses: from a call until ``unbind``, which the back-end calls when the ring stops, the
+    memory changes or the device resets, so that nothing here keeps an ended session's guest RAM mapped.
+    The ring's indices live in the `SplitQueue` between calls and in the kernel's parameter array during
+    one.
 
     It relies on this back-end completing every chain before it returns (no chain stays in flight), so
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
@@ -169,6 +171,18 @@ class CompiledRequestPath:
     def set_polling(self, enabled: bool) -> None:
         """Turn this path's own poll window on or off (the kick thread polls in its loop instead)."""
         self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks if enabled else 0
+
+    def unbind(self) -> None:
+        """Drop the ring, its views and guest memory's regions; the next call binds afresh. Only while no
+        kernel runs with this path's arguments (the kick thread parked or gone): the addresses it was
+        given may be unmapped once these views are dropped."""
+        self._ring = None
+        self._views = (None, None, None)
+        self._memory = None
+        self._memory_generation = -1
+        self._memory_flat = None
+        self._memory_table = np.zeros((0, 3), np.uint64)
+        self._ring_params[[kernel.R_DESC, kernel.R_AVAIL, kernel.R_USED]] = 0
 
     def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:
         # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).
@@ -743,14 +757,29 @@ class VirtioIommuBackend:
         if self._state_dir is not None and key is not None:
             self._persistence = Persistence(self._state_dir.guest(key), slots=self._journal_slots)
 
+    def detach(self) -> None:
+        self.context = None
+
     def memory_changed(self) -> None:
-        pass
+        self._unbind_compiled()
 
     def reset(self) -> None:
         self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
         self._drop_held()
+        self._unbind_compiled()
         self._reset_device()
         self._log(KIND_RESET, 0)
+
+    def _unbind_compiled(self) -> None:
+        """The compiled path lets go of the ring's and guest memory's views (the next serve binds again),
+        so that a ring or memory region the server drops is unmapped at once, not when this back-end is
+        collected. A requestq thread is parked meanwhile: its kernel works on those views' addresses."""
+        compiled = self._compiled
+        if compiled is None:
+            return
+        thread = self._kick_thread
+        with thread.parked() if thread is not None else contextlib.nullcontext():
+            compiled.unbind()
 
     def _reset_device(self) -> None:
         self.device.reset()
@@ -781,12 +810,14 @@ class VirtioIommuBackend:
         self.queue_kicked(index)
 
     def queue_stopped(self, index: int) -> None:
-        held = self._held
-        if index == REQUEST_QUEUE and held is not None:
-            # A chain held for an added latency goes back to the ring unserved: the next start serves it.
-            self._drop_held()
-            if held.ring is self._ring(index):
-                held.ring.give_back(held.chain)
+        if index == REQUEST_QUEUE:
+            held = self._held
+            if held is not None:
+                # A chain held for an added latency goes back to the ring unserved: the next start serves it.
+                self._drop_held()
+                if held.ring is self._ring(index):
+                    held.ring.give_back(held.chain)
+            self._unbind_compiled()
 
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:

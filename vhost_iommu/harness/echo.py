@@ -68,6 +68,9 @@ class EchoBackend:
     def attach(self, context: BackendContext) -> None:
         self.context = context
 
+    def detach(self) -> None:
+        self.context = None
+
     def memory_changed(self) -> None:
         self._record("memory_changed")
 

@@ -43,7 +43,9 @@ import errno
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable, Mapping
+from typing import ParamSpec, TypeVar
 
 from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.backend import MigratableBackend, SessionLifecycle, VhostUserBackend
@@ -108,8 +110,23 @@ _FAILURE_REPLIES = {
 }
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def _send_nothing(_data: bytes) -> None:
     """A closed handler's ``send``."""
+
+
+def _weakly(method: Callable[P, R], gone: R) -> Callable[P, R]:
+    """``method`` (bound) called through a weak reference to its object; ``gone`` once the object is."""
+    reference = weakref.WeakMethod(method)
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = reference()
+        return gone if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 def _region_desc(region: MemoryRegion) -> MemoryRegionDesc:
@@ -154,9 +171,11 @@ class ConnectionHandler:
         #: A config change to announce once the device is no longer suspended (all rings stopped).
         self.config_change_pending = False
         self.closed = False
-        self.device_state = DeviceStateRequests(backend, loop, name, self._running_rings)
+        # Their callbacks hold this handler weakly: it holds them, and a cycle would keep the handler, its
+        # back-end and device alive after the connection until a garbage collection.
+        self.device_state = DeviceStateRequests(backend, loop, name, _weakly(self._running_rings, []))
         #: Who watches each ring's kick fd: the loop, or the back-end's thread.
-        self.kicks = KickCustody(backend, loop, self._on_kick)
+        self.kicks = KickCustody(backend, loop, _weakly(self._on_kick, None))
         backend.attach(self)
         # Unbound methods: a table of bound ones would tie this handler into a cycle with itself, alive after
         # its connection until a garbage collection, and the back-end and device with it.

@@ -94,7 +94,7 @@ def test_the_keeper_and_the_decoder_share_the_wire_limits(relay: Relay) -> None:
     assert _open(fds) == []
 
 
-def test_the_keeper_loads_only_the_standard_library_and_the_codec() -> None:
+def test_the_keeper_loads_only_the_standard_library_the_codec_and_the_wire_numbers() -> None:
     code = (
         "import json, sys\n"
         "before = set(sys.modules)\n"
@@ -105,7 +105,7 @@ def test_the_keeper_loads_only_the_standard_library_and_the_codec() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     loaded = json.loads(result.stdout)
-    ours = ("vhost_iommu.keeper", "vhost_iommu.protocol", "vhost_iommu.sockfile")
+    ours = ("vhost_iommu.keeper", "vhost_iommu.protocol", "vhost_iommu.sockfile", "vhost_iommu.abi")
     outside = [
         name
         for name in loaded

@@ -427,7 +427,7 @@ def test_without_a_thread_to_be_had_the_event_loop_keeps_serving(monkeypatch: py
             assert asyncio.run(offer()) is False  # and its wake eventfd closed (fd_leak_check)
             monkeypatch.undo()
             compiled = backend._compiled
-            assert compiled is not None and compiled._ring_params[kernel.R_POLL_TICKS] > 0  # loop polls
+            assert compiled is not None and compiled.params[kernel.R_POLL_TICKS] > 0  # loop polls
         finally:
             os.close(kick_fd)
             memory.close()

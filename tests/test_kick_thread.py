@@ -22,6 +22,7 @@ from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.jit import requests as kernel
+from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
@@ -102,6 +103,45 @@ def test_the_thread_serves_the_requestq_and_the_kernel_runs_there(
         device = backend_of(vhost_server).device
         assert vhost_server.call(lambda: len(device.mappings(1))) == 7
         assert vhost_server.call(lambda: len(device.mappings(2))) == 1
+
+
+def test_an_attach_is_handed_over_once_and_the_thread_grows_the_table_itself(
+    vhost_server: RunningServer, frontend: Frontend
+) -> None:
+    """The kernel stops at an ATTACH once, and the event loop's path pops it straight away (the chain's
+    one full walk) rather than calling the kernel on it again. A table filled past several growths is
+    grown by the thread, with no hand-over."""
+    mappings = 2000
+    with GuestRam(1 << 20) as ram:
+        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
+        frontend.start_device(ram, queues)
+        backend = backend_of(vhost_server)
+        compiled = backend._compiled
+        assert compiled is not None
+        store = backend.device.store
+        assert isinstance(store, MappingTable)
+        leaves_before = vhost_server.call(lambda: store.arrays.leaves.shape[0])
+        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK  # the one hand-over
+        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) == 1
+        statuses: list[int] = []
+        for first in range(0, mappings, 30):  # a chain takes two of the 64 descriptors
+            heads = []
+            for page in range(first, min(first + 30, mappings)):
+                iova = 2 * page * PAGE  # every other page: no merging, a new row each
+                heads.append(queues[0].post([encode_map(1, iova, iova + PAGE - 1, iova)], [4]))
+            frontend.kick(0)
+            done: list[int] = []
+            while len(done) < len(heads):
+                assert frontend.wait_used(0, timeout=30)
+                done += [head for head, _length in queues[0].used()]
+            assert sorted(done) == sorted(heads)
+            statuses += [queues[0].written(head)[0] for head in heads]
+        assert statuses == [Status.OK] * mappings
+        assert vhost_server.call(lambda: store.count(1)) == mappings
+        assert vhost_server.call(lambda: store.arrays.leaves.shape[0]) > leaves_before
+        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_GROW]) >= 3
+        counters = vhost_server.call(backend.kick_thread_counters)
+        assert counters is not None and counters["handovers"] == 1
 
 
 def test_a_pause_joins_the_thread_and_a_resume_starts_another(

@@ -52,7 +52,6 @@ from vhost_iommu.jit.requests import (
     Q_FLAGS,
     Q_NEXT_AVAIL,
     Q_NOTIFY,
-    Q_PUSHED,
     Q_SIGNALLED_USED,
     Q_SIGNALLED_VALID,
     Q_SIZE,
@@ -287,11 +286,12 @@ _watched16: Any = intrinsic(_watched16_typer)
 @njit(cache=True, nogil=True)
 def _needs_notification(queue: I64Array) -> bool:
     """``SplitQueue.needs_notification`` on the same words of the ring-state record."""
-    pushed = queue[Q_PUSHED]
-    old = queue[Q_SIGNALLED_USED]
-    new = queue[Q_USED_IDX]
-    queue[Q_PUSHED] = 0
-    queue[Q_SIGNALLED_USED] = new
+    pushed_total = queue[Q_USED_IDX]
+    signalled = queue[Q_SIGNALLED_USED]
+    queue[Q_SIGNALLED_USED] = pushed_total
+    pushed = pushed_total - signalled
+    old = signalled & 0xFFFF
+    new = pushed_total & 0xFFFF
     if pushed == 0:
         return False
     # used.idx must be visible before the driver's suppression state is read, or a driver that re-enabled

@@ -102,15 +102,15 @@ Q_FLAGS: Final = 4
 Q_NEXT_AVAIL: Final = 5
 """The free-running u16 index of the next available entry (``SplitQueue.next_avail``)."""
 Q_USED_IDX: Final = 6
-"""The free-running u16 index of the next used entry (``SplitQueue.used_idx``)."""
+"""Used entries pushed, counted without wrapping from the used index the ring started at: its low 16
+bits are the free-running u16 used index (``SplitQueue.used_idx``)."""
 Q_NOTIFY: Final = 7
 """1 while kicks are wanted (``SplitQueue.set_notification``): with EVENT_IDX, avail_event follows
 next_avail."""
-Q_PUSHED: Final = 8
-"""Chains completed since the last notification decision (``SplitQueue.needs_notification``)."""
-Q_SIGNALLED_USED: Final = 9
-"""The used index the driver was last considered for a notification at."""
-Q_SIGNALLED_VALID: Final = 10
+Q_SIGNALLED_USED: Final = 8
+"""``Q_USED_IDX`` when the last notification decision was made (``SplitQueue.needs_notification``):
+the difference is the chains pushed since."""
+Q_SIGNALLED_VALID: Final = 9
 """1 once a notification decision was made on this ring (before it, with EVENT_IDX, always notify)."""
 QUEUE_WORDS: Final = 12
 
@@ -134,7 +134,7 @@ R_POLL_LIMIT_TICKS: Final = 6
 R_BUDGET: Final = 7
 """Most chains one call completes; the call stops with STOP_BUDGET when it has and more are available."""
 R_COMPLETED: Final = 8
-"""Out: chains completed by this call (also added to the ring's ``Q_PUSHED``)."""
+"""Out: chains completed by this call."""
 R_JOURNAL: Final = 9
 """With RF_JOURNAL: host address of the journal's first record."""
 R_JOURNAL_SLOTS: Final = 10
@@ -512,7 +512,7 @@ def serve_requests(
     """Serve the available chains of a requestq until it is empty or a chain needs the caller.
 
     ``queue`` is the ring's state record (``Q_*`` words, ``SplitQueue.state``): its addresses, and its
-    indices and pushed count, read and advanced in place; ``params`` (``R_*`` words) the device's side
+    indices, read and advanced in place; ``params`` (``R_*`` words) the device's side
     and the call's budget, with ``R_COMPLETED`` out; ``memory`` is the guest's region table (``M_*``
     columns, sorted by gpa); the domain arrays are ``Domains``' (indexed by domain - R_DOMAIN_FIRST)
     and its ``RegionSets`` arrays; the table arrays are ``MappingTable.arrays``. ``counts`` (``C_*``)
@@ -744,7 +744,7 @@ def serve_requests(
             _store64(
                 record + np.uint64(16),
                 np.uint64(next_avail)
-                | (np.uint64(used_idx) << np.uint64(16))
+                | (np.uint64(used_idx & 0xFFFF) << np.uint64(16))
                 | (np.uint64(head) << np.uint64(32)),
             )
             for k in range(J_REQUEST_BYTES // 8):
@@ -765,13 +765,12 @@ def serve_requests(
         _store64(used + np.uint64(4 + 8 * slot), np.uint64(head) | (np.uint64(used_length) << np.uint64(32)))
         if weak_order:
             full_fence()  # the entry and the status ahead of the index
-        used_idx = (used_idx + 1) & 0xFFFF
-        _store16(used + np.uint64(2), np.uint64(used_idx))
+        used_idx += 1  # not wrapped (Q_USED_IDX); the store keeps its low 16 bits
+        _store16(used + np.uint64(2), np.uint64(used_idx & 0xFFFF))
         completed += 1
 
     queue[Q_NEXT_AVAIL] = next_avail
     queue[Q_USED_IDX] = used_idx
-    queue[Q_PUSHED] += completed
     params[R_COMPLETED] = np.uint64(completed)
     params[R_JOURNAL_NEXT] = np.uint64(journal_next)
     return reason

@@ -42,7 +42,6 @@ from vhost_iommu.jit.requests import (
     Q_FLAGS,
     Q_NEXT_AVAIL,
     Q_NOTIFY,
-    Q_PUSHED,
     Q_SIGNALLED_USED,
     Q_SIGNALLED_VALID,
     Q_SIZE,
@@ -310,11 +309,7 @@ class SplitQueue:
 
     @property
     def used_idx(self) -> int:
-        return self._words[Q_USED_IDX]
-
-    @used_idx.setter
-    def used_idx(self, value: int) -> None:
-        self._words[Q_USED_IDX] = value
+        return self._words[Q_USED_IDX] & 0xFFFF
 
     @property
     def notifications_enabled(self) -> bool:
@@ -324,16 +319,16 @@ class SplitQueue:
     @property
     def pushed_since_check(self) -> int:
         """Chains pushed (by this queue or a kernel) since ``needs_notification`` last decided."""
-        return self._words[Q_PUSHED]
+        words = self._words
+        return words[Q_USED_IDX] - words[Q_SIGNALLED_USED]
 
     # --- available side ---------------------------------------------------------------------------
 
-    def _pending(self) -> int:
-        """How many entries the driver has made available beyond ``next_avail``."""
-        words = self._words
-        next_avail = words[Q_NEXT_AVAIL]
+    def _pending(self, next_avail: int) -> int:
+        """How many entries the driver has made available beyond ``next_avail`` (the caller's read of
+        it: each method reads a word once)."""
         pending: int = (self._avail16.item(1) - next_avail) & 0xFFFF
-        if pending == 0 and self.event_idx and words[Q_NOTIFY]:
+        if pending == 0 and self.event_idx and self._words[Q_NOTIFY]:
             # Ask for a kick at the next entry, then look again: a driver that published an entry after
             # our first look read the old avail_event and will not kick, so we must see its entry now.
             self._avail_event[0] = next_avail
@@ -350,17 +345,17 @@ class SplitQueue:
 
     def has_available(self) -> bool:
         """True if the driver has made a chain available that ``pop`` has not returned yet."""
-        return self._pending() > 0
+        return self._pending(self._words[Q_NEXT_AVAIL]) > 0
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, fully validated, or None if there is none.
 
         Raises QueueError (and leaves ``next_avail`` unchanged) if the driver broke the ring.
         """
-        if not self._pending():
-            return None
         words = self._words
         next_avail = words[Q_NEXT_AVAIL]
+        if not self._pending(next_avail):
+            return None
         head = self._avail_ring.item(next_avail & self._mask)
         if head >= self.size:
             raise QueueError(
@@ -465,14 +460,13 @@ class SplitQueue:
         if not 0 <= length <= self._in_flight[head]:
             raise ValueError(f"used length {length} for head {head} exceeds its writable length")
         words = self._words
-        used_idx = words[Q_USED_IDX]
-        self._used_ring[used_idx & self._mask] = head | length << 32
+        pushed = words[Q_USED_IDX]  # counted without wrapping: the used index is its low 16 bits
+        self._used_ring[pushed & self._mask] = head | length << 32
         self._in_flight[head] = -1
         if not _STRONGLY_ORDERED:
             full_fence()  # the entry (and the data written before it) ahead of the index
-        used_idx = words[Q_USED_IDX] = (used_idx + 1) & 0xFFFF
-        self._used16[1] = used_idx
-        words[Q_PUSHED] += 1
+        pushed = words[Q_USED_IDX] = pushed + 1
+        self._used16[1] = pushed & 0xFFFF
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed since the last call.
@@ -482,10 +476,10 @@ class SplitQueue:
         spurious interrupt is harmless where a missing one hangs the driver.
         """
         words = self._words
-        pushed = words[Q_PUSHED]
-        old = words[Q_SIGNALLED_USED]
-        new = words[Q_SIGNALLED_USED] = words[Q_USED_IDX]
-        words[Q_PUSHED] = 0
+        signalled = words[Q_SIGNALLED_USED]
+        pushed_total = words[Q_SIGNALLED_USED] = words[Q_USED_IDX]
+        pushed = pushed_total - signalled
+        old, new = signalled & 0xFFFF, pushed_total & 0xFFFF
         if pushed == 0:
             return False
         # used.idx must be visible before we read the driver's suppression state, or a driver that

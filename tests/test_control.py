@@ -513,6 +513,36 @@ def test_added_latency_per_request_type_holds_only_that_type(controlled: Control
     assert error_of(controlled, "delay", us=1, type="JUMP") == "bad-argument"
 
 
+def test_a_request_held_by_a_delay_when_the_ring_stops_is_served_after_a_pause(
+    controlled: Controlled, guest: Guest
+) -> None:
+    assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
+    controlled.call("delay", us=MAX_HOLD_US, type="MAP")
+    head = guest.requests.post([encode_map(3, 0x20000, 0x20FFF, 0x100000)], [4])
+    guest.frontend.kick(0)
+    # Nothing tells a front-end that a request is held: the control channel is asked until it says so.
+    deadline = time.monotonic() + WAIT
+    while controlled.call("counters")["delayed_requests"] == 0:
+        assert time.monotonic() < deadline, "the MAP was never held"
+    # A VM pause (QEMU stops the rings, then starts them at the bases it was told): the held MAP is
+    # given back to the ring, not lost, and answered once the ring runs again.
+    bases = guest.frontend.stop_device(2, reset_status=False)
+    assert bases[0] == 1 and guest.requests.used() == []
+    controlled.call("delay", us=0, type="MAP")
+    for index, queue in enumerate([guest.requests, guest.events]):
+        guest.frontend.set_vring_num(index, queue.size)
+        guest.frontend.set_vring_base(index, bases[index])
+        guest.frontend.set_vring_addr(index, queue)
+        guest.frontend.set_vring_kick(index)
+        guest.frontend.set_vring_call(index)
+    for index in range(2):
+        guest.frontend.set_vring_enable(index, True)
+    guest.frontend.kick(0)
+    assert guest.frontend.wait_used(0, timeout=WAIT)
+    assert guest.requests.used() == [(head, 4)] and decode_status(guest.requests.written(head)) == Status.OK
+    assert [m["iova_start"] for m in controlled.call("mappings")["mappings"]] == [0x20000]
+
+
 def test_a_broken_ring_under_a_per_type_delay_needs_reset(controlled: Controlled, guest: Guest) -> None:
     controlled.call("delay", us=MAX_HOLD_US, type="MAP")
     # A descriptor pointing outside guest memory: the chain walk fails, the device asks for a reset.

@@ -514,10 +514,12 @@ def _serve_with_keeper(args: argparse.Namespace, paths: list[str]) -> int:
     arguments: list[str] | None = getattr(args, "command_arguments", None)
     if arguments is None:
         raise CliError("--state-dir needs the command line it was given (run through main())")
-    # Each worker would start the trace afresh in a file that exists by then, and a strict exit status
-    # would be a worker's, not the program's.
-    if getattr(args, "trace", None) is not None or getattr(args, "conformance", "off") == "strict":
-        raise CliError("--trace and --conformance=strict do not apply with --state-dir")
+    # A strict exit status is the program's: workers tell the keeper what their checkers saw.
+    strict = getattr(args, "conformance", "off") == "strict"
+    try:
+        control_options.check_new_trace(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     try:
         check_state_dir(args.state_dir)
     except KeeperError as exc:
@@ -542,7 +544,14 @@ def _serve_with_keeper(args: argparse.Namespace, paths: list[str]) -> int:
             made.remove()
         raise
     try:
-        return run_keeper(args, arguments, listeners, files, control)
+        return run_keeper(
+            args,
+            arguments,
+            listeners,
+            files,
+            control,
+            violations_status=control_options.EXIT_VIOLATIONS if strict else None,
+        )
     except KeeperError as exc:
         raise CliError(str(exc)) from None
 
@@ -551,11 +560,11 @@ def _serve_as_worker(args: argparse.Namespace) -> int:
     """The device worker a keeper started (--keeper-fd): the whole back-end, fed by the keeper."""
     factory = make_backend_factory(args)
     try:
-        tools = control_options.service_options(args)
+        tools = control_options.service_options(args, worker=True)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if tools is not None:
-        # The program's exit status, not the service's (and refused with --state-dir anyway).
+        # The program's exit status, not the service's: the keeper's (the worker tells it what it saw).
         tools.pop("strict", None)
     if args.backend == "iommu":
         from vhost_iommu.jit import warm_up

@@ -15,6 +15,7 @@ sockets or rings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhost_iommu.device import IommuDevice
@@ -212,6 +213,9 @@ class ConformanceChecker:
     # to it, so a region a tool added after that PROBE is not one the driver was told to avoid.
     _told: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     _features_set: bool = False
+    #: Called with (statement, detail) the first time a statement is broken on this device: a device
+    #: worker under a keeper tells the keeper, whose exit status --conformance=strict decides.
+    on_first: Callable[[str, str], None] | None = None
 
     @property
     def total(self) -> int:
@@ -231,6 +235,8 @@ class ConformanceChecker:
             log.warning(
                 "%s: driver breaks %s (%s): %s", self.name, statement, STATEMENTS[statement].text, detail
             )
+            if self.on_first is not None:
+                self.on_first(statement, f"{self.name}: {statement}: {detail}")
 
     # -- device lifetime --------------------------------------------------------------------------------
 
@@ -239,6 +245,15 @@ class ConformanceChecker:
         self._probed.clear()
         self._told.clear()
         self._features_set = False
+
+    def assume_history(self) -> None:
+        """What the driver did before this checker existed is unknown (a device worker took the session
+        over): assume it did what it had to, so that nothing it did right is flagged: features set, every
+        endpoint probed and told the reserved regions it has now."""
+        self._features_set = True
+        for endpoint in self.device.topology.endpoint_ids():
+            self._probed.add(endpoint)
+            self._told[endpoint] = tuple((r.start, r.end) for r in self.device.reserved_regions(endpoint))
 
     def check_features(self, acked: int) -> None:
         self._features_set = True

@@ -15,7 +15,10 @@ nanoseconds since the recording started):
   config write), ``{"kind": "reset"}`` (device reset), ``{"kind": "bypass", "value": 0|1}`` (the
   control channel set the config field), ``{"kind": "resv", "endpoint": N or null, "regions": [...] or
   null}`` (the control channel replaced reserved regions; null endpoint: all, null regions: the
-  topology's).
+  topology's);
+- ``{"kind": "takeover"}``: under ``serve --state-dir``, a new device worker took the session over and
+  continues the trace; the device state continues too (the previous worker wrote every record through
+  before the guest could see its answer, so none is missing).
 
 Traces recorded on a client's request go to one directory only (`TraceDirectory`, serve's
 ``--trace-dir``): the client names a file, never a path.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -243,9 +247,16 @@ class TraceWriter:
         max_bytes: int = DEFAULT_MAX_BYTES,
         keep: int = DEFAULT_KEEP,
         directory: TraceDirectory | None = None,
+        write_through: bool = False,
+        resume: bool = False,
     ) -> None:
         """``path``: a file path, replaced if it exists; with ``directory``, a file name in it that must
-        not exist yet (TraceDirectoryError for anything but a plain name; FileExistsError)."""
+        not exist yet (TraceDirectoryError for anything but a plain name; FileExistsError).
+
+        ``write_through``: every record reaches the file before the next one is made (a device worker
+        under a keeper can be killed at any instant; the page cache outlives it). ``resume`` (with
+        ``directory``): continue the trace that file holds (a device worker that took the session over),
+        numbering on from its last record, after a ``takeover`` event; TraceError if it is not one."""
         if max_bytes < 4096:
             raise ValueError(f"max_bytes {max_bytes} is below 4096 (a header alone can take 1 KiB)")
         if keep < 0:
@@ -271,7 +282,34 @@ class TraceWriter:
         self._clock = time.perf_counter_ns()
         self._file: IO[str] | None = None
         self._size = 0
-        self._open()
+        self._write_through = write_through
+        if resume:
+            if self._dir_fd is None:
+                raise ValueError("resume needs a trace directory")
+            self._reopen()
+            self._event("takeover")
+        else:
+            self._open()
+
+    def _reopen(self) -> None:
+        """Open the existing file for appending and carry on its numbering, parts and clock."""
+        fd = os.open(self._name, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self._dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TraceError(f"{self.path}: not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as existing:
+                header = _header(self.path, existing.readline(MAX_LINE + 1))
+                lines = sum(1 for line in existing if line.strip())
+                self._size = existing.tell()
+        except BaseException:
+            os.close(fd)
+            raise
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self.parts = header.part + 1
+        self.records = header.first + lines
+        self._started = header.started
+        # ``t`` counts from the recording's start, whichever process writes.
+        self._clock = time.perf_counter_ns() - int((time.time() - header.started) * 1e9)
 
     def _open(self) -> None:
         # Not following a symlink planted at the trace's path: the file is ours, created fresh. In a trace
@@ -298,6 +336,8 @@ class TraceWriter:
         line = json.dumps(record, separators=(",", ":")) + "\n"
         self._file.write(line)
         self._size += len(line)
+        if self._write_through:
+            self._file.flush()
 
     def _rotate(self) -> None:
         assert self._file is not None
@@ -420,6 +460,7 @@ _EVENT_KEYS = {
     "reset": set(),
     "bypass": {"value"},
     "resv": {"endpoint", "regions"},
+    "takeover": set(),
 }
 
 
@@ -615,6 +656,8 @@ def replay(
             # A write the device refuses was refused when recorded too, the same way.
             with contextlib.suppress(ValueError):
                 device.set_config(fields["offset"], fields["data"])
+        elif event.kind == "takeover":
+            pass  # another device worker, the same device state: nothing to replay
         else:
             if check is not None:
                 check.check_request(fields["request"], fields["writable"])

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -49,7 +50,7 @@ from vhost_iommu.persist.journal import (
     request_words,
 )
 from vhost_iommu.persist.replay import Recovered, recover
-from vhost_iommu.virtqueue import QueueError, SplitQueue
+from vhost_iommu.virtqueue import DescriptorChain, QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -349,9 +350,10 @@ class _KickThread:
     the interpreter lock, and takes it back only when the loop returns.
 
     The loop returns for what only the event loop does: ATTACH, DETACH, PROBE, a broken chain, a full
-    journal, a device the kernel cannot serve (``CompiledRequestPath.usable``). The thread then hands the
-    ring to the event loop, which runs the ordinary path while the thread waits: device state other than
-    the mapping table and domain arrays is only ever changed on the loop, and never while the kernel runs.
+    journal, a device the kernel cannot serve (``VirtioIommuBackend.kernel_serves``). The thread then
+    hands the ring to the event loop, which runs the ordinary path while the thread waits: device state
+    other than the mapping table and domain arrays is only ever changed on the loop, and never while the
+    kernel runs.
     A mapping table short of room is grown by the thread itself, before it lets anyone else in, and the
     loop goes on: the table is the thread's while it serves (tools park it first, the event loop serves
     the ring only in a hand-over).
@@ -519,9 +521,9 @@ class _KickThread:
                 self._state.wait()
             if self._stopping:
                 return False
-            usable = compiled.usable()
+            usable = self._backend.kernel_serves()
         # Not usable: the event loop serves every chain (the kick loop below only waits for the next
-        # kick): a device with injections or a wrapped handle_request answers through the device core.
+        # kick): a device with injections, observers or an added latency answers through the device core.
         if not usable and not self._hand_over():
             return False
         with self._state:
@@ -590,25 +592,21 @@ class _KickThread:
 
     def _on_loop(self) -> None:
         try:
-            if self._stopping:
-                return
-            backend = self._backend
-            if not self._control[kickloop.K_TICKS_PER_MS]:
-                backend._serve_requests()
-                backend.deliver_events()
-                return
-            # Timed as the control layer times a kick on the event loop: the ring served in Python is
-            # one batch (after whatever the kernel served before the chain it stopped at).
-            counts = backend.device.request_counts
-            before = np.array(counts, np.int64)
-            began = time.perf_counter_ns()
-            backend._serve_requests()
-            backend.deliver_events()
-            elapsed = time.perf_counter_ns() - began
-            kickloop.record_batch(self.timing, elapsed, before, np.array(counts, np.int64))
-            backend._pass_timing(self)
+            if not self._stopping:
+                self._backend._serve_on_loop(self.timing if self._control[kickloop.K_TICKS_PER_MS] else None)
         finally:
             self._handed_back.set()
+
+
+@dataclass
+class _HeldChain:
+    """A requestq chain taken off the ring and held for an added latency (``request_delay``)."""
+
+    ring: SplitQueue
+    chain: DescriptorChain
+    request: bytes
+    timer: asyncio.TimerHandle | None = None
+    released: bool = False
 
 
 class VirtioIommuBackend:
@@ -642,9 +640,9 @@ class VirtioIommuBackend:
         ``kick_thread`` (compiled path only; None, the default, means yes with the compiled path): the
         requestq is served by a thread of its own running the kick loop (`vhost_iommu.jit.kickloop`),
         woken by the kick fd directly (`KickFdTaker`), rather than from the event loop. The event loop
-        still serves it when the server offers no kick fd or the back-end cannot take one (its
-        ``queue_kicked`` is replaced or wrapped: the control channel does that while an added latency or
-        an observer needs every kick in Python, and calls ``kick_path_changed``).
+        still serves it when the server offers no kick fd; while the kernel cannot serve
+        (``kernel_serves``: observers, forced answers, an added latency) the thread hands every kick to
+        the event loop, which serves through the device core.
 
         ``state_dir`` (``serve --state-dir``, under a keeper): the device state of a connection whose
         ``context.session_key`` names it is kept in that subdirectory, every request served and every
@@ -662,6 +660,17 @@ class VirtioIommuBackend:
         #: latency histograms) on the event loop, whenever the thread is parked, hands over or stops;
         #: set before the ring starts (a thread times batches only if it was set when it started).
         self.kick_timing: Callable[[npt.NDArray[np.int64]], None] | None = None
+        #: Added latency (the control channel's ``delay``): called with a request's type byte (-1: an
+        #: empty request) and whether it starts a batch, before the request is served; returns the
+        #: microseconds to hold it off the ring first (0: serve it now). While set, every request goes
+        #: through the device core on the event loop. Change it inside ``quiesced()``.
+        self.request_delay: Callable[[int, bool], int] | None = None
+        #: Called once a worker has rebuilt the session it took over (``session_restored``), before any
+        #: request is served: the control channel installs its observers then.
+        self.restored_hook: Callable[[], None] | None = None
+        self._held: _HeldChain | None = None
+        self._batch_fresh = True  # no request of the current batch has been served yet
+        self._loop_timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
         self.device = device if device is not None else IommuDevice(topology or Topology.default())
         self.context: BackendContext | None = None
         self.acked_features = 0
@@ -737,6 +746,7 @@ class VirtioIommuBackend:
 
     def reset(self) -> None:
         self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
+        self._drop_held()
         self._reset_device()
         self._log(KIND_RESET, 0)
 
@@ -769,16 +779,18 @@ class VirtioIommuBackend:
         self.queue_kicked(index)
 
     def queue_stopped(self, index: int) -> None:
-        pass
+        held = self._held
+        if index == REQUEST_QUEUE and held is not None:
+            # A chain held for an added latency goes back to the ring unserved: the next start serves it.
+            self._drop_held()
+            if held.ring is self._ring(index):
+                held.ring.give_back(held.chain)
 
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
             return False
-        if "queue_kicked" in vars(self) or type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
-            # Kicks are watched or served differently (the control channel times each kick by wrapping
-            # queue_kicked on the instance; a subclass may answer kicks itself): kicks the thread read
-            # would bypass that.
-            return False
+        if type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
+            return False  # a subclass answers kicks itself: kicks the thread read would bypass it
         ring = self._ring(index)
         compiled = self._compiled
         if ring is None or compiled is None or self.context is None:
@@ -801,25 +813,11 @@ class VirtioIommuBackend:
         if index == REQUEST_QUEUE and thread is not None:
             self._kick_thread = None
             thread.stop()
-            self._pass_timing(thread)
+            self._pass_timing(thread.timing)
 
-    def kick_thread_wanted(self) -> bool:
-        """Whether a kick thread would serve the requestq while its ring is served and its kicks are not
-        watched (``queue_kicked`` not wrapped). False when one never would: ``kick_thread`` off, the
-        Python request path, a mapping store other than the ``MappingTable``."""
-        return self.kick_thread and self._compiled is not None and isinstance(self.device.store, MappingTable)
-
-    def kick_path_changed(self) -> None:
-        """Whether this back-end would take the requestq's kick fd changed (``queue_kicked`` was wrapped
-        or unwrapped on the instance): the server takes the fd back from a running thread, so the event
-        loop serves the wrapper, and offers it again, so a thread serves an unwrapped back-end. Call on
-        the event loop, outside ``quiesced()``."""
-        if self.context is not None:
-            self.context.reoffer_kick(REQUEST_QUEUE)
-
-    def _pass_timing(self, thread: _KickThread) -> None:
-        """Hand what the thread timed to ``kick_timing``; only while the thread is out of the kernel."""
-        timing = thread.timing
+    def _pass_timing(self, timing: npt.NDArray[np.int64]) -> None:
+        """Hand batch times (the thread's, or the event loop's own) to ``kick_timing``, and zero them; the
+        thread's only while it is out of the kernel."""
         if self.kick_timing is not None and timing[kickloop.T_BATCHES, kickloop.T_COUNT]:
             self.kick_timing(timing)
         timing[:] = 0
@@ -846,7 +844,7 @@ class VirtioIommuBackend:
             self._after_tools()
             return
         with thread.parked():
-            self._pass_timing(thread)
+            self._pass_timing(thread.timing)
             yield
             self._after_tools()
 
@@ -856,22 +854,61 @@ class VirtioIommuBackend:
             self._log_tool_changes()
 
     def queue_kicked(self, index: int) -> None:
-        if index == REQUEST_QUEUE:
-            if self._kick_thread is not None:
-                self._kick_thread.wake()
-            else:
-                self._serve_requests()
-        # Fault events may be waiting for buffers either way: a kick of the eventq brings buffers, a request
-        # may have produced a fault.
-        self.deliver_events()
+        if index == REQUEST_QUEUE and self._kick_thread is not None:
+            self._kick_thread.wake()  # the thread serves, or hands the ring to _serve_on_loop
+            self.deliver_events()
+            return
+        self._serve_on_loop(self._loop_timing if self.kick_timing is not None else None, index)
+
+    def kernel_serves(self) -> bool:
+        """Whether the compiled kernel may serve MAP and UNMAP now: the compiled path, its real table, and
+        nothing that needs every request in Python (observers, forced answers, an added latency, a held
+        chain)."""
+        compiled = self._compiled
+        return (
+            compiled is not None
+            and compiled.usable()
+            and self.request_delay is None
+            and self._held is None
+            and self.context is not None
+        )
+
+    def _serve_on_loop(self, timing: npt.NDArray[np.int64] | None, index: int = REQUEST_QUEUE) -> None:
+        """Serve a kick of queue ``index`` on the event loop (the requestq thread's hand-overs come here
+        too). With ``timing`` (the control channel listens: ``kick_timing``) the requestq batch is timed
+        into it with the kick loop's rule and passed on."""
+        if index != REQUEST_QUEUE:
+            self.deliver_events()  # a kick of the eventq brings buffers for waiting fault events
+            return
+        if timing is None:
+            self._serve_requests()
+        else:
+            counts = self.device.request_counts
+            before = np.array(counts, np.int64)
+            began = time.perf_counter_ns()
+            self._serve_requests()
+            kickloop.record_batch(timing, time.perf_counter_ns() - began, before, np.array(counts, np.int64))
+            self._pass_timing(timing)
+        for observer in self.device.observers:
+            observer.batch_served()
+        self.deliver_events()  # a request may have produced a fault event
 
     def _ring(self, index: int) -> SplitQueue | None:
         return self.context.queue(index) if self.context is not None else None
 
     def _serve_requests(self) -> None:
+        """The one serve loop of the requestq (the kick thread's kernel aside): a batch through the
+        compiled kernel when it may serve, else chain by chain through the device core, every chain
+        journaled before it is published."""
         ring = self._ring(REQUEST_QUEUE)
         if ring is None:
             return
+        held = self._held
+        if held is not None and held.ring is not ring:
+            self._drop_held()  # the ring was restarted meanwhile (a stop gave the chain back)
+            held = None
+        if held is not None and not held.released:
+            return  # later chains wait behind the held one: the device answers in ring order
         if self._persistence is not None:
             self._log_tool_changes()
         # Fairness: one call serves at most a ring's worth of chains. Every connection shares the event
@@ -880,11 +917,20 @@ class VirtioIommuBackend:
         # runs after it has looked at everyone else's fds.
         budget = ring.size
         completed = 0
+        more = False
         try:
-            if self._compiled is not None and self.context is not None and self._compiled.usable():
-                completed, more = self._compiled.serve(
-                    ring, self.context.memory, self._serve_one, budget, self._rotate_journal
+            # A batch starts with this call, unless it continues one a held chain interrupted.
+            self._batch_fresh = held is None
+            if held is not None:
+                self._held = None
+                self._complete(ring, held.chain, held.request)
+                completed = 1
+            if self.kernel_serves():
+                assert self._compiled is not None and self.context is not None
+                done, more = self._compiled.serve(
+                    ring, self.context.memory, self._serve_one, budget - completed, self._rotate_journal
                 )
+                completed += done
             else:
                 while completed < budget and self._serve_one(ring):
                     completed += 1
@@ -898,35 +944,81 @@ class VirtioIommuBackend:
             self.context.reschedule(REQUEST_QUEUE)
 
     def _serve_one(self, ring: SplitQueue) -> bool:
-        """Pop and serve one chain through the device core; False if none is available.
-        Raises QueueError if the driver broke the ring."""
+        """Pop and serve one chain through the device core (the compiled path calls it at a chain its
+        kernel does not serve); False if none is available, or if ``request_delay`` held it. Raises
+        QueueError if the driver broke the ring."""
         journal = self._journal_with_room() if self._persistence is not None else None
         chain = ring.pop()
         if chain is None:
             return False
-        if journal is None:
-            response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
-            if response:
-                chain.write(response)
-            ring.push_used(chain.head, used_length)
-            return True
         request = chain.read()
+        delay_of = self.request_delay
+        if delay_of is not None:
+            hold_us = delay_of(request[0] if request else -1, self._batch_fresh)
+            self._batch_fresh = False
+            if hold_us and self._hold(ring, chain, request, hold_us):
+                return False
+        self._complete(ring, chain, request, journal)
+        return True
+
+    def _complete(
+        self, ring: SplitQueue, chain: DescriptorChain, request: bytes, journal: Journal | None = None
+    ) -> None:
+        """Serve ``request`` through the device core, write the answer, journal it (with a state
+        directory: committed before the used entry is pushed, so what the guest sees completed is in the
+        journal) and publish it."""
+        if journal is None and self._persistence is not None:
+            journal = self._journal_with_room()
         forced = self.device.injected_count
         response, used_length = self.device.handle_request(request, chain.writable_len)
         if response:
             chain.write(response)
-        # Committed before the used entry is pushed: what the guest sees completed is in the journal.
-        word1, word2 = request_words(
-            response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
-            used_length,
-            (ring.next_avail - 1) & 0xFFFF,
-            ring.used_idx,
-            chain.head,
-            F_FORCED if self.device.injected_count != forced else 0,
-        )
-        journal.append(word1, word2, request)
+        if journal is not None:
+            word1, word2 = request_words(
+                response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
+                used_length,
+                (ring.next_avail - 1) & 0xFFFF,
+                ring.used_idx,
+                chain.head,
+                F_FORCED if self.device.injected_count != forced else 0,
+            )
+            journal.append(word1, word2, request)
         ring.push_used(chain.head, used_length)
+
+    # -- added latency (request_delay) ---------------------------------------------------------------------
+
+    def _hold(self, ring: SplitQueue, chain: DescriptorChain, request: bytes, microseconds: int) -> bool:
+        """Hold ``chain`` off the ring for ``microseconds``; False (serve it now) without an event loop
+        (a test's fake server): no time passes there."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        held = self._held = _HeldChain(ring, chain, request)
+        held.timer = loop.call_later(microseconds / 1e6, self.release_held)
         return True
+
+    @property
+    def held_request(self) -> int | None:
+        """The type byte of the request held for an added latency (-1: empty), or None."""
+        held = self._held
+        return None if held is None else (held.request[0] if held.request else -1)
+
+    def release_held(self) -> None:
+        """Serve the chain held for an added latency now (its delay passed, or was taken off), then the
+        chains behind it. On the event loop."""
+        held = self._held
+        if held is None or held.released:
+            return
+        if held.timer is not None:
+            held.timer.cancel()
+        held.released = True
+        self.queue_kicked(REQUEST_QUEUE)
+
+    def _drop_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
 
     # -- persistence (docs/persistence.md) ----------------------------------------------------------------
 
@@ -1012,7 +1104,13 @@ class VirtioIommuBackend:
     def session_restored(self) -> None:
         """A worker took over a running session (`RestorableBackend`): rebuild the device from its
         subdirectory (snapshot, then the journal's records) before any kick. Raises StateError, naming
-        the file and record, when the state cannot be trusted or does not fit this device."""
+        the file and record, when the state cannot be trusted or does not fit this device. Then
+        ``restored_hook``, if set: tools watch the device from here on, not its rebuilding."""
+        self._restore_state()
+        if self.restored_hook is not None:
+            self.restored_hook()
+
+    def _restore_state(self) -> None:
         persistence = self._persistence
         if persistence is None:
             return
@@ -1080,7 +1178,9 @@ class VirtioIommuBackend:
                     f"(head {record.head})"
                 )
             if record.request[0] == 5 and record.used_length:  # PROBE changes nothing: answer it again
-                response, used_length = self.device.handle_request(chain.read(), chain.writable_len)
+                response, used_length = self.device.handle_request(
+                    chain.read(), chain.writable_len, observed=False
+                )
                 chain.write(response)
             elif record.used_length:
                 used_length = record.used_length

@@ -1,28 +1,28 @@
 """What the control layer installs on each back-end it serves: timing, added latency, device observers.
 
-The request path belongs to the device; the control layer wraps one public entry point of one back-end
-instance (never the class, so other back-ends and the tests of the device are untouched) and attaches
-one observer to its device:
+The request path belongs to the device; the control layer only uses the hooks the back-end and its device
+offer, on one back-end instance at a time (other back-ends and the tests of the device are untouched):
 
-- ``backend.queue_kicked``, only while the event loop serves the requestq: each requestq kick batch is
-  timed (about 2.5 us of Python per kick, measured), and can be deferred by an added latency
-  (``loop.call_later``, so the event loop never blocks): per batch (``delay``), or per request of a type
-  (``delay --type``: the chains are then served one by one through the device core, and before each
-  chain of a delayed type the ring waits that long). A batch's time is attributed to a request type
-  when every request of the batch had that type (the device's request counters before and after tell);
-  a batch of several types is counted as MIXED. The Linux driver sends ATTACH, DETACH and PROBE one per
-  notification and waits, so those are exact; MAP/UNMAP batches are per request on average.
-- ``backend.kick_timing``: while the back-end's requestq thread serves (no added latency, no checker,
-  no trace: nothing needs every kick in Python), ``queue_kicked`` is not wrapped and the thread's kick
-  loop times each batch itself, with the same rule, into integer histograms
-  (`vhost_iommu.jit.kickloop`'s ``timing``) that the back-end hands over whenever the thread is parked
-  (every control command parks it), hands a chain to the event loop, or stops. Setting an added latency
-  or an observer wraps ``queue_kicked`` and has the server take the kick fd back from the thread
-  (``kick_path_changed``); clearing them unwraps it and the thread serves again.
+- ``backend.kick_timing``: the back-end times each requestq batch, on its kick thread (the kick loop's
+  integer histograms, `vhost_iommu.jit.kickloop`'s ``timing``) and on the event loop alike, and hands the
+  samples over on the event loop (whenever the thread is parked, hands a chain over or stops, and after
+  each batch the loop serves). A batch's time is attributed to a request type when every request of the
+  batch had that type; a batch of several types is counted as MIXED. The Linux driver sends ATTACH,
+  DETACH and PROBE one per notification and waits, so those are exact; MAP/UNMAP batches are per request
+  on average.
+- ``backend.request_delay``: added latency, per batch (``delay``: the first request of a batch is held
+  that long) or per request of a type (``delay --type``: each such request is held that long). The
+  back-end holds the chain off the ring (``loop.call_later``: the event loop never blocks), serves it and
+  what follows when the time has passed, in ring order, through its one serve loop (which journals under
+  ``--state-dir``).
 - ``device.observers`` (`vhost_iommu.device.observers.DeviceObserver`), only while a conformance checker
   or a trace is on: the checker sees each request before the device applies it, the trace records each
   request with its answer, features, config writes, resets and the tools' own changes. Forced answers
   (count and rate) are the device's own (``IommuDevice.inject``, ``inject_rate``).
+
+While an added latency or an observer is on, the back-end's kernel steps aside (``kernel_serves``) and
+every request goes through the device core on the event loop; the kick thread, if one serves, only hands
+each kick over.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,17 +41,13 @@ from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import RequestType, ReservedRegion
 from vhost_iommu.device.observers import DeviceObserver
 from vhost_iommu.jit import kickloop
-from vhost_iommu.memory import GuestMemoryError
 from vhost_iommu.trace import TraceWriter
-from vhost_iommu.virtqueue import QueueError
 
 if TYPE_CHECKING:
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
-    from vhost_iommu.virtqueue import DescriptorChain, SplitQueue
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE = 0
 #: Counter slots of IommuDevice.request_counts: 0 counts unserved requests, then one per RequestType.
 COUNTER_NAMES = ["UNSERVED", *(kind.name for kind in RequestType)]
 HISTOGRAM_BUCKETS = 40  # bucket k holds [2**k, 2**(k+1)) ns; 2**40 ns is about 18 minutes
@@ -150,6 +145,11 @@ class _ToolsObserver(DeviceObserver):
         if tools is not None and tools.trace is not None:
             tools.trace.request(bytes(request), writable_size, response, used, forced=forced, ns=ns)
 
+    def batch_served(self) -> None:
+        tools = self._tools()
+        if tools is not None and tools.trace is not None:
+            tools.trace.flush()  # one write per batch, not per request
+
     def features(self, acked: int) -> None:
         tools = self._tools()
         if tools is None:
@@ -189,11 +189,11 @@ class _ToolsObserver(DeviceObserver):
 
 
 class ConnectionTools:
-    """The control layer's per-back-end state and the wrappers it installed.
+    """The control layer's per-back-end state and the hooks it installed.
 
-    The back-end holds its tools (through ``kick_timing`` and the wrapper); the tools hold the back-end
-    weakly. A cycle would keep a disconnected back-end, and the guest-memory mappings its request path
-    holds, alive until the garbage collector happens to run.
+    The back-end holds its tools (through its ``kick_timing`` and ``request_delay`` hooks); the tools hold
+    the back-end weakly. A cycle would keep a disconnected back-end, and the guest-memory mappings its
+    request path holds, alive until the garbage collector happens to run.
     """
 
     def __init__(self, number: int, backend: VirtioIommuBackend, loop: asyncio.AbstractEventLoop) -> None:
@@ -201,7 +201,7 @@ class ConnectionTools:
         self._backend = weakref.ref(backend)
         self.loop = loop
         self.created = time.time()
-        # One per request counter slot, then MIXED; a list, not a dict, to keep the per-kick work small.
+        # One per request counter slot, then MIXED.
         self._histograms = [Histogram() for _ in range(len(COUNTER_NAMES) + 1)]
         self.batches = Histogram()
         self.delay_us = 0
@@ -209,20 +209,10 @@ class ConnectionTools:
         #: Added latency per request of a type (RequestType value -> microseconds).
         self.type_delays: dict[int, int] = {}
         self.delayed_requests = 0
-        self._deferred: asyncio.TimerHandle | None = None
-        # A chain of a delayed type, taken off the ring, waiting for its delay (with the ring it is on).
-        self._held: tuple[DescriptorChain, SplitQueue] | None = None
         self.checker: ConformanceChecker | None = None
         self.trace: TraceWriter | None = None
         self._observer = _ToolsObserver(self)
-        self._kicked = type(backend).queue_kicked
         backend.kick_timing = self._absorb_kick_timing
-        # Wrapped until the first kick (queue_started's): the service may yet give these tools a checker or
-        # a trace (serve --conformance, --trace) outside any command. A wrapped kick with nothing needing
-        # it schedules the switch to the thread (sync_kick_path).
-        self._wrapped = False
-        self._sync_scheduled = False
-        self._wrap(backend)
 
     @property
     def live_backend(self) -> VirtioIommuBackend | None:
@@ -236,165 +226,24 @@ class ConnectionTools:
             raise RuntimeError("the back-end of these tools is gone")
         return backend
 
-    # -- which path serves: the kick thread, or the event loop through the wrapper ---------------------------
-
-    def _wrap(self, backend: VirtioIommuBackend) -> None:
-        # An instance attribute shadows the method for this back-end only; the server looks the method
-        # up at each kick, and queue_started calls it through self too.
-        backend.queue_kicked = self._on_kick  # type: ignore[method-assign]
-        self._wrapped = True
-
-    def _needs_every_kick(self, backend: VirtioIommuBackend) -> bool:
-        """Whether the requestq must be served from the event loop through the wrapper: an added latency
-        (set, or a batch or chain still held), an observer (a checker or a trace: the device serves
-        every request in Python then, and a trace is flushed per batch), or a back-end that would serve
-        from the event loop anyway (whose kicks only the wrapper can time)."""
-        return (
-            bool(self.delay_us or self.type_delays)
-            or self._deferred is not None
-            or self._held is not None
-            or self.checker is not None
-            or self.trace is not None
-            or not backend.kick_thread_wanted()
-        )
-
-    def sync_kick_path(self) -> None:
-        """Wrap ``queue_kicked`` if every kick is needed in Python, unwrap it if not, and when that changes
-        have the server move the kick fd (to the event loop, or to a new kick thread). On the event loop,
-        outside ``quiesced()``: the control service calls it after every command."""
-        self._sync_scheduled = False
-        backend = self._backend()
-        if backend is None:
-            return
-        wanted = self._needs_every_kick(backend)
-        if wanted == self._wrapped:
-            return
-        if wanted:
-            self._wrap(backend)
-        else:
-            if vars(backend).get("queue_kicked") == self._on_kick:
-                del backend.queue_kicked
-            self._wrapped = False
-        backend.kick_path_changed()
-
     def _absorb_kick_timing(self, timing: npt.NDArray[np.int64]) -> None:
         for kind, histogram in enumerate(self._histograms):
             histogram.absorb(timing[kind])
         self.batches.absorb(timing[kickloop.T_BATCHES])
 
-    # -- timing and added latency ---------------------------------------------------------------------------
+    # -- added latency -------------------------------------------------------------------------------
 
-    def _on_kick(self, index: int) -> None:
-        if index == REQUEST_QUEUE and not self._sync_scheduled:
-            backend = self._backend()
-            if backend is not None and not self._needs_every_kick(backend):
-                # Not from inside the kick: the switch takes the kick fd back and offers it again.
-                self._sync_scheduled = True
-                self.loop.call_soon(self.sync_kick_path)
-        if index == REQUEST_QUEUE and self._deferred is not None:
-            return  # a held batch or chain: its release serves whatever came meanwhile, in order
-        if index == REQUEST_QUEUE and self.delay_us and self._has_requests():
+    def _delay_for(self, request_type: int, starts_batch: bool) -> int:
+        """The back-end's ``request_delay`` hook: microseconds to hold a request before it is served."""
+        hold = 0
+        if starts_batch and self.delay_us:
             self.delayed_batches += 1
-            self._deferred = self.loop.call_later(self.delay_us / 1e6, self._release)
-            return
-        self._serve(index)
-
-    def _has_requests(self) -> bool:
-        """Whether the requestq holds a chain to serve: a kick with none (one replayed when the ring
-        moved from the kick thread to the event loop) starts no delayed batch."""
-        backend = self._backend()
-        context = backend.context if backend is not None else None
-        ring = context.queue(REQUEST_QUEUE) if context is not None else None
-        return ring is not None and ring.has_available()
-
-    def _release(self) -> None:
-        self._deferred = None
-        backend = self._backend()
-        context = backend.context if backend is not None else None
-        if context is None or getattr(context, "closed", False):
-            self._held = None
-            return  # the connection ended while the batch waited
-        try:
-            self._serve(REQUEST_QUEUE)
-        except Exception as exc:  # the server's own kick path would have marked the device broken
-            log.exception("delayed requestq batch failed")
-            context.device_broken(f"requestq (delayed batch): {exc}")
-        self.sync_kick_path()  # the last held chain of a delay taken off: the thread may serve again
-
-    def _serve(self, index: int) -> None:
-        backend = self._backend()
-        if backend is None:
-            return
-        if index != REQUEST_QUEUE:
-            self._kicked(backend, index)
-            return
-        counts = backend.device.request_counts
-        before = counts.copy()
-        started = perf_counter_ns()
-        if self.type_delays or self._held is not None:
-            self._serve_one_by_one(backend)
-            backend.deliver_events()
-        else:
-            self._kicked(backend, index)
-        elapsed = perf_counter_ns() - started
-        if self.trace is not None:
-            # One write per batch, not per request; a reader of a live trace sees whole batches.
-            self.trace.flush()
-        # Cheap on purpose (this runs once per kick of every guest): one pass over six counters.
-        kind = -1
-        total = 0
-        for slot in range(len(counts)):
-            served = counts[slot] - before[slot]
-            if served:
-                kind = slot if total == 0 else len(COUNTER_NAMES)  # a second type: MIXED
-                total += served
-        if total:
-            self.batches.add(elapsed)
-            self._histograms[kind].add(elapsed // total, total)
-
-    def _serve_one_by_one(self, backend: VirtioIommuBackend) -> None:
-        """Serve the requestq chain by chain through the device core; stop before a chain of a delayed
-        type (taken off the ring and held) and serve it, then the rest, when its delay has passed. Later
-        chains wait behind it, so the device still answers in ring order."""
-        context = backend.context
-        ring = context.queue(REQUEST_QUEUE) if context is not None else None
-        held, self._held = self._held, None
-        if held is not None and held[1] is not ring:
-            held = None  # the ring was stopped or restarted meanwhile: the chain went with it
-        if ring is None or context is None:
-            return
-        device = backend.device
-        served = 0
-        try:
-            while served < ring.size:
-                if held is not None:
-                    chain = held[0]
-                    request = chain.read()
-                    held = None
-                else:
-                    popped = ring.pop()
-                    if popped is None:
-                        break
-                    chain = popped
-                    request = chain.read()
-                    delay = self.type_delays.get(request[0], 0) if request else 0
-                    if delay:
-                        self._held = (chain, ring)
-                        self.delayed_requests += 1
-                        self._deferred = self.loop.call_later(delay / 1e6, self._release)
-                        break
-                response, used = device.handle_request(request, chain.writable_len)
-                if response:
-                    chain.write(response)
-                ring.push_used(chain.head, used)
-                served += 1
-            else:
-                context.reschedule(REQUEST_QUEUE)  # a ring's worth at a time, as the back-end does
-        except (QueueError, GuestMemoryError) as exc:  # a broken ring, as the back-end's own path says
-            context.device_broken(f"requestq: {exc}")
-            return
-        if served and ring.needs_notification():
-            context.signal_used(REQUEST_QUEUE)
+            hold = self.delay_us
+        by_type = self.type_delays.get(request_type, 0)
+        if by_type:
+            self.delayed_requests += 1
+            hold += by_type
+        return hold
 
     @property
     def latency(self) -> dict[str, Histogram]:
@@ -403,18 +252,19 @@ class ConnectionTools:
         return {names[kind]: histogram for kind, histogram in enumerate(self._histograms) if histogram.count}
 
     def set_delay(self, microseconds: int, request_type: RequestType | None = None) -> None:
-        """Added latency per requestq batch, or per request of ``request_type``; 0 takes it off."""
+        """Added latency per requestq batch, or per request of ``request_type``; 0 takes it off. Inside
+        the back-end's ``quiesced()`` (every control command is)."""
         if request_type is None:
             self.delay_us = microseconds
         elif microseconds:
             self.type_delays[int(request_type)] = microseconds
         else:
             self.type_delays.pop(int(request_type), None)
-        if not microseconds and self._deferred is not None:
-            # Serve what was held now rather than after the old delay.
-            self._deferred.cancel()
-            self._deferred = None
-            self.loop.call_soon(self._release)
+        backend = self.backend
+        backend.request_delay = self._delay_for if self.delay_us or self.type_delays else None
+        if not microseconds:
+            # What was held is served now rather than after the old delay (once the command answered).
+            self.loop.call_soon(backend.release_held)
 
     def clear_delays(self) -> None:
         self.type_delays.clear()
@@ -453,6 +303,7 @@ class ConnectionTools:
     def close(self) -> None:
         if self.trace is not None:
             self.trace.close()
-        if self._deferred is not None:
-            self._deferred.cancel()
-            self._deferred = None
+        backend = self._backend()
+        if backend is not None:
+            backend.request_delay = None
+            backend.kick_timing = None

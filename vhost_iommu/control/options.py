@@ -38,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def service_options(args: argparse.Namespace) -> dict[str, Any] | None:
+def service_options(args: argparse.Namespace, *, worker: bool = False) -> dict[str, Any] | None:
     """ControlService keyword arguments the options ask for (None: no tool asked for); ValueError with
-    a message naming the option for anything refused."""
+    a message naming the option for anything refused. ``worker``: for a device worker under a keeper,
+    whose --trace file may exist already (the keeper checked it was new; a previous worker made it)."""
     trace_dir = getattr(args, "trace_dir", None)
     trace_name = getattr(args, "trace", None)
     mode = getattr(args, "conformance", "off")
@@ -68,6 +69,19 @@ def service_options(args: argparse.Namespace) -> dict[str, Any] | None:
             except FileNotFoundError:
                 options["trace_name"] = trace_name
             else:
+                if worker:
+                    options["trace_name"] = trace_name
+                    return options
                 directory.close()
                 raise ValueError(f"--trace: {trace_name} exists in {trace_dir}; traces are not overwritten")
     return options
+
+
+def check_new_trace(args: argparse.Namespace) -> None:
+    """ValueError if --trace names a file that exists in --trace-dir: the keeper's check, light (no trace
+    module), made once for the program, since its workers continue what their predecessors wrote."""
+    trace_dir, trace_name = getattr(args, "trace_dir", None), getattr(args, "trace", None)
+    if trace_dir is None or trace_name is None:
+        return
+    if os.path.lexists(os.path.join(trace_dir, trace_name)):
+        raise ValueError(f"--trace: {trace_name} exists in {trace_dir}; traces are not overwritten")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
 import random
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vhost_iommu import __version__
 from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
@@ -94,6 +95,36 @@ def _access(text: str, name: str = "access") -> int:
     for letter in text.lower():
         access |= letters[letter]
     return access
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceSettings:
+    """What a device worker needs to continue a connection's trace: a file of the trace directory."""
+
+    name: str
+    max_bytes: int
+    keep: int
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: object) -> TraceSettings:
+        """ValueError for anything but what ``to_json`` makes."""
+        if not isinstance(value, dict) or set(value) != {"name", "max_bytes", "keep"}:
+            raise ValueError(f"not trace settings: {value!r}")
+        name, max_bytes, keep = value["name"], value["max_bytes"], value["keep"]
+        if not isinstance(name, str) or not isinstance(max_bytes, int) or not isinstance(keep, int):
+            raise ValueError(f"not trace settings: {value!r}")
+        return cls(TraceDirectory.check_name(name), max_bytes, keep)
+
+
+class TrackedFactory(Protocol):
+    """A back-end factory wrapped by ``ControlService.track``."""
+
+    def __call__(
+        self, number: int | None = None, *, taking_over: bool = False, trace: TraceSettings | None = None
+    ) -> VhostUserBackend: ...
 
 
 def _numbered(name: str, number: int) -> str:
@@ -212,24 +243,38 @@ class ControlService:
         }
         #: Set by a device worker under a keeper (serve --state-dir): asks the keeper for an upgrade.
         self.upgrade_hook: Callable[[], None] | None = None
+        #: Set by a device worker under a keeper: told (statement, description) the first time a checker
+        #: sees a statement broken, so the keeper's exit status reflects it (--conformance=strict).
+        self.violation_hook: Callable[[str, str], None] | None = None
+        #: Set by a device worker under a keeper: told (connection number, the trace's settings or None)
+        #: whenever a connection's trace starts or stops, so that a worker taking the session over
+        #: continues it (``took_over``). Traces are then written through record by record.
+        self.trace_hook: Callable[[int, TraceSettings | None], None] | None = None
         assert set(self._commands) == set(ARGUMENTS)
 
     # -- wiring ---------------------------------------------------------------------------------------------
 
-    def track(self, factory: Callable[[], VhostUserBackend]) -> Callable[[], VhostUserBackend]:
-        """Wrap a back-end factory so every virtio-iommu back-end it makes gets the control's tools."""
+    def track(self, factory: Callable[[], VhostUserBackend]) -> TrackedFactory:
+        """Wrap a back-end factory so every virtio-iommu back-end it makes gets the control's tools.
+        A device worker under a keeper passes the keeper's ``number`` of the connection, and
+        ``taking_over`` for a session a previous worker served (with ``trace``, the settings of the trace
+        it recorded): its checker and trace are then installed by ``took_over`` once the back-end has
+        rebuilt the session (its ``restored_hook``), before it serves a request: the rebuilding replays
+        the journal through the device, which they must not take for the driver's requests."""
 
-        def tracked() -> VhostUserBackend:
+        def tracked(
+            number: int | None = None, *, taking_over: bool = False, trace: TraceSettings | None = None
+        ) -> VhostUserBackend:
             backend = factory()
             if hasattr(backend, "device") and hasattr(backend, "deliver_events"):
-                tools = ConnectionTools(next(self._numbers), backend, asyncio.get_running_loop())  # type: ignore[arg-type]
+                number = next(self._numbers) if number is None else number
+                tools = ConnectionTools(number, backend, asyncio.get_running_loop())  # type: ignore[arg-type]
                 self._tools[tools.number] = tools
+                if taking_over:
+                    backend.restored_hook = functools.partial(self.took_over, number, trace)  # type: ignore[attr-defined]
+                    return backend
                 if self.conformance:
-                    checker = ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
-                    tools.set_checker(checker)
-                    # When the connection's tools go, its findings stay (the checker, not the tools, is
-                    # held by the finaliser, and only until then).
-                    weakref.finalize(tools, self._keep_report, tools.number, checker)
+                    self._check_from_start(tools)
                 name = self.trace_name if self.trace_name is not None else self.trace_path
                 if name is not None:
                     self._record_from_start(tools, _numbered(name, tools.number))
@@ -237,18 +282,79 @@ class ControlService:
 
         return tracked
 
+    def took_over(self, number: int, trace: TraceSettings | None) -> None:
+        """Connection ``number``'s session, served by a previous device worker, is restored here: check it
+        (its history unknown to this checker: the driver is assumed to have done what it had to) and
+        continue its trace, if one was recording. Once per connection."""
+        tools = self._tools.get(number)
+        if tools is None or tools.checker is not None or tools.trace is not None:
+            return
+        if self.conformance:
+            self._check_from_start(tools).assume_history()
+        if trace is not None:
+            self._continue_trace(tools, trace)
+
+    def _check_from_start(self, tools: ConnectionTools) -> ConformanceChecker:
+        checker = ConformanceChecker(
+            tools.backend.device, name=f"connection {tools.number}", on_first=self._first_violation
+        )
+        tools.set_checker(checker)
+        # When the connection's tools go, its findings stay (the checker, not the tools, is held by the
+        # finaliser, and only until then).
+        weakref.finalize(tools, self._keep_report, tools.number, checker)
+        return checker
+
     def _record_from_start(self, tools: ConnectionTools, name: str) -> None:
         topology = tools.backend.device.topology
         try:
             if self.trace_name is not None:
-                writer = TraceWriter(name, topology, max_bytes=self.trace_max_bytes, directory=self.trace_dir)
+                writer = TraceWriter(
+                    name,
+                    topology,
+                    max_bytes=self.trace_max_bytes,
+                    directory=self.trace_dir,
+                    write_through=self.trace_hook is not None,
+                )
             else:
                 writer = TraceWriter(name, topology, max_bytes=self.trace_max_bytes)
         except OSError as exc:
             # The guest is served all the same; the missing trace is said where the operator looks.
             log.error("connection %d: no trace: %s: %s", tools.number, name, exc.strerror or exc)
             return
+        self._set_trace(tools, writer)
+
+    def _continue_trace(self, tools: ConnectionTools, settings: TraceSettings) -> None:
+        """Continue the trace a previous device worker recorded for this session."""
+        try:
+            if self.trace_dir is None:
+                raise TraceDirectoryError("this worker has no --trace-dir")
+            writer = TraceWriter(
+                settings.name,
+                tools.backend.device.topology,
+                max_bytes=settings.max_bytes,
+                keep=settings.keep,
+                directory=self.trace_dir,
+                write_through=True,
+                resume=True,
+            )
+        except (OSError, ValueError) as exc:
+            log.error("connection %d: trace %s not continued: %s", tools.number, settings.name, exc)
+            return
         tools.set_trace(writer)
+
+    def _set_trace(self, tools: ConnectionTools, writer: TraceWriter | None) -> TraceWriter | None:
+        """Start or stop a connection's trace on the driver's or a client's behalf (the keeper is told)."""
+        previous = tools.set_trace(writer)
+        if self.trace_hook is not None:
+            settings = None
+            if writer is not None:
+                settings = TraceSettings(writer.path.name, writer.max_bytes, writer.keep)
+            self.trace_hook(tools.number, settings)
+        return previous
+
+    def _first_violation(self, statement: str, description: str) -> None:
+        if self.violation_hook is not None:
+            self.violation_hook(statement, description)
 
     def _keep_report(self, number: int, checker: ConformanceChecker) -> None:
         self._past_reports[number] = checker.report()
@@ -280,16 +386,10 @@ class ControlService:
         # Commands read and change device state: every requestq thread stays out of its device meanwhile
         # (and hands over the batch times it took).
         live = [tools for tools, _connection in self._live()]
-        try:
-            with contextlib.ExitStack() as quiet:
-                for tools in live:
-                    quiet.enter_context(tools.backend.quiesced())
-                return command(request.arguments)
-        finally:
-            # An added latency or an observer set or cleared moves the requestq between the event loop
-            # and the kick thread; after the parking, as moving it stops or starts the thread.
+        with contextlib.ExitStack() as quiet:
             for tools in live:
-                tools.sync_kick_path()
+                quiet.enter_context(tools.backend.quiesced())
+            return command(request.arguments)
 
     def _live(self) -> list[tuple[ConnectionTools, Connection]]:
         found: list[tuple[ConnectionTools, Connection]] = []
@@ -512,8 +612,11 @@ class ControlService:
         }
 
     def queues(self, arguments: Arguments) -> object:
-        _tools, connection = self._select(arguments)
+        tools, connection = self._select(arguments)
         handler = connection.handler
+        # The kick thread serves while it holds the kick fd and the kernel may serve; otherwise every
+        # kick is served on the event loop (the thread, if any, hands it over).
+        by_thread = tools.backend.kernel_serves()
         rows = []
         for slot in handler.slots:
             ring = slot.queue
@@ -528,7 +631,9 @@ class ControlService:
                     "in_flight": ring.in_flight if ring is not None else 0,
                     "event_idx": ring.event_idx if ring is not None else None,
                     "kick_pending": slot.kick_pending,
-                    "served_by": ("thread" if slot.kick_taken else "event-loop") if slot.served else None,
+                    "served_by": (
+                        ("thread" if slot.kick_taken and by_thread else "event-loop") if slot.served else None
+                    ),
                     "broken": handler.broken_reason,
                 }
             )
@@ -723,7 +828,9 @@ class ControlService:
         """Check the driver's requests from now on (a PROBE sent before starting is not seen)."""
         _backend, tools = self._backend(arguments)
         if tools.checker is None:
-            checker = ConformanceChecker(tools.backend.device, name=f"connection {tools.number}")
+            checker = ConformanceChecker(
+                tools.backend.device, name=f"connection {tools.number}", on_first=self._first_violation
+            )
             # The driver set its features before the checker existed: not a request before features.
             checker.check_features(tools.backend.device.driver_features)
             checker.reset_counts()
@@ -777,6 +884,7 @@ class ControlService:
                 max_bytes=max_bytes,
                 keep=keep,
                 directory=directory,
+                write_through=self.trace_hook is not None,
             )
         except FileExistsError:
             raise ControlError(BAD_ARGUMENT, f"name: {name} exists in the trace directory") from None
@@ -787,12 +895,12 @@ class ControlService:
             note = "started on a device with domains: a replay from a fresh device will differ"
         else:
             note = ""
-        tools.set_trace(writer)
+        self._set_trace(tools, writer)
         return {"path": str(writer.path), "max_bytes": max_bytes, "keep": keep, "note": note}
 
     def trace_stop(self, arguments: Arguments) -> object:
         _backend, tools = self._backend(arguments)
-        writer = tools.set_trace(None)
+        writer = self._set_trace(tools, None)
         if writer is None:
             raise ControlError(UNAVAILABLE, "no trace is recording on this connection")
         return {"path": str(writer.path), "records": writer.records, "parts": writer.parts}

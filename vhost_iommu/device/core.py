@@ -167,10 +167,14 @@ class IommuDevice:
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    def handle_request(self, request: bytes | memoryview, writable_size: int) -> tuple[bytes, int]:
-        """Serve one requestq chain: (bytes for the start of the writable part, used length)."""
+    def handle_request(
+        self, request: bytes | memoryview, writable_size: int, *, observed: bool = True
+    ) -> tuple[bytes, int]:
+        """Serve one requestq chain: (bytes for the start of the writable part, used length).
+        ``observed`` False: a request the device answers again while it is being restored (journal
+        replay), not one the driver sent now; observers do not see it."""
         observers = self.observers
-        if not observers:
+        if not observers or not observed:
             return self._serve(request, writable_size)
         for observer in observers:
             observer.request(request, writable_size)

@@ -43,6 +43,10 @@ class DeviceObserver:
         """The device's answer to ``request``: the bytes for the start of the writable part, the used
         length, whether an injection forced it, and how long the device took (nanoseconds)."""
 
+    def batch_served(self) -> None:
+        """The request path served a batch of requests (what one kick made available): a trace writes
+        its buffered records here, so a reader of a live trace sees whole batches."""
+
     def features(self, acked: int) -> None:
         """The driver's feature bits, after the device applied them."""
 

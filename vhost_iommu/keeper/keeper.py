@@ -1,11 +1,14 @@
 """The keeper process: owns the sockets and QEMU's connections, relays messages, restarts the worker.
 
-One thread, one ``selectors`` loop, stdlib and the sans-I/O codec's constants only (no numpy, numba or
-asyncio: the keeper is never upgraded, so it must be small enough to be right).
+One thread, one ``selectors`` loop, stdlib and the sans-I/O codec only (no numpy, numba or asyncio: the
+keeper is never upgraded, so it must be small enough to be right). It frames what QEMU sends with the
+codec's :class:`~vhost_iommu.protocol.Framer`, the wire rules the worker's decoder applies too, and reads
+no payload.
 
 What it keeps, per QEMU connection (:class:`Relay`):
 
-* the connected socket, and the framing of what QEMU sends (header, payload, the fds of each message);
+* the connected socket, and the framing of what QEMU sends (header, payload, the fds of each message:
+  ``Relay.framer``);
 * every fd QEMU sent, under an *fd id* (a per-connection counter), while the worker's last exported
   session or a message not yet acknowledged references it; the rest is closed;
 * the session the worker exported with its answer to the last acknowledged message (opaque bytes: the
@@ -39,14 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vhost_iommu.keeper import wire
-from vhost_iommu.protocol.constants import (
-    FLAG_REPLY,
-    HEADER_SIZE,
-    MAX_FDS_PER_MESSAGE,
-    MAX_PAYLOAD_SIZE,
-    VERSION,
-    VERSION_MASK,
-)
+from vhost_iommu.protocol.codec import Framer, FramingError
+from vhost_iommu.protocol.constants import FLAG_REPLY, MAX_FDS_PER_MESSAGE
 from vhost_iommu.sockfile import SocketFile
 
 log = logging.getLogger("vhost_iommu.keeper")
@@ -77,7 +74,6 @@ DEFAULT_WORKER_TIMEOUT = 20.0
 
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-_HEADER_FIELDS = 3
 
 
 class KeeperError(Exception):
@@ -89,6 +85,14 @@ class Pending:
     seq: int
     raw: bytes
     fd_ids: list[int]
+
+
+def _request_header(code: int, flags: int, _size: int) -> str | None:
+    """The relay's own header rule: a reply on QEMU's request stream is not vhost-user, and a relay that
+    forwarded it could not tell what to answer; the connection is closed."""
+    if flags & FLAG_REPLY:
+        return f"request {code} has the reply flag set (flags {flags:#x})"
+    return None
 
 
 @dataclass
@@ -106,20 +110,16 @@ class Relay:
     forwarded: int = 0
     session: bytes | None = None
     refs: list[int] = field(default_factory=list)
-    buffer: bytearray = field(default_factory=bytearray)
-    message_fds: list[int] = field(default_factory=list)
+    #: The framing of what QEMU sends: the wire rules of the codec, plus the relay's own (_request_header).
+    framer: Framer = field(default_factory=lambda: Framer("front-end requests", _request_header))
     output: bytearray = field(default_factory=bytearray)
     reading: bool = True
     closing: bool = False
     ends_program: bool = False
     #: The events the selector watches for this connection's socket (0: not registered).
     events: int = 0
-
-    def needed(self) -> int:
-        if len(self.buffer) < HEADER_SIZE:
-            return HEADER_SIZE - len(self.buffer)
-        size = int.from_bytes(self.buffer[8:12], sys.byteorder)
-        return max(1, HEADER_SIZE + size - len(self.buffer))
+    #: The settings of the trace a worker records for this connection (continued by the next worker).
+    trace: dict[str, Any] | None = None
 
     def referenced(self) -> set[int]:
         ids = set(self.refs)
@@ -138,8 +138,7 @@ class Relay:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
-        wire.close_all(self.message_fds)
-        self.message_fds.clear()
+        self.framer.close()
         self.pending.clear()
         self.sock.close()
 
@@ -189,6 +188,9 @@ class Keeper:
         self._restart_at: float | None = None
         self._failures = 0
         self._ever_ready = False
+        #: Conformance statements a worker's checker saw broken (statement -> the first, described): they
+        #: outlive the worker that saw them, for the program's exit status (--conformance=strict).
+        self.violations: dict[str, str] = {}
         self._stopping = False
         self._upgrade_requested = False
         self.restarts = 0
@@ -384,6 +386,12 @@ class Keeper:
         if op == "upgrade":
             self.request_upgrade("control channel")
             return
+        if op == "violation":
+            statement, first = head.get("statement"), head.get("first")
+            if not isinstance(statement, str) or not isinstance(first, str):
+                raise wire.WireError("violation without a statement")
+            self.violations.setdefault(statement, first)
+            return
         if op == "suspended":
             log.info("device worker %d suspended for the upgrade", worker.process.pid)
             if worker is self.worker and worker.suspending and self.standby is not None:
@@ -400,6 +408,11 @@ class Keeper:
             self._close_relay(relay, notify=False)
         elif op == "restored":
             pass
+        elif op == "trace":
+            trace = head.get("trace")
+            if trace is not None and not isinstance(trace, dict):
+                raise wire.WireError("trace settings that are not an object")
+            relay.trace = trace
         else:
             raise wire.WireError(f"unknown op {op!r}")
 
@@ -430,11 +443,12 @@ class Keeper:
     def _introduce(self, worker: Worker, relay: Relay) -> bool:
         relay.forwarded = 0
         if relay.session is None:
-            head = {"op": "open", "conn": relay.ident, "origin": relay.origin}
+            head = {"op": "open", "conn": relay.ident, "origin": relay.origin, "trace": relay.trace}
             sent = self._send(worker, head)
         else:
             ids = [i for i in relay.refs if i in relay.fds]
             head = {"op": "restore", "conn": relay.ident, "origin": relay.origin, "fd_ids": ids}
+            head["trace"] = relay.trace
             sent = self._send(worker, head, relay.session, [relay.fds[i] for i in ids])
         if not sent:
             return False
@@ -601,7 +615,7 @@ class Keeper:
                 return
             try:
                 data, ancillary, flags, _ = relay.sock.recvmsg(
-                    relay.needed(), _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                    relay.framer.bytes_needed(), _ANCILLARY, socket.MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
                 return
@@ -609,53 +623,41 @@ class Keeper:
                 log.info("connection %d: read failed (%s)", relay.ident, exc)
                 self._close_relay(relay)
                 return
+            received: list[int] = []
             for level, kind, item in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    relay.message_fds.extend(array.array("i", item[: len(item) - len(item) % _FD_SIZE]))
-            if flags & socket.MSG_CTRUNC or len(relay.message_fds) > MAX_FDS_PER_MESSAGE:
-                log.warning(
-                    "connection %d: a message carried more than %d fds; closing",
-                    relay.ident,
-                    MAX_FDS_PER_MESSAGE,
-                )
+                    received.extend(array.array("i", item[: len(item) - len(item) % _FD_SIZE]))
+            try:
+                relay.framer.feed(data, received)  # the framer owns those fds from here
+                if flags & socket.MSG_CTRUNC:
+                    relay.framer.fail(f"a message carried more than {MAX_FDS_PER_MESSAGE} fds")
+            except FramingError as exc:
+                log.warning("connection %d: %s; closing", relay.ident, exc)
                 self._close_relay(relay)
                 return
             if not data:
                 log.info("connection %d: front-end disconnected", relay.ident)
                 self._close_relay(relay)
                 return
-            relay.buffer += data
             if not self._frame(relay):
                 return
 
     def _frame(self, relay: Relay) -> bool:
         """Check the header as soon as it is complete; relay a complete message. False: closed."""
-        if len(relay.buffer) < HEADER_SIZE:
-            return True
-        code, flags, size = (
-            int.from_bytes(relay.buffer[i * 4 : i * 4 + 4], sys.byteorder) for i in range(_HEADER_FIELDS)
-        )
-        if flags & VERSION_MASK != VERSION or flags & FLAG_REPLY or size > MAX_PAYLOAD_SIZE:
-            log.warning(
-                "connection %d: request %d with flags %#x and size %d cannot be framed; closing",
-                relay.ident,
-                code,
-                flags,
-                size,
-            )
+        try:
+            frame = relay.framer.next_frame()
+        except FramingError as exc:
+            log.warning("connection %d: %s; closing", relay.ident, exc)
             self._close_relay(relay)
             return False
-        if len(relay.buffer) < HEADER_SIZE + size:
+        if frame is None:
             return True
-        raw = bytes(relay.buffer)
-        relay.buffer.clear()
         ids = []
-        for fd in relay.message_fds:
+        for fd in frame.fds:
             relay.fds[relay.next_fd_id] = fd
             ids.append(relay.next_fd_id)
             relay.next_fd_id += 1
-        relay.message_fds.clear()
-        relay.pending.append(Pending(relay.next_seq, raw, ids))
+        relay.pending.append(Pending(relay.next_seq, frame.data, ids))
         relay.next_seq += 1
         if len(relay.pending) >= MAX_PENDING:
             self._pause(relay)
@@ -845,15 +847,24 @@ def run_keeper(
     listeners: list[tuple[socket.socket, str]],
     files: list[SocketFile],
     control: socket.socket | None,
+    *,
+    violations_status: int | None = None,
 ) -> int:
-    """Run the keeper over already-created listeners (the caller made them; the keeper closes them)."""
+    """Run the keeper over already-created listeners (the caller made them; the keeper closes them).
+    ``violations_status``: the exit status when a worker's conformance checker saw a driver break a
+    statement (--conformance=strict), if the keeper otherwise ended well."""
     raise_fd_limit()
     spare = bool(getattr(args, "spare_worker", False))
     timeout = float(getattr(args, "worker_timeout", DEFAULT_WORKER_TIMEOUT))
     keeper = Keeper(
         worker_arguments(arguments), listeners, control, files, spare=spare, worker_timeout=timeout
     )
-    return keeper.run()
+    status = keeper.run()
+    if status == 0 and violations_status is not None and keeper.violations:
+        for first in keeper.violations.values():
+            log.error("the driver broke %s", first)
+        return violations_status
+    return status
 
 
 def _hung_up(sock: socket.socket) -> bool:

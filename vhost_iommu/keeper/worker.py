@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from vhost_iommu.server.session import MAX_SESSION_REGIONS, SessionError, Sessio
 
 if TYPE_CHECKING:
     from vhost_iommu.control.server import ControlServer
-    from vhost_iommu.control.service import ControlService
+    from vhost_iommu.control.service import ControlService, TraceSettings, TrackedFactory
 
 log = logging.getLogger("vhost_iommu.worker")
 
@@ -234,6 +235,7 @@ class Worker:
         self._finished: asyncio.Future[int] | None = None
         self._control: ControlServer | None = None
         self._service: ControlService | None = None
+        self._tracked: TrackedFactory | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server = VhostUserServer(factory)
 
@@ -245,9 +247,11 @@ class Worker:
             from vhost_iommu.control.service import ControlService
 
             self._service = ControlService(**(self._tools or {}))
-            self._factory = self._service.track(self._factory)
+            self._tracked = self._service.track(self._factory)
             self._service.server = self.server
             self._service.upgrade_hook = self._ask_upgrade
+            self._service.violation_hook = self._tell_violation
+            self._service.trace_hook = self._tell_trace
         # SIGTERM/SIGINT are the keeper's to act on (it sends "stop"); a terminal's Ctrl-C reaches the
         # whole group, and the worker must not end its sessions before the keeper says so.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -273,6 +277,20 @@ class Worker:
             wire.send(self._channel, {"op": "upgrade"})
         except (OSError, wire.WireError) as exc:
             log.error("cannot ask the keeper for an upgrade: %s", exc)
+
+    def _tell_violation(self, statement: str, description: str) -> None:
+        # The keeper outlives this worker: the program's exit status (--conformance=strict) is its.
+        try:
+            wire.send(self._channel, {"op": "violation", "statement": statement, "first": description})
+        except (OSError, wire.WireError) as exc:
+            log.error("cannot tell the keeper of a conformance violation: %s", exc)
+
+    def _tell_trace(self, number: int, settings: TraceSettings | None) -> None:
+        trace = None if settings is None else settings.to_json()
+        try:
+            wire.send(self._channel, {"op": "trace", "conn": number, "trace": trace})
+        except (OSError, wire.WireError) as exc:
+            log.error("cannot tell the keeper of connection %d's trace: %s", number, exc)
 
     def _finish(self, status: int) -> None:
         if self._finished is not None and not self._finished.done():
@@ -364,7 +382,22 @@ class Worker:
             raise wire.WireError(f"connection {ident} opened twice or without an origin")
         name = f"connection {ident} on {origin}"
         assert self._loop is not None
-        connection = RelayedConnection(self._channel, ident, self._factory, self._loop, name)
+        factory = self._factory
+        tracked = self._tracked
+        trace = None
+        # A session a previous worker served (restored, or opened with a trace it recorded): the tools'
+        # checker and trace wait for the restore, then go on (ControlService.took_over).
+        taking_over = head["op"] == "restore" or head.get("trace") is not None
+        if tracked is not None:
+            from vhost_iommu.control.service import TraceSettings
+
+            try:
+                trace = TraceSettings.from_json(head["trace"]) if head.get("trace") is not None else None
+            except ValueError as exc:
+                wire.close_all(fds)
+                raise wire.WireError(f"connection {ident}: {exc}") from None
+            factory = functools.partial(tracked, ident, taking_over=taking_over, trace=trace)
+        connection = RelayedConnection(self._channel, ident, factory, self._loop, name)
         self._connections[ident] = connection
         self.server.connections.add(connection)
         self.server.origins[connection] = origin
@@ -379,14 +412,18 @@ class Worker:
         if head["op"] == "open":
             wire.close_all(fds)
             log.info("%s: connected", name)
+        else:
+            try:
+                connection.restore(payload, wire.int_list(head, "fd_ids"), fds)
+            except (SessionError, OSError, ValueError) as exc:
+                log.error("%s: the session cannot be taken over (%s); ending it", name, exc)
+                connection.end()
+                return
+            log.warning("%s: session taken over", name)
+        if head["op"] == "open":
+            if taking_over and self._service is not None:
+                self._service.took_over(ident, trace)  # no session to rebuild: nothing to wait for
             return
-        try:
-            connection.restore(payload, wire.int_list(head, "fd_ids"), fds)
-        except (SessionError, OSError, ValueError) as exc:
-            log.error("%s: the session cannot be taken over (%s); ending it", name, exc)
-            connection.end()
-            return
-        log.warning("%s: session taken over", name)
         wire.send(self._channel, {"op": "restored", "conn": ident})
 
 

@@ -98,7 +98,7 @@ def _request(device: IommuDevice, record: Record, recovered: Recovered, where: s
     if request_type not in _CHANGES_STATE:
         return  # PROBE (used length TAIL_SIZE only with no properties) changes nothing
     size = READABLE_SIZE[request_type]
-    response, used = device.handle_request(record.request[:size], TAIL_SIZE)
+    response, used = device.handle_request(record.request[:size], TAIL_SIZE, observed=False)
     if used != TAIL_SIZE or response[0] != Status.OK:
         status = Status(response[0]).name if response else "no answer"
         raise StateError(

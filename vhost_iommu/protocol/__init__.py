@@ -1,13 +1,16 @@
 """Sans-I/O vhost-user codec: no sockets, no event loop.
 
 ``Decoder(Stream.FRONTEND_REQUESTS).feed(data, fds)`` then ``next_message()`` yields typed, immutable
-:class:`Message` objects; :func:`encode` / :func:`encode_reply` / :func:`encode_ack` produce bytes. The same
-codec serves the back-end (server) and the front-end (test harness), on the main socket and on the back-end
-channel.
+:class:`Message` objects (a :class:`Framer` alone splits a stream into messages by the wire rules, for a
+relay that does not read payloads); :func:`encode` / :func:`encode_reply` / :func:`encode_ack` produce
+bytes. The same codec serves the back-end (server), the front-end (test harness) and the keeper, on the
+main socket and on the back-end channel.
 """
 
 from vhost_iommu.protocol.codec import (
     Decoder,
+    Frame,
+    Framer,
     FramingError,
     Message,
     ProtocolError,
@@ -66,6 +69,8 @@ __all__ = [
     "Decoder",
     "DeviceStateTransfer",
     "Empty",
+    "Frame",
+    "Framer",
     "FramingError",
     "FrontendRequest",
     "MemoryRegion",

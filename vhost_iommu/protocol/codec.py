@@ -1,5 +1,12 @@
 """The vhost-user codec: bytes and fds in, typed messages out; typed messages in, bytes out. No I/O.
 
+Two layers. A :class:`Framer` holds the wire rules every vhost-user stream shares: a message is a 12-byte
+header (code, flags, payload size) and its payload, the version bits are 1, a payload is at most
+:data:`MAX_PAYLOAD_SIZE` bytes, a message carries at most :data:`MAX_FDS_PER_MESSAGE` fds, and it yields
+:class:`Frame` objects (the message's bytes as sent and its fds) without reading a payload. The keeper,
+which relays messages it does not interpret, frames with it. A :class:`Decoder` frames with a Framer and
+turns each frame into a typed, validated :class:`Message`.
+
 A :class:`Decoder` reads one of the four message streams of a vhost-user connection (see :class:`Stream`).
 Feed it what the socket gave (``feed(data, fds)``) and take complete messages with ``next_message()``; it
 returns ``None`` when it needs more bytes. :func:`encode` turns a code and a payload into bytes.
@@ -10,8 +17,8 @@ Every problem is a :class:`ProtocolError`; its subclass says what the caller mus
 
 * :class:`FramingError` (``fatal``): the byte stream can no longer be trusted to be split into messages
   (bad version bits, a payload larger than :data:`MAX_PAYLOAD_SIZE`, an fd count no message can carry,
-  end of stream inside a message, a malformed reply). Close the connection. The decoder stays broken and
-  raises the same error again.
+  end of stream inside a message, a malformed reply). Close the connection. The decoder (or framer) stays
+  broken and raises the same error again.
 * :class:`RequestRejected` (not fatal): one well-framed request was refused (unknown or unsupported code,
   reserved flag bits, the REPLY bit on a request, a payload of the wrong size or with invalid fields, fds on
   a request that takes none or the wrong number). The decoder has consumed the message and closed its fds;
@@ -270,18 +277,37 @@ def _parse_backend_reply(code: FrontendRequest, data: bytes) -> Payload:
     return U64.unpack(data)
 
 
-class Decoder:
-    """Splits one stream into :class:`Message` objects. See the module docstring for errors and fds."""
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One message as framed: its header fields, its bytes as sent (header and payload) and its fds (which
+    belong to whoever holds the frame)."""
 
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
+    code: int
+    flags: int
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+    @property
+    def payload(self) -> bytes:
+        return self.data[HEADER_SIZE:]
+
+
+class Framer:
+    """Splits one stream into :class:`Frame` objects by the wire rules every stream shares.
+
+    ``name`` starts every error's text; ``check_header(code, flags, size)`` adds a stream's own header rule
+    (a reason string makes the header a :class:`FramingError`, None accepts it). The header is checked as
+    soon as it is complete, before its payload arrives. fds are owned as :class:`Decoder` owns them.
+    """
+
+    def __init__(self, name: str, check_header: Callable[[int, int, int], str | None] | None = None) -> None:
+        self.name = name
+        self._check_stream_header = check_header
         self._buffer = bytearray()
         self._fds: list[int] = []
         self._header: tuple[int, int, int] | None = None
         self._broken: FramingError | None = None
         self._eof = False
-
-    # -- input ----------------------------------------------------------------------------------------------
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the header or payload now being read (at least 1)."""
@@ -290,14 +316,15 @@ class Decoder:
         return max(1, HEADER_SIZE + self._header[2] - len(self._buffer))
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Add received bytes and the fds that arrived with them (the decoder now owns those fds)."""
+        """Add received bytes and the fds that arrived with them (the framer now owns those fds). Raises
+        :class:`FramingError` when more fds arrived with one message than any message carries."""
         if self._broken is not None or self._eof:
             close_fds(fds)
             return
         self._fds.extend(fds)
         self._buffer += data
         if len(self._fds) > MAX_FDS_PER_MESSAGE:
-            self._fail(
+            self.fail(
                 f"{len(self._fds)} fds arrived with one message, no message carries more than "
                 f"{MAX_FDS_PER_MESSAGE}"
             )
@@ -316,13 +343,8 @@ class Decoder:
         self._drop_fds()
         self._buffer.clear()
 
-    # -- output ---------------------------------------------------------------------------------------------
-
-    def next_message(self) -> Message | None:
-        """The next complete message, or None until more bytes arrive.
-
-        Raises :class:`FramingError` (fatal) or :class:`RequestRejected` (that message is dropped).
-        """
+    def next_frame(self) -> Frame | None:
+        """The next complete message, or None until more bytes arrive. Raises :class:`FramingError`."""
         if self._broken is not None:
             raise self._broken
         if self._header is None:
@@ -335,11 +357,85 @@ class Decoder:
         if len(self._buffer) < HEADER_SIZE + size:
             self._check_eof()
             return None
-        body = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + size])
+        data = bytes(self._buffer[: HEADER_SIZE + size])
         del self._buffer[: HEADER_SIZE + size]
         self._header = None
         fds, self._fds = tuple(self._fds), []
-        return self._build(code, flags, body, fds)
+        return Frame(code, flags, data, fds)
+
+    def fail(self, reason: str) -> NoReturn:
+        """The stream can no longer be framed: its fds are closed and every later call raises the same."""
+        self._drop_fds()
+        self._broken = FramingError(f"{self.name}: {reason}")
+        raise self._broken
+
+    def _check_eof(self) -> None:
+        if self._eof and (self._buffer or self._fds):
+            self.fail(f"stream ended inside a message ({len(self._buffer)} bytes buffered)")
+
+    def _check_header(self, code: int, flags: int, size: int) -> None:
+        if flags & VERSION_MASK != VERSION:
+            self.fail(f"request {code}: protocol version {flags & VERSION_MASK}, only {VERSION} is spoken")
+        if size > MAX_PAYLOAD_SIZE:
+            self.fail(f"request {code}: payload size {size} exceeds the {MAX_PAYLOAD_SIZE}-byte limit")
+        if self._check_stream_header is not None:
+            reason = self._check_stream_header(code, flags, size)
+            if reason is not None:
+                self.fail(reason)
+
+    def _drop_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        close_fds(fds)
+
+
+def _reply_header(code: int, flags: int, _size: int) -> str | None:
+    """A reply stream's header rule: replies carry the reply flag and nothing else."""
+    if flags != VERSION | FLAG_REPLY:
+        return f"reply to request {code} has flags {flags:#x}, expected {VERSION | FLAG_REPLY:#x}"
+    return None
+
+
+class Decoder:
+    """Splits one stream into :class:`Message` objects. See the module docstring for errors and fds."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._framer = Framer(stream.value, _reply_header if stream.carries_replies else None)
+
+    # -- input ----------------------------------------------------------------------------------------------
+
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the header or payload now being read (at least 1)."""
+        return self._framer.bytes_needed()
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Add received bytes and the fds that arrived with them (the decoder now owns those fds)."""
+        self._framer.feed(data, fds)
+
+    def feed_eof(self) -> None:
+        """The peer closed the stream; a partial message left behind becomes a :class:`FramingError`."""
+        self._framer.feed_eof()
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial message is buffered."""
+        return self._framer.at_boundary
+
+    def close(self) -> None:
+        """Release every fd still held (call when the connection ends)."""
+        self._framer.close()
+
+    # -- output ---------------------------------------------------------------------------------------------
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive.
+
+        Raises :class:`FramingError` (fatal) or :class:`RequestRejected` (that message is dropped).
+        """
+        frame = self._framer.next_frame()
+        if frame is None:
+            return None
+        return self._build(frame.code, frame.flags, frame.payload, frame.fds)
 
     def messages(self) -> list[Message]:
         """Every complete message buffered now (stops at, and raises, the first error)."""
@@ -349,27 +445,6 @@ class Decoder:
         return found
 
     # -- internals ------------------------------------------------------------------------------------------
-
-    def _check_eof(self) -> None:
-        if self._eof and (self._buffer or self._fds):
-            self._fail(f"stream ended inside a message ({len(self._buffer)} bytes buffered)")
-
-    def _check_header(self, code: int, flags: int, size: int) -> None:
-        if flags & VERSION_MASK != VERSION:
-            self._fail(f"request {code}: protocol version {flags & VERSION_MASK}, only {VERSION} is spoken")
-        if size > MAX_PAYLOAD_SIZE:
-            self._fail(f"request {code}: payload size {size} exceeds the {MAX_PAYLOAD_SIZE}-byte limit")
-        if self.stream.carries_replies and flags != VERSION | FLAG_REPLY:
-            self._fail(f"reply to request {code} has flags {flags:#x}, expected {VERSION | FLAG_REPLY:#x}")
-
-    def _fail(self, reason: str) -> NoReturn:
-        self._drop_fds()
-        self._broken = FramingError(f"{self.stream.value}: {reason}")
-        raise self._broken
-
-    def _drop_fds(self) -> None:
-        fds, self._fds = self._fds, []
-        close_fds(fds)
 
     def _build(self, code: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         if self.stream is Stream.FRONTEND_REQUESTS:
@@ -422,7 +497,9 @@ class Decoder:
     def _build_reply(self, code: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         if fds:
             close_fds(fds)
-            self._fail(f"reply to request {code} carries {len(fds)} fds; no supported reply carries any")
+            self._framer.fail(
+                f"reply to request {code} carries {len(fds)} fds; no supported reply carries any"
+            )
         try:
             if self.stream is Stream.BACKEND_REPLIES and code in FrontendRequest._value2member_map_:
                 request = FrontendRequest(code)
@@ -432,4 +509,4 @@ class Decoder:
             # A reply to a request the receiver does not know can only be a REPLY_ACK.
             return Message(code, flags, U64.unpack(body))
         except ValueError as exc:  # PayloadError is a ValueError, as is an unknown enum value
-            self._fail(f"malformed reply to request {code}: {exc}")
+            self._framer.fail(f"malformed reply to request {code}: {exc}")

@@ -1,9 +1,8 @@
-"""Per-queue ring state, as explicit data (vhost-user.rst "Ring states").
+"""Per-queue ring state, as data: layout, fds, the live ring, and the ring's phase.
 
-A ring is *stopped* until it gets a kick fd (SET_VRING_KICK) and *started* from then until GET_VRING_BASE.
-Independently it is *enabled* or *disabled* (SET_VRING_ENABLE; all rings are enabled by a SET_FEATURES that
-does not carry VHOST_USER_F_PROTOCOL_FEATURES). The back-end is served a ring only while it is started,
-enabled and the device is not broken: that is :attr:`VringSlot.active`.
+The phase (stopped/started, disabled/enabled, a held kick, what the back-end was last told) is the state
+machine of ``server/rings.py``; the slot adds what a started ring needs: its layout, its fds (owned by the
+slot) and the :class:`~vhost_iommu.virtqueue.SplitQueue` bound while it is started.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vhost_iommu.protocol import VringAddress, close_fds
+from vhost_iommu.server.rings import RingMachine
 from vhost_iommu.virtqueue import SplitQueue
 
 
@@ -26,17 +26,14 @@ class VringSlot:
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
-    enabled: bool = False
+    #: Started/stopped, enabled/disabled, a held kick, what the back-end was last told.
+    phases: RingMachine = field(default_factory=RingMachine)
     #: The live ring while started; None while stopped.
     queue: SplitQueue | None = None
-    #: A kick arrived while the ring was disabled: deliver it when the ring is enabled.
-    kick_pending: bool = False
     #: The back-end watches kick_fd itself (KickFdTaker.takes_kick_fd); the loop does not meanwhile.
     kick_taken: bool = False
     #: The back-end asked for queue_kicked again (BackendContext.reschedule) and has not had it yet.
     rescheduled: bool = False
-    #: Whether the back-end was last told queue_started (True) or queue_stopped (False).
-    served: bool = field(default=False)
     #: (size, next avail, addresses) of the ring when GET_VRING_BASE last stopped it, until it restarts:
     #: a restart with another layout means the front-end re-created the rings, i.e. a device reset.
     stopped_layout: tuple[int | None, int, VringAddress | None] | None = None
@@ -47,7 +44,27 @@ class VringSlot:
 
     @property
     def started(self) -> bool:
-        return self.queue is not None
+        return self.phases.phase.started
+
+    @property
+    def enabled(self) -> bool:
+        return self.phases.phase.enabled
+
+    @property
+    def kick_pending(self) -> bool:
+        """A kick the back-end has not acted on, delivered when the ring is served."""
+        return self.phases.kick_held
+
+    @property
+    def served(self) -> bool:
+        """Whether the back-end was last told queue_started (True) or queue_stopped (False)."""
+        return self.phases.served
+
+    @property
+    def restarts_elsewhere(self) -> bool:
+        """The ring starts at another layout than GET_VRING_BASE stopped it at: the front-end re-created
+        the rings, i.e. the guest reset the device (see ConnectionHandler._reset_on_ring_restart)."""
+        return self.stopped_layout is not None and self.stopped_layout != self.layout
 
     def replace_fd(self, which: str, fd: int | None) -> None:
         """Install ``fd`` as the kick, call or err fd, closing the one it replaces."""
@@ -61,6 +78,4 @@ class VringSlot:
             self.replace_fd(which, None)
 
     def describe(self) -> str:
-        state = "started" if self.started else "stopped"
-        enabled = "enabled" if self.enabled else "disabled"
-        return f"ring {self.index} ({state}, {enabled})"
+        return f"ring {self.index} ({self.phases.phase.value})"

@@ -15,6 +15,8 @@ from typing import Final
 import numpy as np
 from numba import njit
 
+from vhost_iommu.jit import prefetch, tables
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.tables import NEED_SPACE, OK, I64Array, Int, MappingTable, U64Array, table_map
 
 #: ``position``: [0] the domain being loaded (index into ``domains``), [1] the next mapping.
@@ -93,3 +95,7 @@ def warm_up() -> None:
         page,
         np.ones(4, np.uint64),
     )
+
+
+# table_map (and prefetch's code in it) is compiled into the kernel.
+cache_on_sources(globals(), tables, prefetch)

@@ -31,9 +31,7 @@ the loop is parked; the loop never closes an fd.
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -41,11 +39,13 @@ import numpy.typing as npt
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.core.caching import FunctionCache
 from numba.extending import intrinsic
 
-from vhost_iommu.jit import barriers, requests, tables
+from vhost_iommu import abi
+from vhost_iommu.abi import VIRTQ_AVAIL_F_NO_INTERRUPT
+from vhost_iommu.jit import barriers, requests, rules, tables
 from vhost_iommu.jit.barriers import full_fence
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.requests import (
     C_REQUEST,
     Q_AVAIL,
@@ -131,7 +131,6 @@ _POLLHUP: Final = 0x010
 _POLLNVAL: Final = 0x020
 _EINTR: Final = 4
 _EAGAIN: Final = 11
-_VRING_AVAIL_F_NO_INTERRUPT: Final = 1
 # struct pollfd {int fd; short events; short revents;} held as two int32 per fd: the second packs the shorts.
 _EVENTS_SHIFT: Final = 0 if sys.byteorder == "little" else 16
 _REVENTS_SHIFT: Final = 16 - _EVENTS_SHIFT
@@ -299,7 +298,7 @@ def _needs_notification(queue: I64Array) -> bool:
     full_fence()
     avail = np.uint64(queue[Q_AVAIL])
     if not queue[Q_FLAGS] & QF_EVENT_IDX:
-        return bool(not _watched16(avail) & _VRING_AVAIL_F_NO_INTERRUPT)
+        return bool(not _watched16(avail) & VIRTQ_AVAIL_F_NO_INTERRUPT)
     was_valid = queue[Q_SIGNALLED_VALID]
     queue[Q_SIGNALLED_VALID] = 1
     if not was_valid or pushed >= 0x10000:
@@ -452,26 +451,6 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
         served = True
 
 
-# numba keys a function's cache entry on its own file only, but kick_loop compiles serve_requests and the
-# table kernels into itself: an edit of theirs must invalidate it too, or the thread would run old code.
-class _CacheWithDependencies(FunctionCache):
-    def __init__(self, py_func: Any, sources: list[str]) -> None:
-        super().__init__(py_func)  # type: ignore[no-untyped-call]
-        digest = hashlib.sha256()
-        for source in sources:
-            digest.update(Path(source).read_bytes())
-        self._dependencies = digest.hexdigest()
-
-    def _index_key(self, sig: Any, codegen: Any) -> Any:
-        return (*super()._index_key(sig, codegen), self._dependencies)  # type: ignore[no-untyped-call]
-
-
-kick_loop._cache = _CacheWithDependencies(  # type: ignore[attr-defined]
-    kick_loop.py_func,
-    [str(module.__file__) for module in (requests, tables, barriers)],
-)
-
-
 def warm_up() -> None:
     """Compile ``kick_loop`` with the argument types the back-end passes: ``serve_requests``' warm-up
     arguments (an empty ring) and the loop told to park at once (it serves once, finds nothing and returns
@@ -486,3 +465,7 @@ def warm_up() -> None:
         reason = kick_loop(control, timing, np.zeros(requests.COUNT_WORDS, np.int64), *arguments)
     assert reason == LOOP_PARKED
     record_batch(timing, 0, np.zeros(TIMING_KINDS, np.int64), np.zeros(TIMING_KINDS, np.int64))
+
+
+# kick_loop compiles serve_requests, the rules and the table kernels into itself.
+cache_on_sources(globals(), abi, requests, rules, tables, barriers)

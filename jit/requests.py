@@ -25,7 +25,7 @@ It stops early, *without consuming the chain it stopped at*, when that chain is 
                  and calls again.
 
 Journaling (``RF_JOURNAL``, ``vhost_iommu.persist``): every chain served is recorded in the journal at
-``R_JOURNAL`` (``RECORD_WORDS`` u64 per record, the layout of ``vhost_iommu.persist.journal``) and the
+``R_JOURNAL`` (``RECORD_WORDS`` u64 per record, the layout of ``vhost_iommu.abi``'s J_* numbers) and the
 record committed (its first word stored last, after a release fence) before the chain's used entry and
 the used index are stored: whatever the guest can see completed is in the journal, so a worker killed at
 any instant is replaced by one that neither loses nor repeats a request.
@@ -49,8 +49,40 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from vhost_iommu import abi
+from vhost_iommu.abi import (
+    DESC_SIZE,
+    J_HEAD_SHIFT,
+    J_NO_STATUS,
+    J_REQUEST_BYTES,
+    J_REQUEST_WORD,
+    J_STATUS_SHIFT,
+    J_USED_LENGTH_SHIFT,
+    J_USED_POS_SHIFT,
+    KIND_REQUEST,
+    MAP_FLAGS,
+    MAP_PHYS_START,
+    MAP_SIZE,
+    MAX_CHAIN_BYTES,
+    RECORD_WORDS,
+    REQ_DOMAIN,
+    REQ_VIRT_END,
+    REQ_VIRT_START,
+    S_IOERR,
+    S_OK,
+    T_MAP,
+    T_UNMAP,
+    TAIL_SIZE,
+    UNMAP_RESERVED,
+    UNMAP_SIZE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
+from vhost_iommu.jit import barriers, rules, tables
 from vhost_iommu.jit.barriers import full_fence
-from vhost_iommu.jit.tables import LIMIT, NEED_SPACE, OK, OVERLAP, SPLIT, table_map, table_unmap
+from vhost_iommu.jit.caching import cache_on_sources
+from vhost_iommu.jit.tables import NEED_SPACE, OK, table_map, table_unmap
 
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
@@ -152,15 +184,6 @@ RF_NO_WORK: Final = 64
 RF_JOURNAL: Final = 128
 """Record every chain served in the journal at R_JOURNAL before publishing it."""
 
-# -- journal records (the layout of vhost_iommu.persist.journal) ------------------------------------------
-
-RECORD_WORDS: Final = 8
-J_KIND_REQUEST: Final = 1
-J_REQUEST_BYTES: Final = 40
-"""Readable bytes of a request kept in its record: more than any request's layout."""
-J_NO_STATUS: Final = 0xFF
-"""Status field of a chain whose tail was not found (nothing written, used length 0)."""
-
 # -- the ``counts`` array (int64): what the device counts, added to its own counters by the caller ------
 
 C_REQUEST: Final = 0
@@ -175,37 +198,11 @@ M_GPA_START: Final = 0
 M_GPA_LAST: Final = 1
 M_HOST: Final = 2
 
-# -- wire constants (virtio 1.x split ring, virtio-iommu requests) --------------------------------------
-
-_F_NEXT: Final = 1
-_F_WRITE: Final = 2
-_F_INDIRECT: Final = 4
-_DESC_SIZE: Final = 16
-_MAX_CHAIN_BYTES: Final = 1 << 32
-_T_MAP: Final = 3
-_T_UNMAP: Final = 4
-_MAP_SIZE: Final = 36
-_UNMAP_SIZE: Final = 28
-_TAIL_SIZE: Final = 4
 _SCRATCH: Final = 64
 """Readable bytes gathered per chain: more than any request the kernel serves."""
-_MAX_WRITABLE_SEGMENTS: Final = _TAIL_SIZE
+_MAX_WRITABLE_SEGMENTS: Final = TAIL_SIZE
 """A 4-byte tail spans at most 4 segments (none is empty)."""
 
-_S_OK: Final = 0
-_S_IOERR: Final = 1
-_S_UNSUPP: Final = 2
-_S_DEVERR: Final = 3
-_S_INVAL: Final = 4
-_S_RANGE: Final = 5
-_S_NOENT: Final = 6
-_S_NOMEM: Final = 8
-
-_MAP_F_READ: Final = 1
-_MAP_F_WRITE: Final = 2
-_MAP_F_MMIO: Final = 4
-
-_U64_MAX: Final = np.uint64(2**64 - 1)
 _ZERO: Final = np.uint64(0)
 _ONE: Final = np.uint64(1)
 
@@ -361,17 +358,7 @@ def _resolve(
         row += 1
 
 
-# -- the device's rules -----------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _reserved_overlap(
-    set_id: int, start: np.uint64, last: np.uint64, starts: U64Array, ends: U64Array, offsets: I64Array
-) -> bool:
-    for k in range(offsets[set_id], offsets[set_id + 1]):  # noqa: SIM110 (numba compiles loops, not any())
-        if starts[k] <= last and start <= ends[k]:
-            return True
-    return False
+# -- the device's rules (jit/rules.py, which the device core calls too) --------------------------------
 
 
 @njit(cache=True, nogil=True)
@@ -390,49 +377,40 @@ def _map(
     directory: I64Array,
     meta: I64Array,
 ) -> int:
-    """Status of one MAP (``IommuDevice._map``, check for check), or -1 when the table needs room."""
+    """Status of one MAP (as ``IommuDevice._map``), or -1 when the table needs room."""
     flags_word = params[R_FLAGS]
-    if not flags_word & RF_MAP_UNMAP:
-        return _S_UNSUPP
-    domain = np.int64(_le(request, 4, 4))
-    virt_start = _le(request, 8, 8)
-    virt_end = _le(request, 16, 8)
-    phys_start = _le(request, 24, 8)
-    flags = _le(request, 32, 4)
-    known = np.uint64(_MAP_F_READ | _MAP_F_WRITE)
-    if flags_word & RF_MMIO:
-        known |= np.uint64(_MAP_F_MMIO)
-    if flags & ~known:
-        return _S_INVAL
+    domain = np.int64(_le(request, REQ_DOMAIN, 4))
+    virt_start = _le(request, REQ_VIRT_START, 8)
+    virt_end = _le(request, REQ_VIRT_END, 8)
+    phys_start = _le(request, MAP_PHYS_START, 8)
+    flags = _le(request, MAP_FLAGS, 4)
     index = domain - np.int64(params[R_DOMAIN_FIRST])
-    if not 0 <= index < exists.shape[0]:
-        return _S_RANGE
-    if not exists[index]:
-        return _S_NOENT
-    if bypass[index]:
-        return _S_INVAL
-    if virt_end < virt_start:
-        return _S_INVAL
-    granule_mask = params[R_GRANULE] - _ONE
-    if virt_start & granule_mask or phys_start & granule_mask or (virt_end + _ONE) & granule_mask:
-        return _S_RANGE
-    if virt_start < params[R_INPUT_START] or virt_end > params[R_INPUT_END]:
-        return _S_RANGE
-    if phys_start > _U64_MAX - (virt_end - virt_start):
-        return _S_RANGE
-    if _reserved_overlap(resv_set[index], virt_start, virt_end, resv_starts, resv_ends, resv_offsets):
-        return _S_RANGE
+    status = rules.map_status(
+        (flags_word & RF_MAP_UNMAP) != _ZERO,
+        (flags_word & RF_MMIO) != _ZERO,
+        index,
+        exists,
+        bypass,
+        resv_set,
+        resv_starts,
+        resv_ends,
+        resv_offsets,
+        virt_start,
+        virt_end,
+        phys_start,
+        np.int64(flags),
+        params[R_GRANULE],
+        params[R_INPUT_START],
+        params[R_INPUT_END],
+    )
+    if status != S_OK:
+        return status
     result = table_map(leaves, nodes, directory, meta, domain, virt_start, virt_end, phys_start, flags)
-    if result == OK:
-        mapping_count[index] += 1
-        return _S_OK
-    if result == OVERLAP:
-        return _S_INVAL
-    if result == LIMIT:
-        return _S_NOMEM
     if result == NEED_SPACE:
         return -1
-    return _S_DEVERR
+    if result == OK:
+        mapping_count[index] += 1
+    return rules.mapped_status(result)
 
 
 @njit(cache=True, nogil=True)
@@ -447,30 +425,26 @@ def _unmap(
     directory: I64Array,
     meta: I64Array,
 ) -> int:
-    """Status of one UNMAP (``IommuDevice._unmap``, check for check)."""
-    if not params[R_FLAGS] & RF_MAP_UNMAP:
-        return _S_UNSUPP
-    if _le(request, 24, 4) != _ZERO:
-        return _S_INVAL  # reserved bytes: refused with no side effect, as the device core does
-    domain = np.int64(_le(request, 4, 4))
-    virt_start = _le(request, 8, 8)
-    virt_end = _le(request, 16, 8)
+    """Status of one UNMAP (as ``IommuDevice._unmap``)."""
+    domain = np.int64(_le(request, REQ_DOMAIN, 4))
+    virt_start = _le(request, REQ_VIRT_START, 8)
+    virt_end = _le(request, REQ_VIRT_END, 8)
     index = domain - np.int64(params[R_DOMAIN_FIRST])
-    if not 0 <= index < exists.shape[0]:
-        return _S_RANGE
-    if not exists[index]:
-        return _S_NOENT
-    if bypass[index]:
-        return _S_INVAL
-    if virt_end < virt_start:
-        return _S_INVAL
+    status = rules.unmap_status(
+        (params[R_FLAGS] & RF_MAP_UNMAP) != _ZERO,
+        np.int64(_le(request, UNMAP_RESERVED, 4)),
+        index,
+        exists,
+        bypass,
+        virt_start,
+        virt_end,
+    )
+    if status != S_OK:
+        return status
     result, removed = table_unmap(leaves, nodes, directory, meta, domain, virt_start, virt_end)
     if result == OK:
         mapping_count[index] -= removed
-        return _S_OK
-    if result == SPLIT:
-        return _S_RANGE
-    return _S_DEVERR
+    return rules.unmapped_status(result)
 
 
 @njit(cache=True, nogil=True)
@@ -610,19 +584,19 @@ def serve_requests(
                 broken = True
                 break
             budget -= 1
-            entry = table + np.uint64(_DESC_SIZE * index)
+            entry = table + np.uint64(DESC_SIZE * index)
             address = _load64(entry)
             length = _load32(entry + np.uint64(8))
             flags = _load16(entry + np.uint64(12))
             next_index = _i64(_load16(entry + np.uint64(14)))
-            if flags & np.uint64(_F_INDIRECT):
+            if flags & np.uint64(VIRTQ_DESC_F_INDIRECT):
                 if (
                     in_indirect
                     or not indirect_allowed
-                    or flags & np.uint64(_F_NEXT)
+                    or flags & np.uint64(VIRTQ_DESC_F_NEXT)
                     or length == _ZERO
-                    or length % np.uint64(_DESC_SIZE)
-                    or length // np.uint64(_DESC_SIZE) > size64
+                    or length % np.uint64(DESC_SIZE)
+                    or length // np.uint64(DESC_SIZE) > size64
                 ):
                     broken = True
                     break
@@ -631,7 +605,7 @@ def serve_requests(
                     broken = True
                     break
                 table = host
-                table_entries = budget = _i64(length // np.uint64(_DESC_SIZE))
+                table_entries = budget = _i64(length // np.uint64(DESC_SIZE))
                 in_indirect = True
                 index = 0
                 continue
@@ -646,7 +620,7 @@ def serve_requests(
             if segments < 0:
                 broken = True
                 break
-            if flags & np.uint64(_F_WRITE):
+            if flags & np.uint64(VIRTQ_DESC_F_WRITE):
                 if readable_len == 0:
                     not_ours = True  # no request bytes at all
                     break
@@ -667,13 +641,13 @@ def serve_requests(
                         request[readable_len + k] = np.uint8(_load8(source + np.uint64(k)))
                     readable_len += _i64(seg_lengths[s])
                 # readable_len counts every readable byte; only the first _SCRATCH were gathered.
-                if request[0] != _T_MAP and request[0] != _T_UNMAP:
+                if request[0] != T_MAP and request[0] != T_UNMAP:
                     not_ours = True  # known from its first byte: the rest is walked once, by SplitQueue.pop
                     break
-            if readable_len + writable_len > _MAX_CHAIN_BYTES:
+            if readable_len + writable_len > MAX_CHAIN_BYTES:
                 broken = True
                 break
-            if not flags & np.uint64(_F_NEXT):
+            if not flags & np.uint64(VIRTQ_DESC_F_NEXT):
                 break
             if next_index >= table_entries:
                 broken = True
@@ -688,18 +662,18 @@ def serve_requests(
             reason = STOP_PYTHON
             break
         request_type = _i64(request[0])
-        expected = _MAP_SIZE if request_type == _T_MAP else _UNMAP_SIZE
+        expected = MAP_SIZE if request_type == T_MAP else UNMAP_SIZE
         status = J_NO_STATUS
-        if writable_len != _TAIL_SIZE:
+        if writable_len != TAIL_SIZE:
             # The tail cannot be found: nothing is written, used length 0.
             counts[C_REQUEST] += 1
             used_length = 0
         else:
             if readable_len != expected:
-                status = _S_IOERR
+                status = S_IOERR
             elif flags_word & RF_NO_WORK:
-                status = _S_OK
-            elif request_type == _T_MAP:
+                status = S_OK
+            elif request_type == T_MAP:
                 status = _map(
                     request,
                     params,
@@ -730,25 +704,27 @@ def serve_requests(
                 for k in range(_i64(tail_lengths[s])):
                     _store8(tail_hosts[s] + np.uint64(k), np.uint64(status if written == 0 else 0))
                     written += 1
-            used_length = _TAIL_SIZE
+            used_length = TAIL_SIZE
 
         if journaling:
             # -- journal it, committed before anything below makes it visible to the guest --
             record = journal + np.uint64(8 * RECORD_WORDS * journal_next)
             _store64(
                 record + np.uint64(8),
-                np.uint64(J_KIND_REQUEST)
-                | (np.uint64(status) << np.uint64(8))
-                | (np.uint64(used_length) << np.uint64(32)),
+                np.uint64(KIND_REQUEST)
+                | (np.uint64(status) << np.uint64(J_STATUS_SHIFT))
+                | (np.uint64(used_length) << np.uint64(J_USED_LENGTH_SHIFT)),
             )
             _store64(
                 record + np.uint64(16),
                 np.uint64(next_avail)
-                | (np.uint64(used_idx & 0xFFFF) << np.uint64(16))
-                | (np.uint64(head) << np.uint64(32)),
+                | (np.uint64(used_idx & 0xFFFF) << np.uint64(J_USED_POS_SHIFT))
+                | (np.uint64(head) << np.uint64(J_HEAD_SHIFT)),
             )
             for k in range(J_REQUEST_BYTES // 8):
-                _store64(record + np.uint64(24 + 8 * k), _load64(request_address + np.uint64(8 * k)))
+                _store64(
+                    record + np.uint64(8 * (J_REQUEST_WORD + k)), _load64(request_address + np.uint64(8 * k))
+                )
             _release_fence()
             journal_next += 1
             _store64(record, np.uint64(journal_next))
@@ -821,3 +797,7 @@ def warm_up() -> None:
     """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
+
+
+# The rules, the table kernels and abi's numbers are compiled into these kernels.
+cache_on_sources(globals(), abi, rules, tables, barriers)

@@ -43,6 +43,9 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
 
+from vhost_iommu.abi import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
+from vhost_iommu.jit import prefetch as prefetch_module
+from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.prefetch import prefetch
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,9 +74,10 @@ STATUS_NAMES: Final[dict[int, str]] = {
     NEED_SPACE: "NEED_SPACE",
 }
 
-READ: Final = 1
-WRITE: Final = 2
-MMIO: Final = 4
+# A mapping's flags are the MAP request's (VIRTIO_IOMMU_MAP_F_*).
+READ: Final = MAP_F_READ
+WRITE: Final = MAP_F_WRITE
+MMIO: Final = MAP_F_MMIO
 FLAGS_MASK: Final = 0xFFF
 """Flag bits a mapping can carry. They share a word with phys, so phys must be 4 KiB aligned."""
 
@@ -1784,3 +1788,7 @@ def warm_up() -> None:
     table_unmap(leaves, nodes, directory, meta, domain, address, address)
     table_remove_domain(leaves, nodes, directory, meta, domain)
     table.clear()
+
+
+# prefetch's code is compiled into the kernels.
+cache_on_sources(globals(), prefetch_module)

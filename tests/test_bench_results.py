@@ -41,10 +41,8 @@ from vhost_iommu.bench.results import (
 from vhost_iommu.bench.runner import BenchPlan, RunOutcome, check, lab_config
 from vhost_iommu.device import Topology
 from vhost_iommu.device.layout import encode_attach, encode_map, encode_unmap
-from vhost_iommu.harness import Frontend
+from vhost_iommu.harness import IommuDriver
 from vhost_iommu.harness.background import RunningServer
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.qemu import IommuKind
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
@@ -207,36 +205,34 @@ def backend_factory(request: pytest.FixtureRequest) -> Callable[[], VirtioIommuB
 
 
 def test_empty_backend_answers_map_and_unmap_without_work(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, iommu_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram:
-        requests, events = DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)
-        frontend.start_device(ram, [requests, events])
-        (backend,) = vhost_server.backends
-        assert isinstance(backend, EmptyBackend)
-        # No ATTACH yet: the real device would answer NOENT (no such domain); the empty one says OK,
-        # for direct chains and indirect ones (what Linux posts when VIRTIO_RING_F_INDIRECT_DESC is on).
-        requests.post([encode_map(domain=5, virt_start=0x1000, virt_end=0x1FFF, phys_start=0x8000)], [4])
-        requests.post([encode_unmap(domain=5, virt_start=0x1000, virt_end=0x1FFF)], [4], indirect=True)
-        # A MAP whose tail cannot be found goes to the device core, which returns it unwritten.
-        requests.post([encode_map(domain=5, virt_start=0, virt_end=0xFFF, phys_start=0)], [8])
-        # ATTACH is served for real: the guest needs its endpoint attached to bind VFIO.
-        requests.post([encode_attach(domain=1, endpoint=0x20)], [4])
-        frontend.kick(0)
-        assert frontend.wait_used(0)
-        used = requests.used_with_data()
-        assert [(length, data) for _, length, data in used] == [
-            (4, bytes(4)),
-            (4, bytes(4)),
-            (0, b""),
-            (4, bytes(4)),
-        ]
-        with backend.quiesced():  # the requestq thread's counts merged, if it serves
-            counters = backend.device.request_counters()
-            assert (counters["MAP"], counters["UNMAP"], counters["ATTACH"], counters["UNSERVED"]) == (
-                1,
-                1,
-                1,
-                1,
-            )
-            assert backend.device.domain_of(0x20) == 1 and backend.device.mappings(1) == []
+    requests, frontend = iommu_driver.requests, iommu_driver.frontend
+    (backend,) = vhost_server.backends
+    assert isinstance(backend, EmptyBackend)
+    # No ATTACH yet: the real device would answer NOENT (no such domain); the empty one says OK,
+    # for direct chains and indirect ones (what Linux posts when VIRTIO_RING_F_INDIRECT_DESC is on).
+    requests.post([encode_map(domain=5, virt_start=0x1000, virt_end=0x1FFF, phys_start=0x8000)], [4])
+    requests.post([encode_unmap(domain=5, virt_start=0x1000, virt_end=0x1FFF)], [4], indirect=True)
+    # A MAP whose tail cannot be found goes to the device core, which returns it unwritten.
+    requests.post([encode_map(domain=5, virt_start=0, virt_end=0xFFF, phys_start=0)], [8])
+    # ATTACH is served for real: the guest needs its endpoint attached to bind VFIO.
+    requests.post([encode_attach(domain=1, endpoint=0x20)], [4])
+    frontend.kick(0)
+    assert frontend.wait_used(0)
+    used = requests.used_with_data()
+    assert [(length, data) for _, length, data in used] == [
+        (4, bytes(4)),
+        (4, bytes(4)),
+        (0, b""),
+        (4, bytes(4)),
+    ]
+    with backend.quiesced():  # the requestq thread's counts merged, if it serves
+        counters = backend.device.request_counters()
+        assert (counters["MAP"], counters["UNMAP"], counters["ATTACH"], counters["UNSERVED"]) == (
+            1,
+            1,
+            1,
+            1,
+        )
+        assert backend.device.domain_of(0x20) == 1 and backend.device.mappings(1) == []

@@ -12,8 +12,6 @@ Addresses scale the spec's byte examples to the default 4 KiB granule.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -50,10 +48,9 @@ from vhost_iommu.device.layout import (
     encode_unmap,
 )
 from vhost_iommu.device.topology import PciRange, ReservedRegion
-from vhost_iommu.harness import RequestFailedError
-from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness import IommuDriver, RequestFailedError, running_server
 from vhost_iommu.harness.guest_ram import GuestRam
-from vhost_iommu.harness.pytest_plugin import RunningServer
+from vhost_iommu.jit.rules import RULES
 from vhost_iommu.virtio_iommu import RING_FEATURES, VIRTIO_F_VERSION_1, VirtioIommuBackend
 
 PAGE = 0x1000
@@ -95,13 +92,19 @@ class VhostUserHarness(Harness):
     call eventfd and reads the used entry back; config goes through GET/SET_CONFIG."""
 
     def __init__(
-        self, topology: Topology, features: int | None, stack: ExitStack, *, kick_thread: bool = False
+        self,
+        topology: Topology,
+        features: int | None,
+        stack: ExitStack,
+        *,
+        kick_thread: bool = False,
+        max_mappings: int | None = None,
     ) -> None:
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vhost-conf-"))
-        self.server = RunningServer(
-            lambda: VirtioIommuBackend(topology, kick_thread=kick_thread), os.path.join(directory, "sock")
+        self.server = stack.enter_context(
+            running_server(
+                lambda: VirtioIommuBackend(device=new_device(topology, max_mappings), kick_thread=kick_thread)
+            )
         )
-        stack.callback(self.server.stop)
         self.frontend = stack.enter_context(self.server.connect())
         self.ram = GuestRam(4 << 20)
         stack.callback(self.ram.close)
@@ -115,12 +118,8 @@ class VhostUserHarness(Harness):
     def _submit(self, request: bytes, writable_size: int) -> tuple[bytes, int]:
         if not request and not writable_size:
             pytest.skip("a chain of no buffers cannot be put on a ring")
-        head = self.requests.post([request] if request else [], [writable_size] if writable_size else [])
-        self.frontend.kick(0)
-        assert self.frontend.wait_used(0), "the device did not return the request"
-        [(used_head, used_length)] = self.requests.used()
-        assert used_head == head
-        return self.requests.written(head)[:used_length] if writable_size else b"", used_length
+        [answer] = self.driver.submit([request], writable_size)
+        return answer
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.frontend.get_config(offset, size)
@@ -138,32 +137,40 @@ class VhostUserHarness(Harness):
 
     def negotiate(self, features: int) -> None:
         # A device (re)start as QEMU does it, on fresh rings as a driver sets them up after a reset.
-        self.requests = DriverQueue(self.ram, 64, event_idx=True)
-        self.events = DriverQueue(self.ram, 64, event_idx=True)
+        self.driver = IommuDriver(self.frontend, self.ram, event_idx=True, start=False)
         # After a reset the memory table goes again as a whole (SET_MEM_TABLE): an ADD_MEM_REG of a
         # region the back-end already holds is refused as an overlap.
         self.frontend.start_rings(
             self.ram,
-            [self.requests, self.events],
+            self.driver.queues,
             driver_features=features | VIRTIO_F_VERSION_1 | RING_FEATURES,
             use_mem_slots=not self._started,
         )
         self._started = True
 
 
+def new_device(topology: Topology, max_mappings: int | None) -> IommuDevice:
+    return IommuDevice(topology) if max_mappings is None else IommuDevice(topology, max_mappings=max_mappings)
+
+
 @pytest.fixture(params=["device", "vhost-user", "vhost-user-kick-thread"])
 def make_harness(request: pytest.FixtureRequest) -> Iterator[MakeHarness]:
-    """The seam: ``make(topology=None, features=None)`` -> Harness with ``features`` negotiated, either
-    straight on `IommuDevice.handle_request` or through the whole vhost-user path (the requestq served
-    from the event loop, or from the back-end's kick thread)."""
+    """The seam: ``make(topology=None, features=None, max_mappings=None)`` -> Harness with ``features``
+    negotiated, either straight on `IommuDevice.handle_request` (the device core's Python path) or through
+    the whole vhost-user path (the compiled request path, the requestq served from the event loop or from
+    the back-end's kick thread)."""
     with ExitStack() as stack:
 
-        def make(topology: Topology | None = None, *, features: int | None = None) -> Harness:
+        def make(
+            topology: Topology | None = None, *, features: int | None = None, max_mappings: int | None = None
+        ) -> Harness:
             topology = topology if topology is not None else Topology.default()
             if request.param != "device":
                 kick_thread = request.param == "vhost-user-kick-thread"
-                return VhostUserHarness(topology, features, stack, kick_thread=kick_thread)
-            device = IommuDevice(topology)
+                return VhostUserHarness(
+                    topology, features, stack, kick_thread=kick_thread, max_mappings=max_mappings
+                )
+            device = new_device(topology, max_mappings)
             device.set_features(device.device_features() if features is None else features)
             return Harness(device, device.handle_request)
 
@@ -969,3 +976,78 @@ def test_fault_report_is_one_whole_record(harness: Harness) -> None:
     first, second = device.take_event(), device.take_event()
     assert first is not None and second is not None and len(first) == len(second) == 24
     assert decode_fault(first).address == 0x7000 and decode_fault(second).address == 0x8000
+
+
+# -- every MAP and UNMAP rule, each broken alone -----------------------------------------------------------
+
+
+def _attached(make: MakeHarness, **options: int) -> Driver:
+    driver = Driver(make(**options))
+    assert driver.attach(1) == Status.OK
+    return driver
+
+
+def _without_map_unmap(make: MakeHarness) -> Driver:
+    return _attached(make, features=IommuDevice().device_features() & ~F_MAP_UNMAP)
+
+
+def _with_bypass_domain(make: MakeHarness) -> Driver:
+    driver = _attached(make)
+    assert driver.attach(7, EP2, ATTACH_F_BYPASS) == Status.OK
+    return driver
+
+
+def _with_two_pages_mapped(make: MakeHarness) -> Driver:
+    driver = _attached(make)
+    assert driver.map(1, 0, 2 * PAGE - 1, 0) == Status.OK
+    return driver
+
+
+def _with_a_full_table(make: MakeHarness) -> Driver:
+    driver = _attached(make, max_mappings=1)
+    assert driver.map(1, 0, PAGE - 1, 0) == Status.OK
+    return driver
+
+
+#: For each rule of `vhost_iommu.jit.rules.RULES`: a device, and a request that breaks that rule alone.
+RULE_CASES: dict[str, tuple[Callable[[MakeHarness], Driver], bytes]] = {
+    "map-size": (_attached, encode_map(1, 0, PAGE - 1, 0) + b"\0"),
+    "map-unnegotiated": (_without_map_unmap, encode_map(1, 0, PAGE - 1, 0)),
+    "map-flags-unknown": (_attached, encode_map(1, 0, PAGE - 1, 0, RW | 8)),
+    "map-domain-range": (_attached, encode_map(0, 0, PAGE - 1, 0)),
+    "map-domain-missing": (_attached, encode_map(2, 0, PAGE - 1, 0)),
+    "map-bypass-domain": (_with_bypass_domain, encode_map(7, 0, PAGE - 1, 0)),
+    "map-end-before-start": (_attached, encode_map(1, 2 * PAGE, PAGE - 1, 0)),
+    "map-granule": (_attached, encode_map(1, 0, PAGE - 2, 0)),
+    "map-input-range": (_attached, encode_map(1, 1 << 48, (1 << 48) + PAGE - 1, 0)),
+    "map-phys-wraps": (_attached, encode_map(1, 0, 2 * PAGE - 1, (1 << 64) - PAGE)),
+    "map-reserved-region": (_attached, encode_map(1, MSI_START, MSI_START + PAGE - 1, 0)),
+    "map-overlap": (_with_two_pages_mapped, encode_map(1, PAGE, 2 * PAGE - 1, PAGE)),
+    "map-table-full": (_with_a_full_table, encode_map(1, PAGE, 2 * PAGE - 1, 0)),
+    "unmap-size": (_with_two_pages_mapped, encode_unmap(1, 0, 2 * PAGE - 1)[:-1]),
+    "unmap-unnegotiated": (_without_map_unmap, encode_unmap(1, 0, PAGE - 1)),
+    "unmap-reserved": (_with_two_pages_mapped, encode_unmap(1, 0, 2 * PAGE - 1, reserved=b"\x01\0\0\0")),
+    "unmap-domain-range": (_attached, encode_unmap(0, 0, PAGE - 1)),
+    "unmap-domain-missing": (_attached, encode_unmap(2, 0, PAGE - 1)),
+    "unmap-bypass-domain": (_with_bypass_domain, encode_unmap(7, 0, PAGE - 1)),
+    "unmap-end-before-start": (_with_two_pages_mapped, encode_unmap(1, 2 * PAGE, PAGE - 1)),
+    "unmap-split": (_with_two_pages_mapped, encode_unmap(1, 0, PAGE - 1)),
+}
+
+
+def test_every_rule_has_a_case() -> None:
+    assert RULE_CASES.keys() == RULES.keys()
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_each_rule_broken_alone_gives_its_status_and_changes_nothing(
+    make_harness: MakeHarness, name: str
+) -> None:
+    """The rules of `vhost_iommu.jit.rules.RULES` (the spec's words are there), one request each that breaks
+    that rule and no other: the device core's Python path and the compiled path answer the table's status,
+    and the refused request leaves the mappings as they were."""
+    make_device, request = RULE_CASES[name]
+    driver = make_device(make_harness)
+    before = {domain.domain: driver.mapped(domain.domain) for domain in driver.device.domains()}
+    assert driver.status(request) == RULES[name].status
+    assert {domain.domain: driver.mapped(domain.domain) for domain in driver.device.domains()} == before

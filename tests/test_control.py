@@ -7,7 +7,6 @@ import asyncio
 import os
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,10 +34,8 @@ from vhost_iommu.device.layout import (
     encode_probe,
     encode_unmap,
 )
-from vhost_iommu.harness.background import RunningServer
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.background import RunningServer, running_server
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.jit import warm_up
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
@@ -72,55 +69,23 @@ async def _start(service: ControlService, path: str) -> ControlServer:
 def controlled() -> Iterator[Controlled]:
     # A request must never wait for numba to compile a kernel (the Lab and the program do the same).
     warm_up()
-    with tempfile.TemporaryDirectory(prefix="vctl-") as directory:
-        service = ControlService()
-        server = RunningServer(service.track(lambda: VirtioIommuBackend(None)), f"{directory}/sock")
+    service = ControlService()
+    with running_server(service.track(lambda: VirtioIommuBackend(None))) as server:
         service.server = server.server
-        path = f"{directory}/control"
+        path = os.path.join(os.path.dirname(server.path), "control")
+        control = asyncio.run_coroutine_threadsafe(_start(service, path), server.loop).result(WAIT)
         try:
-            control = asyncio.run_coroutine_threadsafe(_start(service, path), server.loop).result(WAIT)
-            try:
-                yield Controlled(server, path)
-            finally:
-                asyncio.run_coroutine_threadsafe(control.close(), server.loop).result(WAIT)
+            yield Controlled(server, path)
         finally:
-            server.stop()
-
-
-class Guest:
-    """A driver on the harness: memfd RAM, a requestq and an eventq, synchronous requests."""
-
-    def __init__(self, frontend: Frontend, ram: GuestRam) -> None:
-        self.frontend = frontend
-        self.requests = DriverQueue(ram, 256)
-        self.events = DriverQueue(ram, 64)
-        frontend.start_device(ram, [self.requests, self.events])
-
-    def send(self, request: bytes, writable: int = 4) -> bytes:
-        head = self.requests.post([request], [writable])
-        self.frontend.kick(0)
-        assert self.frontend.wait_used(0, timeout=WAIT)
-        [(used, _length)] = self.requests.used()
-        assert used == head
-        return self.requests.written(head)
-
-    def status(self, request: bytes) -> int:
-        return decode_status(self.send(request))
-
-    def post_event_buffers(self, count: int) -> list[int]:
-        heads = [self.events.post([], [24]) for _ in range(count)]
-        self.frontend.kick(1)
-        return heads
+            asyncio.run_coroutine_threadsafe(control.close(), server.loop).result(WAIT)
 
 
 @pytest.fixture
-def guest(controlled: Controlled) -> Iterator[Guest]:
-    with controlled.server.connect() as frontend, GuestRam(4 << 20) as ram:
-        driver = Guest(frontend, ram)
+def guest(controlled: Controlled) -> Iterator[IommuDriver]:
+    """The device started by a driver with a requestq of 256 entries and 4 MiB of RAM."""
+    frontend = controlled.server.connect()
+    with IommuDriver(frontend, ram_size=4 << 20, queue_size=256, timeout=WAIT, own_frontend=True) as driver:
         yield driver
-        # pytest keeps the fixture's value until after every teardown; the rings' views of the RAM
-        # must go before the RAM is closed, or its mapping (and memfd) outlives the fd-leak check.
-        del driver.requests, driver.events
 
 
 MAX_HOLD_US = 10_000_000
@@ -256,7 +221,7 @@ def test_several_front_ends_need_a_choice(controlled: Controlled) -> None:
 # -- inspection ---------------------------------------------------------------------------------------------
 
 
-def test_endpoints_domains_and_counters(controlled: Controlled, guest: Guest) -> None:
+def test_endpoints_domains_and_counters(controlled: Controlled, guest: IommuDriver) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
     assert guest.status(encode_map(3, 0x10000, 0x10FFF, 0x200000)) == Status.OK
     endpoints = {row["endpoint"]: row for row in controlled.call("endpoints")}
@@ -282,7 +247,7 @@ def test_endpoints_domains_and_counters(controlled: Controlled, guest: Guest) ->
     assert controlled.call("counters")["latency"] == {}
 
 
-def test_a_batch_of_several_types_counts_as_mixed(controlled: Controlled, guest: Guest) -> None:
+def test_a_batch_of_several_types_counts_as_mixed(controlled: Controlled, guest: IommuDriver) -> None:
     guest.requests.post([encode_attach(3, ENDPOINT)], [4])
     guest.requests.post([encode_map(3, 0x1000, 0x1FFF, 0x100000)], [4])
     guest.frontend.kick(0)
@@ -301,7 +266,7 @@ def test_a_front_end_that_leaves_leaves_the_list(controlled: Controlled) -> None
     assert error_of(controlled, "queues", connection=1) == "no-connection"
 
 
-def test_mappings_filters_and_pages(controlled: Controlled, guest: Guest) -> None:
+def test_mappings_filters_and_pages(controlled: Controlled, guest: IommuDriver) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
     assert guest.status(encode_attach(4, 0x28)) == Status.OK
     for page in range(5):
@@ -344,7 +309,7 @@ def test_mappings_filters_and_pages(controlled: Controlled, guest: Guest) -> Non
     assert error_of(controlled, "mappings", iova_start=5, iova_end=4) == "bad-argument"
 
 
-def test_features_queues_and_config(controlled: Controlled, guest: Guest) -> None:
+def test_features_queues_and_config(controlled: Controlled, guest: IommuDriver) -> None:
     features = controlled.call("features")
     assert {"VERSION_1", "MAP_UNMAP", "PROBE", "BYPASS_CONFIG", "RING_INDIRECT_DESC"} <= set(
         features["acked_names"]
@@ -363,7 +328,9 @@ def test_features_queues_and_config(controlled: Controlled, guest: Guest) -> Non
 # -- injection ----------------------------------------------------------------------------------------------
 
 
-def test_fault_events_reach_the_eventq_and_wait_for_buffers(controlled: Controlled, guest: Guest) -> None:
+def test_fault_events_reach_the_eventq_and_wait_for_buffers(
+    controlled: Controlled, guest: IommuDriver
+) -> None:
     # No eventq buffer yet: the event waits.
     reply = controlled.call("fault", endpoint=ENDPOINT, address="0x1234000", access="w")
     assert reply["queued"] == 1 and reply["pending"] == 1
@@ -393,14 +360,14 @@ def test_fault_events_reach_the_eventq_and_wait_for_buffers(controlled: Controll
     assert error_of(controlled, "fault", endpoint=-1) == "bad-argument"
 
 
-def test_a_full_event_queue_drops_and_counts(controlled: Controlled, guest: Guest) -> None:
+def test_a_full_event_queue_drops_and_counts(controlled: Controlled, guest: IommuDriver) -> None:
     reply = controlled.call("fault", endpoint=ENDPOINT, count=70)
     assert reply["queued"] == 64 and reply["dropped"] == 6
     assert controlled.call("events")["dropped"] == 6
     controlled.call("events-clear")
 
 
-def test_translate_answers_and_reports_on_request(controlled: Controlled, guest: Guest) -> None:
+def test_translate_answers_and_reports_on_request(controlled: Controlled, guest: IommuDriver) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     guest.status(encode_map(3, 0x10000, 0x11FFF, 0x200000))
     hit = controlled.call("translate", endpoint=ENDPOINT, iova="0x10800", size=0x1000, access="rw")
@@ -424,7 +391,7 @@ def test_translate_answers_and_reports_on_request(controlled: Controlled, guest:
     assert error_of(controlled, "translate", endpoint=ENDPOINT, iova=0, size=0) == "bad-argument"
 
 
-def test_forced_statuses_for_the_next_requests_and_clear(controlled: Controlled, guest: Guest) -> None:
+def test_forced_statuses_for_the_next_requests_and_clear(controlled: Controlled, guest: IommuDriver) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     controlled.call("inject", type="MAP", status="NOMEM", times=2)
     statuses = [guest.status(encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000)) for n in range(3)]
@@ -441,7 +408,7 @@ def test_forced_statuses_for_the_next_requests_and_clear(controlled: Controlled,
     assert guest.status(encode_map(3, 0x9000, 0x9FFF, 0x100000)) == Status.OK
 
 
-def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest: Guest) -> None:
+def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest: IommuDriver) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     controlled.call("inject-rate", type="MAP", status="NOMEM", rate=0.3, seed=7)
     statuses = [guest.status(encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000)) for n in range(60)]
@@ -461,7 +428,9 @@ def test_rate_injection_is_seeded_and_switches_off(controlled: Controlled, guest
     assert error_of(controlled, "inject-rate", type="MAP", status="NOMEM", rate=1.5) == "bad-argument"
 
 
-def test_added_latency_holds_batches_without_blocking_the_loop(controlled: Controlled, guest: Guest) -> None:
+def test_added_latency_holds_batches_without_blocking_the_loop(
+    controlled: Controlled, guest: IommuDriver
+) -> None:
     controlled.call("delay", us=200_000)
     started = time.monotonic()
     head = guest.requests.post([encode_attach(3, ENDPOINT)], [4])
@@ -484,7 +453,9 @@ def test_added_latency_holds_batches_without_blocking_the_loop(controlled: Contr
     assert error_of(controlled, "delay", us=-1) == "bad-argument"
 
 
-def test_added_latency_per_request_type_holds_only_that_type(controlled: Controlled, guest: Guest) -> None:
+def test_added_latency_per_request_type_holds_only_that_type(
+    controlled: Controlled, guest: IommuDriver
+) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     # Long enough that nothing but the release below can end it while the test looks.
     controlled.call("delay", us=MAX_HOLD_US, type="MAP")
@@ -514,7 +485,7 @@ def test_added_latency_per_request_type_holds_only_that_type(controlled: Control
 
 
 def test_a_request_held_by_a_delay_when_the_ring_stops_is_served_after_a_pause(
-    controlled: Controlled, guest: Guest
+    controlled: Controlled, guest: IommuDriver
 ) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
     controlled.call("delay", us=MAX_HOLD_US, type="MAP")
@@ -529,21 +500,14 @@ def test_a_request_held_by_a_delay_when_the_ring_stops_is_served_after_a_pause(
     bases = guest.frontend.stop_device(2, reset_status=False)
     assert bases[0] == 1 and guest.requests.used() == []
     controlled.call("delay", us=0, type="MAP")
-    for index, queue in enumerate([guest.requests, guest.events]):
-        guest.frontend.set_vring_num(index, queue.size)
-        guest.frontend.set_vring_base(index, bases[index])
-        guest.frontend.set_vring_addr(index, queue)
-        guest.frontend.set_vring_kick(index)
-        guest.frontend.set_vring_call(index)
-    for index in range(2):
-        guest.frontend.set_vring_enable(index, True)
+    guest.restart(bases)
     guest.frontend.kick(0)
     assert guest.frontend.wait_used(0, timeout=WAIT)
     assert guest.requests.used() == [(head, 4)] and decode_status(guest.requests.written(head)) == Status.OK
     assert [m["iova_start"] for m in controlled.call("mappings")["mappings"]] == [0x20000]
 
 
-def test_a_broken_ring_under_a_per_type_delay_needs_reset(controlled: Controlled, guest: Guest) -> None:
+def test_a_broken_ring_under_a_per_type_delay_needs_reset(controlled: Controlled, guest: IommuDriver) -> None:
     controlled.call("delay", us=MAX_HOLD_US, type="MAP")
     # A descriptor pointing outside guest memory: the chain walk fails, the device asks for a reset.
     guest.requests.write_desc(0, 1 << 40, 16, 0, 0)
@@ -554,7 +518,7 @@ def test_a_broken_ring_under_a_per_type_delay_needs_reset(controlled: Controlled
     assert controlled.call("hello")["version"] == 1  # the loop serves on
 
 
-def test_added_latency_per_request_type_takes_that_long(controlled: Controlled, guest: Guest) -> None:
+def test_added_latency_per_request_type_takes_that_long(controlled: Controlled, guest: IommuDriver) -> None:
     guest.status(encode_attach(3, ENDPOINT))
     controlled.call("delay", us=200_000, type="MAP")
     started = time.monotonic()
@@ -565,7 +529,7 @@ def test_added_latency_per_request_type_takes_that_long(controlled: Controlled, 
 
 
 def test_bypass_changes_at_run_time_with_a_config_change_message(
-    controlled: Controlled, guest: Guest
+    controlled: Controlled, guest: IommuDriver
 ) -> None:
     channel = guest.frontend.channel
     assert channel is not None
@@ -579,7 +543,7 @@ def test_bypass_changes_at_run_time_with_a_config_change_message(
     assert error_of(controlled, "bypass", value=2) == "bad-argument"
 
 
-def probe(guest: Guest, endpoint: int) -> list[tuple[int, int, int]]:
+def probe(guest: IommuDriver, endpoint: int) -> list[tuple[int, int, int]]:
     written = guest.send(encode_probe(endpoint), PROBE_SIZE + 4)
     assert decode_status(written) == Status.OK
     return [
@@ -587,7 +551,7 @@ def probe(guest: Guest, endpoint: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def test_reserved_regions_change_for_the_next_probe(controlled: Controlled, guest: Guest) -> None:
+def test_reserved_regions_change_for_the_next_probe(controlled: Controlled, guest: IommuDriver) -> None:
     msi = (1, 0xFEE00000, 0xFEEFFFFF)
     assert probe(guest, ENDPOINT) == [msi]
     regions = [
@@ -616,7 +580,7 @@ def test_reserved_regions_change_for_the_next_probe(controlled: Controlled, gues
     assert probe(guest, ENDPOINT) == [msi]
 
 
-def test_reserved_regions_changed_at_run_time_refuse_maps(controlled: Controlled, guest: Guest) -> None:
+def test_reserved_regions_changed_at_run_time_refuse_maps(controlled: Controlled, guest: IommuDriver) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK
     hole = {"type": "RESERVED", "start": 0x200000, "end": 0x2FFFFF}
     controlled.call("resv", endpoint=ENDPOINT, regions=[hole])
@@ -628,7 +592,7 @@ def test_reserved_regions_changed_at_run_time_refuse_maps(controlled: Controlled
     assert guest.status(encode_map(3, 0x200000, 0x200FFF, 0x100000)) == Status.OK
 
 
-def test_the_back_end_keeps_serving_after_control_errors(controlled: Controlled, guest: Guest) -> None:
+def test_the_back_end_keeps_serving_after_control_errors(controlled: Controlled, guest: IommuDriver) -> None:
     cases: list[tuple[str, dict[str, Any]]] = [
         ("fault", {"endpoint": "0xzz"}),
         ("mappings", {"after": "yes"}),
@@ -650,7 +614,7 @@ def served_by(controlled: Controlled) -> str:
 
 
 def test_the_kick_thread_serves_and_times_batches_until_a_delay_or_an_observer_needs_the_loop(
-    controlled: Controlled, guest: Guest
+    controlled: Controlled, guest: IommuDriver
 ) -> None:
     assert guest.status(encode_attach(3, ENDPOINT)) == Status.OK  # handed over by the thread, timed there
     assert served_by(controlled) == "thread"

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import pytest
 from test_cli import start, stop, wait_for_log_line
 
-from vhost_iommu.device.layout import decode_fault, encode_attach, encode_map
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.device.layout import Status, decode_fault, encode_map
+from vhost_iommu.harness.iommu_driver import IommuDriver
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
 TIMEOUT = 30.0  # a fresh interpreter on a loaded 2-core machine
@@ -59,14 +57,9 @@ def ctl_json(program: Program, *args: str) -> object:
 
 def test_ctl_against_a_served_guest(program: Program) -> None:
     assert stat.S_IMODE(os.stat(program.control).st_mode) == 0o600
-    with Frontend.connect(program.socket) as frontend, GuestRam(1 << 20) as ram:
-        requests, events = DriverQueue(ram, 64), DriverQueue(ram, 64)
-        frontend.start_device(ram, [requests, events])
-        for request in (encode_attach(3, 0x20), encode_map(3, 0x100000000, 0x10000FFFF, 0x200000)):
-            requests.post([request], [4])
-            frontend.kick(0)
-            assert frontend.wait_used(0, timeout=TIMEOUT)
-            requests.used()
+    with IommuDriver.connect(program.socket, timeout=TIMEOUT) as driver:
+        assert driver.attach(3, 0x20) == Status.OK
+        assert driver.status(encode_map(3, 0x100000000, 0x10000FFFF, 0x200000)) == Status.OK
 
         table = ctl(program, "domains")
         assert table.returncode == 0, table.stderr
@@ -88,14 +81,12 @@ def test_ctl_against_a_served_guest(program: Program) -> None:
         shown = ctl(program, "counters").stdout
         assert "added latency" not in shown and "rate injection" not in shown
 
-        head = events.post([], [24])
-        frontend.kick(1)
+        [head] = driver.post_event_buffers(1)
         reply = ctl_json(program, "fault", "--endpoint", "0x20", "--address", "0x1000", "--access", "rw")
         assert reply == {"queued": 1, "dropped": 0, "pending": 0, "flags": 0x103}
-        assert frontend.wait_used(1, timeout=TIMEOUT)
-        assert events.used() == [(head, 24)]
-        assert decode_fault(events.written(head)).address == 0x1000
-        del requests, events  # their views of the RAM go before it closes
+        assert driver.frontend.wait_used(1, timeout=TIMEOUT)
+        assert driver.events.used() == [(head, 24)]
+        assert decode_fault(driver.events.written(head)).address == 0x1000
 
 
 def test_ctl_errors_are_one_line_and_status_1(program: Program) -> None:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from vhost_iommu.abi import CONFIG_BYPASS
+
 if TYPE_CHECKING:  # imported by pytest_plugins below; importing it here first would defeat assert rewriting
     from vhost_iommu.testing import DriverLab
 
@@ -34,7 +36,6 @@ pytestmark = pytest.mark.e2e
 TESTDEV = "0000:00:04.0"
 ENDPOINT = 0x20
 IOMMU = "0000:00:03.0"  # the vhost-user virtio-iommu
-CONFIG_BYPASS_OFFSET = 36  # struct virtio_iommu_config: bypass follows probe_size
 IOVA = 0x100000000
 PAGE = 0x1000
 # errno values of the guest (x86-64 Linux)
@@ -188,7 +189,7 @@ def wait_for_interrupt(driver: DriverLab, name: str, seen: int) -> None:
 
 
 def read_bypass(driver: DriverLab) -> int:
-    line = driver.guest.check(f"vfio-dma {IOMMU} virtio-config {CONFIG_BYPASS_OFFSET} 1")
+    line = driver.guest.check(f"vfio-dma {IOMMU} virtio-config {CONFIG_BYPASS} 1")
     return int(fields(line)["bytes"], 16)
 
 

@@ -6,14 +6,13 @@ one command at a time; vfio-bench, a stream of single-page map+unmap pairs) whil
 worker between requests, with a request in flight, under a stream of them, and asks for an upgrade
 (SIGHUP). What must hold: QEMU never sees a disconnect (it keeps running and says nothing of vhost-user),
 every guest operation completes, and the guest finishes its job with no soft lockup, RCU stall, oops or
-warning in its kernel log. The guest-visible pause of each restart is measured and printed.
-``-m "not e2e"`` leaves it out.
+warning in its kernel log. (scripts/bench-restart measures the guest-visible pause of each restart on the
+same scenario.) ``-m "not e2e"`` leaves it out.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,22 +20,21 @@ from pathlib import Path
 
 import pytest
 
+from vhost_iommu.bench.restart import (
+    BOOT_TIMEOUT,
+    STEP_TIMEOUT,
+    VfioSteps,
+    boot,
+    kill_in_flight,
+    restarts_under_steps,
+)
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.control.protocol import ControlError
-from vhost_iommu.device import Topology
-from vhost_iommu.harness.keeper_process import KeeperProcess
-from vhost_iommu.provision.boot import GuestSession, parse_fields
-from vhost_iommu.provision.guest import ensure_guest
+from vhost_iommu.harness.keeper_process import KeeperProcess, poll_until
+from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.klog import KLOG_PREFIX, kernel_trouble
-from vhost_iommu.provision.qemu_build import ensure_qemu
-from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, build_command
-from vhost_iommu.viot import viot_from_topology, viot_topology_from
 
 pytestmark = pytest.mark.e2e
-
-BOOT_TIMEOUT = 240.0
-STEP_TIMEOUT = 90.0
-GUEST_MEMORY_MIB = 512
 
 
 @pytest.fixture
@@ -56,27 +54,6 @@ def keeper(directory: Path, request: pytest.FixtureRequest) -> Iterator[KeeperPr
     finally:
         program.close()
         print("--- the keeper's log ---\n" + program.log[-6000:])  # shown when the test fails
-
-
-def boot(directory: Path, socket_path: str, job: str, **params: str) -> GuestSession:
-    qemu, image = ensure_qemu(), ensure_guest()
-    topology = Topology.default()
-    viot = directory / "viot.bin"
-    viot.write_bytes(viot_from_topology(topology))
-    setup = QemuSetup(
-        qemu=qemu,
-        kernel=image.kernel,
-        initrd=image.initrd,
-        kernel_args=[f"vhost_iommu.job={job}", "vhost_iommu.hold=1"]
-        + [f"vhost_iommu.{name}={value}" for name, value in params.items()],
-        iommu=IommuKind.VHOST_USER,
-        socket_path=Path(socket_path),
-        viot_path=viot,
-        topology=viot_topology_from(topology),
-        endpoints=(PciTestDevice(slot=4),),
-        memory_mib=GUEST_MEMORY_MIB,
-    )
-    return GuestSession(build_command(setup).argv, log=directory / f"console-{job}.log")
 
 
 def requests_served(control: str) -> int:
@@ -110,97 +87,35 @@ def test_worker_killed_between_and_during_vfio_steps_and_upgraded(
     directory: Path, keeper: KeeperProcess
 ) -> None:
     with boot(directory, keeper.socket, "vfio-steps") as guest:
-        guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
-        sequence = 0
-        pauses: dict[str, float] = {}
-
-        def step(command: str) -> dict[str, str]:
-            nonlocal sequence
-            sequence += 1
-            guest.send(command)
-            fields = parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])
-            guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
-            assert fields["rc"] == "0", fields
-            return fields
-
-        spare = "--spare-worker" in keeper.command
-
-        def spare_ready(count: int) -> None:
-            # The pause with a spare is measured with the spare loaded (kills closer together than a
-            # worker's start-up fall back to a fresh process, as without one).
-            if spare:
-                keeper.wait_for("ready as the spare", count)
-
+        steps = VfioSteps(guest)
         iovas = [0x1_0000_0000 + index * 0x10_0000 for index in range(6)]
-        for iova in iovas[:2]:
-            step(f"map {iova:#x} 0x10000 rw")
-        started = time.monotonic()
-        step(f"map {iovas[2]:#x} 0x10000 rw")
-        pauses["no restart (a step's own time)"] = time.monotonic() - started
-        spare_ready(1)
-
-        # Between requests: the guest is idle while the worker dies; its next MAP is served by the next.
-        first = keeper.kill_worker()
-        started = time.monotonic()
-        step(f"map {iovas[3]:#x} 0x10000 rw")
-        pauses["kill between requests"] = time.monotonic() - started
-        assert keeper.worker() != first
-
-        # With a request in flight: the worker is stopped, the guest's MAP goes on the ring and waits, then
-        # the worker dies. The second is for the guest to get there; if it had not, this is one more kill
-        # between requests, and everything below holds the same.
-        spare_ready(2)
-        worker = keeper.worker()
-        os.kill(worker, signal.SIGSTOP)
-        guest.send(f"map {iovas[4]:#x} 0x2000 r")
-        time.sleep(1.0)
-        os.kill(worker, signal.SIGKILL)
-        started = time.monotonic()
-        sequence += 1
-        assert parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
-        guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
-        pauses["kill with a request in flight"] = time.monotonic() - started
-        keeper.wait_for("session taken over", 2)
-
-        # An upgrade: the new worker loads while the old one serves; the hand-over is the pause.
-        old = keeper.worker()
-        keeper.process.send_signal(signal.SIGHUP)
-        keeper.wait_for("suspended for the upgrade")
-        started = time.monotonic()
-        step(f"map {iovas[5]:#x} 0x10000 rw")
-        pauses["upgrade"] = time.monotonic() - started
-        assert keeper.worker() != old
-
+        # Each step must succeed and each restart bring another worker; the pauses are the benchmark's.
+        restarts_under_steps(keeper, steps, iovas)
         for iova in iovas:
-            step(f"unmap {iova:#x} 0x10000")
+            steps.step(f"unmap {iova:#x} 0x10000")
         guest.send("quit")
         guest.expect(r"VFIO_STEPS_DONE .*failures=0", STEP_TIMEOUT)
         guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)
         assert requests_served(keeper.control) > 0  # the last worker serves the control channel too
         finish(guest, keeper)
-        print("guest-visible pauses (s):", {name: round(value, 3) for name, value in pauses.items()})
-        print(keeper.log[-2000:])
 
 
 def test_worker_killed_twice_under_a_stream_of_vfio_requests(directory: Path, keeper: KeeperProcess) -> None:
     with boot(directory, keeper.socket, "vfio-bench", bench="pairs,bulk:2048", count="30000") as guest:
         guest.expect(r"VFIO_OPEN", BOOT_TIMEOUT)
-        killed = 0
         deadline = time.monotonic() + STEP_TIMEOUT
-        # Kill each worker once it has served some of the stream (its own counters start at zero).
-        while killed < 2 and time.monotonic() < deadline:
-            if requests_served(keeper.control) >= 400:
-                keeper.kill_worker()
-                killed += 1
-                keeper.wait_for("session taken over", killed)
-            else:
-                time.sleep(0.05)  # a polling interval: the condition is what the loop waits for
-        assert killed == 2, keeper.log[-2000:]
+        # Kill each worker once it has served some of the stream (its own counters start at zero). Polled:
+        # the count is the control channel's answer when asked, and the guest prints nothing until the end.
+        for killed in (1, 2):
+            served = poll_until(
+                lambda: requests_served(keeper.control) >= 400, deadline - time.monotonic(), 0.05
+            )
+            assert served, keeper.log[-2000:]
+            keeper.kill_worker()
+            keeper.wait_for("session taken over", killed)
         guest.expect(r"VFIO_BULK_UNMAP n=2048", STEP_TIMEOUT * 2)
         guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)
         finish(guest, keeper)
-        restarts = [line for line in keeper.log.splitlines() if "serving" in line and "after" in line]
-        print("restarts:", restarts)
         assert os.path.exists(keeper.socket)
 
 
@@ -222,41 +137,24 @@ def test_every_mapping_survives_worker_kills(directory: Path) -> None:
     program = KeeperProcess(str(directory), "--spare-worker", backend="iommu", timeout=STEP_TIMEOUT)
     try:
         with boot(directory, program.socket, "vfio-steps") as guest:
-            guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
-            sequence = 0
-
-            def step(command: str) -> None:
-                nonlocal sequence
-                sequence += 1
-                guest.send(command)
-                assert (
-                    parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
-                )
-                guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
-
+            steps = VfioSteps(guest)
             iovas = [0x1_0000_0000 + index * 0x10_0000 for index in range(4)]
             for iova in iovas[:3]:
-                step(f"map {iova:#x} 0x10000 rw")
+                steps.step(f"map {iova:#x} 0x10000 rw")
             before = device_mappings(program.control)
             assert {start for start, _end, _flags in before} >= set(iovas[:3])
             program.kill_worker(wait_takeover=True)
             assert device_mappings(program.control) == before
 
             # A MAP on the ring, not served, when the worker dies: served once by the next one.
-            worker = program.worker()
-            os.kill(worker, signal.SIGSTOP)
-            guest.send(f"map {iovas[3]:#x} 0x10000 rw")
-            time.sleep(1.0)  # the guest's time to post it; if it had not, the kill is between requests
-            os.kill(worker, signal.SIGKILL)
-            sequence += 1
-            assert parse_fields(guest.expect(rf"VFIO_STEP seq={sequence} .*", STEP_TIMEOUT)[0])["rc"] == "0"
-            guest.expect(rf"VFIO_STEP_READY seq={sequence}", STEP_TIMEOUT)
+            kill_in_flight(program, steps, f"map {iovas[3]:#x} 0x10000 rw")
+            steps.end()
             after = device_mappings(program.control)
             assert [m for m in after if m not in before] and all(m in after for m in before)
             assert {start for start, _end, _flags in after} >= set(iovas)
 
             for iova in iovas:
-                step(f"unmap {iova:#x} 0x10000")
+                steps.step(f"unmap {iova:#x} 0x10000")
             assert [m for m in device_mappings(program.control) if m[0] in iovas] == []
             guest.send("quit")
             guest.expect(r"VHOST_IOMMU_HOLD rc=0", STEP_TIMEOUT)

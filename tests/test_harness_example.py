@@ -4,10 +4,8 @@ from collections.abc import Callable
 
 import pytest
 
-from vhost_iommu.device.layout import encode_attach
-from vhost_iommu.harness import Frontend
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.device.layout import Status, encode_map
+from vhost_iommu.harness import IommuDriver
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 
@@ -16,11 +14,7 @@ def backend_factory() -> Callable[[], VirtioIommuBackend]:  # the harness serves
     return VirtioIommuBackend
 
 
-def test_attach(frontend: Frontend) -> None:  # also: vhost_server, backend_factory, fd_leak_check
-    with GuestRam(1 << 20) as ram:
-        requests, events = DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)
-        frontend.start_device(ram, [requests, events])
-        head = requests.post([encode_attach(domain=1, endpoint=0x20)], [4])
-        frontend.kick(0)
-        assert frontend.wait_used(0)
-        assert requests.used() == [(head, 4)] and requests.written(head) == bytes(4)  # status OK
+def test_map(attached_driver: IommuDriver) -> None:  # also: iommu_driver, frontend, fd_leak_check
+    # attached_driver: the device served, its rings started, endpoint 0x20 attached to domain 1.
+    assert attached_driver.status(encode_map(1, 0x10000, 0x1FFFF, 0x200000)) == Status.OK
+    assert attached_driver.status(encode_map(1, 0x10000, 0x10FFF, 0x300000)) == Status.INVAL  # overlaps

@@ -12,9 +12,7 @@ import pytest
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.control.options import EXIT_VIOLATIONS
 from vhost_iommu.device.layout import Status, encode_attach, encode_map, encode_unmap
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
 from vhost_iommu.trace import replay
 
@@ -32,12 +30,13 @@ def test_a_worker_with_a_trace_dir_serves_and_traces(directory: str) -> None:
     # service and died before it was ready.
     program = KeeperProcess(directory, f"--trace-dir={directory}/traces", backend="iommu")
     try:
-        with GuestRam(1 << 20) as ram, Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
-            frontend.start_device(ram, [DriverQueue(ram, 64), DriverQueue(ram, 64)])
-            with ControlClient(program.control) as client:
-                assert [row["started_queues"] for row in client.call("connections")] == [2]
-                client.call("trace-start", name="t.jsonl")
-                assert client.call("trace-stop")["path"].endswith("t.jsonl")
+        with (
+            IommuDriver.connect(program.socket, timeout=TIMEOUT),
+            ControlClient(program.control) as client,
+        ):
+            assert [row["started_queues"] for row in client.call("connections")] == [2]
+            client.call("trace-start", name="t.jsonl")
+            assert client.call("trace-stop")["path"].endswith("t.jsonl")
         assert (Path(directory) / "traces" / "t.jsonl").is_file()
         assert program.terminate() == 0
     finally:
@@ -47,14 +46,9 @@ def test_a_worker_with_a_trace_dir_serves_and_traces(directory: str) -> None:
 def test_strict_conformance_is_the_programs_exit_status_across_worker_kills(directory: str) -> None:
     program = KeeperProcess(directory, "--conformance=strict", backend="iommu")
     try:
-        with GuestRam(1 << 20) as ram, Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
-            requests = DriverQueue(ram, 64)
-            frontend.start_device(ram, [requests, DriverQueue(ram, 64)])
+        with IommuDriver.connect(program.socket, timeout=TIMEOUT) as driver:
             # ATTACH before PROBE: a driver-normative statement broken on purpose, seen by this worker...
-            head = requests.post([encode_attach(1, 0x20)], [4])
-            frontend.kick(0)
-            assert frontend.wait_used(0, timeout=TIMEOUT)
-            assert requests.used() == [(head, 4)] and requests.written(head)[0] == Status.OK
+            assert driver.attach() == Status.OK
             program.wait_for("driver breaks probe-before-attach")
             # ... which dies: the keeper, whose status is the program's, remembers it.
             program.kill_worker(wait_takeover=True)
@@ -67,8 +61,8 @@ def test_strict_conformance_is_the_programs_exit_status_across_worker_kills(dire
 def test_a_clean_driver_under_strict_conformance_exits_cleanly(directory: str) -> None:
     program = KeeperProcess(directory, "--conformance=strict", backend="iommu")
     try:
-        with GuestRam(1 << 20) as ram, Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
-            frontend.start_device(ram, [DriverQueue(ram, 64), DriverQueue(ram, 64)])
+        with IommuDriver.connect(program.socket, timeout=TIMEOUT):
+            pass
         assert program.terminate() == 0
     finally:
         program.close()
@@ -78,22 +72,12 @@ def test_traces_go_on_across_worker_kills_and_replay_whole(directory: str) -> No
     traces = Path(directory) / "traces"
     program = KeeperProcess(directory, f"--trace-dir={traces}", "--trace=boot.jsonl", backend="iommu")
     try:
-        with GuestRam(1 << 20) as ram, Frontend.connect(program.socket, timeout=TIMEOUT) as frontend:
-            requests = DriverQueue(ram, 64)
-            frontend.start_device(ram, [requests, DriverQueue(ram, 64)])
-
-            def status(request: bytes) -> int:
-                head = requests.post([request], [4])
-                frontend.kick(0)
-                assert frontend.wait_used(0, timeout=TIMEOUT)
-                assert [used for used, _length in requests.used()] == [head]
-                return requests.written(head)[0]
-
-            assert status(encode_attach(1, 0x20)) == Status.OK
-            assert status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.OK
+        with IommuDriver.connect(program.socket, timeout=TIMEOUT) as driver:
+            assert driver.status(encode_attach(1, 0x20)) == Status.OK
+            assert driver.status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.OK
             program.kill_worker(wait_takeover=True)
-            assert status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.INVAL  # the mapping was kept
-            assert status(encode_unmap(1, 0, 0xFFF)) == Status.OK
+            assert driver.status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.INVAL  # the mapping was kept
+            assert driver.status(encode_unmap(1, 0, 0xFFF)) == Status.OK
             program.kill_worker(wait_takeover=True)
             with ControlClient(program.control, timeout=TIMEOUT) as client:
                 stopped = client.call("trace-stop", connection=1)
@@ -101,9 +85,9 @@ def test_traces_go_on_across_worker_kills_and_replay_whole(directory: str) -> No
             program.kill_worker(wait_takeover=True)  # a stopped trace is not continued
             with ControlClient(program.control, timeout=TIMEOUT) as client:
                 client.call("trace-start", name="later.jsonl", connection=1)
-            assert status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.OK
+            assert driver.status(encode_map(1, 0, 0xFFF, 0x10000)) == Status.OK
             program.kill_worker(wait_takeover=True)  # one started by a client goes on too
-            assert status(encode_unmap(1, 0, 0xFFF)) == Status.OK
+            assert driver.status(encode_unmap(1, 0, 0xFFF)) == Status.OK
             with ControlClient(program.control, timeout=TIMEOUT) as client:
                 assert client.call("trace-stop", connection=1)["records"] == 3
         assert program.terminate() == 0

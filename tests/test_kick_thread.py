@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from vhost_iommu.abi import VIRTIO_CONFIG_S_NEEDS_RESET
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.layout import RequestType, Status, encode_attach, encode_map, encode_unmap
 from vhost_iommu.device.observers import DeviceObserver
-from vhost_iommu.harness.background import RunningServer
+from vhost_iommu.harness.background import RunningServer, running_server
 from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import GuestMemory
@@ -30,7 +29,6 @@ from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 EP = 0x20
 PAGE = 0x1000
 THREAD_NAME = "virtio-iommu requestq"
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
 
 
 def kick_threads() -> list[threading.Thread]:
@@ -64,154 +62,127 @@ def taken(server: RunningServer) -> bool:
     return server.call(lambda: backend._kick_thread is not None)
 
 
-def request(frontend: Frontend, queue: DriverQueue, data: bytes) -> int:
-    head = queue.post([data], [4])
-    frontend.kick(0)
-    assert frontend.wait_used(0, timeout=30)
-    [(used_head, length)] = queue.used()
-    assert (used_head, length) == (head, 4)
-    return queue.written(head)[0]
+def map_page(page: int) -> bytes:
+    return encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)
 
 
 def test_the_thread_serves_the_requestq_and_the_kernel_runs_there(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, iommu_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        assert taken(vhost_server)
-        assert len(kick_threads()) == 1
-        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK  # handed to the loop
-        for page in range(8):
-            assert request(frontend, queues[0], encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)) == 0
-        # A batch mixing what the thread serves and what it hands over, in one kick.
-        heads = [
-            queues[0].post([encode_unmap(1, 0, PAGE - 1)], [4]),
-            queues[0].post([encode_attach(2, EP + 1)], [4]),
-            queues[0].post([encode_map(2, 0, PAGE - 1, 0)], [4]),
-        ]
-        frontend.kick(0)
-        done: list[int] = []
-        while len(done) < len(heads):
-            assert frontend.wait_used(0, timeout=30)
-            done += [head for head, _length in queues[0].used()]
-        assert done == heads
-        assert [queues[0].written(head)[0] for head in heads] == [0, 0, 0]
-        compiled = backend_of(vhost_server)._compiled
-        assert compiled is not None
-        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) >= 2
-        device = backend_of(vhost_server).device
-        assert vhost_server.call(lambda: len(device.mappings(1))) == 7
-        assert vhost_server.call(lambda: len(device.mappings(2))) == 1
+    assert taken(vhost_server)
+    assert len(kick_threads()) == 1
+    assert iommu_driver.attach(1, EP) == Status.OK  # handed to the loop
+    for page in range(8):
+        assert iommu_driver.status(map_page(page)) == Status.OK
+    # A batch mixing what the thread serves and what it hands over, in one kick.
+    queue, frontend = iommu_driver.requests, iommu_driver.frontend
+    heads = [
+        queue.post([encode_unmap(1, 0, PAGE - 1)], [4]),
+        queue.post([encode_attach(2, EP + 1)], [4]),
+        queue.post([encode_map(2, 0, PAGE - 1, 0)], [4]),
+    ]
+    frontend.kick(0)
+    done: list[int] = []
+    while len(done) < len(heads):
+        assert frontend.wait_used(0, timeout=30)
+        done += [head for head, _length in queue.used()]
+    assert done == heads
+    assert [queue.written(head)[0] for head in heads] == [0, 0, 0]
+    compiled = backend_of(vhost_server)._compiled
+    assert compiled is not None
+    assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) >= 2
+    device = backend_of(vhost_server).device
+    assert vhost_server.call(lambda: len(device.mappings(1))) == 7
+    assert vhost_server.call(lambda: len(device.mappings(2))) == 1
 
 
 def test_an_attach_is_handed_over_once_and_the_thread_grows_the_table_itself(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, iommu_driver: IommuDriver
 ) -> None:
     """The kernel stops at an ATTACH once, and the event loop's path pops it straight away (the chain's
     one full walk) rather than calling the kernel on it again. A table filled past several growths is
     grown by the thread, with no hand-over."""
     mappings = 2000
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        backend = backend_of(vhost_server)
-        compiled = backend._compiled
-        assert compiled is not None
-        store = backend.device.store
-        assert isinstance(store, MappingTable)
-        leaves_before = vhost_server.call(lambda: store.arrays.leaves.shape[0])
-        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK  # the one hand-over
-        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) == 1
-        statuses: list[int] = []
-        for first in range(0, mappings, 30):  # a chain takes two of the 64 descriptors
-            heads = []
-            for page in range(first, min(first + 30, mappings)):
-                iova = 2 * page * PAGE  # every other page: no merging, a new row each
-                heads.append(queues[0].post([encode_map(1, iova, iova + PAGE - 1, iova)], [4]))
-            frontend.kick(0)
-            done: list[int] = []
-            while len(done) < len(heads):
-                assert frontend.wait_used(0, timeout=30)
-                done += [head for head, _length in queues[0].used()]
-            assert sorted(done) == sorted(heads)
-            statuses += [queues[0].written(head)[0] for head in heads]
-        assert statuses == [Status.OK] * mappings
-        assert vhost_server.call(lambda: store.count(1)) == mappings
-        assert vhost_server.call(lambda: store.arrays.leaves.shape[0]) > leaves_before
-        assert vhost_server.call(lambda: compiled.stops[kernel.STOP_GROW]) >= 3
-        counters = vhost_server.call(backend.kick_thread_counters)
-        assert counters is not None and counters["handovers"] == 1
+    backend = backend_of(vhost_server)
+    compiled = backend._compiled
+    assert compiled is not None
+    store = backend.device.store
+    assert isinstance(store, MappingTable)
+    leaves_before = vhost_server.call(lambda: store.arrays.leaves.shape[0])
+    assert iommu_driver.attach(1, EP) == Status.OK  # the one hand-over
+    assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) == 1
+    statuses: list[Status] = []
+    for first in range(0, mappings, 30):  # a chain takes two of the 64 descriptors
+        pages = range(first, min(first + 30, mappings))
+        # Every other page: no merging, a new row each.
+        statuses += iommu_driver.statuses(
+            [encode_map(1, 2 * p * PAGE, 2 * p * PAGE + PAGE - 1, 0) for p in pages]
+        )
+    assert statuses == [Status.OK] * mappings
+    assert vhost_server.call(lambda: store.count(1)) == mappings
+    assert vhost_server.call(lambda: store.arrays.leaves.shape[0]) > leaves_before
+    assert vhost_server.call(lambda: compiled.stops[kernel.STOP_GROW]) >= 3
+    counters = vhost_server.call(backend.kick_thread_counters)
+    assert counters is not None and counters["handovers"] == 1
 
 
 def test_a_pause_joins_the_thread_and_a_resume_starts_another(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, attached_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
-        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
-        for _ in range(3):
-            bases = frontend.stop_device(2, reset_status=False)
-            assert bases[0] == queues[0].used_idx
-            assert not kick_threads()
-            assert not taken(vhost_server)
-            frontend.set_features(frontend.get_features())
-            for index, queue in enumerate(queues):
-                frontend.set_vring_num(index, queue.size)
-                frontend.set_vring_base(index, bases[index])
-                frontend.set_vring_addr(index, queue)
-                frontend.set_vring_kick(index)
-                frontend.set_vring_call(index)
-            for index in range(2):
-                frontend.set_vring_enable(index, True)
-            assert taken(vhost_server)
-            assert request(frontend, queues[0], encode_map(1, PAGE, 2 * PAGE - 1, 0)) == Status.OK
-            assert request(frontend, queues[0], encode_unmap(1, PAGE, 2 * PAGE - 1)) == Status.OK
-        device = backend_of(vhost_server).device
-        assert vhost_server.call(lambda: device.domain_of(EP)) == 1
+    driver = attached_driver
+    assert driver.status(map_page(0)) == Status.OK
+    for _ in range(3):
+        bases = driver.frontend.stop_device(2, reset_status=False)
+        assert bases[0] == driver.requests.used_idx
+        assert not kick_threads()
+        assert not taken(vhost_server)
+        driver.restart(bases)
+        assert taken(vhost_server)
+        assert driver.status(map_page(1)) == Status.OK
+        assert driver.status(encode_unmap(1, PAGE, 2 * PAGE - 1)) == Status.OK
+    device = backend_of(vhost_server).device
+    assert vhost_server.call(lambda: device.domain_of(EP)) == 1
 
 
 def test_disable_reset_and_reset_device_take_the_fd_back(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, iommu_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        frontend.set_vring_enable(0, False)
-        assert not taken(vhost_server) and not kick_threads()
-        # A kick while disabled is held by the server and delivered on enable.
-        head = queues[0].post([encode_attach(1, EP)], [4])
-        frontend.kick(0)
-        frontend.set_vring_enable(0, True)
-        assert taken(vhost_server)
-        assert frontend.wait_used(0, timeout=30)
-        assert queues[0].used() == [(head, 4)]
-        frontend.reset_device()
-        assert not taken(vhost_server) and not kick_threads()
-        fresh = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_rings(
-            ram, fresh, driver_features=frontend.get_features() & ~(1 << 30), use_mem_slots=False
-        )
-        assert taken(vhost_server)
-        assert request(frontend, fresh[0], encode_attach(1, EP)) == Status.OK
+    frontend, queue = iommu_driver.frontend, iommu_driver.requests
+    frontend.set_vring_enable(0, False)
+    assert not taken(vhost_server) and not kick_threads()
+    # A kick while disabled is held by the server and delivered on enable.
+    head = queue.post([encode_attach(1, EP)], [4])
+    frontend.kick(0)
+    frontend.set_vring_enable(0, True)
+    assert taken(vhost_server)
+    assert frontend.wait_used(0, timeout=30)
+    assert queue.used() == [(head, 4)]
+    frontend.reset_device()
+    assert not taken(vhost_server) and not kick_threads()
+    fresh = [
+        DriverQueue(iommu_driver.ram, 64, event_idx=True),
+        DriverQueue(iommu_driver.ram, 64, event_idx=True),
+    ]
+    frontend.start_rings(
+        iommu_driver.ram, fresh, driver_features=frontend.get_features() & ~(1 << 30), use_mem_slots=False
+    )
+    iommu_driver.queues[:] = fresh
+    assert taken(vhost_server)
+    assert iommu_driver.attach(1, EP) == Status.OK
 
 
 def test_a_memory_change_restarts_the_thread_and_a_call_fd_change_keeps_it(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, attached_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram, GuestRam(1 << 20, gpa_base=1 << 30) as more:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
+    driver, frontend = attached_driver, attached_driver.frontend
+    with GuestRam(1 << 20, gpa_base=1 << 30) as more:
         threads_before = kick_threads()
         frontend.add_mem_reg(more)
         assert taken(vhost_server)
         assert kick_threads() != threads_before  # the old thread was joined, a new one serves
-        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        assert driver.status(map_page(0)) == Status.OK
         frontend.rem_mem_reg(more)
-        assert request(frontend, queues[0], encode_map(1, PAGE, 2 * PAGE - 1, 0)) == Status.OK
+        assert driver.status(map_page(1)) == Status.OK
         # A new call fd: the thread keeps serving (its loop is parked while the fd word is swapped) and
         # signals the next answers on the new fd only.
         threads_before = kick_threads()
@@ -219,40 +190,35 @@ def test_a_memory_change_restarts_the_thread_and_a_call_fd_change_keeps_it(
         frontend.set_vring_call(0)
         assert frontend.call_fds[0] != old_call
         assert taken(vhost_server) and kick_threads() == threads_before
-        assert request(frontend, queues[0], encode_unmap(1, 0, 2 * PAGE - 1)) == Status.OK
-        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
+        assert driver.status(encode_unmap(1, 0, 2 * PAGE - 1)) == Status.OK
+        assert driver.status(map_page(0)) == Status.OK
         with pytest.raises(BlockingIOError):
             os.read(old_call, 8)  # nothing was written to the old fd after the swap
         os.close(old_call)
 
 
 def test_a_broken_ring_stops_the_thread_and_needs_reset(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, iommu_driver: IommuDriver
 ) -> None:
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        queue = queues[0]
-        buffer = queue.alloc_buffer(b"loop")
-        queue.write_desc(0, buffer, 4, VIRTQ_DESC_F_NEXT, 0)  # a descriptor chained to itself
-        queue.make_available(0)
-        frontend.kick(0)
-        assert frontend.wait_error(0, timeout=30)
-        assert frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
-        assert not taken(vhost_server) and not kick_threads()
+    queue, frontend = iommu_driver.requests, iommu_driver.frontend
+    buffer = queue.alloc_buffer(b"loop")
+    queue.write_desc(0, buffer, 4, VIRTQ_DESC_F_NEXT, 0)  # a descriptor chained to itself
+    queue.make_available(0)
+    frontend.kick(0)
+    assert frontend.wait_error(0, timeout=30)
+    assert frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert not taken(vhost_server) and not kick_threads()
 
 
 def test_a_disconnect_while_requests_flow_leaves_no_thread(vhost_server: RunningServer) -> None:
-    with GuestRam(1 << 20) as ram:
-        with vhost_server.connect() as frontend:
-            queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-            frontend.start_device(ram, queues)
-            assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
-            for page in range(16):
-                queues[0].post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
-            frontend.kick(0)
-        vhost_server.wait_all_closed()
-        assert not kick_threads()
+    with IommuDriver(vhost_server.connect(), event_idx=True, own_frontend=True) as driver:
+        assert driver.attach(1, EP) == Status.OK
+        for page in range(16):
+            driver.requests.post([map_page(page)], [4])
+        driver.frontend.kick(0)
+        driver.frontend.close()
+    vhost_server.wait_all_closed()
+    assert not kick_threads()
 
 
 def test_the_python_path_and_a_back_end_without_event_loop_take_no_fd() -> None:
@@ -319,34 +285,32 @@ def test_a_backend_whose_kicks_are_served_otherwise_keeps_the_loop() -> None:
             memory.close()
 
 
-@contextmanager
-def one_page_mapped(frontend: Frontend) -> Iterator[list[DriverQueue]]:
-    """The device started, domain 1 attached to EP and its first page mapped; yields the rings."""
-    with GuestRam(1 << 20) as ram:
-        queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-        frontend.start_device(ram, queues)
-        assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
-        assert request(frontend, queues[0], encode_map(1, 0, PAGE - 1, 0)) == Status.OK
-        yield queues
+@pytest.fixture
+def one_page_mapped(attached_driver: IommuDriver) -> IommuDriver:
+    """The device started, domain 1 attached to EP and its first page mapped."""
+    assert attached_driver.status(map_page(0)) == Status.OK
+    return attached_driver
 
 
-def test_quiesced_holds_the_thread_out_of_the_device(vhost_server: RunningServer, frontend: Frontend) -> None:
-    with one_page_mapped(frontend) as queues:
-        backend = backend_of(vhost_server)
-        with backend.quiesced():
-            # Parked at a batch boundary with its counts merged: the device shows the thread's MAP.
-            assert backend.device.request_counters()["MAP"] == 1
-            head = queues[0].post([encode_map(1, PAGE, 2 * PAGE - 1, 0)], [4])
-            frontend.kick(0)
-            assert not frontend.wait_used(0, timeout=0.5)  # the kick waits for the thread
-            assert backend.device.mappings(1) == [(0, PAGE - 1, 0, 3)]
-        assert frontend.wait_used(0, timeout=30)
-        assert queues[0].used() == [(head, 4)]
-        assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 2
+def test_quiesced_holds_the_thread_out_of_the_device(
+    vhost_server: RunningServer, one_page_mapped: IommuDriver
+) -> None:
+    queue, frontend = one_page_mapped.requests, one_page_mapped.frontend
+    backend = backend_of(vhost_server)
+    with backend.quiesced():
+        # Parked at a batch boundary with its counts merged: the device shows the thread's MAP.
+        assert backend.device.request_counters()["MAP"] == 1
+        head = queue.post([map_page(1)], [4])
+        frontend.kick(0)
+        assert not frontend.wait_used(0, timeout=0.5)  # the kick waits for the thread
+        assert backend.device.mappings(1) == [(0, PAGE - 1, 0, 3)]
+    assert frontend.wait_used(0, timeout=30)
+    assert queue.used() == [(head, 4)]
+    assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 2
 
 
 def test_an_observer_attached_while_the_thread_serves_sees_every_request(
-    vhost_server: RunningServer, frontend: Frontend
+    vhost_server: RunningServer, one_page_mapped: IommuDriver
 ) -> None:
     class Seen(DeviceObserver):
         def __init__(self) -> None:
@@ -355,69 +319,67 @@ def test_an_observer_attached_while_the_thread_serves_sees_every_request(
         def request(self, request: bytes | memoryview, writable_size: int) -> None:
             self.types.append(request[0])
 
-    with one_page_mapped(frontend) as queues:
-        backend = backend_of(vhost_server)
-        seen = Seen()
+    driver = one_page_mapped
+    backend = backend_of(vhost_server)
+    seen = Seen()
 
-        def attach() -> None:
-            with backend.quiesced():  # as the control channel attaches its observers
-                backend.device.observers.append(seen)
+    def attach() -> None:
+        with backend.quiesced():  # as the control channel attaches its observers
+            backend.device.observers.append(seen)
 
-        vhost_server.call(attach)
-        assert taken(vhost_server)  # the thread still runs, and hands every kick to the loop
-        for page in range(1, 5):
-            assert request(frontend, queues[0], encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)) == 0
-        heads = [
-            queues[0].post([encode_unmap(1, page * PAGE, page * PAGE + PAGE - 1)], [4]) for page in (1, 2)
-        ]
-        frontend.kick(0)
-        done: list[int] = []
-        while len(done) < len(heads):
-            assert frontend.wait_used(0, timeout=30)
-            done += [head for head, _length in queues[0].used()]
-        assert seen.types == [RequestType.MAP] * 4 + [RequestType.UNMAP] * 2
-        vhost_server.call(lambda: backend.device.observers.remove(seen))
-        assert request(frontend, queues[0], encode_map(1, 8 * PAGE, 9 * PAGE - 1, 0)) == Status.OK
-        assert len(seen.types) == 6  # detached: the kernel serves again, unseen
-        assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 4
+    vhost_server.call(attach)
+    assert taken(vhost_server)  # the thread still runs, and hands every kick to the loop
+    for page in range(1, 5):
+        assert driver.status(map_page(page)) == Status.OK
+    assert (
+        driver.statuses([encode_unmap(1, page * PAGE, page * PAGE + PAGE - 1) for page in (1, 2)])
+        == [Status.OK] * 2
+    )
+    assert seen.types == [RequestType.MAP] * 4 + [RequestType.UNMAP] * 2
+    vhost_server.call(lambda: backend.device.observers.remove(seen))
+    assert driver.status(map_page(8)) == Status.OK
+    assert len(seen.types) == 6  # detached: the kernel serves again, unseen
+    assert vhost_server.call(lambda: len(backend.device.mappings(1))) == 4
 
 
 @contextmanager
-def attached_requestq(poll_us: float) -> Iterator[tuple[RunningServer, Frontend, DriverQueue]]:
+def attached_requestq(poll_us: float) -> Iterator[tuple[RunningServer, IommuDriver]]:
     """A served device with the kick thread polling ``poll_us``, endpoint EP attached to domain 1; yields
-    the server, the front-end and the requestq's driver side (EVENT_IDX: kicks only when asked)."""
-    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
-        server = RunningServer(
-            lambda: VirtioIommuBackend(kick_thread=True, poll_us=poll_us), os.path.join(directory, "sock")
-        )
-        try:
-            with server.connect() as frontend, GuestRam(1 << 20) as ram:
-                queues = [DriverQueue(ram, 64, event_idx=True), DriverQueue(ram, 64, event_idx=True)]
-                frontend.start_device(ram, queues)
-                assert request(frontend, queues[0], encode_attach(1, EP)) == Status.OK
-                yield server, frontend, queues[0]
-        finally:
-            server.stop()
+    the server and the driver (EVENT_IDX: kicks only when asked)."""
+    with (
+        running_server(lambda: VirtioIommuBackend(kick_thread=True, poll_us=poll_us)) as server,
+        IommuDriver(server.connect(), event_idx=True, own_frontend=True) as driver,
+    ):
+        assert driver.attach(1, EP) == Status.OK
+        yield server, driver
+
+
+def answer_one_asking_for_kicks(driver: IommuDriver, request: bytes) -> None:
+    """Post ``request``, kick only if the device asks for it (as Linux does), and check its answer."""
+    queue = driver.requests
+    head = queue.post([request], [4])
+    if queue.needs_kick():
+        driver.frontend.kick(0)
+    assert driver.frontend.wait_used(0, timeout=30), f"{request.hex()} never answered"
+    assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
 
 
 def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() -> None:
     """With ``poll_us`` the loop watches the ring after each answer with kicks suppressed; when the window
     ends it must ask for kicks again, or a driver that kicks only when asked (as Linux does) would wait
     forever. This driver kicks only when ``needs_kick`` says so."""
-    with attached_requestq(poll_us=200) as (server, frontend, queue):
+    with attached_requestq(poll_us=200) as (server, driver):
+        backend = backend_of(server)
         answered = 0
         for page in range(40):
             if page % 2:
-                # Let the window end first (it is 0.2 ms) on most odd pages; a request that
-                # still comes inside the window is caught by it, which must work as well.
-                time.sleep(0.005)
-            head = queue.post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
-            if queue.needs_kick():
-                frontend.kick(0)
-            assert frontend.wait_used(0, timeout=30), f"request {page} never answered"
-            assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
+                # The window ends first on odd pages: settle() returns once the thread has served to
+                # empty with nothing pending, its window over (cut short) and kicks asked for again.
+                # Even pages come at once, inside the window, which must catch them as well.
+                thread = backend._kick_thread
+                assert thread is not None and thread.settle(timeout=30)
+            answer_one_asking_for_kicks(driver, map_page(page))
             answered += 1
-        backend = backend_of(server)
         counters = backend.kick_thread_counters()
         assert counters is not None and counters["kicks"] + counters["poll_hits"] >= answered
         assert counters["kicks"] >= 1  # some windows ended before the next request
@@ -427,13 +389,9 @@ def test_poll_windows_that_catch_nothing_are_skipped_for_a_while() -> None:
     """A busy host: the guest's next request comes after the window. After POLL_MISSES empty windows the
     loop serves the next batches without one (and every request is still answered: the driver kicks only
     when asked). A 1 us window cannot catch a request this Python driver posts after reading the answer."""
-    with attached_requestq(poll_us=1) as (server, frontend, queue):
+    with attached_requestq(poll_us=1) as (server, driver):
         for page in range(20):
-            head = queue.post([encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0)], [4])
-            if queue.needs_kick():
-                frontend.kick(0)
-            assert frontend.wait_used(0, timeout=30), f"request {page} never answered"
-            assert queue.used() == [(head, 4)] and queue.written(head)[0] == Status.OK
+            answer_one_asking_for_kicks(driver, map_page(page))
         counters = backend_of(server).kick_thread_counters()
         assert counters is not None and counters["poll_backoffs"] >= 1, counters
 

@@ -10,7 +10,6 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 
 from vhost_iommu.device import snapshot
@@ -23,13 +22,12 @@ from vhost_iommu.device.layout import (
     encode_map,
     encode_unmap,
 )
-from vhost_iommu.harness.background import RunningServer
-from vhost_iommu.harness.driver_queue import DriverQueue
+from vhost_iommu.harness.background import RunningServer, running_server
 from vhost_iommu.harness.frontend import Frontend, RequestFailedError
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
-from vhost_iommu.jit.bulk import load_sorted
-from vhost_iommu.jit.tables import MappingTable
+from vhost_iommu.harness.mappings import add_mappings
 from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -50,26 +48,8 @@ BASE = 1 << 32
 @pytest.fixture
 def servers() -> Iterator[tuple[RunningServer, RunningServer]]:
     """A source and a destination back-end process, each on its own socket."""
-    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
-        source = RunningServer(VirtioIommuBackend, os.path.join(directory, "source"))
-        try:
-            destination = RunningServer(VirtioIommuBackend, os.path.join(directory, "destination"))
-            try:
-                yield source, destination
-            finally:
-                destination.stop()
-        finally:
-            source.stop()
-
-
-def serve(frontend: Frontend, queue: DriverQueue, request: bytes) -> int:
-    """Post one request, kick, wait for it to be used; its status."""
-    head = queue.post([request], [4])
-    frontend.kick(0)
-    assert frontend.wait_used(0, timeout=10)
-    [(used_head, length)] = queue.used()
-    assert (used_head, length) == (head, 4)
-    return queue.written(head)[0]
+    with running_server(VirtioIommuBackend) as source, running_server(VirtioIommuBackend) as destination:
+        yield source, destination
 
 
 def backend_of(server: RunningServer) -> VirtioIommuBackend:
@@ -104,17 +84,26 @@ AFTERWARDS = [
 ]
 
 
-def populate(frontend: Frontend, ram: GuestRam, *, stop: bool = False) -> list[DriverQueue]:
+def populate(frontend: Frontend, ram: GuestRam, *, stop: bool = False) -> IommuDriver:
     """Start the device, serve WORKLOAD, turn bypass off; ``stop``: then stop the rings as QEMU 10.2's
-    generic device does before a migration (no SET_STATUS 0)."""
-    queues = [DriverQueue(ram, 64), DriverQueue(ram, 64)]
-    frontend.start_device(ram, queues)
+    generic device does before a migration (no SET_STATUS 0). The driver that did it."""
+    driver = IommuDriver(frontend, ram)
     for request in WORKLOAD:
-        assert serve(frontend, queues[0], request) == Status.OK
+        assert driver.status(request) == Status.OK
     frontend.set_config(CONFIG_BYPASS, b"\x00")
     if stop:
         frontend.stop_device(2, reset_status=False)
-    return queues
+    return driver
+
+
+def resumed_on(frontend: Frontend, ram: GuestRam, source: Frontend) -> IommuDriver:
+    """A migration's destination resuming over the same guest RAM: its rings started with the features the
+    source negotiated, the connection's set-up left to the caller (the state load needs it first)."""
+    driver = IommuDriver(frontend, ram, start=False)
+    frontend.start_rings(
+        ram, driver.queues, driver_features=source.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+    )
+    return driver
 
 
 def test_state_moves_to_another_back_end_which_keeps_serving(
@@ -133,13 +122,12 @@ def test_state_moves_to_another_back_end_which_keeps_serving(
         assert saved_state(destination) == before
 
         # The destination resumes: the guest's driver, unaware, goes on with the same device.
-        queues = [DriverQueue(ram, 64), DriverQueue(ram, 64)]
-        dst.start_rings(ram, queues, driver_features=src.features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        driver = resumed_on(dst, ram, src)
         assert dst.get_config(CONFIG_BYPASS, 1) == b"\x00"
         reference = IommuDevice()
         snapshot.restore(reference, state)
         for request in AFTERWARDS:
-            assert serve(dst, queues[0], request) == reference.handle_request(request, 4)[0][0]
+            assert driver.status(request) == reference.handle_request(request, 4)[0][0]
         destination_device = backend_of(destination).device
         for endpoint, address in ((0x20, BASE + 0x123), (0x21, BASE + 6 * PAGE), (0x22, BASE + 4 * PAGE)):
             assert destination.call(
@@ -203,24 +191,19 @@ def test_a_state_of_another_topology_is_refused() -> None:
     from vhost_iommu.device.topology import Topology
 
     narrow = Topology(pci_ranges=Topology.default().pci_ranges, domain_end=0xFF)
-    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
-        server = RunningServer(lambda: VirtioIommuBackend(narrow), os.path.join(directory, "sock"))
-        try:
-            with server.connect() as frontend:
-                frontend.negotiate(2)
-                with pytest.raises(RequestFailedError):
-                    frontend.load_state(snapshot.save(IommuDevice()))
-                assert server.call(lambda: snapshot.save(backend_of(server).device)) == snapshot.save(
-                    IommuDevice(narrow)
-                )
-        finally:
-            server.stop()
+    with running_server(lambda: VirtioIommuBackend(narrow)) as server, server.connect() as frontend:
+        frontend.negotiate(2)
+        with pytest.raises(RequestFailedError):
+            frontend.load_state(snapshot.save(IommuDevice()))
+        assert server.call(lambda: snapshot.save(backend_of(server).device)) == snapshot.save(
+            IommuDevice(narrow)
+        )
 
 
 def test_transfers_while_rings_run_are_refused(servers: tuple[RunningServer, RunningServer]) -> None:
     source, _destination = servers
     with GuestRam(1 << 20) as ram, source.connect() as src:
-        queues = populate(src, ram)
+        driver = populate(src, ram)
         before = saved_state(source)
         with pytest.raises(RequestFailedError, match="SET_DEVICE_STATE_FD refused"):
             src.save_state()
@@ -228,7 +211,7 @@ def test_transfers_while_rings_run_are_refused(servers: tuple[RunningServer, Run
             src.load_state(snapshot.save(IommuDevice()))
         assert saved_state(source) == before
         # Nothing was disturbed: the device goes on serving.
-        assert serve(src, queues[0], encode_map(3, BASE + PAGE, BASE + 2 * PAGE - 1, 0)) == Status.OK
+        assert driver.status(encode_map(3, BASE + PAGE, BASE + 2 * PAGE - 1, 0)) == Status.OK
 
 
 def test_a_ring_started_during_a_load_fails_it(servers: tuple[RunningServer, RunningServer]) -> None:
@@ -244,8 +227,7 @@ def test_a_ring_started_during_a_load_fails_it(servers: tuple[RunningServer, Run
             os.close(read_fd)
         try:
             os.write(write_fd, state[:1000])
-            queues = [DriverQueue(ram, 64), DriverQueue(ram, 64)]
-            dst.start_rings(ram, queues, driver_features=src.features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+            resumed_on(dst, ram, src)
             os.write(write_fd, state[1000:])  # the state is far smaller than a pipe's buffer
         finally:
             os.close(write_fd)
@@ -297,18 +279,14 @@ def test_a_reader_that_goes_away_fails_the_save(servers: tuple[RunningServer, Ru
 
 
 def test_an_endless_stream_is_cut_at_the_device_limit() -> None:
-    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
-        server = RunningServer(
-            lambda: VirtioIommuBackend(device=IommuDevice(max_mappings=16)), os.path.join(directory, "s")
-        )
-        try:
-            with server.connect() as frontend:
-                frontend.negotiate(2)
-                limit = server.call(lambda: backend_of(server).max_state_size())
-                with pytest.raises(RequestFailedError, match="CHECK_DEVICE_STATE"):
-                    frontend.load_state(bytes(limit + 1))
-        finally:
-            server.stop()
+    with (
+        running_server(lambda: VirtioIommuBackend(device=IommuDevice(max_mappings=16))) as server,
+        server.connect() as frontend,
+    ):
+        frontend.negotiate(2)
+        limit = server.call(lambda: backend_of(server).max_state_size())
+        with pytest.raises(RequestFailedError, match="CHECK_DEVICE_STATE"):
+            frontend.load_state(bytes(limit + 1))
 
 
 def test_no_check_without_a_transfer_and_no_transfer_without_the_feature(
@@ -431,10 +409,8 @@ def test_a_stalled_transfer_holds_up_no_other_connection(
             # the same event loop is served meanwhile.
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             source.call(lambda: source.server.serve_connection(theirs))
-            with Frontend(ours) as other, GuestRam(1 << 20) as other_ram:
-                queues = [DriverQueue(other_ram, 64), DriverQueue(other_ram, 64)]
-                other.start_device(other_ram, queues)
-                assert serve(other, queues[0], encode_attach(1, 0x20)) == Status.OK
+            with IommuDriver(Frontend(ours), own_frontend=True) as other:
+                assert other.attach(1, 0x20) == Status.OK
             while chunk := src._read_chunk(read_fd):
                 chunks.append(chunk)
         finally:
@@ -443,20 +419,6 @@ def test_a_stalled_transfer_holds_up_no_other_connection(
         restored = IommuDevice()
         snapshot.restore(restored, b"".join(chunks))
         assert restored.store.count() == count + 199  # and the 200 mapped minus 1 unmapped by WORKLOAD
-
-
-def add_mappings(device: IommuDevice, domain: int, start: int, count: int) -> None:
-    """``count`` one-page mappings from ``start`` straight into the table (quicker than MAP requests)."""
-    pages = np.arange(count, dtype=np.uint64) * np.uint64(2 * PAGE) + np.uint64(start)
-    table = device.store
-    assert isinstance(table, MappingTable)
-    offsets = np.array([0, count], np.int64)
-    flags = np.full(count, 3, np.uint64)
-    status = load_sorted(
-        table, np.array([domain], np.int64), offsets, pages, pages + np.uint64(PAGE - 1), pages, flags
-    )
-    assert status == 0
-    device.domain_table.mapping_count[domain - device.domain_table.first] += count
 
 
 def test_migration_through_the_keeper() -> None:

@@ -24,10 +24,9 @@ import pytest
 
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.device.layout import Status, encode_attach, encode_detach, encode_map, encode_unmap
-from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.protocol import VIRTIO_CONFIG_S_NEEDS_RESET
 from vhost_iommu.server import VhostUserServer, create_unix_listener
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT
@@ -90,35 +89,9 @@ def serve(directory: str, *args: str, count: int = 2) -> Program:
     return Program(directory, [f"--socket-path={directory}/viommu.sock", f"--socket-count={count}", *args])
 
 
-class Guest:
+def guest_on(path: str) -> IommuDriver:
     """A driver on one socket: its own RAM, rings started, requests answered one at a time."""
-
-    def __init__(self, path: str) -> None:
-        self.frontend = Frontend.connect(path, timeout=REPLY_TIMEOUT)
-        self.ram = GuestRam(1 << 20)
-        self.queues = [DriverQueue(self.ram, 64), DriverQueue(self.ram, 64)]
-        self.frontend.start_device(self.ram, self.queues)
-
-    def request(self, payload: bytes) -> Status:
-        queue = self.queues[0]
-        head = queue.post([payload], [4])
-        self.frontend.kick(0)
-        answered: list[tuple[int, int]] = []
-        while not answered:
-            assert self.frontend.wait_used(0, timeout=REPLY_TIMEOUT), "no answer from the device"
-            answered = queue.used()
-        assert answered == [(head, 4)]
-        return Status(queue.written(head)[0])  # virtio_iommu_req_tail: status first
-
-    def close(self) -> None:
-        self.frontend.close()
-        self.ram.close()
-
-    def __enter__(self) -> Guest:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
+    return IommuDriver.connect(path, timeout=REPLY_TIMEOUT)
 
 
 def connections(program: Program) -> list[dict[str, object]]:
@@ -154,7 +127,7 @@ def test_every_socket_is_served_0600_and_removed_on_sigterm(directory: str, styl
             assert stat.S_ISSOCK(os.lstat(path).st_mode)
             assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600, path
         assert sorted(os.listdir(directory)) == sorted(os.path.basename(p) for p in [*paths, program.control])
-        guests = [Guest(path) for path in paths]
+        guests = [guest_on(path) for path in paths]
         try:
             assert program.terminate() == 0
             for guest in guests:
@@ -170,9 +143,9 @@ def test_every_socket_is_served_0600_and_removed_on_sigterm(directory: str, styl
 def test_connections_say_which_socket_they_came_from(directory: str) -> None:
     program = serve(directory)
     try:
-        with Guest(f"{directory}/viommu.sock1") as second, Guest(f"{directory}/viommu.sock0") as first:
-            assert first.request(encode_attach(1, ENDPOINT)) == Status.OK
-            assert second.request(encode_attach(1, ENDPOINT)) == Status.OK
+        with guest_on(f"{directory}/viommu.sock1") as second, guest_on(f"{directory}/viommu.sock0") as first:
+            assert first.status(encode_attach(1, ENDPOINT)) == Status.OK
+            assert second.status(encode_attach(1, ENDPOINT)) == Status.OK
             names = sorted(str(row["name"]) for row in connections(program))
             assert names == [
                 f"connection 1 on {directory}/viommu.sock1",
@@ -189,19 +162,19 @@ def test_connections_say_which_socket_they_came_from(directory: str) -> None:
 def test_a_mapping_made_by_one_guest_is_not_seen_by_the_other(directory: str) -> None:
     program = serve(directory)
     try:
-        with Guest(f"{directory}/viommu.sock0") as one, Guest(f"{directory}/viommu.sock1") as other:
+        with guest_on(f"{directory}/viommu.sock0") as one, guest_on(f"{directory}/viommu.sock1") as other:
             n_one = number_on(program, f"{directory}/viommu.sock0")
             n_other = number_on(program, f"{directory}/viommu.sock1")
             # The same domain number, endpoint and IOVA in both: on a shared device the second MAP would
             # overlap the first and be refused.
             for guest in (one, other):
-                assert guest.request(encode_attach(1, ENDPOINT)) == Status.OK
-                assert guest.request(encode_map(1, 0x10000, 0x1FFFF, 0x100000)) == Status.OK
+                assert guest.status(encode_attach(1, ENDPOINT)) == Status.OK
+                assert guest.status(encode_map(1, 0x10000, 0x1FFFF, 0x100000)) == Status.OK
             assert mapping_count(program, n_one) == 1 and mapping_count(program, n_other) == 1
-            assert other.request(encode_unmap(1, 0x10000, 0x1FFFF)) == Status.OK
+            assert other.status(encode_unmap(1, 0x10000, 0x1FFFF)) == Status.OK
             assert mapping_count(program, n_one) == 1 and mapping_count(program, n_other) == 0
-            assert other.request(encode_detach(1, ENDPOINT)) == Status.OK
-            assert one.request(encode_map(1, 0x20000, 0x2FFFF, 0x200000)) == Status.OK  # still attached
+            assert other.status(encode_detach(1, ENDPOINT)) == Status.OK
+            assert one.status(encode_map(1, 0x20000, 0x2FFFF, 0x200000)) == Status.OK  # still attached
             assert mapping_count(program, n_one) == 2
     finally:
         assert program.terminate() == 0
@@ -211,19 +184,19 @@ def test_a_mapping_made_by_one_guest_is_not_seen_by_the_other(directory: str) ->
 def test_limits_are_counted_per_guest(directory: str) -> None:
     program = serve(directory, "--max-domains=1", "--max-mappings=2")
     try:
-        with Guest(f"{directory}/viommu.sock0") as one, Guest(f"{directory}/viommu.sock1") as other:
-            assert one.request(encode_attach(1, ENDPOINT)) == Status.OK
-            assert one.request(encode_attach(2, OTHER_ENDPOINT)) == Status.NOMEM  # a second domain
-            assert other.request(encode_attach(2, ENDPOINT)) == Status.OK  # its own first domain
+        with guest_on(f"{directory}/viommu.sock0") as one, guest_on(f"{directory}/viommu.sock1") as other:
+            assert one.status(encode_attach(1, ENDPOINT)) == Status.OK
+            assert one.status(encode_attach(2, OTHER_ENDPOINT)) == Status.NOMEM  # a second domain
+            assert other.status(encode_attach(2, ENDPOINT)) == Status.OK  # its own first domain
             for guest, domain in ((one, 1), (other, 2)):
-                assert guest.request(encode_map(domain, 0x0000, 0x0FFF, 0x100000)) == Status.OK
-                assert guest.request(encode_map(domain, 0x1000, 0x1FFF, 0x101000)) == Status.OK
-            assert one.request(encode_map(1, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
-            assert other.request(encode_map(2, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
+                assert guest.status(encode_map(domain, 0x0000, 0x0FFF, 0x100000)) == Status.OK
+                assert guest.status(encode_map(domain, 0x1000, 0x1FFF, 0x101000)) == Status.OK
+            assert one.status(encode_map(1, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
+            assert other.status(encode_map(2, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
             # Freeing one guest's room gives nothing to the other.
-            assert one.request(encode_unmap(1, 0x0000, 0x0FFF)) == Status.OK
-            assert other.request(encode_map(2, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
-            assert one.request(encode_map(1, 0x2000, 0x2FFF, 0x102000)) == Status.OK
+            assert one.status(encode_unmap(1, 0x0000, 0x0FFF)) == Status.OK
+            assert other.status(encode_map(2, 0x2000, 0x2FFF, 0x102000)) == Status.NOMEM
+            assert one.status(encode_map(1, 0x2000, 0x2FFF, 0x102000)) == Status.OK
     finally:
         assert program.terminate() == 0
         program.close()
@@ -232,12 +205,12 @@ def test_limits_are_counted_per_guest(directory: str) -> None:
 def test_without_limits_a_guest_gets_the_device_defaults(directory: str) -> None:
     program = serve(directory, count=1)
     try:
-        with Guest(f"{directory}/viommu.sock0") as guest:
+        with guest_on(f"{directory}/viommu.sock0") as guest:
             for domain, endpoint in ((1, ENDPOINT), (2, OTHER_ENDPOINT)):
-                assert guest.request(encode_attach(domain, endpoint)) == Status.OK
+                assert guest.status(encode_attach(domain, endpoint)) == Status.OK
             for index in range(3):
                 start = index << 12
-                assert guest.request(encode_map(1, start, start + 0xFFF, 0x100000)) == Status.OK
+                assert guest.status(encode_map(1, start, start + 0xFFF, 0x100000)) == Status.OK
     finally:
         assert program.terminate() == 0
         program.close()
@@ -249,9 +222,9 @@ def test_without_limits_a_guest_gets_the_device_defaults(directory: str) -> None
 def test_a_broken_ring_or_a_disconnect_leaves_the_other_guest_alone(directory: str) -> None:
     program = serve(directory)
     try:
-        with Guest(f"{directory}/viommu.sock1") as bystander:
-            assert bystander.request(encode_attach(1, ENDPOINT)) == Status.OK
-            with Guest(f"{directory}/viommu.sock0") as victim:
+        with guest_on(f"{directory}/viommu.sock1") as bystander:
+            assert bystander.status(encode_attach(1, ENDPOINT)) == Status.OK
+            with guest_on(f"{directory}/viommu.sock0") as victim:
                 # A descriptor that chains to itself: the device must stop serving that guest only.
                 queue = victim.queues[0]
                 buffer = queue.alloc_buffer(b"loop")
@@ -260,13 +233,13 @@ def test_a_broken_ring_or_a_disconnect_leaves_the_other_guest_alone(directory: s
                 victim.frontend.kick(0)
                 assert victim.frontend.wait_error(0, timeout=REPLY_TIMEOUT)
                 assert victim.frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
-                assert bystander.request(encode_map(1, 0, 0xFFF, 0x100000)) == Status.OK
+                assert bystander.status(encode_map(1, 0, 0xFFF, 0x100000)) == Status.OK
                 assert not bystander.frontend.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
             # The victim has gone; its socket takes the next guest with a fresh device.
-            assert bystander.request(encode_map(1, 0x1000, 0x1FFF, 0x101000)) == Status.OK
-            with Guest(f"{directory}/viommu.sock0") as newcomer:
-                assert newcomer.request(encode_map(1, 0, 0xFFF, 0)) == Status.NOENT  # no domain 1 here
-                assert newcomer.request(encode_attach(1, ENDPOINT)) == Status.OK
+            assert bystander.status(encode_map(1, 0x1000, 0x1FFF, 0x101000)) == Status.OK
+            with guest_on(f"{directory}/viommu.sock0") as newcomer:
+                assert newcomer.status(encode_map(1, 0, 0xFFF, 0)) == Status.NOENT  # no domain 1 here
+                assert newcomer.status(encode_attach(1, ENDPOINT)) == Status.OK
             assert mapping_count(program, number_on(program, f"{directory}/viommu.sock1")) == 2
     finally:
         assert program.terminate() == 0
@@ -280,8 +253,8 @@ def test_a_stalled_front_end_does_not_hold_up_a_new_guest(directory: str) -> Non
     try:
         stalled.connect(f"{directory}/viommu.sock1")
         stalled.sendall(b"\x01\x00\x00\x00\x01\x00")
-        with Guest(f"{directory}/viommu.sock0") as newcomer:
-            assert newcomer.request(encode_attach(1, ENDPOINT)) == Status.OK
+        with guest_on(f"{directory}/viommu.sock0") as newcomer:
+            assert newcomer.status(encode_attach(1, ENDPOINT)) == Status.OK
         # The stalled front-end still holds its socket (one front-end per socket): a second one there
         # is closed at once; once the stalled one has gone, the socket takes the next.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second_on_same_socket:
@@ -289,8 +262,8 @@ def test_a_stalled_front_end_does_not_hold_up_a_new_guest(directory: str) -> Non
             second_on_same_socket.settimeout(REPLY_TIMEOUT)
             assert second_on_same_socket.recv(1) == b""
         stalled.close()
-        with Guest(f"{directory}/viommu.sock1") as after_it:
-            assert after_it.request(encode_attach(1, ENDPOINT)) == Status.OK
+        with guest_on(f"{directory}/viommu.sock1") as after_it:
+            assert after_it.status(encode_attach(1, ENDPOINT)) == Status.OK
     finally:
         stalled.close()
         assert program.terminate() == 0
@@ -305,7 +278,7 @@ def test_a_guest_is_served_while_another_floods_its_ring(directory: str) -> None
     flooded: list[int] = []
     failure: list[BaseException] = []
 
-    def flood(guest: Guest) -> None:
+    def flood(guest: IommuDriver) -> None:
         queue = guest.queues[0]
         try:
             while not stop.is_set():
@@ -323,14 +296,14 @@ def test_a_guest_is_served_while_another_floods_its_ring(directory: str) -> None
             failure.append(exc)
 
     try:
-        with Guest(f"{directory}/viommu.sock0") as flooder, Guest(f"{directory}/viommu.sock1") as quiet:
-            assert flooder.request(encode_attach(1, ENDPOINT)) == Status.OK
+        with guest_on(f"{directory}/viommu.sock0") as flooder, guest_on(f"{directory}/viommu.sock1") as quiet:
+            assert flooder.status(encode_attach(1, ENDPOINT)) == Status.OK
             thread = threading.Thread(target=flood, args=(flooder,))
             thread.start()
             try:
                 for index in range(50):
                     endpoint = ENDPOINT + (index % 2) * 8
-                    assert quiet.request(encode_attach(1 + index % 3, endpoint)) == Status.OK
+                    assert quiet.status(encode_attach(1 + index % 3, endpoint)) == Status.OK
             finally:
                 stop.set()
                 thread.join(timeout=30)

@@ -18,9 +18,7 @@ import pytest
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.device import Status
 from vhost_iommu.device.layout import MAP_F_READ, MAP_F_WRITE, encode_attach, encode_map, encode_unmap
-from vhost_iommu.harness.driver_queue import DriverQueue
-from vhost_iommu.harness.frontend import Frontend
-from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.keeper_process import KeeperProcess
 
 pytestmark = pytest.mark.usefixtures("fd_leak_check")
@@ -41,26 +39,6 @@ def keeper() -> Iterator[KeeperProcess]:
             program.close()
 
 
-class Guest:
-    def __init__(self, path: str) -> None:
-        self.frontend = Frontend.connect(path, timeout=TIMEOUT)
-        self.ram = GuestRam(4 << 20)
-        self.requests = DriverQueue(self.ram, 64, event_idx=True)
-        self.events = DriverQueue(self.ram, 8, event_idx=True)
-        self.frontend.start_device(self.ram, [self.requests, self.events])
-
-    def status(self, request: bytes) -> int:
-        head = self.requests.post([request], [4])
-        self.frontend.kick(0)
-        assert self.frontend.wait_used(0, timeout=TIMEOUT), "no answer"
-        assert [used for used, _length in self.requests.used()] == [head]
-        return self.requests.written(head)[0]
-
-    def close(self) -> None:
-        self.frontend.close()
-        self.ram.close()
-
-
 def map_page(page: int) -> bytes:
     return encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0x100_0000 + page * PAGE, RW)
 
@@ -70,38 +48,38 @@ def control(keeper: KeeperProcess, command: str, **arguments: object) -> object:
         return client.call(command, **arguments)
 
 
-def per_type_delay(keeper: KeeperProcess, guest: Guest) -> None:
+def per_type_delay(keeper: KeeperProcess, guest: IommuDriver) -> None:
     control(keeper, "delay", us=2000, type="MAP")
     assert guest.status(map_page(1)) == Status.OK  # answered after the delay
     control(keeper, "delay", us=0, type="MAP")
 
 
-def batch_delay(keeper: KeeperProcess, guest: Guest) -> None:
+def batch_delay(keeper: KeeperProcess, guest: IommuDriver) -> None:
     control(keeper, "delay", us=2000)
     assert guest.status(map_page(1)) == Status.OK
     control(keeper, "delay", us=0)
 
 
-def forced_answer(keeper: KeeperProcess, guest: Guest) -> None:
+def forced_answer(keeper: KeeperProcess, guest: IommuDriver) -> None:
     control(keeper, "inject", type="MAP", status="NOMEM", times=1)
     assert guest.status(map_page(7)) == Status.NOMEM  # forced: page 7 stays unmapped
     assert guest.status(map_page(1)) == Status.OK
 
 
-def forced_rate(keeper: KeeperProcess, guest: Guest) -> None:
+def forced_rate(keeper: KeeperProcess, guest: IommuDriver) -> None:
     control(keeper, "inject-rate", type="UNMAP", status="DEVERR", rate=1.0, seed=1)
     assert guest.status(encode_unmap(1, 0, PAGE - 1)) == Status.DEVERR  # page 0 stays mapped
     control(keeper, "inject-rate", type="UNMAP", status="DEVERR", rate=0)
     assert guest.status(map_page(1)) == Status.OK
 
 
-def conformance_checker(keeper: KeeperProcess, guest: Guest) -> None:
+def conformance_checker(keeper: KeeperProcess, guest: IommuDriver) -> None:
     control(keeper, "conformance-start")
     assert guest.status(map_page(1)) == Status.OK  # served through the device core, watched
     assert control(keeper, "conformance-stop")["total"] == 0  # type: ignore[index]
 
 
-INJECTIONS: dict[str, Callable[[KeeperProcess, Guest], None]] = {
+INJECTIONS: dict[str, Callable[[KeeperProcess, IommuDriver], None]] = {
     "delay --type MAP": per_type_delay,
     "delay": batch_delay,
     "inject": forced_answer,
@@ -114,8 +92,7 @@ INJECTIONS: dict[str, Callable[[KeeperProcess, Guest], None]] = {
 def test_what_an_injection_made_the_device_do_survives_a_worker_kill(
     keeper: KeeperProcess, injection: str
 ) -> None:
-    guest = Guest(keeper.socket)
-    try:
+    with IommuDriver.connect(keeper.socket, ram_size=4 << 20, timeout=TIMEOUT) as guest:
         assert guest.status(encode_attach(1, EP)) == Status.OK
         assert guest.status(map_page(0)) == Status.OK
         INJECTIONS[injection](keeper, guest)
@@ -127,6 +104,4 @@ def test_what_an_injection_made_the_device_do_survives_a_worker_kill(
         if injection == "inject":
             assert guest.status(map_page(7)) == Status.OK
         assert "cannot be taken over" not in keeper.log
-    finally:
-        guest.close()
     assert keeper.terminate() == 0

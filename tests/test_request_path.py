@@ -655,6 +655,11 @@ def test_the_kernel_stops_at_a_broken_chain_without_consuming_it() -> None:
 
 _domains = st.sampled_from([1, 2, 5])
 _pages = st.integers(0, 12)
+U64_MAX = (1 << 64) - 1
+_edges = st.one_of(
+    st.builds(lambda page: page * PAGE, _pages),
+    st.sampled_from([1, PAGE + 1, MSI, MSI - PAGE, 1 << 48, (1 << 48) - PAGE, U64_MAX - PAGE + 1]),
+)
 _request = st.one_of(
     st.builds(
         lambda d, p, n, phys, flags: encode_map(d, p * PAGE, (p + n) * PAGE - 1, phys * PAGE, flags),
@@ -669,10 +674,28 @@ _request = st.one_of(
     ),
     st.builds(lambda d, e: encode_attach(d, EP + e), _domains, st.integers(0, 2)),
     st.builds(lambda d, e: encode_detach(d, EP + e), _domains, st.integers(0, 2)),
+    # Every rule of jit/rules.RULES within reach: bypass domains, a domain outside the range, unaligned
+    # or reserved or out-of-range addresses, a wrapping phys, an UNMAP with its reserved word set.
+    st.builds(lambda d, e: encode_attach(d, EP + e, ATTACH_F_BYPASS), _domains, st.integers(0, 2)),
+    st.builds(
+        lambda d, v, n, p, flags: encode_map(d, v, min(v + n - 1, U64_MAX), p, flags),
+        st.sampled_from([1, 2, 5, 0]),
+        _edges,
+        st.sampled_from([PAGE, 2 * PAGE, PAGE - 1, 1]),
+        _edges,
+        st.sampled_from([MAP_F_READ | MAP_F_WRITE, MAP_F_MMIO, 8]),
+    ),
+    st.builds(
+        lambda d, p, n, reserved: encode_unmap(d, p * PAGE, (p + n) * PAGE - 1, reserved=reserved),
+        _domains,
+        _pages,
+        st.integers(1, 6),
+        st.sampled_from([b"\0\0\0\1", b"\xff\xff\xff\xff"]),
+    ),
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(_request, min_size=1, max_size=20), min_size=1, max_size=4))
 def test_random_request_streams_match(batches: list[list[bytes]]) -> None:
     def scenario(rig: Rig) -> None:

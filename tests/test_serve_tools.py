@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_multi_guest import Guest, Program, directory  # noqa: F401 (directory is a fixture)
+from test_multi_guest import Program, directory, guest_on  # noqa: F401 (directory is a fixture)
 
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.control.options import EXIT_VIOLATIONS
@@ -35,9 +35,9 @@ def test_a_trace_from_the_start_and_strict_conformance(directory: str) -> None: 
     )
     try:
         assert stat.S_IMODE(traces.stat().st_mode) == 0o700
-        with Guest(f"{directory}/viommu.sock") as guest:
+        with guest_on(f"{directory}/viommu.sock") as guest:
             # ATTACH before PROBE: a driver-normative statement broken on purpose.
-            assert guest.request(encode_attach(1, ENDPOINT)) == Status.OK
+            assert guest.status(encode_attach(1, ENDPOINT)) == Status.OK
             with ControlClient(program.control) as client:
                 assert client.call("conformance")["counts"] == {"probe-before-attach": 1}
                 assert client.call("trace-stop")["path"] == str(traces / "boot.jsonl")
@@ -60,8 +60,8 @@ def test_a_trace_from_the_start_and_strict_conformance(directory: str) -> None: 
 def test_warn_reports_but_exits_cleanly(directory: str) -> None:  # noqa: F811
     program = Program(directory, [f"--socket-path={directory}/viommu.sock", "--conformance=warn"])
     try:
-        with Guest(f"{directory}/viommu.sock") as guest:
-            assert guest.request(encode_attach(1, ENDPOINT)) == Status.OK
+        with guest_on(f"{directory}/viommu.sock") as guest:
+            assert guest.status(encode_attach(1, ENDPOINT)) == Status.OK
             with ControlClient(program.control) as client:
                 assert client.call("conformance")["total"] == 1
         assert program.terminate() == 0

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from vhost_iommu.abi import VIRTQ_DESC_F_NEXT
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.driver_queue import DriverQueue
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 #: How long to wait for something that must NOT happen (a notification on a ring that is not served).
 QUIET_PERIOD = 0.3
-VIRTQ_DESC_F_NEXT = 1
 
 
 @pytest.fixture

@@ -89,6 +89,11 @@ class VhostUserBackend(Protocol):
         """Called once per connection before any other call but the feature queries."""
         ...
 
+    def detach(self) -> None:
+        """The connection has ended (called once, last, after the final ``reset``): drop the context and
+        anything else of the connection's, which is released by then (rings, guest memory, fds)."""
+        ...
+
     def memory_changed(self) -> None:
         """The memory table changed (SET_MEM_TABLE, ADD/REM_MEM_REG)."""
         ...

@@ -8,12 +8,16 @@ A region arrives as (guest-physical address, size, front-end user address, mmap 
 
 Views are numpy ``uint8`` arrays straight over the mapping: no copies.
 
-Lifetime of a mapping. A numpy view keeps its mapping alive, so a region is never unmapped under a
-view: removing a region (or closing) drops this object's references, and the ``munmap`` happens when
-the last view of the region dies (immediately if there is none). A view that outlives its region
-therefore still reads and writes the old memory (harmless to this process, never a crash); users such
-as ``SplitQueue`` re-derive their views on ``memory_changed``. The file descriptors are never kept:
-every fd passed in is closed before the call returns, success or failure.
+Lifetime of a mapping. A numpy view keeps its mapping's address range alive, so a region is never
+unmapped under a view (and compiled code that was given a view's raw address never meets unmapped
+memory while the view lives): removing a region drops this object's references, and the ``munmap``
+happens when the last view of the region dies (immediately if there is none). A view that outlives its
+region therefore still reads and writes the old memory (harmless to this process, never a crash); users
+such as ``SplitQueue`` re-derive their views on ``memory_changed``. :meth:`GuestMemory.close` (the
+session is over) does not wait for stray views: it unmaps every region that no view holds and cuts the
+others off the guest's file at once, their range becoming private zero pages until the last view dies, so
+an ended session never pins guest RAM, however long something keeps a view. The file descriptors are
+never kept: every fd passed in is closed before the call returns, success or failure.
 
 Hostile input. Every field is an unsigned 64-bit value from the front-end; sizes of zero, 64-bit
 wraparound, overlaps (in gpa or in uva space), offsets past the end of the file and non-regular files
@@ -30,6 +34,7 @@ import ctypes
 import ctypes.util
 import errno
 import itertools
+import logging
 import mmap
 import os
 import stat
@@ -41,6 +46,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_MEM_SLOTS",
@@ -135,6 +142,15 @@ def _munmap(address: int, length: int) -> None:
     _libc.munmap(address, length)
 
 
+# Private zero pages in place of a released mapping: reads see zeros, writes touch nothing shared, and
+# nothing is reserved against the commit limit for a range that is only waiting for its views to die.
+# The mmap module does not export MAP_FIXED (0x10 on every Linux), nor MAP_NORESERVE before 3.12 (0x4000
+# on x86 and arm; an unknown flag is ignored for a private mapping elsewhere).
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_RELEASED_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
+
+
 class _Mapping:
     """Owns one mmap(2); numpy arrays made from it keep it alive, and it unmaps when collected."""
 
@@ -157,15 +173,28 @@ class _Mapping:
         }
         weakref.finalize(self, _munmap, address, length)
 
+    def release(self) -> None:
+        """Stop mapping the file now, while views may still be alive: the range is replaced in place (one
+        mmap(2) with MAP_FIXED, so no other mapping can slip into it) by private zero pages, which the
+        views read and write harmlessly until the last of them dies and the range is unmapped. Raises
+        GuestMemoryError if the kernel refuses (the file stays mapped until the views die then)."""
+        address = _libc.mmap(
+            self.address, self.length, mmap.PROT_READ | mmap.PROT_WRITE, _RELEASED_FLAGS, -1, 0
+        )
+        if address != self.address:
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"releasing the mapping at {self.address:#x} failed: {os.strerror(err)}")
+
 
 class MemoryRegion:
     """One mapped region. ``data`` is a uint8 view of exactly the region's ``memory_size`` bytes."""
 
-    __slots__ = ("data", "desc")
+    __slots__ = ("_mapping", "data", "desc")
 
-    def __init__(self, desc: MemoryRegionDesc, data: ByteView) -> None:
+    def __init__(self, desc: MemoryRegionDesc, data: ByteView, mapping: _Mapping) -> None:
         self.desc = desc
         self.data = data
+        self._mapping = mapping
 
     @property
     def gpa_start(self) -> int:
@@ -217,7 +246,7 @@ def _map_region(desc: MemoryRegionDesc, fd: int) -> MemoryRegion:
     length = -(-(desc.memory_size + lead) // granule) * granule  # hugetlbfs wants whole pages to unmap
     mapping = _Mapping(fd, length, desc.mmap_offset - lead)
     whole: ByteView = np.asarray(mapping, dtype=np.uint8)
-    return MemoryRegion(desc, whole[lead : lead + desc.memory_size])
+    return MemoryRegion(desc, whole[lead : lead + desc.memory_size], mapping)
 
 
 def _check_no_overlap(descs: Sequence[MemoryRegionDesc]) -> None:
@@ -317,8 +346,17 @@ class GuestMemory:
         self._install(mapped)
 
     def close(self) -> None:
-        """Forget every region (disconnect, reset). Mappings go away when their last views die."""
+        """Forget every region and release its mapping now (the session is over): unmapped if no view is
+        left, else cut off the guest's file (see the module's "Lifetime of a mapping")."""
+        mappings = [weakref.ref(region._mapping) for region in self._by_gpa]
         self._install([])
+        for reference in mappings:
+            mapping = reference()
+            if mapping is not None:  # a view is still alive somewhere
+                try:
+                    mapping.release()
+                except GuestMemoryError as exc:
+                    log.warning("%s; it stays mapped until its last view dies", exc)
 
     def _install(self, regions: list[MemoryRegion]) -> None:
         # Parallel lists of plain ints and arrays: the lookups below are on the per-descriptor path.

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from vhost_iommu.abi import CONFIG_SIZE, QUEUE_COUNT, VIRTIO_ID_IOMMU
 from vhost_iommu.viot import ViotTopology, default_topology, format_bdf
 
 DEFAULT_MEMORY_MIB = 1024
@@ -33,11 +34,6 @@ DEFAULT_FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
 # about 32 s between its banner and "Booting from ROM"; with qboot a whole boot-to-job-done takes 5-8 s.
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 DEFAULT_CHARDEV_ID = "viommu"
-
-# virtio-iommu: requestq and eventq; its config space (struct virtio_iommu_config) is 40 bytes.
-VIRTIO_IOMMU_ID = 23
-VIRTIO_IOMMU_QUEUES = 2
-VIRTIO_IOMMU_CONFIG_SIZE = 40
 
 # The guest's serial console on stdio; panic=-1 reboots at once on a panic, which -no-reboot turns into exit.
 BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1")
@@ -241,8 +237,8 @@ def iommu_group(setup: QemuSetup) -> list[ArgGroup]:
                     "-chardev",
                     f"socket,id={setup.chardev_id},path={setup.socket_path}",
                     "-device",
-                    f"vhost-user-test-device-pci,chardev={setup.chardev_id},virtio-id={VIRTIO_IOMMU_ID},"
-                    f"num_vqs={VIRTIO_IOMMU_QUEUES},config_size={VIRTIO_IOMMU_CONFIG_SIZE},{address}",
+                    f"vhost-user-test-device-pci,chardev={setup.chardev_id},virtio-id={VIRTIO_ID_IOMMU},"
+                    f"num_vqs={QUEUE_COUNT},config_size={CONFIG_SIZE},{address}",
                 ),
             ),
             ArgGroup(

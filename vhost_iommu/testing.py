@@ -100,6 +100,8 @@ class GuestShell:
     def wait_until(self, condition: str, timeout: float = COMMAND_TIMEOUT) -> None:
         """Wait until the guest shell ``condition`` succeeds (a fault line in ``dmesg``, an interrupt
         count that moved): it is tried again every 20 ms in the guest; GuestTimeout after ``timeout``."""
+        # Polled: a guest shell cannot block on a kernel log line (busybox dmesg has no --follow) or on a
+        # counter in /proc.
         self.check(f"until {condition}; do usleep 20000; done", timeout)
 
     @property

@@ -30,9 +30,22 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu.abi import (
+    EVENT_QUEUE,
+    F_MAP_UNMAP,
+    F_MMIO,
+    FAULT_SIZE,
+    J_NO_STATUS,
+    J_QUEUE_SHIFT,
+    MAX_QUEUE_SIZE,
+    QUEUE_COUNT,
+    REQUEST_QUEUE,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, ReservedRegion, Topology, snapshot
-from vhost_iommu.device.layout import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
@@ -54,14 +67,7 @@ from vhost_iommu.virtqueue import DescriptorChain, QueueError, SplitQueue
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE = 0
-EVENT_QUEUE = 1
-
-VIRTIO_F_VERSION_1 = 1 << 32
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 RING_FEATURES = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-FAULT_EVENT_SIZE = 24  # struct virtio_iommu_fault
 
 
 _MAX_GROWTHS = 3
@@ -104,9 +110,11 @@ class CompiledRequestPath:
 
     The kernel works on raw addresses of the ring views and of guest memory: the ring's come with its
     state record (``SplitQueue.state``, which the kernel reads and advances in place: the ring's position
-    has no other copy), guest memory's from `FlatRegions`, which this class holds for as long as it uses
-    the addresses. Its own words (``params``) are the device's side: features, domain range, granule,
-    input range, polling, budget, journal.
+    has no other copy; the SplitQueue holds the views), guest memory's from `FlatRegions`, which this
+    class holds for as long as it uses the addresses: from a call until ``unbind``, which the back-end
+    calls when the ring stops, the memory changes or the device resets, so that nothing here keeps an
+    ended session's guest RAM mapped. Its own words (``params``) are the device's side: features, domain
+    range, granule, input range, polling, budget, journal.
 
     It relies on this back-end completing every chain before it returns (no chain stays in flight), so
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
@@ -176,6 +184,16 @@ class CompiledRequestPath:
     def set_polling(self, enabled: bool) -> None:
         """Turn this path's own poll window on or off (the kick thread polls in its loop instead)."""
         self._params[kernel.R_POLL_TICKS] = self.poll_ticks if enabled else 0
+
+    def unbind(self) -> None:
+        """Drop guest memory's regions (and the chain left to the Python path, with its ring's record);
+        the next call binds afresh. Only while no kernel runs with this path's arguments (the kick thread
+        parked or gone): the addresses it was given may be unmapped once these views are dropped."""
+        self._memory = None
+        self._memory_generation = -1
+        self._memory_flat = None
+        self._memory_table = np.zeros((0, 3), np.uint64)
+        self._left = None
 
     def _bind(self, memory: GuestMemory) -> None:
         if memory is not self._memory or memory.generation != self._memory_generation:
@@ -612,9 +630,9 @@ class _HeldChain:
 class VirtioIommuBackend:
     """One virtio-iommu device, for the life of one front-end connection."""
 
-    num_queues = 2
+    num_queues = QUEUE_COUNT
     # The spec's largest split ring; QEMU's generic device asks for 64 unless told `vq_size=`.
-    max_queue_size = 32768
+    max_queue_size = MAX_QUEUE_SIZE
 
     def __init__(
         self,
@@ -741,14 +759,29 @@ class VirtioIommuBackend:
         if self._state_dir is not None and key is not None:
             self._persistence = Persistence(self._state_dir.guest(key), slots=self._journal_slots)
 
+    def detach(self) -> None:
+        self.context = None
+
     def memory_changed(self) -> None:
-        pass
+        self._unbind_compiled()
 
     def reset(self) -> None:
         self.release_kick_fd(REQUEST_QUEUE)  # the server releases it first; this keeps reset() safe alone
         self._drop_held()
+        self._unbind_compiled()
         self._reset_device()
         self._log(KIND_RESET, 0)
+
+    def _unbind_compiled(self) -> None:
+        """The compiled path lets go of the ring's and guest memory's views (the next serve binds again),
+        so that a ring or memory region the server drops is unmapped at once, not when this back-end is
+        collected. A requestq thread is parked meanwhile: its kernel works on those views' addresses."""
+        compiled = self._compiled
+        if compiled is None:
+            return
+        thread = self._kick_thread
+        with thread.parked() if thread is not None else contextlib.nullcontext():
+            compiled.unbind()
 
     def _reset_device(self) -> None:
         self.device.reset()
@@ -779,12 +812,14 @@ class VirtioIommuBackend:
         self.queue_kicked(index)
 
     def queue_stopped(self, index: int) -> None:
-        held = self._held
-        if index == REQUEST_QUEUE and held is not None:
-            # A chain held for an added latency goes back to the ring unserved: the next start serves it.
-            self._drop_held()
-            if held.ring is self._ring(index):
-                held.ring.give_back(held.chain)
+        if index == REQUEST_QUEUE:
+            held = self._held
+            if held is not None:
+                # A chain held for an added latency goes back to the ring unserved: the next start serves it.
+                self._drop_held()
+                if held.ring is self._ring(index):
+                    held.ring.give_back(held.chain)
+            self._unbind_compiled()
 
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
@@ -975,7 +1010,7 @@ class VirtioIommuBackend:
             chain.write(response)
         if journal is not None:
             word1, word2 = request_words(
-                response[used_length - 4] if used_length >= 4 else kernel.J_NO_STATUS,
+                response[used_length - 4] if used_length >= 4 else J_NO_STATUS,
                 used_length,
                 (ring.next_avail - 1) & 0xFFFF,
                 ring.used_idx,
@@ -997,12 +1032,6 @@ class VirtioIommuBackend:
         held = self._held = _HeldChain(ring, chain, request)
         held.timer = loop.call_later(microseconds / 1e6, self.release_held)
         return True
-
-    @property
-    def held_request(self) -> int | None:
-        """The type byte of the request held for an added latency (-1: empty), or None."""
-        held = self._held
-        return None if held is None else (held.request[0] if held.request else -1)
 
     def release_held(self) -> None:
         """Serve the chain held for an added latency now (its delay passed, or was taken off), then the
@@ -1063,7 +1092,7 @@ class VirtioIommuBackend:
         with thread.parked() if thread is not None else contextlib.nullcontext():
             journal = self._journal_with_room(live=live)
             if journal is not None:
-                journal.append(kind | queue << 16, value)
+                journal.append(kind | queue << J_QUEUE_SHIFT, value)
 
     def _log_tool_changes(self) -> None:
         """Journal what a tool (the control channel) changed: tools change the device on the loop, inside
@@ -1219,7 +1248,7 @@ class VirtioIommuBackend:
                 chain = ring.pop()
                 if chain is None:
                     break
-                if chain.writable_len < FAULT_EVENT_SIZE:
+                if chain.writable_len < FAULT_SIZE:
                     # A driver-normative violation (eventq buffers hold a whole event); give the buffer back
                     # empty rather than truncate an event into it.
                     ring.push_used(chain.head, 0)

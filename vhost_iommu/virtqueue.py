@@ -31,10 +31,21 @@ a full fence is issued (a numba-compiled ``fence seq_cst``, ``lock or`` on x86).
 from __future__ import annotations
 
 import platform
+import struct
 
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu.abi import (
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    MAX_QUEUE_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
 from vhost_iommu.jit.barriers import full_fence as _full_fence
 from vhost_iommu.jit.requests import (
     Q_AVAIL,
@@ -57,6 +68,8 @@ from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
 __all__ = [
     "DESC_DTYPE",
     "DESC_SIZE",
+    "DESC_STRUCT",
+    "MAX_CHAIN_BYTES",
     "MAX_QUEUE_SIZE",
     "VIRTQ_AVAIL_F_NO_INTERRUPT",
     "VIRTQ_DESC_F_INDIRECT",
@@ -71,17 +84,10 @@ __all__ = [
     "vring_need_event",
 ]
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-
-MAX_QUEUE_SIZE = 32768
-DESC_SIZE = 16
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
-# "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total."
-MAX_CHAIN_BYTES = 1 << 32
+DESC_STRUCT = struct.Struct("<QIHH")
+"""The same layout for ``struct`` users: addr, len, flags, next."""
+assert DESC_DTYPE.itemsize == DESC_STRUCT.size == DESC_SIZE
 
 _STRONGLY_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from vhost_iommu import __version__
+from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
 from vhost_iommu.control.instrument import ConnectionTools
 from vhost_iommu.control.protocol import (
@@ -46,7 +47,7 @@ from vhost_iommu.device import (
     Translation,
 )
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
-from vhost_iommu.protocol.constants import ProtocolFeature
+from vhost_iommu.protocol.constants import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from vhost_iommu.trace import (
     DEFAULT_KEEP,
     DEFAULT_MAX_BYTES,
@@ -63,7 +64,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Names of the transport feature bits the device's own table does not name.
-TRANSPORT_FEATURE_NAMES = {28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX", 30: "PROTOCOL_FEATURES"}
+TRANSPORT_FEATURE_NAMES = {
+    mask.bit_length() - 1: name
+    for mask, name in (
+        (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
+    )
+}
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 MAX_DELAY_US = 10_000_000  # 10 s: longer would only trip the guest's soft-lockup detector

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from time import perf_counter_ns
 
+from vhost_iommu.abi import S_OK
 from vhost_iommu.device import mapping
 from vhost_iommu.device.config import ConfigSpace
 from vhost_iommu.device.domains import DomainInfo, Domains
@@ -43,13 +44,9 @@ from vhost_iommu.device.layout import (
     F_VERSION_1,
     HEAD,
     MAP,
-    MAP_F_MMIO,
-    MAP_F_READ,
-    MAP_F_WRITE,
     PROBE,
     READABLE_SIZE,
     TAIL_SIZE,
-    U64_MAX,
     UNMAP,
     FaultEvent,
     FaultReason,
@@ -63,8 +60,9 @@ from vhost_iommu.device.mapping import MappingStore, default_store
 from vhost_iommu.device.observers import DeviceObserver, RateInjection
 from vhost_iommu.device.topology import ReservedRegion, Topology
 from vhost_iommu.device.translation import Fault, Translation, translate
+from vhost_iommu.jit import rules
 
-_STATUS_TAILS = {status: bytes((status, 0, 0, 0)) for status in Status}
+_STATUS_TAILS = [bytes((status, 0, 0, 0)) for status in range(len(Status))]  # indexed by status
 _ZERO4 = bytes(4)
 # Plain ints for the per-request dispatch (comparisons with IntEnum members cost a Python call each).
 _ATTACH, _DETACH, _MAP, _UNMAP, _PROBE = (int(kind) for kind in RequestType)
@@ -211,6 +209,7 @@ class IommuDevice:
             if rate.draw():
                 return self._forced_status(rate.status, writable_size)
 
+        status: int
         if request_type == _PROBE:
             properties_size = writable_size - TAIL_SIZE
             if len(request) != readable_size:
@@ -306,68 +305,58 @@ class IommuDevice:
         _type, _head_reserved, domain, endpoint, _reserved = DETACH.unpack(request)
         return self.domain_table.detach(endpoint, domain)
 
-    def _map(self, request: bytes | memoryview) -> Status:
-        if not self.acked_features & F_MAP_UNMAP:
-            return Status.UNSUPP
+    def _map(self, request: bytes | memoryview) -> int:
+        # The rules are the compiled request path's own (jit/rules.py), run here as Python.
         _type, _head_reserved, domain, virt_start, virt_end, phys_start, flags = MAP.unpack(request)
-        known_flags = MAP_F_READ | MAP_F_WRITE | (MAP_F_MMIO if self.acked_features & F_MMIO else 0)
-        if flags & ~known_flags:
-            return Status.INVAL
+        acked = self.acked_features
         domains = self.domain_table
-        index = domain - domains.first
-        if not 0 <= index < domains.size:
-            return Status.RANGE
-        if not domains.exists[index]:
-            return Status.NOENT
-        if domains.bypass[index]:
-            return Status.INVAL
-        if virt_end < virt_start:
-            return Status.INVAL
-        granule_mask = self.granule - 1
-        if virt_start & granule_mask or phys_start & granule_mask or (virt_end + 1) & granule_mask:
-            return Status.RANGE
+        regions = domains.regions
         topology = self.topology
-        if virt_start < topology.input_start or virt_end > topology.input_end:
-            return Status.RANGE
-        if phys_start + (virt_end - virt_start) > U64_MAX:
-            return Status.RANGE
-        if domains.reserved_overlap(domain, virt_start, virt_end):
-            return Status.RANGE
+        index = domain - domains.first
+        status = rules.map_status(
+            bool(acked & F_MAP_UNMAP),
+            bool(acked & F_MMIO),
+            index,
+            domains.exists,
+            domains.bypass,
+            domains.resv_set,
+            regions.starts,
+            regions.ends,
+            regions.offsets,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+            self.granule,
+            topology.input_start,
+            topology.input_end,
+        )
+        if status != S_OK:
+            return status
         result = self.store.map(domain, virt_start, virt_end, phys_start, flags)
         if result == mapping.OK:
             domains.mapping_count[index] += 1
-            return Status.OK
-        if result == mapping.OVERLAP:
-            return Status.INVAL
-        if result == mapping.LIMIT:
-            return Status.NOMEM
-        return Status.DEVERR
+        return rules.mapped_status(result)
 
-    def _unmap(self, request: bytes | memoryview) -> Status:
-        if not self.acked_features & F_MAP_UNMAP:
-            return Status.UNSUPP
+    def _unmap(self, request: bytes | memoryview) -> int:
         _type, _head_reserved, domain, virt_start, virt_end, reserved = UNMAP.unpack(request)
-        if reserved != _ZERO4:
-            # The spec lets the device answer INVAL and still unmap; refusing outright keeps a rejected
-            # request free of side effects.
-            return Status.INVAL
         domains = self.domain_table
         index = domain - domains.first
-        if not 0 <= index < domains.size:
-            return Status.RANGE
-        if not domains.exists[index]:
-            return Status.NOENT
-        if domains.bypass[index]:
-            return Status.INVAL
-        if virt_end < virt_start:
-            return Status.INVAL
+        status = rules.unmap_status(
+            bool(self.acked_features & F_MAP_UNMAP),
+            int.from_bytes(reserved, "little"),
+            index,
+            domains.exists,
+            domains.bypass,
+            virt_start,
+            virt_end,
+        )
+        if status != S_OK:
+            return status
         result, removed = self.store.unmap(domain, virt_start, virt_end)
         if result == mapping.OK:
             domains.mapping_count[index] -= removed
-            return Status.OK
-        if result == mapping.SPLIT:
-            return Status.RANGE
-        return Status.DEVERR
+        return rules.unmapped_status(result)
 
     def _probe(self, request: bytes | memoryview, properties_size: int) -> tuple[bytes, Status]:
         if not self.acked_features & F_PROBE:

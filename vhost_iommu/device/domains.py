@@ -38,7 +38,8 @@ class RegionSets:
     A MAP is refused when it overlaps a reserved region of any endpoint attached to the domain, so each
     domain points at the union of its endpoints' regions. Unions are memoised: endpoints of one PCI range
     share one set and a domain of such endpoints shares it too.
-    Flat arrays (``starts``, ``ends``, ``offsets``) hold the same data for compiled code.
+    Flat arrays (``starts``, ``ends``, ``offsets``) hold the same data for the MAP rule
+    (``vhost_iommu.jit.rules.reserved_overlap``), compiled or not.
     """
 
     def __init__(self) -> None:
@@ -79,13 +80,6 @@ class RegionSets:
 
     def intervals(self, set_id: int) -> tuple[tuple[int, int], ...]:
         return self._intervals[set_id]
-
-    def overlaps(self, set_id: int, start: int, last: int) -> bool:
-        # A plain loop, not any(generator): this runs on every MAP and the generator costs a microsecond.
-        for low, high in self._intervals[set_id]:  # noqa: SIM110
-            if low <= last and start <= high:
-                return True
-        return False
 
 
 def _merge(intervals: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
@@ -181,10 +175,6 @@ class Domains:
             int(self.mapping_count[index]),
             self.regions.intervals(int(self.resv_set[index])),
         )
-
-    def reserved_overlap(self, domain: int, start: int, last: int) -> bool:
-        """Does [start, last] touch a reserved region of an endpoint attached to ``domain``?"""
-        return self.regions.overlaps(int(self.resv_set[domain - self.first]), start, last)
 
     # -- reserved regions --------------------------------------------------------------------------------
 

@@ -11,16 +11,124 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-# -- feature bits (device-specific, plus VERSION_1) --------------------------------------------------------
+from vhost_iommu import abi
+from vhost_iommu.abi import (
+    ATTACH_F_BYPASS,
+    ATTACH_SIZE,
+    CONFIG_BYPASS,
+    CONFIG_DOMAIN_RANGE,
+    CONFIG_INPUT_RANGE,
+    CONFIG_PAGE_SIZE_MASK,
+    CONFIG_PROBE_SIZE,
+    CONFIG_SIZE,
+    DETACH_SIZE,
+    EVENT_QUEUE,
+    F_BYPASS,
+    F_BYPASS_CONFIG,
+    F_DOMAIN_RANGE,
+    F_INPUT_RANGE,
+    F_MAP_UNMAP,
+    F_MMIO,
+    F_PROBE,
+    FAULT_F_ADDRESS,
+    FAULT_F_EXEC,
+    FAULT_F_READ,
+    FAULT_F_WRITE,
+    FAULT_SIZE,
+    MAP_F_MMIO,
+    MAP_F_READ,
+    MAP_F_WRITE,
+    MAP_SIZE,
+    PROBE_SIZE,
+    PROBE_T_MASK,
+    PROBE_T_NONE,
+    PROBE_T_RESV_MEM,
+    REQUEST_QUEUE,
+    RESV_MEM_SIZE,
+    TAIL_SIZE,
+    U32_MAX,
+    U64_MAX,
+    UNMAP_SIZE,
+)
+from vhost_iommu.abi import VIRTIO_F_VERSION_1 as F_VERSION_1
 
-F_INPUT_RANGE = 1 << 0
-F_DOMAIN_RANGE = 1 << 1
-F_MAP_UNMAP = 1 << 2
-F_BYPASS = 1 << 3  # legacy; superseded by F_BYPASS_CONFIG and never offered by this device
-F_PROBE = 1 << 4
-F_MMIO = 1 << 5
-F_BYPASS_CONFIG = 1 << 6
-F_VERSION_1 = 1 << 32
+__all__ = [
+    "ATTACH",
+    "ATTACH_F_BYPASS",
+    "ATTACH_SIZE",
+    "CONFIG",
+    "CONFIG_BYPASS",
+    "CONFIG_DOMAIN_RANGE",
+    "CONFIG_INPUT_RANGE",
+    "CONFIG_PAGE_SIZE_MASK",
+    "CONFIG_PROBE_SIZE",
+    "CONFIG_SIZE",
+    "DETACH",
+    "DETACH_SIZE",
+    "EVENT_QUEUE",
+    "FAULT",
+    "FAULT_F_ADDRESS",
+    "FAULT_F_EXEC",
+    "FAULT_F_READ",
+    "FAULT_F_WRITE",
+    "FAULT_SIZE",
+    "FEATURE_NAMES",
+    "F_BYPASS",
+    "F_BYPASS_CONFIG",
+    "F_DOMAIN_RANGE",
+    "F_INPUT_RANGE",
+    "F_MAP_UNMAP",
+    "F_MMIO",
+    "F_PROBE",
+    "F_VERSION_1",
+    "HEAD",
+    "MAP",
+    "MAP_F_MMIO",
+    "MAP_F_READ",
+    "MAP_F_WRITE",
+    "MAP_SIZE",
+    "PROBE",
+    "PROBE_SIZE",
+    "PROBE_T_MASK",
+    "PROBE_T_NONE",
+    "PROBE_T_RESV_MEM",
+    "PROPERTY_HEAD",
+    "READABLE_SIZE",
+    "REQUEST_QUEUE",
+    "RESV_MEM",
+    "RESV_MEM_SIZE",
+    "TAIL",
+    "TAIL_SIZE",
+    "U32_MAX",
+    "U64_MAX",
+    "UNMAP",
+    "UNMAP_SIZE",
+    "Access",
+    "ConfigFields",
+    "FaultEvent",
+    "FaultReason",
+    "RequestType",
+    "ResvMemProperty",
+    "ResvMemType",
+    "Status",
+    "UnknownProperty",
+    "decode_config",
+    "decode_fault",
+    "decode_properties",
+    "decode_status",
+    "encode_attach",
+    "encode_detach",
+    "encode_fault",
+    "encode_map",
+    "encode_probe",
+    "encode_resv_mem",
+    "encode_tail",
+    "encode_unmap",
+    "feature_names",
+    "writable_size",
+]
+
+# -- numbers (defined in vhost_iommu.abi, named here as the device core and its tools use them) ----------
 
 FEATURE_NAMES: dict[int, str] = {
     F_INPUT_RANGE: "INPUT_RANGE",
@@ -33,58 +141,36 @@ FEATURE_NAMES: dict[int, str] = {
     F_VERSION_1: "VERSION_1",
 }
 
-REQUEST_QUEUE = 0
-EVENT_QUEUE = 1
-
 
 class RequestType(IntEnum):
-    ATTACH = 1
-    DETACH = 2
-    MAP = 3
-    UNMAP = 4
-    PROBE = 5
+    ATTACH = abi.T_ATTACH
+    DETACH = abi.T_DETACH
+    MAP = abi.T_MAP
+    UNMAP = abi.T_UNMAP
+    PROBE = abi.T_PROBE
 
 
 class Status(IntEnum):
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
-    DEVERR = 3
-    INVAL = 4
-    RANGE = 5
-    NOENT = 6
-    FAULT = 7
-    NOMEM = 8
-
-
-ATTACH_F_BYPASS = 1 << 0
-
-MAP_F_READ = 1 << 0
-MAP_F_WRITE = 1 << 1
-MAP_F_MMIO = 1 << 2
-
-PROBE_T_NONE = 0
-PROBE_T_RESV_MEM = 1
-PROBE_T_MASK = 0x0FFF
+    OK = abi.S_OK
+    IOERR = abi.S_IOERR
+    UNSUPP = abi.S_UNSUPP
+    DEVERR = abi.S_DEVERR
+    INVAL = abi.S_INVAL
+    RANGE = abi.S_RANGE
+    NOENT = abi.S_NOENT
+    FAULT = abi.S_FAULT
+    NOMEM = abi.S_NOMEM
 
 
 class ResvMemType(IntEnum):
-    RESERVED = 0
-    MSI = 1
+    RESERVED = abi.RESV_MEM_T_RESERVED
+    MSI = abi.RESV_MEM_T_MSI
 
 
 class FaultReason(IntEnum):
-    UNKNOWN = 0
-    DOMAIN = 1
-    MAPPING = 2
-
-
-FAULT_F_READ = 1 << 0
-FAULT_F_WRITE = 1 << 1
-# Not in the virtio 1.3 text of struct virtio_iommu_fault, but defined with this value by the
-# virtio_iommu.h header that Linux and QEMU share, and decoded by the Linux driver ("X").
-FAULT_F_EXEC = 1 << 2
-FAULT_F_ADDRESS = 1 << 8
+    UNKNOWN = abi.FAULT_R_UNKNOWN
+    DOMAIN = abi.FAULT_R_DOMAIN
+    MAPPING = abi.FAULT_R_MAPPING
 
 
 class Access(IntFlag):
@@ -109,29 +195,14 @@ PROPERTY_HEAD = struct.Struct("<HH")  # virtio_iommu_probe_property: type (12 bi
 RESV_MEM = struct.Struct("<HHB3sQQ")  # property head, subtype, reserved[3], start, end
 FAULT = struct.Struct("<B3sIIIQ")  # reason, reserved[3], flags, endpoint, reserved1, address
 
-TAIL_SIZE = TAIL.size
-CONFIG_SIZE = CONFIG.size
-FAULT_SIZE = FAULT.size
-RESV_MEM_SIZE = RESV_MEM.size
-
 # The device-readable size of each request: the whole struct without its tail.
 READABLE_SIZE: dict[int, int] = {
-    RequestType.ATTACH: ATTACH.size,
-    RequestType.DETACH: DETACH.size,
-    RequestType.MAP: MAP.size,
-    RequestType.UNMAP: UNMAP.size,
-    RequestType.PROBE: PROBE.size,
+    RequestType.ATTACH: ATTACH_SIZE,
+    RequestType.DETACH: DETACH_SIZE,
+    RequestType.MAP: MAP_SIZE,
+    RequestType.UNMAP: UNMAP_SIZE,
+    RequestType.PROBE: PROBE_SIZE,
 }
-
-# Byte offsets of the config fields (struct virtio_iommu_config).
-CONFIG_PAGE_SIZE_MASK = 0
-CONFIG_INPUT_RANGE = 8
-CONFIG_DOMAIN_RANGE = 24
-CONFIG_PROBE_SIZE = 32
-CONFIG_BYPASS = 36
-
-U32_MAX = (1 << 32) - 1
-U64_MAX = (1 << 64) - 1
 
 
 # -- request builders (driver side) ------------------------------------------------------------------------

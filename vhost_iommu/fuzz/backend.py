@@ -25,13 +25,14 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
+from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.device.layout import encode_attach, encode_detach, encode_map, encode_probe, encode_unmap
 from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.memory import GuestMemory
-from vhost_iommu.server.handler import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 from vhost_iommu.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -46,7 +47,6 @@ MAIN_SIZE = 64 * 1024
 EXTRA_SIZE = 16 * 1024
 DESC, AVAIL, USED = 0x0000, 0x1000, 0x2000  # ring offsets in the main RAM
 BUFFERS = 0x4000
-_DESC = struct.Struct("<QIHH")
 DOMAINS = range(1, 5)
 ENDPOINTS = (0x20, 0x21, 0x22)
 

@@ -30,6 +30,7 @@ from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
+    MAX_CHAIN_BYTES,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -38,6 +39,7 @@ from vhost_iommu.virtqueue import (
     SplitQueue,
     ring_sizes,
 )
+from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 
 __all__ = ["ChainsTarget"]
 
@@ -45,7 +47,6 @@ GPA_BASE = 0x1_0000_0000
 MAIN_SIZE = 64 * 1024
 EXTRA_SIZE = 16 * 1024
 BUFFERS = 16 * 1024  # offset in the main RAM where buffers and indirect tables go (rings go below)
-_DESC = struct.Struct("<QIHH")
 _FLAG_CHOICES = (
     0,
     VIRTQ_DESC_F_NEXT,
@@ -116,7 +117,7 @@ class _Reference:
                     return "readable after writable"
                 readable.append((address, length))
                 readable_len += length
-            if readable_len + writable_len > 1 << 32:
+            if readable_len + writable_len > MAX_CHAIN_BYTES:
                 return "chain too long"
             if not flags & VIRTQ_DESC_F_NEXT:
                 return readable, readable_len, writable_len

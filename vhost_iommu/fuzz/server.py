@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Hashable, Iterable
 
+from vhost_iommu.abi import VIRTIO_F_VERSION_1
 from vhost_iommu.device.layout import encode_attach, encode_map, encode_probe, encode_unmap
 from vhost_iommu.fuzz.codec import _message
 from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, open_fd_count
@@ -49,7 +50,8 @@ from vhost_iommu.protocol import (
 )
 from vhost_iommu.server import new_event_loop
 from vhost_iommu.server.handler import OFFERED_PROTOCOL_FEATURES
-from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtio_iommu import RING_FEATURES, VirtioIommuBackend
+from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 
 __all__ = ["ServerTarget"]
 
@@ -59,7 +61,6 @@ QUEUE_SIZE = 16
 # Fixed ring layout for the two queues (offsets in the RAM), buffers above.
 RINGS = ((0x0000, 0x1000, 0x2000), (0x3000, 0x4000, 0x5000))
 BUFFERS = 0x10000
-_DESC = struct.Struct("<QIHH")
 F = FrontendRequest
 
 
@@ -248,7 +249,7 @@ class ServerTarget(FuzzTarget):
         if kind == 0:
             return encode(F.GET_FEATURES), []
         if kind == 1:
-            offered = (1 << 32) | 0x7F | VHOST_USER_F_PROTOCOL_FEATURES | (3 << 28)
+            offered = VIRTIO_F_VERSION_1 | 0x7F | VHOST_USER_F_PROTOCOL_FEATURES | RING_FEATURES
             value = offered if choices.chance(200) else choices.u64()
             return encode(F.SET_FEATURES, U64(value), need_reply=need_reply), []
         if kind == 2:

@@ -3,11 +3,15 @@
 * :class:`~vhost_iommu.harness.frontend.Frontend`: blocking vhost-user front-end over a unix socket;
 * :class:`~vhost_iommu.harness.echo.EchoBackend`: a two-queue echo device for exercising the server;
 * :class:`~vhost_iommu.harness.background.RunningServer`: the server on a background thread (no pytest);
-* ``vhost_iommu.harness.pytest_plugin``: fixtures (server in a thread, connected front-end, fd-leak check);
+  ``running_server(factory)`` one on a private socket for a ``with`` block;
+* :class:`~vhost_iommu.harness.iommu_driver.IommuDriver`: a virtio-iommu driver on a front-end (rings
+  started, requests sent and their answers checked);
+* ``vhost_iommu.harness.pytest_plugin``: fixtures (server in a thread, connected front-end, a served device
+  with an attached endpoint, fd-leak check);
 * ``guest_ram.GuestRam`` and ``driver_queue.DriverQueue``: memfd RAM and driver-side split rings.
 """
 
-from vhost_iommu.harness.background import RunningServer
+from vhost_iommu.harness.background import RunningServer, running_server
 from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import (
     Frontend,
@@ -15,12 +19,15 @@ from vhost_iommu.harness.frontend import (
     FrontendTimeout,
     RequestFailedError,
 )
+from vhost_iommu.harness.iommu_driver import IommuDriver
 
 __all__ = [
     "EchoBackend",
     "Frontend",
     "FrontendError",
     "FrontendTimeout",
+    "IommuDriver",
     "RequestFailedError",
     "RunningServer",
+    "running_server",
 ]

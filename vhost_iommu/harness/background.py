@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -134,3 +135,16 @@ class RunningServer:
         self._serving.result(0)
         if self.loop_errors:
             raise RuntimeError(f"unhandled errors on the server's event loop: {self.loop_errors}")
+
+
+@contextlib.contextmanager
+def running_server(backend_factory: Callable[[], VhostUserBackend]) -> Iterator[RunningServer]:
+    """A :class:`RunningServer` on a socket in a private temporary directory (``server.path``'s), stopped
+    and the directory removed at the end."""
+    # A short directory: unix socket paths are limited to 108 bytes and pytest's tmp_path can exceed it.
+    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
+        server = RunningServer(backend_factory, os.path.join(directory, "sock"))
+        try:
+            yield server
+        finally:
+            server.stop()

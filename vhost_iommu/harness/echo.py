@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import threading
 
+from vhost_iommu.abi import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.backend import BackendContext
 
-VIRTIO_F_VERSION_1 = 1 << 32
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 ECHO_CONFIG_SIZE = 8
 
 
@@ -69,6 +67,9 @@ class EchoBackend:
 
     def attach(self, context: BackendContext) -> None:
         self.context = context
+
+    def detach(self) -> None:
+        self.context = None
 
     def memory_changed(self) -> None:
         self._record("memory_changed")

@@ -33,6 +33,13 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
+from vhost_iommu.abi import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_RING_F_EVENT_IDX,
+)
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.protocol import (
@@ -69,12 +76,6 @@ from vhost_iommu.protocol.constants import (
 
 #: What QEMU 10.2 keeps of the protocol features a back-end offers (VHOST_USER_PROTOCOL_FEATURE_MASK).
 QEMU_PROTOCOL_FEATURE_MASK = (1 << 20) - 1
-
-VIRTIO_CONFIG_S_ACKNOWLEDGE = 0x01
-VIRTIO_CONFIG_S_DRIVER = 0x02
-VIRTIO_CONFIG_S_DRIVER_OK = 0x04
-VIRTIO_CONFIG_S_FEATURES_OK = 0x08
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
 
 
 class FrontendError(Exception):

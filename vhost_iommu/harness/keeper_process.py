@@ -8,6 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from vhost_iommu.control.client import ControlClient
 
@@ -82,6 +85,16 @@ class KeeperProcess:
             self.wait_for(TAKEOVER_LINE, taken_over + 1)
         return pid
 
+    def stop_worker(self) -> StoppedWorker:
+        """SIGSTOP the serving worker; return once every thread of it has stopped, with what its eventfds
+        held then (see :meth:`StoppedWorker.wait_kicked`)."""
+        pid = self.worker()
+        os.kill(pid, signal.SIGSTOP)
+        # The kernel stops each thread as it next runs and tells only the parent (the keeper, with
+        # waitpid): /proc is where anyone else sees it.
+        assert poll_until(lambda: all_threads_stopped(pid), self.timeout), f"worker {pid} did not stop"
+        return StoppedWorker(pid, eventfd_counts(pid))
+
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         status = self.process.wait(timeout=self.timeout)
@@ -113,3 +126,62 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(name))
     return found
+
+
+@dataclass(frozen=True)
+class StoppedWorker:
+    """A device worker held by SIGSTOP, and the counts of its eventfds when it stopped."""
+
+    pid: int
+    counts_at_stop: dict[int, int]
+
+    def kicked(self) -> bool:
+        """Whether an eventfd of the worker has counted up since it stopped. Nothing of the worker runs to
+        read one, and the only writers of its eventfds besides itself are the front-end's notifications:
+        the guest's driver published a request on a ring and notified the device."""
+        now = eventfd_counts(self.pid)
+        return any(count > self.counts_at_stop.get(fd, 0) for fd, count in now.items())
+
+    def wait_kicked(self, timeout: float) -> bool:
+        """Wait until :meth:`kicked`; False on timeout. A driver that was told not to notify (a device
+        polling its ring: EVENT_IDX or NO_NOTIFY) posts without a kick, and this cannot see it."""
+        # Polled: an eventfd of a stopped process wakes only its own readers.
+        return poll_until(self.kicked, timeout)
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+
+def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Ask ``condition`` every ``interval`` seconds until it holds (True) or ``timeout`` has passed
+    (False). Only for conditions that nothing signals (another process's state, a counter that only
+    answers when asked); anything that can be waited on is waited on instead."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped by a signal (state T in /proc)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as handle:
+            states.append(handle.read().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state == "T" for state in states)
+
+
+def eventfd_counts(pid: int) -> dict[int, int]:
+    """The counts of the eventfds process ``pid`` holds, by fd number (from /proc/PID/fdinfo)."""
+    counts = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[eventfd]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as handle:
+                for line in handle:
+                    if line.startswith("eventfd-count:"):
+                        counts[int(name)] = int(line.split(":", 1)[1], 16)
+    return counts

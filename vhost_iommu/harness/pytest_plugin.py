@@ -7,6 +7,11 @@ Load with ``pytest_plugins = ["vhost_iommu.harness.pytest_plugin"]``. Fixtures:
 * ``vhost_server``: a :class:`~vhost_iommu.harness.background.RunningServer` on a temporary socket, its
   own event loop in its own thread; stopped, joined and its socket removed afterwards.
 * ``frontend``: a :class:`~vhost_iommu.harness.frontend.Frontend` connected to ``vhost_server``.
+* ``iommu_driver``: a virtio-iommu device served by ``vhost_server`` and started on ``frontend`` by an
+  :class:`~vhost_iommu.harness.iommu_driver.IommuDriver` (1 MiB of RAM, rings of 64 with EVENT_IDX);
+  override ``backend_factory`` to serve the :class:`~vhost_iommu.virtio_iommu.VirtioIommuBackend` wanted.
+* ``attached_driver``: the same with ``ENDPOINT`` attached to ``DOMAIN`` (0x20 to 1): a served device with
+  an attached endpoint.
 * ``fd_leak_check``: fails the test if the process has fds open afterwards that it did not have before
   (request it first, so that it is torn down last).
 """
@@ -16,18 +21,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from vhost_iommu.backend import VhostUserBackend
-from vhost_iommu.harness.background import RunningServer
+from vhost_iommu.device.layout import Status
+from vhost_iommu.harness.background import RunningServer, running_server
 from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import Frontend
+from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.server import new_event_loop
 
-__all__ = ["RunningServer", "backend_factory", "fd_leak_check", "frontend", "open_fds", "vhost_server"]
+__all__ = [
+    "RunningServer",
+    "attached_driver",
+    "backend_factory",
+    "fd_leak_check",
+    "frontend",
+    "iommu_driver",
+    "open_fds",
+    "vhost_server",
+]
 
 
 def open_fds() -> dict[int, str]:
@@ -63,16 +78,23 @@ def backend_factory() -> Callable[[], VhostUserBackend]:
 
 @pytest.fixture
 def vhost_server(backend_factory: Callable[[], VhostUserBackend]) -> Iterator[RunningServer]:
-    # A short directory: unix socket paths are limited to 108 bytes and pytest's tmp_path can exceed it.
-    with tempfile.TemporaryDirectory(prefix="vhost-") as directory:
-        server = RunningServer(backend_factory, os.path.join(directory, "sock"))
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_server(backend_factory) as server:
+        yield server
 
 
 @pytest.fixture
 def frontend(vhost_server: RunningServer) -> Iterator[Frontend]:
     with vhost_server.connect() as connected:
         yield connected
+
+
+@pytest.fixture
+def iommu_driver(frontend: Frontend) -> Iterator[IommuDriver]:
+    with IommuDriver(frontend, event_idx=True) as driver:
+        yield driver
+
+
+@pytest.fixture
+def attached_driver(iommu_driver: IommuDriver) -> IommuDriver:
+    assert iommu_driver.attach() == Status.OK
+    return iommu_driver

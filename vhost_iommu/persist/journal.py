@@ -16,8 +16,8 @@ File layout: a 4096-byte header of u64 words (``H_*``), then ``slots`` records o
         RING: next_avail (0-15), used_idx (16-31); FEATURES: the acked features; BYPASS: the value
 ``[3..7]`` REQUEST: the first 40 readable bytes of the request (zero-padded)
 
-The compiled request path (``vhost_iommu.jit.requests``) writes REQUEST records through raw addresses
-with the same layout.
+The record's numbers (kinds, flags, field positions) are ``vhost_iommu.abi``'s, which the compiled request
+path (``vhost_iommu.jit.requests``) writes REQUEST records with, through raw addresses.
 """
 
 from __future__ import annotations
@@ -33,12 +33,24 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vhost_iommu.jit.barriers import full_fence
-from vhost_iommu.jit.requests import (
-    J_KIND_REQUEST,
+from vhost_iommu.abi import (
+    F_FORCED,
+    J_FLAGS_SHIFT,
+    J_HEAD_SHIFT,
+    J_QUEUE_SHIFT,
     J_REQUEST_BYTES,
+    J_REQUEST_WORD,
+    J_STATUS_SHIFT,
+    J_USED_LENGTH_SHIFT,
+    J_USED_POS_SHIFT,
+    KIND_BYPASS,
+    KIND_FEATURES,
+    KIND_REQUEST,
+    KIND_RESET,
+    KIND_RING,
     RECORD_WORDS,
 )
+from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.persist.statedir import GuestDir, StateError
 
 __all__ = [
@@ -53,13 +65,6 @@ __all__ = [
     "Record",
 ]
 
-KIND_REQUEST: Final = J_KIND_REQUEST
-KIND_FEATURES: Final = 2
-KIND_BYPASS: Final = 3
-KIND_RESET: Final = 4
-KIND_RING: Final = 5
-F_FORCED: Final = 1
-"""The answer was forced by an injection (``IommuDevice.inject``): nothing was applied."""
 _KINDS: Final = (KIND_REQUEST, KIND_FEATURES, KIND_BYPASS, KIND_RESET, KIND_RING)
 
 RECORD_BYTES: Final = RECORD_WORDS * 8
@@ -75,7 +80,8 @@ MAX_SLOTS: Final = 1 << 24
 """1 GiB of records: a bound on what a header may claim before the file is mapped."""
 DEFAULT_SLOTS: Final = 1 << 16
 
-_BODY: Final = struct.Struct(f"<QQ{J_REQUEST_BYTES}s")
+_BODY: Final = struct.Struct(f"<QQ{J_REQUEST_BYTES}s")  # words 1, 2 and the request
+assert 8 + _BODY.size == 8 * J_REQUEST_WORD + J_REQUEST_BYTES == 8 * RECORD_WORDS  # after the commit word
 _COMMIT: Final = struct.Struct("<Q")
 _POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0)
 _WEAK_ORDER: Final = os.uname().machine.lower() not in ("x86_64", "amd64", "i386", "i686")
@@ -234,15 +240,15 @@ class Journal:
             found.append(
                 Record(
                     kind=kind,
-                    status=(word1 >> 8) & 0xFF,
-                    queue=(word1 >> 16) & 0xFF,
-                    flags=(word1 >> 24) & 0xFF,
-                    used_length=word1 >> 32,
+                    status=(word1 >> J_STATUS_SHIFT) & 0xFF,
+                    queue=(word1 >> J_QUEUE_SHIFT) & 0xFF,
+                    flags=(word1 >> J_FLAGS_SHIFT) & 0xFF,
+                    used_length=word1 >> J_USED_LENGTH_SHIFT,
                     avail_pos=word2 & 0xFFFF,
-                    used_pos=(word2 >> 16) & 0xFFFF,
-                    head=(word2 >> 32) & 0xFFFF,
+                    used_pos=(word2 >> J_USED_POS_SHIFT) & 0xFFFF,
+                    head=(word2 >> J_HEAD_SHIFT) & 0xFFFF,
                     value=word2,
-                    request=np.array(row[3:], np.uint64).tobytes(),
+                    request=np.array(row[J_REQUEST_WORD:], np.uint64).tobytes(),
                 )
             )
         return found
@@ -260,6 +266,9 @@ def request_words(
 ) -> tuple[int, int]:
     """Words 1 and 2 of a REQUEST record of the requestq."""
     return (
-        KIND_REQUEST | (status & 0xFF) << 8 | flags << 24 | used_length << 32,
-        avail_pos | used_pos << 16 | head << 32,
+        KIND_REQUEST
+        | (status & 0xFF) << J_STATUS_SHIFT
+        | flags << J_FLAGS_SHIFT
+        | used_length << J_USED_LENGTH_SHIFT,
+        avail_pos | used_pos << J_USED_POS_SHIFT | head << J_HEAD_SHIFT,
     )

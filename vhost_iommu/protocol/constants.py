@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import enum
 
+# A virtio number (defined in the leaf of those), named here beside the protocol's own for its users.
+from vhost_iommu.abi import VIRTIO_CONFIG_S_NEEDS_RESET as VIRTIO_CONFIG_S_NEEDS_RESET
+
 
 class FrontendRequest(enum.IntEnum):
     """Requests the front-end sends on the main socket ("Front-end message types")."""
@@ -138,6 +141,3 @@ MAX_FDS_PER_MESSAGE = MAX_MEM_TABLE_REGIONS
 MAX_PAYLOAD_SIZE = 4096
 
 HEADER_SIZE = 12
-
-#: virtio status bit the back-end sets when it has hit an error it cannot recover from.
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40

@@ -43,8 +43,11 @@ import errno
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable, Mapping
+from typing import ParamSpec, TypeVar
 
+from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.backend import MigratableBackend, SessionLifecycle, VhostUserBackend
 from vhost_iommu.memory import GuestMemory, GuestMemoryError, MemoryRegionDesc
 from vhost_iommu.protocol import (
@@ -106,8 +109,24 @@ _FAILURE_REPLIES = {
     FrontendRequest.CHECK_DEVICE_STATE: 1,
 }
 
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _send_nothing(_data: bytes) -> None:
+    """A closed handler's ``send``."""
+
+
+def _weakly(method: Callable[P, R], gone: R) -> Callable[P, R]:
+    """``method`` (bound) called through a weak reference to its object; ``gone`` once the object is."""
+    reference = weakref.WeakMethod(method)
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = reference()
+        return gone if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 def _region_desc(region: MemoryRegion) -> MemoryRegionDesc:
@@ -152,38 +171,43 @@ class ConnectionHandler:
         #: A config change to announce once the device is no longer suspended (all rings stopped).
         self.config_change_pending = False
         self.closed = False
-        self.device_state = DeviceStateRequests(backend, loop, name, self._running_rings)
+        # Their callbacks hold this handler weakly: it holds them, and a cycle would keep the handler, its
+        # back-end and device alive after the connection until a garbage collection.
+        self.device_state = DeviceStateRequests(backend, loop, name, _weakly(self._running_rings, []))
         #: Who watches each ring's kick fd: the loop, or the back-end's thread.
-        self.kicks = KickCustody(backend, loop, self._on_kick)
+        self.kicks = KickCustody(backend, loop, _weakly(self._on_kick, None))
         backend.attach(self)
-        self._dispatch: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
-            FrontendRequest.GET_FEATURES: self._get_features,
-            FrontendRequest.SET_FEATURES: self._set_features,
-            FrontendRequest.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            FrontendRequest.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            FrontendRequest.SET_OWNER: self._set_owner,
-            FrontendRequest.RESET_OWNER: self._reset_owner,
-            FrontendRequest.SET_MEM_TABLE: self._set_mem_table,
-            FrontendRequest.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            FrontendRequest.ADD_MEM_REG: self._add_mem_reg,
-            FrontendRequest.REM_MEM_REG: self._rem_mem_reg,
-            FrontendRequest.SET_VRING_NUM: self._set_vring_num,
-            FrontendRequest.SET_VRING_ADDR: self._set_vring_addr,
-            FrontendRequest.SET_VRING_BASE: self._set_vring_base,
-            FrontendRequest.GET_VRING_BASE: self._get_vring_base,
-            FrontendRequest.SET_VRING_KICK: self._set_vring_kick,
-            FrontendRequest.SET_VRING_CALL: self._set_vring_call,
-            FrontendRequest.SET_VRING_ERR: self._set_vring_err,
-            FrontendRequest.SET_VRING_ENABLE: self._set_vring_enable,
-            FrontendRequest.GET_QUEUE_NUM: self._get_queue_num,
-            FrontendRequest.GET_CONFIG: self._get_config,
-            FrontendRequest.SET_CONFIG: self._set_config,
-            FrontendRequest.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            FrontendRequest.GET_STATUS: self._get_status,
-            FrontendRequest.SET_STATUS: self._set_status,
-            FrontendRequest.RESET_DEVICE: self._reset_device,
-            FrontendRequest.SET_DEVICE_STATE_FD: self._set_device_state_fd,
-            FrontendRequest.CHECK_DEVICE_STATE: self._check_device_state,
+        # Unbound methods: a table of bound ones would tie this handler into a cycle with itself, alive after
+        # its connection until a garbage collection, and the back-end and device with it.
+        cls = type(self)
+        self._dispatch: dict[FrontendRequest, Callable[[ConnectionHandler, Message], Payload | None]] = {
+            FrontendRequest.GET_FEATURES: cls._get_features,
+            FrontendRequest.SET_FEATURES: cls._set_features,
+            FrontendRequest.GET_PROTOCOL_FEATURES: cls._get_protocol_features,
+            FrontendRequest.SET_PROTOCOL_FEATURES: cls._set_protocol_features,
+            FrontendRequest.SET_OWNER: cls._set_owner,
+            FrontendRequest.RESET_OWNER: cls._reset_owner,
+            FrontendRequest.SET_MEM_TABLE: cls._set_mem_table,
+            FrontendRequest.GET_MAX_MEM_SLOTS: cls._get_max_mem_slots,
+            FrontendRequest.ADD_MEM_REG: cls._add_mem_reg,
+            FrontendRequest.REM_MEM_REG: cls._rem_mem_reg,
+            FrontendRequest.SET_VRING_NUM: cls._set_vring_num,
+            FrontendRequest.SET_VRING_ADDR: cls._set_vring_addr,
+            FrontendRequest.SET_VRING_BASE: cls._set_vring_base,
+            FrontendRequest.GET_VRING_BASE: cls._get_vring_base,
+            FrontendRequest.SET_VRING_KICK: cls._set_vring_kick,
+            FrontendRequest.SET_VRING_CALL: cls._set_vring_call,
+            FrontendRequest.SET_VRING_ERR: cls._set_vring_err,
+            FrontendRequest.SET_VRING_ENABLE: cls._set_vring_enable,
+            FrontendRequest.GET_QUEUE_NUM: cls._get_queue_num,
+            FrontendRequest.GET_CONFIG: cls._get_config,
+            FrontendRequest.SET_CONFIG: cls._set_config,
+            FrontendRequest.SET_BACKEND_REQ_FD: cls._set_backend_req_fd,
+            FrontendRequest.GET_STATUS: cls._get_status,
+            FrontendRequest.SET_STATUS: cls._set_status,
+            FrontendRequest.RESET_DEVICE: cls._reset_device,
+            FrontendRequest.SET_DEVICE_STATE_FD: cls._set_device_state_fd,
+            FrontendRequest.CHECK_DEVICE_STATE: cls._check_device_state,
         }
 
     # -- entry points ---------------------------------------------------------------------------------------
@@ -193,7 +217,7 @@ class ConnectionHandler:
         assert isinstance(message.code, FrontendRequest)
         handler = self._dispatch[message.code]
         try:
-            reply = handler(message)
+            reply = handler(self, message)
         except (RequestFailed, GuestMemoryError, QueueError) as exc:
             self._fail(message.code, message.flags, str(exc))
             return
@@ -225,6 +249,12 @@ class ConnectionHandler:
                 self.channel.close()
                 self.channel = None
             self._memory.close()
+            # Nothing is sent or reported once closed. Letting go of the connection's callbacks and the
+            # back-end's of this handler frees the whole session (device tables included) the moment the
+            # server forgets the connection, rather than at some later garbage collection.
+            self._send = _send_nothing
+            self._on_fatal = None
+            self.backend.detach()
 
     # -- BackendContext -------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class ProcessSample:
     fds: int
     threads: int
     cpu_seconds: float  # user + system
+    vm_size_kib: int = 0  # VmSize: address space, where a mapping kept after use shows even untouched
 
 
 def read_process(pid: int) -> ProcessSample:
@@ -65,7 +66,22 @@ def read_process(pid: int) -> ProcessSample:
         fds=len(os.listdir(f"/proc/{pid}/fd")),
         threads=kib("Threads"),
         cpu_seconds=ticks / os.sysconf("SC_CLK_TCK"),
+        vm_size_kib=kib("VmSize"),
     )
+
+
+@dataclass(frozen=True)
+class MappingCount:
+    """The mappings of a process (/proc/PID/maps)."""
+
+    total: int
+    memfd: int  # of memfds: in a back-end, the guest RAM of the front-ends it serves (or served)
+
+
+def read_mappings(pid: int) -> MappingCount:
+    """Count ``pid``'s mappings (OSError if it is gone)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return MappingCount(total=len(lines), memfd=sum(1 for line in lines if " /memfd:" in line))
 
 
 def descendants(pid: int) -> list[int]:

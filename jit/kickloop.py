@@ -48,15 +48,17 @@ from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.requests import (
     C_REQUEST,
-    R_AVAIL,
+    Q_AVAIL,
+    Q_FLAGS,
+    Q_NEXT_AVAIL,
+    Q_NOTIFY,
+    Q_SIGNALLED_USED,
+    Q_SIGNALLED_VALID,
+    Q_SIZE,
+    Q_USED,
+    Q_USED_IDX,
+    QF_EVENT_IDX,
     R_COMPLETED,
-    R_FLAGS,
-    R_NEXT_AVAIL,
-    R_SIZE,
-    R_USED,
-    R_USED_IDX,
-    RF_EVENT_IDX,
-    RF_NOTIFY,
     STOP_BUDGET,
     STOP_EMPTY,
     _cycles,
@@ -80,25 +82,19 @@ K_SERVE: Final = 4
 """In: 1 serve the ring; 0 only wait (the device cannot use the kernel) and return LOOP_KICKED."""
 K_POLL_TICKS: Final = 5
 """In: after serving, watch avail.idx this many cycle-counter ticks before blocking (0: never)."""
-K_SIGNALLED_USED: Final = 6
-"""In and out: ``SplitQueue._signalled_used``, the used index the driver was last considered for."""
-K_SIGNALLED_VALID: Final = 7
-"""In and out: ``SplitQueue._signalled_used_valid``."""
-K_PUSHED: Final = 8
-"""In and out: ``SplitQueue._pushed_since_check``, chains completed since the last decision."""
-K_ERRNO: Final = 9
+K_ERRNO: Final = 6
 """Out: errno of a LOOP_*_FAILED return."""
-K_KICKS: Final = 10
+K_KICKS: Final = 7
 """Out, cumulative: kicks read (the eventfd's counts)."""
-K_WAKEUPS: Final = 11
+K_WAKEUPS: Final = 8
 """Out, cumulative: returns from a blocking poll."""
-K_NOTIFIED: Final = 12
+K_NOTIFIED: Final = 9
 """Out, cumulative: call-fd writes."""
-K_POLL_HITS: Final = 13
+K_POLL_HITS: Final = 10
 """Out, cumulative: chains found while watching avail.idx after a batch (no kick, no wake-up)."""
-K_TICKS_PER_MS: Final = 14
+K_TICKS_PER_MS: Final = 11
 """In: cycle-counter ticks per millisecond, to time batches into ``timing``; 0: no timing."""
-K_POLL_BACKOFFS: Final = 15
+K_POLL_BACKOFFS: Final = 12
 """Out, cumulative: times the poll window was suspended after POLL_MISSES empty windows in a row."""
 CONTROL_WORDS: Final = 16
 
@@ -287,41 +283,42 @@ _watched16: Any = intrinsic(_watched16_typer)
 
 
 @njit(cache=True, nogil=True)
-def _needs_notification(control: I64Array, ring: npt.NDArray[np.uint64]) -> bool:
-    pushed = control[K_PUSHED]
-    old = control[K_SIGNALLED_USED]
-    new = np.int64(ring[R_USED_IDX])
-    control[K_PUSHED] = 0
-    control[K_SIGNALLED_USED] = new
+def _needs_notification(queue: I64Array) -> bool:
+    """``SplitQueue.needs_notification`` on the same words of the ring-state record."""
+    pushed_total = queue[Q_USED_IDX]
+    signalled = queue[Q_SIGNALLED_USED]
+    queue[Q_SIGNALLED_USED] = pushed_total
+    pushed = pushed_total - signalled
+    old = signalled & 0xFFFF
+    new = pushed_total & 0xFFFF
     if pushed == 0:
         return False
     # used.idx must be visible before the driver's suppression state is read, or a driver that re-enabled
     # interrupts and then checked used.idx could miss both our update and our notification.
     full_fence()
-    avail = ring[R_AVAIL]
-    if not ring[R_FLAGS] & np.uint64(RF_EVENT_IDX):
+    avail = np.uint64(queue[Q_AVAIL])
+    if not queue[Q_FLAGS] & QF_EVENT_IDX:
         return bool(not _watched16(avail) & VIRTQ_AVAIL_F_NO_INTERRUPT)
-    was_valid = control[K_SIGNALLED_VALID]
-    control[K_SIGNALLED_VALID] = 1
+    was_valid = queue[Q_SIGNALLED_VALID]
+    queue[Q_SIGNALLED_VALID] = 1
     if not was_valid or pushed >= 0x10000:
         return True  # what the driver saw before is unknown: a spurious interrupt is harmless
-    used_event = _watched16(avail + np.uint64(4 + 2 * np.int64(ring[R_SIZE])))
+    used_event = _watched16(avail + np.uint64(4 + 2 * queue[Q_SIZE]))
     due: bool = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
     return due
 
 
 @njit(cache=True, nogil=True)
-def _await_chain(control: I64Array, ring: npt.NDArray[np.uint64], park_word: np.uint64) -> bool:
+def _await_chain(control: I64Array, queue: I64Array, park_word: np.uint64) -> bool:
     """Watch avail.idx for up to K_POLL_TICKS with kicks suppressed (EVENT_IDX); True if a chain came.
     The caller must call serve_requests next whatever the answer: it asks for kicks again (and looks once
     more) when it finds the ring empty, and nothing else undoes the suppression."""
-    avail_idx = ring[R_AVAIL] + np.uint64(2)
-    next_avail = np.int64(ring[R_NEXT_AVAIL])
-    flags = ring[R_FLAGS]
-    if flags & np.uint64(RF_EVENT_IDX) and flags & np.uint64(RF_NOTIFY):
+    avail_idx = np.uint64(queue[Q_AVAIL]) + np.uint64(2)
+    next_avail = queue[Q_NEXT_AVAIL]
+    if queue[Q_FLAGS] & QF_EVENT_IDX and queue[Q_NOTIFY]:
         # avail_event one behind next_avail: vring_need_event is false for every index the driver publishes.
-        size = np.int64(ring[R_SIZE])
-        _store16(ring[R_USED] + np.uint64(4 + 8 * size), np.uint64((next_avail - 1) & 0xFFFF))
+        size = queue[Q_SIZE]
+        _store16(np.uint64(queue[Q_USED]) + np.uint64(4 + 8 * size), np.uint64((next_avail - 1) & 0xFFFF))
         full_fence()
     began = _cycles()
     window = np.uint64(control[K_POLL_TICKS])
@@ -340,11 +337,13 @@ def _await_chain(control: I64Array, ring: npt.NDArray[np.uint64], park_word: np.
 @njit(cache=True, nogil=True)
 def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments: Any) -> int:
     """Serve the requestq until something needs the caller; ``arguments`` are ``serve_requests``',
-    passed through whatever they are (its ``R_*`` words, the first, carry the ring's indices in and out;
-    ``R_BUDGET`` bounds one batch, after which the loop notifies and goes on). ``counts`` is the counts
+    passed through whatever they are (the first is the ring-state record, ``Q_*`` words, whose indices
+    both kernels advance in place; in the second, the parameter words, ``R_BUDGET`` bounds one batch,
+    after which the loop notifies and goes on). ``counts`` is the counts
     array among them (the timing attributes each batch by its request counts); ``timing`` gathers the
     batch times when ``K_TICKS_PER_MS`` is set. Returns a STOP_* or LOOP_* code."""
-    ring = arguments[0]
+    queue = arguments[0]
+    params = arguments[1]
     ticks_per_ms = control[K_TICKS_PER_MS]
     requests_seen = counts[C_REQUEST : C_REQUEST + TIMING_KINDS]
     before = np.zeros(TIMING_KINDS, np.int64)
@@ -369,13 +368,12 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
                 before[:] = requests_seen
                 began = _cycles()
             reason = serve_requests(*arguments)
-            done = np.int64(ring[R_COMPLETED])
-            control[K_PUSHED] += done
+            done = np.int64(params[R_COMPLETED])
             if reason != STOP_EMPTY and reason != STOP_BUDGET:
                 if ticks_per_ms:  # what the kernel served before the chain it hands over is a batch
                     record_batch(timing, _elapsed_ns(began, ticks_per_ms), before, requests_seen)
                 return reason  # the notification is decided after the caller served that chain
-            if _needs_notification(control, ring):
+            if _needs_notification(queue):
                 call_fd = control[K_CALL_FD]
                 if call_fd >= 0:
                     word[0] = 1
@@ -396,7 +394,7 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
                 if poll_skip > 0:
                     poll_skip -= 1
                 else:
-                    if _await_chain(control, ring, park_word):
+                    if _await_chain(control, queue, park_word):
                         poll_misses = 0
                         poll_backoff = 1
                     else:

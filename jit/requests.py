@@ -9,9 +9,10 @@ per request.
 
 It stops early, *without consuming the chain it stopped at*, when that chain is not one it serves:
 
-``STOP_PYTHON``  a well-formed chain whose request it does not serve (ATTACH, DETACH, PROBE, unknown
-                 types, fewer than 4 readable bytes): the caller pops it with ``SplitQueue.pop`` and serves
-                 it through the device core, then calls again;
+``STOP_PYTHON``  a chain whose request it does not serve (ATTACH, DETACH, PROBE, unknown types, fewer
+                 than 4 readable bytes): the walk stops as soon as the first readable byte (the type)
+                 says so, so the caller's ``SplitQueue.pop`` is the one walk (and validation) of the
+                 whole chain; it serves it through the device core, then calls again;
 ``STOP_BROKEN``  the ring or the chain breaks a rule: the caller pops it with ``SplitQueue.pop``, which
                  raises ``QueueError`` with the reason (the device goes to NEEDS_RESET). Letting the Python
                  walk find the reason keeps one wording of every error, and a driver that rewrote the chain
@@ -29,10 +30,11 @@ record committed (its first word stored last, after a release fence) before the 
 the used index are stored: whatever the guest can see completed is in the journal, so a worker killed at
 any instant is replaced by one that neither loses nor repeats a request.
 
-Rings and buffers are reached through raw host addresses that the caller took from live numpy views
-(the ring views of the ``SplitQueue``, the regions of ``GuestMemory.flat_tables()``) and keeps alive for
-the call; a buffer's guest-physical range is checked against the region table before any byte of it is
-touched, so no guest value makes the kernel read or write outside guest memory.
+Rings and buffers are reached through raw host addresses of live numpy views: the ring views of the
+``SplitQueue`` (their addresses are words of its ring-state record, ``SplitQueue.state``, which this
+kernel reads and advances in place) and the regions of ``GuestMemory.flat_tables()``, all kept alive by
+the caller for the call; a buffer's guest-physical range is checked against the region table before any
+byte of it is touched, so no guest value makes the kernel read or write outside guest memory.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ BoolArray = npt.NDArray[np.bool_]
 STOP_EMPTY: Final = 0
 """Every available chain was served."""
 STOP_PYTHON: Final = 1
-"""The next chain is well formed but not a MAP/UNMAP the kernel serves; pop it in Python."""
+"""The next chain is not a MAP/UNMAP the kernel serves; pop it in Python (its walk validates it)."""
 STOP_BROKEN: Final = 2
 """The ring or the next chain is broken; ``SplitQueue.pop`` raises the reason."""
 STOP_GROW: Final = 3
@@ -116,51 +118,67 @@ STOP_NAMES: Final[dict[int, str]] = {
     STOP_TRAP: "trap",
 }
 
-# -- the ``ring`` parameter array (uint64) --------------------------------------------------------------
+# -- the queue's ring-state record (int64): owned by ``SplitQueue.state``, read and written in place -------
+# One record per ring, shared by SplitQueue's Python methods, this kernel and the kick loop: no copy of the
+# ring's position exists anywhere else.
 
-R_DESC: Final = 0
-"""Host address of the descriptor table."""
-R_AVAIL: Final = 1
+Q_DESC: Final = 0
+"""Host address of the descriptor table (SplitQueue sets it whenever it binds its views)."""
+Q_AVAIL: Final = 1
 """Host address of the available ring."""
-R_USED: Final = 2
+Q_USED: Final = 2
 """Host address of the used ring."""
-R_SIZE: Final = 3
-R_NEXT_AVAIL: Final = 4
-"""In and out: the free-running u16 index of the next available entry."""
-R_USED_IDX: Final = 5
-"""In and out: the free-running u16 index of the next used entry."""
-R_COMPLETED: Final = 6
-"""Out: chains completed by this call."""
-R_FLAGS: Final = 7
-"""``RF_*`` bits."""
-R_DOMAIN_FIRST: Final = 8
-R_GRANULE: Final = 9
-R_INPUT_START: Final = 10
-R_INPUT_END: Final = 11
-R_POLL_TICKS: Final = 12
-"""Poll window after a completion, in cycle-counter ticks (0: never poll)."""
-R_POLL_LIMIT_TICKS: Final = 13
-"""Longest a call keeps polling in total, in ticks: the event loop that called it waits meanwhile."""
-R_BUDGET: Final = 14
-"""Most chains one call completes; the call stops with STOP_BUDGET when it has and more are available."""
-R_JOURNAL: Final = 15
-"""With RF_JOURNAL: host address of the journal's first record."""
-R_JOURNAL_SLOTS: Final = 16
-"""Records the journal holds."""
-R_JOURNAL_NEXT: Final = 17
-"""In and out: the next free record."""
-R_JOURNAL_TRAP: Final = 18
-"""Test hook: 1 + the record after whose commit the call stops with STOP_TRAP (0: never)."""
-RING_WORDS: Final = 20
+Q_SIZE: Final = 3
+Q_FLAGS: Final = 4
+"""``QF_*`` bits, fixed for the life of the ring."""
+Q_NEXT_AVAIL: Final = 5
+"""The free-running u16 index of the next available entry (``SplitQueue.next_avail``)."""
+Q_USED_IDX: Final = 6
+"""Used entries pushed, counted without wrapping from the used index the ring started at: its low 16
+bits are the free-running u16 used index (``SplitQueue.used_idx``)."""
+Q_NOTIFY: Final = 7
+"""1 while kicks are wanted (``SplitQueue.set_notification``): with EVENT_IDX, avail_event follows
+next_avail."""
+Q_SIGNALLED_USED: Final = 8
+"""``Q_USED_IDX`` when the last notification decision was made (``SplitQueue.needs_notification``):
+the difference is the chains pushed since."""
+Q_SIGNALLED_VALID: Final = 9
+"""1 once a notification decision was made on this ring (before it, with EVENT_IDX, always notify)."""
+QUEUE_WORDS: Final = 12
 
-RF_EVENT_IDX: Final = 1
-RF_INDIRECT: Final = 2
-RF_WEAK_ORDER: Final = 4
+QF_EVENT_IDX: Final = 1
+QF_INDIRECT: Final = 2
+QF_WEAK_ORDER: Final = 4
 """The CPU may reorder loads and stores visibly to another CPU (not x86): fence where SplitQueue does."""
+
+# -- the request path's parameter array (uint64): the device's side, owned by the caller ----------------
+
+R_FLAGS: Final = 0
+"""``RF_*`` bits."""
+R_DOMAIN_FIRST: Final = 1
+R_GRANULE: Final = 2
+R_INPUT_START: Final = 3
+R_INPUT_END: Final = 4
+R_POLL_TICKS: Final = 5
+"""Poll window after a completion, in cycle-counter ticks (0: never poll)."""
+R_POLL_LIMIT_TICKS: Final = 6
+"""Longest a call keeps polling in total, in ticks: the event loop that called it waits meanwhile."""
+R_BUDGET: Final = 7
+"""Most chains one call completes; the call stops with STOP_BUDGET when it has and more are available."""
+R_COMPLETED: Final = 8
+"""Out: chains completed by this call."""
+R_JOURNAL: Final = 9
+"""With RF_JOURNAL: host address of the journal's first record."""
+R_JOURNAL_SLOTS: Final = 10
+"""Records the journal holds."""
+R_JOURNAL_NEXT: Final = 11
+"""In and out: the next free record."""
+R_JOURNAL_TRAP: Final = 12
+"""Test hook: 1 + the record after whose commit the call stops with STOP_TRAP (0: never)."""
+PARAM_WORDS: Final = 16
+
 RF_MAP_UNMAP: Final = 8
 RF_MMIO: Final = 16
-RF_NOTIFY: Final = 32
-"""Kicks are wanted: with EVENT_IDX, keep avail_event at the next available index."""
 RF_NO_WORK: Final = 64
 """Answer every well-formed MAP and UNMAP OK without checking or applying it: the benchmarks' floor."""
 RF_JOURNAL: Final = 128
@@ -346,7 +364,7 @@ def _resolve(
 @njit(cache=True, nogil=True)
 def _map(
     request: npt.NDArray[np.uint8],
-    ring: U64Array,
+    params: U64Array,
     exists: BoolArray,
     bypass: BoolArray,
     mapping_count: I64Array,
@@ -360,13 +378,13 @@ def _map(
     meta: I64Array,
 ) -> int:
     """Status of one MAP (as ``IommuDevice._map``), or -1 when the table needs room."""
-    flags_word = ring[R_FLAGS]
+    flags_word = params[R_FLAGS]
     domain = np.int64(_le(request, REQ_DOMAIN, 4))
     virt_start = _le(request, REQ_VIRT_START, 8)
     virt_end = _le(request, REQ_VIRT_END, 8)
     phys_start = _le(request, MAP_PHYS_START, 8)
     flags = _le(request, MAP_FLAGS, 4)
-    index = domain - np.int64(ring[R_DOMAIN_FIRST])
+    index = domain - np.int64(params[R_DOMAIN_FIRST])
     status = rules.map_status(
         (flags_word & RF_MAP_UNMAP) != _ZERO,
         (flags_word & RF_MMIO) != _ZERO,
@@ -381,9 +399,9 @@ def _map(
         virt_end,
         phys_start,
         np.int64(flags),
-        ring[R_GRANULE],
-        ring[R_INPUT_START],
-        ring[R_INPUT_END],
+        params[R_GRANULE],
+        params[R_INPUT_START],
+        params[R_INPUT_END],
     )
     if status != S_OK:
         return status
@@ -398,7 +416,7 @@ def _map(
 @njit(cache=True, nogil=True)
 def _unmap(
     request: npt.NDArray[np.uint8],
-    ring: U64Array,
+    params: U64Array,
     exists: BoolArray,
     bypass: BoolArray,
     mapping_count: I64Array,
@@ -411,9 +429,9 @@ def _unmap(
     domain = np.int64(_le(request, REQ_DOMAIN, 4))
     virt_start = _le(request, REQ_VIRT_START, 8)
     virt_end = _le(request, REQ_VIRT_END, 8)
-    index = domain - np.int64(ring[R_DOMAIN_FIRST])
+    index = domain - np.int64(params[R_DOMAIN_FIRST])
     status = rules.unmap_status(
-        (ring[R_FLAGS] & RF_MAP_UNMAP) != _ZERO,
+        (params[R_FLAGS] & RF_MAP_UNMAP) != _ZERO,
         np.int64(_le(request, UNMAP_RESERVED, 4)),
         index,
         exists,
@@ -449,7 +467,8 @@ def _i64(value: Any) -> int:
 
 @njit(cache=True, nogil=True)
 def serve_requests(
-    ring: U64Array,
+    queue: I64Array,
+    params: U64Array,
     memory: U64Array,
     exists: BoolArray,
     bypass: BoolArray,
@@ -466,36 +485,39 @@ def serve_requests(
 ) -> int:
     """Serve the available chains of a requestq until it is empty or a chain needs the caller.
 
-    ``ring`` (``R_*`` words) carries the ring's addresses and indices in and the indices and
-    ``R_COMPLETED`` out; ``memory`` is the guest's region table (``M_*`` columns, sorted by gpa); the
-    domain arrays are ``Domains``' (indexed by domain - R_DOMAIN_FIRST) and its ``RegionSets`` arrays;
-    the table arrays are ``MappingTable.arrays``. ``counts`` (``C_*``) accumulates request and status
-    counts. Returns a ``STOP_*`` code; the chain it stopped at is left available.
+    ``queue`` is the ring's state record (``Q_*`` words, ``SplitQueue.state``): its addresses, and its
+    indices, read and advanced in place; ``params`` (``R_*`` words) the device's side
+    and the call's budget, with ``R_COMPLETED`` out; ``memory`` is the guest's region table (``M_*``
+    columns, sorted by gpa); the domain arrays are ``Domains``' (indexed by domain - R_DOMAIN_FIRST)
+    and its ``RegionSets`` arrays; the table arrays are ``MappingTable.arrays``. ``counts`` (``C_*``)
+    accumulates request and status counts. Returns a ``STOP_*`` code; the chain it stopped at is left
+    available.
     """
-    desc = ring[R_DESC]
-    avail = ring[R_AVAIL]
-    used = ring[R_USED]
-    size = _i64(ring[R_SIZE])
+    desc = np.uint64(queue[Q_DESC])
+    avail = np.uint64(queue[Q_AVAIL])
+    used = np.uint64(queue[Q_USED])
+    size = queue[Q_SIZE]
     mask = size - 1
     size64 = np.uint64(size)
-    flags_word = ring[R_FLAGS]
-    event_idx = (flags_word & RF_EVENT_IDX) != _ZERO
-    indirect_allowed = (flags_word & RF_INDIRECT) != _ZERO
-    weak_order = (flags_word & RF_WEAK_ORDER) != _ZERO
-    keep_avail_event = event_idx and (flags_word & RF_NOTIFY) != _ZERO
+    ring_flags = queue[Q_FLAGS]
+    event_idx = (ring_flags & QF_EVENT_IDX) != 0
+    indirect_allowed = (ring_flags & QF_INDIRECT) != 0
+    weak_order = (ring_flags & QF_WEAK_ORDER) != 0
+    keep_avail_event = event_idx and queue[Q_NOTIFY] != 0
     avail_event = used + np.uint64(4 + 8 * size)
-    next_avail = _i64(ring[R_NEXT_AVAIL])
-    used_idx = _i64(ring[R_USED_IDX])
+    next_avail = queue[Q_NEXT_AVAIL]
+    used_idx = queue[Q_USED_IDX]
     completed = 0
-    poll_ticks = ring[R_POLL_TICKS]
-    poll_limit = ring[R_POLL_LIMIT_TICKS]
+    flags_word = params[R_FLAGS]
+    poll_ticks = params[R_POLL_TICKS]
+    poll_limit = params[R_POLL_LIMIT_TICKS]
     poll_spent = _ZERO
-    max_chains = _i64(ring[R_BUDGET])
+    max_chains = _i64(params[R_BUDGET])
     journaling = (flags_word & RF_JOURNAL) != _ZERO
-    journal = ring[R_JOURNAL]
-    journal_slots = _i64(ring[R_JOURNAL_SLOTS])
-    journal_next = _i64(ring[R_JOURNAL_NEXT])
-    journal_trap = _i64(ring[R_JOURNAL_TRAP])
+    journal = params[R_JOURNAL]
+    journal_slots = _i64(params[R_JOURNAL_SLOTS])
+    journal_next = _i64(params[R_JOURNAL_NEXT])
+    journal_trap = _i64(params[R_JOURNAL_TRAP])
 
     request = np.zeros(_SCRATCH, np.uint8)
     request_address = np.uint64(request.ctypes.data)  # the journal copies a request's bytes from here
@@ -556,6 +578,7 @@ def serve_requests(
         tail_segments = 0
         index = head
         broken = False
+        not_ours = False  # the chain's request is the Python path's: it walks the chain, this walk stops
         while True:
             if budget == 0:
                 broken = True
@@ -598,6 +621,9 @@ def serve_requests(
                 broken = True
                 break
             if flags & np.uint64(VIRTQ_DESC_F_WRITE):
+                if readable_len == 0:
+                    not_ours = True  # no request bytes at all
+                    break
                 for s in range(segments):
                     if tail_segments < _MAX_WRITABLE_SEGMENTS:
                         tail_hosts[tail_segments] = seg_hosts[s]
@@ -615,6 +641,9 @@ def serve_requests(
                         request[readable_len + k] = np.uint8(_load8(source + np.uint64(k)))
                     readable_len += _i64(seg_lengths[s])
                 # readable_len counts every readable byte; only the first _SCRATCH were gathered.
+                if request[0] != T_MAP and request[0] != T_UNMAP:
+                    not_ours = True  # known from its first byte: the rest is walked once, by SplitQueue.pop
+                    break
             if readable_len + writable_len > MAX_CHAIN_BYTES:
                 broken = True
                 break
@@ -629,17 +658,11 @@ def serve_requests(
             break
 
         # -- serve it (IommuDevice.handle_request) --
-        if readable_len < 4:
+        if not_ours or readable_len < 4:
             reason = STOP_PYTHON
             break
         request_type = _i64(request[0])
-        if request_type == T_MAP:
-            expected = MAP_SIZE
-        elif request_type == T_UNMAP:
-            expected = UNMAP_SIZE
-        else:
-            reason = STOP_PYTHON
-            break
+        expected = MAP_SIZE if request_type == T_MAP else UNMAP_SIZE
         status = J_NO_STATUS
         if writable_len != TAIL_SIZE:
             # The tail cannot be found: nothing is written, used length 0.
@@ -653,7 +676,7 @@ def serve_requests(
             elif request_type == T_MAP:
                 status = _map(
                     request,
-                    ring,
+                    params,
                     exists,
                     bypass,
                     mapping_count,
@@ -670,7 +693,9 @@ def serve_requests(
                     reason = STOP_GROW
                     break
             else:
-                status = _unmap(request, ring, exists, bypass, mapping_count, leaves, nodes, directory, meta)
+                status = _unmap(
+                    request, params, exists, bypass, mapping_count, leaves, nodes, directory, meta
+                )
             counts[C_REQUEST + request_type] += 1
             counts[C_STATUS + status] += 1
             # The tail {u8 status; u8 reserved[3]} scattered over the writable segments.
@@ -693,7 +718,7 @@ def serve_requests(
             _store64(
                 record + np.uint64(16),
                 np.uint64(next_avail)
-                | (np.uint64(used_idx) << np.uint64(J_USED_POS_SHIFT))
+                | (np.uint64(used_idx & 0xFFFF) << np.uint64(J_USED_POS_SHIFT))
                 | (np.uint64(head) << np.uint64(J_HEAD_SHIFT)),
             )
             for k in range(J_REQUEST_BYTES // 8):
@@ -716,14 +741,14 @@ def serve_requests(
         _store64(used + np.uint64(4 + 8 * slot), np.uint64(head) | (np.uint64(used_length) << np.uint64(32)))
         if weak_order:
             full_fence()  # the entry and the status ahead of the index
-        used_idx = (used_idx + 1) & 0xFFFF
-        _store16(used + np.uint64(2), np.uint64(used_idx))
+        used_idx += 1  # not wrapped (Q_USED_IDX); the store keeps its low 16 bits
+        _store16(used + np.uint64(2), np.uint64(used_idx & 0xFFFF))
         completed += 1
 
-    ring[R_NEXT_AVAIL] = np.uint64(next_avail)
-    ring[R_USED_IDX] = np.uint64(used_idx)
-    ring[R_COMPLETED] = np.uint64(completed)
-    ring[R_JOURNAL_NEXT] = np.uint64(journal_next)
+    queue[Q_NEXT_AVAIL] = next_avail
+    queue[Q_USED_IDX] = used_idx
+    params[R_COMPLETED] = np.uint64(completed)
+    params[R_JOURNAL_NEXT] = np.uint64(journal_next)
     return reason
 
 
@@ -735,19 +760,22 @@ def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
 
     ring_memory = np.zeros(4096, np.uint8)
     base = np.uint64(ring_memory.ctypes.data)
-    ring = np.zeros(RING_WORDS, np.uint64)
-    ring[R_DESC] = base
-    ring[R_AVAIL] = base + np.uint64(1024)
-    ring[R_USED] = base + np.uint64(2048)
-    ring[R_SIZE] = 8
-    ring[R_FLAGS] = RF_EVENT_IDX | RF_NOTIFY
-    ring[R_GRANULE] = 4096
-    ring[R_BUDGET] = 8
+    queue = np.zeros(QUEUE_WORDS, np.int64)
+    queue[Q_DESC] = base
+    queue[Q_AVAIL] = base + np.uint64(1024)
+    queue[Q_USED] = base + np.uint64(2048)
+    queue[Q_SIZE] = 8
+    queue[Q_FLAGS] = QF_EVENT_IDX
+    queue[Q_NOTIFY] = 1
+    params = np.zeros(PARAM_WORDS, np.uint64)
+    params[R_GRANULE] = 4096
+    params[R_BUDGET] = 8
     memory = np.zeros((1, 3), np.uint64)
     memory[0] = (0, 4095, base)
     leaves, nodes, directory, meta = MappingTable(limit=16).arrays
     yield (
-        ring,
+        queue,
+        params,
         memory,
         np.zeros(1, np.bool_),
         np.zeros(1, np.bool_),

@@ -27,7 +27,7 @@ from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import VIRTIO_RING_F_EVENT_IDX, CompiledRequestPath, VirtioIommuBackend
-from vhost_iommu.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, SplitQueue
+from vhost_iommu.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_NEXT, QueueError, SplitQueue
 
 EP = 0x20
 PAGE = 0x1000
@@ -64,17 +64,11 @@ class Loop:
         os.write(self.kick_fd, (1).to_bytes(8, sys.byteorder))
 
     def run(self) -> int:
-        """One call of the loop (it returns once settled); the ring state goes back into the SplitQueue."""
-        control, ring = self.control, self.ring
-        control[kickloop.K_SIGNALLED_USED] = ring._signalled_used
-        control[kickloop.K_SIGNALLED_VALID] = ring._signalled_used_valid
-        control[kickloop.K_PUSHED] = ring._pushed_since_check
+        """One call of the loop (it returns once settled), on the SplitQueue's own ring-state record."""
+        ring = self.ring
         arguments = self.compiled.kernel_arguments(ring, self.memory, ring.size)
-        reason = int(kickloop.kick_loop(control, self.timing, self.compiled.counts, *arguments))
-        self.compiled.take_indices(ring)
-        ring._pushed_since_check = int(control[kickloop.K_PUSHED])
-        ring._signalled_used = int(control[kickloop.K_SIGNALLED_USED])
-        ring._signalled_used_valid = bool(control[kickloop.K_SIGNALLED_VALID])
+        reason = int(kickloop.kick_loop(self.control, self.timing, self.compiled.counts, *arguments))
+        self.compiled.finish_call(ring, reason)
         self.compiled.merge_counts()
         return reason
 
@@ -193,7 +187,7 @@ def test_a_chain_it_does_not_serve_is_left_for_python(event_idx: bool) -> None:
         assert loop.driver.used() == [(first, 4)]
         assert loop.ring.next_avail == 1  # the PROBE is still available
         # The notification is left to whoever serves the rest: decided once, when the ring is empty.
-        assert count(loop.call_fd) == 0 and loop.ring._pushed_since_check == 1
+        assert count(loop.call_fd) == 0 and loop.ring.pushed_since_check == 1
 
 
 def test_batches_are_timed_per_type_as_the_control_layer_times_them(event_idx: bool) -> None:
@@ -255,13 +249,28 @@ def test_the_control_layers_histogram_absorbs_the_kernels_rows() -> None:
 
 def test_a_broken_chain_stops_the_loop_without_consuming_it(event_idx: bool) -> None:
     with loop_on(event_idx) as loop:
-        buffer = loop.driver.alloc_buffer(b"loop")
+        buffer = loop.driver.alloc_buffer(encode_map(1, 0, PAGE - 1, 0)[:4])  # a MAP: the kernel's to walk
         loop.driver.write_desc(0, buffer, 4, VIRTQ_DESC_F_NEXT, 0)  # a descriptor chained to itself
         loop.driver.make_available(0)
         loop.kick()
         assert loop.run() == kernel.STOP_BROKEN
         assert loop.ring.next_avail == 0 and loop.driver.used_idx == 0
         assert count(loop.call_fd) == 0
+
+
+def test_a_chain_of_another_type_is_left_to_the_python_walk_after_its_first_byte(event_idx: bool) -> None:
+    """The kernel stops walking an ATTACH as soon as its type is read: a loop further down its chain is
+    not the kernel's to find (SplitQueue.pop walks the chain, once, and refuses it)."""
+    with loop_on(event_idx) as loop:
+        attach = loop.driver.alloc_buffer(encode_attach(1, EP + 1))
+        loop.driver.write_desc(0, attach, len(encode_attach(1, EP + 1)), VIRTQ_DESC_F_NEXT, 1)
+        loop.driver.write_desc(1, attach, 4, VIRTQ_DESC_F_NEXT, 1)  # chained to itself
+        loop.driver.make_available(0)
+        loop.kick()
+        assert loop.run() == kernel.STOP_PYTHON
+        assert loop.ring.next_avail == 0 and loop.driver.used_idx == 0
+        with pytest.raises(QueueError, match="loops"):
+            loop.ring.pop()
 
 
 def test_park_now_returns_at_the_first_batch_boundary_and_not_serving_only_waits(event_idx: bool) -> None:

@@ -21,6 +21,7 @@ from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.jit import requests as kernel
+from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
@@ -93,6 +94,36 @@ def test_the_thread_serves_the_requestq_and_the_kernel_runs_there(
     device = backend_of(vhost_server).device
     assert vhost_server.call(lambda: len(device.mappings(1))) == 7
     assert vhost_server.call(lambda: len(device.mappings(2))) == 1
+
+
+def test_an_attach_is_handed_over_once_and_the_thread_grows_the_table_itself(
+    vhost_server: RunningServer, iommu_driver: IommuDriver
+) -> None:
+    """The kernel stops at an ATTACH once, and the event loop's path pops it straight away (the chain's
+    one full walk) rather than calling the kernel on it again. A table filled past several growths is
+    grown by the thread, with no hand-over."""
+    mappings = 2000
+    backend = backend_of(vhost_server)
+    compiled = backend._compiled
+    assert compiled is not None
+    store = backend.device.store
+    assert isinstance(store, MappingTable)
+    leaves_before = vhost_server.call(lambda: store.arrays.leaves.shape[0])
+    assert iommu_driver.attach(1, EP) == Status.OK  # the one hand-over
+    assert vhost_server.call(lambda: compiled.stops[kernel.STOP_PYTHON]) == 1
+    statuses: list[Status] = []
+    for first in range(0, mappings, 30):  # a chain takes two of the 64 descriptors
+        pages = range(first, min(first + 30, mappings))
+        # Every other page: no merging, a new row each.
+        statuses += iommu_driver.statuses(
+            [encode_map(1, 2 * p * PAGE, 2 * p * PAGE + PAGE - 1, 0) for p in pages]
+        )
+    assert statuses == [Status.OK] * mappings
+    assert vhost_server.call(lambda: store.count(1)) == mappings
+    assert vhost_server.call(lambda: store.arrays.leaves.shape[0]) > leaves_before
+    assert vhost_server.call(lambda: compiled.stops[kernel.STOP_GROW]) >= 3
+    counters = vhost_server.call(backend.kick_thread_counters)
+    assert counters is not None and counters["handovers"] == 1
 
 
 def test_a_pause_joins_the_thread_and_a_resume_starts_another(
@@ -391,7 +422,7 @@ def test_without_a_thread_to_be_had_the_event_loop_keeps_serving(monkeypatch: py
             assert asyncio.run(offer()) is False  # and its wake eventfd closed (fd_leak_check)
             monkeypatch.undo()
             compiled = backend._compiled
-            assert compiled is not None and compiled._ring_params[kernel.R_POLL_TICKS] > 0  # loop polls
+            assert compiled is not None and compiled.params[kernel.R_POLL_TICKS] > 0  # loop polls
         finally:
             os.close(kick_fd)
             memory.close()

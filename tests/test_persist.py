@@ -157,13 +157,13 @@ def test_a_committed_but_unpublished_request_is_completed_not_repeated(guest: Gu
     backend = guest.start()
     assert guest.send(encode_attach(1, EP)) == Status.OK
     head = guest.requests.post([encode_map(1, 0, PAGE - 1, 0x20_0000, RW)], [4])
-    status_gpa = guest.requests._posted[head].writable[0][0]
+    [(status_gpa, _size)] = guest.requests.writable_buffers(head)
     guest.ram.write(status_gpa, b"\xee\xee\xee\xee")
     used_before = guest.requests.used_idx
     backend.queue_kicked(0)
     assert guest.requests.used_idx == (used_before + 1) & 0xFFFF
     before = state_of(backend)
-    guest.requests._used16[1] = used_before  # the kill came before the index was stored
+    guest.requests.rewrite_used_idx(used_before)  # the kill came before the index was stored
     guest.ram.write(status_gpa, b"\xee\xee\xee\xee")
 
     restarted = guest.start(restoring=True)

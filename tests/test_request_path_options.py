@@ -24,7 +24,7 @@ def test_the_defaults_are_the_compiled_path_from_the_kick_thread_without_polling
     backend = backend_for()
     assert backend.request_path == "compiled" and backend.kick_thread
     assert backend._compiled is not None
-    assert backend._compiled._ring_params[kernel.R_POLL_TICKS] == 0
+    assert backend._compiled.params[kernel.R_POLL_TICKS] == 0
 
 
 def test_each_option_reaches_the_back_end() -> None:
@@ -33,7 +33,7 @@ def test_each_option_reaches_the_back_end() -> None:
     assert not backend_for("--no-kick-thread").kick_thread
     assert not backend_for("--request-path=python").kick_thread  # the thread runs the compiled kernel
     polling = backend_for("--poll-us=50")._compiled
-    assert polling is not None and polling._ring_params[kernel.R_POLL_TICKS] > 0
+    assert polling is not None and polling.params[kernel.R_POLL_TICKS] > 0
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,8 @@ def test_indices_wrap_at_65536(ram: GuestRam, memory: GuestMemory) -> None:
         device.push_used(chain.head, 1)
         assert driver.used() == [(head, 1)]
     assert (device.next_avail, device.used_idx, driver.avail_idx, driver.used_idx) == (3, 3, 3, 3)
+    assert device.pushed_since_check == 6  # counted across the wrap: the notification decision sees all
+    assert device.needs_notification() and device.pushed_since_check == 0
 
 
 def test_restart_resumes_at_next_avail(ram: GuestRam, memory: GuestMemory) -> None:

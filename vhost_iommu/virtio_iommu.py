@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import os
-import platform
 import signal
 import sys
 import threading
@@ -71,13 +70,6 @@ log = logging.getLogger(__name__)
 RING_FEATURES = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
 
 
-_WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-# Module constants rather than attribute lookups on every kick; the three words are adjacent.
-_R_NEXT_AVAIL = kernel.R_NEXT_AVAIL
-_R_USED_IDX = kernel.R_USED_IDX
-_R_COMPLETED = kernel.R_COMPLETED
-_R_BUDGET = kernel.R_BUDGET
-assert (_R_USED_IDX, _R_COMPLETED) == (_R_NEXT_AVAIL + 1, _R_NEXT_AVAIL + 2)
 _MAX_GROWTHS = 3
 
 
@@ -116,12 +108,13 @@ class CompiledRequestPath:
     """Serves the requestq with `vhost_iommu.jit.requests.serve_requests`, handing the chains the kernel
     does not serve to a Python callback one at a time.
 
-    The kernel works on raw addresses of the ring views and of guest memory; this class takes them from
-    the live numpy views and holds those views (through the ring and `FlatRegions`) for as long as it
-    uses the addresses: from a call until ``unbind``, which the back-end calls when the ring stops, the
-    memory changes or the device resets, so that nothing here keeps an ended session's guest RAM mapped.
-    The ring's indices live in the `SplitQueue` between calls and in the kernel's parameter array during
-    one.
+    The kernel works on raw addresses of the ring views and of guest memory: the ring's come with its
+    state record (``SplitQueue.state``, which the kernel reads and advances in place: the ring's position
+    has no other copy; the SplitQueue holds the views), guest memory's from `FlatRegions`, which this
+    class holds for as long as it uses the addresses: from a call until ``unbind``, which the back-end
+    calls when the ring stops, the memory changes or the device resets, so that nothing here keeps an
+    ended session's guest RAM mapped. Its own words (``params``) are the device's side: features, domain
+    range, granule, input range, polling, budget, journal.
 
     It relies on this back-end completing every chain before it returns (no chain stays in flight), so
     the SplitQueue's in-flight bookkeeping has nothing to check across kernel calls.
@@ -132,7 +125,7 @@ class CompiledRequestPath:
         them (``RF_NO_WORK``; benchmarks only)."""
         loop_poll_us, thread_poll_us = poll_windows(poll_us)
         self.device = device
-        self._ring_params = np.zeros(kernel.RING_WORDS, np.uint64)
+        self._params = np.zeros(kernel.PARAM_WORDS, np.uint64)
         #: The kick thread's poll window in cycle-counter ticks (0: no polling); adaptive in the loop.
         self.thread_poll_ticks = int(thread_poll_us * _ticks_per_us()) if thread_poll_us else 0
         #: The event-loop path's poll window in cycle-counter ticks (0: no polling).
@@ -141,25 +134,45 @@ class CompiledRequestPath:
         if poll_us:
             ticks_per_us = _ticks_per_us()
             self.poll_ticks = int(poll_us * ticks_per_us)
-            self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks
-            self._ring_params[kernel.R_POLL_LIMIT_TICKS] = int(max(POLL_LIMIT_US, 2 * poll_us) * ticks_per_us)
+            self._params[kernel.R_POLL_TICKS] = self.poll_ticks
+            self._params[kernel.R_POLL_LIMIT_TICKS] = int(max(POLL_LIMIT_US, 2 * poll_us) * ticks_per_us)
         self._counts = np.zeros(kernel.COUNT_WORDS, np.int64)
         self._extra_flags = kernel.RF_NO_WORK if no_work else 0
-        # What the parameter words were last derived from: the ring, its views (re-derived on a memory
-        # change), the acked features and whether kicks are wanted. Compared by identity and value on
-        # every kick: cheaper than rewriting the words.
-        self._ring: SplitQueue | None = None
-        self._views: tuple[object, object, object] = (None, None, None)
+        # The acked features the device's words were last derived from (the rest is the topology's,
+        # fixed for the device's life): compared on every kick, cheaper than rewriting the words.
         self._features = -1
-        self._notify = False
         self._memory: GuestMemory | None = None
         self._memory_generation = -1
         self._memory_table: npt.NDArray[np.uint64] = np.zeros((0, 3), np.uint64)
         self._memory_flat: FlatRegions | None = None
+        # The chain a kernel stopped at and left to the Python path, as (ring state, avail index): the
+        # next serve() hands it to the Python path at once instead of walking it in the kernel again.
+        self._left: tuple[npt.NDArray[np.int64], int] | None = None
+        # Table growths in a row with the ring's used index unchanged (a kernel that keeps asking is a bug).
+        self._growths = 0
+        self._grown_at = -1
         #: How many times the kernel stopped for each reason (STOP_* codes): for tests and benchmarks.
         self.stops = [0] * len(kernel.STOP_NAMES)
-        #: The journal every served chain is recorded in before it is published (None: no state dir).
-        self.journal: Journal | None = None
+        self._journal: Journal | None = None
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal every served chain is recorded in before it is published (None: no state dir)."""
+        return self._journal
+
+    @journal.setter
+    def journal(self, journal: Journal | None) -> None:
+        self._journal = journal
+        params = self._params
+        if journal is not None:
+            params[kernel.R_JOURNAL] = journal.address
+            params[kernel.R_JOURNAL_SLOTS] = journal.slots
+        self._set_flags()
+
+    @property
+    def params(self) -> npt.NDArray[np.uint64]:
+        """The device's words (``R_*``), the kernels' second argument."""
+        return self._params
 
     def usable(self) -> bool:
         """The kernel serves what the Python path would: the real table, no injected answers (rare,
@@ -170,24 +183,19 @@ class CompiledRequestPath:
 
     def set_polling(self, enabled: bool) -> None:
         """Turn this path's own poll window on or off (the kick thread polls in its loop instead)."""
-        self._ring_params[kernel.R_POLL_TICKS] = self.poll_ticks if enabled else 0
+        self._params[kernel.R_POLL_TICKS] = self.poll_ticks if enabled else 0
 
     def unbind(self) -> None:
-        """Drop the ring, its views and guest memory's regions; the next call binds afresh. Only while no
-        kernel runs with this path's arguments (the kick thread parked or gone): the addresses it was
-        given may be unmapped once these views are dropped."""
-        self._ring = None
-        self._views = (None, None, None)
+        """Drop guest memory's regions (and the chain left to the Python path, with its ring's record);
+        the next call binds afresh. Only while no kernel runs with this path's arguments (the kick thread
+        parked or gone): the addresses it was given may be unmapped once these views are dropped."""
         self._memory = None
         self._memory_generation = -1
         self._memory_flat = None
         self._memory_table = np.zeros((0, 3), np.uint64)
-        self._ring_params[[kernel.R_DESC, kernel.R_AVAIL, kernel.R_USED]] = 0
+        self._left = None
 
-    def _bind(self, ring: SplitQueue, memory: GuestMemory) -> None:
-        # SplitQueue keeps its ring views private; they are re-derived on a memory change (rebind).
-        desc, avail, used = ring._desc_table, ring._avail16, ring._used16
-        device = self.device
+    def _bind(self, memory: GuestMemory) -> None:
         if memory is not self._memory or memory.generation != self._memory_generation:
             flat = memory.flat_tables()
             table = np.empty((len(flat.gpa_starts), 3), np.uint64)
@@ -198,41 +206,27 @@ class CompiledRequestPath:
             self._memory_table = table
             self._memory_generation = memory.generation
             self._memory = memory
-        cached = self._views
-        if (
-            ring is self._ring
-            and desc is cached[0]
-            and avail is cached[1]
-            and used is cached[2]
-            and device.acked_features == self._features
-            and ring._notifications_enabled == self._notify
-        ):
+        device = self.device
+        if device.acked_features == self._features:
             return
-        params = self._ring_params
-        params[kernel.R_DESC] = desc.ctypes.data
-        params[kernel.R_AVAIL] = avail.ctypes.data
-        params[kernel.R_USED] = used.ctypes.data
-        params[kernel.R_SIZE] = ring.size
-        flags = kernel.RF_NOTIFY if ring._notifications_enabled else 0
-        if ring.event_idx:
-            flags |= kernel.RF_EVENT_IDX
-        if ring.indirect:
-            flags |= kernel.RF_INDIRECT
-        if _WEAK_ORDER:
-            flags |= kernel.RF_WEAK_ORDER
-        if device.acked_features & F_MAP_UNMAP:
-            flags |= kernel.RF_MAP_UNMAP
-        if device.acked_features & F_MMIO:
-            flags |= kernel.RF_MMIO
-        params[kernel.R_FLAGS] = flags | self._extra_flags
+        params = self._params
         params[kernel.R_DOMAIN_FIRST] = device.domain_table.first
         params[kernel.R_GRANULE] = device.granule
         params[kernel.R_INPUT_START] = device.topology.input_start
         params[kernel.R_INPUT_END] = device.topology.input_end
-        self._ring = ring
-        self._views = (desc, avail, used)
         self._features = device.acked_features
-        self._notify = ring._notifications_enabled
+        self._set_flags()
+
+    def _set_flags(self) -> None:
+        features = max(self._features, 0)
+        flags = self._extra_flags
+        if features & F_MAP_UNMAP:
+            flags |= kernel.RF_MAP_UNMAP
+        if features & F_MMIO:
+            flags |= kernel.RF_MMIO
+        if self._journal is not None:
+            flags |= kernel.RF_JOURNAL
+        self._params[kernel.R_FLAGS] = flags
 
     def serve(
         self,
@@ -247,17 +241,23 @@ class CompiledRequestPath:
         ``serve_one``'s ``SplitQueue.pop``) when the driver broke the ring. ``journal_full`` is called when
         ``journal`` is full, and must install a new one. (Callbacks are passed per call: one kept here
         would tie the back-end into a cycle, and a connection's guest memory would outlive it.)"""
-        self._bind(ring, memory)
-        store = self.device.store
-        assert isinstance(store, MappingTable)
+        self._bind(memory)
         completed = 0
-        grown = 0  # growths in a row without a completed chain
         try:
             while True:
                 if completed >= budget:
                     return completed, ring.has_available()
-                done, reason = self._call_kernel(ring, budget - completed)
-                completed += done
+                if self._take_left(ring):
+                    # STOP_PYTHON or STOP_BROKEN, here or in the kick loop: the chain goes through the
+                    # Python path, whose walk is its one full walk and raises QueueError for a broken
+                    # one. The call may change domains (ATTACH), which the next kernel call sees through
+                    # the arrays fetched again below.
+                    if serve_one(ring):
+                        completed += 1
+                    continue
+                reason = kernel.serve_requests(*self._arguments(ring, budget - completed))
+                self.finish_call(ring, reason)
+                completed += int(self._params[kernel.R_COMPLETED])
                 if reason == kernel.STOP_EMPTY:
                     return completed, False
                 if reason == kernel.STOP_BUDGET:
@@ -265,59 +265,68 @@ class CompiledRequestPath:
                 if reason == kernel.STOP_JOURNAL:
                     assert journal_full is not None
                     journal_full()
-                    continue
-                if reason == kernel.STOP_GROW:
-                    grown = grown + 1 if not done else 1
-                    if grown > _MAX_GROWTHS:
-                        # grow() guarantees room for one more map: a bug, not something a guest can cause.
-                        raise RuntimeError("mapping table still short of space after growing")
-                    store.grow()
-                    continue
-                # STOP_PYTHON or STOP_BROKEN: the chain goes through the Python path, whose walk raises
-                # QueueError for a broken one. The call may change domains (ATTACH), which the next
-                # kernel call sees through the arrays fetched again above.
-                if serve_one(ring):
-                    completed += 1
+                elif reason == kernel.STOP_GROW:
+                    self.grow_table(ring)
         finally:
             if completed:
                 self.merge_counts()
 
+    def _take_left(self, ring: SplitQueue) -> bool:
+        """Whether the chain at ``ring``'s next_avail is one a kernel stopped at and left to the Python
+        path (forgotten once asked)."""
+        left = self._left
+        if left is None:
+            return False
+        self._left = None
+        return left[0] is ring.state and left[1] == ring.next_avail
+
+    def grow_table(self, ring: SplitQueue) -> None:
+        """A kernel stopped with STOP_GROW: make room in the mapping table. Only the caller, who owns the
+        table while a kernel serves, may call it (the kick thread before it lets a tool in)."""
+        used_idx = ring.used_idx
+        self._growths = self._growths + 1 if used_idx == self._grown_at else 1
+        self._grown_at = used_idx
+        if self._growths > _MAX_GROWTHS:
+            # grow() guarantees room for one more map: a bug, not something a guest can cause.
+            raise RuntimeError("mapping table still short of space after growing")
+        store = self.device.store
+        assert isinstance(store, MappingTable)
+        store.grow()
+
     def kernel_arguments(self, ring: SplitQueue, memory: GuestMemory, budget: int) -> tuple[Any, ...]:
-        """``serve_requests``' arguments for ``ring`` as it is now (indices, ``budget``), also those of
-        ``kick_loop`` after its control words. Taken again before every call: table growth and a memory
-        change replace arrays. The indices come back in the first (``R_*`` words): see ``take_indices``."""
-        self._bind(ring, memory)
+        """``serve_requests``' arguments for ``ring`` (its state record first, then ``params``) and
+        ``budget``, also those of ``kick_loop`` after its control words. Taken again before every call:
+        table growth and a memory change replace arrays. Call ``finish_call`` after the kernel returns."""
+        self._bind(memory)
         return self._arguments(ring, budget)
 
-    def take_indices(self, ring: SplitQueue) -> None:
-        """Copy the ring indices a kernel left in the parameter words into ``ring`` (and the journal's next
-        record into ``journal``)."""
-        params = self._ring_params
-        ring.next_avail, ring.used_idx = params[_R_NEXT_AVAIL : _R_USED_IDX + 1].tolist()
-        journal = self.journal
+    def finish_call(self, ring: SplitQueue, reason: int) -> None:
+        """After a kernel call on ``ring`` that returned ``reason`` (a STOP_* code, or one of the kick
+        loop's): the journal's next record, the stop counts, the chain left to the Python path."""
+        journal = self._journal
         if journal is not None:
-            journal.next = int(params[kernel.R_JOURNAL_NEXT])
-            if journal.trap >= 0 and journal.next == journal.trap + 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: the kick loop stopped at the trap
+            journal.next = int(self._params[kernel.R_JOURNAL_NEXT])
+            if reason == kernel.STOP_TRAP:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between commit and publish
+        if reason in kernel.STOP_NAMES:
+            self.stops[reason] += 1
+        if reason == kernel.STOP_PYTHON or reason == kernel.STOP_BROKEN:
+            self._left = (ring.state, ring.next_avail)
 
     def _arguments(self, ring: SplitQueue, budget: int) -> tuple[Any, ...]:
         store = self.device.store
         assert isinstance(store, MappingTable)
         domains = self.device.domain_table
-        params = self._ring_params
-        params[_R_BUDGET] = budget
-        params[_R_NEXT_AVAIL] = ring.next_avail
-        params[_R_USED_IDX] = ring.used_idx
+        params = self._params
+        params[kernel.R_BUDGET] = budget
         leaves, nodes, directory, meta = store.arrays
         regions = domains.regions
-        journal = self.journal
+        journal = self._journal
         if journal is not None:
-            params[kernel.R_FLAGS] |= kernel.RF_JOURNAL
-            params[kernel.R_JOURNAL] = journal.address
-            params[kernel.R_JOURNAL_SLOTS] = journal.slots
             params[kernel.R_JOURNAL_NEXT] = journal.next
             params[kernel.R_JOURNAL_TRAP] = journal.trap + 1
         return (
+            ring.state,
             params,
             self._memory_table,
             domains.exists,
@@ -333,22 +342,6 @@ class CompiledRequestPath:
             meta,
             self._counts,
         )
-
-    def _call_kernel(self, ring: SplitQueue, budget: int) -> tuple[int, int]:
-        params = self._ring_params
-        reason = kernel.serve_requests(*self._arguments(ring, budget))
-        journal = self.journal
-        if journal is not None:
-            journal.next = int(params[kernel.R_JOURNAL_NEXT])
-            if reason == kernel.STOP_TRAP:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between commit and publish
-        next_avail, used_idx, done = params[_R_NEXT_AVAIL : _R_COMPLETED + 1].tolist()
-        self.stops[reason] += 1
-        if done:
-            ring.next_avail = next_avail
-            ring.used_idx = used_idx
-            ring._pushed_since_check += done
-        return done, reason
 
     def merge_counts(self) -> None:
         """Add what the kernel counted since the last merge to the device's counters."""
@@ -374,13 +367,20 @@ class _KickThread:
     thread blocks in poll(2) on the kick eventfd, serves MAP and UNMAP and writes the call eventfd without
     the interpreter lock, and takes it back only when the loop returns.
 
-    The loop returns for what only the event loop does: ATTACH, DETACH, PROBE, a broken chain, table
-    growth, a device the kernel cannot serve (``CompiledRequestPath.usable``). The thread then hands the
-    ring to the event loop, which runs the ordinary path while the thread waits: device state other than
-    the mapping table and domain arrays is only ever changed on the loop, and never while the kernel runs.
+    The loop returns for what only the event loop does: ATTACH, DETACH, PROBE, a broken chain, a full
+    journal, a device the kernel cannot serve (``VirtioIommuBackend.kernel_serves``). The thread then
+    hands the ring to the event loop, which runs the ordinary path while the thread waits: device state
+    other than the mapping table and domain arrays is only ever changed on the loop, and never while the
+    kernel runs.
+    A mapping table short of room is grown by the thread itself, before it lets anyone else in, and the
+    loop goes on: the table is the thread's while it serves (tools park it first, the event loop serves
+    the ring only in a hand-over).
 
-    ``parked()`` holds the thread out of the kernel (stopped at a batch boundary, its counts merged and the
-    ring's indices back in the SplitQueue) for as long as the event loop needs the device to itself.
+    The ring's position needs no hand-over of its own: the kernels advance the SplitQueue's state record
+    in place, and the thread and the event loop never use it at the same time.
+
+    ``parked()`` holds the thread out of the kernel (stopped at a batch boundary, its counts merged) for
+    as long as the event loop needs the device to itself.
 
     With a receiver for them (``VirtioIommuBackend.kick_timing``) the loop times every batch into
     ``timing`` (``kickloop.TIMING_*``), and the hand-overs are timed into it too; the back-end passes the
@@ -424,6 +424,7 @@ class _KickThread:
         self._settle_requests = 0  # settle() calls so far
         self._settled = 0  # settle() calls answered: the loop settled after they asked
         self._in_kernel = False
+        self._handovers = 0  # times the ring was handed to the event loop
         self._stopping = False
         self._finished = False
         self._handed_back = threading.Event()
@@ -493,9 +494,11 @@ class _KickThread:
             return self._state.wait_for(lambda: self._settled >= request or self._finished, timeout)
 
     def counters(self) -> dict[str, int]:
-        """What the loop counted: kicks read, wake-ups, notifications written, chains caught by polling."""
+        """What the loop counted: kicks read, wake-ups, notifications written, chains caught by polling,
+        and the hand-overs of the ring to the event loop."""
         control = self._control
         return {
+            "handovers": self._handovers,
             "kicks": int(control[kickloop.K_KICKS]),
             "wakeups": int(control[kickloop.K_WAKEUPS]),
             "notified": int(control[kickloop.K_NOTIFIED]),
@@ -546,21 +549,18 @@ class _KickThread:
                 return not self._stopping
             ring = self._ring
             control[kickloop.K_SERVE] = 1 if usable else 0
-            control[kickloop.K_SIGNALLED_USED] = ring._signalled_used
-            control[kickloop.K_SIGNALLED_VALID] = ring._signalled_used_valid
-            control[kickloop.K_PUSHED] = ring._pushed_since_check
             arguments = compiled.kernel_arguments(ring, self._memory, ring.size)
             # A settled return answers the settle() calls made before the loop started, not later ones:
             # their kicks may come after the loop last looked.
             settles = self._settle_requests
             self._in_kernel = True
+        reason = -1
         try:
             reason = kickloop.kick_loop(control, self.timing, compiled.counts, *arguments)
+            if reason == kernel.STOP_GROW:
+                compiled.grow_table(ring)  # while still _in_kernel: no tool reads the table meanwhile
         finally:
-            compiled.take_indices(ring)
-            ring._pushed_since_check = int(control[kickloop.K_PUSHED])
-            ring._signalled_used = int(control[kickloop.K_SIGNALLED_USED])
-            ring._signalled_used_valid = bool(control[kickloop.K_SIGNALLED_VALID])
+            compiled.finish_call(ring, reason)
             compiled.merge_counts()
             with self._state:
                 self._in_kernel = False
@@ -587,8 +587,9 @@ class _KickThread:
             raise OSError(int(control[kickloop.K_ERRNO]), "poll on the requestq kick and wake fds")
         if reason == kickloop.LOOP_KICKED:
             return True  # not usable: the next step hands the ring over
-        # STOP_PYTHON, STOP_BROKEN or STOP_GROW: the chain the kernel stopped at is the loop's.
-        compiled.stops[reason] += 1
+        if reason == kernel.STOP_GROW:
+            return True  # grown above: the loop serves that MAP first when it starts again
+        # STOP_PYTHON, STOP_BROKEN or STOP_JOURNAL: the chain the kernel stopped at is the event loop's.
         return self._hand_over()
 
     def _hand_over(self) -> bool:
@@ -598,6 +599,7 @@ class _KickThread:
             if self._stopping:
                 return False
             self._handed_back.clear()
+            self._handovers += 1
         try:
             self._loop.call_soon_threadsafe(self._on_loop)
         except RuntimeError:

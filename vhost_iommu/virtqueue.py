@@ -47,6 +47,22 @@ from vhost_iommu.abi import (
     VIRTQ_USED_F_NO_NOTIFY,
 )
 from vhost_iommu.jit.barriers import full_fence as _full_fence
+from vhost_iommu.jit.requests import (
+    Q_AVAIL,
+    Q_DESC,
+    Q_FLAGS,
+    Q_NEXT_AVAIL,
+    Q_NOTIFY,
+    Q_SIGNALLED_USED,
+    Q_SIGNALLED_VALID,
+    Q_SIZE,
+    Q_USED,
+    Q_USED_IDX,
+    QF_EVENT_IDX,
+    QF_INDIRECT,
+    QF_WEAK_ORDER,
+    QUEUE_WORDS,
+)
 from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
 
 __all__ = [
@@ -190,6 +206,11 @@ class SplitQueue:
     ``next_avail`` is the free-running u16 index of the next available entry to pop (what
     GET_VRING_BASE reports); ``used_idx`` the free-running u16 index of the next used entry, read
     from the ring at construction like libvhost-user does.
+
+    The ring's position lives in one place, ``state`` (int64 words, ``vhost_iommu.jit.requests.Q_*``):
+    the ring views' addresses, next_avail, used_idx, whether kicks are wanted and the notification
+    bookkeeping. The compiled request path and the kick loop pass that array to their kernels, which
+    read and advance the same words in place; every method here reads them there too.
     """
 
     def __init__(
@@ -221,16 +242,22 @@ class SplitQueue:
         self.used_uva = used_uva
         self.event_idx = event_idx
         self.indirect = indirect
-        self.next_avail = next_avail
+        self._state = np.zeros(QUEUE_WORDS, np.int64)
+        # Python reads and writes the words through a memoryview: several times cheaper than numpy's
+        # scalar indexing, on every pop and push.
+        words = self._words = self._state.data
+        words[Q_SIZE] = size
+        words[Q_FLAGS] = (
+            (QF_EVENT_IDX if event_idx else 0)
+            | (QF_INDIRECT if indirect else 0)
+            | (0 if _STRONGLY_ORDERED else QF_WEAK_ORDER)
+        )
+        words[Q_NEXT_AVAIL] = next_avail
         self._mask = size - 1
         self._bind(memory)
-        self.used_idx = self._used16.item(1)
+        words[Q_USED_IDX] = words[Q_SIGNALLED_USED] = self._used16.item(1)
         # Writable length of every chain popped and not yet pushed, by head; -1 when not in flight.
         self._in_flight = [-1] * size
-        self._notifications_enabled = True
-        self._signalled_used = self.used_idx
-        self._signalled_used_valid = False
-        self._pushed_since_check = 0
         # Whatever a previous back-end left in used->flags or avail_event, ask for kicks from here on.
         self.set_notification(True)
 
@@ -256,6 +283,11 @@ class SplitQueue:
         # One used element {le32 id; le32 len} as one little-endian u64: a single store per entry.
         self._used_ring = used_view[4 : 4 + 8 * self.size].view("<u8")
         self._avail_event = used_view[4 + 8 * self.size :].view("<u2")
+        # The kernels reach the rings through these addresses, valid while this queue holds the views.
+        words = self._words
+        words[Q_DESC] = table.ctypes.data
+        words[Q_AVAIL] = self._avail16.ctypes.data
+        words[Q_USED] = used_view.ctypes.data
 
     def rebind(self, memory: GuestMemory) -> None:
         """The memory table changed: re-derive the ring views (indices are kept).
@@ -264,20 +296,53 @@ class SplitQueue:
         """
         self._bind(memory)
 
+    # --- the ring-state record --------------------------------------------------------------------
+
+    @property
+    def state(self) -> npt.NDArray[np.int64]:
+        """The ring-state record (``Q_*`` words) the kernels take directly: the one copy of this ring's
+        position. Only one thread at a time may use it (the kick thread while it is in its kernel, the
+        event loop otherwise)."""
+        return self._state
+
+    @property
+    def next_avail(self) -> int:
+        return self._words[Q_NEXT_AVAIL]
+
+    @next_avail.setter
+    def next_avail(self, value: int) -> None:
+        self._words[Q_NEXT_AVAIL] = value
+
+    @property
+    def used_idx(self) -> int:
+        return self._words[Q_USED_IDX] & 0xFFFF
+
+    @property
+    def notifications_enabled(self) -> bool:
+        """Whether kicks are wanted (``set_notification``)."""
+        return bool(self._words[Q_NOTIFY])
+
+    @property
+    def pushed_since_check(self) -> int:
+        """Chains pushed (by this queue or a kernel) since ``needs_notification`` last decided."""
+        words = self._words
+        return words[Q_USED_IDX] - words[Q_SIGNALLED_USED]
+
     # --- available side ---------------------------------------------------------------------------
 
-    def _pending(self) -> int:
-        """How many entries the driver has made available beyond ``next_avail``."""
-        pending: int = (self._avail16.item(1) - self.next_avail) & 0xFFFF
-        if pending == 0 and self.event_idx and self._notifications_enabled:
+    def _pending(self, next_avail: int) -> int:
+        """How many entries the driver has made available beyond ``next_avail`` (the caller's read of
+        it: each method reads a word once)."""
+        pending: int = (self._avail16.item(1) - next_avail) & 0xFFFF
+        if pending == 0 and self.event_idx and self._words[Q_NOTIFY]:
             # Ask for a kick at the next entry, then look again: a driver that published an entry after
             # our first look read the old avail_event and will not kick, so we must see its entry now.
-            self._avail_event[0] = self.next_avail
+            self._avail_event[0] = next_avail
             full_fence()
-            pending = (self._avail16.item(1) - self.next_avail) & 0xFFFF
+            pending = (self._avail16.item(1) - next_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(
-                f"available index {self._avail16.item(1)} is {pending} entries ahead of {self.next_avail}, "
+                f"available index {self._avail16.item(1)} is {pending} entries ahead of {next_avail}, "
                 f"more than the queue size {self.size}"
             )
         if pending and not _STRONGLY_ORDERED:
@@ -286,27 +351,29 @@ class SplitQueue:
 
     def has_available(self) -> bool:
         """True if the driver has made a chain available that ``pop`` has not returned yet."""
-        return self._pending() > 0
+        return self._pending(self._words[Q_NEXT_AVAIL]) > 0
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, fully validated, or None if there is none.
 
         Raises QueueError (and leaves ``next_avail`` unchanged) if the driver broke the ring.
         """
-        if not self._pending():
+        words = self._words
+        next_avail = words[Q_NEXT_AVAIL]
+        if not self._pending(next_avail):
             return None
-        head = self._avail_ring.item(self.next_avail & self._mask)
+        head = self._avail_ring.item(next_avail & self._mask)
         if head >= self.size:
             raise QueueError(
-                f"available ring entry {self.next_avail} holds head {head}, queue size is {self.size}"
+                f"available ring entry {next_avail} holds head {head}, queue size is {self.size}"
             )
         if self._in_flight[head] >= 0:
             raise QueueError(f"driver made head {head} available again while the device still holds it")
         chain = self._walk(head)
         self._in_flight[head] = chain.writable_len
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        if self.event_idx and self._notifications_enabled:
-            self._avail_event[0] = self.next_avail
+        next_avail = words[Q_NEXT_AVAIL] = (next_avail + 1) & 0xFFFF
+        if self.event_idx and words[Q_NOTIFY]:
+            self._avail_event[0] = next_avail
         return chain
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -408,14 +475,14 @@ class SplitQueue:
             raise ValueError(f"head {head} is not a chain popped from this queue and still in flight")
         if not 0 <= length <= self._in_flight[head]:
             raise ValueError(f"used length {length} for head {head} exceeds its writable length")
-        slot = self.used_idx & self._mask
-        self._used_ring[slot] = head | length << 32
+        words = self._words
+        pushed = words[Q_USED_IDX]  # counted without wrapping: the used index is its low 16 bits
+        self._used_ring[pushed & self._mask] = head | length << 32
         self._in_flight[head] = -1
         if not _STRONGLY_ORDERED:
             full_fence()  # the entry (and the data written before it) ahead of the index
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._used16[1] = self.used_idx
-        self._pushed_since_check += 1
+        pushed = words[Q_USED_IDX] = pushed + 1
+        self._used16[1] = pushed & 0xFFFF
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed since the last call.
@@ -424,10 +491,11 @@ class SplitQueue:
         the first decision of a new queue is always yes: what the driver saw before is unknown, and a
         spurious interrupt is harmless where a missing one hangs the driver.
         """
-        pushed = self._pushed_since_check
-        old, new = self._signalled_used, self.used_idx
-        self._pushed_since_check = 0
-        self._signalled_used = new
+        words = self._words
+        signalled = words[Q_SIGNALLED_USED]
+        pushed_total = words[Q_SIGNALLED_USED] = words[Q_USED_IDX]
+        pushed = pushed_total - signalled
+        old, new = signalled & 0xFFFF, pushed_total & 0xFFFF
         if pushed == 0:
             return False
         # used.idx must be visible before we read the driver's suppression state, or a driver that
@@ -435,8 +503,8 @@ class SplitQueue:
         full_fence()
         if not self.event_idx:
             return not self._avail16.item(0) & VIRTQ_AVAIL_F_NO_INTERRUPT
-        was_valid = self._signalled_used_valid
-        self._signalled_used_valid = True
+        was_valid = words[Q_SIGNALLED_VALID]
+        words[Q_SIGNALLED_VALID] = 1
         if not was_valid or pushed >= 0x10000:
             return True
         return vring_need_event(self._avail16.item(self._used_event_slot), new, old)
@@ -447,7 +515,7 @@ class SplitQueue:
         After enabling, call ``pop``/``has_available`` again before sleeping: entries made available
         while kicks were off raise no kick.
         """
-        self._notifications_enabled = enabled
+        self._words[Q_NOTIFY] = int(enabled)
         if self.event_idx:
             if enabled:
                 self._avail_event[0] = self.next_avail

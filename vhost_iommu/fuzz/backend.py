@@ -58,12 +58,12 @@ class _Context:
 
     def __init__(self, memory: GuestMemory, queue: SplitQueue) -> None:
         self.memory = memory
-        self._queue = queue
+        self.requestq = queue
         self.broken: str | None = None
         self.signals = 0
 
     def queue(self, index: int) -> SplitQueue | None:
-        return self._queue if index == 0 and self.broken is None else None
+        return self.requestq if index == 0 and self.broken is None else None
 
     def signal_used(self, index: int) -> None:
         self.signals += 1
@@ -285,7 +285,7 @@ class BackendTarget(FuzzTarget):
         (world_a, backend_a, context_a), (world_b, backend_b, context_b) = sides
         if (context_a.broken is None) != (context_b.broken is None):
             raise FuzzFailure(f"broken: compiled {context_a.broken!r}, python {context_b.broken!r}")
-        queue_a, queue_b = context_a._queue, context_b._queue
+        queue_a, queue_b = context_a.requestq, context_b.requestq
         if (queue_a.next_avail, queue_a.used_idx) != (queue_b.next_avail, queue_b.used_idx):
             raise FuzzFailure(
                 f"ring indices: compiled {(queue_a.next_avail, queue_a.used_idx)}, "

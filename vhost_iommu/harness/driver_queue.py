@@ -300,6 +300,13 @@ class DriverQueue:
         """Chains posted with :meth:`post` and not yet returned."""
         return len(self._posted)
 
+    def writable_buffers(self, head: int) -> list[tuple[int, int]]:
+        """(gpa, size) of each writable buffer of the outstanding chain at ``head``."""
+        try:
+            return list(self._posted[head].writable)
+        except KeyError:
+            raise DriverQueueError(f"no outstanding chain at head {head}") from None
+
     # --- notification fields ------------------------------------------------------------------------
 
     @property
@@ -340,6 +347,11 @@ class DriverQueue:
         return int(self._avail16[1])
 
     # --- raw (hostile) access -----------------------------------------------------------------------
+
+    def rewrite_used_idx(self, value: int) -> None:
+        """Store ``value`` in used->idx, the device's field: a test's way to play a device that died
+        before it stored the index."""
+        self._used16[1] = value & 0xFFFF
 
     def write_desc(self, index: int, addr: int, length: int, flags: int, next_index: int) -> None:
         """Write descriptor ``index`` of the main table verbatim (no checks beyond the field widths)."""

@@ -77,8 +77,8 @@ def main() -> None:
     backend.queue_started(0)
     backend.queue_started(1)
     if config["trap"] >= 0:
-        assert backend._persistence is not None
-        journal = backend._persistence.journal
+        assert backend.persistence is not None
+        journal = backend.persistence.journal
         assert journal is not None
         journal.trap = journal.next + config["trap"]
     if config["thread"]:

@@ -49,7 +49,7 @@ def count(fd: int) -> int:
 
 @dataclass
 class Loop:
-    """One requestq and the kick loop's inputs, the way ``_KickThread`` prepares them."""
+    """One requestq and the kick loop's inputs, the way ``KickThread`` prepares them."""
 
     driver: DriverQueue
     ring: SplitQueue

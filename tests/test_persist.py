@@ -175,7 +175,7 @@ def test_a_committed_but_unpublished_request_is_completed_not_repeated(guest: Gu
 
 def test_no_state_dir_leaves_the_kernel_call_unchanged(guest: Guest) -> None:
     backend = VirtioIommuBackend(request_path=guest.path)
-    assert backend._persistence is None
+    assert backend.persistence is None
     if backend._compiled is not None:
         assert backend._compiled.journal is None
 
@@ -357,7 +357,8 @@ def test_journal_files_are_0600_and_exclusive(tmp_path: Path) -> None:
 
 def test_requests_of_every_type_round_trip_through_records(guest: Guest) -> None:
     backend = guest.start()
-    journal = backend._persistence.journal  # type: ignore[union-attr]
+    assert backend.persistence is not None
+    journal = backend.persistence.journal
     assert journal is not None
     assert guest.send(encode_attach(3, EP)) == Status.OK
     assert guest.send(encode_map(3, 0, PAGE - 1, 0, RW)) == Status.OK

@@ -455,8 +455,8 @@ class SplitQueue:
 
     def give_back(self, chain: DescriptorChain) -> None:
         """Undo the pop of ``chain``, the last chain popped and not pushed: the device will not serve it
-        (the ring is stopping), so ``next_avail`` (what GET_VRING_BASE reports) counts it as available
-        again and the next start serves it. Raises ValueError (a device bug) for any other chain."""
+        now, so it stays available (``next_avail``, what GET_VRING_BASE reports, counts it so) and the
+        next ``pop`` returns it again. Raises ValueError (a device bug) for any other chain."""
         previous = (self.next_avail - 1) & 0xFFFF
         if self._in_flight[chain.head] < 0 or self._avail_ring.item(previous & self._mask) != chain.head:
             raise ValueError(f"head {chain.head} is not the last chain popped and still in flight")

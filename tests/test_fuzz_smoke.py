@@ -160,25 +160,17 @@ def test_hang_is_an_exception_targets_let_through() -> None:
 
 
 def test_script_runs_a_target_and_lists_them(tmp_path: Path) -> None:
-    listed = subprocess.run(
-        [sys.executable, str(REPO / "scripts/fuzz"), "list"], capture_output=True, text=True, check=True
-    )
+    # The script picks its interpreter itself (the project's virtualenv, or $PYTHON): this one here.
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO / "scripts/fuzz")
+    listed = subprocess.run([script, "list"], capture_output=True, text=True, check=True, env=env)
     assert set(TARGETS) <= {line.split()[0] for line in listed.stdout.splitlines()}
     run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts/fuzz"),
-            "codec",
-            "--runs",
-            "200",
-            "--seed",
-            "1",
-            "--artifacts",
-            str(tmp_path),
-        ],
+        [script, "codec", "--runs", "200", "--seed", "1", "--artifacts", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "codec: 200 executions" in run.stdout and "no findings" in run.stdout

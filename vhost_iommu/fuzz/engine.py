@@ -43,6 +43,7 @@ __all__ = [
     "FuzzReport",
     "FuzzTarget",
     "Hang",
+    "Script",
     "fd_is_open",
     "fuzz",
     "open_fd_count",
@@ -147,6 +148,45 @@ class Choices:
             return self.bits(bits)
         delta = self.between(-spread, spread) if self.chance(160) else 0
         return (self.pick(anchors) + delta) % (1 << bits)
+
+
+class Script:
+    """Writes the input that makes :class:`Choices` take given decisions, in the order a target takes them:
+    seeds that reach each case of a target (each message type, each layout) whatever the random driver
+    does. Past the script's end the decisions are the PRNG's, as for any input."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._data)
+
+    def byte(self, value: int) -> Script:
+        self._data.append(value)
+        return self
+
+    def bits(self, count: int, value: int) -> Script:
+        self._data += value.to_bytes((count + 7) // 8, "little")
+        return self
+
+    def below(self, bound: int, value: int) -> Script:
+        if not 0 <= value < bound:
+            raise ValueError(f"{value} is not below {bound}")
+        if bound <= 256:
+            return self.byte(value)
+        return self.bits(32 if bound <= 1 << 32 else 64, value)
+
+    def between(self, low: int, high: int, value: int) -> Script:
+        return self.below(high - low + 1, value - low)
+
+    def chance(self, per_256: int, value: bool) -> Script:
+        if (value and per_256 <= 0) or (not value and per_256 >= 256):
+            raise ValueError(f"chance({per_256}) is never {value}")
+        return self.byte(0 if value else 255)
+
+    def pick(self, options: Sequence[T], value: T) -> Script:
+        return self.below(len(options), list(options).index(value))
 
 
 class FuzzTarget:
@@ -467,6 +507,11 @@ def fuzz(
                         record("leak", leak[0], leak[1])
                 if report.findings and not keep_going:
                     break
+            if report.executions % leak_every and (keep_going or not report.findings):
+                # The last window too, however short the run: a smoke run of a few executions sees a leak.
+                leak = _check_window(target, window)
+                if leak is not None:
+                    record("leak", leak[0], leak[1])
     except KeyboardInterrupt:
         report.interrupted = True  # Ctrl-C (SIGINT) ends a campaign early, with its report
     finally:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Hashable, Iterable
 
 from vhost_iommu.device.layout import encode_attach, encode_map, encode_probe, encode_unmap
-from vhost_iommu.fuzz.codec import _message
+from vhost_iommu.fuzz.codec import hostile_message
 from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, open_fd_count
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.guest_ram import GuestRam
@@ -143,7 +143,7 @@ class ServerTarget(FuzzTarget):
             data, fds = self._setup_message(choices, mine)
             features.append(("setup", struct.unpack_from("<I", data)[0]))
         elif action < 12:
-            data, count = _message(choices, Stream.FRONTEND_REQUESTS)
+            data, count = hostile_message(choices, Stream.FRONTEND_REQUESTS)
             fds = [self._any_fd(choices) for _ in range(count if choices.chance(200) else choices.below(4))]
             features.append(("hostile", struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1))
         else:

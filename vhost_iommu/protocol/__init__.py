@@ -7,11 +7,15 @@ channel.
 """
 
 from vhost_iommu.protocol.codec import (
+    BACKEND_REPLY_PAYLOADS,
+    BACKEND_REQUEST_SPECS,
+    FRONTEND_REQUEST_SPECS,
     Decoder,
     FramingError,
     Message,
     ProtocolError,
     RequestRejected,
+    RequestSpec,
     Stream,
     close_fds,
     encode,
@@ -50,8 +54,11 @@ from vhost_iommu.protocol.messages import (
 )
 
 __all__ = [
+    "BACKEND_REPLY_PAYLOADS",
+    "BACKEND_REQUEST_SPECS",
     "FLAG_NEED_REPLY",
     "FLAG_REPLY",
+    "FRONTEND_REQUEST_SPECS",
     "HEADER_SIZE",
     "MAX_CONFIG_SIZE",
     "MAX_FDS_PER_MESSAGE",
@@ -76,6 +83,7 @@ __all__ = [
     "ProtocolError",
     "ProtocolFeature",
     "RequestRejected",
+    "RequestSpec",
     "SingleMemoryRegion",
     "Stream",
     "VringAddress",

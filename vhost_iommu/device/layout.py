@@ -114,14 +114,15 @@ CONFIG_SIZE = CONFIG.size
 FAULT_SIZE = FAULT.size
 RESV_MEM_SIZE = RESV_MEM.size
 
-# The device-readable size of each request: the whole struct without its tail.
-READABLE_SIZE: dict[int, int] = {
-    RequestType.ATTACH: ATTACH.size,
-    RequestType.DETACH: DETACH.size,
-    RequestType.MAP: MAP.size,
-    RequestType.UNMAP: UNMAP.size,
-    RequestType.PROBE: PROBE.size,
+# The device-readable part of each request: the whole struct without its tail.
+REQUEST_LAYOUT: dict[int, struct.Struct] = {
+    RequestType.ATTACH: ATTACH,
+    RequestType.DETACH: DETACH,
+    RequestType.MAP: MAP,
+    RequestType.UNMAP: UNMAP,
+    RequestType.PROBE: PROBE,
 }
+READABLE_SIZE: dict[int, int] = {kind: layout.size for kind, layout in REQUEST_LAYOUT.items()}
 
 # Byte offsets of the config fields (struct virtio_iommu_config).
 CONFIG_PAGE_SIZE_MASK = 0

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import signal
+import struct
 import tempfile
 import time
 import zlib
@@ -49,6 +50,7 @@ __all__ = [
     "open_fd_count",
     "replay",
     "shape",
+    "struct_fields",
 ]
 
 T = TypeVar("T")
@@ -148,6 +150,29 @@ class Choices:
             return self.bits(bits)
         delta = self.between(-spread, spread) if self.chance(160) else 0
         return (self.pick(anchors) + delta) % (1 << bits)
+
+
+_FORMAT_ITEM = re.compile(r"(\d*)([A-Za-z?])")
+
+
+def struct_fields(layout: struct.Struct) -> list[tuple[int, int, str]]:
+    """(offset, size, code) of each field of a packed (``<`` or ``=``) ``layout``, in order: where a
+    target bends the fields of a layout the code defines, rather than a copy of its offsets."""
+    fields: list[tuple[int, int, str]] = []
+    offset = 0
+    for count, code in _FORMAT_ITEM.findall(layout.format[1:]):
+        repeat = int(count) if count else 1
+        if code in "sp":
+            fields.append((offset, repeat, code))
+            offset += repeat
+            continue
+        size = struct.calcsize("<" + code)
+        for _ in range(repeat):
+            fields.append((offset, size, code))
+            offset += size
+    if offset != layout.size or layout.format[:1] not in "<=":
+        raise ValueError(f"{layout.format!r} is not a packed layout")
+    return fields
 
 
 class Script:

@@ -8,15 +8,21 @@ import subprocess
 import sys
 from collections.abc import Hashable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vhost_iommu.device.layout import RequestType
 from vhost_iommu.fuzz import TARGETS, Choices, FuzzFailure, FuzzTarget, Hang, fuzz, replay
+from vhost_iommu.fuzz.codec import seed_cases
 from vhost_iommu.fuzz.engine import fd_is_open
+from vhost_iommu.fuzz.server import SETUP_MESSAGE_KINDS
+from vhost_iommu.protocol import FrontendRequest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Executions per target in the suite: enough to reach past the seeds into mutated inputs, about a second.
+# Executions per target in the suite after its seeds (which reach each message type, request type or kind of
+# damage the target knows, read from the code's own tables): mutated inputs, about a second's worth.
 SMOKE_RUNS = {
     "codec": 1500,
     "memory": 400,
@@ -30,13 +36,49 @@ SMOKE_RUNS = {
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_smoke(name: str, tmp_path: Path, fd_leak_check: None) -> None:
-    report = fuzz(
-        TARGETS[name](), runs=SMOKE_RUNS.get(name, 200), seed=1, artifact_dir=str(tmp_path), leak_every=64
-    )
-    assert report.executions == SMOKE_RUNS.get(name, 200)
+    target = TARGETS[name]()
+    runs = len(target.seeds()) + SMOKE_RUNS[name]
+    report = fuzz(target, runs=runs, seed=1, artifact_dir=str(tmp_path), leak_every=64)
+    assert report.executions == runs
     assert not report.findings, [f"{f.kind}: {f.message}" for f in report.findings]
     assert report.fds_after == report.fds_before
     assert report.features > 0  # the target did something observable
+
+
+def _seed_features(target: FuzzTarget) -> set[Hashable]:
+    """Every outcome feature of the target's seeds (each run once, without the driver)."""
+    target.warm_up()
+    target.setup()
+    try:
+        return {feature for seed in target.seeds() for feature in target.run(Choices(seed)) or ()}
+    finally:
+        target.teardown()
+
+
+def test_codec_seeds_send_every_message_of_the_codecs_tables() -> None:
+    """So a short run checks each message with the fds the codec's table gives it (SET_DEVICE_STATE_FD's
+    fd went unchecked by a copy of that table written before it existed)."""
+    features = _seed_features(TARGETS["codec"]())
+    sent = {(stream, code) for kind, stream, code, _fds in _tuples(features, "message")}
+    assert {(stream.name, code) for stream, code in seed_cases()} <= sent
+    assert ("FRONTEND_REQUESTS", int(FrontendRequest.SET_DEVICE_STATE_FD), 1) in {
+        feature[1:] for feature in _tuples(features, "message")
+    }
+
+
+def test_requests_seeds_send_every_request_type() -> None:
+    requests = _seed_features(TARGETS["requests"]())
+    assert {int(kind) for kind in RequestType} <= {feature[1] for feature in _tuples(requests, "hostile")}
+
+
+def test_server_seeds_send_every_setup_message_and_request_type(fd_leak_check: None) -> None:
+    features = _seed_features(TARGETS["server"]())
+    assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "kick")}
+    assert len({feature[1] for feature in _tuples(features, "setup")}) == SETUP_MESSAGE_KINDS  # one code each
+
+
+def _tuples(features: Iterable[Hashable], kind: str) -> list[tuple[Any, ...]]:
+    return [feature for feature in features if isinstance(feature, tuple) and feature[0] == kind]
 
 
 def test_choices_are_deterministic_and_never_run_out() -> None:

@@ -71,6 +71,11 @@ def test_requests_seeds_send_every_request_type() -> None:
     assert {int(kind) for kind in RequestType} <= {feature[1] for feature in _tuples(requests, "hostile")}
 
 
+def test_backend_seeds_serve_every_request_type_both_ways() -> None:
+    features = _seed_features(TARGETS["backend"]())
+    assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "requests")}
+
+
 def test_server_seeds_send_every_setup_message_and_request_type(fd_leak_check: None) -> None:
     features = _seed_features(TARGETS["server"]())
     assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "kick")}

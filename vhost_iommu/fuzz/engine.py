@@ -10,9 +10,10 @@ The built-in driver (:func:`fuzz`) needs nothing but the standard library: rando
 inputs that produced outcomes not seen before (the "features" a target returns: a cheap stand-in for
 coverage), a per-execution time bound (a signal raising :class:`Hang`, so a Python loop that never ends is
 caught where it spins; SIGPROF, so CPU time, because a campaign at ``nice 19`` on a loaded machine can
-be descheduled for seconds), and leak checks (the target's own after every execution, the expensive ones every
-``leak_every`` executions, then a replay of that window to find the input that leaked). atheris, when
-installed, can drive the same targets with coverage guidance (:func:`fuzz_atheris`).
+be descheduled for seconds), and leak checks (the target's own after every execution, the expensive ones
+every ``leak_every`` executions and at the end of the run, then a replay of that window to find the input
+that leaked). A target's seeds (:class:`Script` writes them) run first. atheris, when installed, can
+drive the same targets with coverage guidance (:func:`fuzz_atheris`).
 """
 
 from __future__ import annotations

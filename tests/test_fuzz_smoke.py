@@ -197,6 +197,23 @@ def test_engine_finds_the_input_that_leaks() -> None:
             os.close(fd)
 
 
+class _MapsLeak(FuzzTarget):
+    """Leaves something behind that only the expensive check sees (as a mapping the server keeps)."""
+
+    name = "maps-leak"
+
+    def run(self, choices: Choices) -> Iterable[Hashable]:
+        return ()
+
+    def check_leaks(self) -> str | None:
+        return "1 mapping left"
+
+
+def test_engine_checks_leaks_at_the_end_of_a_run_shorter_than_the_leak_window() -> None:
+    report = fuzz(_MapsLeak(), runs=5, leak_every=64)
+    assert [(finding.kind, finding.message) for finding in report.findings] == [("leak", "1 mapping left")]
+
+
 def test_engine_reports_a_broken_invariant_as_a_failure() -> None:
     report = fuzz(_Breaks(), runs=10)
     assert [finding.kind for finding in report.findings] == ["failure"]

@@ -7,7 +7,8 @@ descriptions built around the files' sizes and the regions already there (zero s
 overlaps in either address space, sums that wrap 2^64), interleaved with uva/gpa view queries near
 region edges.
 
-Checked against a model written from the spec (not from :mod:`vhost_iommu.memory`):
+Checked against a model written from the spec (not from :mod:`vhost_iommu.memory`, but for its limit on
+the number of regions, ``GuestMemory.max_regions``):
 
 * only :class:`GuestMemoryError` is raised, and exactly when the model says the change or the query is
   invalid; a refused change leaves the table as it was;

@@ -114,15 +114,14 @@ CONFIG_SIZE = CONFIG.size
 FAULT_SIZE = FAULT.size
 RESV_MEM_SIZE = RESV_MEM.size
 
-# The device-readable part of each request: the whole struct without its tail.
-REQUEST_LAYOUT: dict[int, struct.Struct] = {
-    RequestType.ATTACH: ATTACH,
-    RequestType.DETACH: DETACH,
-    RequestType.MAP: MAP,
-    RequestType.UNMAP: UNMAP,
-    RequestType.PROBE: PROBE,
+# The device-readable size of each request: the whole struct without its tail.
+READABLE_SIZE: dict[int, int] = {
+    RequestType.ATTACH: ATTACH.size,
+    RequestType.DETACH: DETACH.size,
+    RequestType.MAP: MAP.size,
+    RequestType.UNMAP: UNMAP.size,
+    RequestType.PROBE: PROBE.size,
 }
-READABLE_SIZE: dict[int, int] = {kind: layout.size for kind, layout in REQUEST_LAYOUT.items()}
 
 # Byte offsets of the config fields (struct virtio_iommu_config).
 CONFIG_PAGE_SIZE_MASK = 0
@@ -141,6 +140,18 @@ U64_MAX = (1 << 64) - 1
 def writable_size(request_type: int, probe_size: int = 0) -> int:
     """The writable size a well-behaved driver gives a request: the tail, and for PROBE the properties too."""
     return probe_size + TAIL_SIZE if request_type == RequestType.PROBE else TAIL_SIZE
+
+
+#: Each request's device-readable layout, whose sizes are READABLE_SIZE's (for tools that take requests
+#: apart field by field: the requests fuzz target).
+REQUEST_LAYOUT: dict[int, struct.Struct] = {
+    RequestType.ATTACH: ATTACH,
+    RequestType.DETACH: DETACH,
+    RequestType.MAP: MAP,
+    RequestType.UNMAP: UNMAP,
+    RequestType.PROBE: PROBE,
+}
+assert {kind: layout.size for kind, layout in REQUEST_LAYOUT.items()} == READABLE_SIZE
 
 
 def encode_attach(

@@ -1,9 +1,11 @@
 """Fuzz target ``codec``: byte streams and real fds through :class:`vhost_iommu.protocol.Decoder`.
 
-One execution picks a stream kind, builds a stream of messages (well-formed ones with hostile field values,
-headers with random flags and sizes, raw noise), attaches real eventfds to random points of it, cuts it at
-arbitrary points (or the way :mod:`vhost_iommu.server.connection` reads: at most ``bytes_needed`` bytes per
-read) and feeds it, taking messages after every feed; sometimes the stream then ends (``feed_eof``).
+One execution picks a stream kind, builds a stream of messages (payloads built by the codec's own payload
+classes for the layout the codec's table gives each code, then sometimes bent: fields set to hostile
+values, cut, extended; headers with random flags and sizes; raw noise), attaches real eventfds to random
+points of it, cuts it at arbitrary points (or the way :mod:`vhost_iommu.server.connection` reads: at most
+``bytes_needed`` bytes per read) and feeds it, taking messages after every feed; sometimes the stream then
+ends (``feed_eof``).
 
 Checked:
 

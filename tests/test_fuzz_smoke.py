@@ -8,15 +8,21 @@ import subprocess
 import sys
 from collections.abc import Hashable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vhost_iommu.device.layout import RequestType
 from vhost_iommu.fuzz import TARGETS, Choices, FuzzFailure, FuzzTarget, Hang, fuzz, replay
+from vhost_iommu.fuzz.codec import seed_cases
 from vhost_iommu.fuzz.engine import fd_is_open
+from vhost_iommu.fuzz.server import SETUP_MESSAGE_KINDS
+from vhost_iommu.protocol import FrontendRequest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Executions per target in the suite: enough to reach past the seeds into mutated inputs, about a second.
+# Executions per target in the suite after its seeds (which reach each message type, request type or kind of
+# damage the target knows, read from the code's own tables): mutated inputs, about a second's worth.
 SMOKE_RUNS = {
     "codec": 1500,
     "memory": 400,
@@ -30,13 +36,54 @@ SMOKE_RUNS = {
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_smoke(name: str, tmp_path: Path, fd_leak_check: None) -> None:
-    report = fuzz(
-        TARGETS[name](), runs=SMOKE_RUNS.get(name, 200), seed=1, artifact_dir=str(tmp_path), leak_every=64
-    )
-    assert report.executions == SMOKE_RUNS.get(name, 200)
+    target = TARGETS[name]()
+    runs = len(target.seeds()) + SMOKE_RUNS[name]
+    report = fuzz(target, runs=runs, seed=1, artifact_dir=str(tmp_path), leak_every=64)
+    assert report.executions == runs
     assert not report.findings, [f"{f.kind}: {f.message}" for f in report.findings]
     assert report.fds_after == report.fds_before
     assert report.features > 0  # the target did something observable
+
+
+def _seed_features(target: FuzzTarget) -> set[Hashable]:
+    """Every outcome feature of the target's seeds (each run once, without the driver)."""
+    target.warm_up()
+    target.setup()
+    try:
+        return {feature for seed in target.seeds() for feature in target.run(Choices(seed)) or ()}
+    finally:
+        target.teardown()
+
+
+def test_codec_seeds_send_every_message_of_the_codecs_tables() -> None:
+    """So a short run checks each message with the fds the codec's table gives it (SET_DEVICE_STATE_FD's
+    fd went unchecked by a copy of that table written before it existed)."""
+    features = _seed_features(TARGETS["codec"]())
+    sent = {(stream, code) for kind, stream, code, _fds in _tuples(features, "message")}
+    assert {(stream.name, code) for stream, code in seed_cases()} <= sent
+    assert ("FRONTEND_REQUESTS", int(FrontendRequest.SET_DEVICE_STATE_FD), 1) in {
+        feature[1:] for feature in _tuples(features, "message")
+    }
+
+
+def test_requests_seeds_send_every_request_type() -> None:
+    requests = _seed_features(TARGETS["requests"]())
+    assert {int(kind) for kind in RequestType} <= {feature[1] for feature in _tuples(requests, "hostile")}
+
+
+def test_backend_seeds_serve_every_request_type_both_ways() -> None:
+    features = _seed_features(TARGETS["backend"]())
+    assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "requests")}
+
+
+def test_server_seeds_send_every_setup_message_and_request_type(fd_leak_check: None) -> None:
+    features = _seed_features(TARGETS["server"]())
+    assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "kick")}
+    assert len({feature[1] for feature in _tuples(features, "setup")}) == SETUP_MESSAGE_KINDS  # one code each
+
+
+def _tuples(features: Iterable[Hashable], kind: str) -> list[tuple[Any, ...]]:
+    return [feature for feature in features if isinstance(feature, tuple) and feature[0] == kind]
 
 
 def test_choices_are_deterministic_and_never_run_out() -> None:
@@ -150,6 +197,23 @@ def test_engine_finds_the_input_that_leaks() -> None:
             os.close(fd)
 
 
+class _MapsLeak(FuzzTarget):
+    """Leaves something behind that only the expensive check sees (as a mapping the server keeps)."""
+
+    name = "maps-leak"
+
+    def run(self, choices: Choices) -> Iterable[Hashable]:
+        return ()
+
+    def check_leaks(self) -> str | None:
+        return "1 mapping left"
+
+
+def test_engine_checks_leaks_at_the_end_of_a_run_shorter_than_the_leak_window() -> None:
+    report = fuzz(_MapsLeak(), runs=5, leak_every=64)
+    assert [(finding.kind, finding.message) for finding in report.findings] == [("leak", "1 mapping left")]
+
+
 def test_engine_reports_a_broken_invariant_as_a_failure() -> None:
     report = fuzz(_Breaks(), runs=10)
     assert [finding.kind for finding in report.findings] == ["failure"]
@@ -160,25 +224,17 @@ def test_hang_is_an_exception_targets_let_through() -> None:
 
 
 def test_script_runs_a_target_and_lists_them(tmp_path: Path) -> None:
-    listed = subprocess.run(
-        [sys.executable, str(REPO / "scripts/fuzz"), "list"], capture_output=True, text=True, check=True
-    )
+    # The script picks its interpreter itself (the project's virtualenv, or $PYTHON): this one here.
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO / "scripts/fuzz")
+    listed = subprocess.run([script, "list"], capture_output=True, text=True, check=True, env=env)
     assert set(TARGETS) <= {line.split()[0] for line in listed.stdout.splitlines()}
     run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts/fuzz"),
-            "codec",
-            "--runs",
-            "200",
-            "--seed",
-            "1",
-            "--artifacts",
-            str(tmp_path),
-        ],
+        [script, "codec", "--runs", "200", "--seed", "1", "--artifacts", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "codec: 200 executions" in run.stdout and "no findings" in run.stdout

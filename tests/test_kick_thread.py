@@ -249,9 +249,6 @@ class Context:
     def reschedule(self, index: int) -> None:
         pass
 
-    def reoffer_kick(self, index: int) -> None:
-        pass
-
     def config_changed(self) -> None:
         pass
 

@@ -93,9 +93,6 @@ class Context:
     def reschedule(self, index: int) -> None:
         self.rescheduled[index] += 1
 
-    def reoffer_kick(self, index: int) -> None:
-        pass
-
     def config_changed(self) -> None:
         pass
 

@@ -37,13 +37,6 @@ class BackendContext(Protocol):
         calls before the loop gets there give one call."""
         ...
 
-    def reoffer_kick(self, index: int) -> None:
-        """The back-end's answer to ``KickFdTaker.takes_kick_fd`` for queue ``index`` may have changed:
-        take the kick fd back if the back-end holds it (the event loop watches it again, and a kick the
-        back-end read is replayed), then offer it again if the queue is served. Nothing for a back-end
-        that takes no kick fds, or a server that offers none."""
-        ...
-
     def config_changed(self) -> None:
         """Tell the front-end that the config space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG)."""
         ...

@@ -213,6 +213,18 @@ def writable_size(request_type: int, probe_size: int = 0) -> int:
     return probe_size + TAIL_SIZE if request_type == RequestType.PROBE else TAIL_SIZE
 
 
+#: Each request's device-readable layout, whose sizes are READABLE_SIZE's (for tools that take requests
+#: apart field by field: the requests fuzz target).
+REQUEST_LAYOUT: dict[int, struct.Struct] = {
+    RequestType.ATTACH: ATTACH,
+    RequestType.DETACH: DETACH,
+    RequestType.MAP: MAP,
+    RequestType.UNMAP: UNMAP,
+    RequestType.PROBE: PROBE,
+}
+assert {kind: layout.size for kind, layout in REQUEST_LAYOUT.items()} == READABLE_SIZE
+
+
 def encode_attach(
     domain: int, endpoint: int, flags: int = 0, *, reserved: bytes = bytes(4), head_reserved: bytes = bytes(3)
 ) -> bytes:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -84,9 +84,22 @@ if TYPE_CHECKING:
 MAGIC: Final = b"VIOMMUST"
 VERSION: Final = 1
 
-_HEADER = struct.Struct("<8sIIQ32sQ")
-_SECTION = struct.Struct("<IIQ")
-_DIGEST_SIZE = 32
+
+class Header(NamedTuple):
+    """The fields of a state's header, in order (see the format above)."""
+
+    magic: bytes
+    version: int
+    section_count: int
+    total_length: int
+    fingerprint: bytes
+    reserved: int
+
+
+#: The framing of a state (public for tools that take states apart: the snapshot fuzz target).
+HEADER: Final = struct.Struct("<8sIIQ32sQ")  # a Header
+SECTION_HEADER: Final = struct.Struct("<IIQ")  # tag, reserved, payload length
+DIGEST_SIZE: Final = 32  # the SHA-256 trailer
 _DEVICE = struct.Struct("<QQB7s")
 _COUNTER_HEAD = struct.Struct("<IIII")
 _COUNT = struct.Struct("<Q")
@@ -172,10 +185,18 @@ def topology_fingerprint(device: IommuDevice) -> bytes:
 # -- save --------------------------------------------------------------------------------------------------
 
 
+def checksum(*parts: bytes | memoryview) -> bytes:
+    """The trailer of a state whose bytes before it are ``parts``, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
 def _section(tag: int, *payload: bytes) -> bytes:
     body = b"".join(payload)
     assert len(body) % 8 == 0
-    return _SECTION.pack(tag, 0, len(body)) + body
+    return SECTION_HEADER.pack(tag, 0, len(body)) + body
 
 
 def _table(device: IommuDevice) -> MappingTable:
@@ -267,12 +288,11 @@ def save(device: IommuDevice) -> bytes:
         _section(SECTION_EVENTS, event_section),
         _section(SECTION_REGIONS, region_section),
     ]
-    total_length = _HEADER.size + sum(len(section) for section in sections) + _DIGEST_SIZE
-    header = _HEADER.pack(MAGIC, VERSION, len(sections), total_length, topology_fingerprint(device), 0)
-    digest = hashlib.sha256(header)
-    for section in sections:
-        digest.update(section)
-    return b"".join([header, *sections, digest.digest()])
+    total_length = HEADER.size + sum(len(section) for section in sections) + DIGEST_SIZE
+    header = HEADER.pack(
+        *Header(MAGIC, VERSION, len(sections), total_length, topology_fingerprint(device), 0)
+    )
+    return b"".join([header, *sections, checksum(header, *sections)])
 
 
 def max_size(device: IommuDevice) -> int:
@@ -283,8 +303,8 @@ def max_size(device: IommuDevice) -> int:
     mappings = _table(device).limit
     regions = endpoints * (device.topology.probe_size // 20 + 1)  # a RESV_MEM property is 20 bytes
     return (
-        _HEADER.size
-        + len(_SECTIONS) * _SECTION.size
+        HEADER.size
+        + len(_SECTIONS) * SECTION_HEADER.size
         + _DEVICE.size
         + _COUNTER_HEAD.size
         + 8 * (len(device.request_counts) + len(device.status_counts) + len(device.fault_counts) + 2)
@@ -299,7 +319,7 @@ def max_size(device: IommuDevice) -> int:
         + 16
         + 8 * endpoints
         + 24 * regions
-        + _DIGEST_SIZE
+        + DIGEST_SIZE
     )
 
 
@@ -361,11 +381,11 @@ class _Reader:
 
 
 def _sections(device: IommuDevice, data: memoryview) -> dict[int, memoryview]:
-    if len(data) < _HEADER.size + _DIGEST_SIZE:
-        raise SnapshotError(
-            f"truncated: {len(data)} bytes, a state has at least {_HEADER.size + _DIGEST_SIZE}"
-        )
-    magic, version, section_count, total_length, fingerprint, reserved = _HEADER.unpack(data[: _HEADER.size])
+    if len(data) < HEADER.size + DIGEST_SIZE:
+        raise SnapshotError(f"truncated: {len(data)} bytes, a state has at least {HEADER.size + DIGEST_SIZE}")
+    magic, version, section_count, total_length, fingerprint, reserved = Header._make(
+        HEADER.unpack(data[: HEADER.size])
+    )
     if magic != MAGIC:
         raise SnapshotError(f"not a vhost-iommu device state (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != VERSION:
@@ -374,8 +394,8 @@ def _sections(device: IommuDevice, data: memoryview) -> dict[int, memoryview]:
         raise SnapshotError(
             f"the header says {total_length} bytes, the state has {len(data)} (truncated or padded)"
         )
-    body = data[: len(data) - _DIGEST_SIZE]
-    if hashlib.sha256(body).digest() != bytes(data[len(data) - _DIGEST_SIZE :]):
+    body = data[: len(data) - DIGEST_SIZE]
+    if checksum(body) != bytes(data[len(data) - DIGEST_SIZE :]):
         raise SnapshotError("checksum mismatch: the state was corrupted on the way")
     if reserved != 0:
         raise SnapshotError(f"reserved header field is {reserved:#x}, must be 0")
@@ -387,13 +407,13 @@ def _sections(device: IommuDevice, data: memoryview) -> dict[int, memoryview]:
     if section_count != len(_SECTIONS):
         raise SnapshotError(f"{section_count} sections; version {VERSION} has {len(_SECTIONS)}")
     found: dict[int, memoryview] = {}
-    at = _HEADER.size
+    at = HEADER.size
     for expected in _SECTIONS:
         name = _SECTION_NAMES[expected]
-        if len(body) - at < _SECTION.size:
+        if len(body) - at < SECTION_HEADER.size:
             raise SnapshotError(f"section {name}: missing")
-        tag, section_reserved, length = _SECTION.unpack(body[at : at + _SECTION.size])
-        at += _SECTION.size
+        tag, section_reserved, length = SECTION_HEADER.unpack(body[at : at + SECTION_HEADER.size])
+        at += SECTION_HEADER.size
         if tag != expected:
             raise SnapshotError(f"section {tag} where section {expected} ({name}) belongs")
         if section_reserved != 0:

@@ -27,13 +27,22 @@ import numpy as np
 
 from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.device import IommuDevice, Topology
-from vhost_iommu.device.layout import encode_attach, encode_detach, encode_map, encode_probe, encode_unmap
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget
+from vhost_iommu.device.layout import (
+    TAIL_SIZE,
+    encode_attach,
+    encode_detach,
+    encode_map,
+    encode_probe,
+    encode_unmap,
+    writable_size,
+)
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Script
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
-from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 from vhost_iommu.virtqueue import (
+    DESC_SIZE,
+    DESC_STRUCT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
@@ -49,6 +58,10 @@ DESC, AVAIL, USED = 0x0000, 0x1000, 0x2000  # ring offsets in the main RAM
 BUFFERS = 0x4000
 DOMAINS = range(1, 5)
 ENDPOINTS = (0x20, 0x21, 0x22)
+#: Kinds of request (_request): below 2 ATTACH, 6 MAP, 9 UNMAP, then DETACH, PROBE, noise.
+_REQUEST_KINDS = 12
+_SEED_KINDS = {"ATTACH": 0, "MAP": 2, "UNMAP": 6, "DETACH": 9, "PROBE": 10, "noise": 11}
+_SEED_QUEUE_SIZE = 8
 
 
 class _Context:
@@ -70,9 +83,6 @@ class _Context:
 
     def reschedule(self, index: int) -> None:
         pass  # a static ring never holds more than one call serves
-
-    def reoffer_kick(self, index: int) -> None:
-        pass  # no kick fds: the fuzzer calls queue_kicked
 
     def config_changed(self) -> None:
         pass
@@ -154,24 +164,26 @@ class BackendTarget(FuzzTarget):
 
     def _request(self, choices: Choices) -> tuple[bytes, int]:
         """Request bytes and the writable size a driver gives them."""
-        kind = choices.below(12)
+        kind = choices.below(_REQUEST_KINDS)
         domain = choices.pick(DOMAINS) if choices.chance(240) else choices.bits(32)
         endpoint = choices.pick(ENDPOINTS)
         start = 0x1000 * choices.below(32) if choices.chance(230) else choices.u64()
         end = start + 0x1000 * choices.between(1, 4) - 1 if choices.chance(230) else choices.u64()
         if kind < 2:
-            return encode_attach(domain, endpoint, 0 if choices.chance(240) else choices.bits(32)), 4
-        if kind < 6:
+            request = encode_attach(domain, endpoint, 0 if choices.chance(240) else choices.bits(32))
+        elif kind < 6:
             phys = 0x1000 * choices.below(1 << 20) if choices.chance(240) else choices.u64()
             flags = choices.between(0, 3) if choices.chance(230) else choices.bits(32)
-            return encode_map(domain, start % (1 << 64), end % (1 << 64), phys, flags), 4
-        if kind < 9:
-            return encode_unmap(domain, start % (1 << 64), end % (1 << 64)), 4
-        if kind == 9:
-            return encode_detach(domain, endpoint), 4
-        if kind == 10:
-            return encode_probe(endpoint), self.topology.probe_size + 4
-        return choices.take(choices.between(1, 72)), choices.pick((0, 4, 8))
+            request = encode_map(domain, start % (1 << 64), end % (1 << 64), phys, flags)
+        elif kind < 9:
+            request = encode_unmap(domain, start % (1 << 64), end % (1 << 64))
+        elif kind == 9:
+            request = encode_detach(domain, endpoint)
+        elif kind == 10:
+            request = encode_probe(endpoint)
+        else:
+            return choices.take(choices.between(1, 72)), choices.pick((0, TAIL_SIZE, 2 * TAIL_SIZE))
+        return request, writable_size(request[0], self.topology.probe_size)
 
     def _chains(
         self, choices: Choices, size: int, indirect: bool, state: dict[str, int]
@@ -206,14 +218,17 @@ class BackendTarget(FuzzTarget):
             head = state["next_desc"] % size
             use_indirect = indirect and choices.chance(48)
             if use_indirect:
-                table_gpa = self._alloc(choices, state, 16 * len(entries), align=16)
+                table_gpa = self._alloc(choices, state, DESC_SIZE * len(entries), align=DESC_SIZE)
                 table = b"".join(
-                    _DESC.pack(gpa, length, flags, i + 1 if flags & VIRTQ_DESC_F_NEXT else 0)
+                    DESC_STRUCT.pack(gpa, length, flags, i + 1 if flags & VIRTQ_DESC_F_NEXT else 0)
                     for i, (gpa, length, flags) in enumerate(entries)
                 )
                 writes.append((table_gpa, table))
                 writes.append(
-                    (GPA_BASE + DESC + 16 * head, _DESC.pack(table_gpa, len(table), VIRTQ_DESC_F_INDIRECT, 0))
+                    (
+                        GPA_BASE + DESC + DESC_SIZE * head,
+                        DESC_STRUCT.pack(table_gpa, len(table), VIRTQ_DESC_F_INDIRECT, 0),
+                    )
                 )
                 state["next_desc"] += 1
             else:
@@ -223,7 +238,10 @@ class BackendTarget(FuzzTarget):
                     if choices.chance(8):
                         next_index = choices.bits(16)
                     writes.append(
-                        (GPA_BASE + DESC + 16 * indices[i], _DESC.pack(gpa, length, flags, next_index))
+                        (
+                            GPA_BASE + DESC + DESC_SIZE * indices[i],
+                            DESC_STRUCT.pack(gpa, length, flags, next_index),
+                        )
                     )
                 state["next_desc"] += len(entries)
             slot = avail_idx % size
@@ -250,6 +268,35 @@ class BackendTarget(FuzzTarget):
             offset = BUFFERS
         state["heap"] = offset + size
         return GPA_BASE + offset
+
+    def seeds(self) -> list[bytes]:
+        """On a ring of 8 without EVENT_IDX or INDIRECT, everything acked: an ATTACH of domain 1, then one
+        request of each kind in it, each in two plain descriptors (its values and what follows are the
+        input's own)."""
+        seeds = [b""]
+        for kind in _SEED_KINDS.values():
+            script = Script().between(0, 6, _SEED_QUEUE_SIZE.bit_length() - 1).chance(128, False)
+            script.chance(200, False).bits(16, 0).below(4, 0).pick((8, 64, 4096), 4096).chance(220, True)
+            script.between(1, 3, 1).between(1, _SEED_QUEUE_SIZE, 2)
+            for chain_kind in (_SEED_KINDS["ATTACH"], kind):
+                self._script_chain(script, chain_kind)
+            seeds.append(script.chance(8, False).data)
+        return seeds
+
+    @staticmethod
+    def _script_chain(script: Script, kind: int) -> None:
+        """The decisions of :meth:`_request` and :meth:`_chains` for one plain chain of a request of
+        ``kind`` in domain 1, endpoint 0x20, at 0 .. 0xfff."""
+        script.below(_REQUEST_KINDS, kind).chance(240, True).pick(DOMAINS, 1).pick(ENDPOINTS, 0x20)
+        script.chance(230, True).below(32, 0).chance(230, True).between(1, 4, 1)
+        if kind == _SEED_KINDS["ATTACH"]:
+            script.chance(240, True)
+        elif kind == _SEED_KINDS["MAP"]:
+            script.chance(240, True).below(1 << 20, 0).chance(230, True).between(0, 3, 3)
+        elif kind == _SEED_KINDS["noise"]:
+            script.between(1, 72, 8).bits(64, 0).pick((0, TAIL_SIZE, 2 * TAIL_SIZE), TAIL_SIZE)
+        script.chance(32, False).chance(16, False).chance(16, False)  # one piece; no buffer across regions
+        script.chance(24, False).chance(8, False).chance(8, False).chance(250, True)  # unbent; its own head
 
     # -- running both ---------------------------------------------------------------------------------------
 
@@ -318,4 +365,5 @@ class BackendTarget(FuzzTarget):
             )
         served = sum(device_a.request_counts)
         outcome: list[Hashable] = [("served", min(served, 8)), ("broken", context_a.broken is not None)]
+        outcome += [("requests", name) for name, count in device_a.request_counters().items() if count]
         return outcome + [(name, count > 0) for name, count in device_a.status_counters().items()]

@@ -24,12 +24,13 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, shape
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Script, shape
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
+    DESC_STRUCT,
     MAX_CHAIN_BYTES,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -39,7 +40,6 @@ from vhost_iommu.virtqueue import (
     SplitQueue,
     ring_sizes,
 )
-from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
 
 __all__ = ["ChainsTarget"]
 
@@ -92,7 +92,7 @@ class _Reference:
             visited += 1
             if visited > entries:
                 return "loop"
-            address, length, flags, next_index = _DESC.unpack_from(table, index * DESC_SIZE)
+            address, length, flags, next_index = DESC_STRUCT.unpack_from(table, index * DESC_SIZE)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if nested or not self.indirect or flags & VIRTQ_DESC_F_NEXT:
                     return "bad indirect"
@@ -196,7 +196,7 @@ class ChainsTarget(FuzzTarget):
             flags = np.where(usual & ((control[:, 4] < 200) | (len(tables) == 0)), plain, flags)
         if tables:
             table_addr = np.array([gpa for gpa, _ in tables], dtype=np.uint64)
-            table_len = np.array([16 * n for _, n in tables], dtype=np.uint64)
+            table_len = np.array([DESC_SIZE * n for _, n in tables], dtype=np.uint64)
             which = control[:, 6] % len(tables)
             pointing = ((flags & VIRTQ_DESC_F_INDIRECT) != 0) & (control[:, 5] < 200)
             addr = np.where(pointing, table_addr[which], addr)
@@ -205,6 +205,16 @@ class ChainsTarget(FuzzTarget):
         out = np.empty(count, dtype=DESC_DTYPE)
         out["addr"], out["len"], out["flags"], out["next"] = addr, length, flags, next_index
         return out.tobytes()
+
+    def seeds(self) -> list[bytes]:
+        """A ring of 8 with each combination of EVENT_IDX and INDIRECT, its descriptors mostly sane, at
+        the planned addresses (the rest is the input's own)."""
+        seeds = [b""]
+        for event_idx in (False, True):
+            for indirect in (False, True):
+                script = Script().chance(200, True).below(5, 3).chance(128, event_idx).chance(200, indirect)
+                seeds.append(script.chance(128, True).chance(16, False).data)
+        return seeds
 
     def run(self, choices: Choices) -> Iterable[Hashable]:
         self.main.data[:] = 0
@@ -234,7 +244,7 @@ class ChainsTarget(FuzzTarget):
             count = (
                 choices.between(1, min(2 * size, 16)) if choices.chance(224) else choices.between(1, 2 * size)
             )
-            gpa = GPA_BASE + BUFFERS + 16 * choices.below((MAIN_SIZE - BUFFERS) // 16 - count)
+            gpa = GPA_BASE + BUFFERS + DESC_SIZE * choices.below((MAIN_SIZE - BUFFERS) // DESC_SIZE - count)
             tables.append((gpa, count))
         for gpa, count in tables:
             self.main.write(gpa, self._table(choices, count, count, [], sane))

@@ -10,9 +10,10 @@ The built-in driver (:func:`fuzz`) needs nothing but the standard library: rando
 inputs that produced outcomes not seen before (the "features" a target returns: a cheap stand-in for
 coverage), a per-execution time bound (a signal raising :class:`Hang`, so a Python loop that never ends is
 caught where it spins; SIGPROF, so CPU time, because a campaign at ``nice 19`` on a loaded machine can
-be descheduled for seconds), and leak checks (the target's own after every execution, the expensive ones every
-``leak_every`` executions, then a replay of that window to find the input that leaked). atheris, when
-installed, can drive the same targets with coverage guidance (:func:`fuzz_atheris`).
+be descheduled for seconds), and leak checks (the target's own after every execution, the expensive ones
+every ``leak_every`` executions and at the end of the run, then a replay of that window to find the input
+that leaked). A target's seeds (:class:`Script` writes them) run first. atheris, when installed, can
+drive the same targets with coverage guidance (:func:`fuzz_atheris`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import random
 import re
 import signal
+import struct
 import tempfile
 import time
 import zlib
@@ -43,11 +45,13 @@ __all__ = [
     "FuzzReport",
     "FuzzTarget",
     "Hang",
+    "Script",
     "fd_is_open",
     "fuzz",
     "open_fd_count",
     "replay",
     "shape",
+    "struct_fields",
 ]
 
 T = TypeVar("T")
@@ -147,6 +151,68 @@ class Choices:
             return self.bits(bits)
         delta = self.between(-spread, spread) if self.chance(160) else 0
         return (self.pick(anchors) + delta) % (1 << bits)
+
+
+_FORMAT_ITEM = re.compile(r"(\d*)([A-Za-z?])")
+
+
+def struct_fields(layout: struct.Struct) -> list[tuple[int, int, str]]:
+    """(offset, size, code) of each field of a packed (``<`` or ``=``) ``layout``, in order: where a
+    target bends the fields of a layout the code defines, rather than a copy of its offsets."""
+    fields: list[tuple[int, int, str]] = []
+    offset = 0
+    for count, code in _FORMAT_ITEM.findall(layout.format[1:]):
+        repeat = int(count) if count else 1
+        if code in "sp":
+            fields.append((offset, repeat, code))
+            offset += repeat
+            continue
+        size = struct.calcsize("<" + code)
+        for _ in range(repeat):
+            fields.append((offset, size, code))
+            offset += size
+    if offset != layout.size or layout.format[:1] not in "<=":
+        raise ValueError(f"{layout.format!r} is not a packed layout")
+    return fields
+
+
+class Script:
+    """Writes the input that makes :class:`Choices` take given decisions, in the order a target takes them:
+    seeds that reach each case of a target (each message type, each layout) whatever the random driver
+    does. Past the script's end the decisions are the PRNG's, as for any input."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._data)
+
+    def byte(self, value: int) -> Script:
+        self._data.append(value)
+        return self
+
+    def bits(self, count: int, value: int) -> Script:
+        self._data += value.to_bytes((count + 7) // 8, "little")
+        return self
+
+    def below(self, bound: int, value: int) -> Script:
+        if not 0 <= value < bound:
+            raise ValueError(f"{value} is not below {bound}")
+        if bound <= 256:
+            return self.byte(value)
+        return self.bits(32 if bound <= 1 << 32 else 64, value)
+
+    def between(self, low: int, high: int, value: int) -> Script:
+        return self.below(high - low + 1, value - low)
+
+    def chance(self, per_256: int, value: bool) -> Script:
+        if (value and per_256 <= 0) or (not value and per_256 >= 256):
+            raise ValueError(f"chance({per_256}) is never {value}")
+        return self.byte(0 if value else 255)
+
+    def pick(self, options: Sequence[T], value: T) -> Script:
+        return self.below(len(options), list(options).index(value))
 
 
 class FuzzTarget:
@@ -467,6 +533,11 @@ def fuzz(
                         record("leak", leak[0], leak[1])
                 if report.findings and not keep_going:
                     break
+            if report.executions % leak_every and (keep_going or not report.findings):
+                # The last window too, however short the run: a smoke run of a few executions sees a leak.
+                leak = _check_window(target, window)
+                if leak is not None:
+                    record("leak", leak[0], leak[1])
     except KeyboardInterrupt:
         report.interrupted = True  # Ctrl-C (SIGINT) ends a campaign early, with its report
     finally:

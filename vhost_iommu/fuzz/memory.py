@@ -7,7 +7,8 @@ descriptions built around the files' sizes and the regions already there (zero s
 overlaps in either address space, sums that wrap 2^64), interleaved with uva/gpa view queries near
 region edges.
 
-Checked against a model written from the spec (not from :mod:`vhost_iommu.memory`):
+Checked against a model written from the spec (not from :mod:`vhost_iommu.memory`, but for its limit on
+the number of regions, ``GuestMemory.max_regions``):
 
 * only :class:`GuestMemoryError` is raised, and exactly when the model says the change or the query is
   invalid; a refused change leaves the table as it was;
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, fd_is_open, shape
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Script, fd_is_open, shape
 from vhost_iommu.memory import PAGE_SIZE, ByteView, GuestMemory, GuestMemoryError, MemoryRegionDesc
 
 __all__ = ["MemoryTarget"]
@@ -40,6 +41,7 @@ _PATTERN = (
     (np.arange(_MAX_FILE, dtype=np.uint64) * 131 + (np.arange(_MAX_FILE, dtype=np.uint64) >> 12)) & 0xFF
 ).astype(np.uint8)
 _PATTERN_BYTES = _PATTERN.tobytes()
+_OPERATIONS = 8  # replace, add, remove, then queries (_run_ops)
 _FILE_SIZES = (0, 1, PAGE_SIZE - 1, PAGE_SIZE, PAGE_SIZE + 1, 2 * PAGE_SIZE, 3 * PAGE_SIZE + 5, _MAX_FILE)
 
 
@@ -116,13 +118,26 @@ class MemoryTarget(FuzzTarget):
             raise FuzzFailure(f"{len(alive)} region mappings still alive after close() and the views dropped")
         return features
 
+    def seeds(self) -> list[bytes]:
+        """Each operation once, first on a file of two pages (its values are the input's own):
+        SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG and the three kinds of query."""
+        seeds = [b""]
+        for operation in range(_OPERATIONS):
+            script = Script().between(1, 3, 1).pick(_FILE_SIZES, 2 * PAGE_SIZE).below(12, 0).between(1, 12, 1)
+            if operation == 0:
+                script.chance(220, True)
+            else:
+                script.chance(220, False).below(_OPERATIONS, operation)
+            seeds.append(script.data)
+        return seeds
+
     def _run_ops(self, choices: Choices, files: list[_File], features: list[Hashable]) -> None:
         memory = GuestMemory()
         model: list[_Region] = []
         try:
             for step in range(choices.between(1, 12)):
                 # Mostly start with a table, or every query only meets empty memory.
-                operation = 0 if step == 0 and choices.chance(220) else choices.below(8)
+                operation = 0 if step == 0 and choices.chance(220) else choices.below(_OPERATIONS)
                 if operation == 0:
                     model = self._replace(choices, memory, model, files, features)
                 elif operation == 1:
@@ -196,7 +211,11 @@ class MemoryTarget(FuzzTarget):
             file = choices.pick(files)
             wanted.append(_Region(self._desc(choices, wanted, file), file))
         dups = [os.dup(region.file.fd) for region in wanted]
-        expected = all(_valid(r.desc, r.file) for r in wanted) and _disjoint([r.desc for r in wanted])
+        expected = (
+            all(_valid(r.desc, r.file) for r in wanted)
+            and _disjoint([r.desc for r in wanted])
+            and len(wanted) <= memory.max_regions
+        )
         try:
             memory.replace([(region.desc, fd) for region, fd in zip(wanted, dups, strict=True)])
         except GuestMemoryError as exc:
@@ -220,7 +239,11 @@ class MemoryTarget(FuzzTarget):
         file = choices.pick(files)
         region = _Region(self._desc(choices, model, file), file)
         dup = os.dup(file.fd)
-        expected = _valid(region.desc, file) and _disjoint([*(r.desc for r in model), region.desc])
+        expected = (
+            _valid(region.desc, file)
+            and _disjoint([*(r.desc for r in model), region.desc])
+            and len(model) < memory.max_regions
+        )
         try:
             memory.add_region(region.desc, dup)
         except GuestMemoryError as exc:

@@ -16,37 +16,33 @@ input range and of a domain that exists.
 
 from __future__ import annotations
 
-import re
-import struct
 from collections.abc import Hashable, Iterable
 
 from vhost_iommu.device import IommuDevice, Status, Topology
 from vhost_iommu.device.layout import (
-    ATTACH,
-    DETACH,
-    MAP,
-    PROBE,
-    UNMAP,
+    HEAD,
+    REQUEST_LAYOUT,
+    TAIL,
+    TAIL_SIZE,
     RequestType,
     encode_attach,
     encode_detach,
     encode_map,
     encode_probe,
     encode_unmap,
+    writable_size,
 )
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, Script, struct_fields
 
 __all__ = ["RequestsTarget"]
 
 _STATUSES = frozenset(int(status) for status in Status)
-_LAYOUTS = {
-    RequestType.ATTACH: ATTACH,
-    RequestType.DETACH: DETACH,
-    RequestType.MAP: MAP,
-    RequestType.UNMAP: UNMAP,
-    RequestType.PROBE: PROBE,
+#: The fields of each request after its head: what the hostile requests bend, field by field.
+_BODY_FIELDS = {
+    kind: [field for field in struct_fields(layout) if field[0] >= HEAD.size]
+    for kind, layout in REQUEST_LAYOUT.items()
 }
-_FIELD = re.compile(r"(\d*)([A-Za-z])")
+_REQUEST_TYPES = tuple(REQUEST_LAYOUT)
 _SMALL_TOPOLOGY = """
 granule = 4096
 input_range = { start = 0x10000, end = 0xffffffff }
@@ -80,14 +76,15 @@ class RequestsTarget(FuzzTarget):
             scratch = IommuDevice(topology, max_mappings=8)
             scratch.set_features(scratch.device_features())
             domain, endpoint = topology.domain_start, topology.endpoint_ids()[0]
-            for request, writable in (
-                (encode_attach(domain, endpoint), 4),
-                (encode_map(domain, topology.input_start, topology.input_start + scratch.granule - 1, 0), 4),
-                (encode_unmap(domain, topology.input_start, topology.input_start + scratch.granule - 1), 4),
-                (encode_probe(endpoint), topology.probe_size + 4),
-                (encode_detach(domain, endpoint), 4),
+            last = topology.input_start + scratch.granule - 1
+            for request in (
+                encode_attach(domain, endpoint),
+                encode_map(domain, topology.input_start, last, 0),
+                encode_unmap(domain, topology.input_start, last),
+                encode_probe(endpoint),
+                encode_detach(domain, endpoint),
             ):
-                scratch.handle_request(request, writable)
+                scratch.handle_request(request, writable_size(request[0], topology.probe_size))
 
     def _device(self, topology: Topology, max_mappings: int, max_domains: int | None) -> IommuDevice:
         """A device in its power-on state. Building one for the default topology costs more than an
@@ -137,30 +134,35 @@ class RequestsTarget(FuzzTarget):
         return start, end
 
     def _valid(self, choices: Choices, device: IommuDevice) -> tuple[bytes, int]:
-        kind = choices.below(5)
-        if kind == 0:
-            return encode_attach(self._domain(choices, device), self._endpoint(choices, device)), 4
-        if kind == 1:
+        kind = choices.pick(_REQUEST_TYPES)
+        if kind == RequestType.ATTACH:
+            request = encode_attach(self._domain(choices, device), self._endpoint(choices, device))
+        elif kind == RequestType.MAP:
             start, end = self._range(choices, device)
             phys = device.granule * choices.below(1 << 20)
-            return encode_map(self._domain(choices, device), start, end, phys, choices.between(0, 3)), 4
-        if kind == 2:
+            request = encode_map(self._domain(choices, device), start, end, phys, choices.between(0, 3))
+        elif kind == RequestType.UNMAP:
             start, end = self._range(choices, device)
-            return encode_unmap(self._domain(choices, device), start, end), 4
-        if kind == 3:
-            return encode_detach(self._domain(choices, device), self._endpoint(choices, device)), 4
-        return encode_probe(self._endpoint(choices, device)), device.topology.probe_size + 4
+            request = encode_unmap(self._domain(choices, device), start, end)
+        elif kind == RequestType.DETACH:
+            request = encode_detach(self._domain(choices, device), self._endpoint(choices, device))
+        elif kind == RequestType.PROBE:
+            request = encode_probe(self._endpoint(choices, device))
+        else:
+            raise AssertionError(f"no valid {RequestType(kind).name} request: the device has a new type")
+        return request, writable_size(kind, device.topology.probe_size)
 
     def _hostile(self, choices: Choices, device: IommuDevice) -> tuple[bytes, int]:
         shape = choices.below(8)
         if shape < 4:
-            request_type = choices.pick(tuple(_LAYOUTS))
-            layout = _LAYOUTS[request_type]
+            request_type = choices.pick(_REQUEST_TYPES)
+            layout = REQUEST_LAYOUT[request_type]
+            head_reserved = bytes(HEAD.size - 1)
             fields: list[int | bytes] = [
                 int(request_type),
-                b"\0\0\0" if choices.chance(200) else choices.take(3),
+                head_reserved if choices.chance(200) else choices.take(len(head_reserved)),
             ]
-            for width, code in _FIELD.findall(layout.format[4:]):  # after "<B3s", the head
+            for _offset, width, code in _BODY_FIELDS[request_type]:
                 if code == "I":
                     fields.append(
                         choices.pick(
@@ -174,7 +176,7 @@ class RequestsTarget(FuzzTarget):
                         else choices.u64()
                     )
                 else:
-                    fields.append(bytes(int(width)) if choices.chance(200) else choices.take(int(width)))
+                    fields.append(bytes(width) if choices.chance(200) else choices.take(width))
             data = layout.pack(*fields)
             if choices.chance(48):  # truncated or extended
                 data = (
@@ -183,16 +185,34 @@ class RequestsTarget(FuzzTarget):
                     else data + choices.take(choices.between(1, 16))
                 )
         elif shape < 6:
-            data = struct.pack("<B3s", choices.bits(8), bytes(3)) + choices.take(choices.below(96))
+            data = HEAD.pack(choices.bits(8), bytes(HEAD.size - 1)) + choices.take(choices.below(96))
         else:
             data = choices.take(choices.below(96))
-        probe_size = device.topology.probe_size
+        tail, probe = TAIL_SIZE, writable_size(RequestType.PROBE, device.topology.probe_size)
         writable = choices.pick(
-            (0, 1, 3, 4, 4, 4, 5, 8, probe_size + 3, probe_size + 4, probe_size + 4, probe_size + 5)
+            (0, 1, tail - 1, tail, tail, tail, tail + 1, 2 * tail, probe - 1, probe, probe, probe + 1)
         )
         if choices.chance(8):
             writable = choices.bits(20)
         return data, writable
+
+    def seeds(self) -> list[bytes]:
+        """Each request type once, valid, after an ATTACH of the first domain and endpoint of the default
+        topology (its other fields and what follows are the input's own)."""
+        topology = Topology.default()
+        first_domain = topology.domain_start
+        last_domain = min(topology.domain_start + 7, topology.domain_end)
+        endpoints = topology.endpoint_ids()[:8]
+        seeds = [b""]
+        for kind in _REQUEST_TYPES:
+            script = Script().chance(200, True).pick((8, 64, 4096), 4096).chance(200, True)
+            script.chance(200, True).below(24, 1)  # every feature acked; one valid request: ATTACH
+            script.pick(_REQUEST_TYPES, RequestType.ATTACH).chance(224, True)
+            script.between(first_domain, last_domain, first_domain).chance(224, True)
+            script.pick(endpoints, endpoints[0]).chance(64, False)
+            script.between(1, 12, 1).chance(32, True).pick(_REQUEST_TYPES, kind)  # then one of ``kind``
+            seeds.append(script.data)
+        return seeds
 
     # -- running them ---------------------------------------------------------------------------------------
 
@@ -221,7 +241,7 @@ class RequestsTarget(FuzzTarget):
                 else:
                     status = self._serve(device, request, writable)
                 calls += 1
-                features.append((phase, request[0] if request else -1, status, writable == 4))
+                features.append((phase, request[0] if request else -1, status, writable == TAIL_SIZE))
         served = sum(device.request_counts) - counted_before
         if served != calls:
             raise FuzzFailure(f"{calls} requests, the device counted {served}")
@@ -247,10 +267,13 @@ class RequestsTarget(FuzzTarget):
             return -1
         if len(response) != used:
             raise FuzzFailure(f"{len(response)} response bytes for a used length of {used}")
-        status, reserved = response[-4], bytes(response[-3:])
-        if status not in _STATUSES or reserved != b"\0\0\0":
-            raise FuzzFailure(f"tail {bytes(response[-4:]).hex()} is not a status with zero reserved bytes")
-        if request[0] != RequestType.PROBE and writable != 4:
+        status: int
+        status, reserved = TAIL.unpack(bytes(response[-TAIL_SIZE:]))
+        if status not in _STATUSES or any(reserved):
+            raise FuzzFailure(
+                f"tail {bytes(response[-TAIL_SIZE:]).hex()} is not a status with zero reserved bytes"
+            )
+        if request[0] != RequestType.PROBE and writable != writable_size(request[0]):
             raise FuzzFailure(f"request type {request[0]} answered in a {writable}-byte writable part")
         return status
 

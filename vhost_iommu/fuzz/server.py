@@ -26,15 +26,30 @@ import tempfile
 import time
 from collections.abc import Hashable, Iterable
 
-from vhost_iommu.abi import VIRTIO_F_VERSION_1
-from vhost_iommu.device.layout import encode_attach, encode_map, encode_probe, encode_unmap
-from vhost_iommu.fuzz.codec import _message
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, open_fd_count
+from vhost_iommu.abi import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+)
+from vhost_iommu.device import Topology
+from vhost_iommu.device.layout import (
+    RequestType,
+    encode_attach,
+    encode_detach,
+    encode_map,
+    encode_probe,
+    encode_unmap,
+    writable_size,
+)
+from vhost_iommu.fuzz.codec import hostile_message
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, Script, open_fd_count
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
     ConfigSpace,
     Decoder,
     FramingError,
@@ -50,10 +65,10 @@ from vhost_iommu.protocol import (
 )
 from vhost_iommu.server import new_event_loop
 from vhost_iommu.server.handler import OFFERED_PROTOCOL_FEATURES
-from vhost_iommu.virtio_iommu import RING_FEATURES, VirtioIommuBackend
-from vhost_iommu.virtqueue import DESC_STRUCT as _DESC
+from vhost_iommu.virtio_iommu import VirtioIommuBackend
+from vhost_iommu.virtqueue import DESC_STRUCT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-__all__ = ["ServerTarget"]
+__all__ = ["SETUP_MESSAGE_KINDS", "ServerTarget"]
 
 RAM_SIZE = 1 << 20
 RAM_NAME = "fuzz-server-ram"
@@ -62,6 +77,22 @@ QUEUE_SIZE = 16
 RINGS = ((0x0000, 0x1000, 0x2000), (0x3000, 0x4000, 0x5000))
 BUFFERS = 0x10000
 F = FrontendRequest
+#: The device status a driver writes as it brings the device up, step by step, and a broken device's.
+_STATUSES = (
+    0,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_NEEDS_RESET,
+)
+#: What one kick carries: a request of each type the device knows, or noise (the last).
+_REQUEST_KINDS = (*RequestType, None)
+SETUP_MESSAGE_KINDS = 20  # kinds of setup message (_setup_message)
+_STEP_ACTIONS = 20  # a setup message below 9, a hostile one below 12, else a kick (_step)
 
 
 class _Unexpected(logging.Handler):
@@ -93,6 +124,7 @@ class ServerTarget(FuzzTarget):
         self.bystander = self.server.connect(path=self.server.listen())
         self.bystander.negotiate(2)
         self.device_features = self.bystander.get_features() & ~VHOST_USER_F_PROTOCOL_FEATURES
+        self.probe_size = Topology.default().probe_size  # the topology RunningServer's back-ends serve
         self.unexpected = _Unexpected()
         self._logger = logging.getLogger("vhost_iommu")
         self._saved_level = self._logger.level
@@ -138,21 +170,21 @@ class ServerTarget(FuzzTarget):
 
     def _step(self, choices: Choices, sock: socket.socket, mine: list[int], features: list[Hashable]) -> bool:
         """One message or one kick; False once the server has hung up."""
-        action = choices.below(20)
+        action = choices.below(_STEP_ACTIONS)
         fds: list[int] = []
         if action < 9:
             data, fds = self._setup_message(choices, mine)
             features.append(("setup", struct.unpack_from("<I", data)[0]))
         elif action < 12:
-            data, count = _message(choices, Stream.FRONTEND_REQUESTS)
+            data, count = hostile_message(choices, Stream.FRONTEND_REQUESTS)
             fds = [self._any_fd(choices) for _ in range(count if choices.chance(200) else choices.below(4))]
             features.append(("hostile", struct.unpack_from("<I", data)[0] if len(data) >= 4 else -1))
         else:
-            self._write_request(choices)
+            kind = self._write_request(choices)
             for fd in mine:
                 with contextlib.suppress(OSError):
                     os.write(fd, (1).to_bytes(8, "little"))  # kick fds and channel ends alike
-            features.append("kick")
+            features.append(("kick", kind))
             return True
         return self._send(sock, data, fds)
 
@@ -245,11 +277,11 @@ class ServerTarget(FuzzTarget):
         need_reply = choices.chance(128)
         ram = self.ram
         region = MemoryRegion(ram.gpa_base, ram.size, ram.uva_base, 0)
-        kind = choices.below(20)
+        kind = choices.below(SETUP_MESSAGE_KINDS)
         if kind == 0:
             return encode(F.GET_FEATURES), []
         if kind == 1:
-            offered = VIRTIO_F_VERSION_1 | 0x7F | VHOST_USER_F_PROTOCOL_FEATURES | RING_FEATURES
+            offered = self.device_features | VHOST_USER_F_PROTOCOL_FEATURES
             value = offered if choices.chance(200) else choices.u64()
             return encode(F.SET_FEATURES, U64(value), need_reply=need_reply), []
         if kind == 2:
@@ -294,7 +326,7 @@ class ServerTarget(FuzzTarget):
                 F.SET_CONFIG, ConfigSpace(offset, choices.below(3), data), need_reply=need_reply
             ), []
         if kind == 17:
-            value = choices.pick((0, 1, 3, 7, 15, 0x4F, choices.bits(8)))
+            value = choices.pick((*_STATUSES, choices.bits(8)))
             return encode(F.SET_STATUS, U64(value), need_reply=need_reply), []
         if kind == 18:
             return encode(choices.pick((F.GET_STATUS, F.RESET_DEVICE, F.GET_QUEUE_NUM))), []
@@ -302,37 +334,67 @@ class ServerTarget(FuzzTarget):
         mine.append(right.detach())
         return encode(F.SET_BACKEND_REQ_FD, need_reply=need_reply), [left.detach()]
 
-    def _write_request(self, choices: Choices) -> None:
-        """Make a chain available on one of the rings: a request and its tail, or hostile descriptors."""
+    def _write_request(self, choices: Choices) -> str:
+        """Make a chain available on one of the rings: a request and its tail, or hostile descriptors;
+        what the request was."""
         desc, avail, _used = RINGS[choices.below(2)]
-        gpa = self.ram.gpa_base
         head = choices.below(QUEUE_SIZE)
-        buffer = BUFFERS + 0x100 * head
-        request = choices.pick(
-            (
-                encode_attach(choices.between(1, 4), 0x20 + choices.below(4)),
-                encode_map(
-                    choices.between(1, 4), 0x1000 * choices.below(16), 0x1000 * choices.below(16) + 0xFFF, 0
-                ),
-                encode_unmap(choices.between(1, 4), 0, choices.u64()),
-                encode_probe(0x20 + choices.below(4)),
-                choices.take(choices.between(1, 80)),
-            )
+        usual_writable, usual_descriptors, one_more = (
+            choices.chance(200),
+            choices.chance(220),
+            choices.chance(230),
         )
+        kind = choices.pick(_REQUEST_KINDS)
+        domain, endpoint = choices.between(1, 4), 0x20 + choices.below(4)
+        if kind == RequestType.ATTACH:
+            request = encode_attach(domain, endpoint)
+        elif kind == RequestType.DETACH:
+            request = encode_detach(domain, endpoint)
+        elif kind == RequestType.MAP:
+            start = 0x1000 * choices.below(16)
+            request = encode_map(domain, start, start + 0x1000 * choices.between(1, 4) - 1, 0)
+        elif kind == RequestType.UNMAP:
+            request = encode_unmap(domain, 0, choices.u64())
+        elif kind == RequestType.PROBE:
+            request = encode_probe(endpoint)
+        else:
+            request = choices.take(choices.between(1, 80))
+        gpa = self.ram.gpa_base
+        buffer = BUFFERS + 0x100 * head
         self.ram.write(gpa + buffer, request)
-        writable = 4 if choices.chance(200) else choices.between(1, 0x80)
-        if choices.chance(220):
-            first = (gpa + buffer, len(request), 1, (head + 1) % QUEUE_SIZE)
-            second = (gpa + buffer + 0x80, writable, 2, 0)
+        writable = writable_size(request[0], self.probe_size) if usual_writable else choices.between(1, 0x80)
+        if usual_descriptors:
+            first = (gpa + buffer, len(request), VIRTQ_DESC_F_NEXT, (head + 1) % QUEUE_SIZE)
+            second = (gpa + buffer + 0x80, writable, VIRTQ_DESC_F_WRITE, 0)
         else:
             first = (choices.u64(), choices.bits(32), choices.bits(16), choices.bits(16))
             second = (choices.u64(), choices.bits(32), choices.bits(16), choices.bits(16))
-        self.ram.write(gpa + desc + 16 * head, _DESC.pack(*first))
-        self.ram.write(gpa + desc + 16 * ((head + 1) % QUEUE_SIZE), _DESC.pack(*second))
+        self.ram.write(gpa + desc + DESC_STRUCT.size * head, DESC_STRUCT.pack(*first))
+        self.ram.write(gpa + desc + DESC_STRUCT.size * ((head + 1) % QUEUE_SIZE), DESC_STRUCT.pack(*second))
+        # The available ring: flags, idx, then the ring of heads (u16 each).
         index = struct.unpack_from("<H", self.ram.read(gpa + avail + 2, 2))[0]
         self.ram.write(gpa + avail + 4 + 2 * (index % QUEUE_SIZE), struct.pack("<H", head))
-        bump = 1 if choices.chance(230) else choices.bits(16)
+        bump = 1 if one_more else choices.bits(16)
         self.ram.write(gpa + avail + 2, struct.pack("<H", (index + bump) & 0xFFFF))
+        return kind.name if kind is not None else "noise"
+
+    def seeds(self) -> list[bytes]:
+        """An empty conversation; then, on a started device, each kind of setup message once, and each
+        request type once after an ATTACH of its domain (the rest of each execution is the input's own)."""
+        seeds = [b""]
+        for kind in range(SETUP_MESSAGE_KINDS):
+            script = Script().chance(96, False).between(1, 24, 1).below(_STEP_ACTIONS, 0)
+            seeds.append(
+                script.chance(240, True).below(2, 0).chance(128, True).below(SETUP_MESSAGE_KINDS, kind).data
+            )
+        for request in _REQUEST_KINDS:
+            script = Script().chance(96, False).between(1, 24, 2)
+            for step, head in ((RequestType.ATTACH, 0), (request, 2)):
+                script.below(_STEP_ACTIONS, _STEP_ACTIONS - 1).below(2, 0).below(QUEUE_SIZE, head)
+                script.chance(200, True).chance(220, True).chance(230, True).pick(_REQUEST_KINDS, step)
+                script.between(1, 4, 1).below(4, 0)  # domain 1, endpoint 0x20
+            seeds.append(script.data)
+        return seeds
 
     # -- after the conversation -----------------------------------------------------------------------------
 

@@ -17,9 +17,7 @@ Checked:
 
 from __future__ import annotations
 
-import hashlib
 import re
-import struct
 from collections.abc import Hashable, Iterable
 
 from vhost_iommu.device import snapshot
@@ -32,17 +30,26 @@ from vhost_iommu.device.layout import (
     encode_attach,
     encode_map,
 )
-from vhost_iommu.device.snapshot import SnapshotError
+from vhost_iommu.device.snapshot import (
+    DIGEST_SIZE,
+    HEADER,
+    SECTION_HEADER,
+    Header,
+    SnapshotError,
+    checksum,
+)
 from vhost_iommu.device.topology import ReservedRegion
-from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget
+from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Script, struct_fields
 from vhost_iommu.jit.tables import MappingTable
 
 __all__ = ["SnapshotTarget"]
 
 _PAGE = 0x1000
+_VARIANTS = 4  # saved states, of devices with more and more in them
+_EDITS = 5  # kinds of damage
 _BASE = 1 << 32
-_HEADER = 64
-_DIGEST = 32
+#: Where the header's fields are, but the magic (damaging it says nothing new).
+_HEADER_FIELDS = [offset for offset, _size, _code in struct_fields(HEADER)[1:]]
 
 
 def _device(variant: int) -> IommuDevice:
@@ -69,12 +76,22 @@ def _device(variant: int) -> IommuDevice:
 def _sections(state: bytes) -> list[tuple[int, int]]:
     """(payload offset, payload length) of each section of a well-formed state."""
     found = []
-    at = _HEADER
-    for _ in range(7):
-        _tag, _reserved, length = struct.unpack_from("<IIQ", state, at)
-        found.append((at + 16, length))
-        at += 16 + length
+    at = HEADER.size
+    for _ in range(Header._make(HEADER.unpack_from(state)).section_count):
+        _tag, _reserved, length = SECTION_HEADER.unpack_from(state, at)
+        found.append((at + SECTION_HEADER.size, length))
+        at += SECTION_HEADER.size + length
     return found
+
+
+def _reseal(data: bytearray, set_length: bool) -> bytearray:
+    """What a hostile writer does last: the header's total length (``set_length``) and the checksum made
+    to fit the bytes it wrote."""
+    if set_length and len(data) >= HEADER.size + DIGEST_SIZE:
+        header = Header._make(HEADER.unpack_from(data))._replace(total_length=len(data))
+        HEADER.pack_into(data, 0, *header)
+    body = bytes(data[: len(data) - DIGEST_SIZE])
+    return bytearray(body + checksum(body))
 
 
 class SnapshotTarget(FuzzTarget):
@@ -83,7 +100,7 @@ class SnapshotTarget(FuzzTarget):
     max_input = 256
 
     def setup(self) -> None:
-        self.states = [snapshot.save(_device(variant)) for variant in range(4)]
+        self.states = [snapshot.save(_device(variant)) for variant in range(_VARIANTS)]
         self.holder = _device(1)
         self.holder.handle_request(encode_attach(5, 0x24), 4)
 
@@ -93,9 +110,9 @@ class SnapshotTarget(FuzzTarget):
         sections = _sections(base)
         features: list[Hashable] = []
         for _ in range(choices.between(1, 4)):
-            kind = choices.below(5)
+            kind = choices.below(_EDITS)
             if kind == 0:  # a byte anywhere but the checksum
-                data[choices.below(len(data) - _DIGEST)] = choices.byte()
+                data[choices.below(len(data) - DIGEST_SIZE)] = choices.byte()
             elif kind in (1, 2):  # a whole field of a section, around what is there
                 offset, length = choices.pick(sections)
                 if length < 8:
@@ -106,20 +123,16 @@ class SnapshotTarget(FuzzTarget):
                 value = choices.pick((current + 1, current - 1, 0, 1, (1 << (8 * width)) - 1, choices.u64()))
                 data[at : at + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
             elif kind == 3:  # a header field
-                at = choices.pick((8, 12, 16, 24, 56))
-                data[at] ^= 1 << choices.below(8)
+                data[choices.pick(_HEADER_FIELDS)] ^= 1 << choices.below(8)
             else:  # truncated or extended before the checksum
-                body_end = len(data) - _DIGEST
+                body_end = len(data) - DIGEST_SIZE
                 if choices.chance(128):
-                    del data[body_end - choices.between(1, min(64, body_end - _HEADER)) : body_end]
+                    del data[body_end - choices.between(1, min(64, body_end - HEADER.size)) : body_end]
                 else:
                     data[body_end:body_end] = bytes(8 * choices.between(1, 4))
             features.append(("edit", kind))
         if not choices.chance(16):  # mostly what a hostile writer sends: length and checksum made to fit
-            if not choices.chance(32):
-                struct.pack_into("<Q", data, 16, len(data))
-            body = bytes(data[: len(data) - _DIGEST])
-            data = bytearray(body + hashlib.sha256(body).digest())
+            data = _reseal(data, set_length=not choices.chance(32))
         before = snapshot.save(self.holder)
         try:
             snapshot.restore(self.holder, bytes(data))
@@ -143,4 +156,9 @@ class SnapshotTarget(FuzzTarget):
         return features
 
     def seeds(self) -> list[bytes]:
-        return [bytes([n]) * 8 for n in range(4)]
+        """Each kind of damage once on each saved state (the rest of the execution is the input's own)."""
+        return [
+            Script().below(_VARIANTS, variant).between(1, 4, 1).below(_EDITS, edit).data
+            for variant in range(_VARIANTS)
+            for edit in range(_EDITS)
+        ]

@@ -37,9 +37,6 @@ class StandaloneContext:
     def reschedule(self, index: int) -> None:
         self.rescheduled[index] += 1
 
-    def reoffer_kick(self, index: int) -> None:
-        pass  # no kick fds here: the test kicks by calling queue_kicked
-
     def config_changed(self) -> None:
         self.config_changes += 1
 

@@ -8,6 +8,9 @@ main socket and on the back-end channel.
 """
 
 from vhost_iommu.protocol.codec import (
+    BACKEND_REPLY_PAYLOADS,
+    BACKEND_REQUEST_SPECS,
+    FRONTEND_REQUEST_SPECS,
     Decoder,
     Frame,
     Framer,
@@ -15,6 +18,7 @@ from vhost_iommu.protocol.codec import (
     Message,
     ProtocolError,
     RequestRejected,
+    RequestSpec,
     Stream,
     close_fds,
     encode,
@@ -53,8 +57,11 @@ from vhost_iommu.protocol.messages import (
 )
 
 __all__ = [
+    "BACKEND_REPLY_PAYLOADS",
+    "BACKEND_REQUEST_SPECS",
     "FLAG_NEED_REPLY",
     "FLAG_REPLY",
+    "FRONTEND_REQUEST_SPECS",
     "HEADER_SIZE",
     "MAX_CONFIG_SIZE",
     "MAX_FDS_PER_MESSAGE",
@@ -81,6 +88,7 @@ __all__ = [
     "ProtocolError",
     "ProtocolFeature",
     "RequestRejected",
+    "RequestSpec",
     "SingleMemoryRegion",
     "Stream",
     "VringAddress",

@@ -45,7 +45,8 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from types import MappingProxyType
+from typing import NoReturn, Protocol
 
 from vhost_iommu.protocol.constants import (
     FLAG_NEED_REPLY,
@@ -192,48 +193,64 @@ def _mem_table_fds(payload: Payload) -> range:
     return range(count, count + 1)
 
 
+class PayloadLayout(Protocol):
+    """A payload class of :mod:`vhost_iommu.protocol.messages`: it reads its own bytes."""
+
+    def unpack(self, data: bytes, /) -> Payload: ...
+
+
 @dataclass(frozen=True, slots=True)
-class _RequestSpec:
-    parse: Callable[[bytes], Payload]
+class RequestSpec:
+    """What one request carries: its payload layout and how many fds. The decoder enforces it; tools that
+    build or check messages (the fuzz targets) read it instead of keeping their own copy."""
+
+    payload: PayloadLayout
     fds: FdRule = _NO_FDS
     has_own_reply: bool = False
     #: fds the spec allows but says to close without using (REM_MEM_REG's legacy fd).
     discard_fds: bool = False
 
+    def fds_handed_out(self, payload: Payload) -> range:
+        """How many fds a decoded request with ``payload`` hands to its receiver."""
+        return range(0, 1) if self.discard_fds else self.fds(payload)
 
-_REQUESTS: dict[int, _RequestSpec] = {
-    FrontendRequest.GET_FEATURES: _RequestSpec(Empty.unpack, has_own_reply=True),
-    FrontendRequest.SET_FEATURES: _RequestSpec(U64.unpack),
-    FrontendRequest.SET_OWNER: _RequestSpec(Empty.unpack),
-    FrontendRequest.RESET_OWNER: _RequestSpec(Empty.unpack),
-    FrontendRequest.SET_MEM_TABLE: _RequestSpec(MemoryTable.unpack, fds=_mem_table_fds),
-    FrontendRequest.SET_VRING_NUM: _RequestSpec(VringState.unpack),
-    FrontendRequest.SET_VRING_ADDR: _RequestSpec(VringAddress.unpack),
-    FrontendRequest.SET_VRING_BASE: _RequestSpec(VringState.unpack),
-    FrontendRequest.GET_VRING_BASE: _RequestSpec(VringState.unpack, has_own_reply=True),
-    FrontendRequest.SET_VRING_KICK: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
-    FrontendRequest.SET_VRING_CALL: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
-    FrontendRequest.SET_VRING_ERR: _RequestSpec(VringFile.unpack, fds=_vring_file_fds),
-    FrontendRequest.GET_PROTOCOL_FEATURES: _RequestSpec(Empty.unpack, has_own_reply=True),
-    FrontendRequest.SET_PROTOCOL_FEATURES: _RequestSpec(U64.unpack),
-    FrontendRequest.GET_QUEUE_NUM: _RequestSpec(Empty.unpack, has_own_reply=True),
-    FrontendRequest.SET_VRING_ENABLE: _RequestSpec(VringState.unpack),
-    FrontendRequest.SET_BACKEND_REQ_FD: _RequestSpec(Empty.unpack, fds=_ONE_FD),
-    FrontendRequest.GET_CONFIG: _RequestSpec(ConfigSpace.unpack, has_own_reply=True),
-    FrontendRequest.SET_CONFIG: _RequestSpec(ConfigSpace.unpack),
-    FrontendRequest.RESET_DEVICE: _RequestSpec(Empty.unpack),
-    FrontendRequest.GET_MAX_MEM_SLOTS: _RequestSpec(Empty.unpack, has_own_reply=True),
-    FrontendRequest.ADD_MEM_REG: _RequestSpec(SingleMemoryRegion.unpack, fds=_ONE_FD),
-    FrontendRequest.REM_MEM_REG: _RequestSpec(
-        SingleMemoryRegion.unpack, fds=lambda _payload: range(0, 2), discard_fds=True
-    ),
-    FrontendRequest.SET_STATUS: _RequestSpec(U64.unpack),
-    FrontendRequest.GET_STATUS: _RequestSpec(Empty.unpack, has_own_reply=True),
-    FrontendRequest.SET_DEVICE_STATE_FD: _RequestSpec(
-        DeviceStateTransfer.unpack, fds=_ONE_FD, has_own_reply=True
-    ),
-    FrontendRequest.CHECK_DEVICE_STATE: _RequestSpec(Empty.unpack, has_own_reply=True),
-}
+
+#: Every front-end request this implementation decodes, and what it carries.
+FRONTEND_REQUEST_SPECS: Mapping[int, RequestSpec] = MappingProxyType(
+    {
+        FrontendRequest.GET_FEATURES: RequestSpec(Empty, has_own_reply=True),
+        FrontendRequest.SET_FEATURES: RequestSpec(U64),
+        FrontendRequest.SET_OWNER: RequestSpec(Empty),
+        FrontendRequest.RESET_OWNER: RequestSpec(Empty),
+        FrontendRequest.SET_MEM_TABLE: RequestSpec(MemoryTable, fds=_mem_table_fds),
+        FrontendRequest.SET_VRING_NUM: RequestSpec(VringState),
+        FrontendRequest.SET_VRING_ADDR: RequestSpec(VringAddress),
+        FrontendRequest.SET_VRING_BASE: RequestSpec(VringState),
+        FrontendRequest.GET_VRING_BASE: RequestSpec(VringState, has_own_reply=True),
+        FrontendRequest.SET_VRING_KICK: RequestSpec(VringFile, fds=_vring_file_fds),
+        FrontendRequest.SET_VRING_CALL: RequestSpec(VringFile, fds=_vring_file_fds),
+        FrontendRequest.SET_VRING_ERR: RequestSpec(VringFile, fds=_vring_file_fds),
+        FrontendRequest.GET_PROTOCOL_FEATURES: RequestSpec(Empty, has_own_reply=True),
+        FrontendRequest.SET_PROTOCOL_FEATURES: RequestSpec(U64),
+        FrontendRequest.GET_QUEUE_NUM: RequestSpec(Empty, has_own_reply=True),
+        FrontendRequest.SET_VRING_ENABLE: RequestSpec(VringState),
+        FrontendRequest.SET_BACKEND_REQ_FD: RequestSpec(Empty, fds=_ONE_FD),
+        FrontendRequest.GET_CONFIG: RequestSpec(ConfigSpace, has_own_reply=True),
+        FrontendRequest.SET_CONFIG: RequestSpec(ConfigSpace),
+        FrontendRequest.RESET_DEVICE: RequestSpec(Empty),
+        FrontendRequest.GET_MAX_MEM_SLOTS: RequestSpec(Empty, has_own_reply=True),
+        FrontendRequest.ADD_MEM_REG: RequestSpec(SingleMemoryRegion, fds=_ONE_FD),
+        FrontendRequest.REM_MEM_REG: RequestSpec(
+            SingleMemoryRegion, fds=lambda _payload: range(0, 2), discard_fds=True
+        ),
+        FrontendRequest.SET_STATUS: RequestSpec(U64),
+        FrontendRequest.GET_STATUS: RequestSpec(Empty, has_own_reply=True),
+        FrontendRequest.SET_DEVICE_STATE_FD: RequestSpec(
+            DeviceStateTransfer, fds=_ONE_FD, has_own_reply=True
+        ),
+        FrontendRequest.CHECK_DEVICE_STATE: RequestSpec(Empty, has_own_reply=True),
+    }
+)
 
 #: Requests that always get a reply of their own, supported or not (the front-end blocks on them).
 _OWN_REPLY_CODES = frozenset(
@@ -256,11 +273,20 @@ _OWN_REPLY_CODES = frozenset(
     }
 )
 
-_BACKEND_REQUESTS: dict[int, _RequestSpec] = {
-    BackendRequest.CONFIG_CHANGE_MSG: _RequestSpec(Empty.unpack),
-    BackendRequest.VRING_CALL: _RequestSpec(VringState.unpack),
-    BackendRequest.VRING_ERR: _RequestSpec(VringState.unpack),
-}
+#: Every back-end request this implementation decodes (on the back-end channel), and what it carries.
+BACKEND_REQUEST_SPECS: Mapping[int, RequestSpec] = MappingProxyType(
+    {
+        BackendRequest.CONFIG_CHANGE_MSG: RequestSpec(Empty),
+        BackendRequest.VRING_CALL: RequestSpec(VringState),
+        BackendRequest.VRING_ERR: RequestSpec(VringState),
+    }
+)
+
+#: The back-end's replies with a layout of their own (GET_CONFIG's may also be empty: the read failed);
+#: every other reply, either way, is a u64.
+BACKEND_REPLY_PAYLOADS: Mapping[int, PayloadLayout] = MappingProxyType(
+    {FrontendRequest.GET_VRING_BASE: VringState, FrontendRequest.GET_CONFIG: ConfigSpace}
+)
 
 
 def request_has_own_reply(code: int) -> bool:
@@ -269,12 +295,9 @@ def request_has_own_reply(code: int) -> bool:
 
 
 def _parse_backend_reply(code: FrontendRequest, data: bytes) -> Payload:
-    if code is FrontendRequest.GET_VRING_BASE:
-        return VringState.unpack(data)
-    if code is FrontendRequest.GET_CONFIG:
-        # A zero-length GET_CONFIG reply is the spec's way of saying the read failed.
-        return Empty() if not data else ConfigSpace.unpack(data)
-    return U64.unpack(data)
+    if code is FrontendRequest.GET_CONFIG and not data:
+        return Empty()  # a zero-length GET_CONFIG reply is the spec's way of saying the read failed
+    return BACKEND_REPLY_PAYLOADS.get(code, U64).unpack(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,9 +471,9 @@ class Decoder:
 
     def _build(self, code: int, flags: int, body: bytes, fds: tuple[int, ...]) -> Message:
         if self.stream is Stream.FRONTEND_REQUESTS:
-            return self._build_request(code, flags, body, fds, FrontendRequest, _REQUESTS)
+            return self._build_request(code, flags, body, fds, FrontendRequest, FRONTEND_REQUEST_SPECS)
         if self.stream is Stream.BACKEND_REQUESTS:
-            return self._build_request(code, flags, body, fds, BackendRequest, _BACKEND_REQUESTS)
+            return self._build_request(code, flags, body, fds, BackendRequest, BACKEND_REQUEST_SPECS)
         return self._build_reply(code, flags, body, fds)
 
     def _build_request(
@@ -460,7 +483,7 @@ class Decoder:
         body: bytes,
         fds: tuple[int, ...],
         codes: type[FrontendRequest] | type[BackendRequest],
-        specs: Mapping[int, _RequestSpec],
+        specs: Mapping[int, RequestSpec],
     ) -> Message:
         own_reply = codes is FrontendRequest and request_has_own_reply(code)
 
@@ -482,7 +505,7 @@ class Decoder:
         if spec is None:
             raise reject("not supported by this implementation")
         try:
-            payload = spec.parse(body)
+            payload = spec.payload.unpack(body)
         except PayloadError as exc:
             raise reject(str(exc)) from None
         allowed = spec.fds(payload)

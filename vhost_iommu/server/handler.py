@@ -297,13 +297,6 @@ class ConnectionHandler:
         if self.serving(slot):
             self.call_backend(self.backend.queue_kicked, index)
 
-    def reoffer_kick(self, index: int) -> None:
-        if self.closed:
-            return  # the disconnect took every fd back already
-        slot = self.slots[index]
-        self.kicks.reclaim(slot)
-        self.refresh(slot)  # replays the kick the back-end may have read, then offers the fd
-
     def config_changed(self) -> None:
         if not any(slot.started for slot in self.slots):
             # vhost-user.rst "Suspended device state": with every ring stopped the back-end must not

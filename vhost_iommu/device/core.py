@@ -389,9 +389,9 @@ class IommuDevice:
         or an endpoint this IOMMU does not manage; nothing changes then. The replacement survives a
         device reset (the driver re-probes then); `system_reset` does not restore it either.
 
-        Like every tool entry point, call it from the thread that drives the device: it replaces arrays
-        the compiled request path reads (the back-ends never run a kernel thread while a control channel
-        watches them: `VirtioIommuBackend.takes_kick_fd`)."""
+        Like every tool entry point, call it while nothing else drives the device: it replaces arrays
+        the compiled request path reads (a back-end's requestq thread is parked meanwhile:
+        `VirtioIommuBackend.quiesced`, which the control channel wraps every command in)."""
         self.domain_table.set_reserved_regions(endpoint, regions)
         for observer in self.observers:
             observer.reserved_regions(endpoint, regions)

@@ -414,6 +414,10 @@ class VirtioIommuBackend:
         except (QueueError, GuestMemoryError) as error:
             self.broken(f"requestq: {error}")
             return
+        finally:
+            # A released chain the kernel served (the delay was taken off) must not let a later,
+            # delayed chain skip its hold.
+            self._release_next = False
         if completed and ring.needs_notification():
             self._signal(REQUEST_QUEUE)
         if more and self.context is not None:

@@ -125,6 +125,30 @@ def test_close_removes_only_the_socket_it_made(tmp_path: Any) -> None:
     asyncio.run(scenario())
 
 
+def test_closing_with_a_client_connected_ends_it_cleanly(tmp_path: Any) -> None:
+    """A back-end that stops while a control client is connected ends that client without an unhandled
+    error on its loop (CI caught one: a cancelled client task reported by the stream server)."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        path = str(tmp_path / "control")
+        control = ControlServer(ControlService(), path)
+        await control.start()
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b'{"version": 1, "command": "hello"}\n')
+        assert b'"result"' in await reader.readline()  # the client's task is now serving, idle
+        await control.close()
+        assert await reader.read() == b""  # the server ended the connection
+        writer.close()
+        await asyncio.sleep(0)  # the stream server's done-callbacks run on the next loop turns
+        await asyncio.sleep(0)
+        return errors
+
+    assert asyncio.run(scenario()) == []
+
+
 @pytest.mark.parametrize(
     ("line", "code"),
     [

@@ -91,6 +91,17 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
+            await self._session(reader, writer)
+        except asyncio.CancelledError:
+            # close() ends clients by cancelling them. The task must still end normally: Python 3.11's
+            # start_unix_server asks a finished client task for its exception(), which raises for a
+            # cancelled task and lands on the loop's exception handler as an unhandled error.
+            writer.close()
+        finally:
+            self._clients.discard(task)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             sock = writer.get_extra_info("socket")
             uid = peer_uid(sock) if sock is not None else -1
             if uid not in (os.getuid(), 0):
@@ -106,7 +117,6 @@ class ControlServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._clients.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

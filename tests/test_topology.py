@@ -205,6 +205,29 @@ def test_granule_and_options() -> None:
             '[[endpoints.reserved]]\ntype = "reserved"\nstart = 0x1000\nend = 0x1fff\n',
             "probe_size: 40 bytes cannot hold the 2 reserved regions of endpoint 0x20",
         ),
+        (
+            MINIMAL + '[[devices]]\nkind = "toaster"\nbdf = "00:04.1"\nsocket = "s"\n',
+            "devices[0].kind: 'toaster'",
+        ),
+        (
+            MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:09.0"\nsocket = "s"\n',
+            "devices[0].bdf: 0000:00:09.0 is not in any endpoint range",
+        ),
+        (MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.1"\n', "devices[0].socket: missing"),
+        (
+            MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.1"\nsocket = "s"\nimage = "x"\n',
+            "devices[0].image: unknown key",
+        ),
+        (
+            MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.1"\nsocket = "s"\n' * 2,
+            "devices[1].bdf: 00:04.1 is also devices[0]'s",
+        ),
+        (
+            MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.1"\nsocket = "s"\n'
+            '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.2"\nsocket = "s"\n',
+            "devices[1].socket: 's' is also devices[0]'s",
+        ),
+        ("devices = 1\n" + MINIMAL, "devices: must be an array of tables"),
         ("endpoints = 3\n", "endpoints: missing"),
         ('[iommu]\nbdf = "nope"\n' + MINIMAL, "iommu.bdf: 'nope' is not a valid BDF"),
         ("= broken", "topology.toml: not valid TOML"),
@@ -215,6 +238,17 @@ def test_bad_files_name_the_field(text: str, message: str) -> None:
         load(text)
     assert message in str(caught.value)
     assert str(caught.value).startswith("topology.toml: ")
+
+
+def test_devices_are_parsed_with_their_endpoint_and_socket() -> None:
+    topology = load(MINIMAL + '[[devices]]\nkind = "dma-engine"\nbdf = "00:04.3"\nsocket = "/run/e.sock"\n')
+    (device,) = topology.devices
+    assert (device.kind, device.segment, device.bdf) == ("dma-engine", 0, 0x23)
+    assert topology.endpoint_for(device.segment, device.bdf) == 0x23
+    assert device.socket_path("/elsewhere") == "/run/e.sock"
+    default = Topology.default().devices[0]
+    assert default.kind == "dma-engine" and default.socket_path("/run/vm") == "/run/vm/dma-engine.sock"
+    assert default.socket_path(None) is None
 
 
 def test_load_names_the_file(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from vhost_iommu.control import options as control_options
 
 if TYPE_CHECKING:
     from vhost_iommu.device import Topology
+    from vhost_iommu.device.topology import ServedDevice
     from vhost_iommu.server import BackendFactory
     from vhost_iommu.sockfile import SocketFile
 
@@ -164,6 +165,12 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "--topology",
         metavar="FILE",
         help="endpoints and reserved regions of the IOMMU (a regular TOML file; it names no other file)",
+    )
+    parser.add_argument(
+        "--no-devices",
+        action="store_true",
+        help="do not serve the topology's [[devices]] (the vfio-user endpoints, docs/dma-engine.md): the "
+        "IOMMU alone",
     )
     parser.add_argument(
         "--control-socket",
@@ -348,11 +355,23 @@ def _inherited_socket(fd: int) -> socket.socket:
     return sock
 
 
+#: The topology's devices being served: (device, listening socket, its path).
+DeviceListeners = Sequence[tuple["ServedDevice", socket.socket, str]]
+
+
+def format_bdf(bdf: int) -> str:
+    from vhost_iommu.device.topology import format_bdf as topology_format_bdf
+
+    return topology_format_bdf(bdf)
+
+
 async def _serve_until_signal(
     listeners: Sequence[tuple[socket.socket, str]],
     factory: BackendFactory,
     control_path: str | None = None,
     tools: dict[str, Any] | None = None,
+    devices: DeviceListeners = (),
+    topology: Topology | None = None,
 ) -> int:
     """Serve until a signal; 0, or EXIT_VIOLATIONS when ``tools`` asked for strict conformance and a
     driver broke a statement. ``tools``: ControlService options (control_options.service_options)."""
@@ -384,6 +403,17 @@ async def _serve_until_signal(
         log.info("control channel on %s", control_path)
     # One server for every socket: each accepted front-end gets its own device whichever socket it used.
     serving = {asyncio.create_task(server.serve_socket(sock, where)) for sock, where in listeners}
+    endpoints = None
+    if devices and topology is not None:
+        from vhost_iommu.endpoint_server import EndpointServer
+
+        endpoints = EndpointServer(topology, server)
+        if service is not None:
+            service.endpoint_server = endpoints
+        for spec, sock, path in devices:
+            served = endpoints.add(spec, path)
+            serving.add(asyncio.create_task(endpoints.serve(served, sock)))
+            log.info("serving %s for endpoint %#x over vfio-user on %s", served.name, served.endpoint, path)
     # Said only now that a signal would be handled: a supervisor may act on this line.
     log.info("listening on %s", ", ".join(where for _sock, where in listeners))
     stopping = asyncio.create_task(stop.wait())
@@ -397,6 +427,8 @@ async def _serve_until_signal(
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
     finally:
+        if endpoints is not None:
+            endpoints.close()
         server.close()
         for task in (*serving, stopping):
             task.cancel()
@@ -449,6 +481,7 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "keeper_fd", None) is not None:
         return _serve_as_worker(args)
     if getattr(args, "state_dir", None) is not None:
+        _refuse_devices_with_state_dir(args)
         return _serve_with_keeper(args, paths)
     from vhost_iommu.server import new_event_loop
 
@@ -461,18 +494,26 @@ def serve(args: argparse.Namespace) -> int:
         warm_up()
     listeners: list[tuple[socket.socket, str]] = []
     files: list[SocketFile] = []
+    devices: list[tuple[ServedDevice, socket.socket, str]] = []
     loop: asyncio.AbstractEventLoop | None = None
     status = 0
+    topology = None if args.backend == "echo" else load_topology_argument(args.topology)
     try:
         _open_listeners(args, paths, listeners, files)  # on failure, those made are removed below
+        if topology is not None and not args.no_devices:
+            _open_device_listeners(args, topology, paths, devices, files)
         try:
             tools = control_options.service_options(args)
         except ValueError as exc:
             raise CliError(str(exc)) from None
         loop = new_event_loop()
-        status = loop.run_until_complete(_serve_until_signal(listeners, factory, args.control_socket, tools))
+        status = loop.run_until_complete(
+            _serve_until_signal(listeners, factory, args.control_socket, tools, devices, topology)
+        )
     finally:
         for sock, _where in listeners:
+            sock.close()
+        for _spec, sock, _path in devices:
             sock.close()
         for created in files:
             created.remove()  # only if the path still holds our socket
@@ -503,6 +544,58 @@ def _open_listeners(
         except SocketPathError as exc:
             raise CliError(str(exc)) from None
         listeners.append((sock, path))
+        files.append(created)
+
+
+def _refuse_devices_with_state_dir(args: argparse.Namespace) -> None:
+    """QEMU's vfio-user client never reconnects and the keeper does not hold vfio-user connections, so
+    a worker restart would kill every served endpoint for the VM's life: refused before anything starts."""
+    if args.backend == "echo" or args.no_devices:
+        return
+    topology = load_topology_argument(args.topology)
+    if topology.devices:
+        names = ", ".join(f"{d.kind} at {format_bdf(d.bdf)}" for d in topology.devices)
+        raise CliError(
+            f"--state-dir cannot keep vfio-user endpoints across a device worker restart (QEMU's "
+            f"vfio-user client never reconnects), and the topology serves {names}: give --no-devices "
+            "to serve the IOMMU alone, or a --topology without [[devices]]"
+        )
+
+
+def _open_device_listeners(
+    args: argparse.Namespace,
+    topology: Topology,
+    paths: list[str],
+    devices: list[tuple[ServedDevice, socket.socket, str]],
+    files: list[SocketFile],
+) -> None:
+    """A listener for each of the topology's devices (relative sockets beside the first --socket-path)."""
+    from vhost_iommu.sockfile import SocketPathError, create_unix_listener
+
+    socket_dir = os.path.dirname(os.path.abspath(paths[0])) if paths else None
+    taken = {os.path.abspath(path) for path in paths}
+    if args.control_socket is not None:
+        taken.add(os.path.abspath(args.control_socket))
+    for spec in topology.devices:
+        path = spec.socket_path(socket_dir)
+        if path is None:
+            log.warning(
+                "%s at %s is not served: its socket %r is relative and --fd gives no directory for it "
+                "(give an absolute path in the topology, or --no-devices)",
+                spec.kind,
+                format_bdf(spec.bdf),
+                spec.socket,
+            )
+            continue
+        if os.path.abspath(path) in taken:
+            raise CliError(
+                f"the socket of {spec.kind} at {format_bdf(spec.bdf)}, {path}, is also another socket"
+            )
+        try:
+            sock, created = create_unix_listener(path, args.socket_mode)
+        except SocketPathError as exc:
+            raise CliError(f"{spec.kind} at {format_bdf(spec.bdf)}: {exc}") from None
+        devices.append((spec, sock, path))
         files.append(created)
 
 

@@ -9,6 +9,7 @@ made by a guest program. The heavy imports (numba, the provisioning code) happen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,13 +83,28 @@ def _configure_qemu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initrd", metavar="FILE", default="initrd.gz")
     parser.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest RAM in MiB")
     parser.add_argument("--append", action="append", default=[], metavar="ARG", help="a kernel argument")
+    parser.add_argument(
+        "--no-devices", action="store_true", help="leave out the topology's [[devices]] (vfio-user endpoints)"
+    )
 
 
 def qemu_args(args: argparse.Namespace) -> int:
     """Print a complete, commented QEMU command line for a guest behind this back-end."""
-    from vhost_iommu.qemu import CommandError, IommuKind, QemuSetup, build_command
+    from vhost_iommu.qemu import CommandError, IommuKind, QemuSetup, VfioUserEndpoint, build_command
     from vhost_iommu.viot import viot_topology_from
 
+    topology = load_topology_argument(args.topology)
+    socket_dir = os.path.dirname(os.path.abspath(args.socket_path))
+    endpoints = [
+        VfioUserEndpoint(
+            slot=(device.bdf >> 3) & 0x1F,
+            function=device.bdf & 7,
+            socket=Path(device.socket_path(socket_dir) or device.socket),
+            kind=device.kind,
+        )
+        for device in topology.devices
+        if not args.no_devices
+    ]
     setup = QemuSetup(
         qemu=Path(args.qemu),
         kernel=Path(args.kernel),
@@ -97,7 +113,8 @@ def qemu_args(args: argparse.Namespace) -> int:
         iommu=IommuKind.VHOST_USER,
         socket_path=Path(args.socket_path),
         viot_path=Path(args.viot),
-        topology=viot_topology_from(load_topology_argument(args.topology)),
+        topology=viot_topology_from(topology),
+        endpoints=endpoints,
         memory_mib=args.memory,
     )
     try:

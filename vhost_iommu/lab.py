@@ -26,12 +26,21 @@ from typing import TypeVar
 from vhost_iommu.control.server import ControlServer
 from vhost_iommu.control.service import ControlService
 from vhost_iommu.device import IommuDevice, Topology
+from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
 from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
 from vhost_iommu.provision.qemu_build import ensure_qemu
-from vhost_iommu.qemu import Endpoint, IommuKind, PciTestDevice, QemuCommand, QemuSetup, build_command
+from vhost_iommu.qemu import (
+    Endpoint,
+    IommuKind,
+    PciTestDevice,
+    QemuCommand,
+    QemuSetup,
+    VfioUserEndpoint,
+    build_command,
+)
 from vhost_iommu.viot import viot_from_topology, viot_topology_from
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
@@ -68,6 +77,9 @@ class LabConfig:
     # Record every request and its answer from the first one to this file (needs `control`; a later
     # connection records to FILE-N.EXT). `vhost-iommu replay FILE` runs it again offline.
     trace: Path | None = None
+    # Serve the topology's [[devices]] (vfio-user endpoints such as the DMA engine) from the back-end's
+    # loop and give QEMU their vfio-user-pci devices (docs/dma-engine.md).
+    serve_devices: bool = False
     # Build the back-end for one connection; the default is the virtio-iommu device on `topology`.
     backend_factory: Callable[[Topology], VirtioIommuBackend] | None = None
 
@@ -144,6 +156,9 @@ class Lab:
                 if config.conformance or config.trace is not None:
                     raise LabError("conformance checks and traces are control-channel tools: keep control on")
                 self._server = RunningServer(self._new_backend, str(socket_path))
+        endpoints = list(config.endpoints)
+        if config.serve_devices and config.iommu is IommuKind.VHOST_USER:
+            endpoints += self._serve_devices(scratch)
         setup = QemuSetup(
             qemu=qemu,
             kernel=guest.kernel,
@@ -157,7 +172,7 @@ class Lab:
             socket_path=socket_path,
             viot_path=viot_path,
             topology=viot_topology_from(config.topology),
-            endpoints=config.endpoints,
+            endpoints=endpoints,
             memory_mib=config.memory_mib,
             extra_args=config.extra_qemu_args,
         )
@@ -182,6 +197,22 @@ class Lab:
             self._scratch.cleanup()
             self._scratch = None
 
+    def _serve_devices(self, scratch: Path) -> list[Endpoint]:
+        """Serve each of the topology's devices (sockets in ``scratch``); their QEMU devices."""
+        assert self._server is not None
+        server = self._server.serve_devices(self.config.topology, str(scratch))
+        if self._service is not None:
+            self._service.endpoint_server = server
+        return [
+            VfioUserEndpoint(
+                slot=(served.spec.bdf >> 3) & 0x1F,
+                function=served.spec.bdf & 7,
+                socket=Path(served.path),
+                kind=served.spec.kind,
+            )
+            for served in server.endpoints
+        ]
+
     @staticmethod
     async def _start_control(service: ControlService, path: str) -> ControlServer:
         control = ControlServer(service, path)
@@ -200,6 +231,11 @@ class Lab:
         return backend
 
     # -- the two sides ----------------------------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> EndpointServer | None:
+        """The vfio-user endpoints served beside the IOMMU (LabConfig.serve_devices)."""
+        return None if self._server is None else self._server.endpoints
 
     @property
     def guest(self) -> GuestSession:

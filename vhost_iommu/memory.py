@@ -189,12 +189,16 @@ class _Mapping:
 class MemoryRegion:
     """One mapped region. ``data`` is a uint8 view of exactly the region's ``memory_size`` bytes."""
 
-    __slots__ = ("_mapping", "data", "desc")
+    __slots__ = ("_mapping", "data", "desc", "file_id")
 
-    def __init__(self, desc: MemoryRegionDesc, data: ByteView, mapping: _Mapping) -> None:
+    def __init__(
+        self, desc: MemoryRegionDesc, data: ByteView, mapping: _Mapping, file_id: tuple[int, int] = (0, 0)
+    ) -> None:
         self.desc = desc
         self.data = data
         self._mapping = mapping
+        #: (st_dev, st_ino) of the file mapped: two connections of one VM share guest RAM's memfd.
+        self.file_id = file_id
 
     @property
     def gpa_start(self) -> int:
@@ -246,7 +250,7 @@ def _map_region(desc: MemoryRegionDesc, fd: int) -> MemoryRegion:
     length = -(-(desc.memory_size + lead) // granule) * granule  # hugetlbfs wants whole pages to unmap
     mapping = _Mapping(fd, length, desc.mmap_offset - lead)
     whole: ByteView = np.asarray(mapping, dtype=np.uint8)
-    return MemoryRegion(desc, whole[lead : lead + desc.memory_size], mapping)
+    return MemoryRegion(desc, whole[lead : lead + desc.memory_size], mapping, (st.st_dev, st.st_ino))
 
 
 def _check_no_overlap(descs: Sequence[MemoryRegionDesc]) -> None:
@@ -379,6 +383,10 @@ class GuestMemory:
 
     def __len__(self) -> int:
         return len(self._by_gpa)
+
+    def file_ids(self) -> frozenset[tuple[int, int]]:
+        """(st_dev, st_ino) of every file mapped: the same VM's RAM has the same ids in every connection."""
+        return frozenset(region.file_id for region in self.regions)
 
     def flat_tables(self) -> FlatRegions:
         """The regions as flat arrays for compiled code, sorted by gpa (a kernel bisects ``gpa_starts``

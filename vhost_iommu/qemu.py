@@ -18,6 +18,7 @@ What the choices are for:
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -70,7 +71,18 @@ class VirtioBlockDevice:
     iommu_platform: bool = True
 
 
-Endpoint = PciTestDevice | VirtioBlockDevice
+@dataclass(frozen=True)
+class VfioUserEndpoint:
+    """A PCI function vhost-iommu serves over vfio-user (a topology ``[[devices]]`` entry, e.g. the DMA
+    engine): QEMU's ``vfio-user-pci`` connects to ``socket`` at start-up and never reconnects."""
+
+    slot: int
+    socket: Path
+    kind: str = "dma-engine"
+    function: int = 0
+
+
+Endpoint = PciTestDevice | VirtioBlockDevice | VfioUserEndpoint
 
 
 @dataclass(frozen=True)
@@ -278,7 +290,20 @@ def endpoint_groups(setup: QemuSetup) -> list[ArgGroup]:
                 f"endpoint {index} at {format_bdf(0, _requester_id(*where))} lies outside the IOMMU's "
                 "PCI ranges"
             )
-        if isinstance(endpoint, PciTestDevice):
+        if isinstance(endpoint, VfioUserEndpoint):
+            device = {
+                "driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": str(endpoint.socket)},
+                "addr": address.removeprefix("addr="),
+            }
+            groups.append(
+                ArgGroup(
+                    f"{endpoint.kind}: served by vhost-iommu over vfio-user; its every DMA access is\n"
+                    "translated by vhost-iommu's IOMMU (QEMU wants the JSON form for the socket)",
+                    ("-device", json.dumps(device, separators=(",", ":"))),
+                )
+            )
+        elif isinstance(endpoint, PciTestDevice):
             groups.append(
                 ArgGroup(
                     "pci-testdev: BARs and no DMA, for guest VFIO (real MAP/UNMAP traffic, no device DMA)",

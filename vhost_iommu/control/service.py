@@ -19,7 +19,7 @@ import os
 import random
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhost_iommu import __version__
 from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
@@ -208,6 +208,8 @@ class ControlService:
         if trace_name is not None and trace_path is not None:
             raise ValueError("trace_name or trace_path, not both")
         self.server = server
+        #: The vfio-user endpoints served beside (vhost_iommu.endpoint_server.EndpointServer), if any.
+        self.endpoint_server: Any = None
         self.conformance = conformance
         self.trace_path = trace_path
         self.trace_dir = trace_dir

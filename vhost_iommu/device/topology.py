@@ -13,6 +13,7 @@ A bad file raises `TopologyError` whose message names the file and the field, e.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,9 @@ MAX_DOMAIN_RANGE_SIZE = 1 << 16
 MIN_GRANULE = 4096
 # A PROBE buffer is allocated by the guest for every endpoint; keep it to a sane size.
 MAX_PROBE_SIZE = 1 << 16
+
+#: The default topology's DMA engine socket, beside the vhost-user socket.
+DEFAULT_DMA_ENGINE_SOCKET = "dma-engine.sock"
 
 X86_MSI_START = 0xFEE0_0000
 X86_MSI_END = 0xFEEF_FFFF
@@ -69,6 +73,30 @@ class PciRange:
         return None
 
 
+#: The endpoint kinds ``[[devices]]`` may name, with the keys of their own each takes.
+DEVICE_KINDS: dict[str, frozenset[str]] = {"dma-engine": frozenset()}
+
+
+@dataclass(frozen=True, slots=True)
+class ServedDevice:
+    """A PCI endpoint vhost-iommu itself serves to QEMU over vfio-user (a ``[[devices]]`` table).
+
+    ``socket`` is the vfio-user socket's path as written; a relative one lives in the directory of the
+    back-end's (first) vhost-user socket. ``options`` are the keys of the device's own kind."""
+
+    kind: str
+    segment: int
+    bdf: int
+    socket: str
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def socket_path(self, socket_dir: str | None) -> str | None:
+        """The socket's path; a relative one in ``socket_dir`` (None: no directory to put it in)."""
+        if os.path.isabs(self.socket):
+            return self.socket
+        return None if socket_dir is None else os.path.join(socket_dir, self.socket)
+
+
 @dataclass(frozen=True)
 class Topology:
     """Everything platform-specific the device needs; immutable once built."""
@@ -85,6 +113,7 @@ class Topology:
     domain_end: int = 0xFFFF
     probe_size: int = 512
     boot_bypass: bool = True
+    devices: tuple[ServedDevice, ...] = ()
     source: str = field(default="<default>", compare=False)
     _regions: dict[int, tuple[ReservedRegion, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -117,7 +146,10 @@ class Topology:
     def default(cls) -> Topology:
         """x86 q35: IOMMU at 0000:00:03.0, endpoints 0000:00:04.0-0000:00:1e.7 with endpoint ID = BDF."""
         msi = ReservedRegion(ResvMemType.MSI, X86_MSI_START, X86_MSI_END)
-        return cls(pci_ranges=(PciRange(0, 0x20, 0xF7, 0x20, (msi,)),))
+        return cls(
+            pci_ranges=(PciRange(0, 0x20, 0xF7, 0x20, (msi,)),),
+            devices=(ServedDevice("dma-engine", 0, 0x28, DEFAULT_DMA_ENGINE_SOCKET),),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Topology:
@@ -243,6 +275,23 @@ def _check(topology: Topology) -> Iterator[str]:
     for endpoint in topology.endpoint_reserved:
         if not any(r.endpoint_start <= endpoint <= r.endpoint_end for r in topology.pci_ranges):
             yield f"reserved: endpoint {endpoint:#x} is not in any endpoint range"
+    addresses: dict[tuple[int, int], int] = {}
+    sockets: dict[str, int] = {}
+    for index, device in enumerate(topology.devices):
+        where = f"devices[{index}]"
+        if device.kind not in DEVICE_KINDS:
+            yield f"{where}.kind: {device.kind!r} is not one of: {', '.join(sorted(DEVICE_KINDS))}"
+        if topology.endpoint_for(device.segment, device.bdf) is None:
+            yield f"{where}.bdf: {format_bdf(device.bdf, device.segment)} is not in any endpoint range"
+        if (device.segment, device.bdf) in addresses:
+            first = addresses[device.segment, device.bdf]
+            yield f"{where}.bdf: {format_bdf(device.bdf)} is also devices[{first}]'s"
+        addresses[device.segment, device.bdf] = index
+        if not device.socket or "\0" in device.socket:
+            yield f"{where}.socket: {device.socket!r} is not a path"
+        elif device.socket in sockets:
+            yield f"{where}.socket: {device.socket!r} is also devices[{sockets[device.socket]}]'s"
+        sockets[device.socket] = index
 
 
 def check_regions(regions: tuple[ReservedRegion, ...]) -> str | None:
@@ -277,7 +326,9 @@ _TOP_KEYS = {
     "domain_range",
     "probe_size",
     "boot_bypass",
+    "devices",
 }
+_DEVICE_KEYS = {"kind", "bdf", "segment", "socket"}
 _RANGE_KEYS = {"segment", "bdf_start", "bdf_end", "endpoint_start", "reserved"}
 _REGION_KEYS = {"type", "start", "end"}
 _ENDPOINT_REGION_KEYS = _REGION_KEYS | {"endpoint", "bdf", "segment"}
@@ -429,7 +480,38 @@ class _Parser:
             endpoint = self._endpoint_of(table, where, pci_ranges)
             endpoint_reserved[endpoint] = (*endpoint_reserved.get(endpoint, ()), region)
         options["endpoint_reserved"] = endpoint_reserved
+        options["devices"] = self._devices(document.get("devices", []))
         return Topology(**options)
+
+    def _devices(self, tables: Any) -> tuple[ServedDevice, ...]:
+        if not isinstance(tables, list):
+            raise self.fail("devices", "must be an array of tables ([[devices]])")
+        devices = []
+        for index, table in enumerate(tables):
+            where = f"devices[{index}]"
+            if not isinstance(table, dict):
+                raise self.fail(where, "must be a table")
+            kind = table.get("kind")
+            if not isinstance(kind, str) or kind not in DEVICE_KINDS:
+                raise self.fail(f"{where}.kind", f"{kind!r} is not one of: {', '.join(sorted(DEVICE_KINDS))}")
+            table = self.keys(table, _DEVICE_KEYS | DEVICE_KINDS[kind], where)
+            for key in ("bdf", "socket"):
+                if key not in table:
+                    raise self.fail(f"{where}.{key}", "missing")
+            segment = self.integer(table.get("segment", 0), f"{where}.segment", 0, 0xFFFF, _SEGMENT)
+            text_segment, bdf = self.bdf(
+                table["bdf"], f"{where}.bdf", segment if "segment" in table else None
+            )
+            socket_path = table["socket"]
+            if not isinstance(socket_path, str):
+                raise self.fail(f"{where}.socket", f"{socket_path!r} is not a path")
+            options = {key: value for key, value in table.items() if key in DEVICE_KINDS[kind]}
+            devices.append(
+                ServedDevice(
+                    kind, text_segment if text_segment is not None else segment, bdf, socket_path, options
+                )
+            )
+        return tuple(devices)
 
     def _endpoint_of(self, table: dict[str, Any], where: str, pci_ranges: list[PciRange]) -> int:
         if ("endpoint" in table) == ("bdf" in table):

@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from vhost_iommu.backend import VhostUserBackend
+from vhost_iommu.device.topology import Topology
+from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.server import VhostUserServer, bind_unix_socket, new_event_loop
 
@@ -39,8 +41,11 @@ class RunningServer:
 
         self.server = VhostUserServer(recording_factory)
         self._listener = bind_unix_socket(path)
-        #: Further sockets of the same server (:meth:`listen`): path -> (listener, accepting task).
+        #: Further sockets of the same server (:meth:`listen`, :meth:`serve_devices`): path -> (listener,
+        #: accepting task).
         self._extra: dict[str, tuple[socket.socket, asyncio.Task[None]]] = {}
+        #: The vfio-user endpoints served beside (:meth:`serve_devices`).
+        self.endpoints: EndpointServer | None = None
         self.loop = new_event_loop()
         #: Exceptions that escaped a callback on the server's loop: a server bug, reported at stop().
         self.loop_errors: list[dict[str, Any]] = []
@@ -95,6 +100,32 @@ class RunningServer:
         self._extra[path] = (listener, task)
         return path
 
+    def serve_devices(self, topology: Topology, directory: str) -> EndpointServer:
+        """Serve ``topology``'s ``[[devices]]`` over vfio-user on this server's loop, relative sockets in
+        ``directory``, their DMA paired with this server's guests (as ``serve`` does)."""
+        if self.endpoints is not None:
+            raise RuntimeError("the devices are served already")
+        endpoints = EndpointServer(topology, self.server)
+        self.endpoints = endpoints
+        for spec in topology.devices:
+            path = spec.socket_path(directory)
+            assert path is not None
+            listener = bind_unix_socket(path)
+            served = endpoints.add(spec, path)
+
+            async def start(
+                served: object = served, listener: socket.socket = listener
+            ) -> asyncio.Task[None]:
+                return asyncio.get_running_loop().create_task(endpoints.serve(served, listener))  # type: ignore[arg-type]
+
+            try:
+                task = asyncio.run_coroutine_threadsafe(start(), self.loop).result(5)
+            except BaseException:
+                listener.close()
+                raise
+            self._extra[path] = (listener, task)
+        return endpoints
+
     def connect(self, timeout: float = 5.0, *, path: str | None = None) -> Frontend:
         """A front-end connected to the first socket, or to ``path`` (one of :meth:`listen`'s)."""
         return Frontend.connect(self.path if path is None else path, timeout=timeout)
@@ -116,6 +147,8 @@ class RunningServer:
         if self._thread.is_alive():
 
             def shutdown() -> None:
+                if self.endpoints is not None:
+                    self.endpoints.close()
                 self.server.close()
                 for _listener, task in self._extra.values():
                     task.cancel()

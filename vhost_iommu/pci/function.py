@@ -81,6 +81,12 @@ class MsixLayout:
                 raise ValueError(f"the MSI-X {name} offset {offset:#x} must be 8-byte aligned")
 
 
+def check_span(offset: int, size: int, limit: int, what: str) -> None:
+    """Refuse an access that is empty or not wholly inside ``limit`` bytes."""
+    if size < 1 or offset < 0 or offset + size > limit:
+        raise PciAccessError(f"{what}: {size} bytes at {offset:#x} are outside its {limit:#x} bytes")
+
+
 def check_access(offset: int, size: int, limit: int, what: str) -> None:
     """Refuse an access that is not 1, 2, 4 or 8 bytes wholly inside ``limit`` bytes."""
     if size not in (1, 2, 4, 8):
@@ -152,12 +158,15 @@ class PciFunction:
 
     # -- configuration space ------------------------------------------------------------------------------
 
+    # The VMM reads and writes configuration space in any size (QEMU reads all 256 bytes at once when it
+    # realizes the device): any span inside it is an access.
+
     def config_read(self, offset: int, size: int) -> bytes:
-        check_access(offset, size, CONFIG_SPACE_SIZE, "configuration space")
+        check_span(offset, size, CONFIG_SPACE_SIZE, "configuration space")
         return bytes(self.config[offset : offset + size])
 
     def config_write(self, offset: int, data: bytes) -> None:
-        check_access(offset, len(data), CONFIG_SPACE_SIZE, "configuration space")
+        check_span(offset, len(data), CONFIG_SPACE_SIZE, "configuration space")
         for index, byte in enumerate(data):
             at = offset + index
             mask = self._writable[at]

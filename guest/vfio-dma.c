@@ -21,37 +21,14 @@
  * are key=value pairs, for scripts. Exit status: 0 on success, 1 on a failed operation, 2 on bad usage.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <linux/vfio.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
+#define LINE_TAG "VFIO"
+#include "vfio-common.h"
 
-#define PAGE 4096ULL
+#include <sys/mman.h>
+
 /* Far from guest RAM and from the x86 MSI window, inside the 48-bit input range every IOMMU here offers. */
 #define IOVA_BASE 0x100000000ULL
 #define MAX_COUNT 1000000UL
-
-struct vfio {
-	int container;
-	int group;
-	int device;
-};
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
 
 static void usage(void)
 {
@@ -64,82 +41,6 @@ static void usage(void)
 		"  unmap IOVA SIZE          VFIO_IOMMU_UNMAP_DMA\n"
 		"  quit                     stop (end of input does too)\n"
 		"after each command it prints one VFIO_STEP line, then VFIO_STEP_READY, then waits for the next.\n");
-}
-
-static int fail(const char *what)
-{
-	printf("VFIO_ERROR op=%s errno=%d msg=\"%s\"\n", what, errno, strerror(errno));
-	fflush(stdout);
-	return 1;
-}
-
-static int open_vfio(const char *device, struct vfio *vfio)
-{
-	char path[PATH_MAX + 32], link[PATH_MAX];
-	struct vfio_group_status status = { .argsz = sizeof(status) };
-	const char *group_name;
-	ssize_t length;
-
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", device);
-	length = readlink(path, link, sizeof(link) - 1);
-	if (length < 0)
-		return fail("find-iommu-group");
-	link[length] = '\0';
-	group_name = strrchr(link, '/');
-	group_name = group_name ? group_name + 1 : link;
-
-	vfio->container = open("/dev/vfio/vfio", O_RDWR);
-	if (vfio->container < 0)
-		return fail("open-container");
-	if (ioctl(vfio->container, VFIO_GET_API_VERSION) != VFIO_API_VERSION) {
-		errno = EINVAL;
-		return fail("api-version");
-	}
-	if (ioctl(vfio->container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1) {
-		errno = ENOTSUP;
-		return fail("check-type1v2");
-	}
-	snprintf(path, sizeof(path), "/dev/vfio/%s", group_name);
-	vfio->group = open(path, O_RDWR);
-	if (vfio->group < 0)
-		return fail("open-group");
-	if (ioctl(vfio->group, VFIO_GROUP_GET_STATUS, &status) < 0)
-		return fail("group-status");
-	if (!(status.flags & VFIO_GROUP_FLAGS_VIABLE)) {
-		/* Another device of the group is bound to a host driver. */
-		errno = EBUSY;
-		return fail("group-not-viable");
-	}
-	if (ioctl(vfio->group, VFIO_GROUP_SET_CONTAINER, &vfio->container) < 0)
-		return fail("set-container");
-	/* EPERM here means vfio_iommu_type1 lacks allow_unsafe_interrupts=1 (no interrupt remapping). */
-	if (ioctl(vfio->container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0)
-		return fail("set-iommu");
-	vfio->device = ioctl(vfio->group, VFIO_GROUP_GET_DEVICE_FD, device);
-	if (vfio->device < 0)
-		return fail("get-device-fd");
-	printf("VFIO_OPEN device=%s group=%s\n", device, group_name);
-	fflush(stdout);
-	return 0;
-}
-
-static int map_dma(int container, uint64_t vaddr, uint64_t iova, uint64_t size, uint32_t flags)
-{
-	struct vfio_iommu_type1_dma_map map = {
-		.argsz = sizeof(map), .flags = flags, .vaddr = vaddr, .iova = iova, .size = size,
-	};
-
-	return ioctl(container, VFIO_IOMMU_MAP_DMA, &map);
-}
-
-/* Returns the number of bytes unmapped, or -1. */
-static int64_t unmap_dma(int container, uint64_t iova, uint64_t size)
-{
-	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof(unmap), .iova = iova, .size = size };
-
-	if (ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap) < 0)
-		return -1;
-	return (int64_t)unmap.size;
 }
 
 static void *buffer(uint64_t size)
@@ -283,23 +184,21 @@ static int run_mixed(struct vfio *vfio, unsigned long count)
 /* How many physically contiguous runs the n pages at pages make (from /proc/self/pagemap), or 0. */
 static unsigned long physical_runs(const uint8_t *pages, unsigned long n)
 {
-	const uint64_t present = 1ULL << 63, pfn_mask = (1ULL << 55) - 1;
-	uint64_t entry, previous = 0;
+	uint64_t frame, previous = 0;
 	unsigned long i, runs = 0;
 	int fd = open("/proc/self/pagemap", O_RDONLY);
 
 	if (fd < 0)
 		return 0;
 	for (i = 0; i < n; i++) {
-		off_t at = (off_t)(((uintptr_t)pages / PAGE + i) * sizeof(entry));
-
-		if (pread(fd, &entry, sizeof(entry), at) != sizeof(entry) || !(entry & present)) {
+		frame = page_frame(fd, pages + i * PAGE);
+		if (!frame) {
 			runs = 0;
 			break;
 		}
-		if (i == 0 || (entry & pfn_mask) != previous + 1)
+		if (i == 0 || frame != previous + 1)
 			runs++;
-		previous = entry & pfn_mask;
+		previous = frame;
 	}
 	close(fd);
 	return runs;
@@ -351,17 +250,6 @@ static int run_scatter(struct vfio *vfio, unsigned long count)
 	free(order);
 	munmap(pages, size);
 	return 0;
-}
-
-static int parse_u64(const char *text, uint64_t *value)
-{
-	char *end;
-
-	if (!text)
-		return -1;
-	errno = 0;
-	*value = strtoull(text, &end, 0);
-	return (errno || *end || end == text) ? -1 : 0;
 }
 
 static int run_steps(struct vfio *vfio)

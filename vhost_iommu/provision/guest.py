@@ -4,7 +4,8 @@ The kernel is Debian trixie's ``linux-image-amd64`` (6.12: VIRTIO_IOMMU=m, ACPI_
 downloaded through the private apt state and unpacked with ``dpkg-deb`` (never installed on the host), or
 a kernel and modules directory the user gives. The initramfs (cpio newc, gzip) holds busybox-static, the
 modules the jobs need with their dependencies (decompressed: busybox ``insmod`` reads plain ``.ko``),
-``guest/init`` and the programs of ``guest/*.c`` compiled with ``gcc -static``.
+``guest/init`` and the programs of ``GUEST_PROGRAMS`` (``guest/NAME.c``, which may include the headers
+beside them) compiled with ``gcc -static``.
 
 Everything lands in ``<cache>/guest/<key>/``, ``key`` a digest of every input, so editing ``guest/``
 rebuilds and nothing else does.
@@ -45,7 +46,8 @@ OPTIONAL_MODULES = ("virtio_blk",)
 # virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM.
 MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
 
-GUEST_PROGRAMS = ("vfio-dma",)
+# vfio-dma: VFIO MAP/UNMAP traffic with no device DMA; dma-engine: drives the DMA test engine endpoint.
+GUEST_PROGRAMS = ("vfio-dma", "dma-engine")
 HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev", "zstd")  # zstd: for kernels with .ko.zst modules
 BUSYBOX = Path("/bin/busybox")
 

@@ -255,7 +255,8 @@ class DmaEngine:
         regs.completed += 1
         if error is not EngineError.NONE:
             self.counters.errors += 1
-        if regs.irq_enable & 1:
+        # An MSI-X message is a memory write by the function: none without Bus Master.
+        if regs.irq_enable & 1 and self.pci.bus_master:
             self._interrupt(COMPLETION_VECTOR)
 
     def reset(self) -> None:

@@ -136,7 +136,10 @@ def test_use_after_unmap_is_blocked_and_reported_to_the_guest(rig: Rig) -> None:
     status = rig.run(Op.FILL, 0, 0x20_0000, PAGE, pattern=0x5555_5555_5555_5555)
     assert status == StatusBit.DONE | StatusBit.FAULT
     assert rig.ram.read(dst, PAGE) == b"\xaa" * PAGE  # not one byte written
-    assert (rig.register(R_FAULT_REASON), rig.register(R_FAULT_ADDRESS, 8)) == (FaultReason.MAPPING, 0x20_0000)
+    assert (rig.register(R_FAULT_REASON), rig.register(R_FAULT_ADDRESS, 8)) == (
+        FaultReason.MAPPING,
+        0x20_0000,
+    )
     assert rig.register(R_FAULT_FLAGS) == FAULT_F_WRITE | FAULT_F_ADDRESS
     assert rig.driver.frontend.wait_used(1, WAIT)
     assert rig.faults() == [(FaultReason.MAPPING, FAULT_F_WRITE | FAULT_F_ADDRESS, ENGINE, 0x20_0000)]

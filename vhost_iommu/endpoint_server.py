@@ -22,6 +22,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from vhost_iommu.device.dma import DmaPort
 from vhost_iommu.device.topology import ServedDevice, Topology, format_bdf
 from vhost_iommu.endpoints.dma_engine import DmaEngine, DmaOutcome
 from vhost_iommu.memory import FlatRegions
@@ -37,7 +38,7 @@ class _Pairing:
     """The guest an endpoint's client belongs to, valid while that vhost-user connection lives."""
 
     connection: object
-    port: object  # vhost_iommu.device.dma.DmaPort
+    port: DmaPort
     backend: object  # vhost_iommu.virtio_iommu.VirtioIommuBackend
 
 
@@ -88,8 +89,6 @@ class ServedEndpoint:
                 device = getattr(backend, "device", None)
                 if device is None:
                     continue
-                from vhost_iommu.device.dma import DmaPort
-
                 self._pairing = _Pairing(connection, DmaPort(device, self.endpoint), backend)
                 self._unpaired_said = False
                 log.info("%s: paired with %s (endpoint %#x)", self.name, connection.name, self.endpoint)
@@ -106,6 +105,11 @@ class ServedEndpoint:
     @property
     def paired_connection(self) -> object | None:
         return None if self._pairing is None else self._pairing.connection
+
+    @property
+    def port(self) -> DmaPort | None:
+        """The endpoint's DMA port in its guest's IOMMU (None while unpaired)."""
+        return None if self._pairing is None else self._pairing.port
 
     # -- clients --------------------------------------------------------------------------------------------
 

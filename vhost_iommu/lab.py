@@ -251,6 +251,13 @@ class Lab:
             raise LabError(f"QEMU did not connect to the back-end within {timeout:.0f} s")
         return self._backends[-1]
 
+    def call(self, function: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``function`` on the back-end's event loop (where the servers' state lives) and return its
+        result."""
+        if self._server is None:
+            raise LabError("this lab serves no back-end (the IOMMU is QEMU's own)")
+        return self._server.call(function, timeout)
+
     def inspect(self, query: Callable[[IommuDevice], T], timeout: float = 10.0) -> T:
         """Run ``query`` on the device, on the server's loop, between two requests."""
         backend = self.backend()

@@ -6,12 +6,12 @@ bytes. Every size, count, flag, index and fd a client sends is validated; a viol
 :class:`VfioUserProtocolError` (close the connection).
 """
 
+from vhost_iommu.protocol import close_fds  # the one rule for closing fds on error paths
 from vhost_iommu.vfio_user.codec import (
     COMMAND_SPECS,
     CommandSpec,
     Decoder,
     VfioUserProtocolError,
-    close_fds,
     command_name,
     device_info_reply,
     dma_unmap_reply,

@@ -28,14 +28,14 @@ File descriptors: who owns which fd
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NoReturn, Protocol
 
+# One rule for closing fds on error paths, shared with the vhost-user codec.
+from vhost_iommu.protocol.codec import close_fds
 from vhost_iommu.vfio_user.constants import (
     CAP_WRITE_MULTIPLE,
     DEVICE_FLAGS_PCI,
@@ -93,13 +93,6 @@ assert HEADER_LAYOUT.size == HEADER_SIZE
 
 class VfioUserProtocolError(Exception):
     """The client broke the vfio-user protocol: close the connection."""
-
-
-def close_fds(fds: Iterable[int]) -> None:
-    """Close every fd, ignoring ones already closed (EBADF): used on every error path."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 # -- what each command carries -------------------------------------------------------------------------------
@@ -208,7 +201,8 @@ class Decoder:
             if unowned:
                 owner = self._last_message_start(chunk_start)
                 if owner is None:
-                    self._fail(f"{len(unowned)} fds arrived in the middle of a message")
+                    where = "in the middle of a message" if data else "without a byte of any message"
+                    self._fail(f"{len(unowned)} fds arrived {where}")
                 if len(unowned) > MAX_FDS_PER_MESSAGE:
                     self._fail(f"{len(unowned)} fds arrived with one message, at most {MAX_FDS_PER_MESSAGE}")
                 self._fds[owner], unowned = unowned, ()

@@ -69,6 +69,7 @@ REGION_IO_FDS_LAYOUT = struct.Struct("=IIII")  # argsz, flags, index, count
 IRQ_INFO_LAYOUT = struct.Struct("=IIII")  # argsz, flags, index, count
 IRQ_SET_LAYOUT = struct.Struct("=IIIII")  # argsz, flags, index, start, count
 REGION_ACCESS_LAYOUT = struct.Struct("=QII")  # offset, region, count
+_EMPTY_LAYOUT = struct.Struct("=")  # DEVICE_RESET
 for _layout, _size in (
     (VERSION_LAYOUT, VERSION_FIXED_SIZE),
     (DMA_MAP_LAYOUT, DMA_MAP_SIZE),
@@ -231,11 +232,28 @@ def version_data(capabilities: Mapping[str, Any]) -> bytes:
     return text.encode("utf-8") + b"\0"
 
 
+class _CarriesNoFds:
+    """A request whose message carries no fds."""
+
+    __slots__ = ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return ()
+
+
+def _unpack_fixed(layout: struct.Struct, data: bytes, fds: tuple[int, ...]) -> tuple[Any, ...]:
+    """The fields of a payload that is exactly ``layout`` and comes without fds."""
+    _check_size(data, layout.size)
+    _check_no_fds(fds)
+    return layout.unpack(data)
+
+
 # -- requests ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Version:
+class Version(_CarriesNoFds):
     """VERSION: the client proposes a version and its capabilities (the ``capabilities`` member of the
     version data; empty when the client sent none)."""
 
@@ -253,10 +271,6 @@ class Version:
         if self.major != VERSION_MAJOR:
             raise MessageError(f"major version {self.major} is not spoken (only {VERSION_MAJOR})")
         check_capabilities(self.capabilities)
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
 
     def pack(self) -> bytes:
         data = version_data(self.capabilities) if self.capabilities else b""
@@ -324,7 +338,7 @@ class DmaMap:
 
 
 @dataclass(frozen=True, slots=True)
-class DmaUnmap:
+class DmaUnmap(_CarriesNoFds):
     """DMA_UNMAP: the mapping of exactly ``size`` bytes at ``address`` goes away (with ``flags``
     DMA_UNMAP_FLAG_ALL, and address and size 0: every mapping)."""
 
@@ -354,24 +368,18 @@ class DmaUnmap:
         _check_range("address", self.address, self.size)
         _check_page_aligned("address", self.address)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return DMA_UNMAP_LAYOUT.pack(DMA_UNMAP_SIZE, self.flags, self.address, self.size)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, DMA_UNMAP_SIZE)
-        _check_no_fds(fds)
-        argsz, flags, address, size = DMA_UNMAP_LAYOUT.unpack(data)
+        argsz, flags, address, size = _unpack_fixed(DMA_UNMAP_LAYOUT, data, fds)
         _check_argsz(argsz, DMA_UNMAP_SIZE)
         return cls(msg_id, flags, address, size, no_reply)
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceGetInfo:
+class DeviceGetInfo(_CarriesNoFds):
     """DEVICE_GET_INFO: ``argsz`` is the room the client has for the reply."""
 
     msg_id: int
@@ -383,24 +391,18 @@ class DeviceGetInfo:
         _check_msg_id(self.msg_id)
         _check_argsz(self.argsz, DEVICE_INFO_SIZE)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return DEVICE_INFO_LAYOUT.pack(self.argsz, 0, 0, 0)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, DEVICE_INFO_SIZE)
-        _check_no_fds(fds)
-        argsz, flags, num_regions, num_irqs = DEVICE_INFO_LAYOUT.unpack(data)
+        argsz, flags, num_regions, num_irqs = _unpack_fixed(DEVICE_INFO_LAYOUT, data, fds)
         _check_zero(flags=flags, num_regions=num_regions, num_irqs=num_irqs)
         return cls(msg_id, argsz)
 
 
 @dataclass(frozen=True, slots=True)
-class GetRegionInfo:
+class GetRegionInfo(_CarriesNoFds):
     """DEVICE_GET_REGION_INFO of region ``index``; ``argsz`` is the room the client has for the reply
     (region info and capabilities)."""
 
@@ -415,24 +417,18 @@ class GetRegionInfo:
         _check_argsz(self.argsz, REGION_INFO_SIZE)
         _check_region_index(self.index)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return REGION_INFO_LAYOUT.pack(self.argsz, 0, self.index, 0, 0, 0)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, REGION_INFO_SIZE)
-        _check_no_fds(fds)
-        argsz, flags, index, cap_offset, size, offset = REGION_INFO_LAYOUT.unpack(data)
+        argsz, flags, index, cap_offset, size, offset = _unpack_fixed(REGION_INFO_LAYOUT, data, fds)
         _check_zero(flags=flags, cap_offset=cap_offset, size=size, offset=offset)
         return cls(msg_id, argsz, index)
 
 
 @dataclass(frozen=True, slots=True)
-class GetRegionIoFds:
+class GetRegionIoFds(_CarriesNoFds):
     """DEVICE_GET_REGION_IO_FDS of region ``index`` (QEMU 10.2's client never sends it)."""
 
     msg_id: int
@@ -446,24 +442,18 @@ class GetRegionIoFds:
         _check_argsz(self.argsz, REGION_IO_FDS_SIZE)
         _check_region_index(self.index)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return REGION_IO_FDS_LAYOUT.pack(self.argsz, 0, self.index, 0)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, REGION_IO_FDS_SIZE)
-        _check_no_fds(fds)
-        argsz, flags, index, count = REGION_IO_FDS_LAYOUT.unpack(data)
+        argsz, flags, index, count = _unpack_fixed(REGION_IO_FDS_LAYOUT, data, fds)
         _check_zero(flags=flags, count=count)
         return cls(msg_id, argsz, index)
 
 
 @dataclass(frozen=True, slots=True)
-class GetIrqInfo:
+class GetIrqInfo(_CarriesNoFds):
     """DEVICE_GET_IRQ_INFO of IRQ type ``index`` (VFIO_PCI_*_IRQ_INDEX)."""
 
     msg_id: int
@@ -477,18 +467,12 @@ class GetIrqInfo:
         _check_argsz(self.argsz, IRQ_INFO_SIZE)
         _check_irq_index(self.index)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return IRQ_INFO_LAYOUT.pack(self.argsz, 0, self.index, 0)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, IRQ_INFO_SIZE)
-        _check_no_fds(fds)
-        argsz, flags, index, count = IRQ_INFO_LAYOUT.unpack(data)
+        argsz, flags, index, count = _unpack_fixed(IRQ_INFO_LAYOUT, data, fds)
         _check_zero(flags=flags, count=count)
         return cls(msg_id, argsz, index)
 
@@ -561,7 +545,7 @@ class SetIrqs:
 
 
 @dataclass(frozen=True, slots=True)
-class RegionRead:
+class RegionRead(_CarriesNoFds):
     """REGION_READ of ``count`` bytes at ``offset`` of region ``region``."""
 
     msg_id: int
@@ -575,23 +559,17 @@ class RegionRead:
         _check_msg_id(self.msg_id)
         _check_access(self.region, self.offset, self.count)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return REGION_ACCESS_LAYOUT.pack(self.offset, self.region, self.count)
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, REGION_ACCESS_SIZE)
-        _check_no_fds(fds)
-        offset, region, count = REGION_ACCESS_LAYOUT.unpack(data)
+        offset, region, count = _unpack_fixed(REGION_ACCESS_LAYOUT, data, fds)
         return cls(msg_id, region, offset, count)
 
 
 @dataclass(frozen=True, slots=True)
-class RegionWrite:
+class RegionWrite(_CarriesNoFds):
     """REGION_WRITE of ``data`` at ``offset`` of region ``region``; ``no_reply``: a posted write (QEMU's
     writes to memory BARs), answered by nothing."""
 
@@ -605,10 +583,6 @@ class RegionWrite:
     def __post_init__(self) -> None:
         _check_msg_id(self.msg_id)
         _check_access(self.region, self.offset, len(self.data))
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
 
     def pack(self) -> bytes:
         return REGION_ACCESS_LAYOUT.pack(self.offset, self.region, len(self.data)) + self.data
@@ -626,7 +600,7 @@ class RegionWrite:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceReset:
+class DeviceReset(_CarriesNoFds):
     """DEVICE_RESET: no payload."""
 
     msg_id: int
@@ -636,17 +610,12 @@ class DeviceReset:
     def __post_init__(self) -> None:
         _check_msg_id(self.msg_id)
 
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
-
     def pack(self) -> bytes:
         return b""
 
     @classmethod
     def unpack(cls, msg_id: int, no_reply: bool, data: bytes, fds: tuple[int, ...]) -> Self:
-        _check_size(data, 0)
-        _check_no_fds(fds)
+        _unpack_fixed(_EMPTY_LAYOUT, data, fds)
         return cls(msg_id, no_reply)
 
 
@@ -666,7 +635,7 @@ assert not UNSUPPORTED_COMMANDS & SERVER_TO_CLIENT_COMMANDS
 
 
 @dataclass(frozen=True, slots=True)
-class Unsupported:
+class Unsupported(_CarriesNoFds):
     """A well-framed command this implementation does not serve (its payload is not kept, its fds are
     closed): answer it with ``encode_error(msg_id, command, ENOTSUP)`` unless ``no_reply``."""
 
@@ -682,10 +651,6 @@ class Unsupported:
     @property
     def COMMAND(self) -> Command:
         return self.command
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return ()
 
     def pack(self) -> bytes:
         return b""

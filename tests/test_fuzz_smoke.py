@@ -18,6 +18,7 @@ from vhost_iommu.fuzz.codec import seed_cases
 from vhost_iommu.fuzz.engine import fd_is_open
 from vhost_iommu.fuzz.server import SETUP_MESSAGE_KINDS
 from vhost_iommu.protocol import FrontendRequest
+from vhost_iommu.vfio_user import COMMAND_SPECS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,7 @@ SMOKE_RUNS = {
     "backend": 300,
     "server": 30,
     "snapshot": 400,
+    "vfio-codec": 1000,
 }
 
 
@@ -64,6 +66,17 @@ def test_codec_seeds_send_every_message_of_the_codecs_tables() -> None:
     assert ("FRONTEND_REQUESTS", int(FrontendRequest.SET_DEVICE_STATE_FD), 1) in {
         feature[1:] for feature in _tuples(features, "message")
     }
+
+
+def test_vfio_codec_seeds_send_every_command_of_the_codecs_table() -> None:
+    """So a short run decodes each command the vfio-user codec's table has, with its fds, and checks it
+    exactly (a valid stream read the kernel's way)."""
+    features = _seed_features(TARGETS["vfio-codec"]())
+    assert {command.name for command in COMMAND_SPECS} <= {
+        feature[1] for feature in _tuples(features, "request")
+    }
+    assert "exact" in features
+    assert ("request", "DMA_MAP", 1, False) in features or ("request", "DMA_MAP", 1, True) in features
 
 
 def test_requests_seeds_send_every_request_type() -> None:

@@ -1,4 +1,4 @@
-"""Fuzz targets for the code that reads hostile input: the codec, guest memory, virtqueues, requests.
+"""Fuzz targets for the code that reads hostile input: the codecs, guest memory, virtqueues, requests.
 
 ``scripts/fuzz TARGET [--runs N] [--seconds S]`` runs one (see ``docs/fuzzing.md``); the test suite runs
 each for a moment (``tests/test_fuzz_smoke.py``). :data:`TARGETS` maps names to target classes.
@@ -14,6 +14,7 @@ from vhost_iommu.fuzz.memory import MemoryTarget
 from vhost_iommu.fuzz.requests import RequestsTarget
 from vhost_iommu.fuzz.server import ServerTarget
 from vhost_iommu.fuzz.snapshot import SnapshotTarget
+from vhost_iommu.fuzz.vfio_codec import VfioCodecTarget
 
 TARGETS: dict[str, type[FuzzTarget]] = {
     CodecTarget.name: CodecTarget,
@@ -23,6 +24,7 @@ TARGETS: dict[str, type[FuzzTarget]] = {
     BackendTarget.name: BackendTarget,
     ServerTarget.name: ServerTarget,
     SnapshotTarget.name: SnapshotTarget,
+    VfioCodecTarget.name: VfioCodecTarget,
 }
 
 __all__ = [

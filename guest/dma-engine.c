@@ -12,8 +12,8 @@
  *   dma-engine DEVICE busmaster  with Bus Master clear a COPY ends in ERROR NO_BUS_MASTER and writes nothing;
  *                                with it set again the COPY works
  *   dma-engine DEVICE release    a COPY through VFIO; then VFIO closed, the device unbound from vfio-pci and
- *                                reached through sysfs, a COPY and a FILL at the old IOVAs: the old buffers
- *                                stay untouched (the DMAE_OP lines say how the engine ended, for the host)
+ *                                reached through sysfs, a COPY and a FILL at the old IOVAs end in FAULT or
+ *                                ERROR and leave the old buffers untouched (DMAE_OP says which, for the host)
  *   dma-engine DEVICE bypass     no VFIO (DEVICE bound to no driver): COPY and FILL between guest-physical
  *                                addresses of locked pages, which only an endpoint in bypass reaches
  *
@@ -26,6 +26,7 @@
  *   DMAE_OP       one operation and the engine's registers when it ended, with the time it took
  *   DMAE_CHECK    one expectation (check=engine: the registers; bytes: the buffers; irq: MSI-X vector 0
  *                 fired for the operation) and ok=0|1
+ *   DMAE_RELEASED release: VFIO let go of the device
  *   DMAE_ERROR    a system call that failed
  *   DMAE_RESULT   test=NAME rc=0|1, always last: 0 when every check held
  * Exit status: the result's rc, or 2 on bad usage.

@@ -12,18 +12,21 @@
  *   dma-engine DEVICE busmaster  with Bus Master clear a COPY ends in ERROR NO_BUS_MASTER and writes nothing;
  *                                with it set again the COPY works
  *   dma-engine DEVICE release    a COPY through VFIO; then VFIO closed, the device unbound from vfio-pci and
- *                                reached through sysfs, a COPY and a FILL at the old IOVAs: the old buffers
- *                                stay untouched (the DMAE_OP lines say how the engine ended, for the host)
+ *                                reached through sysfs, a COPY and a FILL at the old IOVAs end in FAULT or
+ *                                ERROR and leave the old buffers untouched (DMAE_OP says which, for the host)
  *   dma-engine DEVICE bypass     no VFIO (DEVICE bound to no driver): COPY and FILL between guest-physical
  *                                addresses of locked pages, which only an endpoint in bypass reaches
  *
  * DEVICE is the engine's PCI address (0000:00:05.0), bound to vfio-pci for every test but bypass. Output
  * lines start with "DMAE_" and are key=value pairs, for scripts:
- *   DMAE_OPEN     how the engine is reached (bar=mmap|rw|sysfs, irq=msix|poll) and its identification
+ *   DMAE_OPEN     the VFIO group and device were opened
+ *   DMAE_ENGINE   how the engine is reached (bar=mmap|rw|sysfs, irq=msix|poll) and its identification
  *   DMAE_BUFFERS  the buffers of a step: IOVAs (or guest-physical addresses), size, VFIO maps each
  *   DMAE_COMMAND  the command register after this program changed it
  *   DMAE_OP       one operation and the engine's registers when it ended, with the time it took
- *   DMAE_CHECK    one expectation (check=engine: the registers; check=bytes: the buffers) and ok=0|1
+ *   DMAE_CHECK    one expectation (check=engine: the registers; bytes: the buffers; irq: MSI-X vector 0
+ *                 fired for the operation) and ok=0|1
+ *   DMAE_RELEASED release: VFIO let go of the device
  *   DMAE_ERROR    a system call that failed
  *   DMAE_RESULT   test=NAME rc=0|1, always last: 0 when every check held
  * Exit status: the result's rc, or 2 on bad usage.
@@ -96,6 +99,7 @@ struct engine {
 	int config_fd; /* PCI config space at config_offset of this fd (VFIO config region or sysfs) */
 	off_t config_offset;
 	int irq_fd; /* eventfd of MSI-X vector 0, or -1: completion by reading STATUS */
+	int bus_master; /* as last written: an engine without it can signal no MSI either */
 };
 
 struct outcome {
@@ -169,7 +173,7 @@ static void write64(const struct engine *engine, uint32_t offset, uint64_t value
 }
 
 /* Sets then clears bits of the command register (read-modify-write) and prints what it holds after. */
-static int change_command(const struct engine *engine, uint16_t set, uint16_t clear)
+static int change_command(struct engine *engine, uint16_t set, uint16_t clear)
 {
 	off_t at = engine->config_offset + PCI_COMMAND;
 	uint16_t command;
@@ -181,8 +185,9 @@ static int change_command(const struct engine *engine, uint16_t set, uint16_t cl
 		return failed("config-write");
 	if (pread(engine->config_fd, &command, sizeof(command), at) != sizeof(command))
 		return failed("config-read");
+	engine->bus_master = !!(command & PCI_COMMAND_MASTER);
 	printf("DMAE_COMMAND test=%s command=0x%04x memory=%d bus_master=%d\n", test_name, command,
-	       !!(command & PCI_COMMAND_MEMORY), !!(command & PCI_COMMAND_MASTER));
+	       !!(command & PCI_COMMAND_MEMORY), engine->bus_master);
 	fflush(stdout);
 	return 0;
 }
@@ -192,7 +197,7 @@ static int identify(const struct engine *engine, const char *device, const char 
 	uint32_t magic = read32(engine, REG_MAGIC), version = read32(engine, REG_VERSION);
 	uint32_t max_length = read32(engine, REG_MAX_LENGTH);
 
-	printf("DMAE_OPEN test=%s device=%s bar=%s irq=%s magic=0x%08x version=%u max_length=%u\n", test_name,
+	printf("DMAE_ENGINE test=%s device=%s bar=%s irq=%s magic=0x%08x version=%u max_length=%u\n", test_name,
 	       device, bar, engine->irq_fd >= 0 ? "msix" : "poll", magic, version, max_length);
 	fflush(stdout);
 	if (magic != ENGINE_MAGIC || version != ENGINE_VERSION) {
@@ -346,6 +351,7 @@ static struct outcome run(const struct engine *engine, const char *step, uint32_
 			  uint64_t length, uint64_t pattern)
 {
 	struct outcome out = { .irq = "off" };
+	int with_irq = engine->irq_fd >= 0 && engine->bus_master;
 	uint64_t start, deadline, stale;
 
 	write64(engine, REG_SRC, src);
@@ -353,12 +359,12 @@ static struct outcome run(const struct engine *engine, const char *step, uint32_
 	write64(engine, REG_LENGTH, length);
 	write64(engine, REG_PATTERN, pattern);
 	write32(engine, REG_OP, op);
-	write32(engine, REG_IRQ_ENABLE, engine->irq_fd >= 0);
-	if (engine->irq_fd >= 0 && read(engine->irq_fd, &stale, sizeof(stale)) < 0 && errno != EAGAIN)
+	write32(engine, REG_IRQ_ENABLE, with_irq ? 1u : 0u);
+	if (with_irq && read(engine->irq_fd, &stale, sizeof(stale)) < 0 && errno != EAGAIN)
 		failed("irq-drain");
 	start = now_ns();
 	write32(engine, REG_DOORBELL, 1);
-	if (engine->irq_fd >= 0)
+	if (with_irq)
 		out.irq = wait_irq(engine->irq_fd) ? "fired" : "missed";
 	deadline = now_ns() + COMPLETION_TIMEOUT_MS * 1000000ULL;
 	while ((out.status = read32(engine, REG_STATUS)) == 0 && now_ns() < deadline)
@@ -380,6 +386,9 @@ static struct outcome run(const struct engine *engine, const char *step, uint32_
 	       (unsigned long long)out.mismatch_offset, (unsigned long long)out.completed, out.irq,
 	       (unsigned long long)out.ns);
 	fflush(stdout);
+	if (with_irq)
+		check(step, "irq", !strcmp(out.irq, "fired"), "want=\"MSI-X vector 0 within %d ms\"",
+		      COMPLETION_TIMEOUT_MS);
 	return out;
 }
 
@@ -648,7 +657,7 @@ static int test_readonly(const struct vfio *vfio, const struct engine *engine)
 	return unmap_pair(vfio, &src, &dst);
 }
 
-static int test_busmaster(const struct vfio *vfio, const struct engine *engine)
+static int test_busmaster(const struct vfio *vfio, struct engine *engine)
 {
 	const uint64_t size = 2 * PAGE;
 	struct buffer src, dst;

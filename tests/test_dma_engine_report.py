@@ -18,9 +18,10 @@ from vhost_iommu.provision.paths import repo_root
 SAMPLE = """\
 VHOST_IOMMU_JOB_START job=dma-engine iommu_bound=1 uptime_ms=2100
 VHOST_IOMMU_VFIO_BOUND dev=0000:00:05.0 group=1
+DMAE_OPEN device=0000:00:05.0 group=1
 DMAE_ERROR op=set-irqs-msix errno=22 msg="Invalid argument"
 DMAE_COMMAND test=uaf command=0x0406 memory=1 bus_master=1
-DMAE_OPEN test=uaf device=0000:00:05.0 bar=mmap irq=poll magic=0x45414d44 version=1 \
+DMAE_ENGINE test=uaf device=0000:00:05.0 bar=mmap irq=poll magic=0x45414d44 version=1 \
 max_length=16777216
 DMAE_BUFFERS test=uaf src=0x100000000 dst=0x200000000 size=16384 maps=page
 DMAE_OP test=uaf step=copy-while-mapped op=copy src=0x100000000 dst=0x200000000 length=16384 \
@@ -39,10 +40,12 @@ DMAE_RESULT test=uaf rc=1
 DMAE_OP test=busmaster step=copy-without-bus-master op=copy src=0x100000000 dst=0x200000000 \
 length=8192 status=0x9 error=3 fault_reason=0 fault_flags=0x0 fault_address=0x0 done_bytes=0 \
 mismatch_offset=0 completed=0 irq=fired ns=61
+DMAE_CHECK test=busmaster step=copy-without-bus-master check=irq ok=1 want="MSI-X vector 0 within \
+20000 ms"
 DMAE_CHECK test=busmaster step=copy-without-bus-master check=engine ok=1 want="ERROR error=3 \
 done_bytes=0"
 DMAE_RESULT test=busmaster rc=0
-DMAE_OPEN test=release device=0000:00:05.0 bar=sysfs irq=poll magic=0x45414d44 version=1 \
+DMAE_ENGINE test=release device=0000:00:05.0 bar=sysfs irq=poll magic=0x45414d44 version=1 \
 max_length=16777216
 VHOST_IOMMU_JOB_DONE rc=1 uptime_ms=9000
 """
@@ -54,9 +57,9 @@ def test_sample_parses_into_one_typed_result_per_run() -> None:
     assert [test.name for test in report.tests] == ["uaf", "busmaster", "release"]
     uaf = report["uaf"]
     assert uaf.rc == 1 and not uaf.passed
-    # The recovered DMAE_ERROR came before any line that names the test: it still belongs to this run.
+    # DMAE_OPEN and the recovered DMAE_ERROR came before any line that names the test: they belong to it.
     assert uaf.errors == [{"op": "set-irqs-msix", "errno": "22", "msg": "Invalid argument"}]
-    assert uaf.opened[0]["bar"] == "mmap"
+    assert [reached["bar"] for reached in uaf.reached] == ["mmap"]
     assert uaf.op("copy-while-mapped").succeeded
     fault = uaf.op("copy-after-unmap")
     assert not fault.succeeded
@@ -78,6 +81,7 @@ def test_sample_parses_into_one_typed_result_per_run() -> None:
 
     # A run the guest never finished has no rc, and does not pass.
     assert report["release"].rc is None and not report["release"].passed
+    assert report["release"].reached[0]["bar"] == "sysfs"
     with pytest.raises(KeyError):
         report["bypass"]
 

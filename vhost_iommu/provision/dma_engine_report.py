@@ -3,11 +3,12 @@
 The guest's ``dma-engine`` job (guest/init, ``vhost_iommu.dma=``) runs the program once per test; each run
 prints ``DMAE_`` lines and ends with ``DMAE_RESULT test=NAME rc=0|1``:
 
-- ``DMAE_OPEN``: how the engine was reached (``bar=mmap|rw|sysfs``, ``irq=msix|poll``), MAGIC, VERSION;
+- ``DMAE_ENGINE``: how the engine was reached (``bar=mmap|rw|sysfs``, ``irq=msix|poll``), MAGIC, VERSION;
 - ``DMAE_OP``: one operation (``step`` names it) and the engine's registers when it ended, ``ns`` it took;
-- ``DMAE_CHECK``: one expectation of the program on a step (``check=engine`` or ``bytes``), ``ok=0|1``;
-- ``DMAE_ERROR``: a system call that failed (``op``, ``errno``, ``msg``); ``DMAE_BUFFERS``,
-  ``DMAE_COMMAND`` and ``DMAE_RELEASED`` say what the program set up.
+- ``DMAE_CHECK``: one expectation of the program on a step (``check=engine``, ``bytes`` or ``irq``),
+  ``ok=0|1``;
+- ``DMAE_ERROR``: a system call that failed (``op``, ``errno``, ``msg``); ``DMAE_OPEN`` (the VFIO group),
+  ``DMAE_BUFFERS``, ``DMAE_COMMAND`` and ``DMAE_RELEASED`` say what the program set up.
 
 The lines of one run are those up to its ``DMAE_RESULT``; a run with none (the program or the guest died)
 has ``rc`` None. The register values are the engine's (docs/dma-engine.md).
@@ -109,7 +110,7 @@ class EngineCheck:
     """One expectation the program checked (a ``DMAE_CHECK`` line)."""
 
     step: str
-    check: str  # engine (the registers) or bytes (the buffers)
+    check: str  # engine (the registers), bytes (the buffers) or irq (MSI-X vector 0 fired)
     ok: bool
     want: str
     first_wrong: int | None  # bytes: the first offset that did not hold what was wanted
@@ -132,7 +133,8 @@ class EngineTest:
 
     name: str
     rc: int | None = None  # None: no DMAE_RESULT line (the program or the guest died)
-    opened: list[dict[str, str]] = field(default_factory=list)  # DMAE_OPEN fields (release: VFIO, then sysfs)
+    # DMAE_ENGINE fields: how the engine was reached (release: through VFIO, then through sysfs)
+    reached: list[dict[str, str]] = field(default_factory=list)
     ops: list[EngineOp] = field(default_factory=list)
     checks: list[EngineCheck] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)  # DMAE_ERROR fields
@@ -186,10 +188,10 @@ def parse_dma_engine(lines: Iterable[str]) -> EngineReport:
             current = EngineTest(name=fields.get("test", "unknown"))
             tests.append(current)
         if current.name == "unknown" and "test" in fields:
-            current.name = fields["test"]  # a DMAE_ERROR, which names no test, came first
+            current.name = fields["test"]  # a DMAE_OPEN or DMAE_ERROR, which name no test, came first
         current.lines.append(line)
-        if kind == "DMAE_OPEN":
-            current.opened.append(fields)
+        if kind == "DMAE_ENGINE":
+            current.reached.append(fields)
         elif kind == "DMAE_OP":
             current.ops.append(EngineOp.from_fields(fields))
         elif kind == "DMAE_CHECK":

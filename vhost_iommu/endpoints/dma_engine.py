@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import Protocol
 
 from vhost_iommu.pci.function import MsixLayout, PciFunction, PciIdentity, check_access
@@ -53,7 +53,7 @@ class Op(IntEnum):
     COMPARE = 3
 
 
-class StatusBit(IntEnum):
+class StatusBit(IntFlag):
     DONE = 1 << 0
     FAULT = 1 << 1
     MISMATCH = 1 << 2

@@ -18,32 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
 
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, Access, FaultReason
+from vhost_iommu.endpoints.dma_engine import EngineError
+from vhost_iommu.endpoints.dma_engine import StatusBit as EngineStatus
 from vhost_iommu.provision.boot import parse_fields
 
 LINE_PREFIX = "DMAE_"
-
-
-class EngineStatus(IntFlag):
-    """The engine's STATUS register."""
-
-    DONE = 1 << 0
-    FAULT = 1 << 1
-    MISMATCH = 1 << 2
-    ERROR = 1 << 3
-
-
-class EngineError(IntEnum):
-    """The engine's ERROR register: why STATUS.ERROR."""
-
-    NONE = 0
-    BAD_OP = 1
-    BAD_LENGTH = 2
-    NO_BUS_MASTER = 3
-    NO_IOMMU = 4
-    NOT_GUEST_RAM = 5
 
 
 @dataclass(frozen=True)

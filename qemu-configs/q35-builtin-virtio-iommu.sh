@@ -11,7 +11,7 @@ set -euo pipefail
 : "${KERNEL:?set KERNEL to the guest kernel (scripts/build-guest prints it)}"
 : "${INITRD:?set INITRD to the guest initramfs (scripts/build-guest prints it)}"
 : "${MEM:=1024}"  # MiB of guest RAM
-: "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io
+: "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io, dma-engine
 args=(
     # q35 under TCG; guest RAM is a shared memfd so a vhost-user back-end can map it
     -M q35,accel=tcg,memory-backend=mem

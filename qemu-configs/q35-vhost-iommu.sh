@@ -13,7 +13,7 @@ set -euo pipefail
 : "${MEM:=1024}"  # MiB of guest RAM
 : "${SOCK:=/tmp/vhost-iommu.sock}"  # vhost-iommu --socket-path=$SOCK must be listening
 : "${VIOT:=viot.bin}"  # made by: vhost-iommu viot -o $VIOT
-: "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io
+: "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io, dma-engine
 args=(
     # q35 under TCG; guest RAM is a shared memfd so a vhost-user back-end can map it
     -M q35,accel=tcg,memory-backend=mem

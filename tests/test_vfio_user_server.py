@@ -75,6 +75,8 @@ def test_the_device_is_what_qemu_asks_for(client: VfioUserClient) -> None:
     assert struct.unpack("=IIIIQQ", config)[4] == 256
     msix = client.request(messages.GetIrqInfo(client.msg_id(), 16, vu.VFIO_PCI_MSIX_IRQ_INDEX))
     assert struct.unpack("=IIII", msix)[3] == 1
+    for index in (vu.VFIO_PCI_ERR_IRQ_INDEX, vu.VFIO_PCI_REQ_IRQ_INDEX):  # QEMU warns without them
+        assert struct.unpack("=IIII", client.request(messages.GetIrqInfo(client.msg_id(), 16, index)))[3] == 1
     assert client.config_read(0, 4) == struct.pack("<HH", 0x1234, 0x11E9)
     assert client.bar_read(0, R_MAGIC, 4) == MAGIC
 

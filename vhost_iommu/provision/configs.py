@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vhost_iommu.provision.paths import repo_root
-from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, VirtioBlockDevice, build_command
+from vhost_iommu.qemu import (
+    IommuKind,
+    PciTestDevice,
+    QemuSetup,
+    VfioUserEndpoint,
+    VirtioBlockDevice,
+    build_command,
+)
 
 _HOW_TO_GET = (
     "Set QEMU, KERNEL and INITRD first, e.g. from the repository:\n"
@@ -55,7 +62,7 @@ def _setup(job: str, **fields: object) -> QemuSetup:
 
 def config_files() -> list[ConfigFile]:
     """Every file of ``qemu-configs/`` but the README and the topologies."""
-    job = {"JOB": ': "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io'}
+    job = {"JOB": ': "${JOB:=probe}"  # probe, shell, vfio-steps, vfio-bench, vfio-info, blk-io, dma-engine'}
     backend = {**_VARIABLES, **_BACKEND_VARIABLES}
     return [
         ConfigFile(
@@ -90,6 +97,23 @@ def config_files() -> list[ConfigFile]:
                 **backend,
                 "COUNT": ': "${COUNT:=1000}"',
                 "BENCH": ': "${BENCH:=pairs,bulk,mixed}"',
+            },
+        ),
+        ConfigFile(
+            "q35-dma-engine.sh",
+            "Translated DMA: vhost-iommu's DMA test engine at 00:05.0, served by vhost-iommu over vfio-user\n"
+            "on $ENGINE (the default topology's [[devices]]: `vhost-iommu --socket-path=$SOCK` listens on\n"
+            "dma-engine.sock beside $SOCK). Every access it makes goes through the guest's IOMMU state;\n"
+            "/init drives it through VFIO ($DMA: copy, uaf, readonly, busmaster, release, bypass).",
+            _setup(
+                "dma-engine",
+                kernel_args=["vhost_iommu.job=dma-engine", "vhost_iommu.dma=@DMA@"],
+                endpoints=[PciTestDevice(4), VfioUserEndpoint(5, Path("@ENGINE@"))],
+            ),
+            {
+                **backend,
+                "ENGINE": ': "${ENGINE:=$(dirname "$SOCK")/dma-engine.sock}"  # served by vhost-iommu',
+                "DMA": ': "${DMA:=copy,uaf,readonly,busmaster,release}"',
             },
         ),
         ConfigFile(

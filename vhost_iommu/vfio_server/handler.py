@@ -81,7 +81,7 @@ class VfioUserHandler:
         self.dma_regions: dict[int, DmaRegionRecord] = {}
         self.counters = HandlerCounters()
         self.negotiated = False
-        self.irq_fds: dict[int, int] = {}  # MSI-X vector -> eventfd
+        self.irq_fds: dict[tuple[int, int], int] = {}  # (interrupt type, vector) -> eventfd
         self.closed = False
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -200,52 +200,58 @@ class VfioUserHandler:
         flags = vu.REGION_INFO_FLAG_READ | vu.REGION_INFO_FLAG_WRITE if size else 0
         return codec.region_info_reply(request.argsz, request.index, flags, size, 0)
 
+    def _irq_count(self, index: int) -> int:
+        """Vectors of interrupt type ``index``: the MSI-X table's, and one eventfd each for the error and
+        request notifications (QEMU sets them when they exist and warns when they do not; the device never
+        signals them)."""
+        if index == vu.VFIO_PCI_MSIX_IRQ_INDEX:
+            msix = self.device.pci.msix
+            return msix.vectors if msix is not None else 0
+        if index in (vu.VFIO_PCI_ERR_IRQ_INDEX, vu.VFIO_PCI_REQ_IRQ_INDEX):
+            return 1
+        return 0  # no INTx (interrupt pin 0), no MSI
+
     def _irq_info(self, request: messages.GetIrqInfo) -> bytes:
         if not 0 <= request.index < vu.VFIO_PCI_NUM_IRQS:
             raise _Refused(errno.EINVAL, f"interrupt index {request.index}")
-        msix = self.device.pci.msix
-        if request.index == vu.VFIO_PCI_MSIX_IRQ_INDEX and msix is not None:
-            flags = vu.IRQ_INFO_EVENTFD | vu.IRQ_INFO_NORESIZE
-            return codec.irq_info_reply(request.argsz, request.index, flags, msix.vectors)
-        return codec.irq_info_reply(request.argsz, request.index, 0, 0)
+        count = self._irq_count(request.index)
+        flags = vu.IRQ_INFO_EVENTFD | vu.IRQ_INFO_NORESIZE if count else 0
+        return codec.irq_info_reply(request.argsz, request.index, flags, count)
 
     def _set_irqs(self, request: messages.SetIrqs) -> bytes:
-        msix = self.device.pci.msix
-        vectors = msix.vectors if msix is not None else 0
-        if request.index != vu.VFIO_PCI_MSIX_IRQ_INDEX or request.start + request.count > vectors:
+        index = request.index
+        if request.start + request.count > self._irq_count(index):
             self._close_all(request.fds)
             if request.count == 0 and request.flags & vu.IRQ_SET_DATA_NONE:
                 return b""  # "disable every interrupt of this index": nothing is set
-            raise _Refused(
-                errno.EINVAL, f"interrupt index {request.index} vectors {request.start}+{request.count}"
-            )
+            raise _Refused(errno.EINVAL, f"interrupt index {index} vectors {request.start}+{request.count}")
         action_trigger = request.flags & vu.IRQ_SET_ACTION_TRIGGER
         if request.flags & vu.IRQ_SET_DATA_EVENTFD and action_trigger:
             # QEMU sends a run of vectors with one fd each, or a run without fds to take theirs away.
             for vector in range(request.start, request.start + request.count):
-                self._set_vector(vector, None)
+                self._set_vector(index, vector, None)
             for offset, fd in enumerate(request.fds):
-                self._set_vector(request.start + offset, fd)
+                self._set_vector(index, request.start + offset, fd)
         elif request.flags & vu.IRQ_SET_DATA_NONE and action_trigger and request.count == 0:
-            for vector in list(self.irq_fds):
-                self._set_vector(vector, None)
-        elif request.flags & vu.IRQ_SET_DATA_NONE and action_trigger:
+            for key in [key for key in self.irq_fds if key[0] == index]:
+                self._set_vector(*key, None)
+        elif request.flags & vu.IRQ_SET_DATA_NONE and action_trigger and index == vu.VFIO_PCI_MSIX_IRQ_INDEX:
             for vector in range(request.start, request.start + request.count):
                 self.interrupt(vector)
         else:
             self._close_all(request.fds)  # masking is QEMU's (it emulates the MSI-X table)
         return b""
 
-    def _set_vector(self, vector: int, fd: int | None) -> None:
-        old = self.irq_fds.pop(vector, None)
+    def _set_vector(self, index: int, vector: int, fd: int | None) -> None:
+        old = self.irq_fds.pop((index, vector), None)
         if old is not None:
             os.close(old)
         if fd is not None:
-            self.irq_fds[vector] = fd
+            self.irq_fds[index, vector] = fd
 
     def interrupt(self, vector: int) -> None:
         """Signal MSI-X ``vector`` (the device calls this); dropped while the client set no eventfd."""
-        fd = self.irq_fds.get(vector)
+        fd = self.irq_fds.get((vu.VFIO_PCI_MSIX_IRQ_INDEX, vector))
         if fd is None:
             return
         self.counters.interrupts += 1
@@ -288,8 +294,8 @@ class VfioUserHandler:
         if self.closed:
             return
         self.closed = True
-        for vector in list(self.irq_fds):
-            self._set_vector(vector, None)
+        for key in list(self.irq_fds):
+            self._set_vector(*key, None)
         self.dma_regions.clear()
         self.memory.close()
 

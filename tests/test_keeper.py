@@ -421,3 +421,20 @@ def test_a_worker_that_stops_answering_is_replaced(directory: str) -> None:
         assert program.terminate() == 0
     finally:
         program.close()
+
+
+def test_vfio_user_endpoints_are_refused_up_front_under_a_state_dir(directory: str) -> None:
+    """QEMU's vfio-user client never reconnects, and the keeper does not hold vfio-user connections: a
+    topology that serves endpoints is refused before anything starts, with the way out."""
+    command = [
+        sys.executable,
+        "-m",
+        "vhost_iommu",
+        f"--socket-path={directory}/s",
+        f"--state-dir={directory}/state",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert result.returncode != 0
+    assert "--state-dir cannot keep vfio-user endpoints" in result.stderr
+    assert "dma-engine at 00:05.0" in result.stderr and "--no-devices" in result.stderr
+    assert not os.path.exists(f"{directory}/s") and not os.path.exists(f"{directory}/state")

@@ -37,6 +37,8 @@ class KeeperProcess:
             f"--socket-path={self.socket}",
             f"--control-socket={self.control}",
             f"--backend={backend}",
+            # The keeper cannot keep vfio-user endpoints across a worker restart; serve the IOMMU alone.
+            *(["--no-devices"] if backend == "iommu" else []),
             *args,
         ]
         self.command = command

@@ -587,7 +587,8 @@ def run_soak(config: SoakConfig, output: Path, reporter: Reporter | None = None)
             argv = _guest_command(config, scratch, socket_path)
             options = [f"--trace-dir={trace_directory(scratch)}", *config.backend_args]
             if config.state_dir is not None:
-                options.append(f"--state-dir={config.state_dir}")
+                # The keeper cannot keep vfio-user endpoints across a worker restart: the IOMMU alone.
+                options += [f"--state-dir={config.state_dir}", "--no-devices"]
             command = backend_command(socket_path, control_path, options)
             backend = stack.enter_context(BackendProcess(command, output / "backend.log"))
             result.backend_pid = backend.pid

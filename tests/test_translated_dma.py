@@ -183,3 +183,45 @@ def test_an_address_outside_the_shared_ram_is_an_engine_error(rig: Rig) -> None:
     rig.map(0x10_0000, 0x4000_0000, PAGE)  # mapped by the driver, but no RAM there
     assert rig.run(Op.FILL, 0, 0x10_0000, 64) & StatusBit.ERROR
     assert rig.register(R_ERROR) == EngineError.NOT_GUEST_RAM
+
+
+def test_two_guests_each_get_their_own_engine_translated_by_their_own_iommu() -> None:
+    """One back-end, two VMs with an engine each at the same address: each engine is paired with the guest
+    whose RAM its client shares, translated by that guest's IOMMU, and never reaches the other's RAM."""
+    topology = Topology.loads(
+        "[[endpoints]]\nbdf_start = '00:04.0'\nbdf_end = '00:1e.7'\n"
+        "[[devices]]\nkind = 'dma-engine'\nbdf = '00:05.0'\nsocket = 'a.sock'\n"
+        "[[devices]]\nkind = 'dma-engine'\nbdf = '00:05.0'\nsocket = 'b.sock'\n"
+    )
+    with running_server(lambda: VirtioIommuBackend(topology)) as server:
+        endpoints = server.serve_devices(topology, os.path.dirname(server.path))
+        second_socket = server.listen()
+        with (
+            GuestRam(4 << 20, name="guest-ram-a") as ram_a,
+            GuestRam(4 << 20, name="guest-ram-b") as ram_b,
+            IommuDriver(server.connect(WAIT), ram_a, own_frontend=True, timeout=WAIT) as guest_a,
+            IommuDriver(
+                server.connect(WAIT, path=second_socket), ram_b, own_frontend=True, timeout=WAIT
+            ) as guest_b,
+            VfioUserClient.connect(endpoints.endpoints[0].path, WAIT) as engine_a,
+            VfioUserClient.connect(endpoints.endpoints[1].path, WAIT) as engine_b,
+        ):
+            for engine, ram in ((engine_a, ram_a), (engine_b, ram_b)):
+                engine.start(ram)
+                engine.config_write(COMMAND, struct.pack("<H", COMMAND_MEMORY | COMMAND_BUS_MASTER))
+            rig_a, rig_b = Rig(server, guest_a, engine_a, ram_a), Rig(server, guest_b, engine_b, ram_b)
+            guest_b.post_event_buffers(4)
+            assert guest_a.attach(DOMAIN, ENGINE) == Status.OK
+            assert guest_b.attach(DOMAIN, ENGINE) == Status.OK
+            page_a, page_b = ram_a.alloc(PAGE, PAGE), ram_b.alloc(PAGE, PAGE)
+            rig_a.map(0x10_0000, page_a, PAGE)  # only guest A maps the IOVA
+            assert rig_a.run(Op.FILL, 0, 0x10_0000, PAGE, pattern=0x4141414141414141) == StatusBit.DONE
+            assert rig_b.run(Op.FILL, 0, 0x10_0000, PAGE, pattern=0x4242424242424242) & StatusBit.FAULT
+            assert ram_a.read(page_a, PAGE) == b"A" * PAGE and ram_b.read(page_b, PAGE) == bytes(PAGE)
+            assert guest_b.frontend.wait_used(1, WAIT)
+            assert rig_b.faults() == [
+                (FaultReason.MAPPING, FAULT_F_WRITE | FAULT_F_ADDRESS, ENGINE, 0x10_0000)
+            ]
+            assert rig_a.faults() == []
+            pairs = server.call(lambda: [served.paired_connection for served in endpoints.endpoints])
+            assert pairs[0] is not pairs[1]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vhost_iommu.fuzz.engine import fd_is_open, open_fd_count
 from vhost_iommu.vfio_user import (
     COMMAND_SPECS,
+    SERVER_CAPABILITIES,
     UNSUPPORTED_COMMANDS,
     Command,
     Decoder,
@@ -259,6 +260,13 @@ def test_fds_in_the_middle_of_a_message_are_a_violation_and_closed(
     with pytest.raises(VfioUserProtocolError, match="2 fds arrived in the middle of a message"):
         decoder.feed(data[10:12], fds)
     assert not any(fd_is_open(fd) for fd in fds)
+
+
+def test_fds_without_a_byte_are_a_violation(make_fds: Callable[[int], list[int]]) -> None:
+    fds = make_fds(1)
+    with pytest.raises(VfioUserProtocolError, match="1 fds arrived without a byte of any message"):
+        Decoder().feed(b"", fds)
+    assert not fd_is_open(fds[0])
 
 
 def test_too_many_fds_with_one_message_are_a_violation(make_fds: Callable[[int], list[int]]) -> None:
@@ -696,6 +704,18 @@ def test_version_reply_is_major_0_minor_0_and_nul_terminated_json() -> None:
     assert decode_one(raw(Command.VERSION, payload)) == Version(1, 0, 0, capabilities)
 
 
+def test_the_servers_version_reply_advertises_the_decoders_limits_and_fits_qemus_buffer() -> None:
+    payload = version_reply()
+    advertised = json.loads(payload[VERSION_LAYOUT.size : -1])["capabilities"]
+    assert advertised == dict(SERVER_CAPABILITIES)
+    assert advertised["max_msg_fds"] == MAX_FDS_PER_MESSAGE
+    assert advertised["max_data_xfer_size"] == MAX_DATA_XFER_SIZE
+    assert "write_multiple" not in advertised
+    # QEMU reads the reply into its own VERSION message's buffer: the reply may not be longer.
+    qemus_version = json.dumps({"capabilities": QEMU_CAPABILITIES}, separators=(",", ":")).encode() + b"\0"
+    assert len(payload) <= VERSION_LAYOUT.size + len(qemus_version)
+
+
 def test_version_reply_refuses_write_multiple_and_bad_capabilities() -> None:
     with pytest.raises(ValueError, match="write_multiple"):
         version_reply({"write_multiple": True})
@@ -768,6 +788,38 @@ def test_random_bytes_in_random_chunks_raise_only_protocol_errors_and_leak_no_fd
         else:
             with contextlib.suppress(VfioUserProtocolError):
                 decoder.feed_eof()
+    finally:
+        decoder.close()
+    assert open_fd_count() == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.integers(0, 17), min_size=1, max_size=6),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 7)), max_size=3),
+    cuts=st.lists(st.integers(0, 1 << 16), max_size=6),
+    fd_chunks=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=4),
+)
+def test_valid_streams_with_flipped_bits_raise_only_protocol_errors_and_leak_no_fd(
+    pieces: list[int], flips: list[tuple[int, int]], cuts: list[int], fd_chunks: list[tuple[int, int]]
+) -> None:
+    """Random bytes rarely get past the header; damaged valid streams reach every payload rule."""
+    before = open_fd_count()
+    requests = every_request(lambda count: [0] * count)  # fd numbers are not sent: only their count
+    stream = bytearray(b"".join(encode_request(requests[piece])[0] for piece in pieces))
+    for at, bit in flips:
+        stream[at % len(stream)] ^= 1 << bit
+    bounds = sorted({0, len(stream), *(cut % len(stream) for cut in cuts)})
+    fds_at = dict(fd_chunks)
+    decoder = Decoder()
+    try:
+        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
+            try:
+                for request in decoder.feed(bytes(stream[start:end]), fds):
+                    close_fds(request.fds)
+            except VfioUserProtocolError:
+                break
     finally:
         decoder.close()
     assert open_fd_count() == before

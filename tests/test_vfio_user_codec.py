@@ -658,6 +658,30 @@ def test_payload_violations_say_what_was_wrong_and_close_the_fds(
     assert not fd_is_open(later[0])
 
 
+@pytest.mark.parametrize(("data", "fd_count", "message"), [case for case in PAYLOAD_VIOLATIONS if case[1]])
+def test_no_fd_is_closed_twice_on_a_violation(
+    data: bytes,
+    fd_count: int,
+    message: str,
+    make_fds: Callable[[int], list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By the time of a second close the number may be another thread's fd."""
+    closed: list[int] = []
+    real_close = os.close
+
+    def recording_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    fds = make_fds(fd_count)
+    monkeypatch.setattr(os, "close", recording_close)
+    with pytest.raises(VfioUserProtocolError):
+        Decoder().feed(data, fds)
+    monkeypatch.undo()
+    assert sorted(closed) == sorted(fds)
+
+
 def test_dma_unmap_all_and_eventfd_de_assignment_are_accepted() -> None:
     assert decode_one(
         raw(Command.DMA_UNMAP, DMA_UNMAP_LAYOUT.pack(24, DMA_UNMAP_FLAG_ALL, 0, 0), msg_id=3)
@@ -764,6 +788,27 @@ def test_region_access_and_unmap_replies() -> None:
 # -- properties ----------------------------------------------------------------------------------------------
 
 
+def feed_in_chunks(data: bytes, cuts: list[int], fd_chunks: list[tuple[int, int]]) -> None:
+    """Feed ``data`` cut at ``cuts`` (modulo its length), with ``count`` fresh eventfds at chunk ``chunk`` for
+    each (chunk, count); close the fds of what is returned (the caller's job); stop at the first protocol
+    error, or else end the stream; then close the decoder."""
+    bounds = sorted({0, len(data), *(cut % (len(data) or 1) for cut in cuts)})
+    fds_at = dict(fd_chunks)
+    decoder = Decoder()
+    try:
+        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
+            try:
+                for request in decoder.feed(data[start:end], fds):
+                    close_fds(request.fds)
+            except VfioUserProtocolError:
+                return
+        with contextlib.suppress(VfioUserProtocolError):
+            decoder.feed_eof()
+    finally:
+        decoder.close()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.binary(max_size=400),
@@ -774,54 +819,30 @@ def test_random_bytes_in_random_chunks_raise_only_protocol_errors_and_leak_no_fd
     data: bytes, cuts: list[int], fd_chunks: list[tuple[int, int]]
 ) -> None:
     before = open_fd_count()
-    bounds = sorted({0, len(data), *(cut for cut in cuts if cut <= len(data))})
-    fds_at = dict(fd_chunks)
-    decoder = Decoder()
-    try:
-        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
-            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
-            try:
-                for request in decoder.feed(data[start:end], fds):
-                    close_fds(request.fds)
-            except VfioUserProtocolError:
-                break
-        else:
-            with contextlib.suppress(VfioUserProtocolError):
-                decoder.feed_eof()
-    finally:
-        decoder.close()
+    feed_in_chunks(data, cuts, fd_chunks)
     assert open_fd_count() == before
+
+
+#: Valid requests to damage (their fd numbers are not sent, only how many).
+VALID_REQUESTS = every_request(lambda count: [0] * count)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    pieces=st.lists(st.integers(0, 17), min_size=1, max_size=6),
+    pieces=st.lists(st.sampled_from(VALID_REQUESTS), min_size=1, max_size=6),
     flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 7)), max_size=3),
     cuts=st.lists(st.integers(0, 1 << 16), max_size=6),
     fd_chunks=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=4),
 )
 def test_valid_streams_with_flipped_bits_raise_only_protocol_errors_and_leak_no_fd(
-    pieces: list[int], flips: list[tuple[int, int]], cuts: list[int], fd_chunks: list[tuple[int, int]]
+    pieces: list[Request], flips: list[tuple[int, int]], cuts: list[int], fd_chunks: list[tuple[int, int]]
 ) -> None:
     """Random bytes rarely get past the header; damaged valid streams reach every payload rule."""
     before = open_fd_count()
-    requests = every_request(lambda count: [0] * count)  # fd numbers are not sent: only their count
-    stream = bytearray(b"".join(encode_request(requests[piece])[0] for piece in pieces))
+    stream = bytearray(b"".join(encode_request(request)[0] for request in pieces))
     for at, bit in flips:
         stream[at % len(stream)] ^= 1 << bit
-    bounds = sorted({0, len(stream), *(cut % len(stream) for cut in cuts)})
-    fds_at = dict(fd_chunks)
-    decoder = Decoder()
-    try:
-        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
-            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
-            try:
-                for request in decoder.feed(bytes(stream[start:end]), fds):
-                    close_fds(request.fds)
-            except VfioUserProtocolError:
-                break
-    finally:
-        decoder.close()
+    feed_in_chunks(bytes(stream), cuts, fd_chunks)
     assert open_fd_count() == before
 
 

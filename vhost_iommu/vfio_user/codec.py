@@ -199,7 +199,7 @@ class Decoder:
         unowned = tuple(fds)
         if self._broken is not None:
             close_fds(unowned)
-            raise self._broken
+            raise self._broken.with_traceback(None)  # the same error, without piling up tracebacks
         decoded: list[Request] = []
         try:
             chunk_start = self._end
@@ -297,16 +297,18 @@ class Decoder:
     def _build(
         self, command: Command, msg_id: int, no_reply: bool, payload: bytes, fds: tuple[int, ...]
     ) -> Request:
+        """The request of one complete message. On a violation the caller closes ``fds`` (once: an fd number
+        closed twice may by then be another thread's)."""
         spec = COMMAND_SPECS[command]
         if len(fds) > spec.max_fds:
             self._fail(f"{command.name}: carries {len(fds)} fds, at most {spec.max_fds}")
         if spec.message is None:
+            unsupported = Unsupported(msg_id, command, no_reply)
             close_fds(fds)
-            return Unsupported(msg_id, command, no_reply)
+            return unsupported
         try:
             return spec.message.unpack(msg_id, no_reply, payload, fds)
         except MessageError as exc:
-            close_fds(fds)
             self._fail(f"{command.name}: {exc}")
 
 

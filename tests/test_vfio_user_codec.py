@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vhost_iommu.fuzz.engine import fd_is_open, open_fd_count
 from vhost_iommu.vfio_user import (
     COMMAND_SPECS,
+    SERVER_CAPABILITIES,
     UNSUPPORTED_COMMANDS,
     Command,
     Decoder,
@@ -259,6 +260,13 @@ def test_fds_in_the_middle_of_a_message_are_a_violation_and_closed(
     with pytest.raises(VfioUserProtocolError, match="2 fds arrived in the middle of a message"):
         decoder.feed(data[10:12], fds)
     assert not any(fd_is_open(fd) for fd in fds)
+
+
+def test_fds_without_a_byte_are_a_violation(make_fds: Callable[[int], list[int]]) -> None:
+    fds = make_fds(1)
+    with pytest.raises(VfioUserProtocolError, match="1 fds arrived without a byte of any message"):
+        Decoder().feed(b"", fds)
+    assert not fd_is_open(fds[0])
 
 
 def test_too_many_fds_with_one_message_are_a_violation(make_fds: Callable[[int], list[int]]) -> None:
@@ -650,6 +658,30 @@ def test_payload_violations_say_what_was_wrong_and_close_the_fds(
     assert not fd_is_open(later[0])
 
 
+@pytest.mark.parametrize(("data", "fd_count", "message"), [case for case in PAYLOAD_VIOLATIONS if case[1]])
+def test_no_fd_is_closed_twice_on_a_violation(
+    data: bytes,
+    fd_count: int,
+    message: str,
+    make_fds: Callable[[int], list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By the time of a second close the number may be another thread's fd."""
+    closed: list[int] = []
+    real_close = os.close
+
+    def recording_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    fds = make_fds(fd_count)
+    monkeypatch.setattr(os, "close", recording_close)
+    with pytest.raises(VfioUserProtocolError):
+        Decoder().feed(data, fds)
+    monkeypatch.undo()
+    assert sorted(closed) == sorted(fds)
+
+
 def test_dma_unmap_all_and_eventfd_de_assignment_are_accepted() -> None:
     assert decode_one(
         raw(Command.DMA_UNMAP, DMA_UNMAP_LAYOUT.pack(24, DMA_UNMAP_FLAG_ALL, 0, 0), msg_id=3)
@@ -694,6 +726,18 @@ def test_version_reply_is_major_0_minor_0_and_nul_terminated_json() -> None:
     assert json.loads(payload[VERSION_LAYOUT.size : -1]) == {"capabilities": capabilities}
     # The decoder (the client side's rules are the same) reads it back.
     assert decode_one(raw(Command.VERSION, payload)) == Version(1, 0, 0, capabilities)
+
+
+def test_the_servers_version_reply_advertises_the_decoders_limits_and_fits_qemus_buffer() -> None:
+    payload = version_reply()
+    advertised = json.loads(payload[VERSION_LAYOUT.size : -1])["capabilities"]
+    assert advertised == dict(SERVER_CAPABILITIES)
+    assert advertised["max_msg_fds"] == MAX_FDS_PER_MESSAGE
+    assert advertised["max_data_xfer_size"] == MAX_DATA_XFER_SIZE
+    assert "write_multiple" not in advertised
+    # QEMU reads the reply into its own VERSION message's buffer: the reply may not be longer.
+    qemus_version = json.dumps({"capabilities": QEMU_CAPABILITIES}, separators=(",", ":")).encode() + b"\0"
+    assert len(payload) <= VERSION_LAYOUT.size + len(qemus_version)
 
 
 def test_version_reply_refuses_write_multiple_and_bad_capabilities() -> None:
@@ -744,6 +788,27 @@ def test_region_access_and_unmap_replies() -> None:
 # -- properties ----------------------------------------------------------------------------------------------
 
 
+def feed_in_chunks(data: bytes, cuts: list[int], fd_chunks: list[tuple[int, int]]) -> None:
+    """Feed ``data`` cut at ``cuts`` (modulo its length), with ``count`` fresh eventfds at chunk ``chunk`` for
+    each (chunk, count); close the fds of what is returned (the caller's job); stop at the first protocol
+    error, or else end the stream; then close the decoder."""
+    bounds = sorted({0, len(data), *(cut % (len(data) or 1) for cut in cuts)})
+    fds_at = dict(fd_chunks)
+    decoder = Decoder()
+    try:
+        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
+            try:
+                for request in decoder.feed(data[start:end], fds):
+                    close_fds(request.fds)
+            except VfioUserProtocolError:
+                return
+        with contextlib.suppress(VfioUserProtocolError):
+            decoder.feed_eof()
+    finally:
+        decoder.close()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.binary(max_size=400),
@@ -754,22 +819,30 @@ def test_random_bytes_in_random_chunks_raise_only_protocol_errors_and_leak_no_fd
     data: bytes, cuts: list[int], fd_chunks: list[tuple[int, int]]
 ) -> None:
     before = open_fd_count()
-    bounds = sorted({0, len(data), *(cut for cut in cuts if cut <= len(data))})
-    fds_at = dict(fd_chunks)
-    decoder = Decoder()
-    try:
-        for chunk, (start, end) in enumerate(itertools.pairwise(bounds)):
-            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(fds_at.get(chunk, 0))]
-            try:
-                for request in decoder.feed(data[start:end], fds):
-                    close_fds(request.fds)
-            except VfioUserProtocolError:
-                break
-        else:
-            with contextlib.suppress(VfioUserProtocolError):
-                decoder.feed_eof()
-    finally:
-        decoder.close()
+    feed_in_chunks(data, cuts, fd_chunks)
+    assert open_fd_count() == before
+
+
+#: Valid requests to damage (their fd numbers are not sent, only how many).
+VALID_REQUESTS = every_request(lambda count: [0] * count)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(VALID_REQUESTS), min_size=1, max_size=6),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 7)), max_size=3),
+    cuts=st.lists(st.integers(0, 1 << 16), max_size=6),
+    fd_chunks=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=4),
+)
+def test_valid_streams_with_flipped_bits_raise_only_protocol_errors_and_leak_no_fd(
+    pieces: list[Request], flips: list[tuple[int, int]], cuts: list[int], fd_chunks: list[tuple[int, int]]
+) -> None:
+    """Random bytes rarely get past the header; damaged valid streams reach every payload rule."""
+    before = open_fd_count()
+    stream = bytearray(b"".join(encode_request(request)[0] for request in pieces))
+    for at, bit in flips:
+        stream[at % len(stream)] ^= 1 << bit
+    feed_in_chunks(bytes(stream), cuts, fd_chunks)
     assert open_fd_count() == before
 
 

@@ -9,6 +9,7 @@ bytes. Every size, count, flag, index and fd a client sends is validated; a viol
 from vhost_iommu.protocol import close_fds  # the one rule for closing fds on error paths
 from vhost_iommu.vfio_user.codec import (
     COMMAND_SPECS,
+    SERVER_CAPABILITIES,
     CommandSpec,
     Decoder,
     VfioUserProtocolError,
@@ -45,6 +46,7 @@ from vhost_iommu.vfio_user.messages import (
 
 __all__ = [
     "COMMAND_SPECS",
+    "SERVER_CAPABILITIES",
     "UNSUPPORTED_COMMANDS",
     "Command",
     "CommandSpec",

@@ -37,10 +37,15 @@ from typing import Any, NoReturn, Protocol
 # One rule for closing fds on error paths, shared with the vhost-user codec.
 from vhost_iommu.protocol.codec import close_fds
 from vhost_iommu.vfio_user.constants import (
+    CAP_MAX_DATA_XFER_SIZE,
+    CAP_MAX_DMA_MAPS,
+    CAP_MAX_MSG_FDS,
+    CAP_PGSIZES,
     CAP_WRITE_MULTIPLE,
     DEVICE_FLAGS_PCI,
     DEVICE_FLAGS_RESET,
     DEVICE_INFO_SIZE,
+    DMA_PAGE_SIZE,
     DMA_UNMAP_SIZE,
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -49,6 +54,8 @@ from vhost_iommu.vfio_user.constants import (
     IRQ_INFO_FLAGS,
     IRQ_INFO_SIZE,
     KNOWN_HEADER_FLAGS,
+    MAX_DATA_XFER_SIZE,
+    MAX_DMA_MAPS,
     MAX_FDS_PER_MESSAGE,
     MAX_MESSAGE_SIZE,
     REGION_INFO_FLAG_CAPS,
@@ -192,7 +199,7 @@ class Decoder:
         unowned = tuple(fds)
         if self._broken is not None:
             close_fds(unowned)
-            raise self._broken
+            raise self._broken.with_traceback(None)  # the same error, without piling up tracebacks
         decoded: list[Request] = []
         try:
             chunk_start = self._end
@@ -290,16 +297,18 @@ class Decoder:
     def _build(
         self, command: Command, msg_id: int, no_reply: bool, payload: bytes, fds: tuple[int, ...]
     ) -> Request:
+        """The request of one complete message. On a violation the caller closes ``fds`` (once: an fd number
+        closed twice may by then be another thread's)."""
         spec = COMMAND_SPECS[command]
         if len(fds) > spec.max_fds:
             self._fail(f"{command.name}: carries {len(fds)} fds, at most {spec.max_fds}")
         if spec.message is None:
+            unsupported = Unsupported(msg_id, command, no_reply)
             close_fds(fds)
-            return Unsupported(msg_id, command, no_reply)
+            return unsupported
         try:
             return spec.message.unpack(msg_id, no_reply, payload, fds)
         except MessageError as exc:
-            close_fds(fds)
             self._fail(f"{command.name}: {exc}")
 
 
@@ -336,7 +345,19 @@ def encode_request(request: Request) -> tuple[bytes, tuple[int, ...]]:
     return _header(request.msg_id, request.COMMAND, len(payload), flags, 0) + payload, request.fds
 
 
-def version_reply(capabilities: Mapping[str, Any]) -> bytes:
+#: What the server advertises in its VERSION reply: the limits the decoder enforces, each read from the one
+#: constant the decoder uses (and no write_multiple).
+SERVER_CAPABILITIES: Mapping[str, int] = MappingProxyType(
+    {
+        CAP_MAX_MSG_FDS: MAX_FDS_PER_MESSAGE,
+        CAP_MAX_DATA_XFER_SIZE: MAX_DATA_XFER_SIZE,
+        CAP_PGSIZES: DMA_PAGE_SIZE,
+        CAP_MAX_DMA_MAPS: MAX_DMA_MAPS,
+    }
+)
+
+
+def version_reply(capabilities: Mapping[str, Any] = SERVER_CAPABILITIES) -> bytes:
     """VERSION's reply payload: major 0, minor 0 and ``capabilities`` as NUL-terminated JSON.
 
     QEMU reads the reply into the buffer of its own VERSION message: the reply must be no longer than the

@@ -149,3 +149,6 @@ MAX_VERSION_DATA_SIZE = 4096
 DMA_PAGE_SIZE = 4096
 #: The most vectors one SET_IRQS may name: an MSI-X table's maximum size.
 MAX_IRQ_VECTORS = 2048
+#: The most DMA mappings a client may have at once (the spec's default max_dma_maps): advertised; the server
+#: keeps the count (the codec sees one message at a time).
+MAX_DMA_MAPS = 65535

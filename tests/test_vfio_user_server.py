@@ -196,3 +196,18 @@ def test_a_client_leaves_nothing_behind(server: RunningServer) -> None:
     with VfioUserClient.connect(engine_path(server), WAIT) as client:
         client.version()
         assert client.config_read(COMMAND, 2) == struct.pack("<H", COMMAND_BUS_MASTER)  # device state kept
+
+
+def test_dma_regions_are_bounded_and_checked_for_overlap_quickly(client: VfioUserClient) -> None:
+    """A client that maps page after page (fd-less, as ROM pieces come) meets the advertised limit, and
+    each map is checked against its neighbours only (this many maps in well under the timeout)."""
+    count = 3000
+    for index in range(count):
+        client.dma_map(0x1_0000_0000 + 2 * index * 4096, 4096, None)
+    for address in (0x1_0000_0000, 0x1_0000_0000 + 4096 * (2 * count - 2), 0x0_FFFF_F000 + 4096):
+        with pytest.raises(VfioUserRequestFailed) as caught:
+            client.dma_map(address, 4096, None)
+        assert caught.value.errno == errno.EEXIST
+    client.dma_map(0x1_0000_0000 + 4096, 4096, None)  # the hole between two regions is free
+    client.dma_unmap(0x1_0000_0000, 4096)
+    client.dma_map(0x1_0000_0000, 4096, None)

@@ -13,6 +13,7 @@ ioctl would give, and the connection goes on. :meth:`close` releases every fd an
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -25,14 +26,6 @@ from vhost_iommu.vfio_user import codec, messages
 from vhost_iommu.vfio_user import constants as vu
 
 log = logging.getLogger(__name__)
-
-#: What this server offers in its VERSION reply. No write_multiple (QEMU queues every message then),
-#: no migration; max_msg_fds bounds SET_IRQS.
-SERVER_CAPABILITIES = {
-    vu.CAP_MAX_MSG_FDS: vu.MAX_FDS_PER_MESSAGE,
-    vu.CAP_MAX_DATA_XFER_SIZE: vu.MAX_DATA_XFER_SIZE,
-    vu.CAP_PGSIZES: vu.DMA_PAGE_SIZE,
-}
 
 
 class EndpointDevice(Protocol):
@@ -78,7 +71,8 @@ class VfioUserHandler:
         self.device = device
         self.name = name
         self.memory = GuestMemory()
-        self.dma_regions: dict[int, DmaRegionRecord] = {}
+        self.dma_regions: dict[int, DmaRegionRecord] = {}  # by start address
+        self._starts: list[int] = []  # their start addresses, sorted
         self.counters = HandlerCounters()
         self.negotiated = False
         self.irq_fds: dict[tuple[int, int], int] = {}  # (interrupt type, vector) -> eventfd
@@ -107,7 +101,7 @@ class VfioUserHandler:
             if self.negotiated:
                 raise SessionError("VERSION sent twice")
             self.negotiated = True
-            return codec.version_reply(SERVER_CAPABILITIES)
+            return codec.version_reply()  # the limits the decoder enforces
         if isinstance(request, messages.DmaMap):
             return self._dma_map(request)
         if isinstance(request, messages.DmaUnmap):
@@ -140,12 +134,11 @@ class VfioUserHandler:
 
     def _dma_map(self, request: messages.DmaMap) -> bytes:
         self.counters.dma_maps += 1
-        if any(
-            request.address < record.address + record.size and record.address < request.address + request.size
-            for record in self.dma_regions.values()
-        ):
-            if request.fd is not None:
-                os.close(request.fd)
+        if len(self.dma_regions) >= vu.MAX_DMA_MAPS:
+            self.close_fds_of(request)
+            raise _Refused(errno.ENOSPC, f"already {vu.MAX_DMA_MAPS} DMA regions, as advertised")
+        if self._overlaps(request.address, request.size):
+            self.close_fds_of(request)
             raise _Refused(
                 errno.EEXIST, f"DMA region {request.address:#x}+{request.size:#x} overlaps another"
             )
@@ -164,7 +157,19 @@ class VfioUserHandler:
         self.dma_regions[request.address] = DmaRegionRecord(
             request.address, request.size, request.flags, mapped
         )
+        bisect.insort(self._starts, request.address)
         return b""
+
+    def _overlaps(self, address: int, size: int) -> bool:
+        """Whether [address, address + size) meets a region already mapped (regions never overlap, so only
+        the neighbours by start address can: a hostile client's thousands of maps stay cheap)."""
+        at = bisect.bisect_left(self._starts, address)
+        if at < len(self._starts) and self._starts[at] < address + size:
+            return True
+        if at:
+            before = self.dma_regions[self._starts[at - 1]]
+            return before.address + before.size > address
+        return False
 
     def _dma_unmap(self, request: messages.DmaUnmap) -> bytes:
         self.counters.dma_unmaps += 1
@@ -177,6 +182,7 @@ class VfioUserHandler:
             doomed = [record]
         for record in doomed:
             del self.dma_regions[record.address]
+            del self._starts[bisect.bisect_left(self._starts, record.address)]
             if record.mapped:
                 for region in self.memory.regions:
                     if region.gpa_start == record.address:
@@ -297,6 +303,7 @@ class VfioUserHandler:
         for key in list(self.irq_fds):
             self._set_vector(*key, None)
         self.dma_regions.clear()
+        self._starts.clear()
         self.memory.close()
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from vhost_iommu.control.client import ControlClient
 from vhost_iommu.device.layout import Status, encode_attach, encode_detach, encode_map, encode_unmap
+from vhost_iommu.device.topology import Topology
 from vhost_iommu.harness.echo import EchoBackend
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.iommu_driver import IommuDriver
@@ -122,11 +123,14 @@ def test_every_socket_is_served_0600_and_removed_on_sigterm(directory: str, styl
     else:
         args = [f"--socket-path={path}" for path in paths]
     program = Program(directory, args, umask=0)  # no help from the umask: the modes are the program's
+    # The default topology's DMA engine listens beside the vhost-user sockets (its vfio-user socket).
+    engine = os.path.join(directory, Topology.default().devices[0].socket)
     try:
-        for path in [*paths, program.control]:
+        for path in [*paths, program.control, engine]:
             assert stat.S_ISSOCK(os.lstat(path).st_mode)
             assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600, path
-        assert sorted(os.listdir(directory)) == sorted(os.path.basename(p) for p in [*paths, program.control])
+        created = [*paths, program.control, engine]
+        assert sorted(os.listdir(directory)) == sorted(os.path.basename(p) for p in created)
         guests = [guest_on(path) for path in paths]
         try:
             assert program.terminate() == 0

@@ -430,6 +430,11 @@ PAYLOAD_VIOLATIONS = [
         "VERSION: version data holds NaN",
     ),
     (
+        raw(Command.VERSION, VERSION_LAYOUT.pack(0, 0) + b'{"capabilities":{"x-size":1e999}}\0'),
+        0,
+        "VERSION: version data holds 1e999, which is not a finite number",
+    ),
+    (
         raw(Command.VERSION, VERSION_LAYOUT.pack(0, 0) + b'{"capabilities":1,"capabilities":{}}\0'),
         0,
         "VERSION: version data has a duplicate JSON member name",

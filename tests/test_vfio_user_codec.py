@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -248,6 +249,42 @@ def test_fds_belong_to_the_last_message_that_begins_in_their_chunk(
     # The rest of the reset (sent before, without fds), then the map with its fd, in one read.
     assert decoder.feed(reset[3:] + dma_map[:20], [fd]) == [DeviceReset(1)]
     assert decoder.feed(dma_map[20:]) == [DmaMap(2, DMA_MAP_FLAG_READ, 0, 0, 0x1000, fd)]
+
+
+def test_the_kernels_reads_deliver_each_messages_fds_to_it(make_fds: Callable[[int], list[int]]) -> None:
+    """The fd rule against the kernel itself: commands sent one ``sendmsg`` each, as QEMU sends them, read
+    with a large buffer (several messages per read), give every request the fds it was sent with."""
+    sent: list[Request] = [
+        DeviceReset(1),
+        DmaMap(2, DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE, 0, 0, 0x10000, make_fds(1)[0]),
+        RegionWrite(3, VFIO_PCI_BAR0_REGION_INDEX, 0, b"\x01" * 8, no_reply=True),
+        DmaMap(4, DMA_MAP_FLAG_READ, 0, 0x10000, 0x1000, None),
+        SetIrqs(5, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 3, tuple(make_fds(3))),
+        DmaMap(6, DMA_MAP_FLAG_READ, 0x2000, 0x20000, 0x1000, make_fds(1)[0]),
+        RegionRead(7, VFIO_PCI_CONFIG_REGION_INDEX, 0, 4),
+    ]
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoder = Decoder()
+    received: list[Request] = []
+    try:
+        for request in sent:
+            data, fds = encode_request(request)
+            socket.send_fds(client, [data], list(fds))
+        client.shutdown(socket.SHUT_WR)
+        while chunk := socket.recv_fds(server, 1 << 16, MAX_FDS_PER_MESSAGE):
+            data, fds, _flags, _address = chunk
+            if not data and not fds:
+                break
+            received += decoder.feed(data, fds)
+        decoder.feed_eof()
+        assert [type(request) for request in received] == [type(request) for request in sent]
+        for got, want in zip(received, sent, strict=True):
+            assert [os.fstat(fd).st_ino for fd in got.fds] == [os.fstat(fd).st_ino for fd in want.fds]
+    finally:
+        client.close()
+        server.close()
+        decoder.close()
+        close_fds(fd for request in received for fd in request.fds)
 
 
 def test_fds_in_the_middle_of_a_message_are_a_violation_and_closed(

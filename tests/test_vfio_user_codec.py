@@ -271,11 +271,11 @@ def test_the_kernels_reads_deliver_each_messages_fds_to_it(make_fds: Callable[[i
             data, fds = encode_request(request)
             socket.send_fds(client, [data], list(fds))
         client.shutdown(socket.SHUT_WR)
-        while chunk := socket.recv_fds(server, 1 << 16, MAX_FDS_PER_MESSAGE):
-            data, fds, _flags, _address = chunk
-            if not data and not fds:
+        while True:
+            chunk, chunk_fds, _flags, _address = socket.recv_fds(server, 1 << 16, MAX_FDS_PER_MESSAGE)
+            if not chunk and not chunk_fds:
                 break
-            received += decoder.feed(data, fds)
+            received += decoder.feed(chunk, chunk_fds)
         decoder.feed_eof()
         assert [type(request) for request in received] == [type(request) for request in sent]
         for got, want in zip(received, sent, strict=True):
@@ -741,6 +741,12 @@ def test_request_objects_validate_their_fields_whoever_builds_them() -> None:
         DmaMap(1, DMA_MAP_FLAG_READ, 0, 0, PAGE, -1)
     with pytest.raises(MessageError, match="is not one decoded as unsupported"):
         Unsupported(1, Command.DMA_MAP)
+    with pytest.raises(MessageError, match="17 eventfds, at most 16 per message"):
+        SetIrqs(1, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 17, tuple(range(3, 20)))
+    with pytest.raises(MessageError, match=re.escape("fds (3, -1) are not all file descriptors")):
+        SetIrqs(1, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 2, (3, -1))
+    with pytest.raises(MessageError, match="capability name 1 is not a string"):
+        Version(1, 0, 0, {1: 2})  # type: ignore[dict-item]
 
 
 # -- encoders ------------------------------------------------------------------------------------------------

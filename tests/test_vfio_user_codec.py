@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -250,6 +251,42 @@ def test_fds_belong_to_the_last_message_that_begins_in_their_chunk(
     assert decoder.feed(dma_map[20:]) == [DmaMap(2, DMA_MAP_FLAG_READ, 0, 0, 0x1000, fd)]
 
 
+def test_the_kernels_reads_deliver_each_messages_fds_to_it(make_fds: Callable[[int], list[int]]) -> None:
+    """The fd rule against the kernel itself: commands sent one ``sendmsg`` each, as QEMU sends them, read
+    with a large buffer (several messages per read), give every request the fds it was sent with."""
+    sent: list[Request] = [
+        DeviceReset(1),
+        DmaMap(2, DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE, 0, 0, 0x10000, make_fds(1)[0]),
+        RegionWrite(3, VFIO_PCI_BAR0_REGION_INDEX, 0, b"\x01" * 8, no_reply=True),
+        DmaMap(4, DMA_MAP_FLAG_READ, 0, 0x10000, 0x1000, None),
+        SetIrqs(5, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 3, tuple(make_fds(3))),
+        DmaMap(6, DMA_MAP_FLAG_READ, 0x2000, 0x20000, 0x1000, make_fds(1)[0]),
+        RegionRead(7, VFIO_PCI_CONFIG_REGION_INDEX, 0, 4),
+    ]
+    client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoder = Decoder()
+    received: list[Request] = []
+    try:
+        for request in sent:
+            data, fds = encode_request(request)
+            socket.send_fds(client, [data], list(fds))
+        client.shutdown(socket.SHUT_WR)
+        while True:
+            chunk, chunk_fds, _flags, _address = socket.recv_fds(server, 1 << 16, MAX_FDS_PER_MESSAGE)
+            if not chunk and not chunk_fds:
+                break
+            received += decoder.feed(chunk, chunk_fds)
+        decoder.feed_eof()
+        assert [type(request) for request in received] == [type(request) for request in sent]
+        for got, want in zip(received, sent, strict=True):
+            assert [os.fstat(fd).st_ino for fd in got.fds] == [os.fstat(fd).st_ino for fd in want.fds]
+    finally:
+        client.close()
+        server.close()
+        decoder.close()
+        close_fds(fd for request in received for fd in request.fds)
+
+
 def test_fds_in_the_middle_of_a_message_are_a_violation_and_closed(
     make_fds: Callable[[int], list[int]],
 ) -> None:
@@ -428,6 +465,11 @@ PAYLOAD_VIOLATIONS = [
         raw(Command.VERSION, VERSION_LAYOUT.pack(0, 0) + b'{"capabilities":{"pgsizes":NaN}}\0'),
         0,
         "VERSION: version data holds NaN",
+    ),
+    (
+        raw(Command.VERSION, VERSION_LAYOUT.pack(0, 0) + b'{"capabilities":{"x-size":1e999}}\0'),
+        0,
+        "VERSION: version data holds 1e999, which is not a finite number",
     ),
     (
         raw(Command.VERSION, VERSION_LAYOUT.pack(0, 0) + b'{"capabilities":1,"capabilities":{}}\0'),
@@ -699,6 +741,12 @@ def test_request_objects_validate_their_fields_whoever_builds_them() -> None:
         DmaMap(1, DMA_MAP_FLAG_READ, 0, 0, PAGE, -1)
     with pytest.raises(MessageError, match="is not one decoded as unsupported"):
         Unsupported(1, Command.DMA_MAP)
+    with pytest.raises(MessageError, match="17 eventfds, at most 16 per message"):
+        SetIrqs(1, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 17, tuple(range(3, 20)))
+    with pytest.raises(MessageError, match=re.escape("fds (3, -1) are not all file descriptors")):
+        SetIrqs(1, EVENTFD_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, 2, (3, -1))
+    with pytest.raises(MessageError, match="capability name 1 is not a string"):
+        Version(1, 0, 0, {1: 2})  # type: ignore[dict-item]
 
 
 # -- encoders ------------------------------------------------------------------------------------------------

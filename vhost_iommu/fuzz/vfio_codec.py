@@ -90,7 +90,7 @@ _HEADER_FIELDS = struct_fields(HEADER_LAYOUT)  # id, command, size, flags, error
 _SHAPES = ("valid", "bent", "header", "noise")
 _CUTS = ("random", "kernel", "bytes_needed")
 _BIT_FLAGS = tuple(1 << bit for bit in range(32))
-#: A few flag and data bits, each one of the sets the request classes check (single bits or their sums).
+#: SET_IRQS's DATA bits and ACTION bits, one by one: a valid request holds one of each.
 _IRQ_DATA_TYPES = tuple(bit for bit in _BIT_FLAGS if bit & IRQ_SET_DATA_MASK)
 _IRQ_ACTIONS = tuple(bit for bit in _BIT_FLAGS if bit & IRQ_SET_ACTION_TYPE_MASK)
 

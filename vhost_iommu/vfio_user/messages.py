@@ -12,6 +12,7 @@ request, who must close them or hand them on.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,6 +199,13 @@ def _reject_constant(name: str) -> None:
     raise MessageError(f"version data holds {name}, which is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: JSON has no infinity, and it would not encode back
+        raise MessageError(f"version data holds {text}, which is not a finite number")
+    return value
+
+
 def parse_version_data(data: bytes) -> dict[str, Any]:
     """The capabilities object of VERSION's optional version data: UTF-8 JSON, one NUL at its end, at most
     :data:`MAX_VERSION_DATA_SIZE` bytes, an object whose ``capabilities`` member (optional) is an object."""
@@ -213,7 +221,10 @@ def parse_version_data(data: bytes) -> dict[str, Any]:
         raise MessageError(f"version data has a NUL at byte {data.index(0)} before its end")
     try:
         document = json.loads(
-            data[:-1].decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            data[:-1].decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except MessageError:
         raise

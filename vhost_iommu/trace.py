@@ -48,6 +48,7 @@ from typing import IO, Any
 from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import IommuDevice, PciRange, ReservedRegion, ResvMemType, Topology, TopologyError
 from vhost_iommu.device.layout import READABLE_SIZE, RequestType, Status
+from vhost_iommu.device.topology import ServedDevice
 
 TRACE_MAGIC = "vhost-iommu"
 TRACE_VERSION = 1
@@ -96,6 +97,17 @@ def topology_to_json(topology: Topology) -> dict[str, Any]:
         "domain_end": topology.domain_end,
         "probe_size": topology.probe_size,
         "boot_bypass": topology.boot_bypass,
+        # The served endpoints (the device core does not use them; a replay keeps the whole topology).
+        "devices": [
+            {
+                "kind": d.kind,
+                "segment": d.segment,
+                "bdf": d.bdf,
+                "socket": d.socket,
+                "options": dict(d.options),
+            }
+            for d in topology.devices
+        ],
     }
 
 
@@ -141,7 +153,26 @@ def _regions(value: Any, where: str) -> tuple[ReservedRegion, ...]:
 def topology_from_json(value: Any, where: str = "topology") -> Topology:
     """A topology from :func:`topology_to_json`'s form; TraceError for anything else."""
     keys = set(topology_to_json(Topology.default()))
+    if isinstance(value, dict) and "devices" not in value:
+        value = {**value, "devices": []}  # a trace from before served endpoints existed
     fields = _object(value, where, keys)
+    devices = []
+    for index, item in enumerate(_list(fields["devices"], f"{where}.devices", 256)):
+        at = f"{where}.devices[{index}]"
+        item = _object(item, at, {"kind", "segment", "bdf", "socket", "options"})
+        if not isinstance(item["kind"], str) or not isinstance(item["socket"], str):
+            raise TraceError(f"{at}: kind and socket must be strings")
+        if not isinstance(item["options"], dict):
+            raise TraceError(f"{at}.options: not an object")
+        devices.append(
+            ServedDevice(
+                item["kind"],
+                _int(item["segment"], f"{at}.segment", 0xFFFF),
+                _int(item["bdf"], f"{at}.bdf", 0xFFFF),
+                item["socket"],
+                item["options"],
+            )
+        )
     ranges = []
     for index, item in enumerate(_list(fields["pci_ranges"], f"{where}.pci_ranges", 256)):
         at = f"{where}.pci_ranges[{index}]"
@@ -168,6 +199,7 @@ def topology_from_json(value: Any, where: str = "topology") -> Topology:
             iommu_bdf=_int(fields["iommu_bdf"], f"{where}.iommu_bdf", 0xFFFF),
             pci_ranges=tuple(ranges),
             endpoint_reserved=per_endpoint,
+            devices=tuple(devices),
             page_size_mask=_int(fields["page_size_mask"], f"{where}.page_size_mask"),
             input_start=_int(fields["input_start"], f"{where}.input_start"),
             input_end=_int(fields["input_end"], f"{where}.input_end"),

@@ -79,9 +79,10 @@ from vhost_iommu.abi import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from vhost_iommu.jit import barriers, rules, tables
+from vhost_iommu.jit import barriers, guard, rules, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
+from vhost_iommu.jit.guard import GUARD_WORDS, write_hold, write_release
 from vhost_iommu.jit.tables import NEED_SPACE, OK, table_map, table_unmap
 
 U64Array = npt.NDArray[np.uint64]
@@ -482,6 +483,7 @@ def serve_requests(
     directory: I64Array,
     meta: I64Array,
     counts: I64Array,
+    guard: I64Array,
 ) -> int:
     """Serve the available chains of a requestq until it is empty or a chain needs the caller.
 
@@ -674,6 +676,7 @@ def serve_requests(
             elif flags_word & RF_NO_WORK:
                 status = S_OK
             elif request_type == T_MAP:
+                write_hold(guard)
                 status = _map(
                     request,
                     params,
@@ -689,13 +692,16 @@ def serve_requests(
                     directory,
                     meta,
                 )
+                write_release(guard, False)
                 if status < 0:
                     reason = STOP_GROW
                     break
             else:
+                write_hold(guard)  # released before the used entry below is published
                 status = _unmap(
                     request, params, exists, bypass, mapping_count, leaves, nodes, directory, meta
                 )
+                write_release(guard, False)
             counts[C_REQUEST + request_type] += 1
             counts[C_STATUS + status] += 1
             # The tail {u8 status; u8 reserved[3]} scattered over the writable segments.
@@ -789,6 +795,7 @@ def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
         directory,
         meta,
         np.zeros(COUNT_WORDS, np.int64),
+        np.zeros(GUARD_WORDS, np.int64),
     )
     del ring_memory  # kept alive across the block
 
@@ -800,4 +807,4 @@ def warm_up() -> None:
 
 
 # The rules, the table kernels and abi's numbers are compiled into these kernels.
-cache_on_sources(globals(), abi, rules, tables, barriers)
+cache_on_sources(globals(), abi, rules, tables, barriers, guard)

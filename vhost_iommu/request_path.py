@@ -249,7 +249,8 @@ class CompiledRequestPath:
             raise RuntimeError("mapping table still short of space after growing")
         store = self.device.store
         assert isinstance(store, MappingTable)
-        store.grow()
+        with self.device.translation_guard.changing():  # may replace arrays a DMA kernel holds
+            store.grow()
 
     def kernel_arguments(self, ring: SplitQueue, memory: GuestMemory, budget: int) -> tuple[Any, ...]:
         """``serve_requests``' arguments for ``ring`` (its state record first, then ``params``) and
@@ -299,6 +300,7 @@ class CompiledRequestPath:
             directory,
             meta,
             self._counts,
+            self.device.translation_guard.words,
         )
 
     def merge_counts(self) -> None:

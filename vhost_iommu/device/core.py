@@ -61,6 +61,7 @@ from vhost_iommu.device.observers import DeviceObserver, RateInjection
 from vhost_iommu.device.topology import ReservedRegion, Topology
 from vhost_iommu.device.translation import Fault, Translation, translate
 from vhost_iommu.jit import rules
+from vhost_iommu.jit.guard import TranslationGuard
 
 _STATUS_TAILS = [bytes((status, 0, 0, 0)) for status in range(len(Status))]  # indexed by status
 _ZERO4 = bytes(4)
@@ -107,6 +108,8 @@ class IommuDevice:
             self.topology, self.store, max_domains=range_size if max_domains is None else max_domains
         )
         self.events = FaultQueue(max_pending_events)
+        #: Held by every change of the translation state and by each DMA chunk (``vhost_iommu.jit.guard``).
+        self.translation_guard = TranslationGuard()
         self.granule = self.topology.granule
         self.acked_features = 0
         self.driver_features = 0  # as the driver wrote them, offered or not
@@ -148,7 +151,8 @@ class IommuDevice:
     def set_config(self, offset: int, data: bytes) -> None:
         for observer in self.observers:
             observer.config_write(offset, bytes(data))
-        self.config.write(offset, bytes(data), bypass_config_negotiated=self.negotiated(F_BYPASS_CONFIG))
+        with self.translation_guard.changing():  # config.bypass decides unattached endpoints' DMA
+            self.config.write(offset, bytes(data), bypass_config_negotiated=self.negotiated(F_BYPASS_CONFIG))
 
     @property
     def bypass(self) -> bool:
@@ -159,7 +163,8 @@ class IommuDevice:
         tells the driver (a configuration change notification); the device itself has no transport."""
         if value not in (0, 1):  # True and False compare equal to 1 and 0
             raise ValueError(f"bypass {value!r} is neither 0 nor 1")
-        self.config.bypass = int(value)
+        with self.translation_guard.changing():
+            self.config.bypass = int(value)
         for observer in self.observers:
             observer.bypass(int(value))
 
@@ -221,14 +226,18 @@ class IommuDevice:
 
         if len(request) != readable_size:
             status = Status.IOERR
-        elif request_type == _MAP:
-            status = self._map(request)
-        elif request_type == _UNMAP:
-            status = self._unmap(request)
-        elif request_type == _ATTACH:
-            status = self._attach(request)
         else:
-            status = self._detach(request)
+            # Held until the change is made, released before the caller publishes the answer: no DMA
+            # translated through the state before the change is still running when the driver sees it.
+            with self.translation_guard.changing():
+                if request_type == _MAP:
+                    status = self._map(request)
+                elif request_type == _UNMAP:
+                    status = self._unmap(request)
+                elif request_type == _ATTACH:
+                    status = self._attach(request)
+                else:
+                    status = self._detach(request)
         self.status_counts[status] += 1
         return _STATUS_TAILS[status], writable_size
 
@@ -392,7 +401,8 @@ class IommuDevice:
         Like every tool entry point, call it while nothing else drives the device: it replaces arrays
         the compiled request path reads (a back-end's requestq thread is parked meanwhile:
         `VirtioIommuBackend.quiesced`, which the control channel wraps every command in)."""
-        self.domain_table.set_reserved_regions(endpoint, regions)
+        with self.translation_guard.changing():
+            self.domain_table.set_reserved_regions(endpoint, regions)
         for observer in self.observers:
             observer.reserved_regions(endpoint, regions)
 
@@ -405,10 +415,15 @@ class IommuDevice:
         result = translate(self.domain_table, self.bypass, endpoint, iova, size, access)
         if isinstance(result, Translation):
             return result
-        self.fault_counts[result.reason] += 1
-        if report and self.topology.has_endpoint(endpoint) and self.events.push(result.encode()):
-            return Fault(result.reason, result.flags, result.endpoint, result.address, reported=True)
-        return result
+        return self.record_fault(result, report=report)
+
+    def record_fault(self, fault: Fault, *, report: bool = True) -> Fault:
+        """Count a fault of a DMA access and, unless report=False, queue its event for the eventq when the
+        endpoint is one this IOMMU manages (and the queue has room); the Fault as recorded."""
+        self.fault_counts[fault.reason] += 1
+        if report and self.topology.has_endpoint(fault.endpoint) and self.events.push(fault.encode()):
+            return Fault(fault.reason, fault.flags, fault.endpoint, fault.address, reported=True)
+        return fault
 
     def report_fault(self, reason: int, flags: int, endpoint: int, address: int = 0) -> bool:
         """Queue an arbitrary fault event (for tools that provoke a driver on purpose)."""
@@ -436,7 +451,8 @@ class IommuDevice:
         """Device reset: every endpoint detached, every domain (and its mappings) dropped, pending events
         dropped, features forgotten. ``bypass`` keeps its value; the counters are lifetime statistics and
         keep theirs."""
-        self.domain_table.clear()
+        with self.translation_guard.changing():
+            self.domain_table.clear()
         self.events.clear()
         self.acked_features = 0
         self.driver_features = 0
@@ -445,8 +461,9 @@ class IommuDevice:
 
     def system_reset(self) -> None:
         """System reset: a device reset that also restores ``bypass`` to its boot value."""
-        self.reset()
-        self.config.system_reset()
+        with self.translation_guard.changing():
+            self.reset()
+            self.config.system_reset()
 
     # -- inspection --------------------------------------------------------------------------------------
 

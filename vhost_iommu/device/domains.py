@@ -25,8 +25,10 @@ import numpy.typing as npt
 from vhost_iommu.device.layout import RESV_MEM_SIZE, U64_MAX, Status
 from vhost_iommu.device.mapping import MappingStore
 from vhost_iommu.device.topology import ReservedRegion, Topology, check_regions
+from vhost_iommu.jit.dma import NO_DOMAIN
 
-NO_DOMAIN = -1
+__all__ = ["MAX_REGION_SETS", "NO_DOMAIN", "DomainInfo", "Domains", "RegionSets"]
+
 #: Interned region sets are never freed; a tool replacing regions over and over must not grow the device
 #: without bound, so replacements stop being accepted past this many distinct sets.
 MAX_REGION_SETS = 4096
@@ -138,6 +140,20 @@ class Domains:
         )
         # Per existing domain: how many of its endpoints use each region set (cold-path bookkeeping).
         self._members: dict[int, Counter[int]] = {}
+        self._flatten_endpoint_regions()
+
+    def _flatten_endpoint_regions(self) -> None:
+        """``endpoint_regions`` as flat arrays for translation (compiled or not,
+        ``vhost_iommu.jit.dma``): the regions of slot s are rows ``region_offsets[s]`` to
+        ``region_offsets[s + 1]`` of ``region_starts``, ``region_ends`` (inclusive) and ``region_kinds``
+        (RESV_MEM_T_*), sorted by start. Replaced whole whenever regions change."""
+        flat = [region for regions in self.endpoint_regions for region in regions]
+        self.region_starts: npt.NDArray[np.uint64] = np.array([r.start for r in flat], np.uint64)
+        self.region_ends: npt.NDArray[np.uint64] = np.array([r.end for r in flat], np.uint64)
+        self.region_kinds: npt.NDArray[np.int64] = np.array([int(r.kind) for r in flat], np.int64)
+        self.region_offsets: npt.NDArray[np.int64] = np.cumsum(
+            [0] + [len(regions) for regions in self.endpoint_regions], dtype=np.int64
+        )
 
     # -- lookups -----------------------------------------------------------------------------------------
 
@@ -204,6 +220,7 @@ class Domains:
             raise ValueError(f"{MAX_REGION_SETS} distinct reserved-region sets exist: no more replacements")
         for slot, wanted in changes:
             self._replace_regions(slot, wanted)
+        self._flatten_endpoint_regions()
 
     def _checked(self, regions: tuple[ReservedRegion, ...]) -> tuple[ReservedRegion, ...]:
         for region in regions:

@@ -647,11 +647,12 @@ def restore(device: IommuDevice, data: bytes | bytearray | memoryview) -> None:
     state is malformed, corrupt, from another topology, or does not fit this device's limits."""
     view = memoryview(data).cast("B")
     staged = _stage(device, view)
-    # Nothing below can fail: the device moves to the new state in one step.
-    device.store = staged.table
-    device.domain_table = staged.domains
+    # Nothing below can fail: the device moves to the new state in one step, which DMA sees whole.
+    with device.translation_guard.changing():
+        device.store = staged.table
+        device.domain_table = staged.domains
+        device.config.bypass = staged.bypass
     device.events = staged.events
-    device.config.bypass = staged.bypass
     device.acked_features = staged.acked_features
     device.driver_features = staged.driver_features
     device.request_counts[:] = staged.request_counts

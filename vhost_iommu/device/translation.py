@@ -26,17 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vhost_iommu.device.domains import NO_DOMAIN, Domains
-from vhost_iommu.device.layout import (
-    FAULT_F_ADDRESS,
-    MAP_F_READ,
-    MAP_F_WRITE,
-    U64_MAX,
-    Access,
-    FaultReason,
-    ResvMemType,
-    encode_fault,
-)
+from vhost_iommu.device.domains import Domains
+from vhost_iommu.device.layout import U64_MAX, Access, FaultReason, encode_fault
+from vhost_iommu.jit import dma
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +77,6 @@ def check_access(iova: int, size: int, access: int) -> int:
     return iova + size - 1
 
 
-def allowed_by(map_flags: int, access: int) -> bool:
-    if access & Access.WRITE and not map_flags & MAP_F_WRITE:
-        return False
-    return not (access & (Access.READ | Access.EXEC) and not map_flags & MAP_F_READ)
-
-
-def fault_flags(access: int) -> int:
-    return int(access) | FAULT_F_ADDRESS
-
-
 def append_segment(segments: list[tuple[int, int]], phys: int, length: int) -> None:
     if segments and segments[-1][0] + segments[-1][1] == phys:
         segments[-1] = (segments[-1][0], segments[-1][1] + length)
@@ -102,55 +84,40 @@ def append_segment(segments: list[tuple[int, int]], phys: int, length: int) -> N
         segments.append((phys, length))
 
 
-def region_at(regions: tuple[tuple[int, int, int], ...], address: int) -> tuple[int, int, int] | None:
-    """The (kind, start, end) region containing ``address`` (regions are few and sorted)."""
-    for region in regions:
-        if region[1] <= address <= region[2]:
-            return region
-        if region[1] > address:
-            break
-    return None
-
-
-MSI = int(ResvMemType.MSI)
-
-
 def translate(
     domains: Domains, global_bypass: bool, endpoint: int, iova: int, size: int, access: int
 ) -> Translation | Fault:
-    """Translate one access; a Fault comes back unreported (the device decides about the eventq)."""
+    """Translate one access; a Fault comes back unreported (the device decides about the eventq).
+
+    The rules are ``vhost_iommu.jit.dma``'s, which the compiled DMA path runs too; this walk works with
+    any `MappingStore`."""
     last = check_access(iova, size, access)
+    flags = dma.fault_flags(int(access))
     slot = domains.slot(endpoint)
     if slot is None:
-        return Fault(FaultReason.UNKNOWN, fault_flags(access), endpoint, iova, reported=False)
+        return Fault(FaultReason.UNKNOWN, flags, endpoint, iova, reported=False)
     domain = int(domains.endpoint_domain[slot])
-    attached = domain != NO_DOMAIN
-    if (not attached and global_bypass) or (attached and domains.bypass[domain - domains.first]):
+    if dma.endpoint_in_bypass(domain, global_bypass, domains.bypass, domains.first):
         return Translation(iova, size, ((iova, size),), bypass=True)
 
-    regions = tuple((int(r.kind), r.start, r.end) for r in domains.endpoint_regions[slot])
+    attached = domain != dma.NO_DOMAIN
+    begin, end = int(domains.region_offsets[slot]), int(domains.region_offsets[slot + 1])
+    arrays = domains.region_starts, domains.region_ends, domains.region_kinds
     store = domains.store
     segments: list[tuple[int, int]] = []
     cursor = iova
     while True:
-        region = region_at(regions, cursor)
-        if region is not None and region[0] == MSI:
-            run_last = min(region[2], last)
+        decision, limit = dma.region_decision(*arrays, begin, end, attached, cursor)
+        if decision == dma.DECIDE_IDENTITY:
+            run_last = min(int(limit), last)
             append_segment(segments, cursor, run_last - cursor + 1)
-        elif not attached:
-            return Fault(FaultReason.DOMAIN, fault_flags(access), endpoint, cursor, reported=False)
-        elif region is not None:
-            return Fault(FaultReason.MAPPING, fault_flags(access), endpoint, cursor, reported=False)
+        elif decision != dma.DECIDE_LOOKUP:
+            return Fault(FaultReason(decision), flags, endpoint, cursor, reported=False)
         else:
             hit = store.translate(domain, cursor)
-            if hit is None or not allowed_by(hit.flags, access):
-                return Fault(FaultReason.MAPPING, fault_flags(access), endpoint, cursor, reported=False)
-            run_last = min(hit.map_last, last)
-            # Stop a run where a reserved region starts, so that byte is judged by its region.
-            for _kind, start, _end in regions:
-                if cursor < start <= run_last:
-                    run_last = start - 1
-                    break
+            if hit is None or not dma.allowed_by(hit.flags, access):
+                return Fault(FaultReason.MAPPING, flags, endpoint, cursor, reported=False)
+            run_last = min(hit.map_last, last, int(limit))
             append_segment(segments, hit.phys, run_last - cursor + 1)
         if run_last >= last:
             return Translation(iova, size, tuple(segments), bypass=False)

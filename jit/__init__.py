@@ -7,10 +7,12 @@ compiles (or loads from numba's cache) every one of them, so that no request wai
 
 def warm_up() -> None:
     """Compile every kernel with the signatures the back-end uses."""
-    from vhost_iommu.jit import barriers, bulk, kickloop, requests, tables
+    from vhost_iommu.jit import barriers, bulk, dma, guard, kickloop, requests, tables
 
     barriers.warm_up()
+    guard.warm_up()
     tables.warm_up()
     bulk.warm_up()
     requests.warm_up()
     kickloop.warm_up()
+    dma.warm_up()

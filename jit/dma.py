@@ -50,7 +50,7 @@ from vhost_iommu.jit import requests, tables
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import G_EPOCH, G_GENERATION, read_hold, read_release
 from vhost_iommu.jit.requests import M_GPA_LAST, M_GPA_START, M_HOST, _load64, _region_of, _store8, _store64
-from vhost_iommu.jit.tables import table_translate
+from vhost_iommu.jit.tables import NIL, table_entry, table_following, table_locate
 
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
@@ -66,6 +66,8 @@ DECIDE_LOOKUP: Final = -1
 DECIDE_IDENTITY: Final = -2
 """The byte is in an MSI region: reached untranslated."""
 # Any other decision is the fault reason (abi.FAULT_R_DOMAIN, abi.FAULT_R_MAPPING).
+_UNDECIDED: Final = abi.FAULT_R_UNKNOWN
+"""A walk's decision before its first byte (region_decision never answers it)."""
 
 _ONE: Final = np.uint64(1)
 _ZERO: Final = np.uint64(0)
@@ -181,6 +183,9 @@ C_LAST: Final = 3
 C_PHYS: Final = 4
 """Guest-physical address of the mapping's first byte."""
 C_FLAGS: Final = 5
+C_LEAF: Final = 6
+"""Where the mapping is in the table (``tables.table_locate``): the next one is found from there."""
+C_INDEX: Final = 7
 C_WORDS: Final = 8
 CACHE_WORDS: Final = 2 * C_WORDS
 
@@ -201,7 +206,7 @@ _memmove: Any = intrinsic(_memmove_typer)
 # -- translation ----------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _lookup(
     leaves: U64Array,
     nodes: U64Array,
@@ -212,23 +217,35 @@ def _lookup(
     at: int,
     epoch: int,
 ) -> tuple[bool, np.uint64, np.int64, np.uint64]:
-    """(hit, phys, flags, mapping's last byte) for ``address``, through the cache entry at ``at``."""
-    if (
-        cache[at + C_EPOCH] == np.uint64(epoch + 1)
-        and cache[at + C_DOMAIN] == np.uint64(domain)
-        and cache[at + C_START] <= address <= cache[at + C_LAST]
-    ):
-        phys = cache[at + C_PHYS] + (address - cache[at + C_START])
-        return True, phys, np.int64(cache[at + C_FLAGS]), cache[at + C_LAST]
-    hit, phys, flags, map_start, map_last = table_translate(leaves, nodes, directory, domain, address)
-    if hit:
-        cache[at + C_EPOCH] = np.uint64(epoch + 1)
-        cache[at + C_DOMAIN] = np.uint64(domain)
-        cache[at + C_START] = map_start
-        cache[at + C_LAST] = map_last
-        cache[at + C_PHYS] = phys - (address - map_start)
-        cache[at + C_FLAGS] = np.uint64(flags)
-    return hit, phys, flags, map_last
+    """(hit, phys, flags, mapping's last byte) for ``address``, through the cache entry at ``at``: the
+    mapping it holds, else the one after it in the table (a DMA moves up through its mappings), else a
+    lookup from the root. The entry's table position is only used under the epoch it was read in."""
+    leaf: Any = NIL
+    index: Any = NIL
+    if cache[at + C_EPOCH] == np.uint64(epoch + 1) and cache[at + C_DOMAIN] == np.uint64(domain):
+        if cache[at + C_START] <= address <= cache[at + C_LAST]:
+            phys = cache[at + C_PHYS] + (address - cache[at + C_START])
+            return True, phys, np.int64(cache[at + C_FLAGS]), cache[at + C_LAST]
+        if address > cache[at + C_LAST]:
+            leaf, index = table_following(leaves, np.int64(cache[at + C_LEAF]), np.int64(cache[at + C_INDEX]))
+            if leaf != NIL:
+                start, last, _phys, _flags = table_entry(leaves, leaf, index)
+                if not start <= address <= last:
+                    leaf = NIL
+    if leaf == NIL:
+        leaf, index = table_locate(leaves, nodes, directory, domain, address)
+        if leaf == NIL:
+            return False, _ZERO, np.int64(0), _ZERO
+    start, last, phys, flags = table_entry(leaves, leaf, index)
+    cache[at + C_EPOCH] = np.uint64(epoch + 1)
+    cache[at + C_DOMAIN] = np.uint64(domain)
+    cache[at + C_START] = start
+    cache[at + C_LAST] = last
+    cache[at + C_PHYS] = phys
+    cache[at + C_FLAGS] = np.uint64(flags)
+    cache[at + C_LEAF] = np.uint64(leaf)
+    cache[at + C_INDEX] = np.uint64(index)
+    return True, phys + (address - start), flags, last
 
 
 @njit(cache=True, nogil=True)
@@ -275,10 +292,15 @@ def _translate_into(
     capacity = seg_phys.shape[0]
     count = 0
     cursor = iova
+    decision = _UNDECIDED
+    limit = _ZERO
     while True:
-        decision, limit = region_decision(
-            region_starts, region_ends, region_kinds, begin, end, attached, cursor
-        )
+        if decision != DECIDE_LOOKUP or cursor > limit:
+            # Between a byte the mappings translate and the last byte before the next region, every
+            # byte is the mappings' too (regions are sorted and disjoint): decide again only past it.
+            decision, limit = region_decision(
+                region_starts, region_ends, region_kinds, begin, end, attached, cursor
+            )
         if decision == DECIDE_IDENTITY:
             run_last = min(limit, last)
             phys = cursor

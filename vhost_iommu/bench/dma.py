@@ -103,17 +103,19 @@ def build(ram: GuestRam, seed: int) -> tuple[IommuDevice, int, int]:
     return device, bypass_src, bypass_dst
 
 
-def timed(run: Callable[[], int], seconds: float) -> float:
-    """Units per second of this thread's CPU time of ``run`` (which returns the units it did), repeated
-    for about ``seconds`` of it: one core's rate, whatever else the machine runs."""
-    done = 0
-    began = time.thread_time()
-    while True:
-        for _ in range(8):
-            done += run()
-        elapsed = time.thread_time() - began
-        if elapsed >= seconds:
-            return done / elapsed
+def timed(*runs: Callable[[], int], seconds: float) -> list[float]:
+    """Units per second of this thread's CPU time of each of ``runs`` (each returns the units it did):
+    one core's rate, whatever else the machine runs. The runs take turns in short slices for about
+    ``seconds`` in all, so that a change in the machine's load hits each alike."""
+    done = [0] * len(runs)
+    spent = [0.0] * len(runs)
+    while sum(spent) < seconds:
+        for index, run in enumerate(runs):
+            began = time.thread_time()
+            for _ in range(8):
+                done[index] += run()
+            spent[index] += time.thread_time() - began
+    return [units / elapsed for units, elapsed in zip(done, spent, strict=True)]
 
 
 def translations_per_second(port: DmaPort, seconds: float) -> float:
@@ -130,6 +132,7 @@ def translations_per_second(port: DmaPort, seconds: float) -> float:
         phys,
         lengths,
         out,
+        np.zeros(kernel.C_WORDS, np.uint64),
     )
 
     def run() -> int:
@@ -137,7 +140,8 @@ def translations_per_second(port: DmaPort, seconds: float) -> float:
         assert count == pages, count
         return pages
 
-    return timed(run, seconds)
+    [rate] = timed(run, seconds=seconds)
+    return rate
 
 
 def main() -> None:
@@ -176,10 +180,12 @@ def main() -> None:
         for _round in range(args.rounds):
             translate_rates.append(translations_per_second(translated, args.seconds))
             for size in SIZES:
-                # Alternated within the round, so that the machine's load hits each alike.
-                with_translation = timed(copy(translated, SRC_IOVA, DST_IOVA, size), args.seconds)
-                with_bypass = timed(copy(bypassed, bypass_src, bypass_dst, size), args.seconds)
-                scattered = timed(copy(translated, SCATTERED_SRC, SCATTERED_DST, size), args.seconds)
+                with_translation, with_bypass, scattered = timed(
+                    copy(translated, SRC_IOVA, DST_IOVA, size),
+                    copy(bypassed, bypass_src, bypass_dst, size),
+                    copy(translated, SCATTERED_SRC, SCATTERED_DST, size),
+                    seconds=3 * args.seconds,
+                )
                 rates[size, "translated"].append(with_translation)
                 rates[size, "bypass"].append(with_bypass)
                 rates[size, "scattered"].append(scattered)

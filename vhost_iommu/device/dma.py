@@ -43,6 +43,14 @@ LAST_FAULTS: Final = 16
 
 ByteArray = npt.NDArray[np.uint8]
 
+_COUNTER_WORDS: Final = {
+    "bytes_read": kernel.O_BYTES_READ,
+    "bytes_written": kernel.O_BYTES_WRITTEN,
+    "page_translations": kernel.O_TRANSLATIONS,
+    "bypassed_accesses": kernel.O_BYPASSED,
+}
+"""``counters()``' names of the kernel's cumulative ``out`` words."""
+
 
 @dataclass(frozen=True, slots=True)
 class DmaResult:
@@ -130,30 +138,10 @@ class DmaPort:
 
     # -- counters ------------------------------------------------------------------------------------
 
-    @property
-    def bytes_read(self) -> int:
-        return int(self._out[kernel.O_BYTES_READ])
-
-    @property
-    def bytes_written(self) -> int:
-        return int(self._out[kernel.O_BYTES_WRITTEN])
-
-    @property
-    def page_translations(self) -> int:
-        return int(self._out[kernel.O_TRANSLATIONS])
-
-    @property
-    def bypassed_accesses(self) -> int:
-        return int(self._out[kernel.O_BYPASSED])
-
     def counters(self) -> dict[str, int]:
-        return {
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "page_translations": self.page_translations,
-            "bypassed_accesses": self.bypassed_accesses,
-            "faults": self.faults,
-        }
+        counters = {name: int(self._out[word]) for name, word in _COUNTER_WORDS.items()}
+        counters["faults"] = self.faults
+        return counters
 
     def forget_memory(self) -> None:
         """Drop the guest memory kept from the last operation (its session ended)."""

@@ -14,6 +14,11 @@ byte against the guest's RAM (``requests.M_*`` region table), and only then read
 releases the guard. A chunk that cannot be translated (a fault) or that reaches outside guest RAM (an
 error) is not touched at all, and the operation stops there: the bytes done are whole chunks.
 
+The kernels are compiled without numba's reference counting (``_nrt=False``): they allocate nothing
+(the caller passes every array, scratch space included) and keep no array beyond the call, and without
+it the hot loop loses an atomic increment and decrement per array per helper call, which took more time
+than the translation itself.
+
 The only cache is the last mapping each direction of an operation used (``cache``), valid while the
 guard's epoch is the one it was read under: every MAP or UNMAP moves the epoch while it holds the guard
 exclusively, before its used entry is published, so no cached translation outlives its UNMAP. A change
@@ -24,13 +29,15 @@ calls again with the new arrays from there.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.dispatcher import Dispatcher
 from numba.extending import intrinsic, register_jitable
 
 from vhost_iommu import abi
@@ -50,11 +57,20 @@ from vhost_iommu.jit import requests, tables
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import G_EPOCH, G_GENERATION, read_hold, read_release
 from vhost_iommu.jit.requests import M_GPA_LAST, M_GPA_START, M_HOST, _load64, _region_of, _store8, _store64
-from vhost_iommu.jit.tables import table_translate
+from vhost_iommu.jit.tables import NIL, table_entry, table_following, table_locate
 
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+
+_Kernel = TypeVar("_Kernel", bound=Callable[..., Any])
+
+
+def _without_refcounts(function: _Kernel) -> Dispatcher[_Kernel]:
+    """``njit(cache=True, nogil=True)`` without reference counting (see the module's docstring)."""
+    options: dict[str, Any] = {"cache": True, "nogil": True, "_nrt": False}  # _nrt: not in numba's stubs
+    return cast("Dispatcher[_Kernel]", njit(**options)(function))
+
 
 NO_DOMAIN: Final = -1
 """``endpoint_domain`` of an endpoint attached to no domain."""
@@ -66,6 +82,8 @@ DECIDE_LOOKUP: Final = -1
 DECIDE_IDENTITY: Final = -2
 """The byte is in an MSI region: reached untranslated."""
 # Any other decision is the fault reason (abi.FAULT_R_DOMAIN, abi.FAULT_R_MAPPING).
+_UNDECIDED: Final = abi.FAULT_R_UNKNOWN
+"""A walk's decision before its first byte (region_decision never answers it)."""
 
 _ONE: Final = np.uint64(1)
 _ZERO: Final = np.uint64(0)
@@ -181,8 +199,20 @@ C_LAST: Final = 3
 C_PHYS: Final = 4
 """Guest-physical address of the mapping's first byte."""
 C_FLAGS: Final = 5
-C_WORDS: Final = 8
+C_LEAF: Final = 6
+"""Where the mapping is in the table (``tables.table_locate``): the next one is found from there."""
+C_INDEX: Final = 7
+C_RUN_GENERATION: Final = 8
+"""1 + the guard generation of the run below (0: none): the regions' arrays it was decided on."""
+C_RUN_FROM: Final = 9
+"""A byte the region rule sent to the mappings (DECIDE_LOOKUP) ..."""
+C_RUN_LIMIT: Final = 10
+"""... and the last byte before the next region: every byte between is the mappings' too."""
+C_WORDS: Final = 12
 CACHE_WORDS: Final = 2 * C_WORDS
+
+SCRATCH_ROWS: Final = 8
+"""Rows of dma_transfer's ``scratch`` (each CHUNK words): a chunk's segments, guest-physical and host."""
 
 
 def _memmove_typer(typingctx: Any, destination: Any, source: Any, length: Any) -> Any:
@@ -201,7 +231,7 @@ _memmove: Any = intrinsic(_memmove_typer)
 # -- translation ----------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _lookup(
     leaves: U64Array,
     nodes: U64Array,
@@ -212,26 +242,38 @@ def _lookup(
     at: int,
     epoch: int,
 ) -> tuple[bool, np.uint64, np.int64, np.uint64]:
-    """(hit, phys, flags, mapping's last byte) for ``address``, through the cache entry at ``at``."""
-    if (
-        cache[at + C_EPOCH] == np.uint64(epoch + 1)
-        and cache[at + C_DOMAIN] == np.uint64(domain)
-        and cache[at + C_START] <= address <= cache[at + C_LAST]
-    ):
-        phys = cache[at + C_PHYS] + (address - cache[at + C_START])
-        return True, phys, np.int64(cache[at + C_FLAGS]), cache[at + C_LAST]
-    hit, phys, flags, map_start, map_last = table_translate(leaves, nodes, directory, domain, address)
-    if hit:
-        cache[at + C_EPOCH] = np.uint64(epoch + 1)
-        cache[at + C_DOMAIN] = np.uint64(domain)
-        cache[at + C_START] = map_start
-        cache[at + C_LAST] = map_last
-        cache[at + C_PHYS] = phys - (address - map_start)
-        cache[at + C_FLAGS] = np.uint64(flags)
-    return hit, phys, flags, map_last
+    """(hit, phys, flags, mapping's last byte) for ``address``, through the cache entry at ``at``: the
+    mapping it holds, else the one after it in the table (a DMA moves up through its mappings), else a
+    lookup from the root. The entry's table position is only used under the epoch it was read in."""
+    leaf: Any = NIL
+    index: Any = NIL
+    if cache[at + C_EPOCH] == np.uint64(epoch + 1) and cache[at + C_DOMAIN] == np.uint64(domain):
+        if cache[at + C_START] <= address <= cache[at + C_LAST]:
+            phys = cache[at + C_PHYS] + (address - cache[at + C_START])
+            return True, phys, np.int64(cache[at + C_FLAGS]), cache[at + C_LAST]
+        if address > cache[at + C_LAST]:
+            leaf, index = table_following(leaves, np.int64(cache[at + C_LEAF]), np.int64(cache[at + C_INDEX]))
+            if leaf != NIL:
+                start, last, _phys, _flags = table_entry(leaves, leaf, index)
+                if not start <= address <= last:
+                    leaf = NIL
+    if leaf == NIL:
+        leaf, index = table_locate(leaves, nodes, directory, domain, address)
+        if leaf == NIL:
+            return False, _ZERO, np.int64(0), _ZERO
+    start, last, phys, flags = table_entry(leaves, leaf, index)
+    cache[at + C_EPOCH] = np.uint64(epoch + 1)
+    cache[at + C_DOMAIN] = np.uint64(domain)
+    cache[at + C_START] = start
+    cache[at + C_LAST] = last
+    cache[at + C_PHYS] = phys
+    cache[at + C_FLAGS] = np.uint64(flags)
+    cache[at + C_LEAF] = np.uint64(leaf)
+    cache[at + C_INDEX] = np.uint64(index)
+    return True, phys + (address - start), flags, last
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _translate_into(
     global_bypass: bool,
     slot: int,
@@ -245,6 +287,7 @@ def _translate_into(
     leaves: U64Array,
     nodes: U64Array,
     directory: I64Array,
+    generation: int,
     epoch: int,
     cache: U64Array,
     cache_at: int,
@@ -275,10 +318,24 @@ def _translate_into(
     capacity = seg_phys.shape[0]
     count = 0
     cursor = iova
+    decision = _UNDECIDED
+    limit = _ZERO
+    run = cache_at + C_RUN_FROM
+    if cache[cache_at + C_RUN_GENERATION] == np.uint64(generation + 1) and cache[run] <= iova:
+        decision = DECIDE_LOOKUP  # the run an earlier chunk found, if iova is still in it (below)
+        limit = cache[cache_at + C_RUN_LIMIT]
     while True:
-        decision, limit = region_decision(
-            region_starts, region_ends, region_kinds, begin, end, attached, cursor
-        )
+        if decision != DECIDE_LOOKUP or cursor > limit:
+            # From a byte the region rule sends to the mappings to the last byte before the next
+            # region, every byte is the mappings' too (regions are sorted and disjoint, and change
+            # only with the generation): the rule is asked again only past it.
+            decision, limit = region_decision(
+                region_starts, region_ends, region_kinds, begin, end, attached, cursor
+            )
+            if decision == DECIDE_LOOKUP:
+                cache[cache_at + C_RUN_GENERATION] = np.uint64(generation + 1)
+                cache[run] = cursor
+                cache[cache_at + C_RUN_LIMIT] = limit
         if decision == DECIDE_IDENTITY:
             run_last = min(limit, last)
             phys = cursor
@@ -310,7 +367,7 @@ def _translate_into(
         cursor = run_last + _ONE
 
 
-@njit(cache=True, nogil=True)
+@_without_refcounts
 def translate(
     guard: I64Array,
     generation: int,
@@ -332,16 +389,18 @@ def translate(
     seg_phys: U64Array,
     seg_lengths: U64Array,
     out: U64Array,
+    cache: U64Array,
 ) -> int:
     """Translate one access of endpoint ``slot`` (-1: not managed: fault UNKNOWN) into guest-physical
     segments, holding the guard shared meanwhile: the segment count, -1 for a fault (``out``'s
     ``O_FAULT_*``), TRANSLATE_OVERFLOW if ``seg_*`` are too short, TRANSLATE_STALE when the guard's
-    generation is not ``generation`` (the caller's arrays are old). Uses no cache."""
+    generation is not ``generation`` (the caller's arrays are old). ``cache`` (C_WORDS) is the
+    walk's own (emptied first: nothing is kept from one call to the next)."""
     read_hold(guard)
     if guard[G_GENERATION] != generation:
         read_release(guard)
         return TRANSLATE_STALE
-    cache = np.zeros(C_WORDS, np.uint64)  # empty: nothing outlives the call
+    cache[:] = 0  # no run, no mapping: nothing outlives the call
     count = _translate_into(
         global_bypass,
         slot,
@@ -355,6 +414,7 @@ def translate(
         leaves,
         nodes,
         directory,
+        generation,
         0,
         cache,
         0,
@@ -473,7 +533,7 @@ def _fill(hosts: U64Array, lengths: U64Array, count: int, pattern: np.uint64, ph
 # -- the DMA kernel ----------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@_without_refcounts
 def dma_transfer(
     op: int,
     guard: I64Array,
@@ -498,24 +558,27 @@ def dma_transfer(
     host: np.uint64,
     out: U64Array,
     cache: U64Array,
+    scratch: npt.NDArray[np.uint64],
 ) -> int:
     """Run DMA operation ``op`` (``OP_*``) of endpoint ``slot`` from byte ``out[O_DONE]`` to ``length``,
     a chunk at a time (see the module's docstring); ``memory`` is the guest's region table
     (``requests.M_*`` columns), ``host`` the host buffer of OP_READ / OP_WRITE (``length`` bytes), the
     caller's ranges checked not to wrap. Returns a ``DMA_*`` code; ``out`` has the details and counts,
-    ``cache`` (CACHE_WORDS) carries the last mappings from one call to the next."""
+    ``cache`` (CACHE_WORDS) carries the last mappings from one call to the next; ``scratch``
+    (SCRATCH_ROWS x CHUNK) holds a chunk's segments."""
     uses_src = op != OP_FILL and op != OP_WRITE
     uses_dst = op != OP_READ
     dst_access = FAULT_F_READ if op == OP_COMPARE else FAULT_F_WRITE
     page_mask = np.uint64(CHUNK - 1)
-    src_phys = np.empty(CHUNK, np.uint64)
-    src_lengths = np.empty(CHUNK, np.uint64)
-    dst_phys = np.empty(CHUNK, np.uint64)
-    dst_lengths = np.empty(CHUNK, np.uint64)
-    src_hosts = np.empty(CHUNK, np.uint64)
-    src_host_lengths = np.empty(CHUNK, np.uint64)
-    dst_hosts = np.empty(CHUNK, np.uint64)
-    dst_host_lengths = np.empty(CHUNK, np.uint64)
+    # A chunk has at most one segment per byte.
+    src_phys = scratch[0]
+    src_lengths = scratch[1]
+    dst_phys = scratch[2]
+    dst_lengths = scratch[3]
+    src_hosts = scratch[4]
+    src_host_lengths = scratch[5]
+    dst_hosts = scratch[6]
+    dst_host_lengths = scratch[7]
     offset = out[O_DONE]
     reason = DMA_DONE
     while offset < length:
@@ -536,7 +599,7 @@ def dma_transfer(
             count = _translate_into(
                 global_bypass, slot, endpoint_domain, domain_bypass, domain_first,
                 region_starts, region_ends, region_kinds, region_offsets, leaves, nodes, directory,
-                epoch, cache, 0, src + offset, chunk, FAULT_F_READ, src_phys, src_lengths, out,
+                generation, epoch, cache, 0, src + offset, chunk, FAULT_F_READ, src_phys, src_lengths, out,
             )  # fmt: skip
             if count < 0:
                 read_release(guard)
@@ -554,7 +617,8 @@ def dma_transfer(
             count = _translate_into(
                 global_bypass, slot, endpoint_domain, domain_bypass, domain_first,
                 region_starts, region_ends, region_kinds, region_offsets, leaves, nodes, directory,
-                epoch, cache, C_WORDS, dst + offset, chunk, dst_access, dst_phys, dst_lengths, out,
+                generation, epoch, cache, C_WORDS, dst + offset, chunk, dst_access, dst_phys, dst_lengths,
+                out,
             )  # fmt: skip
             if count < 0:
                 read_release(guard)
@@ -631,11 +695,19 @@ def warm_up() -> None:
     )
     out = np.zeros(OUT_WORDS, np.uint64)
     segments = np.zeros(4, np.uint64)
-    query = (np.uint64(0), np.uint64(16), FAULT_F_READ, segments, segments.copy(), out)
+    query = (
+        np.uint64(0),
+        np.uint64(16),
+        FAULT_F_READ,
+        segments,
+        segments.copy(),
+        out,
+        np.zeros(C_WORDS, np.uint64),
+    )
     translate(guard, 0, *state, *query)
     dma_transfer(
         OP_COPY, guard, 0, *state, memory, np.uint64(0), np.uint64(CHUNK), np.uint64(16), _ZERO, _ZERO,
-        out, np.zeros(CACHE_WORDS, np.uint64),
+        out, np.zeros(CACHE_WORDS, np.uint64), np.zeros((SCRATCH_ROWS, CHUNK), np.uint64),
     )  # fmt: skip
     del ram  # kept alive across the calls
 

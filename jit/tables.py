@@ -969,24 +969,57 @@ def table_unmap(
 
 
 @njit(cache=True)
-def table_translate(
+def table_locate(
     leaves: U64Array, nodes: U64Array, directory: I64Array, domain: Int, iova: Address
-) -> tuple[bool, np.uint64, np.int64, np.uint64, np.uint64]:
-    """(hit, phys, flags, map_start, map_last) for one address; on a miss hit is False and the rest 0."""
+) -> tuple[Int, Int]:
+    """(leaf, index) of the mapping of ``domain`` that contains ``iova``, or (NIL, NIL)."""
     domain = np.int64(domain)
     iova = np.uint64(iova)
     slot = directory_find(directory, domain)
     if slot >= 0:
         leaf = _find_leaf(nodes, directory[slot, D_ROOT], directory[slot, D_HEIGHT], iova)
         index = _leaf_upper_bound(leaves, leaf, _leaf_count(leaves, leaf), iova) - 1
-        if index >= 0:
-            map_last = leaves[leaf, L_VALUES + 2 * index]
-            if iova <= map_last:
-                map_start = leaves[leaf, L_STARTS + index]
-                phys_flags = leaves[leaf, L_VALUES + 2 * index + 1]
-                phys = (phys_flags & PHYS_MASK) + (iova - map_start)
-                return True, phys, np.int64(phys_flags & FLAG_BITS), map_start, map_last
-    return False, _ZERO, np.int64(0), _ZERO, _ZERO
+        if index >= 0 and iova <= leaves[leaf, L_VALUES + 2 * index]:
+            return leaf, index
+    return np.int64(NIL), np.int64(NIL)
+
+
+@njit(cache=True)
+def table_following(leaves: U64Array, leaf: Int, index: Int) -> tuple[Int, Int]:
+    """(leaf, index) of the mapping after entry ``index`` of ``leaf`` in address order, same domain, or
+    (NIL, NIL). A position is valid only until the table next changes."""
+    index = np.int64(index) + 1
+    if index < _leaf_count(leaves, leaf):
+        return np.int64(leaf), index
+    following = np.int64(leaves[leaf, L_NEXT])
+    if following == NIL:
+        return np.int64(NIL), np.int64(NIL)
+    return following, np.int64(0)
+
+
+@njit(cache=True)
+def table_entry(leaves: U64Array, leaf: Int, index: Int) -> tuple[np.uint64, np.uint64, np.uint64, np.int64]:
+    """(start, last, phys of the start, flags) of entry ``index`` of ``leaf``."""
+    phys_flags = leaves[leaf, L_VALUES + 2 * index + 1]
+    return (
+        leaves[leaf, L_STARTS + index],
+        leaves[leaf, L_VALUES + 2 * index],
+        phys_flags & PHYS_MASK,
+        np.int64(phys_flags & FLAG_BITS),
+    )
+
+
+@njit(cache=True)
+def table_translate(
+    leaves: U64Array, nodes: U64Array, directory: I64Array, domain: Int, iova: Address
+) -> tuple[bool, np.uint64, np.int64, np.uint64, np.uint64]:
+    """(hit, phys, flags, map_start, map_last) for one address; on a miss hit is False and the rest 0."""
+    iova = np.uint64(iova)
+    leaf, index = table_locate(leaves, nodes, directory, domain, iova)
+    if leaf == NIL:
+        return False, _ZERO, np.int64(0), _ZERO, _ZERO
+    map_start, map_last, phys, flags = table_entry(leaves, leaf, index)
+    return True, phys + (iova - map_start), flags, map_start, map_last
 
 
 @njit(cache=True)

@@ -43,6 +43,14 @@ LAST_FAULTS: Final = 16
 
 ByteArray = npt.NDArray[np.uint8]
 
+_COUNTER_WORDS: Final = {
+    "bytes_read": kernel.O_BYTES_READ,
+    "bytes_written": kernel.O_BYTES_WRITTEN,
+    "page_translations": kernel.O_TRANSLATIONS,
+    "bypassed_accesses": kernel.O_BYPASSED,
+}
+"""``counters()``' names of the kernel's cumulative ``out`` words."""
+
 
 @dataclass(frozen=True, slots=True)
 class DmaResult:
@@ -69,13 +77,17 @@ class DmaPort:
     def __init__(self, device: IommuDevice, endpoint: int) -> None:
         self.device = device
         self.endpoint = endpoint
-        self.bytes_read = 0
-        self.bytes_written = 0
-        self.page_translations = 0
-        self.bypassed_accesses = 0
         self.faults = 0
         self.last_faults: deque[Fault] = deque(maxlen=LAST_FAULTS)
+        # The kernel's ``out`` words: its counts accumulate here over the port's life.
+        self._out = np.zeros(kernel.OUT_WORDS, np.uint64)
         self._cache = np.zeros(kernel.CACHE_WORDS, np.uint64)
+        self._walk = np.zeros(kernel.C_WORDS, np.uint64)  # translate()'s own cache
+        self._scratch = np.zeros((kernel.SCRATCH_ROWS, kernel.CHUNK), np.uint64)
+        # The last guest memory given and its region table (kept until another is given: building the
+        # table costs more than a small transfer).
+        self._memory: FlatRegions | None = None
+        self._memory_table = np.zeros((0, 3), np.uint64)
 
     # -- operations ----------------------------------------------------------------------------------
 
@@ -112,7 +124,7 @@ class DmaPort:
             phys = np.empty(capacity, np.uint64)
             lengths = np.empty(capacity, np.uint64)
             out = np.zeros(kernel.OUT_WORDS, np.uint64)
-            query = (np.uint64(iova), np.uint64(length), int(access), phys, lengths, out)
+            query = (np.uint64(iova), np.uint64(length), int(access), phys, lengths, out, self._walk)
             count = kernel.translate(*(self.device.translation_guard.words, *self._state(), *query))
             if count == kernel.TRANSLATE_OVERFLOW:
                 capacity *= 4
@@ -127,13 +139,14 @@ class DmaPort:
     # -- counters ------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        return {
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "page_translations": self.page_translations,
-            "bypassed_accesses": self.bypassed_accesses,
-            "faults": self.faults,
-        }
+        counters = {name: int(self._out[word]) for name, word in _COUNTER_WORDS.items()}
+        counters["faults"] = self.faults
+        return counters
+
+    def forget_memory(self) -> None:
+        """Drop the guest memory kept from the last operation (its session ended)."""
+        self._memory = None
+        self._memory_table = np.zeros((0, 3), np.uint64)
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -182,19 +195,28 @@ class DmaPort:
         for address in (src, dst):
             if not 0 <= address <= U64_MAX - (length - 1):
                 raise ValueError(f"{length} bytes at {address:#x} are not within the 64-bit address space")
-        table = kernel.region_table(memory.gpa_starts, memory.gpa_lasts, memory.host_addresses)
+        if memory is not self._memory:
+            self._memory_table = kernel.region_table(
+                memory.gpa_starts, memory.gpa_lasts, memory.host_addresses
+            )
+            self._memory = memory
         host = np.uint64(0 if buffer is None else buffer.ctypes.data)
-        out = np.zeros(kernel.OUT_WORDS, np.uint64)
+        out = self._out
+        out[kernel.O_DONE] = 0
         guard = self.device.translation_guard.words
-        operation = (table, np.uint64(src), np.uint64(dst), np.uint64(length), np.uint64(pattern), host)
+        operation = (
+            self._memory_table,
+            np.uint64(src),
+            np.uint64(dst),
+            np.uint64(length),
+            np.uint64(pattern),
+            host,
+        )
         while True:
-            reason = kernel.dma_transfer(*(op, guard, *self._state(), *operation, out, self._cache))
+            arguments = (op, guard, *self._state(), *operation, out, self._cache, self._scratch)
+            reason = kernel.dma_transfer(*arguments)
             if reason != kernel.DMA_STALE:
                 break  # stale: Python code replaced arrays; go on from out[O_DONE] with the new ones
-        self.bytes_read += int(out[kernel.O_BYTES_READ])
-        self.bytes_written += int(out[kernel.O_BYTES_WRITTEN])
-        self.page_translations += int(out[kernel.O_TRANSLATIONS])
-        self.bypassed_accesses += int(out[kernel.O_BYPASSED])
         done = int(out[kernel.O_DONE])
         if reason == kernel.DMA_FAULT:
             fault = self.device.record_fault(self._fault(out))

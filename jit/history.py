@@ -5,7 +5,8 @@ which MAP made it, which UNMAP, DETACH, ATTACH or reset took it away, and when. 
 tables change: by the compiled request path for MAP and UNMAP (``jit/requests.py``, given the ring's
 host address in the ``R_HISTORY`` word, from the requestq's own thread without the interpreter lock) and
 by the device core's Python path for every request it serves and for a reset. Appending costs a few
-stores and a cycle-counter read; nothing reads the ring until a fault is explained.
+stores (the compiled path reads the cycle counter once per batch); nothing reads the ring until a fault
+is explained.
 
 One writer at a time (whoever serves the requestq; the kick thread hands the ring over before Python
 serves a request), any number of readers on other threads: a record's first word is 0 while it is
@@ -43,7 +44,8 @@ W_EXTRA: Final = 6
 """MAP: the mapping's flags; ATTACH: the domain the endpoint left (-1: none); DETACH: 1 if the domain,
 with its mappings, went away with its last endpoint."""
 W_TICKS: Final = 7
-"""The cycle counter when the change was made (``jit.requests.cycles``; ``ticks_per_us`` converts)."""
+"""The cycle counter when the change was made (``jit.requests.cycles``; ``ticks_per_us`` converts); for
+the compiled path, when its batch started (``R_HISTORY_TICKS``: one counter read per batch)."""
 RECORD_WORDS: Final = 8
 
 OP_MAP: Final = 1

@@ -181,6 +181,9 @@ R_JOURNAL_TRAP: Final = 12
 R_HISTORY: Final = 13
 """Host address of the device's mapping history (``jit/history.py``): every MAP and UNMAP applied is
 appended to it before its answer is published (0: none)."""
+R_HISTORY_TICKS: Final = 14
+"""The cycle counter when the call started or its last poll ended, the time of the history records it
+appends: one counter read per batch, not per request (a read costs about as much as the record)."""
 PARAM_WORDS: Final = 16
 
 RF_MAP_UNMAP: Final = 8
@@ -318,9 +321,10 @@ def history_append(
     last: np.uint64,
     value: np.uint64,
     extra: np.uint64,
+    ticks: np.uint64,
 ) -> None:
-    """Append one record to the history at ``address`` (0: none kept). Every argument is a uint64 (one
-    compiled signature for the kernel and for Python callers)."""
+    """Append one record, made at ``ticks`` (the cycle counter), to the history at ``address`` (0: none
+    kept). Every argument is a uint64 (one compiled signature for the kernel and for Python callers)."""
     if address == _ZERO:
         return
     sequence = _load64(address + np.uint64(8 * history.H_NEXT))
@@ -337,7 +341,7 @@ def history_append(
     _store64(record + np.uint64(8 * history.W_LAST), last)
     _store64(record + np.uint64(8 * history.W_VALUE), value)
     _store64(record + np.uint64(8 * history.W_EXTRA), extra)
-    _store64(record + np.uint64(8 * history.W_TICKS), _cycles())
+    _store64(record + np.uint64(8 * history.W_TICKS), ticks)
     _release_fence()
     _store64(record, sequence + _ONE)
     _store64(address + np.uint64(8 * history.H_NEXT), sequence + _ONE)
@@ -469,6 +473,7 @@ def _map(
             virt_end,
             phys_start,
             flags,
+            params[R_HISTORY_TICKS],
         )
     return rules.mapped_status(result)
 
@@ -512,6 +517,7 @@ def _unmap(
             virt_end,
             np.uint64(removed),
             _ZERO,
+            params[R_HISTORY_TICKS],
         )
     return rules.unmapped_status(result)
 
@@ -588,6 +594,8 @@ def serve_requests(
     journal_slots = _i64(params[R_JOURNAL_SLOTS])
     journal_next = _i64(params[R_JOURNAL_NEXT])
     journal_trap = _i64(params[R_JOURNAL_TRAP])
+    if params[R_HISTORY] != _ZERO:
+        params[R_HISTORY_TICKS] = _cycles()
 
     request = np.zeros(_SCRATCH, np.uint8)
     request_address = np.uint64(request.ctypes.data)  # the journal copies a request's bytes from here
@@ -612,7 +620,9 @@ def serve_requests(
             window = min(poll_ticks, poll_limit - poll_spent)
             while pending == 0 and _cycles() - began < window:
                 pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
-            poll_spent += _cycles() - began
+            ended = _cycles()
+            poll_spent += ended - began
+            params[R_HISTORY_TICKS] = ended  # what it serves next came meanwhile
         if pending == 0 and keep_avail_event:
             # Ask for a kick at the next entry, then look again: a driver that published an entry after
             # our first look read the old avail_event and will not kick.
@@ -873,7 +883,7 @@ def warm_up() -> None:
     ``history_append`` as Python calls it."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
-    history_append(*(np.uint64(0),) * 7)
+    history_append(*(np.uint64(0),) * 8)
 
 
 # The rules, the table kernels and abi's numbers are compiled into these kernels.

@@ -148,6 +148,7 @@ class MappingHistory:
             _U64(last),
             _U64(value),
             _U64(extra & 0xFFFF_FFFF_FFFF_FFFF),
+            cycles(),
         )
 
     def records(self) -> list[HistoryRecord]:
@@ -331,3 +332,16 @@ def explain(device: IommuDevice, fault: Fault, at_ticks: int | None = None) -> F
             )
     scope = "" if complete else f" in the last {len(records)} changes of the tables"
     return result("never-mapped", f"{subject}: no MAP of domain {domain} ever covered the address{scope}")
+
+
+def fault_json(fault: Fault) -> dict[str, Any]:
+    """A fault and its explanation for tools (the control channel's last faults, the trace's records)."""
+    return {
+        "reason": FaultReason(fault.reason).name,
+        "flags": fault.flags,
+        "access": "WRITE" if fault.flags & FAULT_F_WRITE else "READ",
+        "endpoint": fault.endpoint,
+        "address": fault.address,
+        "reported": fault.reported,
+        "explanation": None if fault.explanation is None else fault.explanation.to_json(),
+    }

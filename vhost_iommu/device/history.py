@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from vhost_iommu.device.translation import Fault
 
 _U64 = np.uint64
+_MASK = 0xFFFF_FFFF_FFFF_FFFF  # int64 words read back as the u64 they hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,32 +148,46 @@ class MappingHistory:
             _U64(start),
             _U64(last),
             _U64(value),
-            _U64(extra & 0xFFFF_FFFF_FFFF_FFFF),
+            _U64(extra & _MASK),
             cycles(),
         )
 
-    def records(self) -> list[HistoryRecord]:
-        """The complete records the ring holds, oldest first (a consistent view while a writer appends)."""
+    def records(self, endpoint: int | None = None, address: int | None = None) -> list[HistoryRecord]:
+        """The complete records the ring holds, oldest first (a consistent view while a writer appends).
+        With ``endpoint`` and ``address``: only those that can explain a fault of that access (MAP and
+        UNMAP covering the address, ATTACH and DETACH of the endpoint, DETACH that removed a domain,
+        reset), selected with numpy: a full ring is not walked in Python."""
         end = int(self.words[layout.H_NEXT])
         copy = self.words.copy()
         capacity = int(copy[layout.H_CAPACITY])
         after = int(self.words[layout.H_NEXT])  # records appended during the copy overwrote the oldest
+        first = max(0, end - capacity, after - capacity)
+        if first >= end:
+            return []
+        sequences = np.arange(first, end, dtype=np.int64)
+        rows = copy[layout.HEADER_WORDS :].reshape(capacity, layout.RECORD_WORDS)[sequences % capacity]
+        keep = rows[:, layout.W_COMMIT] == sequences + 1  # not being written when copied
+        if endpoint is not None and address is not None:
+            op, words = rows[:, layout.W_OP], rows.view(np.uint64)
+            ranged = (op == layout.OP_MAP) | (op == layout.OP_UNMAP)
+            covers = (words[:, layout.W_START] <= _U64(address)) & (_U64(address) <= words[:, layout.W_LAST])
+            theirs = ((op == layout.OP_ATTACH) | (op == layout.OP_DETACH)) & (
+                rows[:, layout.W_VALUE] == endpoint
+            )
+            removed_domain = (op == layout.OP_DETACH) & (rows[:, layout.W_EXTRA] != 0)
+            keep &= (ranged & covers) | theirs | removed_domain | (op == layout.OP_RESET)
         found = []
-        for sequence in range(max(0, end - capacity, after - capacity), end):
-            base = layout.HEADER_WORDS + (sequence % capacity) * layout.RECORD_WORDS
-            row = copy[base : base + layout.RECORD_WORDS]
-            if int(row[layout.W_COMMIT]) != sequence + 1:
-                continue  # being written when copied
+        for sequence, row in zip(sequences[keep].tolist(), rows[keep].tolist(), strict=True):
             found.append(
                 HistoryRecord(
                     sequence,
-                    int(row[layout.W_OP]),
-                    int(row[layout.W_DOMAIN]),
-                    int(row[layout.W_START]) & 0xFFFF_FFFF_FFFF_FFFF,
-                    int(row[layout.W_LAST]) & 0xFFFF_FFFF_FFFF_FFFF,
-                    int(row[layout.W_VALUE]) & 0xFFFF_FFFF_FFFF_FFFF,
-                    int(row[layout.W_EXTRA]),
-                    int(row[layout.W_TICKS]) & 0xFFFF_FFFF_FFFF_FFFF,
+                    row[layout.W_OP],
+                    row[layout.W_DOMAIN],
+                    row[layout.W_START] & _MASK,
+                    row[layout.W_LAST] & _MASK,
+                    row[layout.W_VALUE] & _MASK,
+                    row[layout.W_EXTRA],
+                    row[layout.W_TICKS] & _MASK,
                 )
             )
         return found
@@ -236,9 +251,10 @@ def explain(device: IommuDevice, fault: Fault, at_ticks: int | None = None) -> F
     ``device``'s current state and history. Call it on the thread that drives the device, or while the
     requestq thread is parked; a concurrent writer only makes the newest record missing."""
     now = int(cycles()) if at_ticks is None else at_ticks
-    records = device.history.records()
-    complete = device.history.appended <= device.history.capacity
     endpoint, address = fault.endpoint, fault.address
+    records = device.history.records(endpoint, address)
+    complete = device.history.appended <= device.history.capacity
+    held = min(device.history.appended, device.history.capacity)
     with device.translation_guard.reading():  # the tables as they are, not in the middle of a change
         managed = device.topology.has_endpoint(endpoint)
         domain = device.domain_of(endpoint) if managed else None
@@ -249,7 +265,7 @@ def explain(device: IommuDevice, fault: Fault, at_ticks: int | None = None) -> F
     def result(
         verdict: str, text: str, mapped: HistoryRecord | None = None, removed: HistoryRecord | None = None
     ) -> FaultExplanation:
-        return FaultExplanation(verdict, text, domain, mapped, removed, now, len(records), complete)
+        return FaultExplanation(verdict, text, domain, mapped, removed, now, held, complete)
 
     def made(mapped: HistoryRecord | None) -> str:
         return (
@@ -330,7 +346,7 @@ def explain(device: IommuDevice, fault: Fault, at_ticks: int | None = None) -> F
                 before,
                 arrival,
             )
-    scope = "" if complete else f" in the last {len(records)} changes of the tables"
+    scope = "" if complete else f" in the last {held} changes of the tables"
     return result("never-mapped", f"{subject}: no MAP of domain {domain} ever covered the address{scope}")
 
 

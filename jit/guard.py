@@ -216,6 +216,19 @@ class TranslationGuard:
             self._owner = None
             write_release(self.words, True)
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the guard shared for the block: Python code reading the translation state on a thread
+        other than the one changing it (a fault explained on a DMA thread)."""
+        if self._owner == threading.get_ident():
+            yield
+            return
+        read_hold(self.words)
+        try:
+            yield
+        finally:
+            read_release(self.words)
+
     @property
     def epoch(self) -> int:
         return int(self.words[G_EPOCH])

@@ -43,7 +43,7 @@ from numba.extending import intrinsic
 
 from vhost_iommu import abi
 from vhost_iommu.abi import VIRTQ_AVAIL_F_NO_INTERRUPT
-from vhost_iommu.jit import barriers, guard, requests, rules, tables
+from vhost_iommu.jit import barriers, guard, history, requests, rules, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.requests import (
@@ -468,4 +468,4 @@ def warm_up() -> None:
 
 
 # kick_loop compiles serve_requests, the rules and the table kernels into itself.
-cache_on_sources(globals(), abi, requests, rules, tables, barriers, guard)
+cache_on_sources(globals(), abi, requests, rules, tables, barriers, guard, history)

@@ -39,6 +39,8 @@ byte of it is touched, so no guest value makes the kernel read or write outside 
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -79,7 +81,7 @@ from vhost_iommu.abi import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from vhost_iommu.jit import barriers, guard, rules, tables
+from vhost_iommu.jit import barriers, guard, history, rules, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import GUARD_WORDS, write_hold, write_release
@@ -176,6 +178,12 @@ R_JOURNAL_NEXT: Final = 11
 """In and out: the next free record."""
 R_JOURNAL_TRAP: Final = 12
 """Test hook: 1 + the record after whose commit the call stops with STOP_TRAP (0: never)."""
+R_HISTORY: Final = 13
+"""Host address of the device's mapping history (``jit/history.py``): every MAP and UNMAP applied is
+appended to it before its answer is published (0: none)."""
+R_HISTORY_TICKS: Final = 14
+"""The cycle counter when the call started or its last poll ended, the time of the history records it
+appends: one counter read per batch, not per request (a read costs about as much as the record)."""
 PARAM_WORDS: Final = 16
 
 RF_MAP_UNMAP: Final = 8
@@ -288,9 +296,55 @@ keeps the compiler from moving a journal record's stores after its commit word."
 
 @njit(cache=True, nogil=True)
 def cycles() -> np.uint64:
-    """The cycle counter, from Python (to calibrate poll windows)."""
+    """The cycle counter, from Python (to calibrate poll windows, to time a fault)."""
     now: np.uint64 = _cycles()
     return now
+
+
+@functools.cache
+def ticks_per_us() -> float:
+    """Cycle-counter ticks per microsecond, measured once over 5 ms."""
+    wall, ticks = time.perf_counter_ns(), int(cycles())
+    time.sleep(0.005)
+    return (int(cycles()) - ticks) / ((time.perf_counter_ns() - wall) / 1000)
+
+
+# -- the mapping history (jit/history.py) -----------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def history_append(
+    address: np.uint64,
+    op: np.uint64,
+    domain: np.uint64,
+    start: np.uint64,
+    last: np.uint64,
+    value: np.uint64,
+    extra: np.uint64,
+    ticks: np.uint64,
+) -> None:
+    """Append one record, made at ``ticks`` (the cycle counter), to the history at ``address`` (0: none
+    kept). Every argument is a uint64 (one compiled signature for the kernel and for Python callers)."""
+    if address == _ZERO:
+        return
+    sequence = _load64(address + np.uint64(8 * history.H_NEXT))
+    capacity = _load64(address + np.uint64(8 * history.H_CAPACITY))
+    slot = sequence & (capacity - _ONE)
+    record = address + np.uint64(8) * (
+        np.uint64(history.HEADER_WORDS) + np.uint64(history.RECORD_WORDS) * slot
+    )
+    _store64(record, _ZERO)  # a reader skips it until it is whole again
+    _release_fence()
+    _store64(record + np.uint64(8 * history.W_OP), op)
+    _store64(record + np.uint64(8 * history.W_DOMAIN), domain)
+    _store64(record + np.uint64(8 * history.W_START), start)
+    _store64(record + np.uint64(8 * history.W_LAST), last)
+    _store64(record + np.uint64(8 * history.W_VALUE), value)
+    _store64(record + np.uint64(8 * history.W_EXTRA), extra)
+    _store64(record + np.uint64(8 * history.W_TICKS), ticks)
+    _release_fence()
+    _store64(record, sequence + _ONE)
+    _store64(address + np.uint64(8 * history.H_NEXT), sequence + _ONE)
 
 
 # -- guest memory ----------------------------------------------------------------------------------------
@@ -411,6 +465,16 @@ def _map(
         return -1
     if result == OK:
         mapping_count[index] += 1
+        history_append(
+            params[R_HISTORY],
+            np.uint64(history.OP_MAP),
+            np.uint64(domain),
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+            params[R_HISTORY_TICKS],
+        )
     return rules.mapped_status(result)
 
 
@@ -445,6 +509,16 @@ def _unmap(
     result, removed = table_unmap(leaves, nodes, directory, meta, domain, virt_start, virt_end)
     if result == OK:
         mapping_count[index] -= removed
+        history_append(
+            params[R_HISTORY],
+            np.uint64(history.OP_UNMAP),
+            np.uint64(domain),
+            virt_start,
+            virt_end,
+            np.uint64(removed),
+            _ZERO,
+            params[R_HISTORY_TICKS],
+        )
     return rules.unmapped_status(result)
 
 
@@ -520,6 +594,8 @@ def serve_requests(
     journal_slots = _i64(params[R_JOURNAL_SLOTS])
     journal_next = _i64(params[R_JOURNAL_NEXT])
     journal_trap = _i64(params[R_JOURNAL_TRAP])
+    if params[R_HISTORY] != _ZERO:
+        params[R_HISTORY_TICKS] = _cycles()
 
     request = np.zeros(_SCRATCH, np.uint8)
     request_address = np.uint64(request.ctypes.data)  # the journal copies a request's bytes from here
@@ -544,7 +620,9 @@ def serve_requests(
             window = min(poll_ticks, poll_limit - poll_spent)
             while pending == 0 and _cycles() - began < window:
                 pending = (_i64(_load16(avail + np.uint64(2))) - next_avail) & 0xFFFF
-            poll_spent += _cycles() - began
+            ended = _cycles()
+            poll_spent += ended - began
+            params[R_HISTORY_TICKS] = ended  # what it serves next came meanwhile
         if pending == 0 and keep_avail_event:
             # Ask for a kick at the next entry, then look again: a driver that published an entry after
             # our first look read the old avail_event and will not kick.
@@ -801,10 +879,12 @@ def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
 
 
 def warm_up() -> None:
-    """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring)."""
+    """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring), and
+    ``history_append`` as Python calls it."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
+    history_append(*(np.uint64(0),) * 8)
 
 
 # The rules, the table kernels and abi's numbers are compiled into these kernels.
-cache_on_sources(globals(), abi, rules, tables, barriers, guard)
+cache_on_sources(globals(), abi, rules, tables, barriers, guard, history)

@@ -134,3 +134,15 @@ def test_an_unusable_control_path_is_a_one_line_error() -> None:
             "refusing to replace it"
         ]
         assert os.listdir(directory) == ["file"]  # the vhost-user socket went with the failed start
+
+
+def test_ctl_endpoints_served_lists_the_vfio_user_endpoints_without_a_guest(program: Program) -> None:
+    # The default topology serves a DMA engine over vfio-user; no QEMU has connected to it.
+    shown = ctl(program, "endpoints", "--served")
+    assert shown.returncode == 0, shown.stderr
+    assert "dma-engine 00:05.0 endpoint 0x28 on " in shown.stdout
+    assert "not paired: no vfio-user client is connected" in shown.stdout
+    [row] = ctl_json(program, "endpoints", "--served")  # type: ignore[misc]
+    assert (row["kind"], row["endpoint"], row["connected"]) == ("dma-engine", 0x28, False)
+    assert row["counters"] is None and row["last_faults"] == []
+    assert os.path.dirname(row["socket"]) == os.path.dirname(program.socket)

@@ -260,6 +260,7 @@ def _engine_demo(args: argparse.Namespace) -> int:
                     return {}, []
                 faults = [
                     f"{fault.reason.name} {'W' if fault.flags & 2 else 'R'} at {fault.address:#x}"
+                    + (f"\n    why: {fault.explanation.text}" if fault.explanation is not None else "")
                     for fault in port.last_faults
                 ]
                 return dict(port.counters()), faults

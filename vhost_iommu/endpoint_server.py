@@ -102,6 +102,19 @@ class ServedEndpoint:
             )
         return None
 
+    def pairing(self) -> tuple[object | None, str | None]:
+        """The vhost-user connection (guest) this endpoint's client is paired with now, or None and why
+        not (for tools: the same rule the DMA follows)."""
+        handler = self.handler
+        if handler is None:
+            return None, "no vfio-user client is connected"
+        if not len(handler.memory):
+            return None, "the client has mapped no guest RAM yet (no DMA_MAP)"
+        pairing = self._pair(handler)
+        if pairing is None:
+            return None, "no vhost-iommu guest shares this client's RAM (the same memory file)"
+        return pairing.connection, None
+
     @property
     def paired_connection(self) -> object | None:
         return None if self._pairing is None else self._pairing.connection

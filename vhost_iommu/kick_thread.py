@@ -22,7 +22,7 @@ from vhost_iommu.abi import REQUEST_QUEUE
 from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.memory import GuestMemory
-from vhost_iommu.request_path import CompiledRequestPath, ticks_per_us
+from vhost_iommu.request_path import CompiledRequestPath
 from vhost_iommu.virtqueue import SplitQueue
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class KickThread:
         #: thread is out of it.
         self.timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
         if backend.kick_timing is not None:
-            control[kickloop.K_TICKS_PER_MS] = max(1, round(ticks_per_us() * 1000))
+            control[kickloop.K_TICKS_PER_MS] = max(1, round(kernel.ticks_per_us() * 1000))
         # The loop polls after it has notified; the event loop's path, which serves the hand-overs while
         # this thread waits, must not spin as well.
         compiled.set_polling(False)

@@ -10,10 +10,8 @@ design and the measurements.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy.typing as npt
 from vhost_iommu.abi import F_MAP_UNMAP, F_MMIO
 from vhost_iommu.device import IommuDevice
 from vhost_iommu.jit import requests as kernel
+from vhost_iommu.jit.requests import ticks_per_us
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import FlatRegions, GuestMemory
 from vhost_iommu.persist.journal import Journal
@@ -54,14 +53,6 @@ POLL_LIMIT_US = 2000.0
 twice the poll window if that is longer."""
 
 
-@functools.cache
-def ticks_per_us() -> float:
-    """Cycle-counter ticks per microsecond, measured once over 5 ms."""
-    wall, ticks = time.perf_counter_ns(), int(kernel.cycles())
-    time.sleep(0.005)
-    return (int(kernel.cycles()) - ticks) / ((time.perf_counter_ns() - wall) / 1000)
-
-
 class CompiledRequestPath:
     """Serves the requestq with `vhost_iommu.jit.requests.serve_requests`, handing the chains the kernel
     does not serve to a Python callback one at a time.
@@ -84,6 +75,7 @@ class CompiledRequestPath:
         loop_poll_us, thread_poll_us = poll_windows(poll_us)
         self.device = device
         self._params = np.zeros(kernel.PARAM_WORDS, np.uint64)
+        self._params[kernel.R_HISTORY] = device.history.address
         #: The kick thread's poll window in cycle-counter ticks (0: no polling); adaptive in the loop.
         self.thread_poll_ticks = int(thread_poll_us * ticks_per_us()) if thread_poll_us else 0
         #: The event-loop path's poll window in cycle-counter ticks (0: no polling).

@@ -16,6 +16,10 @@ nanoseconds since the recording started):
   control channel set the config field), ``{"kind": "resv", "endpoint": N or null, "regions": [...] or
   null}`` (the control channel replaced reserved regions; null endpoint: all, null regions: the
   topology's);
+- ``{"kind": "fault", "fault": {...}}``: a DMA access faulted (an endpoint served over vfio-user, or a
+  tool's ``translate --report``): reason, flags, endpoint, address, whether it was reported, and its
+  explanation from the mapping history (``vhost_iommu.device.history.fault_json``); not replayed (the
+  accesses are not requests);
 - ``{"kind": "takeover"}``: under ``serve --state-dir``, a new device worker took the session over and
   continues the trace; the device state continues too (the previous worker wrote every record through
   before the guest could see its answer, so none is missing).
@@ -47,8 +51,10 @@ from typing import IO, Any
 
 from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import IommuDevice, PciRange, ReservedRegion, ResvMemType, Topology, TopologyError
+from vhost_iommu.device.history import fault_json
 from vhost_iommu.device.layout import READABLE_SIZE, RequestType, Status
 from vhost_iommu.device.topology import ServedDevice
+from vhost_iommu.device.translation import Fault
 
 TRACE_MAGIC = "vhost-iommu"
 TRACE_VERSION = 1
@@ -443,6 +449,9 @@ class TraceWriter:
             regions=None if regions is None else [_region_json(region) for region in regions],
         )
 
+    def fault(self, fault: Fault) -> None:
+        self._event("fault", fault=fault_json(fault))
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
@@ -493,6 +502,7 @@ _EVENT_KEYS = {
     "bypass": {"value"},
     "resv": {"endpoint", "regions"},
     "takeover": set(),
+    "fault": {"fault"},
 }
 
 
@@ -526,6 +536,10 @@ def _event(record: Any, where: str) -> tuple[str, dict[str, Any]]:
         endpoint, regions = fields["endpoint"], fields["regions"]
         parsed["endpoint"] = None if endpoint is None else _int(endpoint, f"{where}: endpoint", 0xFFFFFFFF)
         parsed["regions"] = None if regions is None else _regions(regions, f"{where}: regions")
+    elif kind == "fault":
+        if not isinstance(fields["fault"], dict):
+            raise TraceError(f"{where}: fault: not an object")
+        parsed["fault"] = fields["fault"]
     return kind, parsed
 
 
@@ -688,8 +702,8 @@ def replay(
             # A write the device refuses was refused when recorded too, the same way.
             with contextlib.suppress(ValueError):
                 device.set_config(fields["offset"], fields["data"])
-        elif event.kind == "takeover":
-            pass  # another device worker, the same device state: nothing to replay
+        elif event.kind in ("takeover", "fault"):
+            pass  # another device worker, the same device state; a DMA access: nothing to replay
         else:
             if check is not None:
                 check.check_request(fields["request"], fields["writable"])

@@ -73,7 +73,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("hello", "the protocol version and the commands the back-end knows")
     add("upgrade", "serve --state-dir: a new device worker (the code on disk) takes over, as SIGHUP does")
     add("connections", "one row per connected front-end")
-    add("endpoints", "endpoints, their PCI address, domain and reserved regions")
+    endpoints = add(
+        "endpoints",
+        "endpoints, their PCI address, domain and reserved regions; the vfio-user endpoints served for "
+        "them: client, guest, DMA counters and last faults with their explanations",
+    )
+    endpoints.add_argument(
+        "--served", action="store_true", help="only the vfio-user endpoints, of every guest"
+    )
     add("domains", "domains, their endpoints and mapping counts")
     mappings = add("mappings", "mappings, filtered and paged")
     mappings.add_argument("--domain", type=_integer)
@@ -165,6 +172,10 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             flags=args.flags,
             count=args.count,
         )
+    elif command == "endpoints":
+        if args.served:
+            request.update(served=True)
+            request.pop("connection")
     elif command == "translate":
         request.update(
             endpoint=args.endpoint, iova=args.iova, size=args.size, access=args.access, report=args.report
@@ -311,7 +322,28 @@ def _print_resv(result: Any, _args: argparse.Namespace) -> None:
         print("every endpoint reports the topology's reserved regions again")
 
 
-def _print_endpoints(result: Any, _args: argparse.Namespace) -> None:
+def _print_served(served: list[Any]) -> None:
+    for e in served:
+        client = e["client"] or "no client"
+        guest = f"paired with {e['paired']['name']}" if e["paired"] else f"not paired: {e['unpaired']}"
+        print(f"{e['kind']} {e['bdf']} endpoint {e['endpoint']:#x} on {e['socket']}: {client}, {guest}")
+        if e["counters"] is not None:
+            print(
+                "  DMA: "
+                + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in e["counters"].items())
+            )
+        for fault in e["last_faults"]:
+            explanation = fault["explanation"]
+            print(f"  fault {fault['reason']} {fault['access']} {fault['address']:#x}")
+            if explanation is not None:
+                print(f"    {explanation['verdict']}: {explanation['text']}")
+
+
+def _print_endpoints(result: Any, args: argparse.Namespace) -> None:
+    if args.served:
+        _print_served(result)
+        return
+    served = [e["vfio_user"] for e in result if e.get("vfio_user") is not None]
     rows = [
         [
             _hex(e["endpoint"]),
@@ -326,6 +358,7 @@ def _print_endpoints(result: Any, _args: argparse.Namespace) -> None:
     _table(f"{len(result)} endpoints, {len(rows)} attached", ["endpoint", "PCI", "domain", "reserved"], rows)
     if detached:
         print(f"({detached} endpoints not attached; --json lists them all)")
+    _print_served(served)
 
 
 def _print_domains(result: Any, _args: argparse.Namespace) -> None:
@@ -451,6 +484,9 @@ def _print_translate(result: Any, _args: argparse.Namespace) -> None:
             f"fault {result['reason']} endpoint {result['endpoint']:#x} address {result['address']:#x} "
             f"flags {result['flags']:#x} ({reported})"
         )
+        explanation = result.get("explanation")
+        if explanation is not None:
+            print(f"{explanation['verdict']}: {explanation['text']}")
 
 
 def _print_conformance(result: Any, _args: argparse.Namespace) -> None:

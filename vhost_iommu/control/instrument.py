@@ -44,6 +44,7 @@ from vhost_iommu.jit import kickloop
 from vhost_iommu.trace import TraceWriter
 
 if TYPE_CHECKING:
+    from vhost_iommu.device.translation import Fault
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,11 @@ class _ToolsObserver(DeviceObserver):
         tools = self._tools()
         if tools is not None and tools.trace is not None:
             tools.trace.reserved_regions(endpoint, regions)
+
+    def fault(self, fault: Fault) -> None:
+        tools = self._tools()
+        if tools is not None and tools.trace is not None:
+            tools.trace.fault(fault)
 
 
 class ConnectionTools:

@@ -46,7 +46,10 @@ from vhost_iommu.device import (
     Status,
     Translation,
 )
+from vhost_iommu.device.dma import DmaPort
+from vhost_iommu.device.history import fault_json
 from vhost_iommu.device.layout import FAULT_F_ADDRESS, decode_config, feature_names
+from vhost_iommu.device.topology import format_bdf
 from vhost_iommu.protocol.constants import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from vhost_iommu.trace import (
     DEFAULT_KEEP,
@@ -58,6 +61,7 @@ from vhost_iommu.trace import (
 
 if TYPE_CHECKING:
     from vhost_iommu.backend import VhostUserBackend
+    from vhost_iommu.endpoint_server import ServedEndpoint
     from vhost_iommu.server import Connection, VhostUserServer
     from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
@@ -152,7 +156,7 @@ _C = "connection"
 ARGUMENTS: dict[str, set[str]] = {
     "hello": set(),
     "connections": set(),
-    "endpoints": {_C},
+    "endpoints": {_C, "served"},
     "domains": {_C},
     "mappings": {_C, "domain", "endpoint", "iova_start", "iova_end", "limit", "after"},
     "counters": {_C},
@@ -474,7 +478,20 @@ class ControlService:
         return rows
 
     def endpoints(self, arguments: Arguments) -> object:
-        backend, _tools = self._backend(arguments)
+        """The IOMMU's endpoints on one connection, each with its vfio-user endpoint (``vfio_user``) if one
+        is served for it and not paired with another guest; with ``served``, only the vfio-user
+        endpoints, of every guest (no connection needed)."""
+        if arguments.boolean("served", default=False):
+            if "connection" in arguments:
+                raise ControlError(BAD_ARGUMENT, "connection: not with served (it lists every guest's)")
+            return [self._served_row(served) for served in self._served()]
+        backend, tools = self._backend(arguments)
+        ours: dict[int, dict[str, object]] = {}
+        for served in self._served():
+            row = self._served_row(served)
+            paired = row["paired"]
+            if paired is None or paired["connection"] == tools.number:  # type: ignore[index]
+                ours[served.endpoint] = row
         rows = []
         for info in backend.device.endpoints():
             rows.append(
@@ -484,9 +501,37 @@ class ControlService:
                     "bdf": info.bdf,
                     "domain": info.domain,
                     "reserved": [_region(region) for region in info.reserved],
+                    "vfio_user": ours.get(info.endpoint),
                 }
             )
         return rows
+
+    def _served(self) -> list[ServedEndpoint]:
+        server = self.endpoint_server
+        return [] if server is None else list(server.endpoints)
+
+    def _served_row(self, served: ServedEndpoint) -> dict[str, object]:
+        """One vfio-user endpoint: its device, its client, the guest it is paired with, its DMA."""
+        connection, unpaired = served.pairing()
+        paired = None
+        if connection is not None:
+            number = next((tools.number for tools, live in self._live() if live is connection), None)
+            paired = {"connection": number, "name": getattr(connection, "name", None)}
+        port = served.port if connection is not None else None
+        client = served.handler
+        return {
+            "kind": served.spec.kind,
+            "bdf": format_bdf(served.spec.bdf),
+            "segment": served.spec.segment,
+            "endpoint": served.endpoint,
+            "socket": served.path,
+            "connected": client is not None,
+            "client": None if client is None else client.name,
+            "paired": paired,
+            "unpaired": unpaired,
+            "counters": None if port is None else port.counters(),
+            "last_faults": [] if port is None else [fault_json(fault) for fault in port.last_faults],
+        }
 
     def domains(self, arguments: Arguments) -> object:
         backend, _tools = self._backend(arguments)
@@ -711,10 +756,13 @@ class ControlService:
         size = arguments.integer("size", default=1, low=1, high=1 << 48)
         access = _access(arguments.string("access", default="r"))
         report = arguments.boolean("report", default=False)
+        # The engine's own translation: a DMA port's (the compiled kernel of jit/dma.py), not a copy.
         try:
-            result = device.translate(endpoint, iova, size, access, report=report)
+            result = DmaPort(device, endpoint).translate(iova, size, Access(access))
         except ValueError as exc:
             raise ControlError(BAD_ARGUMENT, str(exc)) from None
+        except TypeError as exc:
+            raise ControlError(UNAVAILABLE, str(exc)) from None
         if isinstance(result, Translation):
             return {
                 "translated": True,
@@ -723,6 +771,8 @@ class ControlService:
                 "bypass": result.bypass,
                 "segments": [list(segment) for segment in result.segments],
             }
+        result = dataclasses.replace(result, explanation=device.explain(result))
+        result = device.record_fault(result, report=report)  # counted as ever, queued only when asked
         if result.reported:
             backend.deliver_events()
         return {
@@ -732,6 +782,7 @@ class ControlService:
             "endpoint": result.endpoint,
             "address": result.address,
             "reported": result.reported,
+            "explanation": result.explanation.to_json() if result.explanation is not None else None,
         }
 
     def inject(self, arguments: Arguments) -> object:

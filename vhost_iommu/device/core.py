@@ -22,7 +22,7 @@ only when the used length equals the writable size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter_ns
 
 from vhost_iommu.abi import S_OK
@@ -30,6 +30,7 @@ from vhost_iommu.device import mapping
 from vhost_iommu.device.config import ConfigSpace
 from vhost_iommu.device.domains import DomainInfo, Domains
 from vhost_iommu.device.events import FaultQueue
+from vhost_iommu.device.history import FaultExplanation, MappingHistory, explain
 from vhost_iommu.device.layout import (
     ATTACH,
     ATTACH_F_BYPASS,
@@ -62,6 +63,7 @@ from vhost_iommu.device.topology import ReservedRegion, Topology
 from vhost_iommu.device.translation import Fault, Translation, translate
 from vhost_iommu.jit import rules
 from vhost_iommu.jit.guard import TranslationGuard
+from vhost_iommu.jit.history import OP_ATTACH, OP_DETACH, OP_MAP, OP_RESET, OP_UNMAP
 
 _STATUS_TAILS = [bytes((status, 0, 0, 0)) for status in range(len(Status))]  # indexed by status
 _ZERO4 = bytes(4)
@@ -110,6 +112,8 @@ class IommuDevice:
         self.events = FaultQueue(max_pending_events)
         #: Held by every change of the translation state and by each DMA chunk (``vhost_iommu.jit.guard``).
         self.translation_guard = TranslationGuard()
+        #: Every change of the tables, bounded (``vhost_iommu.device.history``): read to explain faults.
+        self.history = MappingHistory()
         self.granule = self.topology.granule
         self.acked_features = 0
         self.driver_features = 0  # as the driver wrote them, offered or not
@@ -307,12 +311,20 @@ class IommuDevice:
         known_flags = ATTACH_F_BYPASS if self.negotiated(F_BYPASS_CONFIG) else 0
         if flags & ~known_flags:
             return Status.INVAL
-        return self.domain_table.attach(endpoint, domain, bool(flags & ATTACH_F_BYPASS))
+        previous = self.domain_table.domain_of(endpoint)
+        status = self.domain_table.attach(endpoint, domain, bool(flags & ATTACH_F_BYPASS))
+        if status == Status.OK and previous != domain:
+            self.history.append(OP_ATTACH, domain, value=endpoint, extra=-1 if previous is None else previous)
+        return status
 
     def _detach(self, request: bytes | memoryview) -> Status:
         # The reserved field is ignored: "The device MUST ignore reserved."
         _type, _head_reserved, domain, endpoint, _reserved = DETACH.unpack(request)
-        return self.domain_table.detach(endpoint, domain)
+        status = self.domain_table.detach(endpoint, domain)
+        if status == Status.OK:
+            removed = not self.domain_table.domain_exists(domain)
+            self.history.append(OP_DETACH, domain, value=endpoint, extra=int(removed))
+        return status
 
     def _map(self, request: bytes | memoryview) -> int:
         # The rules are the compiled request path's own (jit/rules.py), run here as Python.
@@ -345,6 +357,7 @@ class IommuDevice:
         result = self.store.map(domain, virt_start, virt_end, phys_start, flags)
         if result == mapping.OK:
             domains.mapping_count[index] += 1
+            self.history.append(OP_MAP, domain, virt_start, virt_end, phys_start, flags)
         return rules.mapped_status(result)
 
     def _unmap(self, request: bytes | memoryview) -> int:
@@ -365,6 +378,7 @@ class IommuDevice:
         result, removed = self.store.unmap(domain, virt_start, virt_end)
         if result == mapping.OK:
             domains.mapping_count[index] -= removed
+            self.history.append(OP_UNMAP, domain, virt_start, virt_end, removed)
         return rules.unmapped_status(result)
 
     def _probe(self, request: bytes | memoryview, properties_size: int) -> tuple[bytes, Status]:
@@ -419,11 +433,19 @@ class IommuDevice:
 
     def record_fault(self, fault: Fault, *, report: bool = True) -> Fault:
         """Count a fault of a DMA access and, unless report=False, queue its event for the eventq when the
-        endpoint is one this IOMMU manages (and the queue has room); the Fault as recorded."""
+        endpoint is one this IOMMU manages (and the queue has room); the Fault as recorded, which
+        observers are shown (``DeviceObserver.fault``)."""
         self.fault_counts[fault.reason] += 1
         if report and self.topology.has_endpoint(fault.endpoint) and self.events.push(fault.encode()):
-            return Fault(fault.reason, fault.flags, fault.endpoint, fault.address, reported=True)
+            fault = replace(fault, reported=True)
+        for observer in self.observers:
+            observer.fault(fault)
         return fault
+
+    def explain(self, fault: Fault, at_ticks: int | None = None) -> FaultExplanation:
+        """Why ``fault`` happened, from the current state and the mapping history
+        (``vhost_iommu.device.history``); ``at_ticks``: when the access was made (default: now)."""
+        return explain(self, fault, at_ticks)
 
     def report_fault(self, reason: int, flags: int, endpoint: int, address: int = 0) -> bool:
         """Queue an arbitrary fault event (for tools that provoke a driver on purpose)."""
@@ -453,6 +475,7 @@ class IommuDevice:
         keep theirs."""
         with self.translation_guard.changing():
             self.domain_table.clear()
+            self.history.append(OP_RESET)
         self.events.clear()
         self.acked_features = 0
         self.driver_features = 0

@@ -22,7 +22,7 @@ holds its regions' views).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -32,6 +32,7 @@ from vhost_iommu.device.core import IommuDevice
 from vhost_iommu.device.layout import U64_MAX, Access, FaultReason
 from vhost_iommu.device.translation import Fault, Translation, check_access
 from vhost_iommu.jit import dma as kernel
+from vhost_iommu.jit import requests as requests_kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import FlatRegions
 
@@ -72,7 +73,8 @@ class DmaResult:
 class DmaPort:
     """DMA of ``endpoint`` through ``device``. Counters (``counters()``) are the port's own, over its life:
     guest bytes read and written, page translations (runs translated through a mapping), bypassed
-    accesses (chunk accesses translated by bypass), faults; ``last_faults`` keeps the newest faults."""
+    accesses (chunk accesses translated by bypass), faults; ``last_faults`` keeps the newest faults, each
+    with its explanation from the device's mapping history (``Fault.explanation``)."""
 
     def __init__(self, device: IommuDevice, endpoint: int) -> None:
         self.device = device
@@ -219,7 +221,9 @@ class DmaPort:
                 break  # stale: Python code replaced arrays; go on from out[O_DONE] with the new ones
         done = int(out[kernel.O_DONE])
         if reason == kernel.DMA_FAULT:
-            fault = self.device.record_fault(self._fault(out))
+            at = int(requests_kernel.cycles())
+            fault = self._fault(out)
+            fault = self.device.record_fault(replace(fault, explanation=self.device.explain(fault, at)))
             self.faults += 1
             self.last_faults.append(fault)
             return DmaResult(done, fault, 0, None)

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vhost_iommu.device.layout import RequestType, Status
 from vhost_iommu.device.topology import ReservedRegion
+
+if TYPE_CHECKING:
+    from vhost_iommu.device.translation import Fault
 
 
 class DeviceObserver:
@@ -55,6 +59,10 @@ class DeviceObserver:
 
     def reset(self) -> None:
         """After a device reset."""
+
+    def fault(self, fault: Fault) -> None:
+        """A fault of a DMA access recorded by the device (``IommuDevice.record_fault``), with its
+        explanation when the caller made one (a `DmaPort` does)."""
 
     def bypass(self, value: int) -> None:
         """config.bypass changed by a tool (`IommuDevice.set_bypass`), not by the driver."""

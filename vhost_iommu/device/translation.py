@@ -25,10 +25,14 @@ spec asks for a valid endpoint ID in every report): the Fault comes back with ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vhost_iommu.device.domains import Domains
 from vhost_iommu.device.layout import U64_MAX, Access, FaultReason, encode_fault
 from vhost_iommu.jit import dma
+
+if TYPE_CHECKING:
+    from vhost_iommu.device.history import FaultExplanation
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class Fault:
     endpoint: int
     address: int
     reported: bool  # queued for the eventq (False: unmanaged endpoint, reporting off, or queue full)
+    explanation: FaultExplanation | None = None  # from the mapping history, when a tool or a DmaPort asked
 
     def encode(self) -> bytes:
         return encode_fault(self.reason, self.flags, self.endpoint, self.address)

@@ -36,6 +36,7 @@ refilled with its pattern after each execution); the process has exactly its fds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -43,7 +44,6 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,6 +134,7 @@ _IOMMU_RANGES: tuple[tuple[int, int | None, int, int], ...] = (
 _IOMMU_EDGES = tuple(
     edge for iova, _page, pages, _flags in _IOMMU_RANGES for edge in (iova, iova + pages * PAGE)
 )
+_IOMMU_STARTS = tuple(iova for iova, *_rest in _IOMMU_RANGES)
 _LENGTHS = (1, PAGE, 2 * PAGE, 4 * PAGE, MAX_LENGTH, MAX_LENGTH + 1)
 #: The engine's 64-bit registers and the 32-bit ones a driver writes (offsets: the engine's own).
 _WIDE_REGISTERS = (R_SRC, R_DST, R_LENGTH, R_PATTERN)
@@ -147,16 +148,23 @@ STEP_KINDS = (
     "region-read",
     "config-write",
     "set-irqs",
-    "reset",
     "info",
+    # Rarer: they undo the set-up (reset clears Bus Master and the registers) or usually end the
+    # conversation (the server closes it, or the client goes away).
+    "reset",
     "hostile",
     "version",
     "cut-short",
 )
+_RARE_STEPS = 4
+_RARE_CHANCE = 32  # per 256 steps
+#: Among the others, the engine is run this many times as often as each other step is taken.
+_ENGINE_WEIGHT = 3
+_COMMON_STEPS = (*STEP_KINDS[:-_RARE_STEPS], *("engine-run",) * (_ENGINE_WEIGHT - 1))
 _DMA_MAP_KINDS = ("guest-whole", "guest-piece", "stranger", "fd-less", "not-a-file")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _SentMap:
     """A DMA_MAP of one of our memfds the client sent (accepted or not: a superset of what the server
     mapped), by the file's offset."""
@@ -251,6 +259,7 @@ class VfioServerTarget(FuzzTarget):
         self.stranger.write(0, self.stranger_pattern)
         self.unexpected = UnexpectedErrors()
         self.unexpected.install()
+        self._engine_counters = dataclasses.replace(self.served.device.counters)
         self.fds_before = open_fd_count()
         self.mappings_before = self._mappings()
 
@@ -303,7 +312,7 @@ class VfioServerTarget(FuzzTarget):
                 features.append("closed by the server")
                 return False
         for _ in range(choices.between(1, 24)):
-            kind = choices.pick(STEP_KINDS)
+            kind = _pick_step(choices)
             features.append(("step", kind))
             for data, fds in self._step(choices, kind):
                 if kind == "cut-short":
@@ -350,8 +359,12 @@ class VfioServerTarget(FuzzTarget):
                 if choices.chance(128)
                 else choices.near((0, MSIX_CAPABILITY_OFFSET, CONFIG_SPACE_SIZE), 16, 16)
             )
-            data = choices.take(choices.pick((1, 2, 4)) if choices.chance(224) else choices.between(1, 300))
-            return [self._region_write(choices, _CONFIG, offset, data)]
+            data = bytearray(
+                choices.take(choices.pick((1, 2, 4)) if choices.chance(224) else choices.between(1, 300))
+            )
+            if offset == COMMAND and choices.chance(160):  # a driver mostly keeps DMA on
+                data[0] |= COMMAND_MEMORY | COMMAND_BUS_MASTER
+            return [self._region_write(choices, _CONFIG, offset, bytes(data))]
         if kind == "set-irqs":
             return [self._set_irqs(choices)]
         if kind == "reset":
@@ -454,11 +467,11 @@ class VfioServerTarget(FuzzTarget):
         """Program the engine's registers with values near the IOMMU's ranges and ring its doorbell (some
         registers left as they were, some written in pieces)."""
         values = {
-            R_SRC: choices.near(_IOMMU_EDGES, 2 * PAGE),
-            R_DST: choices.near(_IOMMU_EDGES, 2 * PAGE),
-            R_LENGTH: choices.near(_LENGTHS, 64),
+            R_SRC: self._iova(choices),
+            R_DST: self._iova(choices),
+            R_LENGTH: choices.between(1, 5 * PAGE) if choices.chance(160) else choices.near(_LENGTHS, 64),
             R_PATTERN: choices.bits(64),
-            R_OP: choices.pick((*Op, 0, choices.bits(32))),
+            R_OP: choices.pick(tuple(Op)) if choices.chance(224) else choices.pick((0, choices.bits(32))),
             R_IRQ_ENABLE: choices.below(4),
         }
         messages = []
@@ -476,6 +489,11 @@ class VfioServerTarget(FuzzTarget):
         doorbell = choices.bits(32).to_bytes(4, "little")
         messages.append(self._region_write(choices, 0, R_DOORBELL, doorbell))
         return messages
+
+    @staticmethod
+    def _iova(choices: Choices) -> int:
+        """Mostly at or near the start of one of the IOMMU's ranges, sometimes near either end."""
+        return choices.near(_IOMMU_STARTS if choices.chance(192) else _IOMMU_EDGES, 2 * PAGE)
 
     def _set_irqs(self, choices: Choices) -> tuple[bytes, list[int]]:
         index = vu.VFIO_PCI_MSIX_IRQ_INDEX if choices.chance(192) else choices.below(vu.VFIO_PCI_NUM_IRQS)
@@ -558,6 +576,7 @@ class VfioServerTarget(FuzzTarget):
         if magic != MAGIC:
             raise FuzzFailure(f"a fresh client reads MAGIC {magic:#x}")
         features.append(("engine", status, error))
+        features += self._engine_work()
         self._wait_for_no_client()
         self.guest.still_answers()
         self.bystander.still_answers()
@@ -572,6 +591,16 @@ class VfioServerTarget(FuzzTarget):
         fds = open_fd_count()
         if fds != self.fds_before:
             raise FuzzFailure(f"{fds - self.fds_before:+d} fds after a client went away")
+
+    def _engine_work(self) -> list[Hashable]:
+        """What the engine did in this execution, from its own counters: operations, bytes, faults."""
+        counters = self.server.call(lambda: dataclasses.replace(self.served.device.counters))
+        before, self._engine_counters = self._engine_counters, counters
+        return [
+            ("operations", min(counters.operations - before.operations, 3)),
+            ("bytes moved", counters.bytes_done > before.bytes_done),
+            ("faults", min(counters.faults - before.faults, 2)),
+        ]
 
     def _allowed_offsets(self, ram: GuestRam) -> set[int]:
         """The file offsets of ``ram``'s pages the engine may have written: pages the paired IOMMU maps
@@ -634,19 +663,28 @@ class VfioServerTarget(FuzzTarget):
 def _after_prologue(kind: str) -> Script:
     """The decisions of a conversation with the whole prologue and one step of ``kind``."""
     script = Script().chance(224, True).chance(200, True).chance(200, True).chance(200, True)
-    return script.between(1, 24, 1).pick(STEP_KINDS, kind)
+    script.between(1, 24, 1)
+    rare = kind in STEP_KINDS[-_RARE_STEPS:]
+    script.chance(_RARE_CHANCE, rare)
+    return script.pick(STEP_KINDS[-_RARE_STEPS:] if rare else _COMMON_STEPS, kind)
+
+
+def _pick_step(choices: Choices) -> str:
+    if choices.chance(_RARE_CHANCE):
+        return choices.pick(STEP_KINDS[-_RARE_STEPS:])
+    return choices.pick(_COMMON_STEPS)
 
 
 def _engine_seed(op: Op, src: int, dst: int) -> bytes:
     """A conversation that programs one page of ``op`` from ``src`` to ``dst`` and rings the doorbell (the
     decisions of :meth:`VfioServerTarget._engine_run`, in its order)."""
     script = _after_prologue("engine-run")
-    iovas = _IOMMU_EDGES
-    lengths = _LENGTHS
-    for anchors, value in ((iovas, src), (iovas, dst), (lengths, PAGE)):
-        script.byte(255).chance(160, False).pick(anchors, value)  # Choices.near: exactly that anchor
+    for iova in (src, dst):
+        script.chance(192, True)  # near a start
+        script.byte(255).chance(160, False).pick(_IOMMU_STARTS, iova)  # Choices.near: exactly that anchor
+    script.chance(160, True).between(1, 5 * PAGE, PAGE)
     script.bits(64, 0x5A5A_5A5A_5A5A_5A5A)  # PATTERN
-    script.bits(32, 0).below(len(Op) + 2, list(Op).index(op))  # OP
+    script.chance(224, True).pick(tuple(Op), op)  # OP
     script.below(4, 1)  # IRQ_ENABLE
     for _register in range(6):
         script.chance(32, False).chance(16, False).chance(128, False)

@@ -278,6 +278,9 @@ class VfioServerTarget(FuzzTarget):
         self._sent: list[_SentMap] = []
         self._received = bytearray()
         self._msg_id = 0
+        # The engine outlives its clients (as the protocol asks): from power-on values each time, or an
+        # execution would depend on the ones before it and a finding would not replay on its own.
+        self.server.call(self.served.device.reset)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.served.path)

@@ -61,6 +61,7 @@ from vhost_iommu.endpoints.dma_engine import (
     BAR0_SIZE,
     MAGIC,
     MAX_LENGTH,
+    MSIX,
     R_DOORBELL,
     R_DST,
     R_ERROR,
@@ -503,21 +504,24 @@ class VfioServerTarget(FuzzTarget):
         trigger = vu.IRQ_SET_ACTION_TRIGGER
         form = choices.below(4)
         if form == 0:  # every vector of the index off
-            request = SetIrqs(self._id(), vu.IRQ_SET_DATA_NONE | trigger, index, 0, 0)
-        elif form == 1:  # fire vectors (DATA_NONE with a count)
-            request = SetIrqs(
-                self._id(), vu.IRQ_SET_DATA_NONE | trigger, index, choices.below(3), choices.between(1, 3)
+            return self._encode(SetIrqs(self._id(), vu.IRQ_SET_DATA_NONE | trigger, index, 0, 0))
+        if choices.chance(192):  # vectors the engine's MSI-X table has
+            start = choices.below(MSIX.vectors)
+            count = choices.between(1, MSIX.vectors - start)
+        else:
+            start, count = choices.below(MSIX.vectors + 2), choices.between(1, 3)
+        if form == 1:  # fire them (DATA_NONE with a count)
+            return self._encode(SetIrqs(self._id(), vu.IRQ_SET_DATA_NONE | trigger, index, start, count))
+        # eventfds for them (the engine signals its completions there), or none (taken away)
+        fds = tuple(os.eventfd(0, os.EFD_CLOEXEC) for _ in range(count)) if form == 2 else ()
+        try:
+            return self._encode(
+                SetIrqs(self._id(), vu.IRQ_SET_DATA_EVENTFD | trigger, index, start, count, fds)
             )
-        else:  # eventfds for a run of vectors, or the run without fds (taken away)
-            start, count = choices.below(3), choices.between(1, 3)
-            fds = tuple(os.eventfd(0, os.EFD_CLOEXEC) for _ in range(count)) if form == 2 else ()
-            try:
-                request = SetIrqs(self._id(), vu.IRQ_SET_DATA_EVENTFD | trigger, index, start, count, fds)
-            except MessageError:
-                for fd in fds:
-                    os.close(fd)
-                raise
-        return self._encode(request)
+        except MessageError:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     # -- the socket -----------------------------------------------------------------------------------------
 

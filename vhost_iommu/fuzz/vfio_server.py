@@ -140,6 +140,9 @@ _LENGTHS = (1, PAGE, 2 * PAGE, 4 * PAGE, MAX_LENGTH, MAX_LENGTH + 1)
 #: The engine's 64-bit registers and the 32-bit ones a driver writes (offsets: the engine's own).
 _WIDE_REGISTERS = (R_SRC, R_DST, R_LENGTH, R_PATTERN)
 _REGISTER_OFFSETS = (*_WIDE_REGISTERS, R_OP, R_DOORBELL, R_STATUS, R_ERROR, R_IRQ_ENABLE, R_MAGIC)
+#: Where BAR0 accesses go: the registers, the MSI-X table and PBA (QEMU's to emulate, here only bytes), the
+#: end of the BAR.
+_BAR0_ANCHORS = (*_REGISTER_OFFSETS, MSIX.table_offset, MSIX.pba_offset, BAR0_SIZE)
 #: What one step of a conversation does (_step); the prologue's messages are steps too.
 STEP_KINDS = (
     "dma-map",
@@ -339,9 +342,7 @@ class VfioServerTarget(FuzzTarget):
         if kind == "engine-run":
             return self._engine_run(choices)
         if kind == "bar-write":
-            offset = (
-                choices.near(_REGISTER_OFFSETS, 8, 16) if choices.chance(224) else choices.near((BAR0_SIZE,))
-            )
+            offset = choices.near(_BAR0_ANCHORS, 8, 16) if choices.chance(224) else choices.near((BAR0_SIZE,))
             size = choices.pick((1, 2, 4, 8)) if choices.chance(224) else choices.between(1, 64)
             region = (
                 vu.VFIO_PCI_BAR0_REGION_INDEX
@@ -353,7 +354,7 @@ class VfioServerTarget(FuzzTarget):
             region = choices.pick(
                 (vu.VFIO_PCI_BAR0_REGION_INDEX, _CONFIG, choices.below(vu.VFIO_PCI_NUM_REGIONS))
             )
-            anchors = (0, COMMAND, MSIX_CAPABILITY_OFFSET, CONFIG_SPACE_SIZE, BAR0_SIZE, *_REGISTER_OFFSETS)
+            anchors = (0, COMMAND, MSIX_CAPABILITY_OFFSET, CONFIG_SPACE_SIZE, *_BAR0_ANCHORS)
             offset = choices.near(anchors, 8, 16)
             size = choices.pick((1, 2, 4, 8)) if choices.chance(192) else choices.between(1, 4096)
             return [self._encode(RegionRead(self._id(), region, offset, size))]

@@ -157,6 +157,32 @@ def test_refused_operations_touch_nothing(op: int, length: int, bus_master: bool
     assert read(device, R_STATUS) == StatusBit.DONE | StatusBit.ERROR and read(device, R_ERROR) == error
 
 
+@pytest.mark.parametrize(
+    ("op", "src", "dst"),
+    [
+        (Op.COPY, (1 << 64) - 0x100, 0x2000),
+        (Op.COMPARE, 0x1000, (1 << 64) - 0xFF),
+        (Op.FILL, 0x1000, (1 << 64) - 1),
+    ],
+)
+def test_a_range_past_the_top_of_the_iova_space_is_a_bad_length(op: Op, src: int, dst: int) -> None:
+    """Found by the vfio-server fuzz target: such a range reached the DMA port, whose ValueError closed the
+    client's connection as an unexpected error."""
+    target = Target(Outcome(4096))
+    device, _ = engine(target)
+    start(device, op, length=4096, src=src, dst=dst)
+    assert target.calls == []
+    assert read(device, R_STATUS) == StatusBit.DONE | StatusBit.ERROR
+    assert read(device, R_ERROR) == EngineError.BAD_LENGTH
+
+
+def test_fill_ignores_src_so_any_src_is_accepted() -> None:
+    target = Target(Outcome(4096))
+    device, _ = engine(target)
+    start(device, Op.FILL, length=4096, src=(1 << 64) - 1, dst=0x2000)
+    assert read(device, R_STATUS) == StatusBit.DONE and len(target.calls) == 1
+
+
 def test_without_an_iommu_the_engine_does_no_dma() -> None:
     device, _ = engine(None)
     start(device, Op.COPY)

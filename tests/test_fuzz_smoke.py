@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from vhost_iommu.device.layout import RequestType
+from vhost_iommu.endpoints.dma_engine import EngineError, StatusBit
 from vhost_iommu.fuzz import TARGETS, Choices, FuzzFailure, FuzzTarget, Hang, fuzz, replay
 from vhost_iommu.fuzz.codec import seed_cases
 from vhost_iommu.fuzz.engine import fd_is_open
 from vhost_iommu.fuzz.server import SETUP_MESSAGE_KINDS
+from vhost_iommu.fuzz.vfio_server import STEP_KINDS
 from vhost_iommu.protocol import FrontendRequest
 from vhost_iommu.vfio_user import COMMAND_SPECS
 
@@ -33,6 +35,7 @@ SMOKE_RUNS = {
     "server": 30,
     "snapshot": 400,
     "vfio-codec": 1000,
+    "vfio-server": 30,
 }
 
 
@@ -93,6 +96,17 @@ def test_server_seeds_send_every_setup_message_and_request_type(fd_leak_check: N
     features = _seed_features(TARGETS["server"]())
     assert {kind.name for kind in RequestType} <= {feature[1] for feature in _tuples(features, "kick")}
     assert len({feature[1] for feature in _tuples(features, "setup")}) == SETUP_MESSAGE_KINDS  # one code each
+
+
+def test_vfio_server_seeds_take_every_step_and_run_the_engine_through_the_iommu(fd_leak_check: None) -> None:
+    """So a short run reaches each kind of step, and the engine's DMA really goes through the paired
+    guest's IOMMU: a COPY and a FILL done, a FILL of a read-only range faulted and reported to the guest."""
+    features = _seed_features(TARGETS["vfio-server"]())
+    assert set(STEP_KINDS) <= {feature[1] for feature in _tuples(features, "step")}
+    engine = {feature[1:] for feature in _tuples(features, "engine")}
+    assert (StatusBit.DONE, EngineError.NONE) in engine
+    assert (StatusBit.DONE | StatusBit.FAULT, EngineError.NONE) in engine
+    assert _tuples(features, "fault")
 
 
 def _tuples(features: Iterable[Hashable], kind: str) -> list[tuple[Any, ...]]:

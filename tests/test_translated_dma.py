@@ -185,6 +185,14 @@ def test_an_address_outside_the_shared_ram_is_an_engine_error(rig: Rig) -> None:
     assert rig.register(R_ERROR) == EngineError.NOT_GUEST_RAM
 
 
+def test_a_range_past_the_top_of_the_iova_space_is_refused_and_the_session_goes_on(rig: Rig) -> None:
+    """Found by the vfio-server fuzz target: the DMA port's ValueError for such a range closed the
+    connection as an unexpected error."""
+    assert rig.driver.attach(DOMAIN, ENGINE) == Status.OK
+    assert rig.run(Op.COMPARE, 0x10_0000, (1 << 64) - 0x100, 4 * PAGE) == StatusBit.DONE | StatusBit.ERROR
+    assert rig.register(R_ERROR) == EngineError.BAD_LENGTH
+
+
 def test_two_guests_each_get_their_own_engine_translated_by_their_own_iommu() -> None:
     """One back-end, two VMs with an engine each at the same address: each engine is paired with the guest
     whose RAM its client shares, translated by that guest's IOMMU, and never reaches the other's RAM."""

@@ -244,6 +244,11 @@ class DmaEngine:
             return EngineError.BAD_OP
         if not 1 <= regs.length <= MAX_LENGTH:
             return EngineError.BAD_LENGTH
+        # A range past the top of the 64-bit IOVA space has no bytes to translate there: refused like a
+        # bad length, not handed to the DMA port (which rejects it as a caller's error).
+        addresses = (regs.dst,) if regs.op == Op.FILL else (regs.src, regs.dst)
+        if any(address + regs.length > 1 << 64 for address in addresses):
+            return EngineError.BAD_LENGTH
         if not self.pci.bus_master:
             return EngineError.NO_BUS_MASTER
         return EngineError.NONE

@@ -15,6 +15,7 @@ from vhost_iommu.fuzz.requests import RequestsTarget
 from vhost_iommu.fuzz.server import ServerTarget
 from vhost_iommu.fuzz.snapshot import SnapshotTarget
 from vhost_iommu.fuzz.vfio_codec import VfioCodecTarget
+from vhost_iommu.fuzz.vfio_server import VfioServerTarget
 
 TARGETS: dict[str, type[FuzzTarget]] = {
     CodecTarget.name: CodecTarget,
@@ -25,6 +26,7 @@ TARGETS: dict[str, type[FuzzTarget]] = {
     ServerTarget.name: ServerTarget,
     SnapshotTarget.name: SnapshotTarget,
     VfioCodecTarget.name: VfioCodecTarget,
+    VfioServerTarget.name: VfioServerTarget,
 }
 
 __all__ = [

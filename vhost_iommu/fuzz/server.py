@@ -68,7 +68,7 @@ from vhost_iommu.server.handler import OFFERED_PROTOCOL_FEATURES
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 from vhost_iommu.virtqueue import DESC_STRUCT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-__all__ = ["SETUP_MESSAGE_KINDS", "ServerTarget"]
+__all__ = ["SETUP_MESSAGE_KINDS", "ServerTarget", "UnexpectedErrors", "send_message"]
 
 RAM_SIZE = 1 << 20
 RAM_NAME = "fuzz-server-ram"
@@ -95,16 +95,58 @@ SETUP_MESSAGE_KINDS = 20  # kinds of setup message (_setup_message)
 _STEP_ACTIONS = 20  # a setup message below 9, a hostile one below 12, else a kick (_step)
 
 
-class _Unexpected(logging.Handler):
-    """Collects log records that carry an exception: the server logs those for errors nobody expected."""
+class UnexpectedErrors(logging.Handler):
+    """Collects log records that carry an exception: the server logs those for errors nobody expected.
+
+    :meth:`install` also quiets the package's logger to errors while a campaign runs: every rejected
+    message is logged as a warning, and millions of them would be the campaign's output."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("vhost_iommu")
+        self._saved_level = self._logger.level
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info:
             self.records.append(record)
+
+    def install(self) -> None:
+        self._saved_level = self._logger.level
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.ERROR)
+
+    def remove(self) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved_level)
+
+    def check(self, server: RunningServer) -> None:
+        """Raise FuzzFailure for what was collected since the last check, and for exceptions that escaped
+        a callback on ``server``'s loop."""
+        if server.loop_errors:
+            errors, server.loop_errors[:] = list(server.loop_errors), []
+            raise FuzzFailure(f"exceptions escaped the server's callbacks: {errors}")
+        if self.records:
+            records, self.records[:] = list(self.records), []
+            raise FuzzFailure(f"the server logged unexpected errors: {[r.getMessage() for r in records]}")
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int], received: bytearray) -> int | None:
+    """Send one message with its fds (then closed here: the kernel gave the server its own copies) on a
+    non-blocking socket, then add what the server sent so far to ``received``; the bytes sent, or None
+    once the server hung up or stopped reading (either way the conversation is over)."""
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        sent = sock.sendmsg([data], ancillary)
+    except (BrokenPipeError, ConnectionResetError, BlockingIOError):
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with contextlib.suppress(BlockingIOError, ConnectionResetError):
+        while chunk := sock.recv(65536):  # read as we go, or the socket fills
+            received += chunk
+    return sent
 
 
 class ServerTarget(FuzzTarget):
@@ -125,17 +167,12 @@ class ServerTarget(FuzzTarget):
         self.bystander.negotiate(2)
         self.device_features = self.bystander.get_features() & ~VHOST_USER_F_PROTOCOL_FEATURES
         self.probe_size = Topology.default().probe_size  # the topology RunningServer's back-ends serve
-        self.unexpected = _Unexpected()
-        self._logger = logging.getLogger("vhost_iommu")
-        self._saved_level = self._logger.level
-        self._logger.addHandler(self.unexpected)
-        # Every rejected message is logged as a warning: millions of them would be the campaign's output.
-        self._logger.setLevel(logging.ERROR)
+        self.unexpected = UnexpectedErrors()
+        self.unexpected.install()
         self.fds_before = open_fd_count()
 
     def teardown(self) -> None:
-        self._logger.removeHandler(self.unexpected)
-        self._logger.setLevel(self._saved_level)
+        self.unexpected.remove()
         self.bystander.close()
         self.server.stop()
         self.ram.close()
@@ -154,7 +191,7 @@ class ServerTarget(FuzzTarget):
             sock.setblocking(False)
             steps = [] if choices.chance(96) else self._start_device(mine)
             for data, fds in steps:
-                if not self._send(sock, data, fds):
+                if send_message(sock, data, fds, self._received) is None:
                     break
             for _ in range(choices.between(1, 24)):
                 if not self._step(choices, sock, mine, features):
@@ -186,24 +223,7 @@ class ServerTarget(FuzzTarget):
                     os.write(fd, (1).to_bytes(8, "little"))  # kick fds and channel ends alike
             features.append(("kick", kind))
             return True
-        return self._send(sock, data, fds)
-
-    def _send(self, sock: socket.socket, data: bytes, fds: list[int]) -> bool:
-        """Send one message with its fds (then closed here: the kernel gave the server its own copies)."""
-        try:
-            ancillary = (
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-            )
-            sock.sendmsg([data], ancillary)
-        except (BrokenPipeError, ConnectionResetError, BlockingIOError):
-            return False  # hung up on us, or stopped reading: either way the conversation is over
-        finally:
-            for fd in fds:
-                os.close(fd)
-        with contextlib.suppress(BlockingIOError, ConnectionResetError):
-            while chunk := sock.recv(65536):  # read as we go, or the socket fills
-                self._received += chunk
-        return True
+        return send_message(sock, data, fds, self._received) is not None
 
     def _hang_up(self, sock: socket.socket) -> int:
         """End the conversation (half-close: the server sees the end of the stream), take every reply
@@ -404,12 +424,7 @@ class ServerTarget(FuzzTarget):
             if time.monotonic() > deadline:
                 raise Hang("the server did not close a connection whose front-end hung up")
             time.sleep(0.0005)
-        if self.server.loop_errors:
-            errors, self.server.loop_errors[:] = list(self.server.loop_errors), []
-            raise FuzzFailure(f"exceptions escaped the server's callbacks: {errors}")
-        if self.unexpected.records:
-            records, self.unexpected.records[:] = list(self.unexpected.records), []
-            raise FuzzFailure(f"the server logged unexpected errors: {[r.getMessage() for r in records]}")
+        self.unexpected.check(self.server)
         try:
             if self.bystander.get_features() == 0:
                 raise FuzzFailure("the bystander connection got no features")

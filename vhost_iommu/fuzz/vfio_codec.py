@@ -80,7 +80,7 @@ from vhost_iommu.vfio_user.constants import (
     VFIO_PCI_NUM_REGIONS,
 )
 
-__all__ = ["VfioCodecTarget"]
+__all__ = ["VfioCodecTarget", "hostile_message"]
 
 #: The commands of the codec's table, and every command number the protocol defines (some of which the
 #: server must refuse: DMA_READ/WRITE go the other way).
@@ -266,6 +266,14 @@ def _message(choices: Choices, execution: _Execution) -> _Message:
         _hostile_header(choices, hostile)
         message.data = bytes(hostile)
     return message
+
+
+def hostile_message(choices: Choices) -> tuple[bytes, list[int]]:
+    """One message as this target makes them (valid, bent, with a hostile header, or noise) and the open
+    eventfds to send with it, which become the caller's (the ``vfio-server`` target sends them to a live
+    server)."""
+    message = _message(choices, _Execution())
+    return message.data, message.fds
 
 
 class VfioCodecTarget(FuzzTarget):

@@ -319,3 +319,40 @@ def test_the_history_is_bounded_and_says_so() -> None:
     )
     assert gone.verdict == "use-after-unmap" and gone.mapped_by is None
     assert "mapped before the history begins" in gone.text
+
+
+def _served_device() -> IommuDevice:
+    device = IommuDevice(Topology.default())
+    device.set_features(device.device_features())
+    return device
+
+
+def _serve(device: IommuDevice, *requests: bytes) -> None:
+    for request in requests:
+        assert device.handle_request(request, 4)[0][0] == Status.OK
+
+
+def _read_fault(address: int) -> Fault:
+    return Fault(FaultReason.MAPPING, FAULT_F_READ | FAULT_F_ADDRESS, 0x20, address, reported=False)
+
+
+def test_an_attach_that_moved_the_endpoint_is_explained() -> None:
+    device = _served_device()
+    _serve(device, encode_attach(1, 0x20), encode_attach(1, 0x28), encode_map(1, 0x1000, 0x1FFF, 0x5000, 3))
+    _serve(device, encode_attach(2, 0x20))  # domain 1 keeps its mapping (0x28 is still in it)
+    explanation = device.explain(_read_fault(0x1800))
+    assert explanation.verdict == "moved" and explanation.domain == 2
+    assert explanation.mapped_by is not None and explanation.mapped_by.domain == 1
+    assert explanation.removed_by is not None and explanation.removed_by.to_json()["previous_domain"] == 1
+    assert "moved the endpoint out of domain 1" in explanation.text
+
+
+def test_a_mapping_dropped_by_a_device_reset_is_explained() -> None:
+    device = _served_device()
+    _serve(device, encode_attach(1, 0x20), encode_map(1, 0x1000, 0x1FFF, 0x5000, 3))
+    device.reset()
+    device.set_features(device.device_features())
+    _serve(device, encode_attach(1, 0x20))
+    explanation = device.explain(_read_fault(0x1000))
+    assert explanation.verdict == "after-reset"
+    assert explanation.removed_by is not None and explanation.removed_by.name == "RESET"

@@ -19,12 +19,13 @@ The kernels are compiled without numba's reference counting (``_nrt=False``): th
 it the hot loop loses an atomic increment and decrement per array per helper call, which took more time
 than the translation itself.
 
-The only cache is the last mapping each direction of an operation used (``cache``), valid while the
-guard's epoch is the one it was read under: every MAP or UNMAP moves the epoch while it holds the guard
-exclusively, before its used entry is published, so no cached translation outlives its UNMAP. A change
-made by Python code (ATTACH, DETACH, reset, reserved regions, table growth) may replace arrays: the kernel
-sees the guard's generation move and returns ``DMA_STALE`` with the bytes done so far, and the caller
-calls again with the new arrays from there.
+The only cache (``cache``, per direction of an operation) holds the last mapping used and its place in
+the table, valid while the guard's epoch is the one it was read under: every MAP or UNMAP moves the epoch
+while it holds the guard exclusively, before its used entry is published, so no cached translation
+outlives its UNMAP. Beside it, the run of bytes the region rule last sent to the mappings, which changes
+only with the regions. A change made by Python code (ATTACH, DETACH, reset, config, reserved regions,
+table growth, a restore) may replace arrays: the kernel sees the guard's generation move and returns
+``DMA_STALE`` with the bytes done so far, and the caller calls again with the new arrays from there.
 """
 
 from __future__ import annotations

@@ -142,6 +142,12 @@ def late_writes(
             filler.finish()
             device.translation_guard.words[G_UNGUARDED] = 0
             guest_memory.close()
+        # Every operation begun after an UNMAP was answered faulted (two per iteration, the first maybe
+        # in flight across it), and the UNMAPs were served on the requestq's own thread: only the ATTACH
+        # went to the event loop.
+        assert filler.faults >= done
+        counters = backend.kick_thread_counters()
+        assert counters is not None and counters["handovers"] == 1, counters
     return done, late
 
 

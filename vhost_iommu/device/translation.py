@@ -1,5 +1,8 @@
 """DMA translation through the device's state, and the faults it produces.
 
+The rules below are written once, in ``vhost_iommu.jit.dma`` (compiled into the DMA kernels, called from
+here as Python); this module walks an access with them over any `MappingStore`.
+
 Order of decisions for one access by an endpoint (documented behaviour; see the spec's bypass rules):
 
 1. An endpoint in bypass mode (unattached while config ``bypass`` is 1, or attached to a bypass domain)

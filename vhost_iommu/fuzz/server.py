@@ -46,6 +46,7 @@ from vhost_iommu.fuzz.codec import hostile_message
 from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, Script, open_fd_count
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.guest_ram import GuestRam
+from vhost_iommu.jit import warm_up as jit_warm_up
 from vhost_iommu.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -157,6 +158,9 @@ class ServerTarget(FuzzTarget):
     def warm_up(self) -> None:
         # libuv opens a process-wide pipe with its first event loop and keeps it.
         new_event_loop().close()
+        # A kernel compiled inside the server's thread (a fresh clone: numba's cache is empty) would hold
+        # the first conversations for minutes and the campaign's end past the server's stop timeout.
+        jit_warm_up()
 
     def setup(self) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="vhost-fuzz-")

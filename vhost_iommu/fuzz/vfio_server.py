@@ -81,6 +81,7 @@ from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.harness.vfio_client import VfioUserClient, VfioUserRequestFailed
+from vhost_iommu.jit import warm_up as jit_warm_up
 from vhost_iommu.pci.function import (
     COMMAND,
     COMMAND_BUS_MASTER,
@@ -243,6 +244,8 @@ class VfioServerTarget(FuzzTarget):
     def warm_up(self) -> None:
         # libuv opens a process-wide pipe with its first event loop and keeps it.
         new_event_loop().close()
+        # Kernels compiled before the live server starts (see ServerTarget.warm_up).
+        jit_warm_up()
 
     def setup(self) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="vfio-fuzz-")

@@ -15,6 +15,7 @@ after the UNMAP's used entry: the check can fail.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,6 +159,12 @@ def test_no_dma_write_lands_after_the_unmap_is_visible(
     assert (done, late) == (ITERATIONS, 0)
 
 
+@pytest.mark.skipif(
+    os.environ.get("VHOST_IOMMU_RACE_WITHOUT_GUARD") != "1",
+    reason="a check of the race test itself, run by hand (VHOST_IOMMU_RACE_WITHOUT_GUARD=1): how soon the "
+    "unguarded race shows depends on the machine's load (124-2293 iterations on a loaded one; on a quiet "
+    "one a CI run spent over ten minutes without it), so it cannot be a bounded suite test",
+)
 def test_the_race_is_caught_without_the_guard(vhost_server: RunningServer, frontend: Frontend) -> None:
     done, late = late_writes(vhost_server, frontend, UNGUARDED_ITERATIONS, guarded=False)
     print(f"without the guard: a late write after {done} iterations")

@@ -498,11 +498,7 @@ def test_added_latency_per_request_type_holds_only_that_type(
     assert counters["type_delays_us"] == {"MAP": MAX_HOLD_US} and counters["delayed_requests"] == 1
     # Off for the type: what was held is served at once, in ring order.
     controlled.call("delay", us=0, type="MAP")
-    rest: list[int] = []
-    while len(rest) < 2:
-        assert guest.frontend.wait_used(0, timeout=WAIT)
-        rest += [head for head, _ in guest.requests.used()]
-    assert rest == heads[1:]
+    assert [head for head, _length in guest.harvest(2)] == heads[1:]
     assert [m["iova_start"] for m in controlled.call("mappings")["mappings"]] == [0x20000]
     assert controlled.call("counters")["type_delays_us"] == {}
     assert error_of(controlled, "delay", us=1, type="JUMP") == "bad-argument"
@@ -648,10 +644,7 @@ def test_the_kick_thread_serves_and_times_batches_until_a_delay_or_an_observer_n
     # Four MAPs in one kick: one batch of the kernel's.
     heads = [guest.requests.post([request], [4]) for request in maps[4:]]
     guest.frontend.kick(0)
-    done: list[int] = []
-    while len(done) < len(heads):
-        assert guest.frontend.wait_used(0, timeout=WAIT)
-        done += [head for head, _length in guest.requests.used()]
+    guest.harvest(len(heads))
     counters = controlled.call("counters")
     assert counters["requests"]["MAP"] == 8
     assert counters["latency"]["MAP"]["count"] == 8 and counters["latency"]["ATTACH"]["count"] == 1

@@ -265,14 +265,23 @@ class Domains:
         if slot is None:
             return Status.NOENT
         if not self.in_range(domain):
+            # "domain_range describes the values supported in a domain field"; S_RANGE: "Out-of-range
+            # parameters".
             return Status.RANGE
         index = domain - self.first
         current = int(self.endpoint_domain[slot])
         if self.exists[index]:
             if bool(self.bypass[index]) != bypass:
+                # "If the domain already exists and the VIRTIO_IOMMU_ATTACH_F_BYPASS flag is not consistent
+                # with that domain, the device SHOULD reject the request and set status to
+                # VIRTIO_IOMMU_S_INVAL."
                 return Status.INVAL
             if current == domain:
                 return Status.OK
+            # A bypass domain too is shared by every endpoint attached to it (Linux since 6.16 attaches
+            # every bypassed endpoint to one): "If another endpoint is already attached to the domain
+            # identified by domain, then the device MAY attach the endpoint identified by endpoint to the
+            # domain."
             if not bypass and self._maps_over_regions(domain, self.endpoint_regions[slot]):
                 # The endpoint's reserved regions are incompatible with mappings the domain already has
                 # ("If properties of the endpoint ... are compatible ... Otherwise ... UNSUPP").
@@ -282,6 +291,11 @@ class Domains:
             if self.live - frees_one >= self.max_domains:
                 return Status.NOMEM
         if current != NO_DOMAIN:
+            # "If the endpoint identified by endpoint is already attached to another domain, then the device
+            # SHOULD first detach it from that domain and attach it to the one identified by domain. In that
+            # case the device SHOULD behave as if the driver issued a DETACH request with this endpoint,
+            # followed by the ATTACH request." So the old domain may cease here (`_leave`), as Linux's
+            # viommu_attach_dev expects: it replays a domain's mappings when it attaches it again.
             self._leave(slot, current)
         if not self.exists[index]:
             self.exists[index] = True
@@ -298,6 +312,11 @@ class Domains:
         if slot is None:
             return Status.NOENT
         if not self.in_range(domain):
+            # "If the VIRTIO_IOMMU_F_DOMAIN_RANGE feature is negotiated, the driver MUST NOT send requests
+            # with domain less than domain_range.start or greater than domain_range.end"; S_RANGE:
+            # "Out-of-range parameters". Linux since 6.16 sends DETACH of domain 0 when a bypassed endpoint
+            # is released (its static identity domain has no ID): with a range that does not start at 0
+            # this answer is RANGE and the endpoint stays in the identity domain.
             return Status.RANGE
         if int(self.endpoint_domain[slot]) != domain:
             # "If the domain identified by domain doesn't exist, or if the endpoint identified by endpoint
@@ -334,6 +353,8 @@ class Domains:
         self.endpoint_domain[slot] = NO_DOMAIN
         self.endpoint_count[index] -= 1
         if self.endpoint_count[index] == 0:
+            # "After all endpoints have been successfully detached from a domain, it ceases to exist and its
+            # ID can be reused by the driver for another domain": its mappings go with it.
             self.store.remove_domain(domain)
             self.exists[index] = False
             self.bypass[index] = False

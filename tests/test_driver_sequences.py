@@ -14,10 +14,11 @@ habit:
 - the same change: ``viommu_identity_domain`` is a static domain whose ``id`` is never set, so
   ``viommu_release_device`` -> ``viommu_detach_dev`` sends DETACH with domain 0 when a bypassed endpoint goes
   away (hot-unplug); still so in 7.0.
-- 7.0 (``pci_dev_reset_iommu_prepare``/``pci_dev_reset_iommu_done``): around a PCI reset the core attaches
-  the endpoint to its group's blocking domain, which for a driver without a blocked domain (virtio-iommu)
-  is an empty paging domain, then attaches it back; ``viommu_attach_dev`` replays the domain's mappings,
-  one synchronous MAP each, when the endpoint is the first attached to it again.
+- 7.0 (``pci_dev_reset_iommu_prepare``/``pci_dev_reset_iommu_done``, commit c279e83953d9; as posted they
+  act on endpoints with ATS): around a PCI reset the core attaches the endpoint to its group's blocking
+  domain, which for a driver without a blocked domain (virtio-iommu) is an empty paging domain, then
+  attaches it back; ``viommu_attach_dev`` replays the domain's mappings, one synchronous MAP each, when the
+  endpoint is the first attached to it again. (VFIO taking a group attaches the same blocking domain.)
 - front-ends may write a kick eventfd with nothing new on the ring (spurious kicks).
 
 The spec (virtio 1.3, device-types/iommu/description.tex) decides every answer; `vhost_iommu.device.domains`
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import pytest
 
 from vhost_iommu.abi import EVENT_QUEUE, REQUEST_QUEUE, VIRTIO_CONFIG_S_NEEDS_RESET
+from vhost_iommu.conformance import ConformanceChecker
 from vhost_iommu.device import Access, Fault, FaultReason, IommuDevice, Status, Topology, Translation
 from vhost_iommu.device.layout import (
     ATTACH_F_BYPASS,
@@ -387,8 +389,8 @@ def test_a_spurious_kick_is_a_no_op(serve: Callable[[Topology], Guest], queue: i
     """A kick eventfd written with no new available entry (a front-end may write it at any time): the device
     reads it, uses nothing, reports no error, and goes on serving both queues.
 
-    Spec (virtio 1.3, "Driver Notifications"): a notification tells the device that there are new buffers to
-    process; with none there is nothing to use. The eventq has buffers posted but no event pending: still
+    A notification only tells the device to look at the ring (virtio 1.3, Driver Notifications); with no new
+    available entry there is nothing to use. The eventq has a buffer posted but no event pending: still
     nothing to use."""
     guest = serve(Topology.default())
     driver = guest.driver
@@ -416,3 +418,36 @@ def test_a_spurious_kick_is_a_no_op(serve: Callable[[Topology], Guest], queue: i
     assert head == event_head
     assert (event.reason, event.endpoint, event.address) == (FaultReason.MAPPING, EP, 0x20_0000)
     assert driver.requests.used_idx == used[0] + 1
+
+
+def test_the_conformance_checker_flags_only_the_detach_of_domain_0() -> None:
+    """``serve --conformance`` on a Linux 7.0 guest: the sequences above break no driver-normative statement
+    but one, viommu_detach_dev's DETACH of domain 0 below ``domain_range.start`` ("the driver MUST NOT send
+    requests with domain less than domain_range.start"), which the checker counts as domain-range."""
+    device = IommuDevice(default_with(boot_bypass=False))
+    checker = ConformanceChecker(device)
+    features = device.device_features()
+    device.set_features(features)
+    checker.check_features(features)
+
+    def send(request: bytes, writable: int = TAIL_SIZE) -> Status:
+        checker.check_request(request, writable)
+        response, _used = device.handle_request(request, writable)
+        return Status(decode_status(response))
+
+    identity, paging, blocking = (device.topology.domain_start + n for n in range(3))
+    mapping = encode_map(paging, 0x10_0000, 0x10_0000 + PAGE - 1, 0x8_0000, RW)
+    for endpoint in (EP, EP2, EP3):
+        assert send(encode_probe(endpoint), device.topology.probe_size + TAIL_SIZE) == Status.OK
+    for endpoint in (EP, EP2):
+        assert send(encode_attach(identity, endpoint, ATTACH_F_BYPASS)) == Status.OK
+    assert send(encode_attach(paging, EP3)) == Status.OK
+    assert send(mapping) == Status.OK
+    # PCI resets: of the endpoint of the paging domain (its mapping replayed), then of a bypassed one.
+    for domain, endpoint, flags, replay in ((paging, EP3, 0, [mapping]), (identity, EP, ATTACH_F_BYPASS, [])):
+        assert send(encode_attach(blocking, endpoint)) == Status.OK
+        assert send(encode_attach(domain, endpoint, flags)) == Status.OK
+        assert [send(request) for request in replay] == [Status.OK] * len(replay)
+    assert checker.counts == {}
+    assert send(encode_detach(0, EP)) == Status.RANGE
+    assert checker.counts == {"domain-range": 1}

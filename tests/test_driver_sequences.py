@@ -74,6 +74,8 @@ SERVING_PATHS: dict[str, dict[str, Any]] = {
 Mapping = tuple[int, int, int, int]  # virt_start, virt_end, phys_start, flags
 T = TypeVar("T")
 
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
+
 
 class Guest:
     """A served device and the guest's driver side of it: requests as the Linux driver sends them, and the

@@ -38,8 +38,8 @@ def qemu() -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return ensure_guest()
+def guest_image(guest_suite: str) -> GuestImage:
+    return ensure_guest(suite=guest_suite)
 
 
 @pytest.fixture

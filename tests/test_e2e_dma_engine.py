@@ -20,7 +20,7 @@ from vhost_iommu.lab import Lab, LabConfig
 from vhost_iommu.provision.boot import GuestRun
 from vhost_iommu.provision.dma_engine_report import EngineReport, parse_dma_engine
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_kernel]
 
 ENGINE_BDF = "0000:00:05.0"
 ENGINE_ENDPOINT = 0x28  # 00:05.0: endpoint ID = BDF in the default topology; the guest prints it decimal
@@ -38,7 +38,7 @@ class EngineRun:
 
 
 @pytest.fixture(scope="module")
-def engine_run() -> Iterator[EngineRun]:
+def engine_run(guest_suite: str) -> Iterator[EngineRun]:  # one guest per kernel
     config = LabConfig(
         job="dma-engine", params={"dev": ENGINE_BDF, "dma": TESTS, "hold": "1"}, serve_devices=True
     )

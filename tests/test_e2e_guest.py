@@ -42,8 +42,8 @@ def qemu() -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return ensure_guest()
+def guest_image(guest_suite: str) -> GuestImage:
+    return ensure_guest(suite=guest_suite)
 
 
 def assert_kernel_log_clean(run: GuestRun) -> None:
@@ -110,6 +110,7 @@ def test_driver_binds_probes_and_attaches_the_viot_endpoint(vfio_lab: Lab) -> No
     assert_kernel_log_clean(run)
 
 
+@pytest.mark.every_kernel
 def test_vfio_map_unmap_steps_match_the_backend_table(vfio_lab: Lab) -> None:
     steps = [
         ("map", 0x1_0000_0000, 0x1000, "rw"),

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from vhost_iommu.abi import CONFIG_BYPASS
+from vhost_iommu.lab import TESTDEV
+from vhost_iommu.lab import TESTDEV_ENDPOINT as ENDPOINT
 
 if TYPE_CHECKING:  # imported by pytest_plugins below; importing it here first would defeat assert rewriting
     from vhost_iommu.testing import DriverLab
 
 pytest_plugins = ["vhost_iommu.testing"]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_kernel]
 
-TESTDEV = "0000:00:04.0"
-ENDPOINT = 0x20
 IOMMU = "0000:00:03.0"  # the vhost-user virtio-iommu
 IOVA = 0x100000000
 PAGE = 0x1000

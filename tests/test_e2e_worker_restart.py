@@ -83,6 +83,7 @@ def finish(guest: GuestSession, keeper: KeeperProcess) -> None:
     assert "connection 1 on" in keeper.log and "connection 2 on" not in keeper.log  # never reconnected
 
 
+@pytest.mark.every_kernel
 def test_worker_killed_between_and_during_vfio_steps_and_upgraded(
     directory: Path, keeper: KeeperProcess
 ) -> None:

@@ -98,6 +98,7 @@ def iova_starts(client: ControlClient, connection: object) -> set[int]:
     return {row["iova_start"] for row in client.call("mappings", connection=connection)["mappings"]}
 
 
+@pytest.mark.every_kernel
 def test_two_guests_on_one_process_each_have_their_own_device(directory: Path) -> None:
     backend = start_backend(directory)
     guests: list[GuestSession] = []

@@ -48,6 +48,9 @@ T = TypeVar("T")
 
 # The first endpoint slot of the default topology (00:04.0): where the VFIO jobs look for their device.
 DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = (PciTestDevice(slot=4),)
+#: That pci-testdev as the guest names it, and its endpoint ID (its BDF, in the default topology).
+TESTDEV = "0000:00:04.0"
+TESTDEV_ENDPOINT = 0x20
 
 
 class LabError(RuntimeError):

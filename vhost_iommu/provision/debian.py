@@ -1,4 +1,5 @@
-"""The project's private view of the Debian archive: trixie's binaries and sid/forky's sources."""
+"""The project's private view of the Debian archive: trixie's binaries and sid/forky's sources, and the
+binaries of each suite a guest kernel may come from."""
 
 from __future__ import annotations
 
@@ -16,3 +17,17 @@ PROJECT_SOURCES = (
 def project_apt() -> PrivateApt:
     """The one private apt state shared by the QEMU and guest provisioning (indexes fetched once)."""
     return PrivateApt(cache_root() / "apt", PROJECT_SOURCES)
+
+
+#: The suites ``scripts/build-guest --suite`` takes a kernel from, oldest kernel line first.
+KERNEL_SUITES = ("trixie", "trixie-backports", "sid")
+
+
+def kernel_apt(suite: str) -> PrivateApt:
+    """The apt state that lists ``suite``'s binaries: the project's own for trixie, a small one of its own
+    for any other suite (its binary index alone, so that no other suite's kernel shows in it)."""
+    if suite == "trixie":
+        return project_apt()
+    if suite not in KERNEL_SUITES:
+        raise ValueError(f"no kernel suite {suite!r}")
+    return PrivateApt(cache_root() / "apt-kernel" / suite, (SourceLine("deb", suite),))

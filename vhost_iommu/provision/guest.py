@@ -1,11 +1,16 @@
 """The test guest: a Debian kernel and a busybox initramfs with the IOMMU/VFIO modules and guest programs.
 
-The kernel is Debian trixie's ``linux-image-amd64`` (6.12: VIRTIO_IOMMU=m, ACPI_VIOT=y, VFIO=m, VFIO_PCI=m),
-downloaded through the private apt state and unpacked with ``dpkg-deb`` (never installed on the host), or
-a kernel and modules directory the user gives. The initramfs (cpio newc, gzip) holds busybox-static, the
-modules the jobs need with their dependencies (decompressed: busybox ``insmod`` reads plain ``.ko``),
-``guest/init`` and the programs of ``GUEST_PROGRAMS`` (``guest/NAME.c``, which may include the headers
-beside them) compiled with ``gcc -static``.
+The kernel is a Debian suite's ``linux-image-amd64``: trixie's (6.12: VIRTIO_IOMMU=m, ACPI_VIOT=y, VFIO=m,
+VFIO_PCI=m) unless ``--suite`` (or ``$VHOST_IOMMU_GUEST_SUITE``) names trixie-backports, sid or ``newest``
+(whichever suite lists the highest version), downloaded through a private apt state and unpacked with
+``dpkg-deb`` (never installed on the host); or a kernel and modules directory the user gives. Since 7.x
+Debian splits the image into a meta package, ``linux-binary-*`` (the vmlinuz, under
+``usr/lib/modules/<version>/``) and ``linux-modules-*``, and ships no ``modules.order``; both shapes work.
+
+The initramfs (cpio newc, gzip) holds busybox-static, the modules the jobs need with their dependencies
+(decompressed: busybox ``insmod`` reads plain ``.ko``), ``guest/init`` and the programs of
+``GUEST_PROGRAMS`` (``guest/NAME.c``, which may include the headers beside them) compiled with
+``gcc -static``.
 
 Everything lands in ``<cache>/guest/<key>/``, ``key`` a digest of every input, so editing ``guest/``
 rebuilds and nothing else does.
@@ -29,14 +34,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhost_iommu.provision.apt import PrivateApt
-from vhost_iommu.provision.debian import project_apt
+from vhost_iommu.provision.apt import PrivateApt, newest_first
+from vhost_iommu.provision.debian import KERNEL_SUITES, kernel_apt
 from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.provision.host import ensure_packages
 from vhost_iommu.provision.paths import cache_root, repo_root
 from vhost_iommu.provision.progress import console, phase, run_logged
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
+DEFAULT_SUITE = "trixie"
+#: Not a suite: whichever of KERNEL_SUITES lists the highest kernel version.
+NEWEST = "newest"
+#: Names the suite of every guest this process boots when no caller names one (the e2e tests set it).
+SUITE_VARIABLE = "VHOST_IOMMU_GUEST_SUITE"
 # Bump when the layout of the image changes in a way the inputs' digest cannot see.
 IMAGE_FORMAT = 1
 
@@ -76,6 +86,35 @@ class KernelTree:
 
 def guest_cache() -> Path:
     return cache_root() / "guest"
+
+
+def default_suite() -> str:
+    """The suite of the guest kernel when the caller names none: ``$VHOST_IOMMU_GUEST_SUITE``, else trixie."""
+    return checked_suite(os.environ.get(SUITE_VARIABLE) or DEFAULT_SUITE)
+
+
+def checked_suite(suite: str) -> str:
+    if suite not in (*KERNEL_SUITES, NEWEST):
+        choices = ", ".join((*KERNEL_SUITES, NEWEST))
+        raise ProvisionError(f"no guest kernel suite {suite!r}: choose one of {choices}")
+    return suite
+
+
+def resolve_suite(suite: str) -> str:
+    """``newest``: the suite whose index lists the highest ``linux-image-amd64``; any other suite itself."""
+    if checked_suite(suite) != NEWEST:
+        return suite
+    listed: list[tuple[str, str]] = []
+    for candidate in KERNEL_SUITES:
+        apt = kernel_apt(candidate)
+        apt.update()
+        versions = apt.binary_versions(KERNEL_META_PACKAGE)
+        if versions:
+            listed.append((versions[0], candidate))
+    if not listed:
+        raise ProvisionError(f"no suite lists {KERNEL_META_PACKAGE}; is the mirror reachable?")
+    newest_version = newest_first([version for version, _ in listed])[0]
+    return next(candidate for version, candidate in listed if version == newest_version)
 
 
 def guest_sources() -> Path:
@@ -159,65 +198,120 @@ def load_order(
 # --- the kernel ---
 
 
+def looks_like_modules_dir(directory: Path) -> bool:
+    """A ``lib/modules/<version>`` tree: what ``make modules_install`` and Debian's packages leave. Debian's
+    7.x packages ship neither modules.order nor modules.builtin, so the ``kernel/`` tree counts too."""
+    return any((directory / name).exists() for name in ("modules.order", "modules.builtin", "kernel"))
+
+
 def kernel_tree_from(kernel: Path, modules: Path) -> KernelTree:
     """A user-given kernel image and modules directory (``/lib/modules/<version>``), checked."""
     if not kernel.is_file():
         raise ProvisionError(f"--kernel {kernel}: no such file")
-    if not (modules / "modules.order").is_file() and not (modules / "modules.builtin").is_file():
-        raise ProvisionError(f"--modules {modules}: not a lib/modules/<version> directory (no modules.order)")
+    if not modules.is_dir() or not looks_like_modules_dir(modules):
+        raise ProvisionError(
+            f"--modules {modules}: not a lib/modules/<version> directory "
+            "(none of modules.order, modules.builtin or kernel/ in it)"
+        )
     return KernelTree(kernel.resolve(), modules.resolve(), f"given: {kernel}")
 
 
-def _kernel_package_of(apt: PrivateApt, meta_version: str) -> str:
-    """The versioned image package the meta-package depends on (linux-image-6.12.x+debNN-amd64)."""
-    shown = apt.query("show", f"{KERNEL_META_PACKAGE}={meta_version}")
-    match = re.search(r"^Depends:\s*(linux-image-[^\s,|(]+)", shown, re.MULTILINE)
-    if not match:
+def _depends_of(apt: PrivateApt, package: str, version: str) -> dict[str, str | None]:
+    """``package=version``'s Depends: each package name (first of an alternative) with its pinned
+    ``(= VERSION)`` when it has one."""
+    shown = apt.query("show", f"{package}={version}")
+    match = re.search(r"^Depends:(.*)$", shown, re.MULTILINE)
+    depends: dict[str, str | None] = {}
+    for item in match.group(1).split(",") if match else []:
+        first = item.split("|")[0].strip()
+        named = re.match(r"([^\s(]+)(?:\s*\(\s*=\s*([^)\s]+)\s*\))?", first)
+        if named:
+            depends[named.group(1)] = named.group(2)
+    return depends
+
+
+def kernel_packages(apt: PrivateApt, meta_version: str) -> list[tuple[str, str]]:
+    """The packages, with their versions, that make up the kernel ``linux-image-amd64=meta_version``
+    installs: its versioned image package, plus for 7.x the ``linux-binary-*`` and ``linux-modules-*`` of
+    the same kernel version that the image package depends on."""
+    depends = _depends_of(apt, KERNEL_META_PACKAGE, meta_version)
+    images = [name for name in depends if name.startswith("linux-image-")]
+    if not images:
         raise ProvisionError(f"{KERNEL_META_PACKAGE} {meta_version} names no linux-image package in Depends")
-    return match.group(1)
+    image = images[0]
+    kernel_version = image.removeprefix("linux-image-")
+
+    def version_of(package: str, pinned: str | None) -> str:
+        if pinned:
+            return pinned
+        versions = apt.binary_versions(package)
+        if not versions:
+            raise ProvisionError(f"{package} is not in the index")
+        return versions[0]
+
+    packages = [(image, version_of(image, depends[image]))]
+    for part, pinned in _depends_of(apt, *packages[0]).items():
+        if part in (f"linux-binary-{kernel_version}", f"linux-modules-{kernel_version}"):
+            packages.append((part, version_of(part, pinned)))
+    return packages
 
 
-def fetch_debian_kernel(apt: PrivateApt) -> KernelTree:
-    """Debian trixie's current kernel, downloaded and unpacked into the cache (once)."""
+def suite_kernels(suite: str) -> Path:
+    return guest_cache() / "kernels" / suite
+
+
+def fetch_debian_kernel(suite: str) -> KernelTree:
+    """``suite``'s current kernel (newest listed first, falling back to older ones the pool still has),
+    downloaded and unpacked into the cache (once)."""
+    apt = kernel_apt(suite)
     chosen: dict[str, KernelTree] = {}
 
     def listed() -> list[str]:
         versions = apt.binary_versions(KERNEL_META_PACKAGE)
         if not versions:
-            raise ProvisionError(f"the trixie index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?")
+            raise ProvisionError(
+                f"the {suite} index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?"
+            )
         return versions
 
     def fetch(meta_version: str) -> None:
-        package = _kernel_package_of(apt, meta_version)
-        versions = apt.binary_versions(package)
-        if not versions:
-            raise ProvisionError(f"{package} is not in the index")
-        unpacked = guest_cache() / "kernels" / f"{package}_{versions[0]}"
+        packages = kernel_packages(apt, meta_version)
+        image, image_version = packages[0]
+        unpacked = suite_kernels(suite) / f"{image}_{image_version}"
         if not (unpacked / ".complete").is_file():
             downloads = guest_cache() / "downloads"
-            deb = apt.download_binary(package, versions[0], downloads)
             shutil.rmtree(unpacked, ignore_errors=True)
             (unpacked / "root").mkdir(parents=True)
-            run_logged(
-                ["dpkg-deb", "-x", deb, unpacked / "root"],
-                title=f"unpacking {deb.name}",
-                log=guest_cache() / "build.log",
-            )
+            for package, version in packages:
+                deb = apt.download_binary(package, version, downloads)
+                run_logged(
+                    ["dpkg-deb", "-x", deb, unpacked / "root"],
+                    title=f"unpacking {deb.name}",
+                    log=guest_cache() / "build.log",
+                )
+                deb.unlink()
             (unpacked / ".complete").touch()
-            deb.unlink()
-        chosen["tree"] = _kernel_tree_in(unpacked / "root", f"{package} {versions[0]}")
+        chosen["tree"] = _kernel_tree_in(unpacked / "root", f"{image} {image_version} ({suite})")
 
     apt.fetch_listed(listed, fetch)
     return chosen["tree"]
 
 
 def _kernel_tree_in(root: Path, origin: str) -> KernelTree:
+    """The one kernel unpacked under ``root``: 6.12 puts its image in boot/, 7.x beside its modules."""
+    module_dirs = sorted(
+        directory
+        for parent in (root / "lib" / "modules", root / "usr" / "lib" / "modules")
+        if parent.is_dir() and not parent.is_symlink()
+        for directory in parent.iterdir()
+        if directory.is_dir() and looks_like_modules_dir(directory)
+    )
     images = sorted((root / "boot").glob("vmlinuz-*"))
-    module_dirs = sorted(path.parent for path in root.glob("lib/modules/*/modules.order"))
-    module_dirs += sorted(path.parent for path in root.glob("usr/lib/modules/*/modules.order"))
+    images += [directory / "vmlinuz" for directory in module_dirs if (directory / "vmlinuz").is_file()]
     if len(images) != 1 or len(module_dirs) != 1:
         raise ProvisionError(
-            f"{root}: expected one boot/vmlinuz-* and one lib/modules/<version>/modules.order"
+            f"{root}: expected one kernel image (boot/vmlinuz-* or lib/modules/<version>/vmlinuz) and one "
+            f"lib/modules/<version> directory; found {len(images)} and {len(module_dirs)}"
         )
     return KernelTree(images[0], module_dirs[0], origin)
 
@@ -373,23 +467,37 @@ def build_initramfs(tree: KernelTree, work: Path) -> Path:
     return initrd
 
 
-def find_guest(kernel: Path | None = None, modules: Path | None = None) -> GuestImage | None:
-    """The cached image for these inputs, or None (nothing is downloaded or built)."""
-    tree = _tree_without_download(kernel, modules)
+def find_guest(
+    kernel: Path | None = None, modules: Path | None = None, *, suite: str | None = None
+) -> GuestImage | None:
+    """The cached image for these inputs, or None (nothing is downloaded or built; ``newest`` is the newest
+    kernel in the cache)."""
+    tree = _tree_without_download(kernel, modules, suite or default_suite())
     if tree is None:
         return None
     return _cached_image(tree)
 
 
-def _tree_without_download(kernel: Path | None, modules: Path | None) -> KernelTree | None:
+def _cached_kernels(suites: Sequence[str]) -> list[tuple[str, Path]]:
+    """(version, unpacked directory) of every complete kernel of ``suites`` in the cache."""
+    return [
+        (directory.name.rsplit("_", 1)[-1], directory)
+        for suite in suites
+        for directory in (marker.parent for marker in suite_kernels(suite).glob("*/.complete"))
+    ]
+
+
+def _tree_without_download(kernel: Path | None, modules: Path | None, suite: str) -> KernelTree | None:
     if kernel is not None or modules is not None:
         if kernel is None or modules is None:
             raise ProvisionError("give both --kernel and --modules, or neither")
         return kernel_tree_from(kernel, modules)
-    trees = sorted(guest_cache().glob("kernels/*/.complete"))
-    if not trees:
+    cached = _cached_kernels(KERNEL_SUITES if suite == NEWEST else (suite,))
+    if not cached:
         return None
-    return _kernel_tree_in(trees[-1].parent / "root", trees[-1].parent.name)
+    newest_version = newest_first([version for version, _ in cached])[0]
+    directory = next(directory for version, directory in cached if version == newest_version)
+    return _kernel_tree_in(directory / "root", f"{directory.name} ({directory.parent.name})")
 
 
 def _cached_image(tree: KernelTree) -> GuestImage | None:
@@ -401,15 +509,22 @@ def _cached_image(tree: KernelTree) -> GuestImage | None:
 
 
 def ensure_guest(
-    kernel: Path | None = None, modules: Path | None = None, *, rebuild: bool = False
+    kernel: Path | None = None,
+    modules: Path | None = None,
+    *,
+    suite: str | None = None,
+    rebuild: bool = False,
 ) -> GuestImage:
-    """The guest image for these inputs, downloading the kernel and building the initramfs when needed."""
+    """The guest image for these inputs (``suite``: see :func:`default_suite`), downloading the kernel and
+    building the initramfs when needed."""
     ensure_packages(HOST_PACKAGES, why="building the guest initramfs")
     if kernel is not None or modules is not None:
-        tree = _tree_without_download(kernel, modules)
+        tree = _tree_without_download(kernel, modules, DEFAULT_SUITE)
         assert tree is not None
     else:
-        tree = _tree_without_download(None, None) or fetch_debian_kernel(project_apt())
+        # A named suite is looked up in the cache first; ``newest`` asks the indexes which suite it is.
+        concrete = resolve_suite(suite or default_suite())
+        tree = _tree_without_download(None, None, concrete) or fetch_debian_kernel(concrete)
     if not rebuild:
         cached = _cached_image(tree)
         if cached is not None:
@@ -435,8 +550,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="build-guest",
-        description="Build (or find in the cache) the test guest: Debian trixie's kernel and a busybox "
-        "initramfs with the virtio-iommu/VFIO modules and the programs of guest/.",
+        description="Build (or find in the cache) the test guest: a Debian kernel (trixie's unless --suite "
+        "says otherwise) and a busybox initramfs with the virtio-iommu/VFIO modules and the programs of "
+        "guest/.",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=(*KERNEL_SUITES, NEWEST),
+        help=f"the Debian suite whose linux-image-amd64 to use (default ${SUITE_VARIABLE}, else "
+        f"{DEFAULT_SUITE}); {NEWEST}: whichever suite lists the highest version",
     )
     parser.add_argument("--kernel", type=Path, help="a kernel image to use instead of Debian's")
     parser.add_argument("--modules", type=Path, help="its lib/modules/<version> directory")
@@ -445,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         image = (
-            find_guest(args.kernel, args.modules)
+            find_guest(args.kernel, args.modules, suite=args.suite)
             if args.check
-            else ensure_guest(args.kernel, args.modules, rebuild=args.rebuild)
+            else ensure_guest(args.kernel, args.modules, suite=args.suite, rebuild=args.rebuild)
         )
     except ProvisionError as error:
         console.print(f"[red]build-guest:[/red] {error}")

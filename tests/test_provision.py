@@ -414,6 +414,95 @@ def test_a_given_kernel_needs_its_modules_directory(tmp_path: Path) -> None:
     assert kernel_tree_from(kernel, tmp_path).modules_dir == tmp_path.resolve()
 
 
+def test_a_given_modules_directory_needs_no_modules_order(tmp_path: Path) -> None:
+    """Debian's 7.x packages ship no modules.order and no modules.builtin: the kernel/ tree is enough."""
+    from vhost_iommu.provision.guest import kernel_tree_from
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    modules = tmp_path / "7.3.4+deb13-amd64"
+    (modules / "kernel" / "drivers" / "iommu").mkdir(parents=True)
+    assert kernel_tree_from(kernel, modules).version == "7.3.4+deb13-amd64"
+
+
+# `apt-cache show` of Debian's kernel packages, trimmed to what matters: 6.12 has one image package,
+# 7.x splits it into an image (meta), a binary (the vmlinuz) and a modules package.
+SHOWN = {
+    "linux-image-amd64=6.12.117-1": "Package: linux-image-amd64\nDepends: linux-image-6.12.117+deb13-amd64 "
+    "(= 6.12.117-1)\n",
+    "linux-image-6.12.117+deb13-amd64=6.12.117-1": "Package: linux-image-6.12.117+deb13-amd64\nDepends: "
+    "kmod, linux-base (>= 4.12~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool\n",
+    "linux-image-amd64=7.3.4-1~bpo13+1": "Package: linux-image-amd64\nDepends: linux-base-amd64 "
+    "(= 7.3.4-1~bpo13+1), linux-image-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), linux-modules-amd64 "
+    "(= 7.3.4-1~bpo13+1)\n",
+    "linux-image-7.3.4+deb13-amd64=7.3.4-1~bpo13+1": "Package: linux-image-7.3.4+deb13-amd64\nDepends: "
+    "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.3.4+deb13-amd64 "
+    "(= 7.3.4-1~bpo13+1), linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), "
+    "linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)\nRecommends: apparmor\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("meta_version", "expected"),
+    [
+        ("6.12.117-1", [("linux-image-6.12.117+deb13-amd64", "6.12.117-1")]),
+        (
+            "7.3.4-1~bpo13+1",
+            [
+                ("linux-image-7.3.4+deb13-amd64", "7.3.4-1~bpo13+1"),
+                ("linux-binary-7.3.4+deb13-amd64", "7.3.4-1~bpo13+1"),
+                ("linux-modules-7.3.4+deb13-amd64", "7.3.4-1~bpo13+1"),
+            ],
+        ),
+    ],
+    ids=["6.12-one-package", "7.x-split"],
+)
+def test_the_packages_of_a_kernel_follow_its_dependencies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meta_version: str, expected: list[tuple[str, str]]
+) -> None:
+    from vhost_iommu.provision.guest import kernel_packages
+
+    state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))
+    monkeypatch.setattr(state, "query", lambda command, spec: SHOWN[spec])
+    assert kernel_packages(state, meta_version) == expected
+
+
+def test_an_unpacked_7x_kernel_has_its_image_beside_its_modules(tmp_path: Path) -> None:
+    from vhost_iommu.provision.guest import _kernel_tree_in
+
+    modules = tmp_path / "usr" / "lib" / "modules" / "7.3.4+deb13-amd64"
+    (modules / "kernel").mkdir(parents=True)
+    (modules / "vmlinuz").write_bytes(b"k")
+    tree = _kernel_tree_in(tmp_path, "test")
+    assert (tree.image, tree.version) == (modules / "vmlinuz", "7.3.4+deb13-amd64")
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot" / "vmlinuz-6.12").write_bytes(b"k")  # two kernels in one tree: which one?
+    with pytest.raises(ProvisionError, match="expected one kernel image"):
+        _kernel_tree_in(tmp_path, "test")
+
+
+def test_newest_is_the_suite_that_lists_the_highest_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vhost_iommu.provision import guest
+
+    listed = {"trixie": ["6.12.117-1"], "trixie-backports": ["7.3.4-1~bpo13+1"], "sid": ["7.2.13-1"]}
+
+    class Listing:
+        def __init__(self, suite: str) -> None:
+            self.suite = suite
+
+        def update(self) -> bool:
+            return False
+
+        def binary_versions(self, package: str) -> list[str]:
+            return listed[self.suite]
+
+    monkeypatch.setattr(guest, "kernel_apt", Listing)
+    assert guest.resolve_suite("newest") == "trixie-backports"
+    assert guest.resolve_suite("sid") == "sid"
+    with pytest.raises(ProvisionError, match="no guest kernel suite 'buster'"):
+        guest.resolve_suite("buster")
+
+
 def test_stale_indexes_are_fetched_again_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Indexes from an earlier run list only versions the pool dropped; a refresh lists the new one."""
     state = PrivateApt(tmp_path, [], mirror=Mirror("http://m.example/debian", None))

@@ -18,7 +18,6 @@ from vhost_iommu.device.layout import (
     FAULT_F_WRITE,
     MAP_F_READ,
     FaultReason,
-    decode_fault,
     encode_detach,
     encode_map,
     encode_unmap,
@@ -80,12 +79,7 @@ class Rig:
 
     def faults(self) -> list[tuple[int, int, int, int]]:
         """The fault events the device wrote into the driver's eventq buffers."""
-        events = []
-        for _head, length, data in self.driver.events.used_with_data():
-            assert length == 24
-            fault = decode_fault(data)
-            events.append((fault.reason, fault.flags, fault.endpoint, fault.address))
-        return events
+        return self.driver.fault_events()
 
 
 @pytest.fixture(params=["kick-thread", "event-loop", "python"])

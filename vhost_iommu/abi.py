@@ -20,6 +20,8 @@ U64_MAX: Final = (1 << 64) - 1
 VIRTIO_RING_F_INDIRECT_DESC: Final = 1 << 28
 VIRTIO_RING_F_EVENT_IDX: Final = 1 << 29
 VIRTIO_F_VERSION_1: Final = 1 << 32
+VIRTIO_F_ACCESS_PLATFORM: Final = 1 << 33
+"""The device's DMA goes through the platform's IOMMU: ring and buffer addresses are IOVAs."""
 
 # Device status bits (virtio 1.3, "Device Status Field").
 VIRTIO_CONFIG_S_ACKNOWLEDGE: Final = 0x01
@@ -129,6 +131,41 @@ CONFIG_INPUT_RANGE: Final = 8
 CONFIG_DOMAIN_RANGE: Final = 24
 CONFIG_PROBE_SIZE: Final = 32
 CONFIG_BYPASS: Final = 36
+
+# -- virtio over PCI, the modern transport (virtio 1.3, "Virtio Over PCI Bus") ----------------------------
+
+VIRTIO_PCI_VENDOR: Final = 0x1AF4
+VIRTIO_PCI_DEVICE_BASE: Final = 0x1040
+"""A modern device's PCI device ID is this plus its virtio device ID."""
+PCI_CAP_ID_VENDOR: Final = 0x09
+VIRTIO_PCI_CAP_COMMON_CFG: Final = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG: Final = 2
+VIRTIO_PCI_CAP_ISR_CFG: Final = 3
+VIRTIO_PCI_CAP_DEVICE_CFG: Final = 4
+VIRTIO_MSI_NO_VECTOR: Final = 0xFFFF
+VIRTIO_PCI_ISR_QUEUE: Final = 0x1
+VIRTIO_PCI_ISR_CONFIG: Final = 0x2
+
+# -- the block device (virtio 1.3, "Block Device") -----------------------------------------------------------
+
+VIRTIO_ID_BLOCK: Final = 2
+VIRTIO_BLK_F_SIZE_MAX: Final = 1 << 1
+VIRTIO_BLK_F_SEG_MAX: Final = 1 << 2
+VIRTIO_BLK_F_RO: Final = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE: Final = 1 << 6
+VIRTIO_BLK_F_FLUSH: Final = 1 << 9
+VIRTIO_BLK_T_IN: Final = 0
+VIRTIO_BLK_T_OUT: Final = 1
+VIRTIO_BLK_T_FLUSH: Final = 4
+VIRTIO_BLK_T_GET_ID: Final = 8
+VIRTIO_BLK_S_OK: Final = 0
+VIRTIO_BLK_S_IOERR: Final = 1
+VIRTIO_BLK_S_UNSUPP: Final = 2
+VIRTIO_BLK_SECTOR_SIZE: Final = 512
+"""Request sectors are 512 bytes whatever the block size."""
+VIRTIO_BLK_ID_BYTES: Final = 20
+VIRTIO_BLK_HEADER_SIZE: Final = 16
+"""struct virtio_blk_outhdr {le32 type; le32 reserved; le64 sector}."""
 
 # -- the journal's records (``vhost_iommu.persist.journal`` has the whole file layout) ---------------------
 # RECORD_WORDS u64 per record: [0] commit, [1] kind/status/queue/flags/used length, [2] ring positions

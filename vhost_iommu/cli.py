@@ -595,7 +595,7 @@ def _open_device_listeners(
             sock, created = create_unix_listener(path, args.socket_mode)
         except SocketPathError as exc:
             raise CliError(f"{spec.kind} at {format_bdf(spec.bdf)}: {exc}") from None
-        devices.append((spec, sock, path))
+        devices.append((spec.with_paths_in(socket_dir), sock, path))
         files.append(created)
 
 

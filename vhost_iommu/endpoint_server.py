@@ -23,8 +23,13 @@ import socket
 from dataclasses import dataclass
 
 from vhost_iommu.device.dma import DmaPort
+from vhost_iommu.device.layout import Access
 from vhost_iommu.device.topology import ServedDevice, Topology, format_bdf
+from vhost_iommu.device.translation import Fault, Translation
 from vhost_iommu.endpoints.dma_engine import DmaEngine, DmaOutcome
+from vhost_iommu.endpoints.translated_memory import TranslatedMemory
+from vhost_iommu.endpoints.virtio_blk import VirtioBlock
+from vhost_iommu.endpoints.virtio_pci import VirtioPciFunction
 from vhost_iommu.memory import FlatRegions
 from vhost_iommu.server.listener import VhostUserServer
 from vhost_iommu.vfio_server.connection import VfioUserConnection
@@ -56,7 +61,15 @@ class ServedEndpoint:
         self._pairing: _Pairing | None = None
         self._unpaired_said = False
         self._tables: tuple[int, FlatRegions] | None = None
-        self.device = DmaEngine(self._dma_target, self._interrupt)
+        self._queue_memory: tuple[int, _Pairing, TranslatedMemory] | None = None
+        self.block: VirtioBlock | None = None
+        self.device: DmaEngine | VirtioPciFunction
+        if spec.kind == "virtio-blk":
+            readonly = bool(spec.options.get("readonly", False))
+            self.block = VirtioBlock(spec.options["image"], readonly=readonly)
+            self.device = VirtioPciFunction(self.block, self._translated_memory, self._interrupt)
+        else:
+            self.device = DmaEngine(self._dma_target, self._interrupt)
 
     # -- the device's callbacks -----------------------------------------------------------------------------
 
@@ -64,17 +77,42 @@ class ServedEndpoint:
         if self.handler is not None:
             self.handler.interrupt(vector)
 
-    def _dma_target(self) -> TranslatedDma | None:
+    def _session(self) -> tuple[VfioUserHandler, _Pairing] | None:
+        """The client's session and the guest it is paired with, or None (no client, no RAM, no guest)."""
         handler = self.handler
         if handler is None or not len(handler.memory):
             return None
         pairing = self._pair(handler)
-        if pairing is None:
+        return None if pairing is None else (handler, pairing)
+
+    def _dma_target(self) -> TranslatedDma | None:
+        session = self._session()
+        if session is None:
             return None
+        handler, pairing = session
         generation = handler.memory.generation
         if self._tables is None or self._tables[0] != generation:
             self._tables = (generation, handler.memory.flat_tables())
         return TranslatedDma(pairing.port, self._tables[1], pairing.backend)
+
+    def _translated_memory(self) -> TranslatedMemory | None:
+        """A virtio device's memory: the client's RAM through the endpoint's domain (the same object while
+        neither the RAM nor the pairing changes, so its queues know when to rebind)."""
+        session = self._session()
+        if session is None:
+            return None
+        handler, pairing = session
+        generation = handler.memory.generation
+        cached = self._queue_memory
+        if cached is None or cached[0] != generation or cached[1] is not pairing:
+            port, backend = pairing.port, pairing.backend
+
+            def translate(iova: int, length: int, access: Access) -> Translation | Fault:
+                return port.translate(iova, length, access, record=True)
+
+            memory = TranslatedMemory(translate, handler.memory, backend.deliver_events)  # type: ignore[attr-defined]
+            cached = self._queue_memory = (generation, pairing, memory)
+        return cached[2]
 
     def _pair(self, handler: VfioUserHandler) -> _Pairing | None:
         pairing = self._pairing
@@ -127,20 +165,38 @@ class ServedEndpoint:
     # -- clients --------------------------------------------------------------------------------------------
 
     def accept(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, number: int) -> VfioUserConnection:
-        handler = VfioUserHandler(self.device, name=f"{self.name} client {number}")
-        connection = VfioUserConnection(sock, handler, loop)
+        if self.block is not None:
+            self.block.open()  # OSError: the client is refused (EndpointServer.serve logs why)
+        try:
+            handler = VfioUserHandler(self.device, name=f"{self.name} client {number}")
+            connection = VfioUserConnection(sock, handler, loop)
+        except BaseException:
+            self._end_client()
+            raise
         self.handler, self.connection = handler, connection
-        self._pairing = None
-        self._tables = None
+        self._forget_client()
 
         def forget(_future: object) -> None:
             if self.connection is connection:
                 self.handler = self.connection = None
-                self._pairing = None
-                self._tables = None
+                self._forget_client()
+                self._end_client()
 
         connection.done.add_done_callback(forget)
         return connection
+
+    def _end_client(self) -> None:
+        """A virtio device's client went: the device is reset (its queues held views of that client's
+        RAM; QEMU never reconnects, a new client starts from reset) and its image closed."""
+        if self.block is not None:
+            self.device.reset()
+            self.block.close()
+
+    def _forget_client(self) -> None:
+        """Drop what was derived from a client's session (its pairing and views of its RAM)."""
+        self._pairing = None
+        self._tables = None
+        self._queue_memory = None
 
 
 class TranslatedDma:

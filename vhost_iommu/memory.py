@@ -449,3 +449,7 @@ class GuestMemory:
             position = take_end
             index += 1
         return segments
+
+    gpa_writable_segments = gpa_segments
+    """A buffer the device writes: the same views (a queue's memory tells reads from writes only when it
+    translates them, ``virtqueue.QueueMemory``)."""

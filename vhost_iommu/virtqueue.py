@@ -14,7 +14,10 @@ Layouts (little-endian, virtio 1.x)::
 (the trailing event fields only count when VIRTIO_RING_F_EVENT_IDX was negotiated).
 
 Ring addresses are front-end user addresses (vhost-user SET_VRING_ADDR); descriptor and indirect-table
-addresses are guest-physical.
+addresses are guest-physical. That is :class:`~vhost_iommu.memory.GuestMemory`'s view; the queue only asks
+its memory for the four things of :class:`QueueMemory`, so a device whose addresses are IOVAs (a virtio
+device served over vfio-user with VIRTIO_F_ACCESS_PLATFORM) gives it a memory that translates them
+(``vhost_iommu.endpoints.translated_memory``), and the ring code stays this one.
 
 Everything the driver wrote is hostile. A broken ring raises :class:`QueueError`; the caller puts the device
 in NEEDS_RESET. Each walk is bounded (at most ``size`` descriptors per table), so no input makes it spin.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import platform
 import struct
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -63,7 +67,7 @@ from vhost_iommu.jit.requests import (
     QF_WEAK_ORDER,
     QUEUE_WORDS,
 )
-from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
+from vhost_iommu.memory import ByteView, GuestMemoryError
 
 __all__ = [
     "DESC_DTYPE",
@@ -78,6 +82,7 @@ __all__ = [
     "VIRTQ_USED_F_NO_NOTIFY",
     "DescriptorChain",
     "QueueError",
+    "QueueMemory",
     "SplitQueue",
     "full_fence",
     "ring_sizes",
@@ -111,6 +116,17 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
 
 class QueueError(Exception):
     """The driver broke the ring; the device must enter NEEDS_RESET."""
+
+
+class QueueMemory(Protocol):
+    """What a queue needs of guest memory: views of its rings, of indirect tables, and of the buffers it
+    reads and writes (a buffer may come in several views). Each raises GuestMemoryError for an address
+    it cannot give."""
+
+    def uva_view(self, uva: int, size: int) -> ByteView: ...
+    def gpa_view(self, gpa: int, size: int) -> ByteView: ...
+    def gpa_segments(self, gpa: int, size: int) -> list[ByteView]: ...
+    def gpa_writable_segments(self, gpa: int, size: int) -> list[ByteView]: ...
 
 
 class DescriptorChain:
@@ -215,7 +231,7 @@ class SplitQueue:
 
     def __init__(
         self,
-        memory: GuestMemory,
+        memory: QueueMemory,
         size: int,
         desc_uva: int,
         avail_uva: int,
@@ -263,7 +279,7 @@ class SplitQueue:
 
     # --- binding to memory ------------------------------------------------------------------------
 
-    def _bind(self, memory: GuestMemory) -> None:
+    def _bind(self, memory: QueueMemory) -> None:
         desc_bytes, avail_bytes, used_bytes = ring_sizes(self.size, self.event_idx)
         try:
             desc_view = memory.uva_view(self.desc_uva, desc_bytes)
@@ -272,6 +288,8 @@ class SplitQueue:
         except GuestMemoryError as exc:
             raise QueueError(f"ring of {self.size} entries is not in guest memory: {exc}") from None
         self._memory = memory
+        self._readable_segments = memory.gpa_segments
+        self._writable_segments = memory.gpa_writable_segments
         table = desc_view.view(DESC_DTYPE)
         self._desc_table = table
         # avail: [flags, idx, ring[size], (used_event)]
@@ -289,7 +307,7 @@ class SplitQueue:
         words[Q_AVAIL] = self._avail16.ctypes.data
         words[Q_USED] = used_view.ctypes.data
 
-    def rebind(self, memory: GuestMemory) -> None:
+    def rebind(self, memory: QueueMemory) -> None:
         """The memory table changed: re-derive the ring views (indices are kept).
 
         Raises QueueError if a ring is no longer inside guest memory.
@@ -431,7 +449,10 @@ class SplitQueue:
             if buffers > self.size:
                 raise QueueError(f"chain at head {head} is longer than the queue size {self.size}")
             try:
-                segments = self._memory.gpa_segments(address, length)
+                if flags & VIRTQ_DESC_F_WRITE:
+                    segments = self._writable_segments(address, length)
+                else:
+                    segments = self._readable_segments(address, length)
             except GuestMemoryError as exc:
                 raise QueueError(f"chain at head {head}: {where} {index}: {exc}") from None
             if flags & VIRTQ_DESC_F_WRITE:

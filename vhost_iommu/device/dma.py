@@ -117,9 +117,14 @@ class DmaPort:
         _check_buffer(data, writeable=False)
         return self._run(kernel.OP_WRITE, memory, 0, iova, data.size, buffer=data)
 
-    def translate(self, iova: int, length: int, access: Access) -> Translation | Fault:
-        """What the kernels make of one access, without doing it and without recording a fault (for
-        tools: the same answer as ``IommuDevice.translate(..., report=False)``)."""
+    def translate(
+        self, iova: int, length: int, access: Access, *, record: bool = False
+    ) -> Translation | Fault:
+        """What the kernels make of one access, without doing it. By default nothing is recorded (for
+        tools: the same answer as ``IommuDevice.translate(..., report=False)``); with ``record`` (a device
+        model that will access the segments itself, such as virtio-blk's rings and buffers) the page
+        translations and bypassed accesses are counted in the port's counters and a fault is recorded as
+        an operation's is (counters, last faults, the event queued for the eventq)."""
         check_access(iova, length, access)
         capacity = min(length, 1 << 16) // 4096 + 4
         while True:
@@ -132,8 +137,11 @@ class DmaPort:
                 capacity *= 4
             elif count != kernel.TRANSLATE_STALE:
                 break
+        if record:
+            self._out[kernel.O_TRANSLATIONS] += out[kernel.O_TRANSLATIONS]
+            self._out[kernel.O_BYPASSED] += out[kernel.O_BYPASSED]
         if count < 0:
-            return self._fault(out)
+            return self._record(self._fault(out)) if record else self._fault(out)
         segments = tuple((int(p), int(n)) for p, n in zip(phys[:count], lengths[:count], strict=True))
         bypass = int(out[kernel.O_BYPASSED]) > 0
         return Translation(iova, length, segments, bypass=bypass)
@@ -221,17 +229,20 @@ class DmaPort:
                 break  # stale: Python code replaced arrays; go on from out[O_DONE] with the new ones
         done = int(out[kernel.O_DONE])
         if reason == kernel.DMA_FAULT:
-            at = int(requests_kernel.cycles())
-            fault = self._fault(out)
-            fault = self.device.record_fault(replace(fault, explanation=self.device.explain(fault, at)))
-            self.faults += 1
-            self.last_faults.append(fault)
-            return DmaResult(done, fault, 0, None)
+            return DmaResult(done, self._record(self._fault(out)), 0, None)
         if reason == kernel.DMA_NOT_GUEST_RAM:
             return DmaResult(done, None, NOT_GUEST_RAM, None, int(out[kernel.O_ERROR_ADDRESS]))
         if reason == kernel.DMA_MISMATCH:
             return DmaResult(done, None, 0, int(out[kernel.O_MISMATCH]))
         return DmaResult(done, None, 0, None)
+
+    def _record(self, fault: Fault) -> Fault:
+        """Explain ``fault`` from the mapping history and record it in the device and the port."""
+        at = int(requests_kernel.cycles())
+        fault = self.device.record_fault(replace(fault, explanation=self.device.explain(fault, at)))
+        self.faults += 1
+        self.last_faults.append(fault)
+        return fault
 
     def _fault(self, out: npt.NDArray[np.uint64]) -> Fault:
         return Fault(

@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,16 @@ class PciRange:
 
 
 #: The endpoint kinds ``[[devices]]`` may name, with the keys of their own each takes.
-DEVICE_KINDS: dict[str, frozenset[str]] = {"dma-engine": frozenset()}
+DEVICE_KINDS: dict[str, frozenset[str]] = {
+    "dma-engine": frozenset(),
+    "virtio-blk": frozenset({"image", "readonly"}),
+}
+#: The keys of a kind it cannot do without.
+_REQUIRED_OPTIONS: dict[str, frozenset[str]] = {"virtio-blk": frozenset({"image"})}
+#: Each kind's key's type: a path (a non-empty string, relative ones beside the sockets) or a boolean.
+_OPTION_TYPES: dict[str, type] = {"image": str, "readonly": bool}
+#: The keys that are paths (resolved as ``socket`` is).
+_PATH_OPTIONS = frozenset({"image"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +101,23 @@ class ServedDevice:
 
     def socket_path(self, socket_dir: str | None) -> str | None:
         """The socket's path; a relative one in ``socket_dir`` (None: no directory to put it in)."""
-        if os.path.isabs(self.socket):
-            return self.socket
-        return None if socket_dir is None else os.path.join(socket_dir, self.socket)
+        return _beside(self.socket, socket_dir)
+
+    def with_paths_in(self, socket_dir: str | None) -> ServedDevice:
+        """This device with its path options (a virtio-blk's ``image``) resolved as its socket is: a
+        relative one in ``socket_dir``, the directory of the back-end's first vhost-user socket (left as
+        written when there is none)."""
+        options = dict(self.options)
+        for key in _PATH_OPTIONS & options.keys():
+            options[key] = _beside(options[key], socket_dir) or options[key]
+        return replace(self, options=options)
+
+
+def _beside(path: str, socket_dir: str | None) -> str | None:
+    """``path``, or a relative one in ``socket_dir`` (None: no directory to put it in)."""
+    if os.path.isabs(path):
+        return path
+    return None if socket_dir is None else os.path.join(socket_dir, path)
 
 
 @dataclass(frozen=True)
@@ -502,6 +525,13 @@ class _Parser:
             if not isinstance(socket_path, str):
                 raise self.fail(f"{where}.socket", f"{socket_path!r} is not a path")
             options = {key: value for key, value in table.items() if key in DEVICE_KINDS[kind]}
+            for key in sorted(_REQUIRED_OPTIONS.get(kind, frozenset()) - options.keys()):
+                raise self.fail(f"{where}.{key}", f"missing (a {kind} needs it)")
+            for key, value in options.items():
+                wanted = _OPTION_TYPES[key]
+                if not isinstance(value, wanted) or (isinstance(value, str) and (not value or "\0" in value)):
+                    what = "a path" if key in _PATH_OPTIONS else f"a {wanted.__name__}"
+                    raise self.fail(f"{where}.{key}", f"{value!r} is not {what}")
             devices.append(
                 ServedDevice(
                     kind, text_segment if text_segment is not None else segment, bdf, socket_path, options

@@ -72,6 +72,7 @@ from vhost_iommu.endpoints.dma_engine import (
     R_PATTERN,
     R_SRC,
     R_STATUS,
+    DmaEngine,
     Op,
 )
 from vhost_iommu.fuzz.engine import Choices, FuzzFailure, FuzzTarget, Hang, Script, open_fd_count
@@ -266,7 +267,10 @@ class VfioServerTarget(FuzzTarget):
         self.stranger.write(0, self.stranger_pattern)
         self.unexpected = UnexpectedErrors()
         self.unexpected.install()
-        self._engine_counters = dataclasses.replace(self.served.device.counters)
+        engine = self.served.device
+        assert isinstance(engine, DmaEngine)  # the default topology's device
+        self.engine = engine
+        self._engine_counters = dataclasses.replace(engine.counters)
         self.fds_before = open_fd_count()
         self.mappings_before = self._mappings()
 
@@ -605,7 +609,7 @@ class VfioServerTarget(FuzzTarget):
 
     def _engine_work(self) -> list[Hashable]:
         """What the engine did in this execution, from its own counters: operations, bytes, faults."""
-        counters = self.server.call(lambda: dataclasses.replace(self.served.device.counters))
+        counters = self.server.call(lambda: dataclasses.replace(self.engine.counters))
         before, self._engine_counters = self._engine_counters, counters
         return [
             ("operations", min(counters.operations - before.operations, 3)),

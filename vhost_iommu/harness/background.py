@@ -111,7 +111,7 @@ class RunningServer:
             path = spec.socket_path(directory)
             assert path is not None
             listener = bind_unix_socket(path)
-            served = endpoints.add(spec, path)
+            served = endpoints.add(spec.with_paths_in(directory), path)
 
             async def start(
                 served: object = served, listener: socket.socket = listener

@@ -28,6 +28,7 @@ Example (the device side built the way the server builds it)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhost_iommu.harness.guest_ram import GuestRam
@@ -77,6 +78,7 @@ class DriverQueue:
         event_idx: bool = False,
         start_index: int = 0,
         auto_used_event: bool = True,
+        device_address: Callable[[int], int] = lambda gpa: gpa,
     ) -> None:
         if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise DriverQueueError(f"queue size {size} is not a power of 2 between 1 and {MAX_QUEUE_SIZE}")
@@ -85,6 +87,9 @@ class DriverQueue:
         self.ram = ram
         self.size = size
         self.event_idx = event_idx
+        # What the device is told for a guest-physical address (post's buffers and indirect tables): the
+        # address itself, or the IOVA the test mapped it at when the device is behind an IOMMU.
+        self.device_address = device_address
         desc_bytes, avail_bytes, used_bytes = ring_sizes(size, event_idx=True)  # room for both layouts
         self.desc_gpa = ram.alloc(desc_bytes, 16)
         self.avail_gpa = ram.alloc(avail_bytes, 2)
@@ -185,16 +190,17 @@ class DriverQueue:
         blocks: list[int] = []
         writable: list[tuple[int, int]] = []
         buffers: list[tuple[int, int, int]] = []  # (gpa, len, flags)
+        address = self.device_address
         for data in readable:
             gpa = self.ram.alloc(len(data))
             self.ram.write(gpa, data)
             blocks.append(gpa)
-            buffers.append((gpa, len(data), 0))
+            buffers.append((address(gpa), len(data), 0))
         for size in writable_sizes:
             gpa = self.ram.alloc(size)
             blocks.append(gpa)
             writable.append((gpa, size))
-            buffers.append((gpa, size, VIRTQ_DESC_F_WRITE))
+            buffers.append((address(gpa), size, VIRTQ_DESC_F_WRITE))
 
         if indirect:
             table_gpa = self.ram.alloc(count * DESC_SIZE, 16)
@@ -212,7 +218,7 @@ class DriverQueue:
                 ],
             )
             head = self._free_descriptors.pop()
-            self.write_desc(head, table_gpa, count * DESC_SIZE, VIRTQ_DESC_F_INDIRECT, 0)
+            self.write_desc(head, address(table_gpa), count * DESC_SIZE, VIRTQ_DESC_F_INDIRECT, 0)
             descriptors = [head]
         else:
             descriptors = [self._free_descriptors.pop() for _ in range(count)]

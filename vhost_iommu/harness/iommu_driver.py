@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import TracebackType
 
-from vhost_iommu.device.layout import TAIL_SIZE, Status, decode_status, encode_attach
+from vhost_iommu.device.layout import (
+    FAULT_SIZE,
+    TAIL_SIZE,
+    Status,
+    decode_fault,
+    decode_status,
+    encode_attach,
+)
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.harness.guest_ram import GuestRam
@@ -199,6 +206,19 @@ class IommuDriver:
             frontend.set_vring_call(index)
         for index in range(len(self.queues)):
             frontend.set_vring_enable(index, True)
+
+    def fault_events(self) -> list[tuple[int, int, int, int]]:
+        """(reason, flags, endpoint, address) of each fault event the device wrote into the eventq
+        buffers since the last call."""
+        events = []
+        for _head, length, data in self.events.used_with_data():
+            if length != FAULT_SIZE:
+                raise ValueError(
+                    f"an eventq buffer came back with {length} bytes, not a fault's {FAULT_SIZE}"
+                )
+            fault = decode_fault(data)
+            events.append((fault.reason, fault.flags, fault.endpoint, fault.address))
+        return events
 
     def post_event_buffers(self, count: int, size: int = 24) -> list[int]:
         """Give the device ``count`` eventq buffers of ``size`` bytes (a fault record is 24); their heads."""

@@ -98,7 +98,15 @@ def check_access(offset: int, size: int, limit: int, what: str) -> None:
 class PciFunction:
     """Configuration space of a type 0 function with 32-bit memory BARs and optional MSI-X."""
 
-    def __init__(self, identity: PciIdentity, bar_sizes: tuple[int, ...], msix: MsixLayout | None) -> None:
+    def __init__(
+        self,
+        identity: PciIdentity,
+        bar_sizes: tuple[int, ...],
+        msix: MsixLayout | None,
+        capabilities: tuple[tuple[int, bytes], ...] = (),
+    ) -> None:
+        """``capabilities``: more read-only capabilities after MSI-X's, each (capability ID, its bytes
+        after the ID and next-pointer bytes), such as virtio's vendor-specific ones."""
         if len(bar_sizes) > BAR_COUNT:
             raise ValueError(f"at most {BAR_COUNT} BARs")
         for index, size in enumerate(bar_sizes):
@@ -114,6 +122,9 @@ class PciFunction:
         self.identity = identity
         self.bar_sizes = bar_sizes + (0,) * (BAR_COUNT - len(bar_sizes))
         self.msix = msix
+        self.capabilities = capabilities
+        if self._capability_offsets()[-1] > CONFIG_SPACE_SIZE:
+            raise ValueError("the capabilities do not fit in the configuration space")
         self._power_on = self._build()
         self._writable = self._writable_masks()
         self.config = bytearray(self._power_on)
@@ -128,21 +139,37 @@ class PciFunction:
         for index, size in enumerate(self.bar_sizes):
             if size:
                 struct.pack_into("<I", config, BAR0 + 4 * index, BAR_MEMORY_32)
+        chain: list[tuple[int, bytes]] = []
         if self.msix is not None:
             msix = self.msix
-            struct.pack_into("<H", config, STATUS, STATUS_CAPABILITIES_LIST)
-            config[CAPABILITIES_POINTER] = MSIX_CAPABILITY_OFFSET
-            struct.pack_into(
-                "<BBHII",
-                config,
-                MSIX_CAPABILITY_OFFSET,
-                CAP_ID_MSIX,
-                0,  # last capability
+            body = struct.pack(
+                "<HII",
                 msix.vectors - 1,  # table size - 1; enable and mask bits start clear
                 msix.table_offset | msix.table_bar,
                 msix.pba_offset | msix.pba_bar,
             )
+            chain.append((CAP_ID_MSIX, body))
+        chain.extend(self.capabilities)
+        offsets = self._capability_offsets()
+        if chain:
+            struct.pack_into("<H", config, STATUS, STATUS_CAPABILITIES_LIST)
+            config[CAPABILITIES_POINTER] = offsets[0]
+        for index, (cap_id, body) in enumerate(chain):
+            at = offsets[index]
+            following = offsets[index + 1] if index + 1 < len(chain) else 0  # 0: the last capability
+            config[at : at + 2 + len(body)] = bytes((cap_id, following)) + body
         return bytes(config)
+
+    def _capability_offsets(self) -> list[int]:
+        """Where each capability starts (MSI-X's first, at MSIX_CAPABILITY_OFFSET; each 4-byte aligned),
+        then the end of the last."""
+        sizes = ([MSIX_CAPABILITY_SIZE] if self.msix is not None else []) + [
+            2 + len(body) for _cap_id, body in self.capabilities
+        ]
+        offsets = [MSIX_CAPABILITY_OFFSET]
+        for size in sizes:
+            offsets.append(offsets[-1] + (size + 3) // 4 * 4)
+        return offsets
 
     def _writable_masks(self) -> bytes:
         masks = bytearray(CONFIG_SPACE_SIZE)

@@ -84,6 +84,14 @@ class VfioUserEndpoint:
 
 Endpoint = PciTestDevice | VirtioBlockDevice | VfioUserEndpoint
 
+_SERVED_ENDPOINT_COMMENTS = {
+    "dma-engine": "{kind}: served by vhost-iommu over vfio-user; its every DMA access is\n"
+    "translated by vhost-iommu's IOMMU (QEMU wants the JSON form for the socket)",
+    "virtio-blk": "{kind}: a disk served by vhost-iommu over vfio-user; the guest's virtio_blk puts IOVAs\n"
+    "in its rings and buffers and vhost-iommu translates every one (QEMU wants the JSON form for the socket)",
+}
+"""The comment above a ``vfio-user-pci`` device, by the served device's kind."""
+
 
 @dataclass(frozen=True)
 class QemuSetup:
@@ -298,8 +306,9 @@ def endpoint_groups(setup: QemuSetup) -> list[ArgGroup]:
             }
             groups.append(
                 ArgGroup(
-                    f"{endpoint.kind}: served by vhost-iommu over vfio-user; its every DMA access is\n"
-                    "translated by vhost-iommu's IOMMU (QEMU wants the JSON form for the socket)",
+                    _SERVED_ENDPOINT_COMMENTS.get(
+                        endpoint.kind, _SERVED_ENDPOINT_COMMENTS["dma-engine"]
+                    ).format(kind=endpoint.kind),
                     ("-device", json.dumps(device, separators=(",", ":"))),
                 )
             )

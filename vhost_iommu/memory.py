@@ -423,9 +423,12 @@ class GuestMemory:
             return self._gpa_data[index][offset : offset + size]
         raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not inside one memory region")
 
-    def gpa_segments(self, gpa: int, size: int) -> list[ByteView]:
+    def gpa_segments(self, gpa: int, size: int, device_writes: int = 0) -> list[ByteView]:
         """Views covering ``size`` bytes at ``gpa``, split where the range crosses from one region into
         the next one adjacent to it in guest-physical space (the guest sees such memory as contiguous).
+        ``device_writes`` (nonzero: the device will write the buffer) matters only to a memory that
+        translates addresses and checks the access (``virtqueue.QueueMemory``); here every byte of guest
+        memory may be read and written.
 
         Raises GuestMemoryError if any byte of the range is outside guest memory.
         """
@@ -449,7 +452,3 @@ class GuestMemory:
             position = take_end
             index += 1
         return segments
-
-    gpa_writable_segments = gpa_segments
-    """A buffer the device writes: the same views (a queue's memory tells reads from writes only when it
-    translates them, ``virtqueue.QueueMemory``)."""

@@ -2,7 +2,7 @@
 reads and writes when the device negotiated VIRTIO_F_ACCESS_PLATFORM.
 
 The split ring code asks its memory for ring views (``uva_view``), indirect tables (``gpa_view``) and
-buffers (``gpa_segments`` for the buffers it reads, ``gpa_writable_segments`` for those it writes); here
+buffers (``gpa_segments``, told whether the device reads or writes the buffer); here
 every such address is an IOVA. Each is translated for the endpoint (``translate``: a recording
 :meth:`~vhost_iommu.device.dma.DmaPort.translate`, so the port counts it and a fault is queued for the
 guest's eventq) with the access the device will make, and the guest-physical segments become views of
@@ -83,13 +83,11 @@ class TranslatedMemory:
         """An indirect descriptor table (read by the device)."""
         return self._contiguous(iova, size, Access.READ, "indirect table")
 
-    def gpa_segments(self, iova: int, size: int) -> list[ByteView]:
-        """A buffer the device reads."""
+    def gpa_segments(self, iova: int, size: int, device_writes: int = 0) -> list[ByteView]:
+        """A buffer the device reads, or with ``device_writes`` writes."""
+        if device_writes:
+            return self._views(self._segments(iova, size, Access.WRITE, "writable buffer"))
         return self._views(self._segments(iova, size, Access.READ, "buffer"))
-
-    def gpa_writable_segments(self, iova: int, size: int) -> list[ByteView]:
-        """A buffer the device writes."""
-        return self._views(self._segments(iova, size, Access.WRITE, "writable buffer"))
 
     def _views(self, segments: tuple[tuple[int, int], ...]) -> list[ByteView]:
         if len(segments) == 1:

@@ -10,8 +10,13 @@ back-end's counters are read.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -110,3 +115,56 @@ def test_the_dma_went_through_the_mode_s_domain(block_run: BlockRun) -> None:
         assert domain.startswith("DMA"), domain  # DMA (strict) or DMA-FQ (lazy)
         assert block_run.port["page_translations"] > 0
         assert block_run.port["bypassed_accesses"] == 0
+
+
+def test_the_readme_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the README shows: the program with the virtio-blk topology (disk.img beside its socket) and
+    qemu-configs/q35-virtio-blk-translated.sh."""
+    from vhost_iommu.provision.boot import run_job
+    from vhost_iommu.provision.configs import configs_dir
+    from vhost_iommu.provision.guest import ensure_guest
+    from vhost_iommu.provision.qemu_build import ensure_qemu
+    from vhost_iommu.viot import build_viot, default_topology
+
+    image = ensure_guest()
+    sock = tmp_path / "vhost-iommu.sock"
+    with (tmp_path / "disk.img").open("wb") as disk:
+        disk.truncate(32 << 20)
+    (tmp_path / "viot.bin").write_bytes(build_viot(default_topology()))
+    for name, value in {
+        "QEMU": str(ensure_qemu()),
+        "KERNEL": str(image.kernel),
+        "INITRD": str(image.initrd),
+        "SOCK": str(sock),
+        "VIOT": str(tmp_path / "viot.bin"),
+        "BLK_MB": "16",
+    }.items():
+        monkeypatch.setenv(name, value)
+    topology = configs_dir() / "topologies" / "virtio-blk.toml"
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "vhost_iommu", "-v", f"--socket-path={sock}", f"--topology={topology}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert backend.stderr is not None
+        for line in backend.stderr:  # "listening" comes after every socket, the disk's included
+            if "INFO: listening on" in line:
+                break
+        else:
+            pytest.fail("the program ended before it listened")
+        log: list[str] = []  # the rest of its log, read as it comes so the pipe never fills
+        reader = threading.Thread(target=log.extend, args=(backend.stderr,), daemon=True)
+        reader.start()
+        run = run_job(["bash", str(configs_dir() / "q35-virtio-blk-translated.sh")], timeout=300)
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        backend.wait(timeout=60)
+    reader.join(timeout=10)
+    assert not any("NEEDS_RESET" in line for line in log), log
+    [io] = run.records("VHOST_IOMMU_BLK ")
+    [disk] = run.records("VHOST_IOMMU_BLK_DISK")
+    assert (io["match"], io["mb"]) == ("1", "16")
+    assert disk["pci"] == "0000:00:05.0" and disk["domain"].startswith("DMA")
+    assert run.job_rc == 0
+    assert backend.returncode == 0

@@ -493,3 +493,9 @@ def test_the_topology_refuses_a_bad_virtio_blk(keys: str, message: str) -> None:
     )
     with pytest.raises(TopologyError, match=message):
         Topology.loads(text)
+
+
+def test_the_virtio_blk_preset_is_the_default_topology_with_a_disk_for_the_engine() -> None:
+    preset = Topology.load(Path(__file__).resolve().parent.parent / "qemu-configs/topologies/virtio-blk.toml")
+    assert preset.devices == (ServedDevice("virtio-blk", 0, 0x28, "virtio-blk.sock", {"image": "disk.img"}),)
+    assert dataclasses.replace(preset, devices=Topology.default().devices) == Topology.default()

@@ -117,6 +117,25 @@ def config_files() -> list[ConfigFile]:
             },
         ),
         ConfigFile(
+            "q35-virtio-blk-translated.sh",
+            "A disk whose every DMA access vhost-iommu translates: virtio-blk at 00:05.0, served by\n"
+            "vhost-iommu over vfio-user on $BLK, with the topology qemu-configs/topologies/virtio-blk.toml\n"
+            "(`vhost-iommu --socket-path=$SOCK --topology=qemu-configs/topologies/virtio-blk.toml` serves the\n"
+            "raw image disk.img beside $SOCK). The guest's own virtio_pci and virtio_blk put IOVAs in the\n"
+            "rings and buffers. The guest runs the job $JOB (blk-io: write $BLK_MB MiB, read them back, md5).",
+            _setup(
+                "@JOB@",
+                kernel_args=["vhost_iommu.job=@JOB@", "vhost_iommu.blk_mb=@BLK_MB@"],
+                endpoints=[PciTestDevice(4), VfioUserEndpoint(5, Path("@BLK@"), kind="virtio-blk")],
+            ),
+            {
+                **backend,
+                "BLK": ': "${BLK:=$(dirname "$SOCK")/virtio-blk.sock}"  # served by vhost-iommu',
+                "JOB": ': "${JOB:=blk-io}"  # blk-io, probe, shell, ... (guest/init)',
+                "BLK_MB": ': "${BLK_MB:=64}"  # MiB the blk-io job writes and reads back',
+            },
+        ),
+        ConfigFile(
             "q35-virtio-blk-identity.sh",
             "A DMA-doing endpoint behind vhost-iommu: virtio-blk at 00:05.0 on the raw image $DISK.\n"
             "QEMU does the disk's DMA itself with guest-physical addresses and never asks a vhost-user\n"

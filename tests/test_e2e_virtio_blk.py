@@ -2,9 +2,9 @@
 vfio-user, behind the vIOMMU: the guest's blk-io job writes random data to the disk and reads it back,
 comparing md5 sums, while every ring and buffer address it gives is translated by vhost-iommu.
 
-One boot per IOMMU mode: DMA domains with strict invalidation (iommu.strict=1) and lazy invalidation
-(iommu.strict=0), and the identity domain (iommu.passthrough=1). The guest holds after its job while the
-back-end's counters are read.
+One boot per IOMMU mode and guest kernel (trixie's 6.12 and Debian's newest): DMA domains with strict
+invalidation (iommu.strict=1) and lazy invalidation (iommu.strict=0), and the identity domain
+(iommu.passthrough=1). The guest holds after its job while the back-end's counters are read.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vhost_iommu.lab import Lab, LabConfig
 from vhost_iommu.provision.boot import GuestRun
 from vhost_iommu.qemu import PciTestDevice
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_kernel]
 
 BLK_BDF = 0x28  # 00:05.0
 MEGABYTES = 64
@@ -55,7 +55,9 @@ class BlockRun:
 
 
 @pytest.fixture(scope="module", params=list(MODES))
-def block_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlockRun]:
+def block_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, guest_suite: str
+) -> Iterator[BlockRun]:  # one guest per mode and kernel
     mode: str = request.param
     image = tmp_path_factory.mktemp(f"blk-{mode}") / "disk.img"
     with image.open("wb") as file:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A disk whose every DMA access vhost-iommu translates: virtio-blk at 00:05.0, served by
-# vhost-iommu over vfio-user on $BLK, with the topology qemu-configs/topologies/virtio-blk.toml
-# (`vhost-iommu --socket-path=$SOCK --topology=qemu-configs/topologies/virtio-blk.toml` serves the
-# raw image disk.img beside $SOCK). The guest's own virtio_pci and virtio_blk put IOVAs in the
-# rings and buffers. The guest runs the job $JOB (blk-io: write $BLK_MB MiB, read them back, md5).
+# A disk whose every DMA access vhost-iommu translates: virtio-blk at 00:05.0, served
+# by vhost-iommu over vfio-user on $BLK, with the topology
+# qemu-configs/topologies/virtio-blk.toml (`vhost-iommu --socket-path=$SOCK
+# --topology=qemu-configs/topologies/virtio-blk.toml` serves the raw image disk.img
+# beside $SOCK). The guest's own virtio_pci and virtio_blk put IOVAs in the rings and
+# buffers. The guest runs the job $JOB (blk-io: write $BLK_MB MiB, read them back, md5).
 #
 # Set QEMU, KERNEL and INITRD first, e.g. from the repository:
 #   export QEMU=$(scripts/get-qemu); eval "$(scripts/build-guest)"; export KERNEL INITRD

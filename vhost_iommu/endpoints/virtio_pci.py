@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vhost_iommu import abi
 from vhost_iommu.abi import (
     PCI_CAP_ID_VENDOR,
     VIRTIO_CONFIG_S_DRIVER_OK,
@@ -70,24 +71,24 @@ the transport uses whatever vector the driver writes."""
 
 # virtio_pci_common_cfg: field -> (offset, struct format, writable by the driver)
 _COMMON: dict[str, tuple[int, str, bool]] = {
-    "device_feature_select": (0x00, "<I", True),
-    "device_feature": (0x04, "<I", False),
-    "driver_feature_select": (0x08, "<I", True),
-    "driver_feature": (0x0C, "<I", True),
-    "config_msix_vector": (0x10, "<H", True),
-    "num_queues": (0x12, "<H", False),
-    "device_status": (0x14, "<B", True),
-    "config_generation": (0x15, "<B", False),
-    "queue_select": (0x16, "<H", True),
-    "queue_size": (0x18, "<H", True),
-    "queue_msix_vector": (0x1A, "<H", True),
-    "queue_enable": (0x1C, "<H", True),
-    "queue_notify_off": (0x1E, "<H", False),
-    "queue_desc": (0x20, "<Q", True),
-    "queue_driver": (0x28, "<Q", True),
-    "queue_device": (0x30, "<Q", True),
-    "queue_notify_data": (0x38, "<H", False),
-    "queue_reset": (0x3A, "<H", False),  # VIRTIO_F_RING_RESET is not offered
+    "device_feature_select": (abi.VIRTIO_PCI_COMMON_DEVICE_FEATURE_SELECT, "<I", True),
+    "device_feature": (abi.VIRTIO_PCI_COMMON_DEVICE_FEATURE, "<I", False),
+    "driver_feature_select": (abi.VIRTIO_PCI_COMMON_DRIVER_FEATURE_SELECT, "<I", True),
+    "driver_feature": (abi.VIRTIO_PCI_COMMON_DRIVER_FEATURE, "<I", True),
+    "config_msix_vector": (abi.VIRTIO_PCI_COMMON_CONFIG_MSIX_VECTOR, "<H", True),
+    "num_queues": (abi.VIRTIO_PCI_COMMON_NUM_QUEUES, "<H", False),
+    "device_status": (abi.VIRTIO_PCI_COMMON_DEVICE_STATUS, "<B", True),
+    "config_generation": (abi.VIRTIO_PCI_COMMON_CONFIG_GENERATION, "<B", False),
+    "queue_select": (abi.VIRTIO_PCI_COMMON_QUEUE_SELECT, "<H", True),
+    "queue_size": (abi.VIRTIO_PCI_COMMON_QUEUE_SIZE, "<H", True),
+    "queue_msix_vector": (abi.VIRTIO_PCI_COMMON_QUEUE_MSIX_VECTOR, "<H", True),
+    "queue_enable": (abi.VIRTIO_PCI_COMMON_QUEUE_ENABLE, "<H", True),
+    "queue_notify_off": (abi.VIRTIO_PCI_COMMON_QUEUE_NOTIFY_OFF, "<H", False),
+    "queue_desc": (abi.VIRTIO_PCI_COMMON_QUEUE_DESC, "<Q", True),
+    "queue_driver": (abi.VIRTIO_PCI_COMMON_QUEUE_DRIVER, "<Q", True),
+    "queue_device": (abi.VIRTIO_PCI_COMMON_QUEUE_DEVICE, "<Q", True),
+    "queue_notify_data": (abi.VIRTIO_PCI_COMMON_QUEUE_NOTIFY_DATA, "<H", False),
+    "queue_reset": (abi.VIRTIO_PCI_COMMON_QUEUE_RESET, "<H", False),  # VIRTIO_F_RING_RESET is not offered
 }
 TRANSPORT_FEATURES = (
     VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC

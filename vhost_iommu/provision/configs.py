@@ -118,11 +118,12 @@ def config_files() -> list[ConfigFile]:
         ),
         ConfigFile(
             "q35-virtio-blk-translated.sh",
-            "A disk whose every DMA access vhost-iommu translates: virtio-blk at 00:05.0, served by\n"
-            "vhost-iommu over vfio-user on $BLK, with the topology qemu-configs/topologies/virtio-blk.toml\n"
-            "(`vhost-iommu --socket-path=$SOCK --topology=qemu-configs/topologies/virtio-blk.toml` serves the\n"
-            "raw image disk.img beside $SOCK). The guest's own virtio_pci and virtio_blk put IOVAs in the\n"
-            "rings and buffers. The guest runs the job $JOB (blk-io: write $BLK_MB MiB, read them back, md5).",
+            "A disk whose every DMA access vhost-iommu translates: virtio-blk at 00:05.0, served\n"
+            "by vhost-iommu over vfio-user on $BLK, with the topology\n"
+            "qemu-configs/topologies/virtio-blk.toml (`vhost-iommu --socket-path=$SOCK\n"
+            "--topology=qemu-configs/topologies/virtio-blk.toml` serves the raw image disk.img\n"
+            "beside $SOCK). The guest's own virtio_pci and virtio_blk put IOVAs in the rings and\n"
+            "buffers. The guest runs the job $JOB (blk-io: write $BLK_MB MiB, read them back, md5).",
             _setup(
                 "@JOB@",
                 kernel_args=["vhost_iommu.job=@JOB@", "vhost_iommu.blk_mb=@BLK_MB@"],

@@ -119,6 +119,32 @@ def test_the_dma_went_through_the_mode_s_domain(block_run: BlockRun) -> None:
         assert block_run.port["bypassed_accesses"] == 0
 
 
+@pytest.mark.parametrize("mode", ["strict", "identity"])
+def test_a_file_system_made_mounted_and_filled_reads_back(
+    mode: str, tmp_path: Path, guest_suite: str
+) -> None:
+    """The blk-fs job: mke2fs, mount, copy files, unmount, mount again, md5 of every file."""
+    image = tmp_path / "disk.img"
+    with image.open("wb") as file:
+        file.truncate(IMAGE_BYTES)
+    device = ServedDevice("virtio-blk", 0, BLK_BDF, "virtio-blk.sock", {"image": str(image)})
+    config = LabConfig(
+        job="blk-fs",
+        params={"blk_mb": "16"},
+        kernel_args=MODES[mode],
+        topology=dataclasses.replace(Topology.default(), devices=(device,)),
+        endpoints=[PciTestDevice(4)],
+        serve_devices=True,
+    )
+    with Lab(config) as lab:
+        run = lab.guest.wait(JOB_TIMEOUT)
+    records = run.records("VHOST_IOMMU_BLK_FS")
+    assert records, run.output[-3000:]
+    [fs] = records
+    assert (fs["match"], fs["files"]) == ("1", "2"), run.output[-3000:]
+    assert run.job_rc == 0
+
+
 def test_the_readme_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the README shows: the program with the virtio-blk topology (disk.img beside its socket) and
     qemu-configs/q35-virtio-blk-translated.sh."""

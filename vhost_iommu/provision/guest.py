@@ -52,7 +52,10 @@ IMAGE_FORMAT = 1
 
 # Loaded in this order after their dependencies; a module the kernel has built in is skipped.
 REQUIRED_MODULES = ("virtio_iommu", "irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
-OPTIONAL_MODULES = ("virtio_blk",)
+# ext4 mounts the ext2 file system the blk-fs job makes (Debian builds no ext2 driver of its own); it asks
+# the crypto API for "crc32c" at mount time, which no module dependency names (crc32c_generic gives it;
+# kernels whose ext4 calls the crc32c library directly have no such module, and an absent one is skipped).
+OPTIONAL_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 # virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM.
 MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
 

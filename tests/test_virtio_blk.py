@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,3 +501,13 @@ def test_the_virtio_blk_preset_is_the_default_topology_with_a_disk_for_the_engin
     preset = Topology.load(Path(__file__).resolve().parent.parent / "qemu-configs/topologies/virtio-blk.toml")
     assert preset.devices == (ServedDevice("virtio-blk", 0, 0x28, "virtio-blk.sock", {"image": "disk.img"}),)
     assert dataclasses.replace(preset, devices=Topology.default().devices) == Topology.default()
+
+
+def test_the_program_refuses_to_start_without_the_image(tmp_path: Path) -> None:
+    """A missing image is said at start-up, before any socket exists, not when QEMU first connects."""
+    topology = Path(__file__).resolve().parent.parent / "qemu-configs/topologies/virtio-blk.toml"
+    command = [sys.executable, "-m", "vhost_iommu", f"--socket-path={tmp_path}/s", f"--topology={topology}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert f"virtio-blk at 00:05.0: image {tmp_path}/disk.img: No such file or directory" in result.stderr
+    assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "virtio-blk.sock")

@@ -569,7 +569,9 @@ def _open_device_listeners(
     devices: list[tuple[ServedDevice, socket.socket, str]],
     files: list[SocketFile],
 ) -> None:
-    """A listener for each of the topology's devices (relative sockets beside the first --socket-path)."""
+    """A listener for each of the topology's devices (relative sockets and paths beside the first
+    --socket-path); a device that cannot be served (a virtio-blk's image missing) stops the program."""
+    from vhost_iommu.endpoint_server import device_problem
     from vhost_iommu.sockfile import SocketPathError, create_unix_listener
 
     socket_dir = os.path.dirname(os.path.abspath(paths[0])) if paths else None
@@ -591,11 +593,15 @@ def _open_device_listeners(
             raise CliError(
                 f"the socket of {spec.kind} at {format_bdf(spec.bdf)}, {path}, is also another socket"
             )
+        served = spec.with_paths_in(socket_dir)
+        problem = device_problem(served)
+        if problem is not None:
+            raise CliError(f"{spec.kind} at {format_bdf(spec.bdf)}: {problem}")
         try:
             sock, created = create_unix_listener(path, args.socket_mode)
         except SocketPathError as exc:
             raise CliError(f"{spec.kind} at {format_bdf(spec.bdf)}: {exc}") from None
-        devices.append((spec.with_paths_in(socket_dir), sock, path))
+        devices.append((served, sock, path))
         files.append(created)
 
 

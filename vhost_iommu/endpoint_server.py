@@ -199,6 +199,20 @@ class ServedEndpoint:
         self._queue_memory = None
 
 
+def device_problem(spec: ServedDevice) -> str | None:
+    """Why ``spec`` (its paths resolved) cannot be served, found before any client comes, or None: a
+    virtio-blk's image that cannot be opened as the device will open it."""
+    if spec.kind != "virtio-blk":
+        return None
+    block = VirtioBlock(spec.options["image"], readonly=bool(spec.options.get("readonly", False)))
+    try:
+        block.open()
+    except OSError as exc:
+        return f"image {spec.options['image']}: {exc.strerror}"
+    block.close()
+    return None
+
+
 class TranslatedDma:
     """The engine's DMA for one operation: the endpoint's port over its client's RAM; fault events go to
     the guest's eventq at once."""
@@ -258,6 +272,9 @@ class EndpointServer:
                 continue
             try:
                 served.accept(sock, loop, next(self._counter))
+            except OSError as exc:  # a virtio-blk's image that cannot be opened: said in one line
+                sock.close()
+                log.error("%s: refused a vfio-user client: %s", served.name, exc)
             except Exception:
                 sock.close()
                 log.exception("%s: could not start serving a vfio-user client", served.name)

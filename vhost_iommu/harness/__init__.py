@@ -8,7 +8,10 @@
   started, requests sent and their answers checked);
 * ``vhost_iommu.harness.pytest_plugin``: fixtures (server in a thread, connected front-end, a served device
   with an attached endpoint, fd-leak check);
-* ``guest_ram.GuestRam`` and ``driver_queue.DriverQueue``: memfd RAM and driver-side split rings.
+* ``guest_ram.GuestRam`` and ``driver_queue.DriverQueue``: memfd RAM and driver-side split rings
+  (``device_address`` turns the guest-physical addresses it writes into the IOVAs a test mapped);
+* ``vfio_client.VfioUserClient`` (QEMU's vfio-user client) and ``virtio_pci_driver.VirtioPciDriver``
+  (Linux's virtio_pci over it): for the endpoints served over vfio-user.
 """
 
 from vhost_iommu.harness.background import RunningServer, running_server

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,10 +58,8 @@ from vhost_iommu.bench.results import (
 from vhost_iommu.bench.runner import WORKLOADS, BenchPlan, RunOutcome, run_once
 from vhost_iommu.provision.debian import KERNEL_SUITES
 from vhost_iommu.provision.guest import DEFAULT_SUITE, NEWEST, SUITE_VARIABLE, ensure_guest
-from vhost_iommu.provision.paths import repo_root
+from vhost_iommu.provision.paths import source_commit
 from vhost_iommu.virtio_iommu import MAX_POLL_US
-
-REPO = repo_root()
 
 
 def _counts(text: str) -> list[int]:
@@ -154,20 +151,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.vq_size and (args.vq_size & (args.vq_size - 1) or args.vq_size > 1024):
         parser.error("--vq-size is a power of two up to 1024 (QEMU's limit), or 0")
     return args
-
-
-def _git_commit() -> str:
-    try:
-        described = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return described.stdout.strip()
 
 
 def _name(outcome: RunOutcome) -> str:
@@ -268,7 +251,7 @@ def write_results(
     args: argparse.Namespace, command: str, outcomes: Sequence[RunOutcome], rows: Sequence[Row], started: str
 ) -> list[Path]:
     output: Path = args.output
-    commit = _git_commit()
+    commit = source_commit()
     loads = "; ".join(
         f"{_name(outcome)}: {_load(outcome.load_before)} -> {_load(outcome.load_after)}"
         for outcome in outcomes

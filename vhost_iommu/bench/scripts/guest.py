@@ -55,7 +55,7 @@ from vhost_iommu.bench.results import (
     format_ns,
     markdown_table,
 )
-from vhost_iommu.bench.runner import WORKLOADS, BenchPlan, RunOutcome, run_once
+from vhost_iommu.bench.runner import WORKLOADS, BenchPlan, RunOutcome, cpu_hogs, idle_cost, run_once
 from vhost_iommu.provision.debian import KERNEL_SUITES
 from vhost_iommu.provision.guest import DEFAULT_SUITE, NEWEST, SUITE_VARIABLE, ensure_guest
 from vhost_iommu.provision.paths import source_commit
@@ -134,6 +134,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--note", default="", help="a sentence for results.md (e.g. what tree was measured)")
     parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="CPU hogs (one spinning process each) the bench starts before the first boot and stops after "
+        "the last: a busy host (default 0)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the runs, boot vhost-iommu once more and measure its CPU while the guest and its IOMMU "
+        "sit idle for SECONDS (default 0: not measured)",
+    )
+    parser.add_argument(
         "--suite",
         choices=(*KERNEL_SUITES, NEWEST),
         default=None,
@@ -146,6 +161,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.poll_us is not None and not 0 <= args.poll_us <= MAX_POLL_US:
         parser.error(f"--poll-us is 0..{MAX_POLL_US:.0f}")
+    if not 0 <= args.load <= 64 or not 0 <= args.idle <= 3600:
+        parser.error("--load is 0..64 and --idle 0..3600")
     if args.pairs < 1 or args.mixed < 1 or args.repeat < 1:
         parser.error("--pairs, --mixed and --repeat must be at least 1")
     if args.vq_size and (args.vq_size & (args.vq_size - 1) or args.vq_size > 1024):
@@ -275,6 +292,17 @@ def write_results(
         f"(medians; brackets: lowest..highest mean). Load averages (1/5/15 min) before -> after each run: "
         f"{loads}.\n\n"
         + (f"{args.note}\n\n" if args.note else "")
+        + (
+            f"Busy host: {args.load} CPU hogs ran from before the first boot to after the last.\n\n"
+            if args.load
+            else ""
+        )
+        + (
+            f"Idle guest: vhost-iommu's back-end used {1000 * args.idle_outcome.cpu_seconds:.1f} CPU ms in "
+            f"{args.idle_outcome.seconds:.0f} s, {100 * args.idle_outcome.cpu_share:.3f}% of a CPU.\n\n"
+            if args.idle_outcome is not None and not args.idle_outcome.errors
+            else ""
+        )
         + f"vhost-user requestq size: {queue_sizes}.\n\n"
         f"Result: {verdict}.\n\n"
         + markdown_table(rows, args.backends)
@@ -289,6 +317,14 @@ def write_results(
         "started": started,
         "commit": commit,
         "guest_kernel": args.kernel,
+        "load_hogs": args.load,
+        "idle": None
+        if args.idle_outcome is None
+        else {
+            "seconds": args.idle_outcome.seconds,
+            "cpu_seconds": args.idle_outcome.cpu_seconds,
+            "errors": args.idle_outcome.errors,
+        },
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "runs": [_outcome_record(outcome) for outcome in outcomes],
@@ -366,7 +402,20 @@ def main(argv: Sequence[str]) -> int:
         f"{command}\nguest Linux {args.kernel}; items: {','.join(plan.items())}; "
         f"load {_load(os.getloadavg())}"
     )
-    outcomes = run_all(args, plan, console)
+    idle = None
+    with cpu_hogs(args.load):
+        outcomes = run_all(args, plan, console)
+        if args.idle:
+            console.print(f"idle: booting vhost-iommu, then {args.idle:.0f} s of an idle guest")
+            idle = idle_cost(VHOST_IOMMU, plan, args.idle, log=args.output / "logs" / "idle.log")
+            if idle.errors:
+                console.print(f"  [red]{idle.errors[0].splitlines()[0]}[/red]")
+            else:
+                console.print(
+                    f"idle guest: the back-end used {1000 * idle.cpu_seconds:.1f} CPU ms in "
+                    f"{idle.seconds:.0f} s, {100 * idle.cpu_share:.3f}% of a CPU"
+                )
+    args.idle_outcome = idle
     combined = {
         backend: combine([outcome.figures for outcome in outcomes if outcome.backend == backend])
         for backend in args.backends

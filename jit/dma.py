@@ -54,9 +54,10 @@ from vhost_iommu.abi import (
     U64_MAX,
 )
 from vhost_iommu.jit import guard as guard_module
-from vhost_iommu.jit import requests, tables
+from vhost_iommu.jit import native, requests, tables
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import G_EPOCH, G_GENERATION, read_hold, read_release
+from vhost_iommu.jit.interpreted import stand_in
 from vhost_iommu.jit.requests import M_GPA_LAST, M_GPA_START, M_HOST, _load64, _region_of, _store8, _store64
 from vhost_iommu.jit.tables import NIL, table_entry, table_following, table_locate
 
@@ -227,6 +228,7 @@ def _memmove_typer(typingctx: Any, destination: Any, source: Any, length: Any) -
 
 
 _memmove: Any = intrinsic(_memmove_typer)
+stand_in(_memmove, native.memmove)
 
 
 # -- translation ----------------------------------------------------------------------------------------

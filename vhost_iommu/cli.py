@@ -486,12 +486,6 @@ def serve(args: argparse.Namespace) -> int:
     from vhost_iommu.server import new_event_loop
 
     factory = make_backend_factory(args)
-    if args.backend == "iommu":
-        # Before the socket exists: a front-end must never wait for numba to compile a kernel (a warm
-        # cache makes this a fraction of a second; `vhost-iommu warm-up` fills it ahead of time).
-        from vhost_iommu.jit import warm_up
-
-        warm_up()
     listeners: list[tuple[socket.socket, str]] = []
     files: list[SocketFile] = []
     devices: list[tuple[ServedDevice, socket.socket, str]] = []
@@ -507,6 +501,13 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
         loop = new_event_loop()
+        if args.backend == "iommu":
+            # The sockets listen already; from an empty numba cache the kernels compile in the
+            # background while the Python path serves (vhost_iommu.cold_start; `vhost-iommu warm-up`
+            # fills the cache ahead of time).
+            from vhost_iommu import cold_start
+
+            cold_start.begin(loop)
         status = loop.run_until_complete(
             _serve_until_signal(listeners, factory, args.control_socket, tools, devices, topology)
         )
@@ -659,10 +660,6 @@ def _serve_as_worker(args: argparse.Namespace) -> int:
     if tools is not None:
         # The program's exit status, not the service's: the keeper's (the worker tells it what it saw).
         tools.pop("strict", None)
-    if args.backend == "iommu":
-        from vhost_iommu.jit import warm_up
-
-        warm_up()  # before saying ready: the keeper measures a restart up to the first request served
     from vhost_iommu.keeper.worker import run_worker
 
     return run_worker(args, factory, tools)

@@ -23,6 +23,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vhost_iommu import cold_start
 from vhost_iommu.keeper import wire
 from vhost_iommu.keeper.keeper import raise_fd_limit
 from vhost_iommu.memory import MemoryRegionDesc
@@ -437,6 +438,10 @@ def run_worker(args: argparse.Namespace, factory: BackendFactory, tools: dict[st
         raise SystemExit(f"--keeper-fd={args.keeper_fd} is not the keeper's channel")
     worker = Worker(channel, factory, args.control_socket, tools)
     loop = new_event_loop()
+    if args.backend == "iommu":
+        # Ready at once: from an empty numba cache (a first start, an upgrade that changed a kernel)
+        # the Python path serves while the kernels compile in the background.
+        cold_start.begin(loop)
     try:
         return loop.run_until_complete(worker.run())
     finally:

@@ -894,10 +894,11 @@ def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
 
 def warm_up() -> None:
     """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring), and
-    ``history_append`` as Python calls it."""
+    ``history_append`` and ``cycles`` as Python calls them."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
     history_append(*(np.uint64(0),) * 8)
+    cycles()
 
 
 # The rules, the table kernels and abi's numbers are compiled into these kernels.

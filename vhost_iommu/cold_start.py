@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -56,23 +57,23 @@ def _kernels() -> list[Any]:
 
 
 def kernels_cached() -> bool:
-    """Whether numba's on-disk cache holds a current entry for every kernel that has one after a
-    warm-up (an entry whose key, recomputed from today's sources, is still the one it was stored
-    under). Reads only the small index files: a few milliseconds."""
-    with_entries = 0
+    """Whether numba's on-disk cache is warm: some kernel has an index file, and every index file holds
+    an entry whose key, recomputed from today's sources, is still the one it was stored under (numba
+    keeps no index for a kernel only ever compiled into others). Reads only the small index files: a few
+    milliseconds. An edited kernel source makes its index stale: cold again."""
+    indexed = 0
     for kernel in _kernels():
         cache = kernel._cache
         cache_file = getattr(cache, "_cache_file", None)
         if cache_file is None:
-            return False  # no cache at all (numba could not find a writable place): compile in the background
-        index = cache_file._load_index()
+            return False  # numba found no place to cache in: every start compiles
+        if not os.path.exists(cache_file._index_path):
+            continue
         codegen = kernel.targetctx.codegen()
-        current = [key for key in index if key == cache._index_key(key[0], codegen)]
-        if current:
-            with_entries += 1
-        elif kernel.targetoptions.get("inline") != "always":
+        if not any(key == cache._index_key(key[0], codegen) for key in cache_file._load_index()):
             return False
-    return with_entries > 0
+        indexed += 1
+    return indexed > 0
 
 
 class BackgroundCompile:

@@ -35,6 +35,7 @@ _stand_ins: dict[int, Callable[..., Any]] = {}
 _namespaces: dict[str, dict[str, Any]] = {}
 _twins: dict[int, Callable[..., Any]] = {}
 _twins_lock = threading.Lock()
+_PACKAGE = "vhost_iommu.jit."
 
 
 def stand_in(intrinsic: Any, function: Callable[..., Any]) -> None:
@@ -98,9 +99,7 @@ def _twin_locked(dispatcher: Any) -> Callable[..., Any]:
     if found is not None:
         return found
     function = dispatcher.py_func
-    rebound = types.FunctionType(
-        function.__code__, _namespace(function.__module__), function.__name__, function.__defaults__
-    )
+    rebound = _rebound(function)
 
     def interpreted(*arguments: Any) -> Any:
         # numba wraps integer arithmetic silently; numpy scalars would warn about the same wrap.
@@ -112,10 +111,23 @@ def _twin_locked(dispatcher: Any) -> Callable[..., Any]:
     return interpreted
 
 
+def _rebound(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with its module's twin namespace as its globals."""
+    rebound = types.FunctionType(
+        function.__code__,
+        _namespace(function.__module__),
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return rebound
+
+
 def _namespace(module_name: str) -> dict[str, Any]:
     """A copy of a kernel module's globals in which kernels are twins and intrinsics stand-ins: what
     the twins of its kernels see as globals (the module itself is left as it is: numba compiles from
-    it meanwhile)."""
+    it meanwhile). Names are replaced, not module attributes: a kernel calls what it imported by name."""
     namespace = _namespaces.get(module_name)
     if namespace is not None:
         return namespace
@@ -126,6 +138,10 @@ def _namespace(module_name: str) -> dict[str, Any]:
             namespace[name] = _twin_locked(value)
         elif id(value) in _stand_ins:
             namespace[name] = _stand_ins[id(value)]
+        elif isinstance(value, types.FunctionType) and value.__module__.startswith(_PACKAGE):
+            # A plain function the kernels compile in (register_jitable) may call kernels and
+            # intrinsics too: it sees the twins' names as well.
+            namespace[name] = _rebound(value)
     if "prange" in namespace:
         namespace["prange"] = range
     return namespace

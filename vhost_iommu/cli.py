@@ -248,8 +248,8 @@ def _poll_us(text: str) -> float:
     return value
 
 
-def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
-    """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
+def check_backend_options(args: argparse.Namespace) -> None:
+    """Raise CliError for back-end options that mean nothing together (cheap: imports nothing)."""
     # getattr: namespaces built by other commands (and older callers) need not carry these options.
     request_path: str = getattr(args, "request_path", "compiled")
     poll_us: float | None = getattr(args, "poll_us", None)
@@ -261,9 +261,17 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
         )
     if request_path == "python" and (poll_us or kick_thread):
         raise CliError("--poll-us and --kick-thread apply to --request-path=compiled")
+    if args.backend == "echo" and args.topology:
+        raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
+
+
+def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
+    """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
+    check_backend_options(args)
+    request_path: str = getattr(args, "request_path", "compiled")
+    poll_us: float | None = getattr(args, "poll_us", None)
+    kick_thread: bool | None = getattr(args, "kick_thread", None)
     if args.backend == "echo":
-        if args.topology:
-            raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
         from vhost_iommu.harness.echo import EchoBackend
 
         return EchoBackend
@@ -483,17 +491,20 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "state_dir", None) is not None:
         _refuse_devices_with_state_dir(args)
         return _serve_with_keeper(args, paths)
-    from vhost_iommu.server import new_event_loop
-
-    factory = make_backend_factory(args)
+    check_backend_options(args)
     listeners: list[tuple[socket.socket, str]] = []
     files: list[SocketFile] = []
     devices: list[tuple[ServedDevice, socket.socket, str]] = []
     loop: asyncio.AbstractEventLoop | None = None
     status = 0
-    topology = None if args.backend == "echo" else load_topology_argument(args.topology)
     try:
+        # The sockets listen before the device stack is imported (numpy, numba: most of a start-up):
+        # a front-end's connection is accepted at once and its first message waits for the loop.
         _open_listeners(args, paths, listeners, files)  # on failure, those made are removed below
+        from vhost_iommu.server import new_event_loop
+
+        factory = make_backend_factory(args)
+        topology = None if args.backend == "echo" else load_topology_argument(args.topology)
         if topology is not None and not args.no_devices:
             _open_device_listeners(args, topology, paths, devices, files)
         try:

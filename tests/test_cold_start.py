@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,13 +144,21 @@ def test_the_python_path_answers_until_the_compile_ends_then_the_compiled_path_t
 def test_a_warm_cache_starts_no_thread_and_serves_compiled_from_the_first_request() -> None:
     warm_up()  # this process's cache: every kernel is on disk now
     assert cold_start.kernels_cached()
-
-    def never() -> None:
-        pytest.fail("compiled although the cache is warm")
-
+    loaded_on: list[threading.Thread] = []
     loop = asyncio.new_event_loop()
     try:
-        assert cold_start.begin(loop, compile=never) is None
+        background = cold_start.begin(loop, compile=lambda: loaded_on.append(threading.current_thread()))
+        assert background is None
+        assert loaded_on == [threading.current_thread()]  # loaded before serving, on the serving thread
         assert not interpreted.interpreting()
     finally:
         loop.close()
+
+
+def test_an_empty_cache_is_cold(tmp_path: Path) -> None:
+    # numba picks a kernel's cache place when the kernel is made: a process of its own, with an empty one.
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    check = "from vhost_iommu import cold_start; print(cold_start.kernels_cached())"
+    command = [sys.executable, "-c", check]
+    answer = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert answer.stdout.strip() == "False"

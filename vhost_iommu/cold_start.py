@@ -2,13 +2,14 @@
 
 From an empty numba cache the kernels take half a minute to compile on a small machine. ``begin`` (serve,
 once its sockets listen) looks at numba's cache first: when every kernel is there nothing changes (they
-load on first use, in milliseconds, and no thread is started). Otherwise every Python caller of a kernel
-gets its interpreted twin (``vhost_iommu.jit.interpreted``: the kernel's own code run by the interpreter,
-the same answers over the same arrays), every requestq is served by the Python path, and a thread
-compiles the kernels (``vhost_iommu.jit.warm_up``, which also fills numba's cache for the next start).
-When it is done, a callback on the event loop, which runs only between batches, hands every caller the
-compiled kernels and tells each waiting back-end (``kernels_compiled``): its next batch takes the compiled
-path, and its requestq thread starts. No request ever waits for the compiler.
+are loaded from it before the first message is read, well under a second, and no thread is started).
+Otherwise every Python caller of a kernel gets its interpreted twin (``vhost_iommu.jit.interpreted``: the
+kernel's own code run by the interpreter, the same answers over the same arrays), every requestq is
+served by the Python path, and a thread compiles the kernels (``vhost_iommu.jit.warm_up``, which also
+fills numba's cache for the next start). When it is done, a callback on the event loop, which runs only
+between batches, hands every caller the compiled kernels and tells each waiting back-end
+(``kernels_compiled``): its next batch takes the compiled path, and its requestq thread starts. No
+request ever waits for the compiler.
 """
 
 from __future__ import annotations
@@ -62,17 +63,21 @@ def kernels_cached() -> bool:
     keeps no index for a kernel only ever compiled into others). Reads only the small index files: a few
     milliseconds. An edited kernel source makes its index stale: cold again."""
     indexed = 0
-    for kernel in _kernels():
-        cache = kernel._cache
-        cache_file = getattr(cache, "_cache_file", None)
-        if cache_file is None:
-            return False  # numba found no place to cache in: every start compiles
-        if not os.path.exists(cache_file._index_path):
-            continue
-        codegen = kernel.targetctx.codegen()
-        if not any(key == cache._index_key(key[0], codegen) for key in cache_file._load_index()):
-            return False
-        indexed += 1
+    try:
+        for kernel in _kernels():
+            cache = kernel._cache
+            cache_file = getattr(cache, "_cache_file", None)
+            if cache_file is None:
+                return False  # numba found no place to cache in: every start compiles
+            if not os.path.exists(cache_file._index_path):
+                continue
+            codegen = kernel.targetctx.codegen()
+            if not any(key == cache._index_key(key[0], codegen) for key in cache_file._load_index()):
+                return False
+            indexed += 1
+    except (AttributeError, TypeError, OSError) as exc:  # numba's internals moved: assume cold (safe)
+        log.debug("cannot read numba's cache index: %s", exc)
+        return False
     return indexed > 0
 
 
@@ -127,14 +132,16 @@ class BackgroundCompile:
 def begin(
     loop: asyncio.AbstractEventLoop, compile: Callable[[], None] | None = None
 ) -> BackgroundCompile | None:
-    """At serve, on ``loop`` once the sockets listen: nothing if every kernel is in numba's cache,
-    else serve interpreted and compile in the background (returned)."""
-    if kernels_cached():
-        return None
+    """At serve, before ``loop`` serves and once the sockets listen: with numba's cache warm, load every
+    kernel from it now (``compile``, by default ``jit.warm_up``: well under a second, before the first
+    message is read) and return None; else serve interpreted and compile in the background (returned)."""
     if compile is None:
         from vhost_iommu.jit import warm_up
 
         compile = warm_up
+    if kernels_cached():
+        compile()
+        return None
     background = BackgroundCompile(loop, compile)
     background.start()
     return background

@@ -19,7 +19,6 @@ import pytest
 
 from vhost_iommu import cold_start
 from vhost_iommu.control import ControlClient
-from vhost_iommu.control.server import ControlServer
 from vhost_iommu.control.service import ControlService
 from vhost_iommu.device import Status
 from vhost_iommu.device.layout import encode_attach, encode_map, encode_unmap
@@ -54,12 +53,6 @@ class ColdServer:
         return backend
 
 
-async def _start_control(service: ControlService, path: str) -> ControlServer:
-    control = ControlServer(service, path)
-    await control.start()
-    return control
-
-
 @pytest.fixture
 def cold() -> Iterator[ColdServer]:
     # The kernels are compiled in this process already: what the test controls is when the back-end is
@@ -69,18 +62,14 @@ def cold() -> Iterator[ColdServer]:
     service = ControlService()
     try:
         with running_server(service.track(lambda: VirtioIommuBackend(None))) as server:
-            service.server = server.server
             background = cold_start.BackgroundCompile(server.loop, lambda: compile_may_end.wait(WAIT))
             background.start()
-            path = os.path.join(os.path.dirname(server.path), "control")
-            starting = asyncio.run_coroutine_threadsafe(_start_control(service, path), server.loop)
-            control = starting.result(WAIT)
             try:
-                yield ColdServer(server, path, compile_may_end, background)
+                with server.control_channel(service, WAIT) as path:
+                    yield ColdServer(server, path, compile_may_end, background)
             finally:
                 compile_may_end.set()
                 background.join(WAIT)
-                asyncio.run_coroutine_threadsafe(control.close(), server.loop).result(WAIT)
     finally:
         interpreted.set_interpreting(False)
 

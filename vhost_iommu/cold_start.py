@@ -98,8 +98,8 @@ class BackgroundCompile:
     def start(self) -> None:
         interpreted.set_interpreting(True)
         log.warning(
-            "compiling the request kernels in the background (first start: numba's cache is empty); "
-            "serving with the Python path meanwhile"
+            "compiling the request kernels in the background (numba's cache lacks them: a first start, or "
+            "a kernel changed); serving with the Python path meanwhile"
         )
         self._thread.start()
 

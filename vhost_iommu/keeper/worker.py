@@ -439,8 +439,9 @@ def run_worker(args: argparse.Namespace, factory: BackendFactory, tools: dict[st
     worker = Worker(channel, factory, args.control_socket, tools)
     loop = new_event_loop()
     if args.backend == "iommu":
-        # Ready at once: from an empty numba cache (a first start, an upgrade that changed a kernel)
-        # the Python path serves while the kernels compile in the background.
+        # Before saying ready, the kernels are loaded from a warm numba cache (the keeper measures a
+        # restart up to the first request served); from a cold one (a first start, an upgrade that
+        # changed a kernel) the worker is ready at once and the Python path serves while they compile.
         cold_start.begin(loop)
     try:
         return loop.run_until_complete(worker.run())

@@ -37,11 +37,11 @@ COMPILED_LINE = "the compiled path serves from now on"
 WAIT = 60.0
 
 
-def _run(command: list[str], **keywords: object) -> str:
+def _run(command: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     done = subprocess.run(
-        command, check=True, capture_output=True, text=True, timeout=COMPILE_BOUND_S, **keywords
-    )  # type: ignore[call-overload]
-    return str(done.stdout)
+        command, check=True, capture_output=True, text=True, timeout=COMPILE_BOUND_S, env=env, cwd=cwd
+    )
+    return done.stdout
 
 
 @pytest.fixture(scope="module")

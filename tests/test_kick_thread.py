@@ -250,6 +250,9 @@ class Context:
     def config_changed(self) -> None:
         pass
 
+    def offer_kick_fds(self) -> None:
+        pass
+
     def device_broken(self, reason: str) -> None:
         pass
 

@@ -11,6 +11,9 @@ from typing import Any
 from numba import njit, types
 from numba.extending import intrinsic
 
+from vhost_iommu.jit import native
+from vhost_iommu.jit.interpreted import stand_in
+
 
 @intrinsic
 def _fence_intrinsic(typingctx: Any) -> Any:
@@ -19,6 +22,9 @@ def _fence_intrinsic(typingctx: Any) -> Any:
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+stand_in(_fence_intrinsic, native.full_fence)
 
 
 @njit(cache=True)

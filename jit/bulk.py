@@ -17,6 +17,7 @@ from numba import njit
 
 from vhost_iommu.jit import prefetch, tables
 from vhost_iommu.jit.caching import cache_on_sources
+from vhost_iommu.jit.interpreted import compiles, kernel
 from vhost_iommu.jit.tables import NEED_SPACE, OK, I64Array, Int, MappingTable, U64Array, table_map
 
 #: ``position``: [0] the domain being loaded (index into ``domains``), [1] the next mapping.
@@ -74,7 +75,7 @@ def load_sorted(
     while True:
         leaves, nodes, directory, meta = table.arrays
         status = int(
-            table_load_sorted(
+            kernel(table_load_sorted)(
                 leaves, nodes, directory, meta, domains, offsets, starts, lasts, phys, flags, position
             )
         )
@@ -83,6 +84,7 @@ def load_sorted(
         table.grow()
 
 
+@compiles
 def warm_up() -> None:
     table = MappingTable(limit=1 << 10)
     page = np.arange(4, dtype=np.uint64) << np.uint64(12)

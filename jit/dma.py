@@ -54,10 +54,20 @@ from vhost_iommu.abi import (
     U64_MAX,
 )
 from vhost_iommu.jit import guard as guard_module
-from vhost_iommu.jit import requests, tables
+from vhost_iommu.jit import native, requests, tables
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import G_EPOCH, G_GENERATION, read_hold, read_release
-from vhost_iommu.jit.requests import M_GPA_LAST, M_GPA_START, M_HOST, _load64, _region_of, _store8, _store64
+from vhost_iommu.jit.interpreted import stand_in
+from vhost_iommu.jit.requests import (
+    M_GPA_LAST,
+    M_GPA_START,
+    M_HOST,
+    _load8,
+    _load64,
+    _region_of,
+    _store8,
+    _store64,
+)
 from vhost_iommu.jit.tables import NIL, table_entry, table_following, table_locate
 
 U64Array = npt.NDArray[np.uint64]
@@ -227,6 +237,7 @@ def _memmove_typer(typingctx: Any, destination: Any, source: Any, length: Any) -
 
 
 _memmove: Any = intrinsic(_memmove_typer)
+stand_in(_memmove, native.memmove)
 
 
 # -- translation ----------------------------------------------------------------------------------------
@@ -501,7 +512,7 @@ def _compare(
             while k + np.uint64(8) <= n and _load64(a + k) == _load64(b + k):
                 k += np.uint64(8)
             while k < n:
-                if requests._load8(a + k) != requests._load8(b + k):
+                if _load8(a + k) != _load8(b + k):
                     return offset + np.int64(k)
                 k += _ONE
             offset += np.int64(n)

@@ -28,6 +28,7 @@ the holder may be a thread the scheduler has to run first (this machine may have
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, Final
@@ -38,6 +39,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from vhost_iommu.jit import native
+from vhost_iommu.jit.interpreted import compiles, kernel, stand_in
 
 I64Array = npt.NDArray[np.int64]
 
@@ -112,6 +116,11 @@ _fetch_add_release: Any = intrinsic(_fetch_add_release_typer)
 _load_acquire: Any = intrinsic(_load_acquire_typer)
 _store_release: Any = intrinsic(_store_release_typer)
 _sched_yield: Any = intrinsic(_sched_yield_typer)
+stand_in(_compare_and_swap, native.compare_and_swap)
+stand_in(_fetch_add_release, native.fetch_add_release)
+stand_in(_load_acquire, native.load_acquire)
+stand_in(_store_release, native.store_release)
+stand_in(_sched_yield, os.sched_yield)
 
 
 @njit(cache=True, nogil=True)
@@ -208,13 +217,13 @@ class TranslationGuard:
             finally:
                 self._depth -= 1
             return
-        write_hold(self.words)  # nogil: a DMA thread inside a chunk finishes it meanwhile
+        kernel(write_hold)(self.words)  # nogil: a DMA thread inside a chunk finishes it meanwhile
         self._owner = me
         try:
             yield
         finally:
             self._owner = None
-            write_release(self.words, True)
+            kernel(write_release)(self.words, True)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -223,11 +232,11 @@ class TranslationGuard:
         if self._owner == threading.get_ident():
             yield
             return
-        read_hold(self.words)
+        kernel(read_hold)(self.words)
         try:
             yield
         finally:
-            read_release(self.words)
+            kernel(read_release)(self.words)
 
     @property
     def epoch(self) -> int:
@@ -246,6 +255,7 @@ class TranslationGuard:
         }
 
 
+@compiles
 def warm_up() -> None:
     guard = TranslationGuard()
     with guard.changing():

@@ -96,6 +96,10 @@ K_TICKS_PER_MS: Final = 11
 """In: cycle-counter ticks per millisecond, to time batches into ``timing``; 0: no timing."""
 K_POLL_BACKOFFS: Final = 12
 """Out, cumulative: times the poll window was suspended after POLL_MISSES empty windows in a row."""
+K_POLL_WINDOWS: Final = 13
+"""Out, cumulative: poll windows watched after a batch (caught something or not)."""
+K_POLL_SKIPS: Final = 14
+"""Out, cumulative: batches after which the window was skipped (the backoff of K_POLL_BACKOFFS)."""
 CONTROL_WORDS: Final = 16
 
 POLL_MISSES: Final = 2
@@ -393,8 +397,11 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
             if done and control[K_POLL_TICKS] > 0 and park == PARK_NO:
                 if poll_skip > 0:
                     poll_skip -= 1
+                    control[K_POLL_SKIPS] += 1
                 else:
-                    if _await_chain(control, queue, park_word):
+                    caught = _await_chain(control, queue, park_word)
+                    control[K_POLL_WINDOWS] += 1  # after the window: a watcher sees it over
+                    if caught:
                         poll_misses = 0
                         poll_backoff = 1
                     else:

@@ -15,6 +15,8 @@ from numba import types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic
 
+from vhost_iommu.jit.interpreted import stand_in
+
 # numba's code-generation helpers carry no annotations.
 cgutils: Any = _cgutils
 
@@ -66,6 +68,8 @@ def _prefetch(typing_context: Any, array: Any, row: Any, column: Any) -> Any:
 
     return signature, codegen
 
+
+stand_in(_prefetch, lambda array, row, column: None)  # a hint: nothing to do in the interpreter
 
 prefetch = cast(Callable[[Any, Any, Any], None], _prefetch)
 """``prefetch(array, row, column)`` in a kernel: hint that ``array[row, column]`` (a 2-D array) will be

@@ -81,10 +81,11 @@ from vhost_iommu.abi import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from vhost_iommu.jit import barriers, guard, history, rules, tables
+from vhost_iommu.jit import barriers, guard, history, native, rules, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
 from vhost_iommu.jit.guard import GUARD_WORDS, write_hold, write_release
+from vhost_iommu.jit.interpreted import kernel, stand_in
 from vhost_iommu.jit.tables import NEED_SPACE, OK, table_map, table_unmap
 
 U64Array = npt.NDArray[np.uint64]
@@ -290,6 +291,18 @@ _store64: Any = intrinsic(_store64_typer)
 _cycles: Any = intrinsic(_cycles_typer)
 """The CPU's cycle counter (TSC on x86): a clock for poll windows that costs no system call."""
 _release_fence: Any = intrinsic(_release_fence_typer)
+for _intrinsic, _stand_in in (
+    (_load8, native.loader(8)),
+    (_load16, native.loader(16)),
+    (_load32, native.loader(32)),
+    (_load64, native.loader(64)),
+    (_store8, native.storer(8)),
+    (_store16, native.storer(16)),
+    (_store64, native.storer(64)),
+    (_cycles, native.cycles),
+    (_release_fence, native.release_fence),
+):
+    stand_in(_intrinsic, _stand_in)
 """Orders every earlier store before every later one (no instruction on x86, a barrier on arm64); also
 keeps the compiler from moving a journal record's stores after its commit word."""
 
@@ -304,9 +317,10 @@ def cycles() -> np.uint64:
 @functools.cache
 def ticks_per_us() -> float:
     """Cycle-counter ticks per microsecond, measured once over 5 ms."""
-    wall, ticks = time.perf_counter_ns(), int(cycles())
+    now = kernel(cycles)  # the twin reads the same counter
+    wall, ticks = time.perf_counter_ns(), int(now())
     time.sleep(0.005)
-    return (int(cycles()) - ticks) / ((time.perf_counter_ns() - wall) / 1000)
+    return (int(now()) - ticks) / ((time.perf_counter_ns() - wall) / 1000)
 
 
 # -- the mapping history (jit/history.py) -----------------------------------------------------------------
@@ -880,10 +894,11 @@ def warm_up_arguments() -> Iterator[tuple[Any, ...]]:
 
 def warm_up() -> None:
     """Compile ``serve_requests`` with the argument types the back-end passes (an empty ring), and
-    ``history_append`` as Python calls it."""
+    ``history_append`` and ``cycles`` as Python calls them."""
     with warm_up_arguments() as arguments:
         serve_requests(*arguments)
     history_append(*(np.uint64(0),) * 8)
+    cycles()
 
 
 # The rules, the table kernels and abi's numbers are compiled into these kernels.

@@ -46,6 +46,7 @@ from numba import njit, prange
 from vhost_iommu.abi import MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE
 from vhost_iommu.jit import prefetch as prefetch_module
 from vhost_iommu.jit.caching import cache_on_sources
+from vhost_iommu.jit.interpreted import compiles, kernel
 from vhost_iommu.jit.prefetch import prefetch
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ LAYOUT_TAG: Final = (LEAF_CAPACITY << 16) | NODE_FANOUT
 
 NIL: Final = -1
 UNUSED_KEY: Final = np.uint64(MAX_ADDRESS)
+NO_NEXT_LEAF: Final = np.uint64(MAX_ADDRESS)
+"""``L_NEXT`` of a domain's last leaf: NIL as a u64 word."""
 PHYS_MASK: Final = np.uint64(MAX_ADDRESS ^ FLAGS_MASK)
 FLAG_BITS: Final = np.uint64(FLAGS_MASK)
 HASH_MULTIPLIER: Final = np.uint64(0x9E3779B97F4A7C15)
@@ -271,7 +274,7 @@ def _alloc_leaf(leaves: U64Array, meta: I64Array, domain: Int) -> Int:
         leaf = meta[M_LEAF_HIGH]
         meta[M_LEAF_HIGH] += 1
     leaves[leaf, L_COUNT] = 0
-    leaves[leaf, L_NEXT] = np.uint64(NIL)
+    leaves[leaf, L_NEXT] = NO_NEXT_LEAF
     leaves[leaf, L_DOMAIN] = np.uint64(domain)
     for i in range(LEAF_CAPACITY):
         leaves[leaf, L_STARTS + i] = UNUSED_KEY
@@ -1492,7 +1495,9 @@ class MappingTable:
         request[3] = phys
         request[4] = flags
         for _ in range(3):
-            status = int(_map_request(self._leaves, self._nodes, self._directory, self._meta, request))
+            status = int(
+                kernel(_map_request)(self._leaves, self._nodes, self._directory, self._meta, request)
+            )
             if status != NEED_SPACE:
                 return status
             self.grow()
@@ -1507,7 +1512,7 @@ class MappingTable:
         request[0] = domain
         request[1] = start
         request[2] = last
-        status = int(_unmap_request(self._leaves, self._nodes, self._directory, self._meta, request))
+        status = int(kernel(_unmap_request)(self._leaves, self._nodes, self._directory, self._meta, request))
         removed = int(request[0])
         self._trim_if_empty()
         return status, removed
@@ -1518,7 +1523,7 @@ class MappingTable:
         request = self._request
         request[0] = domain
         request[1] = iova
-        if not _translate_request(self._leaves, self._nodes, self._directory, request):
+        if not kernel(_translate_request)(self._leaves, self._nodes, self._directory, request):
             return None
         return Translation(int(request[0]), int(request[1]), int(request[2]), int(request[3]))
 
@@ -1549,12 +1554,12 @@ class MappingTable:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if workers > 1:
             return int(
-                table_translate_batch_parallel(
+                kernel(table_translate_batch_parallel)(
                     self._leaves, self._nodes, self._directory, domains, iovas, out_phys, out_flags, workers
                 )
             )
         return int(
-            table_translate_batch(
+            kernel(table_translate_batch)(
                 self._leaves, self._nodes, self._directory, domains, iovas, out_phys, out_flags
             )
         )
@@ -1562,9 +1567,8 @@ class MappingTable:
     def remove_domain(self, domain: int) -> int:
         """Remove every mapping of ``domain``; returns how many there were."""
         _check_domain(domain)
-        removed = int(
-            table_remove_domain(self._leaves, self._nodes, self._directory, self._meta, np.int64(domain))
-        )
+        remove = kernel(table_remove_domain)
+        removed = int(remove(self._leaves, self._nodes, self._directory, self._meta, np.int64(domain)))
         self._trim_if_empty()
         return removed
 
@@ -1579,7 +1583,7 @@ class MappingTable:
         if domain is None:
             return int(self._meta[M_TOTAL])
         _check_domain(domain)
-        return int(table_count(self._directory, self._meta, np.int64(domain)))
+        return int(kernel(table_count)(self._directory, self._meta, np.int64(domain)))
 
     def domains(self) -> list[int]:
         """Ids of the domains that have mappings, ascending."""
@@ -1598,7 +1602,7 @@ class MappingTable:
         phys = np.empty(size, np.uint64)
         flags = np.empty(size, np.int32)
         copied = int(
-            table_list(
+            kernel(table_list)(
                 self._leaves,
                 self._nodes,
                 self._directory,
@@ -1794,6 +1798,7 @@ class _Verifier:
 # Start-up
 
 
+@compiles
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel with the argument types the owner and the
     documented kernel API use: int64 domains, uint64 addresses."""

@@ -59,25 +59,16 @@ class Controlled:
             return client.call(command, **arguments)
 
 
-async def _start(service: ControlService, path: str) -> ControlServer:
-    control = ControlServer(service, path)
-    await control.start()
-    return control
-
-
 @pytest.fixture
 def controlled() -> Iterator[Controlled]:
     # A request must never wait for numba to compile a kernel (the Lab and the program do the same).
     warm_up()
     service = ControlService()
-    with running_server(service.track(lambda: VirtioIommuBackend(None))) as server:
-        service.server = server.server
-        path = os.path.join(os.path.dirname(server.path), "control")
-        control = asyncio.run_coroutine_threadsafe(_start(service, path), server.loop).result(WAIT)
-        try:
-            yield Controlled(server, path)
-        finally:
-            asyncio.run_coroutine_threadsafe(control.close(), server.loop).result(WAIT)
+    with (
+        running_server(service.track(lambda: VirtioIommuBackend(None))) as server,
+        server.control_channel(service, WAIT) as path,
+    ):
+        yield Controlled(server, path)
 
 
 @pytest.fixture

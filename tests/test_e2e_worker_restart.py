@@ -25,6 +25,7 @@ from vhost_iommu.bench.restart import (
     STEP_TIMEOUT,
     VfioSteps,
     boot,
+    finish_job,
     kill_in_flight,
     restarts_under_steps,
 )
@@ -32,7 +33,6 @@ from vhost_iommu.control.client import ControlClient
 from vhost_iommu.control.protocol import ControlError
 from vhost_iommu.harness.keeper_process import KeeperProcess, poll_until
 from vhost_iommu.provision.boot import GuestSession
-from vhost_iommu.provision.klog import KLOG_PREFIX, kernel_trouble
 
 pytestmark = pytest.mark.e2e
 
@@ -69,13 +69,7 @@ def finish(guest: GuestSession, keeper: KeeperProcess) -> None:
     """Let the guest finish; check its job, its kernel log, QEMU's silence about vhost-user, and that the
     keeper still holds the connection QEMU made at boot."""
     assert keeper.process.poll() is None
-    guest.send("")
-    run = guest.wait(STEP_TIMEOUT)
-    assert run.job_rc == 0, run.output[-3000:]
-    # VHOST_IOMMU_KLOG lines are levels 0-4 since the job began: no driver message at all is expected.
-    klog = run.marker_lines(KLOG_PREFIX)
-    bad = kernel_trouble(klog) + [line for line in klog if "virtio_iommu" in line or "WARNING:" in line]
-    assert not bad, bad
+    run = finish_job(guest)
     # QEMU prefixes what it reports with its program name ("...: Failed to read msg header", "vhost lost
     # connection to the backend", an assertion before an abort).
     qemu_said = [line for line in run.lines if line.startswith("qemu-system")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,7 @@ from vhost_iommu.harness.guest_ram import GuestRam
 from vhost_iommu.harness.iommu_driver import IommuDriver
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
+from vhost_iommu.kick_thread import KickThread
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
@@ -248,6 +250,9 @@ class Context:
     def config_changed(self) -> None:
         pass
 
+    def offer_kick_fds(self) -> None:
+        pass
+
     def device_broken(self, reason: str) -> None:
         pass
 
@@ -381,12 +386,38 @@ def test_a_poll_window_catches_requests_and_asks_for_kicks_again_when_it_ends() 
 def test_poll_windows_that_catch_nothing_are_skipped_for_a_while() -> None:
     """A busy host: the guest's next request comes after the window. After POLL_MISSES empty windows the
     loop serves the next batches without one (and every request is still answered: the driver kicks only
-    when asked). A 1 us window cannot catch a request this Python driver posts after reading the answer."""
-    with attached_requestq(poll_us=1) as (server, driver):
-        for page in range(20):
-            answer_one_asking_for_kicks(driver, map_page(page))
-        counters = backend_of(server).kick_thread_counters()
-        assert counters is not None and counters["poll_backoffs"] >= 1, counters
+    when asked). This driver posts each request once the thread is done with the previous batch, its
+    window over (or skipped) and kicks asked for again, so every window is empty whatever the load."""
+    with attached_requestq(poll_us=200) as (server, driver):
+        thread = backend_of(server)._kick_thread
+        assert thread is not None
+        before = thread.counters()
+        for batch in range(1, 21):
+            answer_one_asking_for_kicks(driver, map_page(batch))
+            wait_until_the_thread_is_past_its_window(thread, driver.requests, before, batch)
+        counters = thread.counters()
+        assert counters["poll_hits"] == before["poll_hits"], counters
+        # Two empty windows, then one batch without; two more, then two without...
+        assert counters["poll_backoffs"] - before["poll_backoffs"] >= 2, counters
+        assert counters["poll_skips"] - before["poll_skips"] >= 3, counters
+
+
+def wait_until_the_thread_is_past_its_window(
+    thread: KickThread, queue: DriverQueue, before: dict[str, int], batches: int
+) -> None:
+    """Until the thread has watched (or skipped) the window of ``batches`` batches since ``before`` and
+    asked for kicks again (avail_event at avail.idx): a chain posted now cannot fall in a window."""
+    deadline = time.monotonic() + 30
+    while True:
+        counters = thread.counters()
+        ended = (
+            counters["poll_windows"] + counters["poll_skips"] - before["poll_windows"] - before["poll_skips"]
+        )
+        if ended >= batches and queue.avail_event == queue.avail_idx:
+            assert ended == batches, counters  # one window, or one skip, per batch
+            return
+        assert time.monotonic() < deadline, f"the thread never ended batch {batches}'s window: {counters}"
+        os.sched_yield()
 
 
 def test_by_default_only_the_kick_thread_polls() -> None:

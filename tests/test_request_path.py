@@ -96,6 +96,9 @@ class Context:
     def config_changed(self) -> None:
         pass
 
+    def offer_kick_fds(self) -> None:
+        pass
+
     def device_broken(self, reason: str) -> None:
         self.broken = reason
 

@@ -45,6 +45,11 @@ class BackendContext(Protocol):
         """Enter NEEDS_RESET: set the status bit, signal the error fds, stop serving the queues."""
         ...
 
+    def offer_kick_fds(self) -> None:
+        """Offer a `KickFdTaker` the kick fds of the served queues again (it declined one it can
+        take now); nothing for a back-end that is not one."""
+        ...
+
     @property
     def session_key(self) -> str | None:
         """A name of this vhost-user connection that stays the same when a new device worker takes it

@@ -248,8 +248,8 @@ def _poll_us(text: str) -> float:
     return value
 
 
-def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
-    """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
+def check_backend_options(args: argparse.Namespace) -> None:
+    """Raise CliError for back-end options that mean nothing together (cheap: imports nothing)."""
     # getattr: namespaces built by other commands (and older callers) need not carry these options.
     request_path: str = getattr(args, "request_path", "compiled")
     poll_us: float | None = getattr(args, "poll_us", None)
@@ -261,9 +261,17 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
         )
     if request_path == "python" and (poll_us or kick_thread):
         raise CliError("--poll-us and --kick-thread apply to --request-path=compiled")
+    if args.backend == "echo" and args.topology:
+        raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
+
+
+def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
+    """The per-connection back-end factory the arguments ask for; raises CliError if it cannot be built."""
+    check_backend_options(args)
+    request_path: str = getattr(args, "request_path", "compiled")
+    poll_us: float | None = getattr(args, "poll_us", None)
+    kick_thread: bool | None = getattr(args, "kick_thread", None)
     if args.backend == "echo":
-        if args.topology:
-            raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
         from vhost_iommu.harness.echo import EchoBackend
 
         return EchoBackend
@@ -483,23 +491,20 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "state_dir", None) is not None:
         _refuse_devices_with_state_dir(args)
         return _serve_with_keeper(args, paths)
-    from vhost_iommu.server import new_event_loop
-
-    factory = make_backend_factory(args)
-    if args.backend == "iommu":
-        # Before the socket exists: a front-end must never wait for numba to compile a kernel (a warm
-        # cache makes this a fraction of a second; `vhost-iommu warm-up` fills it ahead of time).
-        from vhost_iommu.jit import warm_up
-
-        warm_up()
+    check_backend_options(args)
     listeners: list[tuple[socket.socket, str]] = []
     files: list[SocketFile] = []
     devices: list[tuple[ServedDevice, socket.socket, str]] = []
     loop: asyncio.AbstractEventLoop | None = None
     status = 0
-    topology = None if args.backend == "echo" else load_topology_argument(args.topology)
     try:
+        # The sockets listen before the device stack is imported (numpy, numba: most of a start-up):
+        # a front-end's connection is accepted at once and its first message waits for the loop.
         _open_listeners(args, paths, listeners, files)  # on failure, those made are removed below
+        from vhost_iommu.server import new_event_loop
+
+        factory = make_backend_factory(args)
+        topology = None if args.backend == "echo" else load_topology_argument(args.topology)
         if topology is not None and not args.no_devices:
             _open_device_listeners(args, topology, paths, devices, files)
         try:
@@ -507,6 +512,13 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
         loop = new_event_loop()
+        if args.backend == "iommu":
+            # The sockets listen already; from an empty numba cache the kernels compile in the
+            # background while the Python path serves (vhost_iommu.cold_start; `vhost-iommu warm-up`
+            # fills the cache ahead of time).
+            from vhost_iommu import cold_start
+
+            cold_start.begin(loop)
         status = loop.run_until_complete(
             _serve_until_signal(listeners, factory, args.control_socket, tools, devices, topology)
         )
@@ -665,10 +677,6 @@ def _serve_as_worker(args: argparse.Namespace) -> int:
     if tools is not None:
         # The program's exit status, not the service's: the keeper's (the worker tells it what it saw).
         tools.pop("strict", None)
-    if args.backend == "iommu":
-        from vhost_iommu.jit import warm_up
-
-        warm_up()  # before saying ready: the keeper measures a restart up to the first request served
     from vhost_iommu.keeper.worker import run_worker
 
     return run_worker(args, factory, tools)

@@ -33,7 +33,8 @@ def _topology_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def warm_up(args: argparse.Namespace) -> int:
-    """Compile every numba kernel into numba's cache, so the back-end starts without compiling."""
+    """Compile every numba kernel into numba's cache, so the back-end serves compiled from its first
+    request (without it, a first start serves with the Python path while it compiles in the background)."""
     from vhost_iommu.jit import warm_up as warm_up_kernels
 
     started = time.monotonic()

@@ -166,7 +166,8 @@ class KickThread:
 
     def counters(self) -> dict[str, int]:
         """What the loop counted: kicks read, wake-ups, notifications written, chains caught by polling,
-        and the hand-overs of the ring to the event loop."""
+        poll windows watched and skipped (and the backoffs that skipped them), and the hand-overs of the
+        ring to the event loop."""
         control = self._control
         return {
             "handovers": self._handovers,
@@ -175,6 +176,8 @@ class KickThread:
             "notified": int(control[kickloop.K_NOTIFIED]),
             "poll_hits": int(control[kickloop.K_POLL_HITS]),
             "poll_backoffs": int(control[kickloop.K_POLL_BACKOFFS]),
+            "poll_windows": int(control[kickloop.K_POLL_WINDOWS]),
+            "poll_skips": int(control[kickloop.K_POLL_SKIPS]),
         }
 
     def _update_park_word(self) -> None:

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from vhost_iommu import cold_start
 from vhost_iommu.abi import (
     EVENT_QUEUE,
     FAULT_SIZE,
@@ -38,7 +39,7 @@ from vhost_iommu.abi import (
 )
 from vhost_iommu.backend import BackendContext
 from vhost_iommu.device import IommuDevice, Topology, snapshot
-from vhost_iommu.jit import kickloop
+from vhost_iommu.jit import interpreted, kickloop
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.kick_thread import KickThread
 from vhost_iommu.memory import GuestMemoryError
@@ -202,6 +203,8 @@ class VirtioIommuBackend:
 
     def attach(self, context: BackendContext) -> None:
         self.context = context
+        if self._compiled is not None and interpreted.interpreting():
+            cold_start.when_compiled(self)
         key = context.session_key
         if self._state_dir is not None and key is not None:
             self._session = SessionJournal(self, self._state_dir, key, self._journal_slots)
@@ -266,6 +269,8 @@ class VirtioIommuBackend:
     def takes_kick_fd(self, index: int, fd: int, call_fd: int | None) -> bool:
         if not self.kick_thread or index != REQUEST_QUEUE or self._kick_thread is not None:
             return False
+        if interpreted.interpreting():
+            return False  # the kick loop is not compiled yet: offered again in kernels_compiled
         if type(self).queue_kicked is not VirtioIommuBackend.queue_kicked:
             return False  # a subclass answers kicks itself: kicks the thread read would bypass it
         ring = self._ring(index)
@@ -344,11 +349,27 @@ class VirtioIommuBackend:
         compiled = self._compiled
         return (
             compiled is not None
+            and not interpreted.interpreting()
             and compiled.usable()
             and self.request_delay is None
             and self._held is None
             and self.context is not None
         )
+
+    def serving_path(self) -> str:
+        """Which path serves the requestq now: "compiled" (the kernel, on the requestq thread or the
+        event loop), "python" (chain by chain through the device core: ``request_path`` "python", or a
+        tool that needs every request in Python), or "python (compiling)" (a cold start: the kernels are
+        still being compiled in the background, `vhost_iommu.cold_start`)."""
+        if self._compiled is not None and interpreted.interpreting():
+            return "python (compiling)"
+        return "compiled" if self.kernel_serves() else "python"
+
+    def kernels_compiled(self) -> None:
+        """A cold start's kernels are compiled (`cold_start`, on the event loop between batches): the next
+        batch takes the compiled path, and the requestq's kick fd is offered again for its thread."""
+        if self.context is not None:
+            self.context.offer_kick_fds()
 
     def serve_on_loop(self, timing: npt.NDArray[np.int64] | None, index: int = REQUEST_QUEUE) -> None:
         """Serve a kick of queue ``index`` on the event loop (the requestq thread's hand-overs come here

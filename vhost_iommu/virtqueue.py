@@ -51,6 +51,7 @@ from vhost_iommu.abi import (
     VIRTQ_USED_F_NO_NOTIFY,
 )
 from vhost_iommu.jit.barriers import full_fence as _full_fence
+from vhost_iommu.jit.interpreted import kernel
 from vhost_iommu.jit.requests import (
     Q_AVAIL,
     Q_DESC,
@@ -99,7 +100,7 @@ _STRONGLY_ORDERED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i
 
 def full_fence() -> None:
     """A full memory barrier (store-load included)."""
-    _full_fence()
+    kernel(_full_fence)()
 
 
 def ring_sizes(size: int, event_idx: bool) -> tuple[int, int, int]:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from vhost_iommu.device import Topology
 from vhost_iommu.harness.keeper_process import KeeperProcess
-from vhost_iommu.provision.boot import GuestSession, parse_fields
+from vhost_iommu.provision.boot import GuestRun, GuestSession, parse_fields
 from vhost_iommu.provision.guest import ensure_guest
+from vhost_iommu.provision.klog import KLOG_PREFIX, kernel_trouble
 from vhost_iommu.provision.qemu_build import ensure_qemu
 from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, build_command
 from vhost_iommu.viot import viot_from_topology, viot_topology_from
@@ -53,6 +54,19 @@ def boot(directory: Path, socket_path: str, job: str, **params: str) -> GuestSes
         memory_mib=GUEST_MEMORY_MIB,
     )
     return GuestSession(build_command(setup).argv, log=directory / f"console-{job}.log")
+
+
+def finish_job(guest: GuestSession) -> GuestRun:
+    """Let a held guest (``boot``'s) finish; check its job's exit status and its kernel log since the
+    job began (VHOST_IOMMU_KLOG lines, levels 0-4): no soft lockup, stall, oops or warning, and no
+    virtio_iommu message at all. The run, for more checks."""
+    guest.send("")
+    run = guest.wait(STEP_TIMEOUT)
+    assert run.job_rc == 0, run.output[-3000:]
+    klog = run.marker_lines(KLOG_PREFIX)
+    bad = kernel_trouble(klog) + [line for line in klog if "virtio_iommu" in line or "WARNING:" in line]
+    assert not bad, bad
+    return run
 
 
 class VfioSteps:

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vhost_iommu.bench.empty import EmptyBackend
@@ -264,3 +268,58 @@ def thread_cpu(qemu_pid: int) -> dict[str, float]:
 
 def _cpu_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {name: round(seconds - before.get(name, 0.0), 2) for name, seconds in after.items()}
+
+
+@contextmanager
+def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` processes that each spin on a CPU for as long as the block runs (a busy host), stopped and
+    reaped however it ends."""
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            hogs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+
+
+@dataclass
+class IdleOutcome:
+    """The back-end's CPU while a booted guest sits idle with its IOMMU idle."""
+
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def cpu_share(self) -> float:
+        """Of one CPU, over the measured window."""
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
+
+
+def idle_cost(backend: str, plan: BenchPlan, seconds: float, *, log: Path | None = None) -> IdleOutcome:
+    """Boot the guest with ``backend`` (a vhost-user one), let it sit idle at the end of a job that does no
+    IOMMU work, and measure this process's CPU over ``seconds``: the back-end's threads are its only work
+    then (the bench's own thread waits)."""
+    outcome = IdleOutcome()
+    config = replace(lab_config(backend, plan), job="probe", params={"hold": "1"})
+    try:
+        with Lab(config, log=log) as lab:
+            lab.guest.expect(r"VHOST_IOMMU_HOLD", plan.step_timeout)
+            before, began = _own_cpu(), time.monotonic()
+            time.sleep(seconds)  # the measurement window itself, not a wait for anything
+            outcome.cpu_seconds, outcome.seconds = _own_cpu() - before, time.monotonic() - began
+            lab.guest.send("")
+            lab.guest.wait(60)
+    except (ProvisionError, LabError, CommandError, OSError, TimeoutError) as error:
+        outcome.errors.append(f"{type(error).__name__}: {error}")
+    return outcome
+
+
+def _own_cpu() -> float:
+    """CPU seconds of every thread of this process so far (getrusage: microseconds, not clock ticks)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

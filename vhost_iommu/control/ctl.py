@@ -449,6 +449,7 @@ def _print_queues(result: Any, _args: argparse.Namespace) -> None:
         "in_flight",
         "event_idx",
         "served_by",
+        "path",
     ]
     _table(None, columns, [[_render(q.get(c)) for c in columns] for q in result])
     if result and result[0]["broken"]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vhost_iommu import __version__
-from vhost_iommu.abi import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from vhost_iommu.abi import REQUEST_QUEUE, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from vhost_iommu.conformance import STATEMENTS, ConformanceChecker
 from vhost_iommu.control.instrument import ConnectionTools
 from vhost_iommu.control.protocol import (
@@ -686,6 +686,9 @@ class ControlService:
                     "in_flight": ring.in_flight if ring is not None else 0,
                     "event_idx": ring.event_idx if ring is not None else None,
                     "kick_pending": slot.kick_pending,
+                    # The requestq's path (compiled, python, or python while a cold start compiles);
+                    # the eventq is always the device core's.
+                    "path": tools.backend.serving_path() if slot.index == REQUEST_QUEUE else "python",
                     "served_by": (
                         ("thread" if slot.kick_taken and by_thread else "event-loop") if slot.served else None
                     ),

@@ -32,6 +32,7 @@ from vhost_iommu.device.core import IommuDevice
 from vhost_iommu.device.layout import U64_MAX, Access, FaultReason
 from vhost_iommu.device.translation import Fault, Translation, check_access
 from vhost_iommu.jit import dma as kernel
+from vhost_iommu.jit import interpreted
 from vhost_iommu.jit import requests as requests_kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.memory import FlatRegions
@@ -132,7 +133,8 @@ class DmaPort:
             lengths = np.empty(capacity, np.uint64)
             out = np.zeros(kernel.OUT_WORDS, np.uint64)
             query = (np.uint64(iova), np.uint64(length), int(access), phys, lengths, out, self._walk)
-            count = kernel.translate(*(self.device.translation_guard.words, *self._state(), *query))
+            translate = interpreted.kernel(kernel.translate)
+            count = translate(*(self.device.translation_guard.words, *self._state(), *query))
             if count == kernel.TRANSLATE_OVERFLOW:
                 capacity *= 4
             elif count != kernel.TRANSLATE_STALE:
@@ -224,7 +226,7 @@ class DmaPort:
         )
         while True:
             arguments = (op, guard, *self._state(), *operation, out, self._cache, self._scratch)
-            reason = kernel.dma_transfer(*arguments)
+            reason = interpreted.kernel(kernel.dma_transfer)(*arguments)
             if reason != kernel.DMA_STALE:
                 break  # stale: Python code replaced arrays; go on from out[O_DONE] with the new ones
         done = int(out[kernel.O_DONE])
@@ -238,7 +240,7 @@ class DmaPort:
 
     def _record(self, fault: Fault) -> Fault:
         """Explain ``fault`` from the mapping history and record it in the device and the port."""
-        at = int(requests_kernel.cycles())
+        at = int(interpreted.kernel(requests_kernel.cycles)())
         fault = self.device.record_fault(replace(fault, explanation=self.device.explain(fault, at)))
         self.faults += 1
         self.last_faults.append(fault)

@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from vhost_iommu.device.layout import FAULT_F_WRITE, FaultReason
 from vhost_iommu.jit import history as layout
+from vhost_iommu.jit.interpreted import kernel
 from vhost_iommu.jit.requests import cycles, history_append, ticks_per_us
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ class MappingHistory:
         self, op: int, domain: int = 0, start: int = 0, last: int = 0, value: int = 0, extra: int = 0
     ) -> None:
         """Append a record from Python (the compiled path appends its own); ``extra`` may be -1."""
-        history_append(
+        kernel(history_append)(
             _U64(self.address),
             _U64(op),
             _U64(domain),
@@ -149,7 +150,7 @@ class MappingHistory:
             _U64(last),
             _U64(value),
             _U64(extra & _MASK),
-            cycles(),
+            kernel(cycles)(),
         )
 
     def records(self, endpoint: int | None = None, address: int | None = None) -> list[HistoryRecord]:
@@ -250,7 +251,7 @@ def explain(device: IommuDevice, fault: Fault, at_ticks: int | None = None) -> F
     """Explain ``fault`` (of an access just made, or made at ``at_ticks`` on the history's clock) from
     ``device``'s current state and history. Call it on the thread that drives the device, or while the
     requestq thread is parked; a concurrent writer only makes the newest record missing."""
-    now = int(cycles()) if at_ticks is None else at_ticks
+    now = int(kernel(cycles)()) if at_ticks is None else at_ticks
     endpoint, address = fault.endpoint, fault.address
     records = device.history.records(endpoint, address)
     complete = device.history.appended <= device.history.capacity

@@ -87,6 +87,9 @@ class _Context:
     def config_changed(self) -> None:
         pass
 
+    def offer_kick_fds(self) -> None:
+        pass
+
     def device_broken(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason

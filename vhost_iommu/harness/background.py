@@ -16,13 +16,16 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.topology import Topology
 from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.frontend import Frontend
 from vhost_iommu.server import VhostUserServer, bind_unix_socket, new_event_loop
+
+if TYPE_CHECKING:
+    from vhost_iommu.control.service import ControlService
 
 T = TypeVar("T")
 
@@ -125,6 +128,26 @@ class RunningServer:
                 raise
             self._extra[path] = (listener, task)
         return endpoints
+
+    @contextlib.contextmanager
+    def control_channel(self, service: ControlService, timeout: float = 5.0) -> Iterator[str]:
+        """``service``'s control channel on this server's loop, its socket beside the server's: its
+        path, until the block ends. The service must track this server's back-ends."""
+        from vhost_iommu.control.server import ControlServer
+
+        service.server = self.server
+        path = os.path.join(os.path.dirname(self.path), "control")
+
+        async def start() -> ControlServer:
+            control = ControlServer(service, path)
+            await control.start()
+            return control
+
+        control = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout)
+        try:
+            yield path
+        finally:
+            asyncio.run_coroutine_threadsafe(control.close(), self.loop).result(timeout)
 
     def connect(self, timeout: float = 5.0, *, path: str | None = None) -> Frontend:
         """A front-end connected to the first socket, or to ``path`` (one of :meth:`listen`'s)."""

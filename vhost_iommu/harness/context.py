@@ -40,6 +40,9 @@ class StandaloneContext:
     def config_changed(self) -> None:
         self.config_changes += 1
 
+    def offer_kick_fds(self) -> None:
+        pass  # no server, no kick fds
+
     def device_broken(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason

@@ -18,38 +18,34 @@ TAKEOVER_LINE = "session taken over"
 """What a worker logs once it serves a front-end whose session it took over from a previous worker."""
 
 
-class KeeperProcess:
-    """``vhost-iommu --state-dir`` on one socket (and a control socket); its log is drained by a thread
-    and searchable; its device worker can be found and killed."""
+class ProgramProcess:
+    """The real program (``command``) in a subprocess whose log (stderr) is drained by a thread and
+    searchable; ``env`` and ``cwd`` as for subprocess.Popen."""
 
-    def __init__(self, directory: str, *args: str, backend: str = "echo", timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.timeout = timeout
-        self.directory = directory
-        self.socket = os.path.join(directory, "s")
-        self.control = os.path.join(directory, "ctl")
-        self.state = os.path.join(directory, "state")
-        command = [
-            sys.executable,
-            "-m",
-            "vhost_iommu",
-            "-v",
-            f"--state-dir={self.state}",
-            f"--socket-path={self.socket}",
-            f"--control-socket={self.control}",
-            f"--backend={backend}",
-            # The keeper cannot keep vfio-user endpoints across a worker restart; serve the IOMMU alone.
-            *(["--no-devices"] if backend == "iommu" else []),
-            *args,
-        ]
         self.command = command
+        #: When the program was started (time.monotonic()).
+        self.started = time.monotonic()
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
         )
         self.log = ""
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
-        self.wait_for("listening on")
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
@@ -67,6 +63,49 @@ class KeeperProcess:
                 lambda: self.log.count(text) >= count or "<EOF>" in self.log, self.timeout
             )
             assert done and self.log.count(text) >= count, f"no {text!r} x{count}: {self.log[-3000:]}"
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=self.timeout)
+        self._reader.join(self.timeout)
+        return status
+
+    def close(self) -> None:
+        for pid in children(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(self.timeout)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+class KeeperProcess(ProgramProcess):
+    """``vhost-iommu --state-dir`` on one socket (and a control socket); its log is drained by a thread
+    and searchable; its device worker can be found and killed."""
+
+    def __init__(self, directory: str, *args: str, backend: str = "echo", timeout: float = 60.0) -> None:
+        self.directory = directory
+        self.socket = os.path.join(directory, "s")
+        self.control = os.path.join(directory, "ctl")
+        self.state = os.path.join(directory, "state")
+        command = [
+            sys.executable,
+            "-m",
+            "vhost_iommu",
+            "-v",
+            f"--state-dir={self.state}",
+            f"--socket-path={self.socket}",
+            f"--control-socket={self.control}",
+            f"--backend={backend}",
+            # The keeper cannot keep vfio-user endpoints across a worker restart; serve the IOMMU alone.
+            *(["--no-devices"] if backend == "iommu" else []),
+            *args,
+        ]
+        super().__init__(command, timeout=timeout)
+        self.wait_for("listening on")
 
     def worker(self) -> int:
         """The pid of the device worker serving now (the one that answers the control channel: a spare
@@ -96,23 +135,6 @@ class KeeperProcess:
         # waitpid): /proc is where anyone else sees it.
         assert poll_until(lambda: all_threads_stopped(pid), self.timeout), f"worker {pid} did not stop"
         return StoppedWorker(pid, eventfd_counts(pid))
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(timeout=self.timeout)
-        self._reader.join(self.timeout)
-        return status
-
-    def close(self) -> None:
-        for pid in children(self.process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(self.timeout)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
 
 
 def children(pid: int) -> list[int]:

@@ -23,6 +23,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vhost_iommu import cold_start
 from vhost_iommu.keeper import wire
 from vhost_iommu.keeper.keeper import raise_fd_limit
 from vhost_iommu.memory import MemoryRegionDesc
@@ -437,6 +438,11 @@ def run_worker(args: argparse.Namespace, factory: BackendFactory, tools: dict[st
         raise SystemExit(f"--keeper-fd={args.keeper_fd} is not the keeper's channel")
     worker = Worker(channel, factory, args.control_socket, tools)
     loop = new_event_loop()
+    if args.backend == "iommu":
+        # Before saying ready, the kernels are loaded from a warm numba cache (the keeper measures a
+        # restart up to the first request served); from a cold one (a first start, an upgrade that
+        # changed a kernel) the worker is ready at once and the Python path serves while they compile.
+        cold_start.begin(loop)
     try:
         return loop.run_until_complete(worker.run())
     finally:

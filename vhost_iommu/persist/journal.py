@@ -51,6 +51,7 @@ from vhost_iommu.abi import (
     RECORD_WORDS,
 )
 from vhost_iommu.jit.barriers import full_fence
+from vhost_iommu.jit.interpreted import kernel
 from vhost_iommu.persist.statedir import GuestDir, StateError
 
 __all__ = [
@@ -221,7 +222,7 @@ class Journal:
         # "40s" pads a shorter request with zeros and cuts a longer one.
         _BODY.pack_into(self._mmap, offset + 8, word1, word2, request)
         if _WEAK_ORDER:
-            full_fence()  # the record ahead of its commit word
+            kernel(full_fence)()  # the record ahead of its commit word
         _COMMIT.pack_into(self._mmap, offset, slot + 1)
         self.next = slot + 1
         if slot == self.trap:

@@ -59,8 +59,9 @@ OPTIONAL_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
 # virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM.
 MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
 
-# vfio-dma: VFIO MAP/UNMAP traffic with no device DMA; dma-engine: drives the DMA test engine endpoint.
-GUEST_PROGRAMS = ("vfio-dma", "dma-engine")
+# vfio-dma: VFIO MAP/UNMAP traffic with no device DMA; dma-engine: drives the DMA test engine endpoint;
+# blk-bench: block I/O timing of a virtio-blk disk (scripts/bench-blk).
+GUEST_PROGRAMS = ("vfio-dma", "dma-engine", "blk-bench")
 HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev", "zstd")  # zstd: for kernels with .ko.zst modules
 BUSYBOX = Path("/bin/busybox")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 CACHE_ENV = "VHOST_IOMMU_CACHE"
@@ -19,3 +20,19 @@ def cache_root() -> Path:
 def repo_root() -> Path:
     """The source checkout this package was imported from (it is installed editable)."""
     return Path(__file__).resolve().parents[2]
+
+
+def source_commit() -> str:
+    """``git describe --always --dirty`` of the checkout, for reports of what was measured; "unknown"
+    outside a git checkout."""
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(repo_root()), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return described.stdout.strip()

@@ -289,6 +289,9 @@ class ConnectionHandler:
         # connections' kicks and messages) have had their turn.
         self._loop.call_soon(self._on_rescheduled, index)
 
+    def offer_kick_fds(self) -> None:
+        self._refresh_all()
+
     def _on_rescheduled(self, index: int) -> None:
         slot = self.slots[index]
         if not slot.rescheduled:

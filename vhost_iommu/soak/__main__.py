@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -14,11 +13,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vhost_iommu.provision.paths import source_commit
 from vhost_iommu.soak import report
 from vhost_iommu.soak.measure import Limits, Sample
 from vhost_iommu.soak.run import DEFAULT_PLAN, Reporter, SoakConfig, SoakResult, run_soak
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -68,20 +66,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.vq_size and (args.vq_size & (args.vq_size - 1) or args.vq_size > 1024):
         parser.error("--vq-size is a power of two up to 1024 (QEMU's limit), or 0")
     return args
-
-
-def _commit() -> str:
-    try:
-        described = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return described.stdout.strip()
 
 
 def _status(sample: Sample) -> str:
@@ -140,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir=args.state_dir,
     )
     command = shlex.join(["scripts/soak", *arguments])
-    commit = _commit()
+    commit = source_commit()
     console = Console()
     console.print(f"{command} at {commit}")
     with Progress(

@@ -463,7 +463,7 @@ def test_reset_owner_disables_the_rings(
 def test_a_front_end_that_never_reads_its_replies_is_disconnected(
     vhost_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("vhost_iommu.server.connection.MAX_PENDING_OUTPUT", 1 << 16)
+    monkeypatch.setattr("vhost_iommu.server.socket_io.MAX_PENDING_OUTPUT", 1 << 16)
     with vhost_server.connect() as greedy:
         burst = encode(FrontendRequest.GET_FEATURES) * 1000
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):

@@ -8,7 +8,6 @@ and only buffered when the socket is full.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import logging
 import select
@@ -24,26 +23,13 @@ from vhost_iommu.protocol import (
     close_fds,
 )
 from vhost_iommu.server.handler import ConnectionFatal, ConnectionHandler
+from vhost_iommu.server.socket_io import BufferedSender, ancillary_space, receive
 
 log = logging.getLogger(__name__)
 
-_FD_SIZE = array.array("i").itemsize
-ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+ANCILLARY_SPACE = ancillary_space(MAX_FDS_PER_MESSAGE)
 #: Messages handled per readiness callback before yielding to other connections and kick fds.
 _MESSAGES_PER_WAKEUP = 64
-#: Replies buffered for a front-end that stopped reading them; past this the connection is closed
-#: rather than letting one peer grow our memory without bound.
-MAX_PENDING_OUTPUT = 1 << 20
-
-
-def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds of every SCM_RIGHTS control message (any other control message is ignored)."""
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % _FD_SIZE
-            fds.extend(array.array("i", data[:usable]))
-    return fds
 
 
 class Connection:
@@ -56,11 +42,10 @@ class Connection:
         self._sock = sock
         self._loop = loop
         self._decoder = Decoder(Stream.FRONTEND_REQUESTS)
-        self._outgoing = bytearray()
-        self._writer_armed = False
         self.done: asyncio.Future[None] = loop.create_future()
         sock.setblocking(False)
-        self.handler = ConnectionHandler(backend, loop, self._send, name=name, on_fatal=self._fatal)
+        self._sender = BufferedSender(sock, loop, name, "front-end", self.close)
+        self.handler = ConnectionHandler(backend, loop, self._sender.send, name=name, on_fatal=self._fatal)
         loop.add_reader(sock.fileno(), self._on_readable)
         log.info("%s: connected", name)
 
@@ -96,17 +81,15 @@ class Connection:
     def _read_once(self) -> bool:
         """Read and process what one recvmsg returns; False when there is nothing more to read now."""
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(
-                self._decoder.bytes_needed(), ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
-        except (BlockingIOError, InterruptedError):
-            return False
+            received = receive(self._sock, self._decoder.bytes_needed(), ANCILLARY_SPACE)
         except OSError as exc:
             log.info("%s: read failed (%s); closing", self.name, exc)
             self.close()
             return False
-        fds = received_fds(ancillary)
-        if flags & socket.MSG_CTRUNC:
+        if received is None:
+            return False
+        data, fds, truncated = received
+        if truncated:
             close_fds(fds)
             raise FramingError(
                 f"ancillary data truncated: a message carried more than {MAX_FDS_PER_MESSAGE} fds"
@@ -134,45 +117,6 @@ class Connection:
             log.debug("%s: %r %s fds=%s", self.name, message.code, message.payload, message.fds)
             self.handler.handle(message)
 
-    # -- writing --------------------------------------------------------------------------------------------
-
-    def _send(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        if not self._outgoing:
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                log.info("%s: write failed (%s); closing", self.name, exc)
-                self._loop.call_soon(self.close)
-                return
-            data = data[sent:]
-        if data:
-            if len(self._outgoing) + len(data) > MAX_PENDING_OUTPUT:
-                log.warning("%s: the front-end is not reading its replies; closing", self.name)
-                self._loop.call_soon(self.close)
-                return
-            self._outgoing += data
-            if not self._writer_armed:
-                self._writer_armed = True
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self._sock.send(self._outgoing)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.info("%s: write failed (%s); closing", self.name, exc)
-            self.close()
-            return
-        del self._outgoing[:sent]
-        if not self._outgoing:
-            self._writer_armed = False
-            self._loop.remove_writer(self._sock.fileno())
-
     # -- ending ---------------------------------------------------------------------------------------------
 
     def _fatal(self, exc: BaseException) -> None:
@@ -190,8 +134,7 @@ class Connection:
         fileno = self._sock.fileno()
         if fileno >= 0:
             self._loop.remove_reader(fileno)
-            if self._writer_armed:
-                self._loop.remove_writer(fileno)
+        self._sender.stop()
         try:
             self.handler.close()
         except Exception:

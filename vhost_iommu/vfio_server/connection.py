@@ -13,14 +13,14 @@ import asyncio
 import logging
 import socket
 
-from vhost_iommu.server.connection import MAX_PENDING_OUTPUT, received_fds
+from vhost_iommu.server.socket_io import BufferedSender, ancillary_space, receive
 from vhost_iommu.vfio_server.handler import SessionError, VfioUserHandler
 from vhost_iommu.vfio_user import close_fds, codec
 from vhost_iommu.vfio_user import constants as vu
 
 log = logging.getLogger(__name__)
 
-_ANCILLARY_SPACE = socket.CMSG_SPACE(vu.MAX_FDS_PER_MESSAGE * 4)
+_ANCILLARY_SPACE = ancillary_space(vu.MAX_FDS_PER_MESSAGE)
 _MESSAGES_PER_WAKEUP = 64
 
 
@@ -35,10 +35,9 @@ class VfioUserConnection:
         self._sock = sock
         self._loop = loop
         self._decoder = codec.Decoder()
-        self._outgoing = bytearray()
-        self._writer_armed = False
         self.done: asyncio.Future[None] = loop.create_future()
         sock.setblocking(False)
+        self._sender = BufferedSender(sock, loop, self.name, "client", self.close)
         loop.add_reader(sock.fileno(), self._on_readable)
         log.info("%s: vfio-user client connected", self.name)
 
@@ -59,17 +58,15 @@ class VfioUserConnection:
 
     def _read_once(self) -> bool:
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(
-                self._decoder.bytes_needed(), _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-            )
-        except (BlockingIOError, InterruptedError):
-            return False
+            received = receive(self._sock, self._decoder.bytes_needed(), _ANCILLARY_SPACE)
         except OSError as exc:
             log.info("%s: read failed (%s); closing", self.name, exc)
             self.close()
             return False
-        fds = received_fds(ancillary)
-        if flags & socket.MSG_CTRUNC:
+        if received is None:
+            return False
+        data, fds, truncated = received
+        if truncated:
             close_fds(fds)
             raise codec.VfioUserProtocolError(f"a message carried more than {vu.MAX_FDS_PER_MESSAGE} fds")
         if not data:
@@ -83,45 +80,8 @@ class VfioUserConnection:
                 continue
             reply = self.handler.handle(request)
             if reply is not None:
-                self._send(reply)
+                self._sender.send(reply)
         return not self.done.done()
-
-    def _send(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        if not self._outgoing:
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                log.info("%s: write failed (%s); closing", self.name, exc)
-                self._loop.call_soon(self.close)
-                return
-            data = data[sent:]
-        if data:
-            if len(self._outgoing) + len(data) > MAX_PENDING_OUTPUT:
-                log.warning("%s: the client is not reading its replies; closing", self.name)
-                self._loop.call_soon(self.close)
-                return
-            self._outgoing += data
-            if not self._writer_armed:
-                self._writer_armed = True
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self._sock.send(self._outgoing)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.info("%s: write failed (%s); closing", self.name, exc)
-            self.close()
-            return
-        del self._outgoing[:sent]
-        if not self._outgoing:
-            self._writer_armed = False
-            self._loop.remove_writer(self._sock.fileno())
 
     def close(self) -> None:
         if self.done.done():
@@ -130,8 +90,7 @@ class VfioUserConnection:
         fileno = self._sock.fileno()
         if fileno >= 0:
             self._loop.remove_reader(fileno)
-            if self._writer_armed:
-                self._loop.remove_writer(fileno)
+        self._sender.stop()
         try:
             self.handler.close()
         finally:

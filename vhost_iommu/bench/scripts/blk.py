@@ -134,7 +134,7 @@ def report(
         if qemu_cost is not None and vhost_cost is not None:
             met = vhost_cost <= qemu_cost * COST_TARGET
             verdicts.append(
-                f"{label(key)}: IOMMU cost {vhost_cost:.2f} (vhost-iommu) against {qemu_cost:.2f} "
+                f"{label(key)}: IOMMU cost {vhost_cost:.3f} (vhost-iommu) against {qemu_cost:.3f} "
                 "(built-in): " + ("met" if met else "MISSED")
             )
     ours, theirs = table.get(VHOST_IDENTITY, {}).get(QD1_READ), table.get(QEMU_IDENTITY, {}).get(QD1_READ)

@@ -11,6 +11,8 @@ group), so they run on the newer kernels and are skipped on 6.12, saying so:
 - VFIO's claim and release of a group: 7.x moves the endpoint to a blocking domain (an empty paging
   domain) first and back to its default domain after, with no UNMAP (tests/test_e2e_toolkit.py checks
   the release leaves no mapping);
+- spurious kicks (front-ends may write a kick eventfd with nothing new on the ring): written on both queues
+  while the guest runs, they change nothing, on both kernels;
 - the PCI-reset path cannot be driven here: the guest cannot reset QEMU's pci-testdev (no reset method).
 The guest is the ``shell`` job (vhost_iommu.testing); 00:04.0 is QEMU's pci-testdev, endpoint 0x20.
 """
@@ -91,3 +93,29 @@ def test_removing_a_bypassed_device_and_rescanning_it_leaves_nothing_over(driver
     assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
     [vfio_domain] = domains_of_endpoint(driver)
     assert not vfio_domain["bypass"]
+
+
+def queues(driver: DriverLab) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = driver.control.call("queues")
+    return rows
+
+
+def test_spurious_kicks_on_both_queues_change_nothing(driver: DriverLab) -> None:
+    """On both kernels: nothing here depends on the driver's version."""
+    events_before = queues(driver)[1]
+    for _ in range(10):
+        assert driver.lab.spurious_kick(0) == 1 and driver.lab.spurious_kick(1) == 1
+    # The device goes on serving the guest: binding VFIO attaches the endpoint (requests after the kicks).
+    driver.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{TESTDEV}/driver_override")
+    driver.guest.check(f"echo {TESTDEV} > /sys/bus/pci/drivers_probe")
+    assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
+    [vfio_domain] = domains_of_endpoint(driver)
+    assert not vfio_domain["bypass"]
+    requests, events = queues(driver)
+    assert requests["broken"] is None and requests["in_flight"] == 0
+    assert requests["used_idx"] == requests["next_avail"]  # every request popped was answered
+    # No fault happened: a kick took no event buffer from the guest.
+    assert events["next_avail"] == events_before["next_avail"]
+    assert events["used_idx"] == events_before["used_idx"]
+    status = int(driver.guest.check("cat /sys/bus/virtio/devices/virtio0/status"), 16)
+    assert status & 0x04 and not status & 0x40  # DRIVER_OK, no NEEDS_RESET

@@ -15,6 +15,7 @@ and no back-end is served.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -260,6 +261,25 @@ class Lab:
         if self._server is None:
             raise LabError("this lab serves no back-end (the IOMMU is QEMU's own)")
         return self._server.call(function, timeout)
+
+    def spurious_kick(self, queue: int) -> int:
+        """Write queue ``queue``'s kick eventfd of every live connection with nothing new on its ring, as a
+        front-end may (the driver-changes e2e tests break it on purpose); how many kicks were written."""
+        if self._server is None:
+            raise LabError("this lab serves no back-end (the IOMMU is QEMU's own)")
+        server = self._server.server
+
+        def kick() -> int:
+            written = 0
+            for connection in server.connections:
+                slots = connection.handler.slots
+                fd = slots[queue].kick_fd if 0 <= queue < len(slots) else None
+                if fd is not None:
+                    os.eventfd_write(fd, 1)
+                    written += 1
+            return written
+
+        return self._server.call(kick)
 
     def inspect(self, query: Callable[[IommuDevice], T], timeout: float = 10.0) -> T:
         """Run ``query`` on the device, on the server's loop, between two requests."""

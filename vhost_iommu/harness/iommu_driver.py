@@ -149,10 +149,13 @@ class IommuDriver:
     def harvest(self, count: int) -> list[tuple[int, int]]:
         """Wait until ``count`` more chains are used; their (head, length) in the order the device used them.
 
-        It looks at used.idx before each sleep, as Linux's virtqueue_poll after enable_cb does: with
-        EVENT_IDX the device may publish entries after its last interrupt but before used() moved
-        used_event past them, and it owes no interrupt for those."""
+        The first wait is for the interrupt the device owes for the first entry it publishes after the last
+        harvest (used_event was left at that harvest's end), which it consumes. After a partial harvest it
+        looks at used.idx before each sleep, as Linux's virtqueue_poll after enable_cb does: with EVENT_IDX
+        the device may publish more entries before used() moved used_event past them, and it owes no
+        interrupt for those."""
         entries: list[tuple[int, int]] = []
+        assert self.frontend.wait_used(0, timeout=self.timeout), f"0 of {count} answered"
         while len(entries) < count:
             harvested = self.requests.used()  # raises for a head that was not posted
             entries += harvested

@@ -88,9 +88,7 @@ def test_removing_a_bypassed_device_and_rescanning_it_leaves_nothing_over(driver
     assert not domain["bypass"] and domain["mappings"] == 0 and domain["domain"] > DOMAIN_START
     assert all(domain["endpoints"] for domain in driver.control.call("domains"))
     # And the device still serves: VFIO binds the rescanned device (its domain IDs are the guest's to reuse).
-    driver.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{TESTDEV}/driver_override")
-    driver.guest.check(f"echo {TESTDEV} > /sys/bus/pci/drivers_probe")
-    assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
+    driver.bind_vfio()
     [vfio_domain] = domains_of_endpoint(driver)
     assert not vfio_domain["bypass"]
 
@@ -106,9 +104,7 @@ def test_spurious_kicks_on_both_queues_change_nothing(driver: DriverLab) -> None
     for _ in range(10):
         assert driver.lab.spurious_kick(0) == 1 and driver.lab.spurious_kick(1) == 1
     # The device goes on serving the guest: binding VFIO attaches the endpoint (requests after the kicks).
-    driver.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{TESTDEV}/driver_override")
-    driver.guest.check(f"echo {TESTDEV} > /sys/bus/pci/drivers_probe")
-    assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
+    driver.bind_vfio()
     [vfio_domain] = domains_of_endpoint(driver)
     assert not vfio_domain["bypass"]
     requests, events = queues(driver)

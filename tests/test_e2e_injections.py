@@ -45,13 +45,6 @@ FAULT_REPORT = "page fault from EP {endpoint} at {address:#x} [R]"
 TYPE_DELAY_US = 500_000
 
 
-def bind_vfio(driver: DriverLab) -> None:
-    # Binding is what makes Linux configure the endpoint's IOMMU (PROBE, then ATTACH).
-    driver.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{TESTDEV}/driver_override")
-    driver.guest.check(f"echo {TESTDEV} > /sys/bus/pci/drivers_probe")
-    assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
-
-
 def vfio_steps(driver: DriverLab, *commands: str) -> list[str]:
     """Run vfio-dma's steps (one VFIO container for all of them); its VFIO_ lines."""
     script = "\\n".join([*commands, "quit"])
@@ -95,7 +88,7 @@ class HeldSteps:
 
 
 def test_a_forced_attach_status_fails_the_guests_vfio_open_with_its_errno(driver: DriverLab) -> None:
-    bind_vfio(driver)
+    driver.bind_vfio()
     # The driver sends ATTACH synchronously and maps its status to an errno (viommu_get_req_errno).
     for status, errno in (("NOMEM", ENOMEM), ("RANGE", ERANGE), ("INVAL", EINVAL)):
         driver.control.call("inject", type="ATTACH", status=status)
@@ -112,7 +105,7 @@ def test_a_forced_attach_status_fails_the_guests_vfio_open_with_its_errno(driver
 def test_a_forced_map_status_shows_in_the_guest_when_the_endpoint_uses_the_address(
     driver: DriverLab,
 ) -> None:
-    bind_vfio(driver)
+    driver.bind_vfio()
     steps = HeldSteps(driver)
     driver.control.call("inject", type="MAP", status="NOMEM")
     refused = steps.step(f"map {IOVA:#x} {PAGE:#x} rw")
@@ -133,7 +126,7 @@ def test_a_forced_map_status_shows_in_the_guest_when_the_endpoint_uses_the_addre
 
 
 def test_forced_map_statuses_at_a_seeded_rate_hit_the_drawn_requests(driver: DriverLab) -> None:
-    bind_vfio(driver)
+    driver.bind_vfio()
     steps = HeldSteps(driver)
     seed, rate, count = 7, 0.5, 8
     draws = random.Random(seed)
@@ -160,7 +153,7 @@ def test_forced_map_statuses_at_a_seeded_rate_hit_the_drawn_requests(driver: Dri
 
 
 def test_added_latency_per_request_type_holds_only_that_type_in_the_guest(driver: DriverLab) -> None:
-    bind_vfio(driver)
+    driver.bind_vfio()
     steps = HeldSteps(driver)
     driver.control.call("delay", us=TYPE_DELAY_US, type="MAP")
     mapped = steps.step(f"map {IOVA:#x} {PAGE:#x} rw")
@@ -212,7 +205,7 @@ def test_bypass_changed_at_run_time_reaches_the_guest(driver: DriverLab) -> None
 
 def test_reserved_regions_changed_reach_the_next_probe_and_vfio_refuses_them(driver: DriverLab) -> None:
     group = f"$(readlink -f /sys/bus/pci/devices/{TESTDEV}/iommu_group)"
-    bind_vfio(driver)
+    driver.bind_vfio()
     assert driver.guest.check(f"cat {group}/reserved_regions") == "0x00000000fee00000 0x00000000feefffff msi"
     regions = [
         {"type": "RESERVED", "start": 0x200000, "end": 0x2FFFFF},
@@ -223,7 +216,7 @@ def test_reserved_regions_changed_reach_the_next_probe_and_vfio_refuses_them(dri
     assert "0x0000000000200000" not in driver.guest.check(f"cat {group}/reserved_regions")
     # ... until the endpoint is probed again: removed, rescanned, bound.
     driver.guest.check(f"echo 1 > /sys/bus/pci/devices/{TESTDEV}/remove; echo 1 > /sys/bus/pci/rescan")
-    bind_vfio(driver)
+    driver.bind_vfio()
     assert driver.guest.check(f"cat {group}/reserved_regions").splitlines() == [
         "0x0000000000200000 0x00000000002fffff reserved",
         "0x00000000fee00000 0x00000000feefffff msi",
@@ -237,5 +230,5 @@ def test_reserved_regions_changed_reach_the_next_probe_and_vfio_refuses_them(dri
     assert driver.control.call("translate", endpoint=ENDPOINT, iova=0x200000)["reason"] == "MAPPING"
     driver.control.call("resv-clear")
     driver.guest.check(f"echo 1 > /sys/bus/pci/devices/{TESTDEV}/remove; echo 1 > /sys/bus/pci/rescan")
-    bind_vfio(driver)
+    driver.bind_vfio()
     assert driver.guest.check(f"cat {group}/reserved_regions") == "0x00000000fee00000 0x00000000feefffff msi"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from vhost_iommu.lab import TESTDEV, TESTDEV_ENDPOINT, Lab, LabConfig
+from vhost_iommu.lab import TESTDEV_ENDPOINT, Lab, LabConfig
 from vhost_iommu.provision.guest import ensure_guest
 from vhost_iommu.trace import replay
 
@@ -42,9 +42,7 @@ def test_binding_a_device_to_vfio_attaches_its_endpoint(driver: DriverLab) -> No
         assert boot_domain["endpoints"] == [TESTDEV_ENDPOINT] and not boot_domain["bypass"]
         assert boot_domain["mappings"] == 0
 
-    driver.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{TESTDEV}/driver_override")
-    driver.guest.check(f"echo {TESTDEV} > /sys/bus/pci/drivers_probe")
-    assert driver.guest.check(f"basename $(readlink /sys/bus/pci/devices/{TESTDEV}/driver)") == "vfio-pci"
+    driver.bind_vfio()
 
     # VFIO owns the device now: the driver attached its endpoint to a translated domain, and a domain the
     # endpoint left went with it (a domain lives while an endpoint is attached to it).

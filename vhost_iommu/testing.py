@@ -38,7 +38,7 @@ import pytest
 
 from vhost_iommu.conformance import STATEMENTS
 from vhost_iommu.control import ControlClient
-from vhost_iommu.lab import Lab, LabConfig
+from vhost_iommu.lab import TESTDEV, Lab, LabConfig
 from vhost_iommu.provision.boot import GuestSession
 
 __all__ = ["CommandResult", "DriverLab", "GuestShell", "driver", "driver_lab_config"]
@@ -117,6 +117,13 @@ class DriverLab:
     lab: Lab
     guest: GuestShell
     control: ControlClient
+
+    def bind_vfio(self, device: str = TESTDEV) -> None:
+        """Bind the guest's PCI function ``device`` to vfio-pci (binding is what makes Linux configure its
+        endpoint's IOMMU: PROBE, then ATTACH) and check that it took."""
+        self.guest.check(f"echo vfio-pci > /sys/bus/pci/devices/{device}/driver_override")
+        self.guest.check(f"echo {device} > /sys/bus/pci/drivers_probe")
+        assert self.guest.check(f"basename $(readlink /sys/bus/pci/devices/{device}/driver)") == "vfio-pci"
 
     def violations(self) -> dict[str, dict[str, Any]]:
         """Per connection still served: the conformance report (docs/toolkit.md)."""

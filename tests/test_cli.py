@@ -107,6 +107,13 @@ def test_print_capabilities_ignores_every_other_argument() -> None:
         (["--socket-path=/tmp/a", "--max-domains=0"], "not a number of domains between 1"),
         (["--socket-path=/tmp/a", "--max-mappings=lots"], "not a number of mappings"),
         (["--socket-path=/tmp/a", "--backend=echo", "--max-mappings=9"], "not to --backend=echo"),
+        (["--socket-path=/tmp/a", "--kick-thread-priority=urgent"], "invalid choice: 'urgent'"),
+        (["--socket-path=/tmp/a", "--backend=echo", "--kick-thread-priority=high"], "not to --backend=echo"),
+        (["--socket-path=/tmp/a", "--no-kick-thread", "--kick-thread-priority=high"], "--no-kick-thread has"),
+        (
+            ["--socket-path=/tmp/a", "--request-path=python", "--kick-thread-priority=normal"],
+            "apply to --request-path=compiled",
+        ),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_line(args: list[str], message: str) -> None:

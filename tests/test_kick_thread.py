@@ -5,6 +5,7 @@ closed) whenever the ring, the memory, the notifiers or the device change, and a
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from vhost_iommu import thread_priority
 from vhost_iommu.abi import VIRTIO_CONFIG_S_NEEDS_RESET
 from vhost_iommu.backend import VhostUserBackend
 from vhost_iommu.device.layout import RequestType, Status, encode_attach, encode_map, encode_unmap
@@ -25,6 +27,7 @@ from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.kick_thread import KickThread
 from vhost_iommu.memory import GuestMemory
+from vhost_iommu.thread_priority import DEFAULT_PRIORITY, ThreadPriority
 from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 
@@ -341,11 +344,15 @@ def test_an_observer_attached_while_the_thread_serves_sees_every_request(
 
 
 @contextmanager
-def attached_requestq(poll_us: float) -> Iterator[tuple[RunningServer, IommuDriver]]:
-    """A served device with the kick thread polling ``poll_us``, endpoint EP attached to domain 1; yields
-    the server and the driver (EVENT_IDX: kicks only when asked)."""
+def attached_requestq(
+    poll_us: float | None, priority: ThreadPriority = DEFAULT_PRIORITY
+) -> Iterator[tuple[RunningServer, IommuDriver]]:
+    """A served device with the kick thread polling ``poll_us`` at ``priority``, endpoint EP attached to
+    domain 1; yields the server and the driver (EVENT_IDX: kicks only when asked)."""
     with (
-        running_server(lambda: VirtioIommuBackend(kick_thread=True, poll_us=poll_us)) as server,
+        running_server(
+            lambda: VirtioIommuBackend(kick_thread=True, poll_us=poll_us, kick_thread_priority=priority)
+        ) as server,
         IommuDriver(server.connect(), event_idx=True, own_frontend=True) as driver,
     ):
         assert driver.attach(1, EP) == Status.OK
@@ -418,6 +425,60 @@ def wait_until_the_thread_is_past_its_window(
             return
         assert time.monotonic() < deadline, f"the thread never ended batch {batches}'s window: {counters}"
         os.sched_yield()
+
+
+@pytest.mark.parametrize(
+    ("priority", "policy", "nice", "scheduling"),
+    [
+        (ThreadPriority.REALTIME, os.SCHED_FIFO, None, "SCHED_FIFO 1"),
+        (ThreadPriority.HIGH, os.SCHED_OTHER, -10, "nice -10"),
+        (ThreadPriority.NORMAL, os.SCHED_OTHER, None, "normal"),
+    ],
+)
+def test_the_kick_thread_runs_at_the_priority_asked_for_and_only_it(
+    priority: ThreadPriority, policy: int, nice: int | None, scheduling: str
+) -> None:
+    """The priority is the thread's alone: the event loop and the rest of the process keep theirs (``nice``
+    None: the process's own nice value). These tests run as root, which may take either."""
+    if os.geteuid() != 0:
+        pytest.skip("needs CAP_SYS_NICE for the raised priorities")
+    process_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    with attached_requestq(poll_us=None, priority=priority) as (server, driver):
+        backend = backend_of(server)
+        thread = backend._kick_thread
+        assert thread is not None and thread.settle(timeout=30)
+        answer_one_asking_for_kicks(driver, map_page(1))
+        assert backend.kick_thread_scheduling() == scheduling
+        assert thread.native_id is not None
+        assert os.sched_getscheduler(thread.native_id) == policy
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == (process_nice if nice is None else nice)
+        assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == process_nice
+
+
+def test_the_default_priority_is_real_time() -> None:
+    assert DEFAULT_PRIORITY is ThreadPriority.REALTIME
+    assert VirtioIommuBackend().kick_thread_priority is ThreadPriority.REALTIME
+
+
+def test_a_priority_the_process_may_not_take_falls_back_to_normal_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unprivileged back-end: the thread still serves, at normal priority, and the log says why once
+    per process (not once per guest)."""
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(thread_priority, "_warned", set())
+    for _ in range(2):
+        with attached_requestq(poll_us=None) as (server, driver):
+            answer_one_asking_for_kicks(driver, map_page(1))
+            scheduling = backend_of(server).kick_thread_scheduling()
+            assert scheduling == "normal (SCHED_FIFO 1 not permitted)"
+    warnings = [r for r in caplog.records if "SCHED_FIFO 1 not permitted" in r.getMessage()]
+    assert len(warnings) == 1 and "CAP_SYS_NICE" in warnings[0].getMessage()
 
 
 def test_by_default_only_the_kick_thread_polls() -> None:

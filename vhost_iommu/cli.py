@@ -202,6 +202,14 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "(an all-numba loop; the default) or (--no-kick-thread) from the event loop (docs/performance.md)",
     )
     parser.add_argument(
+        "--kick-thread-priority",
+        choices=("realtime", "high", "normal"),
+        default=None,
+        help="the requestq thread's scheduling: realtime (SCHED_FIFO 1, the default; it runs as soon as "
+        "the guest kicks, even on a busy host), high (nice -10) or normal; without the privilege for it "
+        "(CAP_SYS_NICE, or RLIMIT_RTPRIO/RLIMIT_NICE) it runs at normal priority and says so once",
+    )
+    parser.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the back-end capabilities as JSON and exit",
@@ -254,13 +262,17 @@ def check_backend_options(args: argparse.Namespace) -> None:
     request_path: str = getattr(args, "request_path", "compiled")
     poll_us: float | None = getattr(args, "poll_us", None)
     kick_thread: bool | None = getattr(args, "kick_thread", None)  # None: the back-end's default
-    tuned = request_path != "compiled" or poll_us is not None or kick_thread is not None
+    priority: str | None = getattr(args, "kick_thread_priority", None)
+    tuned = request_path != "compiled" or any(x is not None for x in (poll_us, kick_thread, priority))
     if args.backend == "echo" and tuned:
         raise CliError(
-            "--request-path, --poll-us and --kick-thread apply to the IOMMU device, not to --backend=echo"
+            "--request-path, --poll-us, --kick-thread and --kick-thread-priority apply to the IOMMU device, "
+            "not to --backend=echo"
         )
-    if request_path == "python" and (poll_us or kick_thread):
-        raise CliError("--poll-us and --kick-thread apply to --request-path=compiled")
+    if request_path == "python" and (poll_us or kick_thread or priority):
+        raise CliError("--poll-us, --kick-thread and --kick-thread-priority apply to --request-path=compiled")
+    if kick_thread is False and priority is not None:
+        raise CliError("--kick-thread-priority applies to the kick thread; --no-kick-thread has none")
     if args.backend == "echo" and args.topology:
         raise CliError("--topology applies to the IOMMU device, not to --backend=echo")
 
@@ -271,6 +283,7 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     request_path: str = getattr(args, "request_path", "compiled")
     poll_us: float | None = getattr(args, "poll_us", None)
     kick_thread: bool | None = getattr(args, "kick_thread", None)
+    priority_name: str | None = getattr(args, "kick_thread_priority", None)
     if args.backend == "echo":
         from vhost_iommu.harness.echo import EchoBackend
 
@@ -280,7 +293,9 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
     except ImportError as exc:
         raise CliError(f"the virtio-iommu device cannot be loaded: {exc}") from None
     from vhost_iommu.device import IommuDevice
+    from vhost_iommu.thread_priority import DEFAULT_PRIORITY, ThreadPriority
 
+    priority = DEFAULT_PRIORITY if priority_name is None else ThreadPriority(priority_name)
     topology = load_topology_argument(args.topology)
     max_domains: int | None = getattr(args, "max_domains", None)
     max_mappings: int | None = getattr(args, "max_mappings", None)
@@ -307,6 +322,7 @@ def make_backend_factory(args: argparse.Namespace) -> BackendFactory:
             request_path="python" if request_path == "python" else "compiled",
             poll_us=poll_us,
             kick_thread=kick_thread,
+            kick_thread_priority=priority,
             state_dir=state_dir,
         )
 

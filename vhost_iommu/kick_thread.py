@@ -23,6 +23,7 @@ from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.request_path import CompiledRequestPath
+from vhost_iommu.thread_priority import ThreadPriority, apply_to_current_thread
 from vhost_iommu.virtqueue import SplitQueue
 
 if TYPE_CHECKING:
@@ -67,8 +68,12 @@ class KickThread:
         kick_fd: int,
         call_fd: int | None,
         loop: asyncio.AbstractEventLoop,
+        priority: ThreadPriority,
     ) -> None:
         self._backend = backend
+        self._priority = priority
+        #: What scheduling the thread got (`thread_priority.apply_to_current_thread`), once it runs.
+        self.scheduling: str | None = None
         self._compiled = compiled
         self._ring = ring
         self._memory = memory
@@ -108,6 +113,11 @@ class KickThread:
             raise OSError(f"cannot start the requestq thread: {exc}") from None
 
     # -- from the event loop (or, for settle, any other thread) ----------------------------------------------
+
+    @property
+    def native_id(self) -> int | None:
+        """The thread's kernel thread ID (for tools that look at its scheduling)."""
+        return self._thread.native_id
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # the counter is full: a wake-up is pending anyway
@@ -192,6 +202,7 @@ class KickThread:
     # -- the thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.scheduling = apply_to_current_thread(self._priority)
         try:
             while self._step():
                 pass

@@ -53,6 +53,7 @@ from vhost_iommu.persist.journal import (
 )
 from vhost_iommu.persist.session import SessionJournal
 from vhost_iommu.request_path import MAX_POLL_US, THREAD_POLL_US, CompiledRequestPath, poll_windows
+from vhost_iommu.thread_priority import DEFAULT_PRIORITY, ThreadPriority
 from vhost_iommu.virtqueue import DescriptorChain, QueueError, SplitQueue
 
 __all__ = [
@@ -94,6 +95,7 @@ class VirtioIommuBackend:
         request_path: Literal["compiled", "python"] = "compiled",
         poll_us: float | None = None,
         kick_thread: bool | None = None,
+        kick_thread_priority: ThreadPriority = DEFAULT_PRIORITY,
         state_dir: StateDir | None = None,
         journal_slots: int = DEFAULT_SLOTS,
     ) -> None:
@@ -114,6 +116,9 @@ class VirtioIommuBackend:
         (``kernel_serves``: observers, forced answers, an added latency) the thread hands every kick to
         the event loop, which serves through the device core.
 
+        ``kick_thread_priority``: the scheduling the requestq thread asks for (`vhost_iommu.thread_priority`;
+        real-time by default, falling back to normal with a log line when the process may not).
+
         ``state_dir`` (``serve --state-dir``, under a keeper): the device state of a connection whose
         ``context.session_key`` names it is kept in that subdirectory, every request served and every
         other state change journaled before the guest can see it (docs/persistence.md). A worker that
@@ -126,6 +131,7 @@ class VirtioIommuBackend:
             raise ValueError("kick_thread needs the compiled request path")
         self.kick_thread = request_path == "compiled" if kick_thread is None else kick_thread
         self._kick_thread: KickThread | None = None
+        self.kick_thread_priority = kick_thread_priority
         #: Receives the requestq thread's batch times (``kickloop.TIMING_*`` rows: the control channel's
         #: latency histograms) on the event loop, whenever the thread is parked, hands over or stops;
         #: set before the ring starts (a thread times batches only if it was set when it started).
@@ -284,7 +290,9 @@ class VirtioIommuBackend:
         except RuntimeError:
             return False  # driven without an event loop (a test's fake server): nothing to hand back to
         try:
-            self._kick_thread = KickThread(self, compiled, ring, self.context.memory, fd, call_fd, loop)
+            self._kick_thread = KickThread(
+                self, compiled, ring, self.context.memory, fd, call_fd, loop, self.kick_thread_priority
+            )
         except OSError as exc:  # no eventfd or thread to be had: the event loop keeps serving
             log.warning("requestq thread not started: %s", exc)
             return False
@@ -308,6 +316,11 @@ class VirtioIommuBackend:
         thread = self._kick_thread
         if index == REQUEST_QUEUE and thread is not None:
             thread.set_call_fd(fd)
+
+    def kick_thread_scheduling(self) -> str | None:
+        """The scheduling the requestq thread got ("SCHED_FIFO 1", "normal (...)"); None without one."""
+        thread = self._kick_thread
+        return thread.scheduling if thread is not None else None
 
     def kick_thread_counters(self) -> dict[str, int] | None:
         """What the requestq thread's kick loop counted (``KickThread.counters``); None without one."""

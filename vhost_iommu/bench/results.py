@@ -34,6 +34,11 @@ VHOST_IOMMU_THREAD = "vhost-iommu-thread"
 VHOST_IOMMU_LOOP = "vhost-iommu-loop"
 EMPTY_THREAD = "empty-thread"
 EMPTY_LOOP = "empty-loop"
+# The requestq thread at the other scheduling priorities than the default real-time one.
+VHOST_IOMMU_HIGH = "vhost-iommu-high"
+VHOST_IOMMU_NORMAL = "vhost-iommu-normal"
+# The requestq thread with no poll window (``--poll-us 0``) beside the default adaptive one, in one run.
+VHOST_IOMMU_NO_POLL = "vhost-iommu-no-poll"
 # The default back-ends, in the order of the table's columns and the plot's bars; then the optional ones.
 BACKENDS = (BUILTIN, VHOST_IOMMU, EMPTY)
 KNOWN_BACKENDS = (
@@ -43,6 +48,9 @@ KNOWN_BACKENDS = (
     EMPTY_THREAD,
     EMPTY_LOOP,
     VHOST_IOMMU_PYTHON,
+    VHOST_IOMMU_HIGH,
+    VHOST_IOMMU_NORMAL,
+    VHOST_IOMMU_NO_POLL,
 )
 BACKEND_TITLES = {
     BUILTIN: "built-in (QEMU virtio-iommu-pci)",
@@ -53,6 +61,9 @@ BACKEND_TITLES = {
     EMPTY_THREAD: "floor, kick thread",
     EMPTY_LOOP: "floor, event loop",
     VHOST_IOMMU_PYTHON: "vhost-iommu, Python request path",
+    VHOST_IOMMU_HIGH: "vhost-iommu, thread at nice -10",
+    VHOST_IOMMU_NORMAL: "vhost-iommu, thread at normal priority",
+    VHOST_IOMMU_NO_POLL: "vhost-iommu, no poll window",
 }
 
 PAIRS = "pairs"

@@ -8,7 +8,11 @@ vfio-pci) and the IOMMU at the same address; only the IOMMU differs:
 - ``empty``: the same vhost-user path with a device that does no work (:class:`EmptyBackend`);
 - ``vhost-iommu-python`` (optional): vhost-iommu with its Python request path instead of the compiled one;
 - ``vhost-iommu-thread``, ``vhost-iommu-loop``, ``empty-thread``, ``empty-loop`` (optional): vhost-iommu
-  and the floor with the requestq served by the kick thread or by the event loop, whichever is default.
+  and the floor with the requestq served by the kick thread or by the event loop, whichever is default;
+- ``vhost-iommu-high``, ``vhost-iommu-normal`` (optional): the kick thread at nice -10 or at normal
+  priority instead of the default real-time class (`vhost_iommu.thread_priority`);
+- ``vhost-iommu-no-poll`` (optional): vhost-iommu with no poll window (``--poll-us 0``), to compare with
+  the default adaptive window in the same run.
 
 QEMU's built-in device has 256-entry queues while the generic vhost-user device defaults to 64; the
 vhost-user runs get ``vq_size`` (256 by default) so that both batch the same number of requests per
@@ -36,7 +40,10 @@ from vhost_iommu.bench.results import (
     EMPTY_LOOP,
     EMPTY_THREAD,
     VHOST_IOMMU,
+    VHOST_IOMMU_HIGH,
     VHOST_IOMMU_LOOP,
+    VHOST_IOMMU_NO_POLL,
+    VHOST_IOMMU_NORMAL,
     VHOST_IOMMU_PYTHON,
     VHOST_IOMMU_THREAD,
     Figure,
@@ -49,6 +56,7 @@ from vhost_iommu.device import Topology
 from vhost_iommu.lab import Lab, LabConfig, LabError
 from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.qemu import CommandError, IommuKind
+from vhost_iommu.thread_priority import ThreadPriority
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 WORKLOADS = ("pairs", "bulk", "mixed", "scatter")
@@ -106,6 +114,13 @@ def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
         VHOST_IOMMU_LOOP: lambda topology: VirtioIommuBackend(topology, kick_thread=False, poll_us=poll_us),
         EMPTY_THREAD: lambda topology: EmptyBackend(topology, kick_thread=True, poll_us=poll_us),
         EMPTY_LOOP: lambda topology: EmptyBackend(topology, kick_thread=False, poll_us=poll_us),
+        VHOST_IOMMU_HIGH: lambda topology: VirtioIommuBackend(
+            topology, poll_us=poll_us, kick_thread_priority=ThreadPriority.HIGH
+        ),
+        VHOST_IOMMU_NORMAL: lambda topology: VirtioIommuBackend(
+            topology, poll_us=poll_us, kick_thread_priority=ThreadPriority.NORMAL
+        ),
+        VHOST_IOMMU_NO_POLL: lambda topology: VirtioIommuBackend(topology, poll_us=0),
     }
     if backend not in factories:
         raise ValueError(f"unknown back-end {backend!r}")

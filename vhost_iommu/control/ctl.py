@@ -450,6 +450,7 @@ def _print_queues(result: Any, _args: argparse.Namespace) -> None:
         "event_idx",
         "served_by",
         "path",
+        "scheduling",
     ]
     _table(None, columns, [[_render(q.get(c)) for c in columns] for q in result])
     if result and result[0]["broken"]:

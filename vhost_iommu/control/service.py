@@ -692,6 +692,12 @@ class ControlService:
                     "served_by": (
                         ("thread" if slot.kick_taken and by_thread else "event-loop") if slot.served else None
                     ),
+                    # The requestq thread's scheduling class, as it got it (a fallback says why).
+                    "scheduling": (
+                        tools.backend.kick_thread_scheduling()
+                        if slot.index == REQUEST_QUEUE and slot.kick_taken
+                        else None
+                    ),
                     "broken": handler.broken_reason,
                 }
             )

@@ -12,6 +12,9 @@ to the built-in device:
   vhost-iommu-loop, empty-loop       both with the requestq served from the event loop
   vhost-iommu-thread, empty-thread   both with the kick thread, whatever the default
   vhost-iommu-python                 vhost-iommu with its Python request path
+  vhost-iommu-high, vhost-iommu-normal   the kick thread at nice -10 / at normal priority instead of
+                                     its default SCHED_FIFO (the busy-host comparison)
+  vhost-iommu-no-poll                vhost-iommu with no poll window (--poll-us 0), beside the adaptive one
 
 Workloads: pairs (single-page MAP_DMA+UNMAP_DMA, per pair), bulk (N single-page maps, then one UNMAP_DMA
 over all of them; for each N), mixed (map+unmap of 4 KiB..2 MiB), scatter (one MAP_DMA over N pages that
@@ -109,7 +112,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=_names(KNOWN_BACKENDS),
         default=list(BACKENDS),
         help="which back-ends, comma-separated (default builtin,vhost-iommu,empty; also vhost-iommu-thread, "
-        "vhost-iommu-loop, empty-thread, empty-loop, vhost-iommu-python)",
+        "vhost-iommu-loop, empty-thread, empty-loop, vhost-iommu-python, vhost-iommu-high, "
+        "vhost-iommu-normal, vhost-iommu-no-poll)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="boots per back-end (default 3); medians are reported"

@@ -57,9 +57,13 @@ def _configure_viot(parser: argparse.ArgumentParser) -> None:
 
 def viot(args: argparse.Namespace) -> int:
     """Write the ACPI VIOT table of the topology, for QEMU's ``-acpitable file=...``."""
+    from vhost_iommu.machine import IommuTransport
     from vhost_iommu.viot import describe_viot, viot_from_topology
 
-    table = viot_from_topology(load_topology_argument(args.topology))
+    topology = load_topology_argument(args.topology)
+    if topology.iommu_transport is not IommuTransport.PCI:
+        raise CliError("--topology: the IOMMU is on virtio-mmio; a VIOT here describes PCI IOMMUs only")
+    table = viot_from_topology(topology)
     try:
         Path(args.output).write_bytes(table)
     except OSError as exc:

@@ -279,6 +279,12 @@ def test_dumps_that_cannot_carry_the_iommu_are_refused(dtc: str, source: str, me
         add_iommu(compile_dts(dtc, source), Topology.load(ARM_VIRT))
 
 
+def test_no_phandle_left_is_a_dtb_error(dtc: str) -> None:
+    source = VIRT_LIKE_DTS.replace("phandle = <0x8003>", "phandle = <0xfffffffe>")
+    with pytest.raises(DtbError, match="phandle"):
+        add_iommu(compile_dts(dtc, source), Topology.load(ARM_VIRT))
+
+
 def test_garbage_dump_is_a_dtb_error() -> None:
     with pytest.raises(DtbError, match="not a usable device tree dump"):
         add_iommu(b"\0" * 64, Topology.load(ARM_VIRT))
@@ -363,3 +369,18 @@ def test_dtb_command_writes_the_tree_from_a_dump(dtc: str, tmp_path: Path) -> No
     output = tmp_path / "virt.dtb"
     assert main(["dtb", "--topology", str(ARM_VIRT), "--dump", str(dump), "-o", str(output)]) == 0
     assert read_description(output.read_bytes()).iommu_path == "/pcie@10000000/virtio_iommu@3,0"
+
+
+def test_dtb_command_refuses_an_x86_topology_and_a_bad_dump(
+    dtc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vhost_iommu.cli import main
+
+    output = tmp_path / "virt.dtb"
+    assert main(["dtb", "--dump", str(tmp_path / "none"), "-o", str(output)]) == 1
+    assert 'arch = "arm64"' in capsys.readouterr().err
+    junk = tmp_path / "junk.dtb"
+    junk.write_bytes(b"\xd0\x0d\xfe\xed" + b"\0" * 60)
+    assert main(["dtb", "--topology", str(ARM_VIRT), "--dump", str(junk), "-o", str(output)]) == 1
+    assert "not a usable device tree dump" in capsys.readouterr().err
+    assert not output.exists()

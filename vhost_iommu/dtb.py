@@ -78,16 +78,20 @@ def add_iommu(dumped: bytes, topology: IommuFacts) -> bytes:
         raise DtbError(f"{host_path} already has an iommu-map: dump the machine without an IOMMU device")
     if any(PCI_IOMMU_COMPATIBLE in child.strings("compatible") for child in host.children):
         raise DtbError(f"{host_path} already has a {PCI_IOMMU_COMPATIBLE} node: dump it without one")
-    phandle = tree.new_phandle()
-    if topology.iommu_transport is IommuTransport.PCI:
-        _add_pci_iommu(host_path, host, topology, first_bus, phandle)
-    else:
-        phandle = _mark_mmio_iommu(tree, topology, phandle)
-    entries = _map_entries(topology, phandle, first_bus, last_bus)
-    host.properties["iommu-map"] = b"".join(
-        encode_cells(entry.rid_base, entry.phandle, entry.endpoint_base, entry.length) for entry in entries
-    )
-    return fdt.pack(tree)
+    try:
+        phandle = tree.new_phandle()
+        if topology.iommu_transport is IommuTransport.PCI:
+            _add_pci_iommu(host_path, host, topology, first_bus, phandle)
+        else:
+            phandle = _mark_mmio_iommu(tree, topology, phandle)
+        entries = _map_entries(topology, phandle, first_bus, last_bus)
+        host.properties["iommu-map"] = b"".join(
+            encode_cells(entry.rid_base, entry.phandle, entry.endpoint_base, entry.length)
+            for entry in entries
+        )
+        return fdt.pack(tree)
+    except FdtError as error:  # a phandle space used up, a cell out of range
+        raise DtbError(str(error)) from None
 
 
 def _parse(dumped: bytes) -> DeviceTree:

@@ -221,6 +221,15 @@ def test_pci_iommu_node_and_map_round_trip_through_dtc(dtc: str) -> None:
     assert read_description(blob) == read_description(compile_dts(dtc, dts))
 
 
+def test_served_vfio_user_endpoints_lie_inside_the_iommu_map(dtc: str) -> None:
+    topology = Topology.load(ARM_VIRT)
+    description = read_description(add_iommu(dumped(dtc), topology))
+    assert topology.devices
+    for device in topology.devices:
+        (entry,) = [e for e in description.iommu_map if e.rid_base <= device.bdf < e.rid_base + e.length]
+        assert entry.endpoint_base + device.bdf - entry.rid_base == topology.endpoint_for(0, device.bdf)
+
+
 def test_endpoint_offsets_and_several_ranges_are_honoured(dtc: str) -> None:
     topology = Topology.loads(
         'arch = "arm64"\n[iommu]\nbdf = "00:01.0"\n'

@@ -31,11 +31,11 @@ from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
-from vhost_iommu.machine import Arch
+from vhost_iommu.machine import QEMU_BINARIES, Arch
 from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.devicetree import write_guest_dtb
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
-from vhost_iommu.provision.qemu_build import ensure_qemu
+from vhost_iommu.provision.qemu_build import ensure_qemu, qemu_cache
 from vhost_iommu.qemu import (
     Endpoint,
     IommuKind,
@@ -63,12 +63,14 @@ class LabError(RuntimeError):
 
 
 def provisioned_qemu(arch: Arch) -> Path:
-    """The QEMU for ``arch``'s guests, built into the cache when missing."""
+    """The QEMU for ``arch``'s guests: x86_64's built into the cache when missing; another one where
+    ``scripts/get-qemu --arch`` links its build (``<cache>/qemu/bin/``)."""
     if arch is Arch.X86_64:
         return ensure_qemu()
-    raise LabError(
-        f"no {arch.value} QEMU is provisioned here (scripts/get-qemu --arch {arch.value}): pass Lab(qemu=...)"
-    )
+    cached = qemu_cache() / "bin" / QEMU_BINARIES[arch]
+    if cached.is_file():
+        return cached
+    raise LabError(f"no {cached} (scripts/get-qemu --arch {arch.value} builds it): or pass Lab(qemu=...)")
 
 
 def provisioned_guest(arch: Arch) -> GuestImage:

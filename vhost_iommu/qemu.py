@@ -303,13 +303,14 @@ def _virt_machine_group(setup: QemuSetup) -> list[ArgGroup]:
 
 def dtb_dump_command(setup: QemuSetup, output: Path) -> QemuCommand:
     """QEMU writing the device tree it builds for ``setup``'s machine to ``output`` and exiting: the same
-    machine options, no devices (a vhost-user device would want its back-end before the dump)."""
+    machine options (-nic none included: virt's default NIC wants an option ROM that is not shipped), no
+    devices (a vhost-user device would want its back-end before the dump)."""
     if setup.arch is not Arch.ARM64:
         raise CommandError("only virt (arch arm64) boots from a device tree")
     return QemuCommand(
         str(setup.qemu),
         (
-            *machine_group(setup)[:1],
+            *machine_group(setup),
             ArgGroup("dump the device tree and exit", ("-machine", f"dumpdtb={output}")),
         ),
     )

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 MAGIC = 0xD00DFEED
 VERSION = 17
 LAST_COMPATIBLE_VERSION = 16
-#: The oldest version whose layout this codec reads (16 added nothing it needs beyond 17's header size).
-OLDEST_READABLE_VERSION = 16
+#: The oldest version this codec reads: size_dt_struct, which it relies on, came with version 17.
+OLDEST_READABLE_VERSION = 17
 
 FDT_BEGIN_NODE = 1
 FDT_END_NODE = 2

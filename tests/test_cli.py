@@ -305,6 +305,8 @@ def test_registered_commands_get_their_own_arguments(monkeypatch: pytest.MonkeyP
         seen.append(args.colour)
         return 7
 
+    # Registered first, so that the real commands are in the copy and not lost with it afterwards.
+    cli._load_command_modules()
     monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
     cli.register_command(cli.Command("paint", "paints", configure, execute))
     with pytest.raises(ValueError, match="already registered"):

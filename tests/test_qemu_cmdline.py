@@ -282,3 +282,101 @@ def test_vfio_config_script_against_the_vhost_iommu_program(
     assert unmap["bytes"] == str(200 * 4096)
     assert run.job_rc == 0
     assert backend.returncode == 0
+
+
+# -- arm64: QEMU's virt machine, described by a device tree ----------------------------------------------
+
+DTB = Path("/tmp/virt.dtb")
+
+
+def arm_setup(preset: str = "arm-virt.toml", **overrides: object) -> QemuSetup:
+    from vhost_iommu.device.topology import Topology
+    from vhost_iommu.machine import Arch
+    from vhost_iommu.provision.configs import configs_dir
+    from vhost_iommu.qemu import placement_from
+
+    loaded = Topology.load(configs_dir() / "topologies" / preset)
+    values: dict[str, object] = {
+        "qemu": Path("/opt/qemu/bin/qemu-system-aarch64"),
+        "arch": Arch.ARM64,
+        "topology": placement_from(loaded),
+        "viot_path": None,
+        "dtb_path": DTB,
+        "endpoints": [PciTestDevice(4)],
+        "kernel_args": ["vhost_iommu.job=probe"],
+    }
+    values.update(overrides)
+    return setup(**values)
+
+
+def test_virt_command_for_the_pci_transport() -> None:
+    argv = build_command(arm_setup()).argv
+
+    assert option_values(argv, "-M") == ["virt,gic-version=3,accel=tcg,memory-backend=mem"]
+    assert option_values(argv, "-cpu") == ["cortex-a57"]
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=1024M,share=on"]
+    assert option_values(argv, "-device") == [
+        "vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=0x3",
+        "pci-testdev,addr=0x4",
+    ]
+    assert option_values(argv, "-dtb") == [str(DTB)]
+    assert option_values(argv, "-append")[0].split()[:2] == ["console=ttyAMA0", "panic=-1"]
+    # No x86 firmware and no ACPI: virt boots -kernel directly and takes no -acpitable.
+    for option in ("-acpitable", "-bios", "-L", "-vga", "-global"):
+        assert option not in argv
+
+
+def test_virt_command_for_the_mmio_transport() -> None:
+    argv = build_command(arm_setup("arm-virt-mmio.toml")).argv
+
+    # The transport at 0x0a003e00 is bus 31; no PCI function for the IOMMU.
+    assert option_values(argv, "-device") == [
+        "vhost-user-test-device,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,bus=virtio-mmio-bus.31",
+        "pci-testdev,addr=0x4",
+    ]
+    assert option_values(argv, "-global") == ["virtio-mmio.force-legacy=false"]
+    assert option_values(argv, "-dtb") == [str(DTB)]
+
+
+def test_dump_command_uses_the_same_machine_and_no_devices() -> None:
+    from vhost_iommu.qemu import dtb_dump_command
+
+    machine = arm_setup(memory_mib=512, cpus=2)
+    dump = dtb_dump_command(machine, Path("/tmp/dump.dtb")).argv
+    booted = build_command(machine).argv
+    assert dump[0] == booted[0]
+    for option in ("-M", "-cpu", "-m", "-smp", "-object"):
+        assert option_values(dump, option) == option_values(booted, option)
+    assert option_values(dump, "-machine") == ["dumpdtb=/tmp/dump.dtb"]
+    assert "-device" not in dump and "-chardev" not in dump
+    with pytest.raises(CommandError, match="device tree"):
+        dtb_dump_command(setup(), Path("/tmp/dump.dtb"))
+
+
+def test_virt_setups_that_cannot_work_are_refused() -> None:
+    from vhost_iommu.machine import Arch
+
+    with pytest.raises(CommandError, match="dtb_path"):
+        build_command(arm_setup(dtb_path=None))
+    with pytest.raises(CommandError, match="virt machine"):
+        build_command(arm_setup("arm-virt-mmio.toml", arch=Arch.X86_64))
+    with pytest.raises(CommandError, match="built-in virtio-iommu is a PCI function"):
+        build_command(arm_setup("arm-virt-mmio.toml", iommu=IommuKind.BUILTIN))
+    with pytest.raises(CommandError, match="not on the virt root bus"):
+        build_command(arm_setup(topology=ViotTopology(0, 0x100, (PciRange(0, 0x20, 0x27, 0x20),))))
+
+
+def test_qemu_args_for_an_arm_topology(capsys: pytest.CaptureFixture[str]) -> None:
+    from vhost_iommu.cli import main
+    from vhost_iommu.provision.configs import configs_dir
+
+    topology = configs_dir() / "topologies" / "arm-virt.toml"
+    assert main(["qemu-args", "--topology", str(topology), "--socket-path", "/run/v/viommu.sock"]) == 0
+    script = capsys.readouterr().out
+    assert 'exec qemu-system-aarch64 "${args[@]}" "$@"' in script
+    assert "    -dtb virt.dtb\n" in script and "-acpitable" not in script
+    # The topology's DMA engine (item 6 of issue 16): a vfio-user-pci at 00:05.0, inside the iommu-map.
+    assert (
+        '"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/v/dma-engine.sock"},"addr":"0x5"'
+        in script
+    )

@@ -72,6 +72,28 @@ def test_topology_round_trips_through_json() -> None:
     assert topology_from_json(topology_to_json(custom)) == custom
 
 
+def test_an_arm_mmio_topology_round_trips_and_old_traces_stay_x86() -> None:
+    from vhost_iommu.machine import Arch, IommuTransport
+
+    # On virtio-mmio the IOMMU has no PCI function: its ranges may cover the default iommu_bdf (00:03.0).
+    mmio = Topology.loads(
+        'arch = "arm64"\n[iommu]\ntransport = "mmio"\n'
+        '[[endpoints]]\nbdf_start = "00:00.0"\nbdf_end = "00:1f.7"\n'
+    )
+    assert topology_from_json(json.loads(json.dumps(topology_to_json(mmio)))) == mmio
+    old = topology_to_json(Topology.default())
+    for key in ("arch", "iommu_transport", "iommu_mmio_address"):
+        del old[key]
+    loaded = topology_from_json(old)
+    assert (loaded.arch, loaded.iommu_transport, loaded.iommu_mmio_address) == (
+        Arch.X86_64,
+        IommuTransport.PCI,
+        None,
+    )
+    with pytest.raises(TraceError, match="arch"):
+        topology_from_json({**topology_to_json(mmio), "arch": "sparc"})
+
+
 def test_a_recorded_session_replays_with_the_same_statuses(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     writer = session(path)

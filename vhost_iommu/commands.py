@@ -1,5 +1,5 @@
-"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``qemu-args``, ``run``, ``replay``,
-``ctl``.
+"""The ``vhost-iommu`` sub-commands beyond serving: ``warm-up``, ``viot``, ``dtb``, ``qemu-args``, ``run``,
+``replay``, ``ctl``.
 
 ``run`` is the project's main job: it boots the default guest under QEMU against an in-process back-end and
 shows, from the back-end's own state, the driver's requests, the endpoints attached and a VFIO mapping
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vhost_iommu.cli import CliError, Command, load_topology_argument, register_command
 
@@ -21,8 +21,9 @@ from vhost_iommu.cli import CliError, Command, load_topology_argument, register_
 from vhost_iommu.control.ctl import CTL
 
 if TYPE_CHECKING:
-    from vhost_iommu.device import IommuDevice
+    from vhost_iommu.device import IommuDevice, Topology
     from vhost_iommu.lab import Lab
+    from vhost_iommu.qemu import QemuSetup
 
 
 def _topology_argument(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +57,13 @@ def _configure_viot(parser: argparse.ArgumentParser) -> None:
 
 def viot(args: argparse.Namespace) -> int:
     """Write the ACPI VIOT table of the topology, for QEMU's ``-acpitable file=...``."""
+    from vhost_iommu.machine import IommuTransport
     from vhost_iommu.viot import describe_viot, viot_from_topology
 
-    table = viot_from_topology(load_topology_argument(args.topology))
+    topology = load_topology_argument(args.topology)
+    if topology.iommu_transport is not IommuTransport.PCI:
+        raise CliError("--topology: the IOMMU is on virtio-mmio; a VIOT here describes PCI IOMMUs only")
+    table = viot_from_topology(topology)
     try:
         Path(args.output).write_bytes(table)
     except OSError as exc:
@@ -70,6 +75,59 @@ def viot(args: argparse.Namespace) -> int:
 register_command(Command("viot", viot.__doc__ or "", _configure_viot, viot))
 
 
+# -- dtb ----------------------------------------------------------------------------------------------------
+
+
+def _machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that shape the guest machine: the dumped device tree must come from the same ones."""
+    parser.add_argument(
+        "--qemu",
+        metavar="BINARY",
+        help="QEMU (default: qemu-system-x86_64, or -aarch64 for an arm64 topology)",
+    )
+    parser.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest RAM in MiB")
+
+
+def _configure_dtb(parser: argparse.ArgumentParser) -> None:
+    _topology_argument(parser)
+    parser.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the tree")
+    parser.add_argument(
+        "--dump",
+        metavar="FILE",
+        help="QEMU's dumped tree (-machine dumpdtb) to start from, instead of running QEMU",
+    )
+    _machine_arguments(parser)
+
+
+def dtb(args: argparse.Namespace) -> int:
+    """Write the device tree of an arm64 topology, for QEMU's ``-dtb``: QEMU's own tree for the virt machine
+    (dumped with the machine options qemu-args uses, or --dump) with the IOMMU and iommu-map added."""
+    from vhost_iommu.dtb import DtbError, add_iommu, describe
+    from vhost_iommu.machine import Arch
+    from vhost_iommu.provision.devicetree import dump_machine_dtb
+    from vhost_iommu.provision.errors import ProvisionError
+
+    topology = load_topology_argument(args.topology)
+    if topology.arch is not Arch.ARM64:
+        raise CliError(f'--topology: arch is {topology.arch.value}; a device tree is for arch = "arm64"')
+    try:
+        if args.dump is not None:
+            dumped = Path(args.dump).read_bytes()
+        else:
+            dumped = dump_machine_dtb(_qemu_setup(args, topology))
+        blob = add_iommu(dumped, topology)
+        Path(args.output).write_bytes(blob)
+    except OSError as exc:
+        raise CliError(f"{exc.filename or args.output}: {exc.strerror or exc}") from None
+    except (DtbError, ProvisionError) as exc:
+        raise CliError(str(exc)) from None
+    print(describe(blob))
+    return 0
+
+
+register_command(Command("dtb", dtb.__doc__ or "", _configure_dtb, dtb))
+
+
 # -- qemu-args ----------------------------------------------------------------------------------------------
 
 
@@ -77,22 +135,39 @@ def _configure_qemu_args(parser: argparse.ArgumentParser) -> None:
     _topology_argument(parser)
     parser.add_argument("--socket-path", metavar="PATH", required=True, help="the back-end's socket")
     parser.add_argument(
-        "--viot", metavar="FILE", default="viot.bin", help="the VIOT table (vhost-iommu viot)"
+        "--viot", metavar="FILE", default="viot.bin", help="the VIOT table (vhost-iommu viot; x86_64)"
     )
-    parser.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    parser.add_argument(
+        "--dtb", metavar="FILE", default="virt.dtb", help="the device tree (vhost-iommu dtb; arm64)"
+    )
     parser.add_argument("--kernel", metavar="FILE", default="vmlinuz")
     parser.add_argument("--initrd", metavar="FILE", default="initrd.gz")
-    parser.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest RAM in MiB")
+    _machine_arguments(parser)
     parser.add_argument("--append", action="append", default=[], metavar="ARG", help="a kernel argument")
     parser.add_argument(
         "--no-devices", action="store_true", help="leave out the topology's [[devices]] (vfio-user endpoints)"
     )
 
 
+def _qemu_setup(args: argparse.Namespace, topology: Topology, **fields: Any) -> QemuSetup:
+    """The QemuSetup of ``topology``'s machine with the command's --qemu and --memory."""
+    from vhost_iommu.machine import QEMU_BINARIES
+    from vhost_iommu.qemu import QemuSetup, placement_from
+
+    qemu = args.qemu or QEMU_BINARIES[topology.arch]
+    values: dict[str, Any] = {"kernel": Path("vmlinuz"), "initrd": Path("initrd.gz"), **fields}
+    return QemuSetup(
+        qemu=Path(qemu),
+        topology=placement_from(topology),
+        arch=topology.arch,
+        memory_mib=args.memory,
+        **values,
+    )
+
+
 def qemu_args(args: argparse.Namespace) -> int:
     """Print a complete, commented QEMU command line for a guest behind this back-end."""
-    from vhost_iommu.qemu import CommandError, IommuKind, QemuSetup, VfioUserEndpoint, build_command
-    from vhost_iommu.viot import viot_topology_from
+    from vhost_iommu.qemu import CommandError, IommuKind, VfioUserEndpoint, build_command
 
     topology = load_topology_argument(args.topology)
     socket_dir = os.path.dirname(os.path.abspath(args.socket_path))
@@ -106,19 +181,19 @@ def qemu_args(args: argparse.Namespace) -> int:
         for device in topology.devices
         if not args.no_devices
     ]
-    setup = QemuSetup(
-        qemu=Path(args.qemu),
-        kernel=Path(args.kernel),
-        initrd=Path(args.initrd),
-        kernel_args=args.append,
-        iommu=IommuKind.VHOST_USER,
-        socket_path=Path(args.socket_path),
-        viot_path=Path(args.viot),
-        topology=viot_topology_from(topology),
-        endpoints=endpoints,
-        memory_mib=args.memory,
-    )
     try:
+        setup = _qemu_setup(
+            args,
+            topology,
+            kernel=Path(args.kernel),
+            initrd=Path(args.initrd),
+            kernel_args=args.append,
+            iommu=IommuKind.VHOST_USER,
+            socket_path=Path(args.socket_path),
+            viot_path=Path(args.viot),
+            dtb_path=Path(args.dtb),
+            endpoints=endpoints,
+        )
         command = build_command(setup)
     except CommandError as exc:
         raise CliError(str(exc)) from None

@@ -1,8 +1,9 @@
 """A Linux guest under QEMU whose IOMMU is a vhost-iommu back-end served from this process.
 
 :class:`Lab` puts the pieces together for the main job, the end-to-end tests and the benchmarks: it serves
-the back-end on a private socket (its event loop on a thread), writes the topology's ACPI VIOT table, starts
-QEMU with the guest and a job, and hands out both sides: the guest's console
+the back-end on a private socket (its event loop on a thread), writes the topology's ACPI VIOT table (or, for
+an arm64 topology, the device tree made from QEMU's dump of the same machine), starts QEMU with the guest
+and a job, and hands out both sides: the guest's console
 (:class:`~vhost_iommu.provision.boot.GuestSession`) and the device the guest is talking to, inspected on the
 server's own loop so no state is read while a request is half applied. It also serves the back-end's control
 channel (docs/control.md) at :attr:`Lab.control_path`, for ``vhost-iommu ctl`` and tests. Everything it starts
@@ -30,9 +31,11 @@ from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
+from vhost_iommu.machine import QEMU_BINARIES, Arch
 from vhost_iommu.provision.boot import GuestSession
+from vhost_iommu.provision.devicetree import write_guest_dtb
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
-from vhost_iommu.provision.qemu_build import ensure_qemu
+from vhost_iommu.provision.qemu_build import ensure_qemu, qemu_cache
 from vhost_iommu.qemu import (
     Endpoint,
     IommuKind,
@@ -41,8 +44,9 @@ from vhost_iommu.qemu import (
     QemuSetup,
     VfioUserEndpoint,
     build_command,
+    placement_from,
 )
-from vhost_iommu.viot import viot_from_topology, viot_topology_from
+from vhost_iommu.viot import viot_from_topology
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 T = TypeVar("T")
@@ -56,6 +60,27 @@ TESTDEV_ENDPOINT = 0x20
 
 class LabError(RuntimeError):
     """The lab could not be set up or the back-end never saw QEMU connect."""
+
+
+def provisioned_qemu(arch: Arch) -> Path:
+    """The QEMU for ``arch``'s guests: x86_64's built into the cache when missing; another one where
+    ``scripts/get-qemu --arch`` links its build (``<cache>/qemu/bin/``)."""
+    if arch is Arch.X86_64:
+        return ensure_qemu()
+    cached = qemu_cache() / "bin" / QEMU_BINARIES[arch]
+    if cached.is_file():
+        return cached
+    raise LabError(f"no {cached} (scripts/get-qemu --arch {arch.value} builds it): or pass Lab(qemu=...)")
+
+
+def provisioned_guest(arch: Arch) -> GuestImage:
+    """The guest kernel and initramfs for ``arch``, built into the cache when missing."""
+    if arch is Arch.X86_64:
+        return ensure_guest()
+    raise LabError(
+        f"no {arch.value} guest is provisioned here (scripts/build-guest --arch {arch.value}): "
+        "pass Lab(guest=...)"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,19 +158,23 @@ class Lab:
 
     def start(self) -> None:
         config = self.config
-        qemu = self._qemu or ensure_qemu()
-        guest = self._guest or ensure_guest()
+        arch = config.topology.arch
+        qemu = self._qemu or provisioned_qemu(arch)
+        guest = self._guest or provisioned_guest(arch)
         # A short directory: unix socket paths are limited to 108 bytes.
         self._scratch = tempfile.TemporaryDirectory(prefix="vhost-iommu-lab-")
         scratch = Path(self._scratch.name)
-        socket_path = viot_path = None
+        socket_path = viot_path = dtb_path = None
         if config.iommu is IommuKind.VHOST_USER:
             # Compile (or load from numba's cache) every kernel before QEMU starts: a first MAP that had to
             # compile would stall the guest's synchronous request for seconds.
             warm_up()
             socket_path = scratch / "viommu.sock"
-            viot_path = scratch / "viot.bin"
-            viot_path.write_bytes(viot_from_topology(config.topology))
+            if arch is Arch.ARM64:
+                dtb_path = scratch / "guest.dtb"  # written below, from the dump of this very machine
+            else:
+                viot_path = scratch / "viot.bin"
+                viot_path.write_bytes(viot_from_topology(config.topology))
             if config.control:
                 service = ControlService(
                     conformance=config.conformance,
@@ -175,12 +204,16 @@ class Lab:
             iommu=config.iommu,
             socket_path=socket_path,
             viot_path=viot_path,
-            topology=viot_topology_from(config.topology),
+            dtb_path=dtb_path,
+            topology=placement_from(config.topology),
+            arch=arch,
             endpoints=endpoints,
             memory_mib=config.memory_mib,
             extra_args=config.extra_qemu_args,
         )
         self.command = build_command(setup)
+        if dtb_path is not None:
+            write_guest_dtb(setup, config.topology, dtb_path)
         self.session = GuestSession(self.command.argv, log=self._log, echo=self._echo)
 
     def close(self) -> None:

@@ -14,6 +14,11 @@ What the choices are for:
   connected when the device is realized).
 - QEMU does the DMA of the devices it emulates without asking a vhost-user device for translations, so an
   endpoint that must DMA needs an identity domain in the guest (``iommu.passthrough=1``).
+- arm64 (``QemuSetup.arch``): virt with a GICv3 (under TCG virt would otherwise pick GICv2m, whose doorbell
+  is not the one the Arm topologies report) and a Cortex-A57; no firmware (``-kernel`` boots directly), the
+  PL011 console. virt has no ``-acpitable``: the topology reaches the guest in a device tree made from QEMU's
+  own dump (:func:`dtb_dump_command`, then :func:`vhost_iommu.dtb.add_iommu`) and passed with ``-dtb``. The
+  IOMMU is a PCI function or, with :class:`MmioIommu`, one of virt's virtio-mmio transports.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from enum import Enum
 from pathlib import Path
 
 from vhost_iommu.abi import CONFIG_SIZE, QUEUE_COUNT, VIRTIO_ID_IOMMU
-from vhost_iommu.viot import ViotTopology, default_topology, format_bdf
+from vhost_iommu.machine import Arch, IommuFacts, IommuTransport, virt_mmio_bus
+from vhost_iommu.viot import PciRange, ViotTopology, default_topology, format_bdf, ranges_endpoint_id
 
 DEFAULT_MEMORY_MIB = 1024
 DEFAULT_FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
@@ -38,6 +44,9 @@ DEFAULT_CHARDEV_ID = "viommu"
 
 # The guest's serial console on stdio; panic=-1 reboots at once on a panic, which -no-reboot turns into exit.
 BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1")
+# virt's serial port is a PL011, ttyAMA0 to Linux.
+ARM64_BASE_KERNEL_ARGS = ("console=ttyAMA0", "panic=-1")
+MACHINE_NAMES = {Arch.X86_64: "q35", Arch.ARM64: "virt"}
 
 
 class CommandError(ValueError):
@@ -94,6 +103,30 @@ _SERVED_ENDPOINT_COMMENTS = {
 
 
 @dataclass(frozen=True)
+class MmioIommu:
+    """An IOMMU on one of virt's virtio-mmio transports (base ``address``): no PCI function; the PCI
+    ``ranges`` it translates are those of the topology (the device tree's ``iommu-map``)."""
+
+    address: int
+    ranges: tuple[PciRange, ...]
+
+    def endpoint_id(self, segment: int, requester_id: int) -> int | None:
+        return ranges_endpoint_id(self.ranges, segment, requester_id)
+
+
+IommuPlacement = ViotTopology | MmioIommu
+
+
+def placement_from(topology: IommuFacts) -> IommuPlacement:
+    """Where a device topology puts the IOMMU and which PCI functions it translates, for a command line."""
+    ranges = tuple(PciRange(*entry) for entry in topology.viot_ranges())
+    if topology.iommu_transport is IommuTransport.MMIO:
+        assert topology.iommu_mmio_address is not None  # the topology checks it
+        return MmioIommu(topology.iommu_mmio_address, ranges)
+    return ViotTopology(topology.iommu_segment, topology.iommu_bdf, ranges)
+
+
+@dataclass(frozen=True)
 class QemuSetup:
     """Everything that varies between the command lines this project runs."""
 
@@ -103,8 +136,10 @@ class QemuSetup:
     kernel_args: Sequence[str] = ()
     iommu: IommuKind = IommuKind.VHOST_USER
     socket_path: Path | None = None  # the back-end's listening socket (VHOST_USER only)
-    viot_path: Path | None = None  # the table from vhost_iommu.viot (VHOST_USER only)
-    topology: ViotTopology = field(default_factory=default_topology)
+    viot_path: Path | None = None  # the table from vhost_iommu.viot (VHOST_USER on x86_64 only)
+    dtb_path: Path | None = None  # the tree from vhost_iommu.dtb (VHOST_USER on arm64 only)
+    topology: IommuPlacement = field(default_factory=default_topology)
+    arch: Arch = Arch.X86_64
     endpoints: Sequence[Endpoint] = ()
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = 1
@@ -194,12 +229,16 @@ def _requester_id(slot: int, function: int) -> int:
     return (slot << 3) | function
 
 
-def iommu_slot(topology: ViotTopology) -> tuple[int, int]:
-    """(slot, function) of the IOMMU on the q35 root bus (bus 0, segment 0: all this machine has)."""
+def iommu_slot(topology: IommuPlacement, arch: Arch = Arch.X86_64) -> tuple[int, int] | None:
+    """(slot, function) of the IOMMU on the root bus (bus 0, segment 0: all q35 and virt have); None for
+    an IOMMU that is no PCI function."""
+    if isinstance(topology, MmioIommu):
+        return None
     if topology.iommu_segment != 0 or topology.iommu_bdf >> 8 != 0:
         raise CommandError(
-            f"the IOMMU at {format_bdf(topology.iommu_segment, topology.iommu_bdf)} is not on the q35 root "
-            "bus (segment 0, bus 0), the only place these command lines put devices"
+            f"the IOMMU at {format_bdf(topology.iommu_segment, topology.iommu_bdf)} is not on the "
+            f"{MACHINE_NAMES[arch]} root bus (segment 0, bus 0), the only place these command lines put "
+            "devices"
         )
     return (topology.iommu_bdf >> 3) & 0x1F, topology.iommu_bdf & 7
 
@@ -207,20 +246,12 @@ def iommu_slot(topology: ViotTopology) -> tuple[int, int]:
 def machine_group(setup: QemuSetup) -> list[ArgGroup]:
     if setup.memory_mib <= 0 or setup.cpus <= 0:
         raise CommandError(f"memory ({setup.memory_mib} MiB) and cpus ({setup.cpus}) must be positive")
-    size = f"{setup.memory_mib}M"
+    if setup.arch is Arch.ARM64:
+        return _virt_machine_group(setup)
     return [
         ArgGroup(
             "q35 under TCG; guest RAM is a shared memfd so a vhost-user back-end can map it",
-            (
-                "-M",
-                "q35,accel=tcg,memory-backend=mem",
-                "-object",
-                f"memory-backend-memfd,id=mem,size={size},share=on",
-                "-m",
-                size,
-                "-smp",
-                str(setup.cpus),
-            ),
+            ("-M", "q35,accel=tcg,memory-backend=mem", *_memory_args(setup)),
         ),
         ArgGroup(
             "serial console on stdio, no display, no NIC (its option ROM is not shipped), exit on reboot",
@@ -243,41 +274,118 @@ def machine_group(setup: QemuSetup) -> list[ArgGroup]:
     ]
 
 
+def _memory_args(setup: QemuSetup) -> tuple[str, ...]:
+    size = f"{setup.memory_mib}M"
+    return (
+        "-object", f"memory-backend-memfd,id=mem,size={size},share=on", "-m", size, "-smp", str(setup.cpus),
+    )  # fmt: skip
+
+
+def _virt_machine_group(setup: QemuSetup) -> list[ArgGroup]:
+    return [
+        ArgGroup(
+            "virt with a GICv3 (its ITS doorbell is the topology's MSI region; TCG would pick GICv2m) under\n"
+            "TCG; guest RAM is a shared memfd so a vhost-user back-end can map it",
+            (
+                "-M",
+                "virt,gic-version=3,accel=tcg,memory-backend=mem",
+                "-cpu",
+                "cortex-a57",
+                *_memory_args(setup),
+            ),
+        ),
+        ArgGroup(
+            "PL011 serial console on stdio, no display, no NIC, exit on reboot (-kernel needs no firmware)",
+            ("-nographic", "-nic", "none", "-no-reboot"),
+        ),
+    ]
+
+
+def dtb_dump_command(setup: QemuSetup, output: Path) -> QemuCommand:
+    """QEMU writing the device tree it builds for ``setup``'s machine to ``output`` and exiting: the same
+    machine options (-nic none included: virt's default NIC wants an option ROM that is not shipped), no
+    devices (a vhost-user device would want its back-end before the dump)."""
+    if setup.arch is not Arch.ARM64:
+        raise CommandError("only virt (arch arm64) boots from a device tree")
+    return QemuCommand(
+        str(setup.qemu),
+        (
+            *machine_group(setup),
+            ArgGroup("dump the device tree and exit", ("-machine", f"dumpdtb={output}")),
+        ),
+    )
+
+
+def _description_group(setup: QemuSetup) -> ArgGroup:
+    """How the guest learns the topology: the ACPI VIOT on q35, the device tree on virt."""
+    if setup.arch is Arch.ARM64:
+        if setup.dtb_path is None:
+            raise CommandError("a vhost-user IOMMU on virt needs dtb_path (the tree from vhost-iommu dtb)")
+        return ArgGroup(
+            "the device tree with the IOMMU's node and the PCIe host's iommu-map (vhost-iommu dtb):\n"
+            "QEMU's virt describes only its own virtio-iommu-pci",
+            ("-dtb", str(setup.dtb_path)),
+        )
+    if setup.viot_path is None:
+        raise CommandError("a vhost-user IOMMU on q35 needs viot_path (the table from vhost-iommu viot)")
+    return ArgGroup(
+        "the ACPI VIOT telling the guest which endpoints the IOMMU manages (QEMU builds none for it)",
+        ("-acpitable", f"file={setup.viot_path}"),
+    )
+
+
 def iommu_group(setup: QemuSetup) -> list[ArgGroup]:
-    slot, function = iommu_slot(setup.topology)
-    address = _pci_address(slot, function)
+    slot = iommu_slot(setup.topology, setup.arch)
+    if isinstance(setup.topology, MmioIommu) and setup.arch is not Arch.ARM64:
+        raise CommandError("an IOMMU on virtio-mmio needs the virt machine (arch arm64)")
     if setup.iommu is IommuKind.VHOST_USER:
-        if setup.socket_path is None or setup.viot_path is None:
-            raise CommandError("a vhost-user IOMMU needs socket_path (the back-end's socket) and viot_path")
-        return [
-            ArgGroup(
+        if setup.socket_path is None:
+            raise CommandError("a vhost-user IOMMU needs socket_path (the back-end's socket)")
+        device = (
+            f"chardev={setup.chardev_id},virtio-id={VIRTIO_ID_IOMMU},num_vqs={QUEUE_COUNT},"
+            f"config_size={CONFIG_SIZE}"
+        )
+        if isinstance(setup.topology, MmioIommu):
+            try:
+                bus = virt_mmio_bus(setup.topology.address)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+            transport = ArgGroup(
+                f"the virtio-iommu on virt's virtio-mmio transport at {setup.topology.address:#x}, served\n"
+                "by vhost-iommu; modern virtio-mmio (the device offers VERSION_1 only)",
+                (
+                    "-chardev", f"socket,id={setup.chardev_id},path={setup.socket_path}",
+                    "-device", f"vhost-user-test-device,{device},bus={bus}",
+                    "-global", "virtio-mmio.force-legacy=false",
+                ),
+            )  # fmt: skip
+        else:
+            assert slot is not None
+            transport = ArgGroup(
                 "the virtio-iommu (ID 23, requestq + eventq, 40-byte config) served by vhost-iommu;\n"
                 "no reconnect-ms: with it the generic device fails to realize",
                 (
                     "-chardev",
                     f"socket,id={setup.chardev_id},path={setup.socket_path}",
                     "-device",
-                    f"vhost-user-test-device-pci,chardev={setup.chardev_id},virtio-id={VIRTIO_ID_IOMMU},"
-                    f"num_vqs={QUEUE_COUNT},config_size={CONFIG_SIZE},{address}",
+                    f"vhost-user-test-device-pci,{device},{_pci_address(*slot)}",
                 ),
-            ),
-            ArgGroup(
-                "the ACPI VIOT telling the guest which endpoints the IOMMU manages (QEMU builds none for it)",
-                ("-acpitable", f"file={setup.viot_path}"),
-            ),
-        ]
+            )
+        return [transport, _description_group(setup)]
     if setup.iommu is IommuKind.BUILTIN:
+        if slot is None:
+            raise CommandError("QEMU's built-in virtio-iommu is a PCI function: give it a PCI topology")
         return [
             ArgGroup(
                 "QEMU's built-in virtio-iommu, for comparison; QEMU writes its own VIOT (whole root bus)",
-                ("-device", f"virtio-iommu-pci,{address}"),
+                ("-device", f"virtio-iommu-pci,{_pci_address(*slot)}"),
             )
         ]
     return []
 
 
 def endpoint_groups(setup: QemuSetup) -> list[ArgGroup]:
-    iommu_address = iommu_slot(setup.topology) if setup.iommu is not IommuKind.NONE else None
+    iommu_address = iommu_slot(setup.topology, setup.arch) if setup.iommu is not IommuKind.NONE else None
     taken: dict[tuple[int, int], str] = {}
     if iommu_address is not None:
         taken[iommu_address] = "the IOMMU"
@@ -340,7 +448,7 @@ def endpoint_groups(setup: QemuSetup) -> list[ArgGroup]:
 
 def kernel_group(setup: QemuSetup) -> list[ArgGroup]:
     needs_identity = any(isinstance(endpoint, VirtioBlockDevice) for endpoint in setup.endpoints)
-    kernel_args = list(BASE_KERNEL_ARGS)
+    kernel_args = list(ARM64_BASE_KERNEL_ARGS if setup.arch is Arch.ARM64 else BASE_KERNEL_ARGS)
     if (
         needs_identity
         and setup.iommu is IommuKind.VHOST_USER

@@ -55,6 +55,7 @@ from vhost_iommu.device.history import fault_json
 from vhost_iommu.device.layout import READABLE_SIZE, RequestType, Status
 from vhost_iommu.device.topology import ServedDevice
 from vhost_iommu.device.translation import Fault
+from vhost_iommu.machine import Arch, IommuTransport
 
 TRACE_MAGIC = "vhost-iommu"
 TRACE_VERSION = 1
@@ -82,6 +83,10 @@ def topology_to_json(topology: Topology) -> dict[str, Any]:
     return {
         "iommu_segment": topology.iommu_segment,
         "iommu_bdf": topology.iommu_bdf,
+        # Where the IOMMU sits (a virtio-mmio one has no PCI function, so its ranges may cover iommu_bdf).
+        "arch": topology.arch.value,
+        "iommu_transport": topology.iommu_transport.value,
+        "iommu_mmio_address": topology.iommu_mmio_address,
         "pci_ranges": [
             {
                 "segment": r.segment,
@@ -159,9 +164,25 @@ def _regions(value: Any, where: str) -> tuple[ReservedRegion, ...]:
 def topology_from_json(value: Any, where: str = "topology") -> Topology:
     """A topology from :func:`topology_to_json`'s form; TraceError for anything else."""
     keys = set(topology_to_json(Topology.default()))
-    if isinstance(value, dict) and "devices" not in value:
-        value = {**value, "devices": []}  # a trace from before served endpoints existed
+    if isinstance(value, dict):
+        # Traces from before served endpoints, and before arm64 topologies, existed.
+        value = {
+            "devices": [],
+            "arch": "x86_64",
+            "iommu_transport": "pci",
+            "iommu_mmio_address": None,
+            **value,
+        }
     fields = _object(value, where, keys)
+    try:
+        arch, transport = Arch(fields["arch"]), IommuTransport(fields["iommu_transport"])
+    except ValueError:
+        raise TraceError(
+            f"{where}: arch {fields['arch']!r} or transport {fields['iommu_transport']!r} unknown"
+        ) from None
+    mmio_address = fields["iommu_mmio_address"]
+    if mmio_address is not None:
+        mmio_address = _int(mmio_address, f"{where}.iommu_mmio_address")
     devices = []
     for index, item in enumerate(_list(fields["devices"], f"{where}.devices", 256)):
         at = f"{where}.devices[{index}]"
@@ -203,6 +224,9 @@ def topology_from_json(value: Any, where: str = "topology") -> Topology:
         return Topology(
             iommu_segment=_int(fields["iommu_segment"], f"{where}.iommu_segment", 0xFFFF),
             iommu_bdf=_int(fields["iommu_bdf"], f"{where}.iommu_bdf", 0xFFFF),
+            arch=arch,
+            iommu_transport=transport,
+            iommu_mmio_address=mmio_address,
             pci_ranges=tuple(ranges),
             endpoint_reserved=per_endpoint,
             devices=tuple(devices),

@@ -149,11 +149,16 @@ class ViotTopology:
 
     def endpoint_id(self, segment: int, requester_id: int) -> int | None:
         """The endpoint ID the guest will use for a PCI function, None when no range covers it."""
-        for pci_range in self.ranges:
-            endpoint = pci_range.endpoint_id(segment, requester_id)
-            if endpoint is not None:
-                return endpoint
-        return None
+        return ranges_endpoint_id(self.ranges, segment, requester_id)
+
+
+def ranges_endpoint_id(ranges: tuple[PciRange, ...], segment: int, requester_id: int) -> int | None:
+    """The endpoint ID of ``segment:requester_id`` in the first of ``ranges`` covering it, or None."""
+    for pci_range in ranges:
+        endpoint = pci_range.endpoint_id(segment, requester_id)
+        if endpoint is not None:
+            return endpoint
+    return None
 
 
 def default_topology() -> ViotTopology:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vhost_iommu.device.layout import RESV_MEM_SIZE, U32_MAX, U64_MAX, ResvMemType
+from vhost_iommu.machine import VIRT_DEFAULT_MMIO_TRANSPORT, Arch, IommuTransport, virt_mmio_bus
 
 # Per-domain state lives in arrays indexed by domain ID (see domains.py), so the domain range is bounded.
 # 65536 matches the 16-bit domain IDs of VT-d, AMD-Vi and SMMU, far more than a guest uses at once.
@@ -125,7 +126,12 @@ class Topology:
     """Everything platform-specific the device needs; immutable once built."""
 
     iommu_segment: int = 0
-    iommu_bdf: int = 0x18  # 00:03.0
+    iommu_bdf: int = 0x18  # 00:03.0 (IommuTransport.PCI only)
+    # The guest's architecture, hence QEMU's machine and how the guest learns this topology (machine.py).
+    arch: Arch = Arch.X86_64
+    iommu_transport: IommuTransport = IommuTransport.PCI
+    # The virtio-mmio transport's base address (IommuTransport.MMIO only).
+    iommu_mmio_address: int | None = None
     pci_ranges: tuple[PciRange, ...] = ()
     # Extra regions for single endpoints, on top of those of their range.
     endpoint_reserved: Mapping[int, tuple[ReservedRegion, ...]] = field(default_factory=dict, hash=False)
@@ -236,6 +242,19 @@ def format_bdf(bdf: int, segment: int | None = None) -> str:
 
 
 def _check(topology: Topology) -> Iterator[str]:
+    on_pci = topology.iommu_transport is IommuTransport.PCI
+    if on_pci and topology.iommu_mmio_address is not None:
+        yield "iommu.address: only an IOMMU on a virtio-mmio transport has one"
+    if not on_pci:
+        if topology.arch is not Arch.ARM64:
+            yield f'iommu.transport: virtio-mmio needs arch = "{Arch.ARM64.value}" (QEMU\'s virt machine)'
+        elif topology.iommu_mmio_address is None:
+            yield "iommu.address: an IOMMU on virtio-mmio needs its transport's address"
+        else:
+            try:
+                virt_mmio_bus(topology.iommu_mmio_address)
+            except ValueError as error:
+                yield f"iommu.address: {error}"
     if not 0 <= topology.iommu_segment <= 0xFFFF:
         yield f"iommu.segment: {topology.iommu_segment:#x} is not a valid PCI segment"
     if not 0 <= topology.iommu_bdf <= 0xFFFF:
@@ -282,7 +301,8 @@ def _check(topology: Topology) -> Iterator[str]:
         if pci_range.endpoint_start < 0 or pci_range.endpoint_end > U32_MAX:
             yield f"{where}.endpoint_start: {pci_range.endpoint_start:#x} makes endpoint IDs beyond 32 bits"
         if (
-            pci_range.segment == topology.iommu_segment
+            on_pci
+            and pci_range.segment == topology.iommu_segment
             and pci_range.bdf_start <= topology.iommu_bdf <= pci_range.bdf_end
         ):
             iommu = format_bdf(topology.iommu_bdf, topology.iommu_segment)
@@ -336,6 +356,7 @@ _BDF_TEXT = re.compile(
 _SEGMENT = "a valid PCI segment"
 _ENDPOINT = "a 32-bit endpoint ID"
 _TOP_KEYS = {
+    "arch",
     "iommu",
     "endpoints",
     "reserved",
@@ -419,7 +440,26 @@ class _Parser:
         self.keys(document, _TOP_KEYS, "")
         options: dict[str, Any] = {"source": self.source}
 
-        iommu = self.keys(document.get("iommu", {}), {"segment", "bdf"}, "iommu")
+        if "arch" in document:
+            arch = document["arch"]
+            names = [choice.value for choice in Arch]
+            if arch not in names:
+                raise self.fail("arch", f"{arch!r} is not one of: {', '.join(names)}")
+            options["arch"] = Arch(arch)
+        iommu = self.keys(document.get("iommu", {}), {"segment", "bdf", "transport", "address"}, "iommu")
+        transport = iommu.get("transport", IommuTransport.PCI.value)
+        if transport not in [choice.value for choice in IommuTransport]:
+            raise self.fail("iommu.transport", f"{transport!r} is not one of: pci, mmio")
+        options["iommu_transport"] = IommuTransport(transport)
+        if options["iommu_transport"] is IommuTransport.MMIO:
+            for key in ("segment", "bdf"):
+                if key in iommu:
+                    raise self.fail(f"iommu.{key}", "an IOMMU on virtio-mmio is not a PCI function")
+            options["iommu_mmio_address"] = self.integer(
+                iommu.get("address", VIRT_DEFAULT_MMIO_TRANSPORT), "iommu.address", 0, U64_MAX
+            )
+        elif "address" in iommu:
+            raise self.fail("iommu.address", "only an IOMMU on a virtio-mmio transport has one")
         iommu_segment = self.integer(iommu.get("segment", 0), "iommu.segment", 0, 0xFFFF, _SEGMENT)
         text_segment, options["iommu_bdf"] = self.bdf(iommu.get("bdf", 0x18), "iommu.bdf", iommu_segment)
         options["iommu_segment"] = text_segment if text_segment is not None else iommu_segment

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vhost_iommu.device.topology import Topology
+from vhost_iommu.machine import Arch
 from vhost_iommu.provision.paths import repo_root
 from vhost_iommu.qemu import (
     IommuKind,
@@ -18,6 +20,7 @@ from vhost_iommu.qemu import (
     VfioUserEndpoint,
     VirtioBlockDevice,
     build_command,
+    placement_from,
 )
 
 _HOW_TO_GET = (
@@ -36,6 +39,44 @@ _BACKEND_VARIABLES = {
     "SOCK": ': "${SOCK:=/tmp/vhost-iommu.sock}"  # vhost-iommu --socket-path=$SOCK must be listening',
     "VIOT": ': "${VIOT:=viot.bin}"  # made by: vhost-iommu viot -o $VIOT',
 }
+
+
+_HOW_TO_GET_ARM64 = (
+    "Set QEMU, KERNEL and INITRD first, e.g. from the repository:\n"
+    "  export QEMU=$(scripts/get-qemu --arch arm64)\n"
+    '  eval "$(scripts/build-guest --arch arm64)"; export KERNEL INITRD\n'
+    "Arguments given to this script go to QEMU."
+)
+
+
+def _arm64_variables(topology: str) -> dict[str, str]:
+    """QEMU, the guest, the back-end's socket and the device tree of an arm64 script with ``topology``."""
+    return {
+        "QEMU": ': "${QEMU:=qemu-system-aarch64}"  # QEMU >= 10.2 (scripts/get-qemu --arch arm64 prints one)',
+        "KERNEL": _VARIABLES["KERNEL"].replace("build-guest", "build-guest --arch arm64"),
+        "INITRD": _VARIABLES["INITRD"].replace("build-guest", "build-guest --arch arm64"),
+        "MEM": _VARIABLES["MEM"],
+        "SOCK": _BACKEND_VARIABLES["SOCK"].replace("--socket-path", f"--topology={topology} --socket-path"),
+        # The tree comes from QEMU's dump of this very machine (same QEMU, same memory size).
+        "DTB": ': "${DTB:=virt.dtb}"  # made by: vhost-iommu dtb --topology='
+        + topology
+        + ' --qemu="$QEMU" --memory="$MEM" -o "$DTB"',
+    }
+
+
+def _arm64_setup(job: str, topology: str, **fields: object) -> QemuSetup:
+    values: dict[str, object] = {
+        "arch": Arch.ARM64,
+        "topology": placement_from(Topology.load(repo_root() / topology)),
+        "viot_path": None,
+        "dtb_path": Path("@DTB@"),
+    }
+    values.update(fields)
+    return _setup(job, **values)
+
+
+_ARM_VIRT = "qemu-configs/topologies/arm-virt.toml"
+_ARM_VIRT_MMIO = "qemu-configs/topologies/arm-virt-mmio.toml"
 
 
 @dataclass(frozen=True)
@@ -147,6 +188,42 @@ def config_files() -> list[ConfigFile]:
             ),
             {**backend, "DISK": ': "${DISK:?set DISK to a raw disk image, e.g. truncate -s 64M disk.img}"'},
         ),
+        ConfigFile(
+            "virt-vhost-iommu.sh",
+            "arm64 virt guest (GICv3) whose virtio-iommu is vhost-iommu at 00:03.0, with the topology\n"
+            f"{_ARM_VIRT} (endpoints 00:04.0-00:1e.7, the ITS doorbell as MSI region)\n"
+            "and a pci-testdev at 00:04.0. The guest learns the topology from $DTB, QEMU's own device tree\n"
+            "with the IOMMU's node and iommu-map added. The guest runs the job $JOB (guest/init).",
+            _arm64_setup("@JOB@", _ARM_VIRT),
+            {**_arm64_variables(_ARM_VIRT), **job},
+        ),
+        ConfigFile(
+            "virt-mmio-vhost-iommu.sh",
+            "arm64 virt guest (GICv3) whose virtio-iommu is vhost-iommu on the virtio-mmio transport at\n"
+            f"0x0a003e00, with the topology {_ARM_VIRT_MMIO}: the PCI endpoints\n"
+            "00:04.0-00:1e.7 (a pci-testdev at 00:04.0) reach it through the PCIe host's iommu-map in $DTB.\n"
+            "The guest runs the job $JOB (guest/init).",
+            _arm64_setup("@JOB@", _ARM_VIRT_MMIO),
+            {**_arm64_variables(_ARM_VIRT_MMIO), **job},
+        ),
+        ConfigFile(
+            "virt-dma-engine.sh",
+            "Translated DMA on arm64: vhost-iommu's DMA test engine at 00:05.0 (inside the device tree's\n"
+            f"iommu-map), served over vfio-user on $ENGINE ({_ARM_VIRT}'s [[devices]]:\n"
+            f"`vhost-iommu --topology={_ARM_VIRT} --socket-path=$SOCK` listens on\n"
+            "dma-engine.sock beside $SOCK); /init drives it through VFIO ($DMA).",
+            _arm64_setup(
+                "dma-engine",
+                _ARM_VIRT,
+                kernel_args=["vhost_iommu.job=dma-engine", "vhost_iommu.dma=@DMA@"],
+                endpoints=[PciTestDevice(4), VfioUserEndpoint(5, Path("@ENGINE@"))],
+            ),
+            {
+                **_arm64_variables(_ARM_VIRT),
+                "ENGINE": ': "${ENGINE:=$(dirname "$SOCK")/dma-engine.sock}"  # served by vhost-iommu',
+                "DMA": ': "${DMA:=copy,uaf,readonly,busmaster,release}"',
+            },
+        ),
     ]
 
 
@@ -154,7 +231,8 @@ def render(config: ConfigFile) -> str:
     setup = config.setup
     # The memory size is a variable too: the memfd must stay as large as -m.
     command = build_command(setup)
-    text = command.shell_script(f"{config.title}\n\n{_HOW_TO_GET}", config.variables)
+    how_to_get = _HOW_TO_GET_ARM64 if setup.arch is Arch.ARM64 else _HOW_TO_GET
+    text = command.shell_script(f"{config.title}\n\n{how_to_get}", config.variables)
     return text.replace(f"size={setup.memory_mib}M", "size=${MEM}M").replace(
         f"-m {setup.memory_mib}M", '-m "${MEM}M"'
     )

@@ -14,6 +14,7 @@ import pytest
 
 from vhost_iommu.provision import apt, qemu_build
 from vhost_iommu.provision.apt import Mirror, PrivateApt, SourceLine
+from vhost_iommu.provision.arch import ARCH_VARIABLE, ARM64, X86_64, GuestArch, guest_arch
 from vhost_iommu.provision.boot import GuestSession, parse_fields, run_job
 from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.provision.guest import (
@@ -133,6 +134,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("VHOST_IOMMU_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path / "bin") + ":/usr/bin:/bin")
     monkeypatch.delenv("QEMU", raising=False)
+    monkeypatch.delenv("QEMU_AARCH64", raising=False)
+    monkeypatch.delenv(ARCH_VARIABLE, raising=False)
     return tmp_path
 
 
@@ -177,6 +180,156 @@ def test_ensure_qemu_refuses_a_source_override_that_is_no_source_tree(
     monkeypatch.setenv("QEMU_SRC", str(isolated))
     with pytest.raises(ProvisionError, match="not a QEMU source tree"):
         qemu_build.ensure_qemu()
+
+
+def test_each_architecture_has_its_own_qemu(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x86 = fake_qemu(isolated / "bin" / "qemu-system-x86_64", new_enough=True)
+    monkeypatch.setenv("QEMU", str(x86))  # $QEMU names an x86 binary: never taken for an Arm guest
+    with pytest.raises(ProvisionError, match=r"(?s)no qemu-system-aarch64 .*get-qemu --arch arm64") as raised:
+        qemu_build.find_qemu(ARM64)
+    assert "$QEMU_AARCH64" in str(raised.value)
+    on_path = fake_qemu(isolated / "bin" / "qemu-system-aarch64", new_enough=True)
+    assert qemu_build.find_qemu(ARM64) == on_path
+    chosen = fake_qemu(isolated / "env-qemu-aarch64", new_enough=True)
+    monkeypatch.setenv("QEMU_AARCH64", str(chosen))
+    assert qemu_build.find_qemu(ARM64) == chosen
+    assert qemu_build.find_qemu(X86_64) == x86
+    # With no architecture named, $VHOST_IOMMU_GUEST_ARCH decides, as for the guest.
+    monkeypatch.setenv(ARCH_VARIABLE, "arm64")
+    assert qemu_build.find_qemu() == chosen
+
+
+def test_the_cached_arm_build_is_found_beside_the_x86_one(isolated: Path) -> None:
+    cache = isolated / "cache" / "qemu"
+    assert qemu_build.cached_binary_link() == cache / "bin" / "qemu-system-x86_64"  # as before
+    assert qemu_build.cached_binary_link(ARM64) == cache / "bin" / "qemu-system-aarch64"
+    built = fake_qemu(cache / "debian-x" / "build-aarch64" / "qemu-system-aarch64", new_enough=True)
+    qemu_build.cached_binary_link(ARM64).parent.mkdir(parents=True)
+    qemu_build.cached_binary_link(ARM64).symlink_to(built)
+    assert qemu_build.find_qemu(ARM64) == built
+    with pytest.raises(ProvisionError, match="no qemu-system-x86_64"):
+        qemu_build.find_qemu(X86_64)
+
+
+def test_get_qemu_arch_option_prints_that_architectures_binary(
+    isolated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arm = fake_qemu(isolated / "bin" / "qemu-system-aarch64", new_enough=True)
+    assert qemu_build.main(["--arch", "arm64", "--check"]) == 0
+    assert capsys.readouterr().out == f"{arm}\n"
+    assert qemu_build.main(["--check"]) == 1  # the default is still x86_64, and there is none
+
+
+def test_each_target_builds_in_its_own_directory_with_the_same_options(tmp_path: Path) -> None:
+    work = tmp_path / "debian-1_10.2.2+ds-1"
+    assert qemu_build.build_directory(work, X86_64) == work / "build"  # existing x86 builds still count
+    assert qemu_build.build_directory(work, ARM64) == work / "build-aarch64"
+    x86, arm = qemu_build.configure_options(X86_64), qemu_build.configure_options(ARM64)
+    assert x86[0] == "--target-list=x86_64-softmmu" and arm[0] == "--target-list=aarch64-softmmu"
+    assert x86[1:] == arm[1:] and "--enable-vhost-user" in arm
+
+
+def test_guest_architecture_comes_from_the_caller_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ARCH_VARIABLE, raising=False)
+    assert guest_arch() == X86_64
+    monkeypatch.setenv(ARCH_VARIABLE, "arm64")
+    assert guest_arch() == ARM64
+    assert guest_arch("x86_64") == X86_64
+    assert (ARM64.qemu_binary, ARM64.kernel_meta_package) == ("qemu-system-aarch64", "linux-image-arm64")
+    assert (X86_64.qemu_binary, X86_64.kernel_meta_package) == ("qemu-system-x86_64", "linux-image-amd64")
+    monkeypatch.setenv(ARCH_VARIABLE, "riscv64")
+    with pytest.raises(ProvisionError, match="no guest architecture 'riscv64'"):
+        guest_arch()
+
+
+def test_a_private_state_of_another_architecture_lists_that_architecture_alone(tmp_path: Path) -> None:
+    mirror = Mirror("http://m.example/debian", "/k.gpg")
+    state = PrivateApt(tmp_path, [SourceLine("deb", "trixie")], mirror=mirror, architecture="arm64")
+    options = state.options()
+    pairs = dict(option.split("=", 1) for option in options[1::2])
+    assert (pairs["APT::Architecture"], pairs["APT::Architectures"]) == ("arm64", "arm64")
+    state._prepare()
+    assert (
+        state.sources_file.read_text()
+        == "deb [arch=arm64 signed-by=/k.gpg] http://m.example/debian trixie main\n"
+    )
+    host = PrivateApt(tmp_path / "host", [SourceLine("deb", "trixie")], mirror=mirror)
+    assert not any(option.startswith("APT::Architecture") for option in host.options())
+
+
+def test_arm_kernels_have_their_own_apt_state_and_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vhost_iommu.provision import debian, guest
+
+    monkeypatch.setenv("VHOST_IOMMU_CACHE", str(tmp_path))
+    monkeypatch.setattr(apt, "host_mirror", lambda: Mirror("http://m.example/debian", None))
+    # x86_64 keeps the states and directories earlier caches hold.
+    assert debian.kernel_apt("trixie").state_dir == debian.project_apt().state_dir == tmp_path / "apt"
+    assert debian.kernel_apt("sid").state_dir == tmp_path / "apt-kernel" / "sid"
+    assert debian.kernel_apt("sid").architecture is None
+    assert guest.suite_kernels("trixie") == tmp_path / "guest" / "kernels" / "trixie"
+    arm_trixie = debian.kernel_apt("trixie", ARM64)
+    assert arm_trixie.state_dir == tmp_path / "apt-kernel" / "arm64" / "trixie"
+    assert arm_trixie.architecture == "arm64"
+    assert guest.suite_kernels("trixie", ARM64) == tmp_path / "guest" / "kernels" / "arm64" / "trixie"
+
+
+def test_arm_guest_loads_virtio_mmio_first_and_builds_with_its_own_tools() -> None:
+    from vhost_iommu.provision import guest
+
+    assert guest.wanted_modules(X86_64) == guest.REQUIRED_MODULES
+    assert guest.wanted_modules(ARM64) == ("virtio_mmio", *guest.REQUIRED_MODULES)
+    # As Debian's kernels are: irqbypass a module on x86 (vfio_pci_core's modinfo names it), built in on
+    # arm64 (nothing names it), and 7.x packages ship no modules.builtin to say so.
+    x86 = {**DEPENDENCIES, "vfio_iommu_type1": ["vfio"]}
+    arm = {**x86, "virtio_mmio": [], "vfio_pci_core": ["vfio"]}
+    del arm["irqbypass"]
+    assert load_order(guest.wanted_modules(X86_64), [], x86.get, set()) == [
+        "virtio_iommu", "vfio", "vfio_iommu_type1", "irqbypass", "vfio_pci_core", "vfio_pci",
+    ]  # fmt: skip
+    assert load_order(guest.wanted_modules(ARM64), [], arm.get, set()) == [
+        "virtio_mmio", "virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci",
+    ]  # fmt: skip
+    assert ARM64.compiler == "aarch64-linux-gnu-gcc"
+    assert set(ARM64.compiler_packages) == {"gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"}
+    assert X86_64.compiler == "gcc"
+
+
+def test_arm_busybox_is_the_unpacked_arm_package_not_the_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vhost_iommu.provision import guest
+
+    monkeypatch.setenv("VHOST_IOMMU_CACHE", str(tmp_path))
+    assert guest.cached_busybox(X86_64) == guest.HOST_BUSYBOX
+    assert guest.cached_busybox(ARM64) is None
+    for version in ("1:1.36.1-9", "1:1.37.0-6+b9", "1:1.37.0-6"):
+        unpacked = guest.busybox_packages(ARM64) / f"busybox-static_{version}"
+        (unpacked / "root" / "usr" / "bin").mkdir(parents=True)
+        (unpacked / "root" / "usr" / "bin" / "busybox").write_bytes(b"arm")
+        (unpacked / ".complete").touch()
+    expected = (
+        guest.busybox_packages(ARM64) / "busybox-static_1:1.37.0-6+b9" / "root" / "usr" / "bin" / "busybox"
+    )
+    assert guest.cached_busybox(ARM64) == expected
+
+
+def test_image_key_follows_the_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vhost_iommu.provision import guest
+
+    sources = tmp_path / "guest"
+    sources.mkdir()
+    (sources / "init").write_text("#!/bin/sh\n")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"busybox")
+    monkeypatch.setattr(guest, "guest_sources", lambda: sources)
+    tree = guest.KernelTree(kernel, tmp_path, "test")
+    assert guest.image_key(tree, X86_64, busybox) != guest.image_key(tree, ARM64, busybox)
 
 
 # --- the initramfs ---
@@ -484,20 +637,28 @@ def test_an_unpacked_7x_kernel_has_its_image_beside_its_modules(tmp_path: Path) 
 def test_newest_is_the_suite_that_lists_the_highest_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     from vhost_iommu.provision import guest
 
-    listed = {"trixie": ["6.12.117-1"], "trixie-backports": ["7.3.4-1~bpo13+1"], "sid": ["7.2.13-1"]}
+    listed = {
+        ("trixie", "linux-image-amd64"): ["6.12.117-1"],
+        ("trixie-backports", "linux-image-amd64"): ["7.3.4-1~bpo13+1"],
+        ("sid", "linux-image-amd64"): ["7.2.13-1"],
+        ("trixie", "linux-image-arm64"): ["6.12.117-1"],
+        ("sid", "linux-image-arm64"): ["7.2.13-1"],
+    }
 
     class Listing:
-        def __init__(self, suite: str) -> None:
-            self.suite = suite
+        def __init__(self, suite: str, arch: GuestArch = X86_64) -> None:
+            self.suite, self.arch = suite, arch
 
         def update(self) -> bool:
             return False
 
         def binary_versions(self, package: str) -> list[str]:
-            return listed[self.suite]
+            assert package == self.arch.kernel_meta_package  # each architecture's index, its own kernel
+            return listed.get((self.suite, package), [])
 
     monkeypatch.setattr(guest, "kernel_apt", Listing)
     assert guest.resolve_suite("newest") == "trixie-backports"
+    assert guest.resolve_suite("newest", ARM64) == "sid"
     assert guest.resolve_suite("sid") == "sid"
     with pytest.raises(ProvisionError, match="no guest kernel suite 'buster'"):
         guest.resolve_suite("buster")

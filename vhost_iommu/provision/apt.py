@@ -117,8 +117,10 @@ class SourceLine:
     suite: str
     components: tuple[str, ...] = ("main",)
 
-    def render(self, mirror: Mirror) -> str:
-        options = f"[signed-by={mirror.signed_by}] " if mirror.signed_by else ""
+    def render(self, mirror: Mirror, architecture: str | None = None) -> str:
+        settings = [f"arch={architecture}"] if architecture else []
+        settings += [f"signed-by={mirror.signed_by}"] if mirror.signed_by else []
+        options = f"[{' '.join(settings)}] " if settings else ""
         return f"{self.kind} {options}{mirror.uri} {self.suite} {' '.join(self.components)}"
 
 
@@ -149,12 +151,24 @@ def parse_showsrc_versions(showsrc_output: str, package: str) -> list[str]:
 
 
 class PrivateApt:
-    """apt-get/apt-cache with their own sources, lists and cache under ``state_dir``."""
+    """apt-get/apt-cache with their own sources, lists and cache under ``state_dir``.
 
-    def __init__(self, state_dir: Path, sources: Sequence[SourceLine], mirror: Mirror | None = None) -> None:
+    ``architecture`` (a Debian architecture such as ``arm64``) makes the binary indexes, queries and
+    downloads that architecture's alone; None leaves apt's own choice, the host's.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        sources: Sequence[SourceLine],
+        mirror: Mirror | None = None,
+        *,
+        architecture: str | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.mirror = mirror if mirror is not None else host_mirror()
         self.sources = tuple(sources)
+        self.architecture = architecture
         self.log = state_dir / "apt.log"
 
     @property
@@ -175,12 +189,25 @@ class PrivateApt:
             "-o", f"Dir::Etc::preferences={self.state_dir / 'preferences'}",
             "-o", "APT::Get::List-Cleanup=0",
             "-o", "Acquire::Languages=none",
+            *self._architecture_options(),
         ]  # fmt: skip
+
+    def _architecture_options(self) -> list[str]:
+        if self.architecture is None:
+            return []
+        # The native architecture decides which package an unqualified name means; the list, which
+        # architectures' indexes are fetched at all.
+        return [
+            "-o",
+            f"APT::Architecture={self.architecture}",
+            "-o",
+            f"APT::Architectures={self.architecture}",
+        ]
 
     def _prepare(self) -> None:
         for sub in ("lists/partial", "cache/archives/partial"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        wanted = "\n".join(line.render(self.mirror) for line in self.sources) + "\n"
+        wanted = "\n".join(line.render(self.mirror, self.architecture) for line in self.sources) + "\n"
         if not self.sources_file.is_file() or self.sources_file.read_text() != wanted:
             self.sources_file.write_text(wanted)
             # A changed source list invalidates the lists fetched for the old one.

@@ -1,19 +1,22 @@
 """The test guest: a Debian kernel and a busybox initramfs with the IOMMU/VFIO modules and guest programs.
 
-The kernel is a Debian suite's ``linux-image-amd64``: trixie's (6.12: VIRTIO_IOMMU=m, ACPI_VIOT=y, VFIO=m,
-VFIO_PCI=m) unless ``--suite`` (or ``$VHOST_IOMMU_GUEST_SUITE``) names trixie-backports, sid or ``newest``
-(whichever suite lists the highest version), downloaded through a private apt state and unpacked with
-``dpkg-deb`` (never installed on the host); or a kernel and modules directory the user gives. Since 7.x
+The guest is x86_64 unless ``--arch`` (or ``$VHOST_IOMMU_GUEST_ARCH``) says arm64 (:mod:`.arch`). The kernel
+is a Debian suite's ``linux-image-amd64`` (``linux-image-arm64``): trixie's (6.12: VIRTIO_IOMMU=m, VFIO=m,
+VFIO_PCI=m; ACPI_VIOT=y on x86, OF_IOMMU=y on arm64) unless ``--suite`` (or ``$VHOST_IOMMU_GUEST_SUITE``)
+names trixie-backports, sid or ``newest`` (whichever suite lists the highest version), downloaded through
+a private apt state of that architecture and unpacked with ``dpkg-deb`` (never installed on the host); or
+a kernel and modules directory the user gives. Since 7.x
 Debian splits the image into a meta package, ``linux-binary-*`` (the vmlinuz, under
 ``usr/lib/modules/<version>/``) and ``linux-modules-*``, and ships no ``modules.order``; both shapes work.
 
-The initramfs (cpio newc, gzip) holds busybox-static, the modules the jobs need with their dependencies
-(decompressed: busybox ``insmod`` reads plain ``.ko``), ``guest/init`` and the programs of
-``GUEST_PROGRAMS`` (``guest/NAME.c``, which may include the headers beside them) compiled with
-``gcc -static``.
+The initramfs (cpio newc, gzip) holds busybox-static (the host's for x86_64; for arm64 the arm64 package,
+downloaded and unpacked), the modules the jobs need with their dependencies (decompressed: busybox
+``insmod`` reads plain ``.ko``), ``guest/init`` and the programs of ``GUEST_PROGRAMS`` (``guest/NAME.c``,
+which may include the headers beside them) compiled with ``gcc -static`` (for arm64 the cross compiler).
 
-Everything lands in ``<cache>/guest/<key>/``, ``key`` a digest of every input, so editing ``guest/``
-rebuilds and nothing else does.
+Everything lands in ``<cache>/guest/<key>/``, ``key`` a digest of every input (the architecture included),
+so editing ``guest/`` rebuilds and nothing else does. x86_64 kernels are unpacked under
+``<cache>/guest/kernels/<suite>/``, other architectures' under ``<cache>/guest/kernels/<arch>/<suite>/``.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vhost_iommu.provision.apt import PrivateApt, newest_first
+from vhost_iommu.provision.arch import ARCH_VARIABLE, ARCHES, X86_64, GuestArch, guest_arch
 from vhost_iommu.provision.debian import KERNEL_SUITES, kernel_apt
 from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.provision.host import ensure_packages
 from vhost_iommu.provision.paths import cache_root, repo_root
 from vhost_iommu.provision.progress import console, phase, run_logged
 
-KERNEL_META_PACKAGE = "linux-image-amd64"
 DEFAULT_SUITE = "trixie"
 #: Not a suite: whichever of KERNEL_SUITES lists the highest kernel version.
 NEWEST = "newest"
@@ -50,29 +53,37 @@ SUITE_VARIABLE = "VHOST_IOMMU_GUEST_SUITE"
 # Bump when the layout of the image changes in a way the inputs' digest cannot see.
 IMAGE_FORMAT = 1
 
-# Loaded in this order after their dependencies; a module the kernel has built in is skipped.
-REQUIRED_MODULES = ("virtio_iommu", "irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
+# Loaded in this order after their dependencies (after the architecture's own first_modules); a module the
+# kernel has built in is skipped. Only what the jobs use directly: a dependency such as irqbypass (a module
+# on x86, built in on arm64) comes from its users' modinfo, which is right whether or not the kernel ships
+# the modules.builtin that would say it is built in (Debian's 7.x packages do not).
+REQUIRED_MODULES = ("virtio_iommu", "vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci")
 # ext4 mounts the ext2 file system the blk-fs job makes (Debian builds no ext2 driver of its own); it asks
 # the crypto API for "crc32c" at mount time, which no module dependency names (crc32c_generic gives it;
 # kernels whose ext4 calls the crc32c library directly have no such module, and an absent one is skipped).
 OPTIONAL_MODULES = ("virtio_blk", "crc32c_generic", "ext4")
-# virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM.
+# virtio-iommu on x86 offers no interrupt remapping; without this VFIO_SET_IOMMU fails with EPERM. An Arm
+# guest with a GICv3 ITS needs no such leave, and the parameter is harmless there.
 MODULE_PARAMETERS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
 
 # vfio-dma: VFIO MAP/UNMAP traffic with no device DMA; dma-engine: drives the DMA test engine endpoint;
 # blk-bench: block I/O timing of a virtio-blk disk (scripts/bench-blk).
 GUEST_PROGRAMS = ("vfio-dma", "dma-engine", "blk-bench")
-HOST_PACKAGES = ("busybox-static", "gcc", "libc6-dev", "zstd")  # zstd: for kernels with .ko.zst modules
-BUSYBOX = Path("/bin/busybox")
+HOST_PACKAGES = ("zstd",)  # for kernels with .ko.zst modules; each architecture adds its compiler's
+# An architecture the host runs natively takes the host's own busybox-static; another one the package of
+# its own architecture, unpacked into the cache.
+BUSYBOX_PACKAGE = "busybox-static"
+HOST_BUSYBOX = Path("/bin/busybox")
 
 
 @dataclass(frozen=True)
 class GuestImage:
-    """A bootable guest: pass ``-kernel kernel -initrd initrd``."""
+    """A bootable guest: pass ``-kernel kernel -initrd initrd`` to ``arch``'s QEMU."""
 
     kernel: Path
     initrd: Path
     kernel_version: str
+    arch: GuestArch = X86_64
 
 
 @dataclass(frozen=True)
@@ -104,19 +115,19 @@ def checked_suite(suite: str) -> str:
     return suite
 
 
-def resolve_suite(suite: str) -> str:
-    """``newest``: the suite whose index lists the highest ``linux-image-amd64``; any other suite itself."""
+def resolve_suite(suite: str, arch: GuestArch = X86_64) -> str:
+    """``newest``: the suite whose index lists the highest kernel for ``arch``; any other suite itself."""
     if checked_suite(suite) != NEWEST:
         return suite
     listed: list[tuple[str, str]] = []
     for candidate in KERNEL_SUITES:
-        apt = kernel_apt(candidate)
+        apt = kernel_apt(candidate, arch)
         apt.update()
-        versions = apt.binary_versions(KERNEL_META_PACKAGE)
+        versions = apt.binary_versions(arch.kernel_meta_package)
         if versions:
             listed.append((versions[0], candidate))
     if not listed:
-        raise ProvisionError(f"no suite lists {KERNEL_META_PACKAGE}; is the mirror reachable?")
+        raise ProvisionError(f"no suite lists {arch.kernel_meta_package}; is the mirror reachable?")
     newest_version = newest_first([version for version, _ in listed])[0]
     return next(candidate for version, candidate in listed if version == newest_version)
 
@@ -234,14 +245,16 @@ def _depends_of(apt: PrivateApt, package: str, version: str) -> dict[str, str | 
     return depends
 
 
-def kernel_packages(apt: PrivateApt, meta_version: str) -> list[tuple[str, str]]:
-    """The packages, with their versions, that make up the kernel ``linux-image-amd64=meta_version``
-    installs: its versioned image package, plus for 7.x the ``linux-binary-*`` and ``linux-modules-*`` of
-    the same kernel version that the image package depends on."""
-    depends = _depends_of(apt, KERNEL_META_PACKAGE, meta_version)
+def kernel_packages(
+    apt: PrivateApt, meta_version: str, meta_package: str = X86_64.kernel_meta_package
+) -> list[tuple[str, str]]:
+    """The packages, with their versions, that make up the kernel ``meta_package=meta_version`` (such as
+    ``linux-image-amd64``) installs: its versioned image package, plus for 7.x the ``linux-binary-*`` and
+    ``linux-modules-*`` of the same kernel version that the image package depends on."""
+    depends = _depends_of(apt, meta_package, meta_version)
     images = [name for name in depends if name.startswith("linux-image-")]
     if not images:
-        raise ProvisionError(f"{KERNEL_META_PACKAGE} {meta_version} names no linux-image package in Depends")
+        raise ProvisionError(f"{meta_package} {meta_version} names no linux-image package in Depends")
     image = images[0]
     kernel_version = image.removeprefix("linux-image-")
 
@@ -260,45 +273,105 @@ def kernel_packages(apt: PrivateApt, meta_version: str) -> list[tuple[str, str]]
     return packages
 
 
-def suite_kernels(suite: str) -> Path:
-    return guest_cache() / "kernels" / suite
+def suite_kernels(suite: str, arch: GuestArch = X86_64) -> Path:
+    """Where ``suite``'s kernels for ``arch`` are unpacked; x86_64's where they always were."""
+    kernels = guest_cache() / "kernels"
+    return kernels / suite if arch == X86_64 else kernels / arch.name / suite
 
 
-def fetch_debian_kernel(suite: str) -> KernelTree:
-    """``suite``'s current kernel (newest listed first, falling back to older ones the pool still has),
-    downloaded and unpacked into the cache (once)."""
-    apt = kernel_apt(suite)
+def unpack_packages(apt: PrivateApt, packages: Sequence[tuple[str, str]], unpacked: Path) -> Path:
+    """Download ``packages`` (name, version) and unpack them all into ``unpacked/root`` (once: a complete
+    unpacking is marked, an incomplete one is redone); returns that root."""
+    root = unpacked / "root"
+    if not (unpacked / ".complete").is_file():
+        downloads = guest_cache() / "downloads"
+        shutil.rmtree(unpacked, ignore_errors=True)
+        root.mkdir(parents=True)
+        for package, version in packages:
+            deb = apt.download_binary(package, version, downloads)
+            run_logged(
+                ["dpkg-deb", "-x", deb, root], title=f"unpacking {deb.name}", log=guest_cache() / "build.log"
+            )
+            deb.unlink()
+        (unpacked / ".complete").touch()
+    return root
+
+
+def fetch_debian_kernel(suite: str, arch: GuestArch = X86_64) -> KernelTree:
+    """``suite``'s current kernel for ``arch`` (newest listed first, falling back to older ones the pool
+    still has), downloaded and unpacked into the cache (once)."""
+    apt = kernel_apt(suite, arch)
     chosen: dict[str, KernelTree] = {}
 
     def listed() -> list[str]:
-        versions = apt.binary_versions(KERNEL_META_PACKAGE)
+        versions = apt.binary_versions(arch.kernel_meta_package)
         if not versions:
             raise ProvisionError(
-                f"the {suite} index lists no {KERNEL_META_PACKAGE}; is the mirror reachable?"
+                f"the {suite} index lists no {arch.kernel_meta_package}: {suite} has no {arch.name} kernel, "
+                "or the mirror is unreachable"
             )
         return versions
 
     def fetch(meta_version: str) -> None:
-        packages = kernel_packages(apt, meta_version)
+        packages = kernel_packages(apt, meta_version, arch.kernel_meta_package)
         image, image_version = packages[0]
-        unpacked = suite_kernels(suite) / f"{image}_{image_version}"
-        if not (unpacked / ".complete").is_file():
-            downloads = guest_cache() / "downloads"
-            shutil.rmtree(unpacked, ignore_errors=True)
-            (unpacked / "root").mkdir(parents=True)
-            for package, version in packages:
-                deb = apt.download_binary(package, version, downloads)
-                run_logged(
-                    ["dpkg-deb", "-x", deb, unpacked / "root"],
-                    title=f"unpacking {deb.name}",
-                    log=guest_cache() / "build.log",
-                )
-                deb.unlink()
-            (unpacked / ".complete").touch()
-        chosen["tree"] = _kernel_tree_in(unpacked / "root", f"{image} {image_version} ({suite})")
+        root = unpack_packages(apt, packages, suite_kernels(suite, arch) / f"{image}_{image_version}")
+        chosen["tree"] = _kernel_tree_in(root, f"{image} {image_version} ({suite})")
 
     apt.fetch_listed(listed, fetch)
     return chosen["tree"]
+
+
+# --- busybox ---
+
+
+def busybox_packages(arch: GuestArch) -> Path:
+    """Where ``arch``'s busybox-static packages are unpacked (architectures the host does not run)."""
+    return guest_cache() / "busybox" / arch.name
+
+
+def cached_busybox(arch: GuestArch) -> Path | None:
+    """``arch``'s busybox binary when it is at hand (the host's, or one unpacked earlier), else None."""
+    if arch.native:
+        return HOST_BUSYBOX if HOST_BUSYBOX.is_file() else None
+    unpacked = {
+        marker.parent.name.rsplit("_", 1)[-1]: marker.parent
+        for marker in busybox_packages(arch).glob("*/.complete")
+    }
+    if not unpacked:
+        return None
+    return _busybox_in(unpacked[newest_first(list(unpacked))[0]] / "root")
+
+
+def _busybox_in(root: Path) -> Path:
+    """The busybox binary of a busybox-static package unpacked at ``root`` (trixie's is under usr/)."""
+    for place in ("usr/bin/busybox", "bin/busybox"):
+        if (root / place).is_file():
+            return root / place
+    raise ProvisionError(f"no bin/busybox or usr/bin/busybox in {root}")
+
+
+def ensure_busybox(arch: GuestArch) -> Path:
+    """``arch``'s static busybox: the host's package for a native architecture, else trixie's package of
+    that architecture from the private apt state, unpacked into the cache (once)."""
+    if arch.native:
+        ensure_packages((BUSYBOX_PACKAGE,), why="building the guest initramfs")
+        return HOST_BUSYBOX
+    apt = kernel_apt(DEFAULT_SUITE, arch)
+    chosen: dict[str, Path] = {}
+
+    def listed() -> list[str]:
+        versions = apt.binary_versions(BUSYBOX_PACKAGE)
+        if not versions:
+            raise ProvisionError(f"the {DEFAULT_SUITE} {arch.debian_arch} index lists no {BUSYBOX_PACKAGE}")
+        return versions
+
+    def fetch(version: str) -> None:
+        directory = busybox_packages(arch) / f"{BUSYBOX_PACKAGE}_{version}"
+        chosen["busybox"] = _busybox_in(unpack_packages(apt, [(BUSYBOX_PACKAGE, version)], directory))
+
+    apt.fetch_listed(listed, fetch)
+    return chosen["busybox"]
 
 
 def _kernel_tree_in(root: Path, origin: str) -> KernelTree:
@@ -372,15 +445,15 @@ def decompress_module(path: Path) -> bytes:
     return data
 
 
-def compile_programs(out_dir: Path, log: Path) -> dict[str, Path]:
-    """``gcc -static`` every guest program; returns {name: binary}."""
+def compile_programs(out_dir: Path, log: Path, arch: GuestArch = X86_64) -> dict[str, Path]:
+    """``gcc -static`` every guest program for ``arch``; returns {name: binary}."""
     binaries: dict[str, Path] = {}
     for name in GUEST_PROGRAMS:
         source = guest_sources() / f"{name}.c"
         binary = out_dir / name
         run_logged(
-            ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", binary, source],
-            title=f"compiling guest/{name}.c (gcc -static)",
+            [arch.compiler, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", binary, source],
+            title=f"compiling guest/{name}.c ({arch.compiler} -static)",
             log=log,
         )
         binaries[name] = binary
@@ -409,23 +482,32 @@ def _tool_version(argv: Sequence[str]) -> str:
     )
 
 
-def image_key(tree: KernelTree) -> str:
-    """A digest of every input of the image: guest sources, kernel, busybox, compiler, format."""
+def wanted_modules(arch: GuestArch) -> tuple[str, ...]:
+    """The modules ``arch``'s guest must load, in order: its own transports' first, then the common ones."""
+    return (*arch.first_modules, *REQUIRED_MODULES)
+
+
+def image_key(tree: KernelTree, arch: GuestArch = X86_64, busybox: Path = HOST_BUSYBOX) -> str:
+    """A digest of every input of the image: architecture, guest sources, kernel, busybox, compiler and
+    format."""
     sources = [path for path in guest_sources().iterdir() if path.is_file()]
     extra = [
         f"format={IMAGE_FORMAT}",
+        f"arch={arch.name}",
         f"kernel={tree.image}:{tree.image.stat().st_size}:{tree.image.stat().st_mtime_ns}",
         f"modules={tree.modules_dir}",
-        f"required={','.join(REQUIRED_MODULES)} optional={','.join(OPTIONAL_MODULES)}",
+        f"required={','.join(wanted_modules(arch))} optional={','.join(OPTIONAL_MODULES)}",
         f"params={MODULE_PARAMETERS}",
-        f"busybox={BUSYBOX.stat().st_size}:{BUSYBOX.stat().st_mtime_ns}",
-        f"gcc={_tool_version(['gcc', '--version'])}",
+        f"busybox={busybox}:{busybox.stat().st_size}:{busybox.stat().st_mtime_ns}",
+        f"gcc={_tool_version([arch.compiler, '--version'])}",
     ]
     return _digest_of(sources, extra)
 
 
-def build_initramfs(tree: KernelTree, work: Path) -> Path:
-    """Assemble ``initrd.gz`` in ``work`` for ``tree``'s modules."""
+def build_initramfs(
+    tree: KernelTree, work: Path, arch: GuestArch = X86_64, busybox: Path = HOST_BUSYBOX
+) -> Path:
+    """Assemble ``initrd.gz`` in ``work`` for ``tree``'s modules, ``arch``'s programs and ``busybox``."""
     log = work / "build.log"
     index = module_index(tree.modules_dir)
     builtin_file = tree.modules_dir / "modules.builtin"
@@ -439,7 +521,7 @@ def build_initramfs(tree: KernelTree, work: Path) -> Path:
             elves[name] = decompress_module(index[name])
         return modinfo_depends(elves[name])
 
-    order = load_order(REQUIRED_MODULES, OPTIONAL_MODULES, depends_of, builtin)
+    order = load_order(wanted_modules(arch), OPTIONAL_MODULES, depends_of, builtin)
     console.print(f"guest modules, in load order: {' '.join(order) or '(all built in)'}")
 
     entries = [CpioEntry(name, stat.S_IFDIR | 0o755) for name in ("bin", "dev", "etc", "lib", "lib/modules",
@@ -447,10 +529,10 @@ def build_initramfs(tree: KernelTree, work: Path) -> Path:
     # The kernel opens /dev/console for init before devtmpfs is mounted: it must exist in the archive.
     entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
     entries.append(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)))
-    entries.append(CpioEntry("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
+    entries.append(CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()))
     entries.append(CpioEntry("init", stat.S_IFREG | 0o755, (guest_sources() / "init").read_bytes()))
     with tempfile.TemporaryDirectory(dir=work) as scratch:
-        for name, binary in compile_programs(Path(scratch), log).items():
+        for name, binary in compile_programs(Path(scratch), log, arch).items():
             entries.append(CpioEntry(f"bin/{name}", stat.S_IFREG | 0o755, binary.read_bytes()))
     load_lines = []
     for name in order:
@@ -472,31 +554,39 @@ def build_initramfs(tree: KernelTree, work: Path) -> Path:
 
 
 def find_guest(
-    kernel: Path | None = None, modules: Path | None = None, *, suite: str | None = None
+    kernel: Path | None = None,
+    modules: Path | None = None,
+    *,
+    suite: str | None = None,
+    arch: GuestArch | None = None,
 ) -> GuestImage | None:
     """The cached image for these inputs, or None (nothing is downloaded or built; ``newest`` is the newest
-    kernel in the cache)."""
-    tree = _tree_without_download(kernel, modules, suite or default_suite())
-    if tree is None:
+    kernel in the cache; ``arch`` None: :func:`.arch.guest_arch`'s default)."""
+    arch = arch or guest_arch()
+    tree = _tree_without_download(kernel, modules, suite or default_suite(), arch)
+    busybox = cached_busybox(arch)
+    if tree is None or busybox is None:
         return None
-    return _cached_image(tree)
+    return _cached_image(tree, arch, busybox)
 
 
-def _cached_kernels(suites: Sequence[str]) -> list[tuple[str, Path]]:
-    """(version, unpacked directory) of every complete kernel of ``suites`` in the cache."""
+def _cached_kernels(suites: Sequence[str], arch: GuestArch) -> list[tuple[str, Path]]:
+    """(version, unpacked directory) of every complete kernel of ``suites`` for ``arch`` in the cache."""
     return [
         (directory.name.rsplit("_", 1)[-1], directory)
         for suite in suites
-        for directory in (marker.parent for marker in suite_kernels(suite).glob("*/.complete"))
+        for directory in (marker.parent for marker in suite_kernels(suite, arch).glob("*/.complete"))
     ]
 
 
-def _tree_without_download(kernel: Path | None, modules: Path | None, suite: str) -> KernelTree | None:
+def _tree_without_download(
+    kernel: Path | None, modules: Path | None, suite: str, arch: GuestArch
+) -> KernelTree | None:
     if kernel is not None or modules is not None:
         if kernel is None or modules is None:
             raise ProvisionError("give both --kernel and --modules, or neither")
         return kernel_tree_from(kernel, modules)
-    cached = _cached_kernels(KERNEL_SUITES if suite == NEWEST else (suite,))
+    cached = _cached_kernels(KERNEL_SUITES if suite == NEWEST else (suite,), arch)
     if not cached:
         return None
     newest_version = newest_first([version for version, _ in cached])[0]
@@ -504,12 +594,12 @@ def _tree_without_download(kernel: Path | None, modules: Path | None, suite: str
     return _kernel_tree_in(directory / "root", f"{directory.name} ({directory.parent.name})")
 
 
-def _cached_image(tree: KernelTree) -> GuestImage | None:
-    work = guest_cache() / image_key(tree)
+def _cached_image(tree: KernelTree, arch: GuestArch, busybox: Path) -> GuestImage | None:
+    work = guest_cache() / image_key(tree, arch, busybox)
     manifest = work / "manifest.json"
     if not manifest.is_file() or not (work / "initrd.gz").is_file():
         return None
-    return GuestImage(tree.image, work / "initrd.gz", tree.version)
+    return GuestImage(tree.image, work / "initrd.gz", tree.version, arch)
 
 
 def ensure_guest(
@@ -517,27 +607,32 @@ def ensure_guest(
     modules: Path | None = None,
     *,
     suite: str | None = None,
+    arch: GuestArch | None = None,
     rebuild: bool = False,
 ) -> GuestImage:
-    """The guest image for these inputs (``suite``: see :func:`default_suite`), downloading the kernel and
-    building the initramfs when needed."""
-    ensure_packages(HOST_PACKAGES, why="building the guest initramfs")
+    """The guest image for these inputs (``suite``: see :func:`default_suite`; ``arch`` None:
+    :func:`.arch.guest_arch`'s default), downloading the kernel and busybox and building the initramfs
+    when needed."""
+    arch = arch or guest_arch()
+    ensure_packages((*HOST_PACKAGES, *arch.compiler_packages), why="building the guest initramfs")
+    busybox = cached_busybox(arch) or ensure_busybox(arch)
     if kernel is not None or modules is not None:
-        tree = _tree_without_download(kernel, modules, DEFAULT_SUITE)
+        tree = _tree_without_download(kernel, modules, DEFAULT_SUITE, arch)
         assert tree is not None
     else:
         # A named suite is looked up in the cache first; ``newest`` asks the indexes which suite it is.
-        concrete = resolve_suite(suite or default_suite())
-        tree = _tree_without_download(None, None, concrete) or fetch_debian_kernel(concrete)
+        concrete = resolve_suite(suite or default_suite(), arch)
+        tree = _tree_without_download(None, None, concrete, arch) or fetch_debian_kernel(concrete, arch)
     if not rebuild:
-        cached = _cached_image(tree)
+        cached = _cached_image(tree, arch, busybox)
         if cached is not None:
             return cached
-    work = guest_cache() / image_key(tree)
+    work = guest_cache() / image_key(tree, arch, busybox)
     work.mkdir(parents=True, exist_ok=True)
-    with phase(f"building the initramfs for {tree.version}"):
-        initrd = build_initramfs(tree, work)
+    with phase(f"building the {arch.name} initramfs for {tree.version}"):
+        initrd = build_initramfs(tree, work, arch, busybox)
     manifest = {
+        "arch": arch.name,
         "kernel": str(tree.image),
         "kernel_version": tree.version,
         "kernel_origin": tree.origin,
@@ -545,7 +640,7 @@ def ensure_guest(
         "key": work.name,
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return GuestImage(tree.image, initrd, tree.version)
+    return GuestImage(tree.image, initrd, tree.version, arch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,10 +654,15 @@ def main(argv: list[str] | None = None) -> int:
         "guest/.",
     )
     parser.add_argument(
+        "--arch",
+        choices=tuple(ARCHES),
+        help=f"the guest's architecture (default ${ARCH_VARIABLE}, else {X86_64.name})",
+    )
+    parser.add_argument(
         "--suite",
         choices=(*KERNEL_SUITES, NEWEST),
-        help=f"the Debian suite whose linux-image-amd64 to use (default ${SUITE_VARIABLE}, else "
-        f"{DEFAULT_SUITE}); {NEWEST}: whichever suite lists the highest version",
+        help=f"the Debian suite whose linux-image-amd64 (linux-image-arm64) to use (default "
+        f"${SUITE_VARIABLE}, else {DEFAULT_SUITE}); {NEWEST}: whichever suite lists the highest version",
     )
     parser.add_argument("--kernel", type=Path, help="a kernel image to use instead of Debian's")
     parser.add_argument("--modules", type=Path, help="its lib/modules/<version> directory")
@@ -570,10 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only look in the cache (exit 1 if not there)")
     args = parser.parse_args(argv)
     try:
+        arch = guest_arch(args.arch)
         image = (
-            find_guest(args.kernel, args.modules, suite=args.suite)
+            find_guest(args.kernel, args.modules, suite=args.suite, arch=arch)
             if args.check
-            else ensure_guest(args.kernel, args.modules, suite=args.suite, rebuild=args.rebuild)
+            else ensure_guest(args.kernel, args.modules, suite=args.suite, arch=arch, rebuild=args.rebuild)
         )
     except ProvisionError as error:
         console.print(f"[red]build-guest:[/red] {error}")
@@ -584,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if image is None:
-        console.print("[red]build-guest:[/red] no cached guest image; run scripts/build-guest")
+        console.print(f"[red]build-guest:[/red] no cached {arch.name} guest image; run scripts/build-guest")
         return 1
     # Shell assignments, so that `eval "$(scripts/build-guest)"` sets KERNEL and INITRD.
     print(f"KERNEL={shlex.quote(str(image.kernel))}")

@@ -1,10 +1,12 @@
 """Finding or building a QEMU that has the generic vhost-user device (QEMU >= 10.2).
 
-Search order (:func:`find_qemu`): ``$QEMU`` when new enough, then ``qemu-system-x86_64`` on PATH when
-new enough, then this project's cached build. :func:`ensure_qemu` builds when none is found: from
-``$QEMU_SRC`` (a QEMU source tree) when set, else from Debian's ``qemu`` source package of sid/forky
-fetched through a private apt state. Only ``x86_64-softmmu`` is built, with the few features the
-tests need, in the cache (never in the repository).
+One QEMU per guest architecture (:mod:`.arch`): ``qemu-system-x86_64`` or ``qemu-system-aarch64``.
+Search order (:func:`find_qemu`): the architecture's variable (``$QEMU``, ``$QEMU_AARCH64``) when new
+enough, then the binary on PATH when new enough, then this project's cached build. :func:`ensure_qemu`
+builds when none is found: from ``$QEMU_SRC`` (a QEMU source tree) when set, else from Debian's ``qemu``
+source package of sid/forky fetched through a private apt state. Only the one softmmu target is built,
+with the few features the tests need, in the cache (never in the repository); both targets share the
+source tree, each has its own build directory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vhost_iommu.provision.apt import PrivateApt, compare_debian_versions
+from vhost_iommu.provision.arch import ARCH_VARIABLE, ARCHES, X86_64, GuestArch, guest_arch
 from vhost_iommu.provision.debian import project_apt
 from vhost_iommu.provision.errors import ProvisionError
 from vhost_iommu.provision.host import ensure_packages
@@ -29,15 +32,13 @@ from vhost_iommu.provision.paths import cache_root
 from vhost_iommu.provision.progress import console, phase, run_logged
 
 GENERIC_DEVICE = "vhost-user-test-device-pci"
-BINARY_NAME = "qemu-system-x86_64"
-QEMU_ENV = "QEMU"
 QEMU_SRC_ENV = "QEMU_SRC"
-GET_QEMU_HINT = "run scripts/get-qemu (it builds QEMU >= 10.2 into the cache), or set $QEMU to such a binary"
 
 # Debian's versions carry an epoch; anything from 10.2 on has the user-creatable generic device.
 MINIMUM_DEBIAN_VERSION = "1:10.2~"
 NEXT_SERIES_VERSION = "1:10.3~"
 
+# x86's BIOS and option ROMs; an Arm virt guest boots its kernel directly and needs no firmware file.
 FIRMWARE_PACKAGES = ("seabios", "qemu-system-data")
 FIRMWARE_DIRS = (Path("/usr/share/qemu"), Path("/usr/share/seabios"))
 FIRMWARE_FILES = (Path("/usr/share/qemu/qboot.rom"), Path("/usr/share/seabios/bios-256k.bin"))
@@ -51,8 +52,8 @@ BUILD_PACKAGES = (
 # the cache, never in the project's environment.
 BUILD_PYTHON_TOOLS = ("meson==1.5.0", "pycotap==1.3.1")
 
+# Besides --target-list, the same for every target.
 CONFIGURE_OPTIONS = (
-    "--target-list=x86_64-softmmu",
     "--disable-docs", "--disable-werror", "--enable-vhost-user", "--disable-install-blobs",
     "--disable-rust", "--disable-tools", "--disable-guest-agent",
     "--disable-gtk", "--disable-sdl", "--disable-vnc", "--disable-opengl", "--disable-spice",
@@ -64,9 +65,21 @@ def qemu_cache() -> Path:
     return cache_root() / "qemu"
 
 
-def cached_binary_link() -> Path:
+def qemu_variable(arch: GuestArch) -> str:
+    """The environment variable naming a QEMU binary for ``arch``: ``$QEMU`` for x86_64 (as it always
+    was), ``$QEMU_AARCH64`` and so on for the others, so that one names no binary of the wrong target."""
+    return "QEMU" if arch == X86_64 else f"QEMU_{arch.qemu_target.upper()}"
+
+
+def cached_binary_link(arch: GuestArch = X86_64) -> Path:
     """A symlink to the last successful build, so later runs find it without rebuilding."""
-    return qemu_cache() / "bin" / BINARY_NAME
+    return qemu_cache() / "bin" / arch.qemu_binary
+
+
+def build_directory(work: Path, arch: GuestArch) -> Path:
+    """Where ``arch``'s target is configured and built inside ``work`` (one source's cache directory);
+    x86_64 keeps the directory it always had, so existing builds still count."""
+    return work / ("build" if arch == X86_64 else f"build-{arch.qemu_target}")
 
 
 def firmware_args() -> list[str]:
@@ -98,16 +111,18 @@ class Candidate:
     note: str
 
 
-def candidates() -> Iterator[Candidate]:
-    """Each place :func:`find_qemu` looks, in order, with the verdict for each (stops at the first usable)."""
-    from_env = os.environ.get(QEMU_ENV)
+def candidates(arch: GuestArch = X86_64) -> Iterator[Candidate]:
+    """Each place :func:`find_qemu` looks for ``arch``'s QEMU, in order, with the verdict for each (stops at
+    the first usable)."""
+    variable = qemu_variable(arch)
+    from_env = os.environ.get(variable)
     if from_env:
         path = Path(from_env)
         usable = has_generic_device(path)
-        yield Candidate(f"${QEMU_ENV}", path, usable, "" if usable else f"lacks -device {GENERIC_DEVICE}")
+        yield Candidate(f"${variable}", path, usable, "" if usable else f"lacks -device {GENERIC_DEVICE}")
         if usable:
             return
-    on_path = shutil.which(BINARY_NAME)
+    on_path = shutil.which(arch.qemu_binary)
     if on_path:
         path = Path(on_path)
         usable = has_generic_device(path)
@@ -116,7 +131,7 @@ def candidates() -> Iterator[Candidate]:
         )
         if usable:
             return
-    link = cached_binary_link()
+    link = cached_binary_link(arch)
     if link.exists():
         usable = has_generic_device(link)
         yield Candidate("cache", link.resolve(), usable, "" if usable else "cached build does not run")
@@ -124,10 +139,12 @@ def candidates() -> Iterator[Candidate]:
         yield Candidate("cache", None, False, f"no build in {qemu_cache()}")
 
 
-def find_qemu() -> Path:
-    """A QEMU binary with the generic vhost-user device; raises :class:`ProvisionError` naming the fix."""
+def find_qemu(arch: GuestArch | None = None) -> Path:
+    """A QEMU binary for ``arch`` (None: :func:`.arch.guest_arch`'s default) with the generic vhost-user
+    device; raises :class:`ProvisionError` naming the fix."""
+    arch = arch or guest_arch()
     verdicts: list[str] = []
-    for candidate in candidates():
+    for candidate in candidates(arch):
         if candidate.usable and candidate.path is not None:
             for passed_over in verdicts:
                 # Someone who set $QEMU or has a QEMU on PATH wants to know why another one runs.
@@ -135,11 +152,20 @@ def find_qemu() -> Path:
             return candidate.path
         where = f" ({candidate.path})" if candidate.path else ""
         verdicts.append(f"{candidate.origin}{where}: {candidate.note}")
-    raise ProvisionError("no QEMU >= 10.2 found:\n  " + "\n  ".join(verdicts) + f"\n{GET_QEMU_HINT}")
+    raise ProvisionError(
+        f"no {arch.qemu_binary} >= 10.2 found:\n  " + "\n  ".join(verdicts) + f"\n{get_qemu_hint(arch)}"
+    )
+
+
+def get_qemu_hint(arch: GuestArch) -> str:
+    """What to run (or set) when no QEMU for ``arch`` is found."""
+    command = "scripts/get-qemu" if arch == X86_64 else f"scripts/get-qemu --arch {arch.name}"
+    variable = qemu_variable(arch)
+    return f"run {command} (it builds QEMU >= 10.2 into the cache), or set ${variable} to such a binary"
 
 
 def ensure_firmware() -> None:
-    """Install the BIOS and option ROM packages QEMU needs at run time when they are missing."""
+    """Install the BIOS and option ROM packages QEMU needs at run time when they are missing (x86 only)."""
     ensure_packages(FIRMWARE_PACKAGES, why="running QEMU (BIOS and option ROMs)")
     missing = [str(path) for path in FIRMWARE_FILES if not path.is_file()]
     if missing:
@@ -148,17 +174,19 @@ def ensure_firmware() -> None:
         )
 
 
-def ensure_qemu() -> Path:
-    """:func:`find_qemu`, building into the cache when nothing usable exists; firmware installed too."""
-    ensure_firmware()
+def ensure_qemu(arch: GuestArch | None = None) -> Path:
+    """:func:`find_qemu`, building into the cache when nothing usable exists; x86's firmware installed too."""
+    arch = arch or guest_arch()
+    if arch == X86_64:
+        ensure_firmware()
     try:
-        return find_qemu()
+        return find_qemu(arch)
     except ProvisionError:
         pass
     with _cache_lock():
         # Another process may have finished a build while this one waited for the lock.
         try:
-            return find_qemu()
+            return find_qemu(arch)
         except ProvisionError:
             pass
         source_override = os.environ.get(QEMU_SRC_ENV)
@@ -171,7 +199,7 @@ def ensure_qemu() -> Path:
             label = "src-" + hashlib.sha256(str(source).encode()).hexdigest()[:12]
         else:
             source, label = fetch_debian_source(project_apt())
-        binary = build_qemu(source, qemu_cache() / label)
+        binary = build_qemu(source, qemu_cache() / label, arch)
     return binary
 
 
@@ -245,6 +273,11 @@ def _label_for(version: str) -> str:
     return "debian-" + re.sub(r"[^A-Za-z0-9.+-]", "_", version)
 
 
+def configure_options(arch: GuestArch) -> list[str]:
+    """``configure``'s options for ``arch``'s one softmmu target."""
+    return [f"--target-list={arch.qemu_target}-softmmu", *CONFIGURE_OPTIONS]
+
+
 def build_python(work: Path) -> Path:
     """A venv of the cache holding the build system's Python tools; returns its interpreter."""
     venv = work / "venv"
@@ -265,43 +298,43 @@ def build_python(work: Path) -> Path:
     return python
 
 
-def build_qemu(source: Path, work: Path) -> Path:
-    """Configure and build ``qemu-system-x86_64`` from ``source`` in ``work``; link it as the cached build.
+def build_qemu(source: Path, work: Path, arch: GuestArch = X86_64) -> Path:
+    """Configure and build ``arch``'s QEMU binary from ``source`` in ``work``; link it as the cached build.
 
     Only that one ninja target is built, so the firmware blobs Debian's ``+ds`` tarball lacks (edk2) are
     never needed and the source tree is used as it is.
     """
     ensure_packages(BUILD_PACKAGES, why="building QEMU")
     work.mkdir(parents=True, exist_ok=True)
-    log = work / "build.log"
-    console.print(f"building QEMU from {source} in {work} (log: {log})")
+    build_dir = build_directory(work, arch)
+    log = build_dir.with_name(build_dir.name + ".log")
+    console.print(f"building {arch.qemu_binary} from {source} in {build_dir} (log: {log})")
     python = build_python(work)
-    build_dir = work / "build"
     env = dict(os.environ, PATH=f"{python.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     if not (build_dir / "build.ninja").is_file():
         build_dir.mkdir(parents=True, exist_ok=True)
         run_logged(
-            [source / "configure", f"--python={python}", *CONFIGURE_OPTIONS],
-            title="build: configure (x86_64-softmmu, minimal features)",
+            [source / "configure", f"--python={python}", *configure_options(arch)],
+            title=f"build: configure ({arch.qemu_target}-softmmu, minimal features)",
             log=log,
             cwd=build_dir,
             env=env,
         )
     jobs = str(os.cpu_count() or 1)
     run_logged(
-        ["ninja", "-j", jobs, BINARY_NAME],
-        title=f"build: ninja {BINARY_NAME}",
+        ["ninja", "-j", jobs, arch.qemu_binary],
+        title=f"build: ninja {arch.qemu_binary}",
         log=log,
         cwd=build_dir,
         env=env,
     )
-    binary = build_dir / BINARY_NAME
+    binary = build_dir / arch.qemu_binary
     with phase(f"checking that the build has -device {GENERIC_DEVICE}"):
         if not has_generic_device(binary):
             raise ProvisionError(
                 f"{binary} was built but lacks -device {GENERIC_DEVICE}; is the source >= 10.2?"
             )
-    link = cached_binary_link()
+    link = cached_binary_link(arch)
     link.parent.mkdir(parents=True, exist_ok=True)
     temporary = link.with_name(link.name + ".new")
     temporary.unlink(missing_ok=True)
@@ -317,15 +350,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="get-qemu",
         description=f"Find or build a QEMU >= 10.2 (with -device {GENERIC_DEVICE}) and print its path.",
-        epilog=f"Order: ${QEMU_ENV}, {BINARY_NAME} on PATH, the cache ({qemu_cache()}), a build from "
-        f"${QEMU_SRC_ENV}, a build from Debian's qemu source package. $VHOST_IOMMU_CACHE moves the cache.",
+        epilog="Order: $QEMU ($QEMU_AARCH64 for arm64), qemu-system-x86_64 (qemu-system-aarch64) on PATH, "
+        f"the cache ({qemu_cache()}), a build from ${QEMU_SRC_ENV}, a build from Debian's qemu source "
+        "package. $VHOST_IOMMU_CACHE moves the cache.",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=tuple(ARCHES),
+        help=f"the guest architecture the QEMU emulates (default ${ARCH_VARIABLE}, else {X86_64.name})",
     )
     parser.add_argument(
         "--check", action="store_true", help="only look; never build or install (exit 1 if none)"
     )
     args = parser.parse_args(argv)
     try:
-        binary = find_qemu() if args.check else ensure_qemu()
+        arch = guest_arch(args.arch)
+        binary = find_qemu(arch) if args.check else ensure_qemu(arch)
     except ProvisionError as error:
         console.print(f"[red]get-qemu:[/red] {error}")
         return 1

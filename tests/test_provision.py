@@ -728,3 +728,11 @@ def test_wait_collects_the_job_result() -> None:
     assert run.job_rc == 4 and run.returncode == 0
     assert run.lines[-1] == "bye"
     assert set(run.marks) == {"VHOST_IOMMU_BOOTED", "VHOST_IOMMU_JOB_DONE"}
+
+
+def test_every_machine_a_topology_names_is_provisioned() -> None:
+    from vhost_iommu.machine import Arch
+    from vhost_iommu.provision.arch import provisioning_for
+
+    for machine in Arch:
+        assert provisioning_for(machine).name == machine.value

@@ -151,10 +151,10 @@ def _configure_qemu_args(parser: argparse.ArgumentParser) -> None:
 
 def _qemu_setup(args: argparse.Namespace, topology: Topology, **fields: Any) -> QemuSetup:
     """The QemuSetup of ``topology``'s machine with the command's --qemu and --memory."""
-    from vhost_iommu.machine import QEMU_BINARIES
+    from vhost_iommu.provision.arch import provisioning_for
     from vhost_iommu.qemu import QemuSetup, placement_from
 
-    qemu = args.qemu or QEMU_BINARIES[topology.arch]
+    qemu = args.qemu or provisioning_for(topology.arch).qemu_binary
     values: dict[str, Any] = {"kernel": Path("vmlinuz"), "initrd": Path("initrd.gz"), **fields}
     return QemuSetup(
         qemu=Path(qemu),

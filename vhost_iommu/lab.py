@@ -31,11 +31,12 @@ from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
-from vhost_iommu.machine import QEMU_BINARIES, Arch
+from vhost_iommu.machine import Arch
+from vhost_iommu.provision.arch import provisioning_for
 from vhost_iommu.provision.boot import GuestSession
 from vhost_iommu.provision.devicetree import write_guest_dtb
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
-from vhost_iommu.provision.qemu_build import ensure_qemu, qemu_cache
+from vhost_iommu.provision.qemu_build import ensure_qemu
 from vhost_iommu.qemu import (
     Endpoint,
     IommuKind,
@@ -63,24 +64,14 @@ class LabError(RuntimeError):
 
 
 def provisioned_qemu(arch: Arch) -> Path:
-    """The QEMU for ``arch``'s guests: x86_64's built into the cache when missing; another one where
-    ``scripts/get-qemu --arch`` links its build (``<cache>/qemu/bin/``)."""
-    if arch is Arch.X86_64:
-        return ensure_qemu()
-    cached = qemu_cache() / "bin" / QEMU_BINARIES[arch]
-    if cached.is_file():
-        return cached
-    raise LabError(f"no {cached} (scripts/get-qemu --arch {arch.value} builds it): or pass Lab(qemu=...)")
+    """The QEMU for ``arch``'s guests, built into the cache when missing (``scripts/get-qemu --arch``)."""
+    return ensure_qemu(provisioning_for(arch))
 
 
 def provisioned_guest(arch: Arch) -> GuestImage:
-    """The guest kernel and initramfs for ``arch``, built into the cache when missing."""
-    if arch is Arch.X86_64:
-        return ensure_guest()
-    raise LabError(
-        f"no {arch.value} guest is provisioned here (scripts/build-guest --arch {arch.value}): "
-        "pass Lab(guest=...)"
-    )
+    """The guest kernel and initramfs for ``arch`` (the suite: ``$VHOST_IOMMU_GUEST_SUITE``), built into
+    the cache when missing (``scripts/build-guest --arch``)."""
+    return ensure_guest(arch=provisioning_for(arch))
 
 
 @dataclass(frozen=True)

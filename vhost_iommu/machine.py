@@ -73,7 +73,3 @@ def virt_mmio_bus(address: int) -> str:
             f"{VIRT_MMIO_SIZE:#x} bytes from {VIRT_MMIO_BASE:#x})"
         )
     return f"virtio-mmio-bus.{index}"
-
-
-#: QEMU's system emulator for each architecture (the name on PATH).
-QEMU_BINARIES = {Arch.X86_64: "qemu-system-x86_64", Arch.ARM64: "qemu-system-aarch64"}

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from vhost_iommu.machine import Arch
 from vhost_iommu.provision.errors import ProvisionError
 
 
 @dataclass(frozen=True)
 class GuestArch:
-    """One guest architecture."""
+    """One guest architecture: how to provision for the machine a topology's ``arch`` names."""
 
-    name: str  # what --arch and $VHOST_IOMMU_GUEST_ARCH take
+    machine: Arch
     qemu_target: str  # QEMU's name: the softmmu target and the binary's suffix
     debian_arch: str  # Debian's name: the kernel flavour and the architecture of downloaded packages
     # Whether the project's hosts (x86_64 Debian) run this architecture's programs: then the guest takes the
@@ -30,6 +31,11 @@ class GuestArch:
     first_modules: tuple[str, ...] = ()
 
     @property
+    def name(self) -> str:
+        """What --arch and $VHOST_IOMMU_GUEST_ARCH take (the topology's ``arch``)."""
+        return self.machine.value
+
+    @property
     def qemu_binary(self) -> str:
         return f"qemu-system-{self.qemu_target}"
 
@@ -38,12 +44,12 @@ class GuestArch:
         return f"linux-image-{self.debian_arch}"
 
 
-X86_64 = GuestArch("x86_64", "x86_64", "amd64", True, "gcc", ("gcc", "libc6-dev"))
+X86_64 = GuestArch(Arch.X86_64, "x86_64", "amd64", True, "gcc", ("gcc", "libc6-dev"))
 # The guest programs are cross-compiled with bookworm's cross toolchain; virtio-mmio (the second transport
 # of QEMU's virt machine) is a module in Debian's arm64 kernel, loaded before virtio_iommu so that an
 # IOMMU on that transport is found when virtio_iommu probes.
 ARM64 = GuestArch(
-    "arm64",
+    Arch.ARM64,
     "aarch64",
     "arm64",
     False,
@@ -64,3 +70,8 @@ def guest_arch(name: str | None = None) -> GuestArch:
     if chosen not in ARCHES:
         raise ProvisionError(f"no guest architecture {chosen!r}: choose one of {', '.join(ARCHES)}")
     return ARCHES[chosen]
+
+
+def provisioning_for(machine: Arch) -> GuestArch:
+    """How to provision guests of ``machine`` (a topology's ``arch``)."""
+    return ARCHES[machine.value]

@@ -18,9 +18,8 @@ import pytest
 from vhost_iommu.control import ControlClient
 from vhost_iommu.lab import Lab, LabConfig
 from vhost_iommu.provision.boot import GuestRun, parse_fields
-from vhost_iommu.provision.guest import GuestImage, ensure_guest
+from vhost_iommu.provision.guest import GuestImage
 from vhost_iommu.provision.klog import kernel_trouble
-from vhost_iommu.provision.qemu_build import ensure_qemu
 
 pytestmark = pytest.mark.e2e
 
@@ -30,16 +29,6 @@ TESTDEV = 0x20  # pci-testdev at 00:04.0, endpoint ID = BDF in the default topol
 ADDED_LATENCY_US = 200_000
 # drivers/iommu/virtio-iommu.c, viommu_fault_handler: "%s fault from EP %u at %#llx [%s%s%s]" (dev_err).
 FAULT_REPORT = "{reason} fault from EP {endpoint} at {address:#x} [{access}]"
-
-
-@pytest.fixture(scope="module")
-def qemu() -> Path:
-    return ensure_qemu()
-
-
-@pytest.fixture(scope="module")
-def guest_image(guest_suite: str) -> GuestImage:
-    return ensure_guest(suite=guest_suite)
 
 
 @pytest.fixture

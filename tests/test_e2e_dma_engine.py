@@ -20,7 +20,8 @@ from vhost_iommu.lab import Lab, LabConfig
 from vhost_iommu.provision.boot import GuestRun
 from vhost_iommu.provision.dma_engine_report import EngineReport, parse_dma_engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.every_kernel]
+# every_arch: the DMA engine over vfio-user on Arm too, inside the device tree's iommu-map.
+pytestmark = [pytest.mark.e2e, pytest.mark.every_kernel, pytest.mark.every_arch]
 
 ENGINE_BDF = "0000:00:05.0"
 ENGINE_ENDPOINT = 0x28  # 00:05.0: endpoint ID = BDF in the default topology; the guest prints it decimal
@@ -38,7 +39,7 @@ class EngineRun:
 
 
 @pytest.fixture(scope="module")
-def engine_run(guest_suite: str) -> Iterator[EngineRun]:  # one guest per kernel
+def engine_run(guest_kind: object) -> Iterator[EngineRun]:  # one guest per kernel and architecture
     config = LabConfig(
         job="dma-engine", params={"dev": ENGINE_BDF, "dma": TESTS, "hold": "1"}, serve_devices=True
     )

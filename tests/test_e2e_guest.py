@@ -14,17 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from vhost_iommu.device import IommuDevice
+from vhost_iommu.device import IommuDevice, Topology
 from vhost_iommu.device.layout import MAP_F_READ, MAP_F_WRITE
 from vhost_iommu.lab import Lab, LabConfig
+from vhost_iommu.machine import RAM_BASE, Arch
 from vhost_iommu.provision.boot import GuestRun, parse_fields
-from vhost_iommu.provision.guest import GuestImage, ensure_guest
+from vhost_iommu.provision.guest import GuestImage
 from vhost_iommu.provision.klog import kernel_trouble
-from vhost_iommu.provision.qemu_build import ensure_qemu
 from vhost_iommu.qemu import PciTestDevice, VirtioBlockDevice
 
 pytestmark = pytest.mark.e2e
 
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "qemu-configs" / "topologies"
 BOOT_TIMEOUT = 240.0
 STEP_TIMEOUT = 60.0
 TESTDEV_ENDPOINT = 0x20  # pci-testdev at 00:04.0: endpoint ID = BDF in the default topology
@@ -34,16 +35,6 @@ GUEST_RAM = 1 << 30
 # What a healthy guest never logs, beyond kernel trouble (the guest's /init prints its kernel log's
 # warnings and errors at the end): the driver's own complaints.
 DRIVER_TROUBLE = re.compile(r"virtio_iommu.*(error|fail|timeout)|viommu.*(error|fail)", re.IGNORECASE)
-
-
-@pytest.fixture(scope="module")
-def qemu() -> Path:
-    return ensure_qemu()
-
-
-@pytest.fixture(scope="module")
-def guest_image(guest_suite: str) -> GuestImage:
-    return ensure_guest(suite=guest_suite)
 
 
 def assert_kernel_log_clean(run: GuestRun) -> None:
@@ -94,6 +85,7 @@ def finish(lab: Lab) -> GuestRun:
     return lab.guest.wait(STEP_TIMEOUT)
 
 
+@pytest.mark.every_arch
 def test_driver_binds_probes_and_attaches_the_viot_endpoint(vfio_lab: Lab) -> None:
     counters = vfio_lab.inspect(lambda device: device.request_counters())
     domain = vfio_lab.inspect(lambda device: attached_domain(device, TESTDEV_ENDPOINT))
@@ -111,7 +103,8 @@ def test_driver_binds_probes_and_attaches_the_viot_endpoint(vfio_lab: Lab) -> No
 
 
 @pytest.mark.every_kernel
-def test_vfio_map_unmap_steps_match_the_backend_table(vfio_lab: Lab) -> None:
+@pytest.mark.every_arch
+def test_vfio_map_unmap_steps_match_the_backend_table(vfio_lab: Lab, guest_arch: str) -> None:
     steps = [
         ("map", 0x1_0000_0000, 0x1000, "rw"),
         ("map", 0x1_0001_0000, 0x4000, "r"),
@@ -136,13 +129,43 @@ def test_vfio_map_unmap_steps_match_the_backend_table(vfio_lab: Lab) -> None:
         mappings = vfio_lab.inspect(lambda device: device.mappings(domain))
         assert coalesced(mappings) == sorted(expected.values()), f"after step {sequence}: {op} {iova:#x}"
         # The guest's IOMMU layer mapped guest RAM pages of the VFIO user's buffer.
-        assert all(phys > 0 and phys + (last - start) < GUEST_RAM for start, last, phys, _ in mappings)
+        low = RAM_BASE[Arch(guest_arch)]
+        assert all(low < phys and phys + last - start < low + GUEST_RAM for start, last, phys, _ in mappings)
     # The kick thread serves the requestq with or without the control channel (the control layer takes
     # the ring to the event loop only while a delay or an observer needs every kick in Python).
     kicks = vfio_lab.backend().kick_thread_counters()
     assert kicks is not None and kicks["kicks"] >= len(steps), kicks
     run = finish(vfio_lab)
     assert run.job_rc == 0
+    assert_kernel_log_clean(run)
+
+
+@pytest.mark.arm64_only
+def test_an_iommu_on_virtio_mmio_translates_for_the_pci_endpoints(
+    qemu: Path, guest_image: GuestImage
+) -> None:
+    """Arm's second transport: the IOMMU a virtio-mmio device (arm-virt-mmio.toml), the PCI functions
+    translated through the PCIe host's iommu-map. The guest finds it in the device tree, VFIO maps through
+    it, and the back-end holds what the guest mapped."""
+    topology = Topology.load(TOPOLOGIES / "arm-virt-mmio.toml")
+    config = LabConfig(job="vfio-steps", params={"hold": "1"}, topology=topology)
+    with Lab(config, qemu=qemu, guest=guest_image) as lab:
+        lab.guest.expect(r"VFIO_STEP_READY seq=0", BOOT_TIMEOUT)
+        domain = lab.inspect(lambda device: attached_domain(device, TESTDEV_ENDPOINT))
+        assert domain is not None, "00:04.0 is not attached through the virtio-mmio IOMMU"
+        lab.guest.send("map 0x100000000 0x4000 rw")
+        result = parse_fields(lab.guest.expect(r"VFIO_STEP seq=1 .*", STEP_TIMEOUT)[0])
+        lab.guest.expect(r"VFIO_STEP_READY seq=1", STEP_TIMEOUT)
+        mappings = lab.inspect(lambda device: device.mappings(domain))
+        run = finish(lab)
+    assert result["rc"] == "0", result
+    assert coalesced(mappings) == [(0x1_0000_0000, 0x1_0000_3FFF, MAP_F_READ | MAP_F_WRITE)]
+    assert run.job_rc == 0
+    # The driver bound the one virtio-iommu there is: the generic device on virt's virtio-mmio bus.
+    devices = [arg for arg in lab.command.argv if arg.startswith("vhost-user-test-device")]
+    assert devices and all(device.startswith("vhost-user-test-device,") for device in devices), devices
+    assert "bus=virtio-mmio-bus.31" in devices[0]
+    assert "virtio_iommu virtio0: input address: 48 bits" in run.output
     assert_kernel_log_clean(run)
 
 

@@ -102,6 +102,7 @@ def test_a_forced_attach_status_fails_the_guests_vfio_open_with_its_errno(driver
     assert fields(mapped)["rc"] == "0", lines
 
 
+@pytest.mark.every_arch
 def test_a_forced_map_status_shows_in_the_guest_when_the_endpoint_uses_the_address(
     driver: DriverLab,
 ) -> None:

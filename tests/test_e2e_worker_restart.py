@@ -26,6 +26,7 @@ from vhost_iommu.bench.restart import (
     VfioSteps,
     boot,
     finish_job,
+    keeper_options,
     kill_in_flight,
     restarts_under_steps,
 )
@@ -48,7 +49,7 @@ def keeper(directory: Path, request: pytest.FixtureRequest) -> Iterator[KeeperPr
     """The program with --state-dir; a worker that dies is replaced by a process started then, or (with
     --spare-worker) by one loaded ahead and waiting."""
     spare = ("--spare-worker",) if request.param else ()
-    program = KeeperProcess(str(directory), *spare, backend="iommu", timeout=STEP_TIMEOUT)
+    program = KeeperProcess(str(directory), *spare, *keeper_options(), backend="iommu", timeout=STEP_TIMEOUT)
     try:
         yield program
     finally:
@@ -78,6 +79,7 @@ def finish(guest: GuestSession, keeper: KeeperProcess) -> None:
 
 
 @pytest.mark.every_kernel
+@pytest.mark.every_arch
 def test_worker_killed_between_and_during_vfio_steps_and_upgraded(
     directory: Path, keeper: KeeperProcess
 ) -> None:

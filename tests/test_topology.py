@@ -8,6 +8,7 @@ import pytest
 
 from vhost_iommu.device import IommuDevice, ResvMemType, Topology, TopologyError
 from vhost_iommu.device.topology import PciRange, ReservedRegion
+from vhost_iommu.machine import Arch
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "qemu-configs" / "topologies"
 
@@ -39,10 +40,11 @@ def test_default_is_the_q35_layout() -> None:
     assert topology.pci_address(0xF7) == (0, 0xF7)
 
 
-def test_shipped_default_file_equals_default() -> None:
-    loaded = Topology.load(TOPOLOGIES / "default.toml")
-    assert loaded == Topology.default()
-    assert hash(loaded) == hash(Topology.default())
+@pytest.mark.parametrize(("name", "arch"), [("default.toml", Arch.X86_64), ("arm-virt.toml", Arch.ARM64)])
+def test_shipped_default_file_equals_default(name: str, arch: Arch) -> None:
+    loaded = Topology.load(TOPOLOGIES / name)
+    assert loaded == Topology.default(arch)
+    assert hash(loaded) == hash(Topology.default(arch))
 
 
 @pytest.mark.parametrize("path", sorted(TOPOLOGIES.glob("*.toml")), ids=lambda p: p.name)

@@ -2,7 +2,8 @@
 
 :class:`Lab` puts the pieces together for the main job, the end-to-end tests and the benchmarks: it serves
 the back-end on a private socket (its event loop on a thread), writes the topology's ACPI VIOT table (or, for
-an arm64 topology, the device tree made from QEMU's dump of the same machine), starts QEMU with the guest
+an arm64 topology, the device tree made from QEMU's dump of the same machine: provision.devicetree's
+describe_topology), starts QEMU with the guest
 and a job, and hands out both sides: the guest's console
 (:class:`~vhost_iommu.provision.boot.GuestSession`) and the device the guest is talking to, inspected on the
 server's own loop so no state is read while a request is half applied. It also serves the back-end's control
@@ -32,9 +33,9 @@ from vhost_iommu.endpoint_server import EndpointServer
 from vhost_iommu.harness.background import RunningServer
 from vhost_iommu.jit import warm_up
 from vhost_iommu.machine import Arch
-from vhost_iommu.provision.arch import provisioning_for
+from vhost_iommu.provision.arch import guest_arch, provisioning_for
 from vhost_iommu.provision.boot import GuestSession
-from vhost_iommu.provision.devicetree import write_guest_dtb
+from vhost_iommu.provision.devicetree import describe_topology
 from vhost_iommu.provision.guest import GuestImage, ensure_guest
 from vhost_iommu.provision.qemu_build import ensure_qemu
 from vhost_iommu.qemu import (
@@ -47,7 +48,6 @@ from vhost_iommu.qemu import (
     build_command,
     placement_from,
 )
-from vhost_iommu.viot import viot_from_topology
 from vhost_iommu.virtio_iommu import VirtioIommuBackend
 
 T = TypeVar("T")
@@ -82,7 +82,8 @@ class LabConfig:
     # vhost_iommu.NAME=VALUE parameters of the guest's /init (count, bench, dev, blk_mb...).
     params: Mapping[str, str] = field(default_factory=dict)
     kernel_args: Sequence[str] = ()
-    topology: Topology = field(default_factory=Topology.default)
+    # The default topology of the architecture this process boots ($VHOST_IOMMU_GUEST_ARCH, else x86_64).
+    topology: Topology = field(default_factory=lambda: Topology.default(guest_arch().machine))
     endpoints: Sequence[Endpoint] = DEFAULT_ENDPOINTS
     iommu: IommuKind = IommuKind.VHOST_USER
     memory_mib: int = 1024
@@ -155,17 +156,12 @@ class Lab:
         # A short directory: unix socket paths are limited to 108 bytes.
         self._scratch = tempfile.TemporaryDirectory(prefix="vhost-iommu-lab-")
         scratch = Path(self._scratch.name)
-        socket_path = viot_path = dtb_path = None
+        socket_path = None
         if config.iommu is IommuKind.VHOST_USER:
             # Compile (or load from numba's cache) every kernel before QEMU starts: a first MAP that had to
             # compile would stall the guest's synchronous request for seconds.
             warm_up()
             socket_path = scratch / "viommu.sock"
-            if arch is Arch.ARM64:
-                dtb_path = scratch / "guest.dtb"  # written below, from the dump of this very machine
-            else:
-                viot_path = scratch / "viot.bin"
-                viot_path.write_bytes(viot_from_topology(config.topology))
             if config.control:
                 service = ControlService(
                     conformance=config.conformance,
@@ -194,17 +190,15 @@ class Lab:
             ],
             iommu=config.iommu,
             socket_path=socket_path,
-            viot_path=viot_path,
-            dtb_path=dtb_path,
             topology=placement_from(config.topology),
             arch=arch,
             endpoints=endpoints,
             memory_mib=config.memory_mib,
             extra_args=config.extra_qemu_args,
         )
+        if config.iommu is IommuKind.VHOST_USER:
+            setup = describe_topology(setup, config.topology, scratch)
         self.command = build_command(setup)
-        if dtb_path is not None:
-            write_guest_dtb(setup, config.topology, dtb_path)
         self.session = GuestSession(self.command.argv, log=self._log, echo=self._echo)
 
     def close(self) -> None:

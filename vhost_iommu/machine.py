@@ -50,6 +50,10 @@ class IommuFacts(Protocol):
 VIRT_ITS_DOORBELL_START = 0x0809_0000
 VIRT_ITS_DOORBELL_END = 0x0809_FFFF
 
+#: Where each machine's guest RAM starts in guest-physical space: q35 from 0 (a guest of up to 2 GiB lies
+#: entirely below the PCI hole), virt from 1 GiB (hw/arm/virt.c, VIRT_MEM).
+RAM_BASE = {Arch.X86_64: 0, Arch.ARM64: 0x4000_0000}
+
 #: virt's 32 virtio-mmio transports: 0x200 bytes each from 0x0a000000 (hw/arm/virt.c, VIRT_MMIO).
 VIRT_MMIO_BASE = 0x0A00_0000
 VIRT_MMIO_SIZE = 0x200

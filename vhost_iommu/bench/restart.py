@@ -14,12 +14,15 @@ from pathlib import Path
 
 from vhost_iommu.device import Topology
 from vhost_iommu.harness.keeper_process import KeeperProcess
+from vhost_iommu.machine import Arch
+from vhost_iommu.provision.arch import guest_arch
 from vhost_iommu.provision.boot import GuestRun, GuestSession, parse_fields
+from vhost_iommu.provision.devicetree import describe_topology
 from vhost_iommu.provision.guest import ensure_guest
 from vhost_iommu.provision.klog import KLOG_PREFIX, kernel_trouble
+from vhost_iommu.provision.paths import repo_root
 from vhost_iommu.provision.qemu_build import ensure_qemu
 from vhost_iommu.qemu import IommuKind, PciTestDevice, QemuSetup, build_command
-from vhost_iommu.viot import viot_from_topology, viot_topology_from
 
 BOOT_TIMEOUT = 240.0
 STEP_TIMEOUT = 90.0
@@ -33,13 +36,20 @@ EVENTS = (NO_RESTART, KILL_BETWEEN, KILL_IN_FLIGHT, UPGRADE)
 """What :func:`restarts_under_steps` times, in its order."""
 
 
+def keeper_options() -> tuple[str, ...]:
+    """The back-end options that make the keeper's workers serve the default topology of the machine
+    :func:`boot` boots ($VHOST_IOMMU_GUEST_ARCH): none on x86_64 (the back-end's own default); on arm64 the
+    shipped arm-virt preset, its vfio-user devices left out (a keeper serves none)."""
+    if guest_arch().machine is Arch.X86_64:
+        return ()
+    return ("--topology", str(repo_root() / "qemu-configs" / "topologies" / "arm-virt.toml"), "--no-devices")
+
+
 def boot(directory: Path, socket_path: str, job: str, **params: str) -> GuestSession:
     """The guest's ``job`` (with ``vhost_iommu.<name>=<value>`` for ``params``), its IOMMU the vhost-user
     device on ``socket_path`` and pci-testdev at 00:04.0 for VFIO; held at the end (``vhost_iommu.hold``)."""
-    qemu, image = ensure_qemu(), ensure_guest()
-    topology = Topology.default()
-    viot = directory / "viot.bin"
-    viot.write_bytes(viot_from_topology(topology))
+    arch = guest_arch()  # $VHOST_IOMMU_GUEST_ARCH; the back-end must serve that machine's default topology
+    qemu, image = ensure_qemu(arch), ensure_guest(arch=arch)
     setup = QemuSetup(
         qemu=qemu,
         kernel=image.kernel,
@@ -48,11 +58,10 @@ def boot(directory: Path, socket_path: str, job: str, **params: str) -> GuestSes
         + [f"vhost_iommu.{name}={value}" for name, value in params.items()],
         iommu=IommuKind.VHOST_USER,
         socket_path=Path(socket_path),
-        viot_path=viot,
-        topology=viot_topology_from(topology),
         endpoints=(PciTestDevice(slot=4),),
         memory_mib=GUEST_MEMORY_MIB,
     )
+    setup = describe_topology(setup, Topology.default(arch.machine), directory)
     return GuestSession(build_command(setup).argv, log=directory / f"console-{job}.log")
 
 

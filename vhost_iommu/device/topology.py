@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from vhost_iommu.device.layout import RESV_MEM_SIZE, U32_MAX, U64_MAX, ResvMemType
-from vhost_iommu.machine import VIRT_DEFAULT_MMIO_TRANSPORT, Arch, IommuTransport, virt_mmio_bus
+from vhost_iommu.machine import (
+    VIRT_DEFAULT_MMIO_TRANSPORT,
+    VIRT_ITS_DOORBELL_END,
+    VIRT_ITS_DOORBELL_START,
+    Arch,
+    IommuTransport,
+    virt_mmio_bus,
+)
 
 # Per-domain state lives in arrays indexed by domain ID (see domains.py), so the domain range is bounded.
 # 65536 matches the 16-bit domain IDs of VT-d, AMD-Vi and SMMU, far more than a guest uses at once.
@@ -172,10 +179,16 @@ class Topology:
     # -- constructors ------------------------------------------------------------------------------------
 
     @classmethod
-    def default(cls) -> Topology:
-        """x86 q35: IOMMU at 0000:00:03.0, endpoints 0000:00:04.0-0000:00:1e.7 with endpoint ID = BDF."""
-        msi = ReservedRegion(ResvMemType.MSI, X86_MSI_START, X86_MSI_END)
+    def default(cls, arch: Arch = Arch.X86_64) -> Topology:
+        """IOMMU at 0000:00:03.0, endpoints 0000:00:04.0-0000:00:1e.7 with endpoint ID = BDF, the DMA engine
+        at 00:05.0: on x86 q35 (qemu-configs/topologies/default.toml) with x86's MSI window as the MSI
+        region, on arm64 virt (arm-virt.toml) with the GICv3 ITS doorbell instead."""
+        if arch is Arch.ARM64:
+            msi = ReservedRegion(ResvMemType.MSI, VIRT_ITS_DOORBELL_START, VIRT_ITS_DOORBELL_END)
+        else:
+            msi = ReservedRegion(ResvMemType.MSI, X86_MSI_START, X86_MSI_END)
         return cls(
+            arch=arch,
             pci_ranges=(PciRange(0, 0x20, 0xF7, 0x20, (msi,)),),
             devices=(ServedDevice("dma-engine", 0, 0x28, DEFAULT_DMA_ENGINE_SOCKET),),
         )

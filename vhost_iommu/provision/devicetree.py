@@ -1,18 +1,24 @@
 """The Arm guest's device tree, made for one machine setup: QEMU dumps the tree its virt builds for the very
 same machine options, and :func:`vhost_iommu.dtb.add_iommu` adds the IOMMU from the topology. The dump is
 the I/O half (a subprocess); the codec stays bytes in, bytes out.
+
+:func:`describe_topology` is the one place a guest booted against vhost-iommu gets its topology's firmware
+description: the ACPI VIOT on x86 q35, this device tree on arm64 virt.
 """
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+from vhost_iommu.device.topology import Topology
 from vhost_iommu.dtb import DtbError, add_iommu
-from vhost_iommu.machine import IommuFacts
+from vhost_iommu.machine import Arch, IommuFacts
 from vhost_iommu.provision.errors import ProvisionError
-from vhost_iommu.qemu import CommandError, QemuSetup, dtb_dump_command
+from vhost_iommu.qemu import CommandError, QemuSetup, dtb_dump_command, placement_from
+from vhost_iommu.viot import viot_from_topology
 
 #: QEMU exits right after writing the dump; a minute covers a loaded machine.
 DUMP_TIMEOUT = 60.0
@@ -46,3 +52,19 @@ def write_guest_dtb(setup: QemuSetup, topology: IommuFacts, output: Path) -> Pat
         raise ProvisionError(f"the guest's device tree: {error}") from None
     output.write_bytes(blob)
     return output
+
+
+def describe_topology(setup: QemuSetup, topology: Topology, directory: Path) -> QemuSetup:
+    """``setup`` for a guest of ``topology``'s machine whose IOMMU is vhost-iommu, with the firmware
+    description the guest learns the topology from written into ``directory``: the ACPI VIOT on x86_64,
+    the device tree dumped from this very machine (its memory, CPUs and devices) with the IOMMU added on
+    arm64."""
+    setup = replace(setup, arch=topology.arch, topology=placement_from(topology))
+    if topology.arch is Arch.ARM64:
+        dtb = directory / "guest.dtb"
+        setup = replace(setup, dtb_path=dtb)
+        write_guest_dtb(setup, topology, dtb)
+        return setup
+    viot = directory / "viot.bin"
+    viot.write_bytes(viot_from_topology(topology))
+    return replace(setup, viot_path=viot)

@@ -17,7 +17,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from vhost_iommu.bench.restart import EVENTS, STEP_TIMEOUT, VfioSteps, boot, restarts_under_steps
+from vhost_iommu.bench.restart import (
+    EVENTS,
+    STEP_TIMEOUT,
+    VfioSteps,
+    boot,
+    keeper_options,
+    restarts_under_steps,
+)
 from vhost_iommu.harness.keeper_process import KeeperProcess
 from vhost_iommu.jit import warm_up
 
@@ -26,7 +33,9 @@ def pauses_of_one_boot(spare: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="vhost-br-") as path:  # short: socket paths <= 108 bytes
         directory = Path(path)
         options = ("--spare-worker",) if spare else ()
-        keeper = KeeperProcess(str(directory), *options, backend="iommu", timeout=STEP_TIMEOUT)
+        keeper = KeeperProcess(
+            str(directory), *options, *keeper_options(), backend="iommu", timeout=STEP_TIMEOUT
+        )
         try:
             with boot(directory, keeper.socket, "vfio-steps") as guest:
                 iovas = [0x1_0000_0000 + index * 0x10_0000 for index in range(6)]

@@ -27,7 +27,14 @@ from vhost_iommu.jit import requests as kernel
 from vhost_iommu.jit.tables import MappingTable
 from vhost_iommu.kick_thread import KickThread
 from vhost_iommu.memory import GuestMemory
-from vhost_iommu.thread_priority import DEFAULT_PRIORITY, ThreadPriority
+from vhost_iommu.thread_priority import (
+    BUSY_TO_RAISE,
+    DEFAULT_PRIORITY,
+    IdleSampler,
+    LoadGovernor,
+    ThreadPriority,
+    cpu_times,
+)
 from vhost_iommu.virtio_iommu import THREAD_POLL_US, VirtioIommuBackend, poll_windows
 from vhost_iommu.virtqueue import VIRTQ_DESC_F_NEXT, SplitQueue
 
@@ -456,9 +463,26 @@ def test_the_kick_thread_runs_at_the_priority_asked_for_and_only_it(
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == process_nice
 
 
-def test_the_default_priority_is_real_time() -> None:
-    assert DEFAULT_PRIORITY is ThreadPriority.REALTIME
-    assert VirtioIommuBackend().kick_thread_priority is ThreadPriority.REALTIME
+def test_the_default_priority_follows_the_host() -> None:
+    assert DEFAULT_PRIORITY is ThreadPriority.ADAPTIVE
+    assert VirtioIommuBackend().kick_thread_priority is ThreadPriority.ADAPTIVE
+
+
+def test_an_adaptive_kick_thread_is_governed_while_it_serves() -> None:
+    """The default: the thread starts in the ordinary class and its loop's governor owns its class (SCHED_FIFO
+    only while the host is busy); the scheduling says which, and the thread is let go when it stops."""
+    with attached_requestq(poll_us=None, priority=ThreadPriority.ADAPTIVE) as (server, driver):
+        answer_one_asking_for_kicks(driver, map_page(1))
+        backend = backend_of(server)
+        thread = backend._kick_thread
+        assert thread is not None and thread.native_id is not None
+        governor = thread._governor
+        assert governor is not None
+        scheduling = backend.kick_thread_scheduling()
+        expected = os.SCHED_FIFO if governor.busy else os.SCHED_OTHER
+        assert scheduling is not None and scheduling.startswith("adaptive, host "), scheduling
+        assert os.sched_getscheduler(thread.native_id) == expected
+    assert not governor._threads and governor._timer is None  # let go: nothing ticks for a gone guest
 
 
 def test_a_priority_the_process_may_not_take_falls_back_to_normal_and_says_so_once(
@@ -473,12 +497,64 @@ def test_a_priority_the_process_may_not_take_falls_back_to_normal_and_says_so_on
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     monkeypatch.setattr(thread_priority, "_warned", set())
     for _ in range(2):
-        with attached_requestq(poll_us=None) as (server, driver):
+        with attached_requestq(poll_us=None, priority=ThreadPriority.REALTIME) as (server, driver):
             answer_one_asking_for_kicks(driver, map_page(1))
             scheduling = backend_of(server).kick_thread_scheduling()
             assert scheduling == "normal (SCHED_FIFO 1 not permitted)"
     warnings = [r for r in caplog.records if "SCHED_FIFO 1 not permitted" in r.getMessage()]
     assert len(warnings) == 1 and "CAP_SYS_NICE" in warnings[0].getMessage()
+
+
+def test_the_governor_raises_its_threads_while_the_host_is_busy_and_lowers_them_after() -> None:
+    """Five busy looks of the last eight raise every governed thread to SCHED_FIFO; two or fewer bring them
+    back to the ordinary class (hysteresis: one busy moment does not flap the threads)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs CAP_SYS_NICE for SCHED_FIFO")
+    parked = threading.Event()
+    worker = threading.Thread(target=parked.wait)
+    worker.start()
+    looks: list[bool] = []
+
+    async def scenario() -> None:
+        governor = LoadGovernor(asyncio.get_running_loop(), sample=looks.pop)
+        assert worker.native_id is not None
+        governor.register(worker.native_id)
+        for look in range(1, 6):
+            looks.append(True)
+            governor.tick()
+            expected = os.SCHED_FIFO if look >= BUSY_TO_RAISE else os.SCHED_OTHER
+            assert os.sched_getscheduler(worker.native_id) == expected, look
+        assert governor.busy and governor.scheduling == "SCHED_FIFO 1"
+        for look in range(1, 7):
+            looks.append(False)
+            governor.tick()
+            # The window holds 5 busy looks; each quiet one pushes an old look out, busy ones first once
+            # the three quiet looks before them are gone.
+            assert governor.busy == (look < 6), look
+        assert os.sched_getscheduler(worker.native_id) == os.SCHED_OTHER
+        assert governor.changes == 2
+        governor.unregister(worker.native_id)
+        assert governor._timer is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        parked.set()
+        worker.join()
+
+
+def test_the_host_is_busy_while_less_than_a_quarter_of_a_cpu_was_idle() -> None:
+    readings = iter([(0, 0), (10, 100), (60, 200), (60, 200), (85, 300)])
+    looks = IdleSampler(lambda: next(readings), cpus=2)
+    assert looks() is True  # 0.2 CPUs idle of 2
+    assert looks() is False  # 1.0 CPU idle
+    assert looks() is False  # no tick went by
+    assert looks() is False  # 0.5 CPUs idle
+
+
+def test_the_host_s_cpu_times_are_read_from_proc() -> None:
+    idle, total = cpu_times()
+    assert 0 <= idle <= total
 
 
 def test_by_default_only_the_kick_thread_polls() -> None:

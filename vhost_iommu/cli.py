@@ -203,10 +203,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kick-thread-priority",
-        choices=("realtime", "high", "normal"),
+        choices=("adaptive", "realtime", "high", "normal"),
         default=None,
-        help="the requestq thread's scheduling: realtime (SCHED_FIFO 1, the default; it runs as soon as "
-        "the guest kicks, even on a busy host), high (nice -10) or normal; without the privilege for it "
+        help="the requestq thread's scheduling: adaptive (the default: SCHED_FIFO 1 while the host has more "
+        "runnable threads than CPUs, so that the thread runs as soon as the guest kicks, the ordinary class "
+        "otherwise), realtime (SCHED_FIFO 1 always), high (nice -10) or normal; without the privilege "
         "(CAP_SYS_NICE, or RLIMIT_RTPRIO/RLIMIT_NICE) it runs at normal priority and says so once",
     )
     parser.add_argument(

@@ -23,7 +23,7 @@ from vhost_iommu.jit import kickloop
 from vhost_iommu.jit import requests as kernel
 from vhost_iommu.memory import GuestMemory
 from vhost_iommu.request_path import CompiledRequestPath
-from vhost_iommu.thread_priority import ThreadPriority, apply_to_current_thread
+from vhost_iommu.thread_priority import LoadGovernor, ThreadPriority, apply_to_current_thread, governor_of
 from vhost_iommu.virtqueue import SplitQueue
 
 if TYPE_CHECKING:
@@ -72,8 +72,8 @@ class KickThread:
     ) -> None:
         self._backend = backend
         self._priority = priority
-        #: What scheduling the thread got (`thread_priority.apply_to_current_thread`), once it runs.
-        self.scheduling: str | None = None
+        self._fixed_scheduling: str | None = None  # what a fixed priority got, once the thread runs
+        self._governor: LoadGovernor | None = None  # the adaptive priority's
         self._compiled = compiled
         self._ring = ring
         self._memory = memory
@@ -111,8 +111,20 @@ class KickThread:
             os.close(self._wake_fd)
             compiled.set_polling(True)
             raise OSError(f"cannot start the requestq thread: {exc}") from None
+        if priority is ThreadPriority.ADAPTIVE and self._thread.native_id is not None:
+            self._governor = governor_of(loop)
+            self._governor.register(self._thread.native_id)
 
     # -- from the event loop (or, for settle, any other thread) ----------------------------------------------
+
+    @property
+    def scheduling(self) -> str | None:
+        """The thread's scheduling as it got it ("SCHED_FIFO 1", "normal (SCHED_FIFO 1 not permitted)"),
+        with the adaptive policy's view of the host; None before a fixed priority was applied."""
+        governor = self._governor
+        if governor is not None:
+            return f"adaptive, host {'busy' if governor.busy else 'not busy'}: {governor.scheduling}"
+        return self._fixed_scheduling
 
     @property
     def native_id(self) -> int | None:
@@ -131,6 +143,8 @@ class KickThread:
             self._state.notify_all()
         self.wake()
         self._handed_back.set()
+        if self._governor is not None and self._thread.native_id is not None:
+            self._governor.unregister(self._thread.native_id)
         self._thread.join()
         os.close(self._wake_fd)
         self._compiled.set_polling(True)
@@ -202,7 +216,7 @@ class KickThread:
     # -- the thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self.scheduling = apply_to_current_thread(self._priority)
+        self._fixed_scheduling = apply_to_current_thread(self._priority)
         try:
             while self._step():
                 pass

@@ -34,7 +34,8 @@ VHOST_IOMMU_THREAD = "vhost-iommu-thread"
 VHOST_IOMMU_LOOP = "vhost-iommu-loop"
 EMPTY_THREAD = "empty-thread"
 EMPTY_LOOP = "empty-loop"
-# The requestq thread at the other scheduling priorities than the default real-time one.
+# The requestq thread at fixed scheduling priorities instead of the default adaptive one.
+VHOST_IOMMU_REALTIME = "vhost-iommu-realtime"
 VHOST_IOMMU_HIGH = "vhost-iommu-high"
 VHOST_IOMMU_NORMAL = "vhost-iommu-normal"
 # The requestq thread with no poll window (``--poll-us 0``) beside the default adaptive one, in one run.
@@ -48,6 +49,7 @@ KNOWN_BACKENDS = (
     EMPTY_THREAD,
     EMPTY_LOOP,
     VHOST_IOMMU_PYTHON,
+    VHOST_IOMMU_REALTIME,
     VHOST_IOMMU_HIGH,
     VHOST_IOMMU_NORMAL,
     VHOST_IOMMU_NO_POLL,
@@ -61,6 +63,7 @@ BACKEND_TITLES = {
     EMPTY_THREAD: "floor, kick thread",
     EMPTY_LOOP: "floor, event loop",
     VHOST_IOMMU_PYTHON: "vhost-iommu, Python request path",
+    VHOST_IOMMU_REALTIME: "vhost-iommu, thread SCHED_FIFO",
     VHOST_IOMMU_HIGH: "vhost-iommu, thread at nice -10",
     VHOST_IOMMU_NORMAL: "vhost-iommu, thread at normal priority",
     VHOST_IOMMU_NO_POLL: "vhost-iommu, no poll window",

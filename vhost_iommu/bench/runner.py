@@ -9,8 +9,9 @@ vfio-pci) and the IOMMU at the same address; only the IOMMU differs:
 - ``vhost-iommu-python`` (optional): vhost-iommu with its Python request path instead of the compiled one;
 - ``vhost-iommu-thread``, ``vhost-iommu-loop``, ``empty-thread``, ``empty-loop`` (optional): vhost-iommu
   and the floor with the requestq served by the kick thread or by the event loop, whichever is default;
-- ``vhost-iommu-high``, ``vhost-iommu-normal`` (optional): the kick thread at nice -10 or at normal
-  priority instead of the default real-time class (`vhost_iommu.thread_priority`);
+- ``vhost-iommu-realtime``, ``vhost-iommu-high``, ``vhost-iommu-normal`` (optional): the kick thread
+  always SCHED_FIFO, at nice -10 or at normal priority instead of the default adaptive policy
+  (`vhost_iommu.thread_priority`);
 - ``vhost-iommu-no-poll`` (optional): vhost-iommu with no poll window (``--poll-us 0``), to compare with
   the default adaptive window in the same run.
 
@@ -45,6 +46,7 @@ from vhost_iommu.bench.results import (
     VHOST_IOMMU_NO_POLL,
     VHOST_IOMMU_NORMAL,
     VHOST_IOMMU_PYTHON,
+    VHOST_IOMMU_REALTIME,
     VHOST_IOMMU_THREAD,
     Figure,
     Metric,
@@ -114,6 +116,9 @@ def lab_config(backend: str, plan: BenchPlan) -> LabConfig:
         VHOST_IOMMU_LOOP: lambda topology: VirtioIommuBackend(topology, kick_thread=False, poll_us=poll_us),
         EMPTY_THREAD: lambda topology: EmptyBackend(topology, kick_thread=True, poll_us=poll_us),
         EMPTY_LOOP: lambda topology: EmptyBackend(topology, kick_thread=False, poll_us=poll_us),
+        VHOST_IOMMU_REALTIME: lambda topology: VirtioIommuBackend(
+            topology, poll_us=poll_us, kick_thread_priority=ThreadPriority.REALTIME
+        ),
         VHOST_IOMMU_HIGH: lambda topology: VirtioIommuBackend(
             topology, poll_us=poll_us, kick_thread_priority=ThreadPriority.HIGH
         ),
@@ -156,6 +161,9 @@ class RunOutcome:
     # What the requestq thread's kick loop counted (kicks, wake-ups, notifications, poll hits); empty
     # when the event loop served the requestq.
     kick_counters: dict[str, int] = field(default_factory=dict)
+    # The requestq thread's scheduling at the job's end (KickThread.scheduling): the adaptive policy's
+    # view of the host and the class it gave the thread.
+    kick_scheduling: str | None = None
     # CPU seconds of each thread of QEMU ("qemu: <name>") and of this process ("bench: <name>") from the
     # start of the guest's job to its end: who used the two cores while the workloads ran.
     thread_cpu: dict[str, float] = field(default_factory=dict)
@@ -244,6 +252,7 @@ def run_once(
             if backend != BUILTIN:
                 outcome.request_counters = lab.inspect(lambda device: device.request_counters())
                 outcome.kick_counters = lab.backend().kick_thread_counters() or {}
+                outcome.kick_scheduling = lab.backend().kick_thread_scheduling()
     except (ProvisionError, LabError, CommandError, OSError, TimeoutError) as error:
         outcome.errors.append(f"{type(error).__name__}: {error}")
     outcome.seconds = time.monotonic() - started

@@ -12,8 +12,8 @@ to the built-in device:
   vhost-iommu-loop, empty-loop       both with the requestq served from the event loop
   vhost-iommu-thread, empty-thread   both with the kick thread, whatever the default
   vhost-iommu-python                 vhost-iommu with its Python request path
-  vhost-iommu-high, vhost-iommu-normal   the kick thread at nice -10 / at normal priority instead of
-                                     its default SCHED_FIFO (the busy-host comparison)
+  vhost-iommu-realtime, -high, -normal  the kick thread always SCHED_FIFO / at nice -10 / at normal
+                                     priority instead of its default adaptive policy
   vhost-iommu-no-poll                vhost-iommu with no poll window (--poll-us 0), beside the adaptive one
 
 Workloads: pairs (single-page MAP_DMA+UNMAP_DMA, per pair), bulk (N single-page maps, then one UNMAP_DMA
@@ -112,8 +112,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=_names(KNOWN_BACKENDS),
         default=list(BACKENDS),
         help="which back-ends, comma-separated (default builtin,vhost-iommu,empty; also vhost-iommu-thread, "
-        "vhost-iommu-loop, empty-thread, empty-loop, vhost-iommu-python, vhost-iommu-high, "
-        "vhost-iommu-normal, vhost-iommu-no-poll)",
+        "vhost-iommu-loop, empty-thread, empty-loop, vhost-iommu-python, vhost-iommu-realtime, "
+        "vhost-iommu-high, vhost-iommu-normal, vhost-iommu-no-poll)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="boots per back-end (default 3); medians are reported"
@@ -262,6 +262,7 @@ def _outcome_record(outcome: RunOutcome) -> dict[str, object]:
         "load_after": outcome.load_after,
         "request_counters": outcome.request_counters,
         "kick_counters": outcome.kick_counters,
+        "kick_scheduling": outcome.kick_scheduling,
         "thread_cpu": outcome.thread_cpu,
         "queue_size": outcome.queue_size,
         "figures": figure_records(outcome.figures),

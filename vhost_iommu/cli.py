@@ -205,9 +205,9 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "--kick-thread-priority",
         choices=("adaptive", "realtime", "high", "normal"),
         default=None,
-        help="the requestq thread's scheduling: adaptive (the default: SCHED_FIFO 1 while the host has more "
-        "runnable threads than CPUs, so that the thread runs as soon as the guest kicks, the ordinary class "
-        "otherwise), realtime (SCHED_FIFO 1 always), high (nice -10) or normal; without the privilege "
+        help="the requestq thread's scheduling: adaptive (the default: SCHED_FIFO 1 while the host has no "
+        "idle CPU, so that the thread runs as soon as the guest kicks, the ordinary class otherwise), "
+        "realtime (SCHED_FIFO 1 always), high (nice -10) or normal; without the privilege "
         "(CAP_SYS_NICE, or RLIMIT_RTPRIO/RLIMIT_NICE) it runs at normal priority and says so once",
     )
     parser.add_argument(

@@ -191,7 +191,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="compiled path: after answering, watch the ring N microseconds for the next request before "
-        "waiting for a kick (default: the requestq thread only, 30 us, and only while its windows catch "
+        "waiting for a kick (default: the requestq thread only, 60 us, and only while its windows catch "
         "requests; 0: never; docs/performance.md)",
     )
     parser.add_argument(

@@ -31,10 +31,12 @@ _MAX_GROWTHS = 3
 
 
 MAX_POLL_US = 10_000.0
-THREAD_POLL_US = 30.0
+THREAD_POLL_US = 60.0
 """The kick thread's poll window when none is asked for: on a host with a core to spare it catches the
 guest's next synchronous request without a wake-up (docs/benchmarks.md, "On a quiet machine"), and the
-loop stops polling by itself where windows come back empty (a busy host)."""
+loop stops polling by itself where windows come back empty (a busy host). 30 us caught the next request
+in some boots and missed it in others (quiet pairs at 0.96x the built-in device in one boot, 2.87x in the
+next); 60 us caught 98-99% of them in every boot (docs/benchmarks.md, "Quiet and busy host")."""
 
 
 def poll_windows(poll_us: float | None) -> tuple[float, float]:

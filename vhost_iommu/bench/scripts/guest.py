@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=float,
         default=None,
         help="the vhost-user back-ends watch the ring this long after a batch (default: the back-end's "
-        "own, an adaptive 30 us window on the requestq thread; 0: off)",
+        "own, an adaptive 60 us window on the requestq thread; 0: off)",
     )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds of guest silence to give up after"

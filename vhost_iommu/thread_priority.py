@@ -46,7 +46,7 @@ _FIFO_PRIORITY = 1
 _HIGH_NICE = -10
 REALTIME_NAME = f"SCHED_FIFO {_FIFO_PRIORITY}"
 
-#: Seconds between two looks at the host's runnable threads.
+#: Seconds between two looks at the host's idle time.
 SAMPLE_PERIOD = 0.25
 #: How many recent looks decide, and how many of them must see a busy host to raise the threads (and at
 #: most how many may, for them to go back): two seconds, with hysteresis.

@@ -100,7 +100,14 @@ K_POLL_WINDOWS: Final = 13
 """Out, cumulative: poll windows watched after a batch (caught something or not)."""
 K_POLL_SKIPS: Final = 14
 """Out, cumulative: batches after which the window was skipped (the backoff of K_POLL_BACKOFFS)."""
-CONTROL_WORDS: Final = 16
+K_POLL_LIMIT_TICKS: Final = 15
+"""In, read whenever a window is learned: the longest a learned window may grow to; at or below
+K_POLL_TICKS the window stays K_POLL_TICKS (a fixed window)."""
+K_POLL_WINDOW_TICKS: Final = 16
+"""Out: the window the loop watches now (K_POLL_TICKS, or longer when learned)."""
+K_POLL_EXTRA_TICKS: Final = 17
+"""Out, cumulative: ticks spent watching beyond K_POLL_TICKS (what the learned windows cost)."""
+CONTROL_WORDS: Final = 18
 
 POLL_MISSES: Final = 2
 """Empty poll windows in a row after which the window is skipped for a while."""
@@ -313,8 +320,24 @@ def _needs_notification(queue: I64Array) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def _await_chain(control: I64Array, queue: I64Array, park_word: np.uint64) -> bool:
-    """Watch avail.idx for up to K_POLL_TICKS with kicks suppressed (EVENT_IDX); True if a chain came.
+def _learn_window(control: I64Array, window: np.int64, gap: np.int64) -> tuple[np.int64, bool]:
+    """The next window after one that missed by ``gap`` ticks (from its end to the batch that served the
+    chain it missed), and whether the miss was a far one (beyond what a window may grow to).
+
+    The rule of Linux's halt polling, applied to the guest's gaps between requests: a miss the limit
+    could have covered grows the window to cover it with a quarter to spare (a guest at queue depth 1
+    has the same gap every time, so one miss teaches it); a far miss halves it, down to K_POLL_TICKS."""
+    base = control[K_POLL_TICKS]
+    limit = control[K_POLL_LIMIT_TICKS]
+    reach = window + gap
+    if limit > base and reach <= limit:
+        return min(limit, reach + reach // 4), False
+    return max(base, min(window, limit) // 2), True
+
+
+@njit(cache=True, nogil=True)
+def _await_chain(control: I64Array, queue: I64Array, park_word: np.uint64, window: np.int64) -> bool:
+    """Watch avail.idx for up to ``window`` ticks with kicks suppressed (EVENT_IDX); True if a chain came.
     The caller must call serve_requests next whatever the answer: it asks for kicks again (and looks once
     more) when it finds the ring empty, and nothing else undoes the suppression."""
     avail_idx = np.uint64(queue[Q_AVAIL]) + np.uint64(2)
@@ -325,8 +348,8 @@ def _await_chain(control: I64Array, queue: I64Array, park_word: np.uint64) -> bo
         _store16(np.uint64(queue[Q_USED]) + np.uint64(4 + 8 * size), np.uint64((next_avail - 1) & 0xFFFF))
         full_fence()
     began = _cycles()
-    window = np.uint64(control[K_POLL_TICKS])
-    while _cycles() - began < window:
+    ticks = np.uint64(window)
+    while _cycles() - began < ticks:
         if _watched16(avail_idx) != next_avail:
             control[K_POLL_HITS] += 1
             return True
@@ -360,9 +383,14 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
     serve = control[K_SERVE] != 0
     served = serve  # serve once on entry: kicks may have come while the caller held the ring
     # Adaptive polling: a window pays only while it catches the guest's next request (a core to spare);
-    # on a busy host it rarely does and its spinning takes the CPU the vCPU needs. After POLL_MISSES
-    # empty windows in a row the next batches skip the window, twice as many each time up to
-    # POLL_BACKOFF_MAX; a window that catches a chain starts over.
+    # on a busy host it rarely does and its spinning takes the CPU the vCPU needs. A window that misses is
+    # learned from when the chain it missed is served (_learn_window): a near miss grows the next window,
+    # a far one shrinks it and counts; after POLL_MISSES far misses in a row the next batches skip the
+    # window, twice as many each time up to POLL_BACKOFF_MAX; a window that catches a chain starts over.
+    window = control[K_POLL_TICKS]
+    control[K_POLL_WINDOW_TICKS] = window
+    missed_at = np.uint64(0)
+    learning = False  # a window missed; the next batch that serves a chain says by how much
     poll_misses = 0
     poll_backoff = 1
     poll_skip = 0
@@ -371,8 +399,20 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
             if ticks_per_ms:
                 before[:] = requests_seen
                 began = _cycles()
+            arrived = _cycles()
             reason = serve_requests(*arguments)
             done = np.int64(params[R_COMPLETED])
+            if learning and done:
+                learning = False
+                window, far = _learn_window(control, window, np.int64(arrived - missed_at))
+                control[K_POLL_WINDOW_TICKS] = window
+                if far:
+                    poll_misses += 1
+                    if poll_misses >= POLL_MISSES:
+                        poll_misses = 0
+                        poll_skip = poll_backoff
+                        control[K_POLL_BACKOFFS] += 1
+                        poll_backoff = min(2 * poll_backoff, POLL_BACKOFF_MAX)
             if reason != STOP_EMPTY and reason != STOP_BUDGET:
                 if ticks_per_ms:  # what the kernel served before the chain it hands over is a batch
                     record_batch(timing, _elapsed_ns(began, ticks_per_ms), before, requests_seen)
@@ -399,18 +439,17 @@ def kick_loop(control: I64Array, timing: I64Array, counts: I64Array, *arguments:
                     poll_skip -= 1
                     control[K_POLL_SKIPS] += 1
                 else:
-                    caught = _await_chain(control, queue, park_word)
+                    watched = _cycles()
+                    caught = _await_chain(control, queue, park_word, window)
+                    missed_at = _cycles()
+                    extra = min(np.int64(missed_at - watched), window) - control[K_POLL_TICKS]
+                    if extra > 0:  # only a learned window's (a fixed one's overrun is not)
+                        control[K_POLL_EXTRA_TICKS] += extra
                     control[K_POLL_WINDOWS] += 1  # after the window: a watcher sees it over
+                    learning = not caught
                     if caught:
                         poll_misses = 0
                         poll_backoff = 1
-                    else:
-                        poll_misses += 1
-                        if poll_misses >= POLL_MISSES:
-                            poll_misses = 0
-                            poll_skip = poll_backoff
-                            control[K_POLL_BACKOFFS] += 1
-                            poll_backoff = min(2 * poll_backoff, POLL_BACKOFF_MAX)
                     # Serve what came, or find the ring empty: serve_requests then asks for kicks again
                     # (the window suppressed them) and looks once more before the loop blocks.
                     continue

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -331,3 +333,81 @@ def test_a_full_call_eventfd_is_not_an_error(event_idx: bool) -> None:
         loop.kick()
         assert loop.run() == kickloop.LOOP_SETTLED  # EAGAIN: a notification is pending anyway
         assert count(loop.call_fd) == 0xFFFF_FFFF_FFFF_FFFE
+
+
+def test_a_window_that_just_missed_the_guest_s_next_request_grows_to_catch_the_one_after() -> None:
+    """The learned window (the default thread's): a request that comes a little after the window ended
+    grows the next window to cover that gap, so the next request after the same gap is caught without a
+    kick; one that comes after more than the limit halves it. The gaps are the guest's idle time, the
+    subject of the test (each answer is waited for by its used entry)."""
+    ticks_per_ms = kernel.ticks_per_us() * 1000
+    with loop_on(event_idx=True) as loop:
+        control = loop.control
+        control[kickloop.K_POLL_TICKS] = int(0.05 * ticks_per_ms)
+        control[kickloop.K_POLL_LIMIT_TICKS] = int(200 * ticks_per_ms)
+        control[kickloop.K_PARK] = kickloop.PARK_NO
+        reasons: list[int] = []
+        thread = threading.Thread(target=lambda: reasons.append(loop.run()))
+        thread.start()
+        try:
+
+            def answered(head: int) -> None:
+                deadline = time.monotonic() + 10
+                while not (used := loop.driver.used()):
+                    assert time.monotonic() < deadline, "no answer"
+                assert used == [(head, 4)]
+
+            def window_ms() -> float:
+                return float(control[kickloop.K_POLL_WINDOW_TICKS]) / ticks_per_ms
+
+            answered_head = loop.request(encode_map(1, 0, PAGE - 1, 0))
+            loop.kick()
+            answered(answered_head)
+            time.sleep(0.02)  # the window (50 us) misses the next request by about 20 ms
+            head = loop.request(encode_map(1, PAGE, 2 * PAGE - 1, 0))
+            loop.kick()
+            answered(head)
+            assert 20 <= window_ms() <= 200
+            hits = control[kickloop.K_POLL_HITS]
+            time.sleep(0.005)  # inside the learned window: no kick needed
+            head = loop.request(encode_map(1, 2 * PAGE, 3 * PAGE - 1, 0))
+            answered(head)
+            assert control[kickloop.K_POLL_HITS] == hits + 1
+            learned = window_ms()
+            time.sleep(0.3)  # beyond the limit: a far miss
+            head = loop.request(encode_map(1, 3 * PAGE, 4 * PAGE - 1, 0))
+            loop.kick()
+            answered(head)
+            assert window_ms() == pytest.approx(learned / 2, rel=0.01)
+        finally:
+            control[kickloop.K_PARK] = kickloop.PARK_NOW
+            os.write(int(control[kickloop.K_WAKE_FD]), (1).to_bytes(8, sys.byteorder))
+            thread.join()
+        assert reasons == [kickloop.LOOP_PARKED]
+        assert control[kickloop.K_POLL_EXTRA_TICKS] > 0  # what the learned windows cost is counted
+
+
+def test_a_fixed_window_never_grows() -> None:
+    ticks_per_ms = kernel.ticks_per_us() * 1000
+    with loop_on(event_idx=True) as loop:
+        control = loop.control
+        control[kickloop.K_POLL_TICKS] = control[kickloop.K_POLL_LIMIT_TICKS] = int(0.05 * ticks_per_ms)
+        control[kickloop.K_PARK] = kickloop.PARK_NO
+        reasons: list[int] = []
+        thread = threading.Thread(target=lambda: reasons.append(loop.run()))
+        thread.start()
+        try:
+            for page in range(3):
+                head = loop.request(encode_map(1, page * PAGE, page * PAGE + PAGE - 1, 0))
+                loop.kick()
+                deadline = time.monotonic() + 10
+                while not loop.driver.used():
+                    assert time.monotonic() < deadline, "no answer"
+                time.sleep(0.005)
+                assert control[kickloop.K_POLL_WINDOW_TICKS] == control[kickloop.K_POLL_TICKS], head
+        finally:
+            control[kickloop.K_PARK] = kickloop.PARK_NOW
+            os.write(int(control[kickloop.K_WAKE_FD]), (1).to_bytes(8, sys.byteorder))
+            thread.join()
+        assert reasons == [kickloop.LOOP_PARKED]
+        assert control[kickloop.K_POLL_EXTRA_TICKS] == 0

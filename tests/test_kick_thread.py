@@ -516,7 +516,7 @@ def test_the_governor_raises_its_threads_while_the_host_is_busy_and_lowers_them_
     looks: list[bool] = []
 
     async def scenario() -> None:
-        governor = LoadGovernor(asyncio.get_running_loop(), sample=looks.pop)
+        governor = LoadGovernor(asyncio.get_running_loop(), sample=lambda spare: looks.pop())
         assert worker.native_id is not None
         governor.register(worker.native_id)
         for look in range(1, 6):
@@ -550,6 +550,38 @@ def test_the_host_is_busy_while_less_than_a_quarter_of_a_cpu_was_idle() -> None:
     assert looks() is False  # 1.0 CPU idle
     assert looks() is False  # no tick went by
     assert looks() is False  # 0.5 CPUs idle
+
+
+def test_time_the_threads_spent_in_learned_windows_counts_as_idle() -> None:
+    """A polling thread's spinning beyond its fixed window is time it gives up to anyone: it must not make
+    the host look busy (the governor would then raise the very thread that spins)."""
+    readings = iter([(0, 0), (10, 100), (20, 200)])
+    seconds = iter([0.0, 1.0, 2.0])
+    looks = IdleSampler(lambda: next(readings), cpus=2, clock=lambda: next(seconds))
+    assert looks(0.0) is True  # 0.2 CPUs idle of 2
+    assert looks(0.5) is False  # and half a CPU spent watching the ring
+
+    class Spinner:
+        spent = 0.0
+
+        def spare_seconds(self) -> float:
+            return self.spent
+
+    asked: list[float] = []
+
+    async def scenario() -> None:
+        governor = LoadGovernor(asyncio.get_running_loop(), sample=lambda spare: asked.append(spare) or False)
+        spinner = Spinner()
+        spinner.spent = 3.0  # before the thread was governed: not this governor's to count
+        governor.register(threading.get_native_id(), spinner)
+        spinner.spent = 3.25
+        governor.tick()
+        spinner.spent = 3.5
+        governor.tick()
+        governor.unregister(threading.get_native_id())
+
+    asyncio.run(scenario())
+    assert asked == [0.25, 0.25]
 
 
 def test_the_host_s_cpu_times_are_read_from_proc() -> None:

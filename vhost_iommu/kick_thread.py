@@ -86,6 +86,9 @@ class KickThread:
         control[kickloop.K_WAKE_FD] = self._wake_fd
         control[kickloop.K_CALL_FD] = -1 if call_fd is None else call_fd
         control[kickloop.K_POLL_TICKS] = compiled.thread_poll_ticks
+        self._poll_limit_ticks = compiled.thread_poll_limit_ticks
+        control[kickloop.K_POLL_LIMIT_TICKS] = self._poll_limit_ticks
+        self._ticks_per_second = kernel.ticks_per_us() * 1e6
         #: Batch times (``kickloop.TIMING_*``); written by the kernel, read and zeroed only while the
         #: thread is out of it.
         self.timing = np.zeros((kickloop.TIMING_ROWS, kickloop.TIMING_COLUMNS), np.int64)
@@ -113,7 +116,7 @@ class KickThread:
             raise OSError(f"cannot start the requestq thread: {exc}") from None
         if priority is ThreadPriority.ADAPTIVE and self._thread.native_id is not None:
             self._governor = governor_of(loop)
-            self._governor.register(self._thread.native_id)
+            self._governor.register(self._thread.native_id, self)
 
     # -- from the event loop (or, for settle, any other thread) ----------------------------------------------
 
@@ -130,6 +133,11 @@ class KickThread:
     def native_id(self) -> int | None:
         """The thread's kernel thread ID (for tools that look at its scheduling)."""
         return self._thread.native_id
+
+    def spare_seconds(self) -> float:
+        """CPU seconds spent so far watching the ring beyond the fixed window (the learned windows' cost,
+        which the governor counts as idle time: the thread gives it up as soon as anything else runs)."""
+        return float(self._control[kickloop.K_POLL_EXTRA_TICKS]) / self._ticks_per_second
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # the counter is full: a wake-up is pending anyway
@@ -202,6 +210,9 @@ class KickThread:
             "poll_backoffs": int(control[kickloop.K_POLL_BACKOFFS]),
             "poll_windows": int(control[kickloop.K_POLL_WINDOWS]),
             "poll_skips": int(control[kickloop.K_POLL_SKIPS]),
+            "poll_window_us": round(
+                int(control[kickloop.K_POLL_WINDOW_TICKS]) / self._ticks_per_second * 1e6
+            ),
         }
 
     def _update_park_word(self) -> None:

@@ -39,6 +39,14 @@ in some boots and missed it in others (quiet pairs at 0.96x the built-in device 
 next); 60 us caught 98-99% of them in every boot (docs/benchmarks.md, "Quiet and busy host")."""
 
 
+THREAD_POLL_LIMIT_US = 1000.0
+"""How far the kick thread's default window may grow, learned from the guest's gaps between requests
+(``jit/kickloop.py``, ``_learn_window``): a guest whose synchronous MAP comes a few hundred microseconds
+after the last answer (one per I/O of a disk at queue depth 1 in DMA mode) finds the thread watching
+instead of asleep, and a wake-up on a host whose idle CPUs sleep costs more than the request. An
+explicit ``poll_us`` fixes the window."""
+
+
 def poll_windows(poll_us: float | None) -> tuple[float, float]:
     """(event-loop path, kick thread) poll windows in microseconds for a ``poll_us`` option: None, the
     default, polls only on the kick thread (adaptive, THREAD_POLL_US); a number sets both, 0 turns
@@ -80,6 +88,10 @@ class CompiledRequestPath:
         self._params[kernel.R_HISTORY] = device.history.address
         #: The kick thread's poll window in cycle-counter ticks (0: no polling); adaptive in the loop.
         self.thread_poll_ticks = int(thread_poll_us * ticks_per_us()) if thread_poll_us else 0
+        #: How far the kick thread may grow its window (at most thread_poll_ticks: fixed).
+        self.thread_poll_limit_ticks = (
+            int(THREAD_POLL_LIMIT_US * ticks_per_us()) if poll_us is None else self.thread_poll_ticks
+        )
         #: The event-loop path's poll window in cycle-counter ticks (0: no polling).
         self.poll_ticks = 0
         poll_us = loop_poll_us

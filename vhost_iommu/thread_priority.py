@@ -37,8 +37,10 @@ import errno
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +125,41 @@ def cpu_times() -> tuple[int, int]:
 
 
 class IdleSampler:
-    """Whether the host was busy since the last call: less than IDLE_CPUS_BUSY CPUs' worth of idle time.
-    The first call compares with the moment the sampler was made."""
+    """Whether the host was busy since the last call: less than IDLE_CPUS_BUSY CPUs' worth of idle time,
+    counting as idle the ``spare`` CPU seconds the caller's own threads spent watching for work they would
+    have given up to anyone (a learned poll window's spinning: it must not make the host look busy and so
+    switch itself off). The first call compares with the moment the sampler was made."""
 
-    def __init__(self, read: Callable[[], tuple[int, int]] = cpu_times, cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        read: Callable[[], tuple[int, int]] = cpu_times,
+        cpus: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read = read
+        self._clock = clock
         self._cpus = cpus or len(os.sched_getaffinity(0))
         self._last = read()
+        self._last_time = clock()
 
-    def __call__(self) -> bool:
+    def __call__(self, spare: float = 0.0) -> bool:
         idle, total = self._read()
+        now = self._clock()
         last_idle, last_total = self._last
-        self._last = (idle, total)
-        if total <= last_total:
+        elapsed = now - self._last_time
+        self._last, self._last_time = (idle, total), now
+        if total <= last_total or elapsed <= 0:
             return False  # no tick went by: nothing to go by
-        idle_cpus = (idle - last_idle) / (total - last_total) * self._cpus
+        idle_cpus = (idle - last_idle) / (total - last_total) * self._cpus + spare / elapsed
         return idle_cpus < IDLE_CPUS_BUSY
+
+
+class GovernedThread(Protocol):
+    """What the governor asks of a thread beside its ID: the CPU seconds it spent so far watching for work
+    beyond its fixed poll window, which count as idle (a learned window that made the host look busy
+    would raise the thread, and a real-time thread that spins takes the CPU from the vCPU it waits for)."""
+
+    def spare_seconds(self) -> float: ...
 
 
 class LoadGovernor:
@@ -149,27 +170,35 @@ class LoadGovernor:
     ``sample`` says whether the host was busy since the last look (default: :class:`IdleSampler`, less
     than a quarter of a CPU idle); tests give their own and drive :meth:`tick` by hand."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sample: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sample: Callable[[float], bool] | None = None
+    ) -> None:
         self._loop = loop
         self._sample = sample or IdleSampler()
         self._samples: collections.deque[bool] = collections.deque(maxlen=SAMPLE_WINDOW)
-        self._threads: set[int] = set()
+        self._threads: dict[int, GovernedThread | None] = {}
+        self._spare = 0.0  # the threads' spare_seconds() at the last look, summed
         self._timer: asyncio.TimerHandle | None = None
         self.busy = False
         self.scheduling = "normal"  # what the threads got at the last change
         self.changes = 0
 
-    def register(self, thread_id: int) -> None:
+    def register(self, thread_id: int, thread: GovernedThread | None = None) -> None:
         """Govern the thread ``thread_id`` from now on (on the loop)."""
-        self._threads.add(thread_id)
+        self._threads[thread_id] = thread
+        if thread is not None:
+            self._spare += thread.spare_seconds()
         if self.busy:
             _set(thread_id, ThreadPriority.REALTIME)
         if self._timer is None:
             self._timer = self._loop.call_later(SAMPLE_PERIOD, self._on_timer)
 
     def unregister(self, thread_id: int) -> None:
-        self._threads.discard(thread_id)
+        thread = self._threads.pop(thread_id, None)
+        if thread is not None:
+            self._spare -= thread.spare_seconds()
         if not self._threads:
+            self._spare = 0.0
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -185,8 +214,10 @@ class LoadGovernor:
 
     def tick(self) -> None:
         """One look at the host; changes the threads' class when the recent looks say so."""
+        spare = sum(thread.spare_seconds() for thread in self._threads.values() if thread is not None)
+        spare_since, self._spare = spare - self._spare, spare
         try:
-            self._samples.append(self._sample())
+            self._samples.append(self._sample(max(0.0, spare_since)))
         except (OSError, ValueError, IndexError):
             return  # no /proc: nothing to go by, nothing changes
         busy_looks = sum(self._samples)

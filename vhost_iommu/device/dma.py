@@ -42,6 +42,9 @@ NOT_GUEST_RAM: Final = 5
 DMA engine's ERROR register value, docs/dma-engine.md)."""
 LAST_FAULTS: Final = 16
 """Faults a port keeps (the newest)."""
+RECORDED_SEGMENTS: Final = 68
+"""Segments a recorded translation finds room for in the port's own arrays (a 256 KiB buffer's pages and
+the spare the sizing rule adds); a longer access gets arrays of its own."""
 
 ByteArray = npt.NDArray[np.uint8]
 
@@ -86,6 +89,9 @@ class DmaPort:
         self._out = np.zeros(kernel.OUT_WORDS, np.uint64)
         self._cache = np.zeros(kernel.CACHE_WORDS, np.uint64)
         self._walk = np.zeros(kernel.C_WORDS, np.uint64)  # translate()'s own cache
+        self._segments = (np.empty(RECORDED_SEGMENTS, np.uint64), np.empty(RECORDED_SEGMENTS, np.uint64))
+        self._state_key: tuple[int, bool] | None = None  # what _state_args was fetched under
+        self._state_args: tuple[Any, ...] = ()
         self._scratch = np.zeros((kernel.SCRATCH_ROWS, kernel.CHUNK), np.uint64)
         # The last guest memory given and its region table (kept until another is given: building the
         # table costs more than a small transfer).
@@ -128,25 +134,33 @@ class DmaPort:
         an operation's is (counters, last faults, the event queued for the eventq)."""
         check_access(iova, length, access)
         capacity = min(length, 1 << 16) // 4096 + 4
-        while True:
-            phys = np.empty(capacity, np.uint64)
-            lengths = np.empty(capacity, np.uint64)
+        # A device model's own translations (record) are the hot path: one at a time per port, so they
+        # count straight into the port's words and use the port's segment arrays; a tool's get their own.
+        if record and capacity <= len(self._segments[0]):
+            phys, lengths = self._segments
+            out = self._out
+        else:
+            phys, lengths = np.empty(capacity, np.uint64), np.empty(capacity, np.uint64)
             out = np.zeros(kernel.OUT_WORDS, np.uint64)
-            query = (np.uint64(iova), np.uint64(length), int(access), phys, lengths, out, self._walk)
-            translate = interpreted.kernel(kernel.translate)
-            count = translate(*(self.device.translation_guard.words, *self._state(), *query))
-            if count == kernel.TRANSLATE_OVERFLOW:
-                capacity *= 4
-            elif count != kernel.TRANSLATE_STALE:
-                break
-        if record:
-            self._out[kernel.O_TRANSLATIONS] += out[kernel.O_TRANSLATIONS]
-            self._out[kernel.O_BYPASSED] += out[kernel.O_BYPASSED]
+        translations = out[kernel.O_TRANSLATIONS]
+        bypassed = out[kernel.O_BYPASSED]
+        translate = interpreted.kernel(kernel.translate)
+        query = (np.uint64(iova), np.uint64(length), int(access))
+        while True:
+            guard = self.device.translation_guard.words
+            count = translate(*(guard, *self._state(), *query, phys, lengths, out, self._walk))
+            if count == kernel.TRANSLATE_OVERFLOW or count == kernel.TRANSLATE_STALE:
+                out[kernel.O_TRANSLATIONS] = translations  # counted again by the next try
+                out[kernel.O_BYPASSED] = bypassed
+                if count == kernel.TRANSLATE_OVERFLOW:
+                    capacity *= 4
+                    phys, lengths = np.empty(capacity, np.uint64), np.empty(capacity, np.uint64)
+                continue
+            break
         if count < 0:
             return self._record(self._fault(out)) if record else self._fault(out)
-        segments = tuple((int(p), int(n)) for p, n in zip(phys[:count], lengths[:count], strict=True))
-        bypass = int(out[kernel.O_BYPASSED]) > 0
-        return Translation(iova, length, segments, bypass=bypass)
+        segments = tuple(zip(phys[:count].tolist(), lengths[:count].tolist(), strict=True))
+        return Translation(iova, length, segments, bypass=bool(out[kernel.O_BYPASSED] != bypassed))
 
     # -- counters ------------------------------------------------------------------------------------
 
@@ -164,9 +178,18 @@ class DmaPort:
 
     def _state(self) -> tuple[Any, ...]:
         """The kernels' arguments after the guard: the generation first, read before any array, so a
-        change made while they are fetched is seen by the kernel (it returns for new ones)."""
+        change made while they are fetched is seen by the kernel (it returns for new ones). Kept while the
+        generation and the global bypass stay: arrays are replaced only under a new generation."""
         device = self.device
         generation = device.translation_guard.generation
+        key = (generation, device.bypass)
+        if key != self._state_key:
+            self._state_args = self._fetch_state(generation)
+            self._state_key = key
+        return self._state_args
+
+    def _fetch_state(self, generation: int) -> tuple[Any, ...]:
+        device = self.device
         store = device.store
         if not isinstance(store, MappingTable):
             raise TypeError("DMA needs the device's compiled mapping table (a MappingTable store)")

@@ -76,6 +76,7 @@ ACCESS_MASK = int(Access.READ | Access.WRITE | Access.EXEC)
 
 def check_access(iova: int, size: int, access: int) -> int:
     """Validate the caller's arguments; returns the last byte's address."""
+    access = int(access)  # plain int arithmetic: an IntFlag's operators are slow, and this is per access
     if size <= 0:
         raise ValueError(f"access size {size} must be positive")
     if not 0 <= iova <= U64_MAX or iova + size - 1 > U64_MAX:

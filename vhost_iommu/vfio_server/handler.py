@@ -124,6 +124,8 @@ class VfioUserHandler:
         if isinstance(request, messages.RegionWrite):
             self.counters.region_writes += 1
             self._region_access(request.region, request.offset, len(request.data), request.data)
+            if request.no_reply:  # a posted write (every queue notification): no reply to encode
+                return b""
             return codec.region_write_reply(request.region, request.offset, len(request.data))
         if isinstance(request, messages.DeviceReset):
             self.device.reset()

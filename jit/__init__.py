@@ -7,7 +7,7 @@ compiles (or loads from numba's cache) every one of them, so that no request wai
 
 def warm_up() -> None:
     """Compile every kernel with the signatures the back-end uses."""
-    from vhost_iommu.jit import barriers, bulk, dma, guard, kickloop, requests, tables
+    from vhost_iommu.jit import barriers, blk, bulk, dma, guard, kickloop, requests, tables
 
     barriers.warm_up()
     guard.warm_up()
@@ -16,3 +16,4 @@ def warm_up() -> None:
     requests.warm_up()
     kickloop.warm_up()
     dma.warm_up()
+    blk.warm_up()

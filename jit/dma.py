@@ -679,14 +679,15 @@ def region_table(gpa_starts: U64Array, gpa_lasts: U64Array, host_addresses: U64A
     return table
 
 
-def warm_up() -> None:
-    """Compile ``translate`` and ``dma_transfer`` with the argument types the device layer passes."""
+def warm_up_state() -> tuple[Any, ...]:
+    """Translation state arguments as ``DmaPort._state`` passes them (generation first), for an endpoint
+    in bypass: what the warm-ups compile the kernels that take them with."""
     from vhost_iommu.jit.tables import MappingTable
 
-    guard = np.zeros(guard_module.GUARD_WORDS, np.int64)
     leaves, nodes, directory, _meta = MappingTable(limit=16).arrays
     empty_u64 = np.zeros(0, np.uint64)
-    state = (
+    return (
+        0,
         True,
         0,
         np.full(1, NO_DOMAIN, np.int64),
@@ -700,6 +701,12 @@ def warm_up() -> None:
         nodes,
         directory,
     )
+
+
+def warm_up() -> None:
+    """Compile ``translate`` and ``dma_transfer`` with the argument types the device layer passes."""
+    guard = np.zeros(guard_module.GUARD_WORDS, np.int64)
+    state = warm_up_state()
     ram = np.zeros(2 * CHUNK, np.uint8)
     base = np.uint64(ram.ctypes.data)
     memory = region_table(
@@ -716,11 +723,11 @@ def warm_up() -> None:
         out,
         np.zeros(C_WORDS, np.uint64),
     )
-    translate(guard, 0, *state, *query)
-    dma_transfer(
-        OP_COPY, guard, 0, *state, memory, np.uint64(0), np.uint64(CHUNK), np.uint64(16), _ZERO, _ZERO,
+    translate(*(guard, *state, *query))
+    dma_transfer(*(
+        OP_COPY, guard, *state, memory, np.uint64(0), np.uint64(CHUNK), np.uint64(16), _ZERO, _ZERO,
         out, np.zeros(CACHE_WORDS, np.uint64), np.zeros((SCRATCH_ROWS, CHUNK), np.uint64),
-    )  # fmt: skip
+    ))  # fmt: skip
     del ram  # kept alive across the calls
 
 

@@ -38,14 +38,19 @@ import numpy as np
 import numpy.typing as npt
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from vhost_iommu import abi
 from vhost_iommu.abi import VIRTQ_AVAIL_F_NO_INTERRUPT
-from vhost_iommu.jit import barriers, guard, history, requests, rules, tables
+from vhost_iommu.jit import barriers, guard, history, libc, requests, rules, tables
 from vhost_iommu.jit.barriers import full_fence
 from vhost_iommu.jit.caching import cache_on_sources
+from vhost_iommu.jit.libc import EAGAIN as _EAGAIN
+from vhost_iommu.jit.libc import EINTR as _EINTR
+from vhost_iommu.jit.libc import errno as _errno
+from vhost_iommu.jit.libc import poll as _poll
+from vhost_iommu.jit.libc import read as _read
+from vhost_iommu.jit.libc import write as _write
 from vhost_iommu.jit.requests import (
     C_REQUEST,
     Q_AVAIL,
@@ -140,8 +145,6 @@ _POLLIN: Final = 0x001
 _POLLERR: Final = 0x008
 _POLLHUP: Final = 0x010
 _POLLNVAL: Final = 0x020
-_EINTR: Final = 4
-_EAGAIN: Final = 11
 # struct pollfd {int fd; short events; short revents;} held as two int32 per fd: the second packs the shorts.
 _EVENTS_SHIFT: Final = 0 if sys.byteorder == "little" else 16
 _REVENTS_SHIFT: Final = 16 - _EVENTS_SHIFT
@@ -210,62 +213,13 @@ def _elapsed_ns(began: np.uint64, ticks_per_ms: int) -> int:
     return (ticks * 1_000_000) // ticks_per_ms
 
 
-# -- libc ---------------------------------------------------------------------------------------------------
-
-
-def _libc_call(name: str, result: ir.IntType, arguments: list[ir.Type]) -> Any:
-    """Codegen of a call to the libc function ``name``; int64/uint64 arguments are narrowed or turned into
-    pointers to fit its C prototype, and its result is widened to int64."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        prototype = ir.FunctionType(result, arguments)
-        function = cgutils.get_or_insert_function(builder.module, prototype, name)  # type: ignore[no-untyped-call]
-        converted = []
-        for value, kind in zip(args, arguments, strict=True):
-            if isinstance(kind, ir.PointerType):
-                converted.append(builder.inttoptr(value, kind))
-            elif kind.width < 64:
-                converted.append(builder.trunc(value, kind))
-            else:
-                converted.append(value)
-        returned = builder.call(function, converted)
-        return builder.sext(returned, ir.IntType(64)) if result.width < 64 else returned
-
-    return codegen
-
-
-_BYTES = ir.IntType(8).as_pointer()
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-
-
-def _poll_typer(typingctx: Any, fds: Any, count: Any, timeout: Any) -> Any:
-    return types.int64(types.uint64, types.int64, types.int64), _libc_call("poll", _I32, [_BYTES, _I64, _I32])
-
-
-def _read_typer(typingctx: Any, fd: Any, address: Any, length: Any) -> Any:
-    return types.int64(types.int64, types.uint64, types.int64), _libc_call("read", _I64, [_I32, _BYTES, _I64])
-
-
-def _write_typer(typingctx: Any, fd: Any, address: Any, length: Any) -> Any:
-    return types.int64(types.int64, types.uint64, types.int64), _libc_call(
-        "write", _I64, [_I32, _BYTES, _I64]
-    )
-
-
-def _errno_typer(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        prototype = ir.FunctionType(_I32.as_pointer(), [])
-        location = cgutils.get_or_insert_function(builder.module, prototype, "__errno_location")  # type: ignore[no-untyped-call]
-        return builder.sext(builder.load(builder.call(location, [])), _I64)
-
-    return types.int64(), codegen
+# -- atomics -----------------------------------------------------------------------------------------------
 
 
 def _load_acquire_typer(typingctx: Any, address: Any) -> Any:
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         # Atomic: a word another thread writes while this loop spins must be read again every time.
-        return builder.load_atomic(builder.inttoptr(args[0], _I64.as_pointer()), "acquire", 8)
+        return builder.load_atomic(builder.inttoptr(args[0], ir.IntType(64).as_pointer()), "acquire", 8)
 
     return types.int64(types.uint64), codegen
 
@@ -274,7 +228,7 @@ def _volatile_load16_codegen(context: Any, builder: Any, signature: Any, args: A
     # Atomic (monotonic): the driver writes these words while the poll window watches them, so every
     # iteration must load them again.
     pointer = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
-    return builder.zext(builder.load_atomic(pointer, "monotonic", 2), _I64)
+    return builder.zext(builder.load_atomic(pointer, "monotonic", 2), ir.IntType(64))
 
 
 def _watched16_typer(typingctx: Any, address: Any) -> Any:
@@ -282,10 +236,6 @@ def _watched16_typer(typingctx: Any, address: Any) -> Any:
 
 
 # Typed as Any: numba supplies the typing context argument, so the Python-level signatures mislead mypy.
-_poll: Any = intrinsic(_poll_typer)
-_read: Any = intrinsic(_read_typer)
-_write: Any = intrinsic(_write_typer)
-_errno: Any = intrinsic(_errno_typer)
 _load_acquire: Any = intrinsic(_load_acquire_typer)
 _watched16: Any = intrinsic(_watched16_typer)
 
@@ -514,4 +464,4 @@ def warm_up() -> None:
 
 
 # kick_loop compiles serve_requests, the rules and the table kernels into itself.
-cache_on_sources(globals(), abi, requests, rules, tables, barriers, guard, history)
+cache_on_sources(globals(), abi, requests, rules, tables, barriers, guard, history, libc)

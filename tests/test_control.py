@@ -632,8 +632,10 @@ def test_the_kick_thread_serves_and_times_batches_until_a_delay_or_an_observer_n
     maps = [encode_map(3, n << 12, (n << 12) + 0xFFF, 0x100000) for n in range(16, 24)]
     for request in maps[:4]:
         assert guest.status(request) == Status.OK
-    # Four MAPs in one kick: one batch of the kernel's.
-    heads = [guest.requests.post([request], [4]) for request in maps[4:]]
+    # Four MAPs in one kick: one batch of the kernel's (published at once: a poll window could catch them
+    # one at a time).
+    heads = [guest.requests.post([request], [4], publish=False) for request in maps[4:]]
+    guest.requests.publish()
     guest.frontend.kick(0)
     guest.harvest(len(heads))
     counters = controlled.call("counters")

@@ -36,6 +36,7 @@ SMOKE_RUNS = {
     "snapshot": 400,
     "vfio-codec": 1000,
     "vfio-server": 30,
+    "blk": 300,
 }
 
 

@@ -48,6 +48,7 @@ from vhost_iommu.device.layout import (
 )
 from vhost_iommu.device.topology import ServedDevice, TopologyError
 from vhost_iommu.endpoint_server import ServedEndpoint
+from vhost_iommu.endpoints.virtio_blk import BlockCounters
 from vhost_iommu.harness.background import RunningServer, running_server
 from vhost_iommu.harness.driver_queue import DriverQueue
 from vhost_iommu.harness.guest_ram import GuestRam
@@ -241,6 +242,38 @@ def test_sectors_written_are_read_back_through_translated_buffers(rig: Rig, indi
     assert counters["page_translations"] > 0
     assert counters["faults"] == 0
     assert disk.pci.interrupts(QUEUE_VECTOR) > 0
+    assert rig.status(BLK) == 0xF
+
+
+def test_the_kernel_serves_the_requests_that_complete_ok_and_leaves_the_others_to_python(rig: Rig) -> None:
+    """Reads, writes (direct and indirect) and flushes are served by jit/blk.py; a request that gets IOERR,
+    UNSUPP or GET_ID's answer is handed over unserved and answered by the Python path, and what the kernel
+    serves after it is the kernel's again."""
+    disk = rig.disks[BLK]
+    served = disk.served
+
+    def block_counters() -> BlockCounters:
+        assert served.block is not None
+        return rig.server.call(lambda: served.block.counters if served.block is not None else None)
+
+    before = block_counters()
+    payload = os.urandom(3 * SECTOR)
+    assert disk.write(2, payload) == VIRTIO_BLK_S_OK
+    assert disk.read(2, len(payload), indirect=True) == (VIRTIO_BLK_S_OK, payload)
+    assert disk.submit([header(VIRTIO_BLK_T_FLUSH)], [1]) == (1, bytes((VIRTIO_BLK_S_OK,)))
+    assert disk.read(IMAGE_SIZE // SECTOR, SECTOR)[0] == VIRTIO_BLK_S_IOERR
+    assert disk.submit([header(0x1234)], [1]) == (1, bytes((VIRTIO_BLK_S_UNSUPP,)))
+    assert disk.submit([header(VIRTIO_BLK_T_GET_ID)], [20, 1])[0] == 21
+    assert disk.read(2, SECTOR) == (VIRTIO_BLK_S_OK, payload[:SECTOR])
+    after = block_counters()
+    assert after.compiled - before.compiled == 4  # two reads, a write, a flush
+    assert (after.reads - before.reads, after.writes - before.writes) == (2, 1)
+    assert (after.bytes_read - before.bytes_read, after.bytes_written - before.bytes_written) == (
+        4 * SECTOR,
+        3 * SECTOR,
+    )
+    assert (after.errors - before.errors, after.unsupported - before.unsupported) == (1, 1)
+    assert after.flushes - before.flushes == 1
     assert rig.status(BLK) == 0xF
 
 

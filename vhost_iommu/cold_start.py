@@ -47,10 +47,10 @@ def _kernels() -> list[Any]:
     """Every kernel of the package (numba dispatchers of the ``vhost_iommu.jit`` modules)."""
     from numba.core.dispatcher import Dispatcher
 
-    from vhost_iommu.jit import barriers, bulk, dma, guard, kickloop, requests, tables
+    from vhost_iommu.jit import barriers, blk, bulk, dma, guard, kickloop, requests, tables
 
     found = []
-    for module in (barriers, guard, tables, bulk, requests, kickloop, dma):
+    for module in (barriers, guard, tables, bulk, requests, kickloop, dma, blk):
         for value in vars(module).values():
             if isinstance(value, Dispatcher) and value.py_func.__module__ == module.__name__:
                 found.append(value)

@@ -110,7 +110,7 @@ class ServedEndpoint:
             def translate(iova: int, length: int, access: Access) -> Translation | Fault:
                 return port.translate(iova, length, access, record=True)
 
-            memory = TranslatedMemory(translate, handler.memory, backend.deliver_events)  # type: ignore[attr-defined]
+            memory = TranslatedMemory(translate, handler.memory, backend.deliver_events, port)  # type: ignore[attr-defined]
             cached = self._queue_memory = (generation, pairing, memory)
         return cached[2]
 

@@ -323,6 +323,11 @@ class SplitQueue:
         return self._state
 
     @property
+    def memory(self) -> QueueMemory:
+        """What the rings and buffers are read through (bound now)."""
+        return self._memory
+
+    @property
     def next_avail(self) -> int:
         return self._words[Q_NEXT_AVAIL]
 

@@ -162,6 +162,13 @@ class DmaPort:
         segments = tuple(zip(phys[:count].tolist(), lengths[:count].tolist(), strict=True))
         return Translation(iova, length, segments, bypass=bool(out[kernel.O_BYPASSED] != bypassed))
 
+    def kernel_arguments(self, memory_table: Any) -> tuple[Any, ...]:
+        """A device model's own kernel's arguments for translating through this port, as ``translate`` with
+        ``record`` does: the guard, the translation state (one tuple, generation first), the port's
+        counter words and walk cache, then ``memory_table`` (``jit/blk.serve_blk``'s order). One caller at
+        a time."""
+        return (self.device.translation_guard.words, self._state(), self._out, self._walk, memory_table)
+
     # -- counters ------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:

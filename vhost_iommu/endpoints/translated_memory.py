@@ -22,10 +22,17 @@ engine's accesses, these do not hold the translation guard across the access).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from vhost_iommu.device.layout import Access
+import numpy as np
+
+from vhost_iommu.device.dma import DmaPort
+from vhost_iommu.device.layout import U64_MAX, Access
 from vhost_iommu.device.translation import Fault, Translation
-from vhost_iommu.memory import ByteView, GuestMemory, GuestMemoryError
+from vhost_iommu.jit import blk as blk_kernel
+from vhost_iommu.jit import dma as dma_kernel
+from vhost_iommu.jit import interpreted
+from vhost_iommu.memory import ByteView, FlatRegions, GuestMemory, GuestMemoryError
 
 Translate = Callable[[int, int, Access], "Translation | Fault"]
 
@@ -46,16 +53,46 @@ class TranslationFault(GuestMemoryError):
 
 
 class TranslatedMemory:
-    """``memory`` (the client's RAM by guest-physical address) seen through ``translate``."""
+    """``memory`` (the client's RAM by guest-physical address) seen through ``translate``; with ``port``
+    (the endpoint's DmaPort, whose recording translate ``translate`` is) a compiled device model may walk
+    its rings in a kernel too (:meth:`kernel_arguments`)."""
 
-    def __init__(self, translate: Translate, memory: GuestMemory, on_fault: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        translate: Translate,
+        memory: GuestMemory,
+        on_fault: Callable[[], None],
+        port: DmaPort | None = None,
+    ) -> None:
         self._translate = translate
         self._memory = memory
         self._on_fault = on_fault
+        self._port = port
+        self._flat: FlatRegions | None = None  # kept with the table: the views keep the mappings alive
+        self._memory_table = np.zeros((0, 3), np.uint64)
+
+    def kernel_arguments(self) -> tuple[Any, ...] | None:
+        """What ``jit/blk.serve_blk`` takes between the disk words and its scratch: the port's guard,
+        translation state, counter words and walk cache, and the client's RAM as a region table; None while
+        only the Python path can serve (no port, the kernels still compiling, more RAM regions than the
+        kernel splits a range over). The memory's region set is fixed for this object's life (the endpoint
+        makes a new one when it changes)."""
+        port = self._port
+        if port is None or interpreted.interpreting():
+            return None
+        if self._flat is None:
+            flat = self._memory.flat_tables()
+            if len(flat.gpa_starts) > blk_kernel.MAX_REGIONS:
+                return None
+            self._memory_table = dma_kernel.region_table(flat.gpa_starts, flat.gpa_lasts, flat.host_addresses)
+            self._flat = flat
+        return port.kernel_arguments(self._memory_table)
 
     def _segments(self, iova: int, size: int, access: Access, what: str) -> tuple[tuple[int, int], ...]:
         if size <= 0:
             raise GuestMemoryError(f"{what}: empty range at IOVA {iova:#x}")
+        if iova + size - 1 > U64_MAX:
+            raise GuestMemoryError(f"{what}: {size} bytes at IOVA {iova:#x} wrap the 64-bit address space")
         result = self._translate(iova, size, access)
         if isinstance(result, Fault):
             self._on_fault()

@@ -14,6 +14,11 @@ chain back used with nothing written and the transport goes on (a driver never m
 
 The image is opened by :meth:`open` (when a client starts being served) and closed by :meth:`close` (when
 it goes); the device model itself lives as long as the endpoint.
+
+Once the kernels are compiled, a queue whose memory is an endpoint's translated view is served by
+``jit/blk.serve_blk``: the same walk, translations, transfers and completion without a Python object per
+request. It serves the requests that complete OK and hands every other chain, unserved, to the Python
+path below (``_serve_chain``), which is where each error, fault and status other than OK is decided.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from vhost_iommu.abi import (
     VIRTIO_BLK_F_FLUSH,
@@ -40,6 +47,8 @@ from vhost_iommu.abi import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_ID_BLOCK,
 )
+from vhost_iommu.endpoints.translated_memory import TranslatedMemory
+from vhost_iommu.jit import blk as kernel
 from vhost_iommu.memory import ByteView
 from vhost_iommu.virtqueue import DescriptorChain, SplitQueue
 
@@ -66,6 +75,7 @@ class BlockCounters:
     bytes_written: int = 0
     errors: int = 0
     unsupported: int = 0
+    compiled: int = 0  # requests of all of the above served by the kernel (jit/blk.py)
 
 
 class VirtioBlock:
@@ -82,10 +92,29 @@ class VirtioBlock:
         self.readonly = readonly
         read_only = VIRTIO_BLK_F_RO if readonly else 0
         self.device_features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | read_only
-        self.counters = BlockCounters()
+        self._counts = BlockCounters()  # the Python path's; the kernel's are words of _disk
         self._fd: int | None = None
         self._size = 0
         self._header = bytearray(VIRTIO_BLK_HEADER_SIZE)
+        self._disk = np.zeros(kernel.DISK_WORDS, np.int64)
+        self._disk[kernel.D_FD] = -1
+        self._disk[kernel.D_READONLY] = int(readonly)
+        self._scratch = np.zeros((kernel.SCRATCH_ROWS, 2 * kernel.IOV_MAX), np.uint64)
+
+    @property
+    def counters(self) -> BlockCounters:
+        """Requests served so far, by either path."""
+        counts, disk = self._counts, self._disk
+        return BlockCounters(
+            reads=counts.reads + int(disk[kernel.D_READS]),
+            writes=counts.writes + int(disk[kernel.D_WRITES]),
+            flushes=counts.flushes + int(disk[kernel.D_FLUSHES]),
+            bytes_read=counts.bytes_read + int(disk[kernel.D_BYTES_READ]),
+            bytes_written=counts.bytes_written + int(disk[kernel.D_BYTES_WRITTEN]),
+            errors=counts.errors,
+            unsupported=counts.unsupported,
+            compiled=int(disk[kernel.D_SERVED]),
+        )
 
     # -- the image --------------------------------------------------------------------------------------
 
@@ -100,10 +129,13 @@ class VirtioBlock:
             os.close(fd)
             raise
         self._fd = fd
+        self._disk[kernel.D_FD] = fd
+        self._disk[kernel.D_SIZE] = self._size
 
     def close(self) -> None:
         """Close the image (the client went)."""
         fd, self._fd = self._fd, None
+        self._disk[kernel.D_FD] = -1
         if fd is not None:
             os.close(fd)
 
@@ -132,16 +164,28 @@ class VirtioBlock:
 
     def serve(self, queue: SplitQueue) -> int:
         served = 0
-        while (chain := queue.pop()) is not None:
+        memory = queue.memory
+        while True:
+            arguments = memory.kernel_arguments() if isinstance(memory, TranslatedMemory) else None
+            if arguments is not None:
+                reason = kernel.serve_blk(*(queue.state, self._disk, *arguments, self._scratch))
+                served += int(self._disk[kernel.D_COMPLETED])
+                if reason == kernel.BLK_EMPTY:
+                    return served
+                if reason == kernel.BLK_STALE:
+                    continue  # the translation arrays again
+            # The Python path: one chain the kernel left (then the kernel again), or all of them.
+            chain = queue.pop()
+            if chain is None:
+                return served
             queue.push_used(chain.head, self._serve_chain(chain))
             served += 1
-        return served
 
     def _serve_chain(self, chain: DescriptorChain) -> int:
         """Serve one request; the bytes written into its writable buffers (data, then the status)."""
         if chain.readable_len < VIRTIO_BLK_HEADER_SIZE or chain.writable_len < 1:
             log.warning("%s: a chain of %r is too short for a request; returned untouched", self.kind, chain)
-            self.counters.errors += 1
+            self._counts.errors += 1
             return 0
         header = self._header
         chain.read_into(header)
@@ -162,10 +206,10 @@ class VirtioBlock:
             ident += bytes(VIRTIO_BLK_ID_BYTES - len(ident))  # NUL-padded; no NUL when it is 20 bytes
             written = chain.write(ident[: min(data_in, VIRTIO_BLK_ID_BYTES)])
         else:
-            self.counters.unsupported += 1
+            self._counts.unsupported += 1
             status = VIRTIO_BLK_S_UNSUPP
         if status == VIRTIO_BLK_S_IOERR:
-            self.counters.errors += 1
+            self._counts.errors += 1
         chain.write(bytes((status,)), data_in)
         return written + 1
 
@@ -186,7 +230,7 @@ class VirtioBlock:
         assert self._fd is not None
         if _transfer(os.pwritev if write else os.preadv, self._fd, buffers, offset, length) != length:
             return VIRTIO_BLK_S_IOERR
-        counters = self.counters
+        counters = self._counts
         if write:
             counters.writes += 1
             counters.bytes_written += length
@@ -204,7 +248,7 @@ class VirtioBlock:
             except OSError as exc:
                 log.warning("%s: flush of %s: %s", self.kind, self.path, exc)
                 return VIRTIO_BLK_S_IOERR
-        self.counters.flushes += 1
+        self._counts.flushes += 1
         return VIRTIO_BLK_S_OK
 
 

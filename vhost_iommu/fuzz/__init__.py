@@ -7,6 +7,7 @@ each for a moment (``tests/test_fuzz_smoke.py``). :data:`TARGETS` maps names to 
 from __future__ import annotations
 
 from vhost_iommu.fuzz.backend import BackendTarget
+from vhost_iommu.fuzz.blk import BlkTarget
 from vhost_iommu.fuzz.chains import ChainsTarget
 from vhost_iommu.fuzz.codec import CodecTarget
 from vhost_iommu.fuzz.engine import Choices, Finding, FuzzFailure, FuzzReport, FuzzTarget, Hang, fuzz, replay
@@ -27,6 +28,7 @@ TARGETS: dict[str, type[FuzzTarget]] = {
     SnapshotTarget.name: SnapshotTarget,
     VfioCodecTarget.name: VfioCodecTarget,
     VfioServerTarget.name: VfioServerTarget,
+    BlkTarget.name: BlkTarget,
 }
 
 __all__ = [

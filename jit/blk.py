@@ -104,8 +104,9 @@ DISK_WORDS: Final = 10
 
 IOV_MAX: Final = 1024
 """Host segments a request's data may have (Linux's IOV_MAX: one preadv); more is the Python path's."""
-TRANSLATED_SEGMENTS: Final = 68
-"""Guest-physical segments one buffer may translate to here (as ``DmaPort``'s recorded translations)."""
+TRANSLATED_SEGMENTS: Final = IOV_MAX
+"""Guest-physical segments one buffer may translate to here: a 4 MiB buffer over scattered pages (with
+the IOMMU, Linux maps a request's pages at one IOVA range: one descriptor, a segment per page)."""
 SCRATCH_ROWS: Final = 6
 """``scratch`` is uint64[SCRATCH_ROWS, 2 * IOV_MAX]: the readable and the writable buffers' iovecs, one
 buffer's translated segments, their host pieces, the indirect table's host range, the data's iovecs."""

@@ -265,11 +265,33 @@ def test_the_kernel_serves_the_requests_that_complete_ok_and_leaves_the_others_t
     assert disk.submit([header(0x1234)], [1]) == (1, bytes((VIRTIO_BLK_S_UNSUPP,)))
     assert disk.submit([header(VIRTIO_BLK_T_GET_ID)], [20, 1])[0] == 21
     assert disk.read(2, SECTOR) == (VIRTIO_BLK_S_OK, payload[:SECTOR])
+    # One descriptor over 200 IOVA pages mapped to guest pages in reverse order, as Linux's DMA API maps an
+    # 800 KiB request (a segment per page): the kernel's too.
+    pages, page = 200, 4096
+    target = rig.ram.alloc(pages * page, page)
+    scattered = 0x3_0000_0000
+    for index in range(pages):
+        rig.map(scattered + index * page, target + (pages - 1 - index) * page, page)
+    status_gpa, header_gpa = rig.ram.alloc(1), rig.ram.alloc(16)
+    rig.ram.write(header_gpa, header(VIRTIO_BLK_T_IN, 0))
+    queue = disk.queue
+    head = 100
+    queue.write_desc(head, iova_of(header_gpa), 16, 1, head + 1)
+    queue.write_desc(head + 1, scattered, pages * page, 1 | 2, head + 2)
+    queue.write_desc(head + 2, iova_of(status_gpa), 1, 2, 0)
+    used_before = queue.used_idx
+    queue.make_available(head)
+    disk.pci.notify(0)
+    assert queue.used_idx == used_before + 1
+    assert rig.ram.read(status_gpa, 1) == bytes((VIRTIO_BLK_S_OK,))
+    image = disk.image.read_bytes()
+    assert rig.ram.read(target + (pages - 1) * page, page) == image[:page]
+    assert rig.ram.read(target, page) == image[(pages - 1) * page : pages * page]
     after = block_counters()
-    assert after.compiled - before.compiled == 4  # two reads, a write, a flush
-    assert (after.reads - before.reads, after.writes - before.writes) == (2, 1)
+    assert after.compiled - before.compiled == 5  # three reads, a write, a flush
+    assert (after.reads - before.reads, after.writes - before.writes) == (3, 1)
     assert (after.bytes_read - before.bytes_read, after.bytes_written - before.bytes_written) == (
-        4 * SECTOR,
+        4 * SECTOR + pages * page,
         3 * SECTOR,
     )
     assert (after.errors - before.errors, after.unsupported - before.unsupported) == (1, 1)

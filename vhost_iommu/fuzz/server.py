@@ -173,7 +173,7 @@ class ServerTarget(FuzzTarget):
         self.probe_size = Topology.default().probe_size  # the topology RunningServer's back-ends serve
         self.unexpected = UnexpectedErrors()
         self.unexpected.install()
-        self.fds_before = open_fd_count()
+        self.fds_before = self.server.call(open_fd_count)
 
     def teardown(self) -> None:
         self.unexpected.remove()
@@ -441,7 +441,9 @@ class ServerTarget(FuzzTarget):
             if counts is not None:
                 features.append(("device requests", min(sum(counts), 4)))
         del self.server.backends[1:]
-        fds = open_fd_count()
+        # Counted on the server's loop: its own callbacks (the load governor reads /proc/stat four times
+        # a second) open files for a moment, which a count from this thread can catch.
+        fds = self.server.call(open_fd_count)
         if fds != self.fds_before:
             raise FuzzFailure(f"{fds - self.fds_before:+d} fds after a connection ended")
         features.append("served")

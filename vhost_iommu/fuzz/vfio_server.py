@@ -271,7 +271,7 @@ class VfioServerTarget(FuzzTarget):
         assert isinstance(engine, DmaEngine)  # the default topology's device
         self.engine = engine
         self._engine_counters = dataclasses.replace(engine.counters)
-        self.fds_before = open_fd_count()
+        self.fds_before = self.server.call(open_fd_count)
         self.mappings_before = self._mappings()
 
     def teardown(self) -> None:
@@ -603,7 +603,9 @@ class VfioServerTarget(FuzzTarget):
         if self.bystander.take_events():
             raise FuzzFailure("the bystander guest got fault events of another VM's engine")
         self._check_memory()
-        fds = open_fd_count()
+        # Counted on the server's loop: its own callbacks (the load governor reads /proc/stat four times
+        # a second) open files for a moment, which a count from this thread can catch.
+        fds = self.server.call(open_fd_count)
         if fds != self.fds_before:
             raise FuzzFailure(f"{fds - self.fds_before:+d} fds after a client went away")
 
